@@ -1,0 +1,3 @@
+"""mailstack: a complete mail server on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,29 @@
+"""Value objects handed from an SMTP session (or the DSN builder) to the intake."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailstack.address import Address
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One final recipient after alias expansion."""
+
+    address: Address  # the mailbox (local) or remote address mail goes to
+    original: Address  # as the client gave it at RCPT TO
+    local: bool  # a maildir here, or the outbound queue
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One transaction: who sent it, to whom, and how it reached us (for Received:)."""
+
+    sender: Address | None  # None is the null reverse-path <>
+    recipients: tuple[Destination, ...]
+    helo: str = ""
+    peer: str = ""  # client IP address
+    protocol: str = "ESMTP"  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+    tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", empty without TLS
+    user: str = ""  # authenticated user key, empty if none

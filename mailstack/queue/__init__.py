@@ -1,0 +1,1 @@
+"""Queue: durable store, schedule, manager and DSNs."""

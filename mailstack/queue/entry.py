@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.queue.test_store -*-
+"""The queue entry: envelope plus per-recipient delivery state.
+
+Stored as UTF-8 JSON (``queue/env/<id>.json``, see ``queue/store.py``); the
+``version`` field lets later formats read older ones.  Times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+PENDING = "pending"  # not yet delivered; may have been tried (attempts > 0)
+DELIVERED = "delivered"  # final: accepted by a maildir or a remote server
+FAILED = "failed"  # final: will never be delivered; a bounce is owed unless sender is <>
+
+
+@dataclass
+class RecipientState:
+    address: str  # final mailbox after alias expansion, "local@domain"
+    original: str  # as given at RCPT TO (DSN Original-Recipient)
+    local: bool  # True: a maildir here; False: remote delivery
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""  # "451 4.4.1 text", as the remote or we said it
+    last_host: str = ""  # MX host (and IP) of the last attempt
+    notified: bool = False  # the failure DSN for this recipient is committed (or not owed)
+    history: list[dict[str, Any]] = field(default_factory=list)  # {"time", "host", "reply"}
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def final(self) -> bool:
+        return self.status in (DELIVERED, FAILED)
+
+
+@dataclass
+class QueueEntry:
+    id: str
+    sender: str  # "" for the null reverse-path <>
+    arrival: float
+    recipients: list[RecipientState]
+    size: int = 0
+    user: str = ""  # authenticated submitter, if any
+    peer: str = ""  # client IP it came from
+    delay_warned: bool = False
+    version: int = FORMAT_VERSION
+
+    @property
+    def done(self) -> bool:
+        """Every recipient final and every owed bounce committed: the entry may go."""
+        return all(r.final and (r.status == DELIVERED or r.notified or not self.sender) for r in self.recipients)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "QueueEntry":
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown queue entry version {data.get('version')!r}")
+        fields = dict(data)
+        fields["recipients"] = [RecipientState(**r) for r in data["recipients"]]
+        return cls(**fields)
