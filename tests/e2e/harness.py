@@ -1,0 +1,224 @@
+"""Run the real server (``twistd -n mailstack``) and admin command in subprocesses.
+
+End-to-end tests use this and real clients (``smtplib``, ``poplib``, sockets)::
+
+    server = Server(tmp_path, extra_toml='[smtp]\\nmax_recipients = 3\\n')
+    server.start()                      # returns once every listener accepts
+    smtplib.SMTP("127.0.0.1", server.ports["smtp"])
+    server.admin("user", "add", "alice@localhost", "--password-stdin", input="pw\\n")
+    server.stop()                       # SIGTERM; asserts exit status 0
+
+The config is written to ``tmp_path/mailstack.toml`` with ``data_dir =
+tmp_path/data`` and each of the five listeners on a free loopback port
+(``ssl:`` for submissions and pop3s).  ``extra_toml`` is merged over that (a
+table in it replaces single keys, so ``[listen]\\npop3 = []`` turns POP3 off and
+``hostname = "mx.test"`` works too).  twistd's log goes to ``server.log_path``;
+its stdout and stderr to ``server.output_path``; both are in the failure message
+when the server does not come up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from typing import Any
+
+from mailstack.address import mailbox_components, parse_address
+
+LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+_TLS_LISTENERS = ("submissions", "pop3s")
+
+START_TIMEOUT = 60.0  # the CI machine is small and shared
+STOP_TIMEOUT = 30.0
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def twistd_command() -> list[str]:
+    """The ``twistd`` of this interpreter (works in a venv without activating it)."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for a mailstack config: top-level scalars, then one-level tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    for name, table in doc.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MAILSTACK_CONFIG", None)
+    return env
+
+
+class Server:
+    """One mailstack server process with its own config, data and ports."""
+
+    def __init__(self, tmp_path: Any, extra_toml: str = "") -> None:
+        self.root = str(tmp_path)
+        self.data_dir = os.path.join(self.root, "data")
+        self.config_path = os.path.join(self.root, "mailstack.toml")
+        self.log_path = os.path.join(self.root, "twistd.log")
+        self.output_path = os.path.join(self.root, "twistd.out")
+        self.ports = dict(zip(LISTENERS, free_ports(len(LISTENERS))))
+        doc: dict[str, Any] = {
+            "hostname": "localhost",
+            "data_dir": self.data_dir,
+            "domains": {"local": ["localhost"]},
+            "listen": {
+                name: [f"{'ssl' if name in _TLS_LISTENERS else 'tcp'}:{port}:interface=127.0.0.1"]
+                for name, port in self.ports.items()
+            },
+            "auth": {"failure_delay": "10ms", "max_failure_delay": "50ms"},
+        }
+        for key, value in tomllib.loads(extra_toml).items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key].update(value)
+            else:
+                doc[key] = value
+        # Listeners turned off by extra_toml are not waited for.
+        self.ports = {name: port for name, port in self.ports.items() if doc["listen"].get(name)}
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(dump_toml(doc))
+        self.process: subprocess.Popen | None = None
+
+    # -- process control ----------------------------------------------------
+
+    def command(self) -> list[str]:
+        return twistd_command() + [
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.log_path}",
+            "mailstack",
+            "--config",
+            self.config_path,
+        ]
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start twistd and return once every configured listener accepts."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with open(self.output_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.root, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.ports)
+        while waiting:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"twistd exited with {self.process.returncode} before listening\n{self.diagnostics()}"
+                )
+            for name, port in list(waiting.items()):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    continue
+                del waiting[name]
+            if waiting:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise AssertionError(f"listeners {sorted(waiting)} never accepted\n{self.diagnostics()}")
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM; waits for the exit and asserts status 0.  Returns the status."""
+        assert self.process is not None, "not started"
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"twistd did not exit {timeout}s after SIGTERM\n{self.diagnostics()}")
+        assert status == 0, f"twistd exited with {status}\n{self.diagnostics()}"
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; no cleanup runs in the server."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def diagnostics(self) -> str:
+        """The tail of twistd's log and output, for failure messages."""
+        parts = []
+        for path in (self.output_path, self.log_path):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    parts.append(f"--- {path}\n{f.read()[-6000:]}")
+            except FileNotFoundError:
+                pass
+        return "\n".join(parts)
+
+    def log(self) -> str:
+        """Everything twistd logged so far."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kill()
+
+    # -- helpers --------------------------------------------------------------
+
+    def admin(self, *args: str, input: str | bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``mailstack --config <this config> *args``; never raises on exit status."""
+        return subprocess.run(
+            [sys.executable, "-m", "mailstack", "--config", self.config_path, *args],
+            input=input,
+            capture_output=True,
+            text=not isinstance(input, bytes),
+            cwd=self.root,
+            env=_clean_env(),
+            timeout=timeout,
+        )
+
+    def maildir(self, address: str) -> str:
+        """The Maildir folder of a local user (it may not exist yet)."""
+        domain, local = mailbox_components(parse_address(address))
+        return os.path.join(self.data_dir, "mail", domain, local)
