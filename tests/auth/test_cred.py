@@ -1,0 +1,96 @@
+"""Tests for mailstack.auth.cred.UserChecker."""
+
+import os
+import threading
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from mailstack.auth.cred import UserChecker
+from mailstack.auth.userdb import UserDB
+
+
+def sync(f, *a, **kw):
+    return maybeDeferred(f, *a, **kw)
+
+
+class CheckerTests(SynchronousTestCase):
+    def setUp(self):
+        d = self.mktemp()
+        os.makedirs(d)
+        self.users = UserDB(os.path.join(d, "users.json"))
+        self.users.add("alice@localhost", "pw")
+        self.checker = UserChecker(self.users, sync)
+
+    def test_interface(self):
+        """UserChecker is an ICredentialsChecker for IUsernamePassword."""
+        verifyObject(ICredentialsChecker, self.checker)
+
+    def test_success(self):
+        """Right password: the avatar id is the normalised user key (str)."""
+        d = self.checker.requestAvatarId(UsernamePassword(b"Alice@LOCALHOST", b"pw"))
+        self.assertEqual(self.successResultOf(d), "alice@localhost")
+
+    def test_wrongPassword(self):
+        """Wrong password or unknown user fail with UnauthorizedLogin."""
+        for user, pw in [(b"alice@localhost", b"nope"), (b"bob@localhost", b"pw")]:
+            d = self.checker.requestAvatarId(UsernamePassword(user, pw))
+            self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_badUsername(self):
+        """A username that is no address (or no UTF-8) fails without hashing."""
+        calls = []
+        checker = UserChecker(self.users, lambda f, *a: calls.append(f))
+        for user in [b"alice", b"\xff@localhost", b"a b@localhost"]:
+            self.failureResultOf(checker.requestAvatarId(UsernamePassword(user, b"pw")), UnauthorizedLogin)
+        self.assertEqual(calls, [])
+
+    def test_usesRunBlocking(self):
+        """The password check goes through run_blocking, not a direct call."""
+        calls = []
+
+        def record(f, *a, **kw):
+            calls.append(f)
+            return maybeDeferred(f, *a, **kw)
+
+        checker = UserChecker(self.users, record)
+        self.successResultOf(checker.requestAvatarId(UsernamePassword(b"alice@localhost", b"pw")))
+        self.assertEqual(calls, [self.users.check_password])
+
+
+class ThreadTests(TestCase):
+    """With the production run_blocking, hashing happens off the reactor thread."""
+
+    def test_hashingOffReactorThread(self):
+        """check_password runs in a pool thread, not the reactor (main) thread."""
+        d = self.mktemp()
+        os.makedirs(d)
+        users = UserDB(os.path.join(d, "users.json"))
+        users.add("alice@localhost", "pw")
+        threads = []
+        original = users.check_password
+
+        def spy(key, password):
+            threads.append(threading.current_thread())
+            return original(key, password)
+
+        users.check_password = spy
+        pool = ThreadPool(0, 2, "test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        checker = UserChecker(users, lambda f, *a, **kw: deferToThreadPool(reactor, pool, f, *a, **kw))
+        result = checker.requestAvatarId(UsernamePassword(b"alice@localhost", b"pw"))
+
+        def check(avatar):
+            self.assertEqual(avatar, "alice@localhost")
+            self.assertEqual(len(threads), 1)
+            self.assertIsNot(threads[0], threading.main_thread())
+
+        return result.addCallback(check)
