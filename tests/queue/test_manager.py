@@ -1,0 +1,385 @@
+"""The queue manager: schedule, caps, retries, expiry, DSNs, restart, flush."""
+
+from __future__ import annotations
+
+import email
+import random
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mailstack.errors import Reply
+from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueKicker
+from mailstack.queue.entry import DELIVERED, FAILED, PENDING
+from mailstack.queue.manager import QueueManager, entry_due
+from tests.queue.outbound_fakes import (
+    FakeAgent,
+    FakeIntake,
+    FakeStore,
+    entry,
+    make_config,
+    reply_all,
+    run_blocking,
+)
+
+OK = Reply(250, "2.0.0", "ok")
+TEMP = Reply(451, "4.7.1", "greylisted")
+PERM = Reply(550, "5.1.1", "no such user")
+START = 1_000_000.0
+
+
+class ManagerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = FakeStore(self.mktemp())
+        self.local = FakeAgent()
+        self.remote = FakeAgent()
+        self.remote.store = self.store
+        self.intake = FakeIntake()
+        self.config = make_config()
+
+    def manager(self, **kw) -> QueueManager:
+        m = QueueManager(
+            self.store, self.local, self.remote, self.clock, self.config, run_blocking, self.intake,
+            rng=random.Random(1), **kw,
+        )
+        m.startService()
+        self.addCleanup(lambda: m.running and m.stopService())
+        return m
+
+    def test_interfaces(self) -> None:
+        """The manager provides IQueueKicker; the fakes provide what they fake."""
+        m = self.manager()
+        verifyObject(IQueueKicker, m)
+        verifyObject(IDeliveryAgent, self.local)
+        verifyObject(IIntake, self.intake)
+        verifyObject(IIncoming, self.intake.begin(None))
+
+    def test_startRecovers(self) -> None:
+        """startService runs recover() and schedules what scan() finds."""
+        entry(self.store, "A", "s@x.test", ["r@remote.test"], arrival=START)
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        self.assertEqual(self.store.recovered, 1)
+        self.assertEqual(len(self.remote.calls), 1)
+        self.assertIn("A", m.scheduled())
+
+    def test_localDeliveredAtOnce(self) -> None:
+        """kick() delivers local recipients at once and removes the finished entry."""
+        m = self.manager()
+        entry(self.store, "L", "s@x.test", ["u@here.test"], arrival=START, local=("u@here.test",))
+        m.kick("L")
+        self.assertEqual(self.local.calls[0][:2], ("L", ["u@here.test"]))
+        self.assertNotIn("L", self.store.envelopes)
+        self.assertEqual(self.store.saves, [])
+        self.assertEqual(m.scheduled(), {})
+
+    def test_attemptPersistedBeforeConnecting(self) -> None:
+        """attempts and next_attempt are on disk before the remote agent is called."""
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "R", "s@x.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        seen = self.remote.calls[0][2][0]
+        self.assertEqual(seen["attempts"], 1)
+        self.assertGreaterEqual(seen["next_attempt"], START + 60)
+        self.assertLessEqual(seen["next_attempt"], START + 66)
+        saved = self.store.envelopes["R"]["recipients"][0]
+        self.assertEqual(saved["status"], PENDING)
+        self.assertEqual(saved["last_reply"], "451 4.7.1 greylisted")
+
+    def test_deferredRetriedOnSchedule(self) -> None:
+        """A 4xx is retried after each interval (the last repeats) and delivered once it works."""
+        replies = iter([TEMP, TEMP, TEMP, TEMP, OK])
+        self.remote.script = lambda e, rs: {r.address: next(replies) for r in rs}
+        m = self.manager()
+        entry(self.store, "R", "s@x.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(len(self.remote.calls), 1)
+        for interval, calls in [(60, 2), (300, 3), (3600, 4), (3600, 5)]:
+            self.clock.advance(interval - 1)
+            self.assertEqual(len(self.remote.calls), calls - 1)
+            self.clock.advance(interval * 0.1 + 1)
+            self.assertEqual(len(self.remote.calls), calls)
+        self.assertNotIn("R", self.store.envelopes)
+        self.assertEqual(self.intake.messages, [])
+
+    def test_oneTimer(self) -> None:
+        """However many entries wait, one delayed call is armed, for the earliest."""
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        for i in range(5):
+            entry(self.store, f"R{i}", "s@x.test", [f"r@d{i}.test"], arrival=START)
+            m.kick(f"R{i}")
+            self.clock.advance(1)
+        calls = self.clock.getDelayedCalls()
+        timers = [c for c in calls if getattr(c.func, "__name__", "") == "_fire"]
+        loops = [c for c in calls if c not in timers]
+        self.assertEqual(len(timers), 1, calls)
+        self.assertLessEqual(len(loops), 1)
+        self.assertEqual(timers[0].getTime(), min(m.scheduled().values()))
+
+    def test_permanentOneOfTwo(self) -> None:
+        """5xx for one recipient: the other is delivered, one DSN names the failed one."""
+        self.remote.script = lambda e, rs: {r.address: (PERM if r.address.startswith("bad") else OK) for r in rs}
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["bad@remote.test", "good@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(len(self.remote.calls), 1, "one transaction per domain")
+        self.assertEqual(len(self.intake.messages), 1)
+        env, data = self.intake.messages[0]
+        self.assertIsNone(env.sender)
+        self.assertEqual([str(d.address) for d in env.recipients], ["s@here.test"])
+        self.assertTrue(env.recipients[0].local)
+        msg = email.message_from_bytes(data)
+        self.assertEqual(msg.get_content_type(), "multipart/report")
+        report = msg.get_payload()[1].get_payload()
+        finals = [p["Final-Recipient"] for p in report[1:]]
+        self.assertEqual(finals, ["rfc822; bad@remote.test"])
+        self.assertEqual(report[1]["Status"], "5.1.1")
+        self.assertNotIn("R", self.store.envelopes)
+        self.assertEqual(m.scheduled(), {})
+
+    def test_noBounceForNullSender(self) -> None:
+        """A failed recipient of a message from <> gets no DSN; the entry goes."""
+        self.remote.script = reply_all(PERM)
+        m = self.manager()
+        entry(self.store, "R", "", ["bad@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(self.intake.messages, [])
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_dsnCommitFailureRetried(self) -> None:
+        """Recipients are notified only after the DSN commits; a failed commit is retried."""
+        self.remote.script = reply_all(PERM)
+        self.intake.fail_next = 1
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["bad@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(self.intake.messages, [])
+        saved = self.store.envelopes["R"]["recipients"][0]
+        self.assertEqual((saved["status"], saved["notified"]), (FAILED, False))
+        self.clock.advance(61)
+        self.assertEqual(len(self.intake.messages), 1)
+        self.assertEqual(len(self.remote.calls), 1, "a failed recipient is not tried again")
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_expiryBounces(self) -> None:
+        """After max_queue_lifetime a deferred recipient fails and the sender gets a DSN."""
+        self.config = make_config(retry_intervals=["1h"], max_queue_lifetime="3h", delay_warning_after="")
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.clock.advance(3600 * 1.1)
+        self.clock.advance(3600 * 1.1)
+        self.assertEqual(self.intake.messages, [])
+        self.clock.advance(3600)
+        self.assertEqual(len(self.remote.calls), 4)
+        self.assertEqual(len(self.intake.messages), 1)
+        msg = email.message_from_bytes(self.intake.messages[0][1])
+        report = msg.get_payload()[1].get_payload()
+        self.assertEqual(report[1]["Action"], "failed")
+        self.assertEqual(report[1]["Diagnostic-Code"], "smtp; 451 4.7.1 greylisted")
+        self.assertNotIn("R", self.store.envelopes)
+        self.assertEqual(m.scheduled(), {})
+
+    def test_delayWarningOnce(self) -> None:
+        """One "delayed" DSN after delay_warning_after, never a second one."""
+        self.config = make_config(retry_intervals=["1h"], max_queue_lifetime="1d", delay_warning_after="150m")
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.clock.advance(2 * 3600)
+        self.assertEqual(self.intake.messages, [])
+        self.clock.advance(1800)
+        self.assertEqual(len(self.intake.messages), 1)
+        msg = email.message_from_bytes(self.intake.messages[0][1])
+        self.assertEqual(msg.get_payload()[1].get_payload()[1]["Action"], "delayed")
+        self.assertTrue(self.store.envelopes["R"]["delay_warned"])
+        for _ in range(10):
+            self.clock.advance(3600)
+        self.assertEqual(len(self.intake.messages), 1)
+
+    def test_restartKeepsSchedule(self) -> None:
+        """A new manager on the same queue keeps next_attempt: no early retry, no hot loop."""
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.clock.advance(61 + 6)  # second attempt; next one about 300 s later
+        self.assertEqual(len(self.remote.calls), 2)
+        due = self.store.envelopes["R"]["recipients"][0]["next_attempt"]
+        self.successResultOf(m.stopService())
+        self.clock.advance(10)
+        m2 = self.manager()
+        self.assertEqual(len(self.remote.calls), 2, "not retried at restart")
+        self.assertEqual(m2.scheduled(), {"R": due})
+        self.clock.advance(due - self.clock.seconds() - 1)
+        self.assertEqual(len(self.remote.calls), 2)
+        self.remote.script = reply_all(OK)
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.calls), 3)
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_crashAfterPreSaveNoHotLoop(self) -> None:
+        """A crash during the attempt leaves next_attempt in the future on disk."""
+        hold = Deferred()
+        self.remote.script = lambda e, rs: hold
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        # "crash": forget m; a new manager starts from what is on disk.
+        m._stopping = True
+        m.running = False
+        self.remote.script = reply_all(TEMP)
+        m2 = self.manager()
+        self.assertEqual(len(self.remote.calls), 1)
+        self.assertGreaterEqual(m2.scheduled()["R"], START + 60)
+
+    def test_flushRetriesNow(self) -> None:
+        """The flush trigger makes every waiting entry due at once."""
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.clock.advance(5)
+        self.assertEqual(len(self.remote.calls), 1)
+        self.store.request_flush()
+        self.remote.script = reply_all(OK)
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.calls), 2)
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_perDomainCap(self) -> None:
+        """relay.max_per_domain limits simultaneous attempts to one domain."""
+        self.config = make_config(max_per_domain=1, max_connections=10)
+        pending: list[Deferred] = []
+
+        def hold(e, rs):
+            d = Deferred()
+            pending.append(d)
+            return d
+
+        self.remote.script = hold
+        m = self.manager()
+        for q in ("A", "B"):
+            entry(self.store, q, "s@here.test", ["r@same.test"], arrival=START)
+            m.kick(q)
+        entry(self.store, "C", "s@here.test", ["r@other.test"], arrival=START)
+        m.kick("C")
+        self.assertEqual([c[0] for c in self.remote.calls], ["A", "C"])
+        pending[0].callback({"r@same.test": OK})
+        self.assertEqual([c[0] for c in self.remote.calls], ["A", "C", "B"])
+
+    def test_globalCap(self) -> None:
+        """relay.max_connections limits simultaneous attempts overall."""
+        self.config = make_config(max_per_domain=5, max_connections=2)
+        pending: list[Deferred] = []
+        self.remote.script = lambda e, rs: pending.append(Deferred()) or pending[-1]
+        m = self.manager()
+        for i in range(4):
+            entry(self.store, f"E{i}", "s@here.test", [f"r@d{i}.test"], arrival=START)
+            m.kick(f"E{i}")
+        self.assertEqual(len(self.remote.calls), 2)
+        pending[0].callback({"r@d0.test": OK})
+        self.assertEqual(len(self.remote.calls), 3)
+
+    def test_mixedLocalAndRemote(self) -> None:
+        """Local recipients are delivered while the remote one is deferred; only it is retried."""
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        entry(self.store, "M", "s@here.test", ["u@here.test", "r@remote.test"], arrival=START, local=("u@here.test",))
+        m.kick("M")
+        self.assertEqual(len(self.local.calls), 1)
+        recips = {r["address"]: r["status"] for r in self.store.envelopes["M"]["recipients"]}
+        self.assertEqual(recips, {"u@here.test": DELIVERED, "r@remote.test": PENDING})
+        self.clock.advance(70)
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(len(self.remote.calls), 2)
+
+    def test_deletedWhileDelivering(self) -> None:
+        """An entry deleted during an attempt is not written back."""
+        hold = Deferred()
+        self.remote.script = lambda e, rs: hold
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.store.remove("R")
+        hold.callback({"r@remote.test": TEMP})
+        self.assertNotIn("R", self.store.envelopes)
+        self.assertEqual(m.scheduled(), {})
+
+    def test_kickWhileActive(self) -> None:
+        """A kick during a round makes the manager look again right after it."""
+        hold = Deferred()
+        self.remote.script = lambda e, rs: hold
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        m.kick("R")
+        self.remote.script = reply_all(TEMP)
+        hold.callback({"r@remote.test": TEMP})
+        self.assertEqual(len(self.remote.calls), 1, "remote not due again: next_attempt is later")
+        self.assertGreater(m.scheduled()["R"], START + 59)
+
+    def test_stopWaitsForInFlight(self) -> None:
+        """stopService waits for attempts in flight, but at most stop_timeout."""
+        hold = Deferred()
+        self.remote.script = lambda e, rs: hold
+        m = self.manager(stop_timeout=5)
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        d = m.stopService()
+        self.assertNoResult(d)
+        hold.callback({"r@remote.test": OK})
+        self.successResultOf(d)
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_stopTimeout(self) -> None:
+        """A stuck attempt does not hold shutdown beyond stop_timeout."""
+        self.remote.script = lambda e, rs: Deferred()
+        m = self.manager(stop_timeout=5)
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        d = m.stopService()
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.successResultOf(d)
+
+    def test_agentErrorIsTemporary(self) -> None:
+        """An exception from an agent counts as a temporary failure."""
+        def boom(e, rs):
+            raise RuntimeError("bug")
+
+        self.remote.script = boom
+        m = self.manager()
+        entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        saved = self.store.envelopes["R"]["recipients"][0]
+        self.assertEqual(saved["status"], PENDING)
+        self.assertTrue(saved["last_reply"].startswith("451"))
+
+
+class EntryDueTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """entry_due: earliest pending next_attempt, warning time, or now for bounces/removal."""
+        store = FakeStore(self.mktemp())
+        e = entry(store, "A", "s@x", ["a@x", "b@x"], arrival=100)
+        e.recipients[0].next_attempt = 500
+        e.recipients[1].next_attempt = 300
+        self.assertEqual(entry_due(e, 200, None), 300)
+        self.assertEqual(entry_due(e, 200, 150), 250)
+        e.delay_warned = True
+        self.assertEqual(entry_due(e, 200, 150), 300)
+        e.recipients[1].status = FAILED
+        self.assertEqual(entry_due(e, 200, None), 200)
+        e.recipients[1].notified = True
+        self.assertEqual(entry_due(e, 200, None), 500)
+        e.recipients[0].status = DELIVERED
+        self.assertEqual(entry_due(e, 200, None), 200)
