@@ -38,7 +38,8 @@ class IRouter(Interface):
 
         Raises PermanentFailure(550 5.1.1) for an unknown local user,
         PermanentFailure(550 5.7.1) for a remote domain when not authenticated,
-        PermanentFailure(554 5.4.6) for an alias loop.
+        PermanentFailure(550 5.4.6) for an alias loop that reaches no mailbox
+        (RFC 5321 section 4.3.2 has no 554 among the RCPT replies).
         """
 
 

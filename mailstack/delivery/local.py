@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.delivery.test_local -*-
+"""Local delivery: copy a queued message into each local recipient's Maildir.
+
+The queue manager calls ``deliver`` right after the intake's kick and on every
+retry.  Each recipient gets its own thread-pool call, so a message for many
+local users is written in parallel and one slow or full mailbox does not hold
+up the others.  ``Return-Path:`` (RFC 5321 section 4.4: added at final
+delivery, from the reverse-path) and ``Delivered-To:`` (the final mailbox after
+alias expansion, which lets a user see why a copy arrived and lets loops be
+detected) are prepended; the queued bytes follow unchanged.
+
+The message is streamed from ``queue/msg/<id>`` in 64 KiB chunks, never read
+whole.  Delivery is at-least-once: if the process dies after a Maildir write
+and before the manager saves the recipient as delivered, the retry writes a
+second copy, which beats losing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailstack.address import AddressError
+from mailstack.errors import Reply
+from mailstack.interfaces import IDeliveryAgent
+from mailstack.queue.entry import QueueEntry, RecipientState
+from mailstack.queue.store import QueueStore
+from mailstack.storage import fsutil
+from mailstack.storage.maildir import MaildirStore
+
+DELIVERED = Reply(250, "2.0.0", "Delivered")
+# RFC 3463: 4.3.0 other mail system problem; 4.2.2 mailbox full (retried, not bounced).
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
+BAD_MAILBOX = Reply(550, "5.1.3", "Bad destination mailbox address")
+
+
+def delivery_prefix(sender: str, address: str) -> bytes:
+    """The header lines written in front of the queued message for ``address``."""
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode("utf-8")
+
+
+@implementer(IDeliveryAgent)
+class LocalAgent:
+    """Delivers local recipients of queue entries into a MaildirStore."""
+
+    log = Logger()
+
+    def __init__(self, maildirs: MaildirStore, store: QueueStore, run_blocking: Callable[..., Deferred]) -> None:
+        self._maildirs = maildirs
+        self._store = store
+        self._run_blocking = run_blocking
+
+    def deliver(self, entry: QueueEntry, recipients: list[RecipientState]) -> Deferred:
+        """Deferred of ``{recipient.address: Reply}``; never errbacks.
+
+        ``recipients`` are local ones of ``entry``; the manager records the replies.
+        """
+        source = self._store.message_path(entry.id)
+        pending = [self._deliver_one(entry, rcpt, source) for rcpt in recipients]
+        return gatherResults(pending).addCallback(dict)
+
+    def _deliver_one(self, entry: QueueEntry, rcpt: RecipientState, source: str) -> Deferred:
+        prefix = delivery_prefix(entry.sender, rcpt.address)
+        d = self._run_blocking(self._maildirs.deliver, rcpt.address, source, prefix)
+        d.addCallbacks(lambda name: DELIVERED, self._classify, errbackArgs=(entry, rcpt))
+        d.addCallback(self._logged, entry, rcpt)
+        return d
+
+    def _classify(self, failure: Failure, entry: QueueEntry, rcpt: RecipientState) -> Reply:
+        """Turn a delivery error into the Reply the manager acts on (4xx: retry)."""
+        if failure.check(AddressError):
+            return BAD_MAILBOX
+        if failure.check(OSError):
+            self.log.error(
+                "maildir write for {queue_id} to {recipient} failed: {error}",
+                queue_id=entry.id,
+                recipient=rcpt.address,
+                error=str(failure.value),
+            )
+            return MAILBOX_FULL if fsutil.is_disk_full(failure.value) else LOCAL_ERROR
+        self.log.failure("delivering {queue_id} to {recipient}", failure=failure, queue_id=entry.id, recipient=rcpt.address)
+        return LOCAL_ERROR
+
+    def _logged(self, reply: Reply, entry: QueueEntry, rcpt: RecipientState) -> tuple[str, Reply]:
+        """One event per delivery attempt: queue id, recipient, result."""
+        self.log.info(
+            "local delivery of {queue_id} to {recipient}: {reply}",
+            queue_id=entry.id,
+            recipient=rcpt.address,
+            reply=str(reply),
+        )
+        return rcpt.address, reply

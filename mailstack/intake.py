@@ -1,0 +1,283 @@
+# -*- test-case-name: tests.test_intake -*-
+"""The only door for new mail: stream a message into the queue and commit it once.
+
+SMTP sessions and the DSN builder both call ``Intake.begin(envelope)``, write
+the message bytes as they arrive, and call ``finish()``.  The intake adds the
+RFC 5321 section 4.4 ``Received:`` header, streams everything to
+``queue/tmp/<id>`` and commits it with ``QueueStore.commit`` in a thread.
+
+One commit point
+----------------
+All accepted mail, for local and remote recipients alike, is committed to the
+queue first; a 250 reply to DATA means exactly "the queue commit finished"
+(message fsynced, renamed, envelope written, directories fsynced).  Right after
+the commit the intake kicks the queue manager, whose local agent drains the
+local recipients into their Maildirs at once.  Why not write Maildirs directly
+during DATA, as mox does?  Because with one commit point
+
+* a message with both local and remote recipients can never be half-accepted:
+  either the whole transaction is on disk or the client gets a 4xx;
+* a Maildir write failure (disk full, a broken mailbox) is just a 4xx for that
+  recipient, retried by the manager like any remote deferral;
+* crash recovery has a single place to look: the queue, at-least-once.
+
+It costs one extra copy of each local message, which the page cache absorbs.
+
+Writes go to a buffered file in the reactor thread: they only reach the page
+cache.  Everything that waits for the disk (fsync, rename, directory fsync) runs
+through ``run_blocking``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import IO, Any, Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailstack.envelope import Envelope
+from mailstack.errors import Reply, TemporaryFailure
+from mailstack.interfaces import IIncoming, IIntake
+from mailstack.queue.entry import QueueEntry, RecipientState
+from mailstack.queue.store import QueueStore
+from mailstack.storage import fsutil
+
+# RFC 5321 section 4.2.3 reply texts; the details go to the log only.
+COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
+DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+# RFC 5322 section 2.1.1: lines SHOULD stay within 78 characters, MUST within 998.
+FOLD_AT = 78
+MAX_LINE = 998
+_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def reply_for(error: BaseException) -> Reply:
+    """What the client is told when a commit fails with ``error``."""
+    return DISK_FULL if fsutil.is_disk_full(error) else COMMIT_FAILED
+
+
+def received_header(envelope: Envelope, hostname: str, queue_id: str, now: float) -> bytes:
+    """The ``Received:`` trace line of RFC 5321 section 4.4, folded, CRLF-terminated.
+
+    ``from <helo> ([<ip>])`` (we do no reverse lookups, so TCP-info is the
+    address literal alone), ``by <hostname>``, ``with <protocol>`` (RFC 3848
+    keywords, with the TLS version and cipher as a comment), ``id <queue id>``,
+    ``for <rcpt>`` only with exactly one recipient (more would disclose Bcc
+    recipients to each other), then the RFC 5322 date.  A message generated here
+    (no peer, no HELO: a DSN) has no ``from`` clause.
+    """
+    clauses = ["Received:"]
+    if envelope.helo or envelope.peer:
+        clauses.append(f"from {_token(envelope.helo) or 'unknown'} ({_literal(envelope.peer)})")
+    clauses += [f"by {hostname}", f"with {_token(envelope.protocol) or 'ESMTP'}"]
+    tls = " ".join(_token(w) for w in envelope.tls.split()[:4])
+    if tls:
+        clauses.append(f"({tls})")
+    clauses.append(f"id {queue_id}")
+    originals = list(dict.fromkeys(str(d.original) for d in envelope.recipients))
+    if len(originals) == 1:
+        clauses.append(f"for <{originals[0]}>")
+    clauses[-1] += ";"
+    clauses.append(format_datetime(datetime.fromtimestamp(now, timezone.utc)))
+    return _fold(clauses).encode("utf-8")
+
+
+def _token(text: str) -> str:
+    """A client-supplied word made safe for a header: no spaces, comments or CRLF."""
+    return _UNSAFE.sub("?", text[:255])
+
+
+def _literal(peer: str) -> str:
+    """RFC 5321 section 4.1.3 address literal of the peer IP."""
+    if not peer:
+        return "unknown"
+    return f"[IPv6:{_token(peer)}]" if ":" in peer else f"[{_token(peer)}]"
+
+
+def _fold(clauses: list[str]) -> str:
+    """Join clauses into lines of at most FOLD_AT characters where possible.
+
+    Folding happens only between clauses (RFC 5322 section 3.2.2 FWS).  Every
+    clause is a few hundred characters at most (``_token`` truncates client
+    text to 255), so no line comes near the 998 limit even standing alone.
+    """
+    lines = [clauses[0]]
+    for word in clauses[1:]:
+        if len(lines[-1]) + 1 + len(word) > FOLD_AT:
+            lines.append("\t" + word)
+        else:
+            lines[-1] += " " + word
+    assert all(len(line) < MAX_LINE for line in lines)
+    return "\r\n".join(lines) + "\r\n"
+
+
+@implementer(IIntake)
+class Intake:
+    """Accepts messages into a QueueStore and kicks the queue manager."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Any,
+        store: QueueStore,
+        kicker: Any,
+        run_blocking: Callable[..., Deferred],
+        clock: Any,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._kicker = kicker
+        self._run_blocking = run_blocking
+        self._clock = clock
+
+    def begin(self, envelope: Envelope) -> "Incoming":
+        """Open ``queue/tmp/<id>`` and write the Received: header into it."""
+        return Incoming(self, envelope)
+
+    def _accepted(self, entry: QueueEntry) -> str:
+        """Log the accepted message and kick the manager; the commit is done."""
+        self.log.info(
+            "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}",
+            queue_id=entry.id,
+            peer=entry.peer,
+            user=entry.user,
+            sender=entry.sender,
+            recipients=[r.address for r in entry.recipients],
+            size=entry.size,
+        )
+        try:
+            self._kicker.kick(entry.id)
+        except Exception:
+            # The message is safely queued; the manager's next scan finds it.
+            self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=entry.id)
+        return entry.id
+
+
+@implementer(IIncoming)
+class Incoming:
+    """One message being written to ``queue/tmp/<id>``.
+
+    ``size`` counts the client's bytes (for the SIZE limit); the queue entry
+    records the file size, Received: header included.
+    """
+
+    def __init__(self, intake: Intake, envelope: Envelope) -> None:
+        self._intake = intake
+        self._envelope = envelope
+        self._store = intake._store
+        self.queue_id = self._store.new_id()
+        self.size = 0
+        self._written = 0
+        self._error: BaseException | None = None
+        self._file: IO[bytes] | None = None
+        self._arrival = intake._clock.seconds()
+        header = received_header(envelope, intake._config.hostname, self.queue_id, self._arrival)
+        try:
+            self._file = self._store.open_tmp(self.queue_id)
+            self._file.write(header)
+            self._written = len(header)
+        except OSError as e:
+            self._fail(e)
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes; an I/O error is kept and reported by finish()."""
+        self.size += len(data)
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+            self._written += len(data)
+        except OSError as e:
+            self._fail(e)
+
+    def finish(self) -> Deferred:
+        """Commit in a thread; fires with the queue id, or errbacks TemporaryFailure."""
+        if self._file is None and self._error is None:
+            return fail(TemporaryFailure(COMMIT_FAILED))  # finished or aborted already
+        if self._file is not None:
+            try:
+                self._file.close()  # flushes the buffer: ENOSPC can surface here
+            except OSError as e:
+                self._fail(e)
+            self._file = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
+        entry = self._entry()
+        d = self._intake._run_blocking(self._store.commit, entry)
+        # store.commit removes its own files when it fails.
+        d.addCallbacks(lambda _: self._intake._accepted(entry), self._refuse)
+        return d
+
+    def abort(self) -> None:
+        """Discard the message (client went away, size exceeded)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        self._error = None
+        self._discarded()
+
+    def _entry(self) -> QueueEntry:
+        """The envelope record; one RecipientState per distinct final address.
+
+        Local mailboxes are stored in key form (lowercase local part); remote
+        addresses keep their case, which RFC 5321 section 2.4 makes the remote
+        host's business.
+        """
+        env = self._envelope
+        recipients: dict[tuple[str, bool], RecipientState] = {}
+        for dest in env.recipients:
+            address = dest.address.key if dest.local else str(dest.address)
+            recipients.setdefault(
+                (address, dest.local),
+                RecipientState(address=address, original=str(dest.original), local=dest.local),
+            )
+        return QueueEntry(
+            id=self.queue_id,
+            sender=str(env.sender) if env.sender is not None else "",
+            arrival=self._arrival,
+            recipients=list(recipients.values()),
+            size=self._written,
+            user=env.user,
+            peer=env.peer,
+        )
+
+    def _fail(self, error: OSError) -> None:
+        """Remember the first write error and stop writing."""
+        if self._error is None:
+            self._error = error
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+    def _refuse(self, failure: Failure) -> Failure:
+        """Log why the message could not be queued; tell the client only the Reply."""
+        reply = reply_for(failure.value)
+        if isinstance(failure.value, OSError):
+            self._intake.log.error(
+                "queueing {queue_id} failed: {error}", queue_id=self.queue_id, error=str(failure.value), reply=str(reply)
+            )
+        else:
+            self._intake.log.failure("queueing {queue_id} failed", failure=failure, queue_id=self.queue_id)
+        return Failure(TemporaryFailure(reply))
+
+    def _discarded(self) -> Deferred:
+        """Remove ``tmp/<id>`` in a thread; never errbacks (recover() is the backstop)."""
+        d = self._intake._run_blocking(fsutil.unlink_durable, self._store.tmp_path(self.queue_id), False)
+        d.addErrback(
+            lambda f: self._intake.log.failure("removing {queue_id} failed", failure=f, queue_id=self.queue_id)
+        )
+        return d

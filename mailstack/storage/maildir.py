@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.storage.test_maildir -*-
+"""Maildir delivery: the one writer of ``data_dir/mail/<domain>/<localpart>/``.
+
+A Maildir (https://cr.yp.to/proto/maildir.html) is read by Dovecot, mutt,
+Python's ``mailbox.Maildir`` and our POP3 server without any locking, because a
+message appears in ``new/`` only by an atomic rename of a complete, fsynced file:
+
+1. create ``tmp/<unique>`` exclusively and stream the bytes into it;
+2. fsync the file (its bytes are on disk);
+3. rename it to ``new/<unique>,S=<size>`` (readers now see it, whole);
+4. fsync ``new/`` (the rename itself is on disk).
+
+Only after step 4 does ``deliver`` return, so the queue may then mark the
+recipient delivered and eventually drop its copy.  A failure at any step
+removes what this call created and raises the OSError: the caller sees either
+no message or one complete message, never a partial one in ``new/``.
+
+Unique names are ``<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>`` (the Maildir
+"modern" form plus Dovecot's ``,S=`` size, which is the exact file size so that
+Dovecot and the POP3 server can skip a ``stat``).  The pid is read at each call,
+not at import time, because ``twistd`` forks when it daemonizes; the sequence
+number makes names unique within a process even when the clock stands still.
+
+The OS calls go through ``fsutil``'s indirections (``_open``, ``_write``,
+``_fsync``, ``_rename``, ``_unlink``) so that tests can make any step fail.
+All methods block: callers on the reactor thread use ``run_blocking``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from typing import Callable, Iterable, Union
+
+from mailstack.address import Address, mailbox_components, parse_address
+from mailstack.storage import fsutil
+
+CHUNK = 64 * 1024
+
+#: A message source: a path to a file to copy, or the bytes themselves in chunks.
+Source = Union[str, "os.PathLike[str]", bytes, Iterable[bytes]]
+
+
+def escape_host(host: str) -> str:
+    """The host part of a unique name: ``/`` and ``:`` escaped as the spec says.
+
+    ``/`` would make a path and ``:`` starts the info part (``:2,S``), so the
+    Maildir spec replaces them with ``\\057`` and ``\\072``.
+    """
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+def _chunks_of(source: Source) -> Iterable[bytes]:
+    """Stream ``source`` in CHUNK-sized pieces without reading a file whole."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield bytes(source)
+        return
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+    yield from source
+
+
+class MaildirStore:
+    """All users' Maildirs under ``root`` (``data_dir/mail``).
+
+    ``clock`` and ``hostname`` are injectable for deterministic names in tests.
+    """
+
+    def __init__(self, root: str, hostname: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.root = os.path.abspath(root)
+        self._host = escape_host(hostname or socket.gethostname())
+        self._clock = clock
+        # next() on itertools.count is atomic under the GIL: safe from many threads.
+        self._seq = itertools.count()
+
+    def path_for(self, address: Address | str) -> str:
+        """The Maildir of ``address``: ``root/<domain>/<localpart>``.
+
+        The only place a path is built from an address; ``mailbox_components``
+        refuses anything that is not a safe single path component (AddressError).
+        """
+        if isinstance(address, str):
+            address = parse_address(address)
+        domain, local = mailbox_components(address)
+        return os.path.join(self.root, domain, local)
+
+    def unique_name(self) -> str:
+        """A fresh ``<sec>.M<usec>P<pid>Q<seq>.<host>`` (without the ``,S=`` size)."""
+        now = self._clock()
+        sec = int(now)
+        usec = int((now - sec) * 1_000_000)
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+
+    def deliver(self, address: Address | str, source: Source, prefix: bytes = b"") -> str:
+        """Write ``prefix`` then ``source`` as one new message; return its file name.
+
+        Creates ``tmp/ new/ cur/`` durably on first delivery.  Raises OSError
+        (nothing left behind) or AddressError (no such mailbox name).
+        """
+        maildir = self.path_for(address)
+        tmp_dir = os.path.join(maildir, "tmp")
+        new_dir = os.path.join(maildir, "new")
+        if not os.path.isdir(new_dir):
+            for sub in ("tmp", "new", "cur"):
+                fsutil.ensure_dir(os.path.join(maildir, sub))
+
+        name = self.unique_name()
+        tmp_path = os.path.join(tmp_dir, name)
+        size = self._write_tmp(tmp_path, prefix, source)
+
+        final = f"{name},S={size}"
+        new_path = os.path.join(new_dir, final)
+        try:
+            fsutil._rename(tmp_path, new_path)
+        except BaseException:
+            _discard(tmp_path)
+            raise
+        try:
+            fsutil.fsync_dir(new_dir)
+        except BaseException:
+            # The rename may or may not survive a crash; we report failure, so
+            # take the message back rather than risk a duplicate on the retry.
+            _discard(new_path)
+            raise
+        return final
+
+    def _write_tmp(self, path: str, prefix: bytes, source: Source) -> int:
+        """Create ``path`` exclusively, stream into it, fsync; return the size."""
+        fd = fsutil._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        size = 0
+        try:
+            try:
+                if prefix:
+                    fsutil.write_fd(fd, prefix)
+                    size += len(prefix)
+                for chunk in _chunks_of(source):
+                    fsutil.write_fd(fd, chunk)
+                    size += len(chunk)
+                fsutil._fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _discard(path)
+            raise
+        return size
+
+
+def _discard(path: str) -> None:
+    """Best-effort removal while another error is already on its way up."""
+    try:
+        fsutil._unlink(path)
+    except OSError:
+        pass
