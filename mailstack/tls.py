@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.test_tls -*-
+"""The server certificate: loaded from ``[tls]`` or generated once, served with TLS 1.2+.
+
+With ``tls.certificate`` set, that PEM file is the certificate, optionally
+followed by its chain (leaf first, as ``fullchain.pem`` from ACME clients has
+it); the key is ``tls.private_key`` or, if empty, found in the same file.
+Without it, a self-signed certificate for ``hostname`` is generated with
+``cryptography`` into ``data_dir/tls/`` on first start (``selfsigned.key`` mode
+0600, then ``selfsigned.pem``) and reused afterwards.
+
+``context_factory()`` returns a ``CertificateOptions`` with TLS 1.2 as the
+minimum (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 section 4.1 for submission).
+The same object is reused while the files are unchanged, because it caches the
+OpenSSL context; when the files change (an ACME renewal), the next call loads
+them again, so new connections get the new certificate without a restart.  A
+renewal that fails to load is logged and the old certificate stays in use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailstack.storage import fsutil
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.S)
+
+SELF_SIGNED_DAYS = 825  # the longest validity many clients still accept
+
+
+class TLSError(Exception):
+    """The certificate or key cannot be used; one line naming the file."""
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def load_options(cert_path: str, key_path: str) -> CertificateOptions:
+    """Read PEM files into CertificateOptions; TLSError if they are unusable."""
+    try:
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+    except OSError as e:
+        raise TLSError(f"{e.filename}: cannot read: {e.strerror}") from None
+    certs = _PEM_CERT.findall(cert_pem)
+    if not certs:
+        raise TLSError(f"{cert_path}: no PEM certificate found")
+    key = _PEM_KEY.search(key_pem)
+    if not key:
+        raise TLSError(f"{key_path}: no PEM private key found")
+    try:
+        chain = [x509.load_pem_x509_certificate(c) for c in certs]
+        private_key = serialization.load_pem_private_key(key.group(0), password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSError(f"{cert_path}: cannot load certificate or key: {e}") from None
+    if private_key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+        raise TLSError(f"{key_path}: private key does not match the certificate in {cert_path}")
+    return CertificateOptions(
+        # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated).
+        privateKey=private_key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: datetime.datetime | None = None) -> None:
+    """Write a fresh RSA-2048 key (0600) and a self-signed certificate for ``hostname``.
+
+    The key is written first and the certificate last, each atomically, so a
+    certificate file on disk always has its key next to it.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname == "localhost":
+        alt_names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fsutil.write_atomic(key_path, key_pem, mode=0o600)
+    fsutil.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+@implementer(IOpenSSLContextFactory)
+class TLSConfig:
+    """The certificate in use; ``context_factory()`` for every TLS handshake."""
+
+    log = Logger()
+
+    def __init__(self, cert_path: str, key_path: str, generated: bool = False) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.generated = generated
+        self._stamps = self._current_stamps()
+        self._options = load_options(cert_path, key_path)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "TLSConfig":
+        """Load ``[tls]`` or generate/reuse ``data_dir/tls/selfsigned.*``.  Blocking."""
+        if config.tls.certificate:
+            return cls(config.tls.certificate, config.tls.private_key or config.tls.certificate)
+        folder = os.path.join(config.data_dir, "tls")
+        cert_path = os.path.join(folder, "selfsigned.pem")
+        key_path = os.path.join(folder, "selfsigned.key")
+        try:
+            fsutil.ensure_dir(folder)
+            # Two processes starting at once must not write two different keys.
+            with fsutil.locked(os.path.join(folder, "generate.lock")):
+                if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+                    cls.log.info("generating a self-signed certificate for {hostname} in {folder}",
+                                 hostname=config.hostname, folder=folder)
+                    generate_self_signed(config.hostname, cert_path, key_path)
+        except OSError as e:
+            raise TLSError(f"{e.filename or folder}: cannot create the self-signed certificate: {e.strerror}") from None
+        return cls(cert_path, key_path, generated=True)
+
+    def _current_stamps(self) -> tuple:
+        return (_stamp(self.cert_path), _stamp(self.key_path))
+
+    def context_factory(self) -> CertificateOptions:
+        """Server-side CertificateOptions (TLS 1.2+), reloaded if the files changed."""
+        stamps = self._current_stamps()
+        if stamps != self._stamps:
+            self._stamps = stamps
+            try:
+                self._options = load_options(self.cert_path, self.key_path)
+            except TLSError as e:
+                self.log.error("keeping the previous certificate: {error}", error=str(e))
+            else:
+                self.log.info("loaded the changed certificate {path}", path=self.cert_path)
+        return self._options
+
+    def getContext(self) -> Any:
+        """IOpenSSLContextFactory: the TLSMemoryBIOFactory of an ``ssl:`` listener
+        is built once with this object and asks it for every connection, so a
+        renewed certificate is used without rebuilding the listener."""
+        return self.context_factory().getContext()

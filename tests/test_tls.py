@@ -1,0 +1,114 @@
+"""Tests for mailstack.tls: loading, generating and reloading the certificate."""
+
+import os
+import stat
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.ssl import CertificateOptions
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack import config
+from mailstack.tls import TLSConfig, TLSError, generate_self_signed
+
+
+class TLSTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def cfg(self, **tls):
+        return config.from_mapping({"data_dir": "data", "hostname": "mx.example.org", "tls": tls}, base=self.dir)
+
+    def test_generateOnFirstStart(self):
+        """Without [tls], a self-signed cert for hostname is written to data_dir/tls (key 0600)."""
+        tls = TLSConfig.from_config(self.cfg())
+        folder = os.path.join(self.dir, "data", "tls")
+        self.assertTrue(tls.generated)
+        self.assertEqual(tls.cert_path, os.path.join(folder, "selfsigned.pem"))
+        self.assertEqual(stat.S_IMODE(os.stat(tls.key_path).st_mode), 0o600)
+        with open(tls.cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.DNSName), ["mx.example.org"])
+        self.assertIsInstance(tls.context_factory(), CertificateOptions)
+
+    def test_reuseGenerated(self):
+        """A second start reuses the generated certificate instead of replacing it."""
+        first = TLSConfig.from_config(self.cfg())
+        with open(first.cert_path, "rb") as f:
+            before = f.read()
+        TLSConfig.from_config(self.cfg())
+        with open(first.cert_path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def handshake(self, tls, version):
+        """An in-memory handshake with a client capped at ``version``."""
+        server = SSL.Connection(tls.context_factory().getContext(), None)
+        server.set_accept_state()
+        client_ctx = SSL.Context(SSL.TLS_METHOD)
+        client_ctx.set_min_proto_version(0)
+        client_ctx.set_max_proto_version(version)
+        client_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        client = SSL.Connection(client_ctx, None)
+        client.set_connect_state()
+        for _ in range(10):
+            for a, b in ((client, server), (server, client)):
+                try:
+                    a.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        return client.get_protocol_version_name()
+
+    def test_tls12Minimum(self):
+        """A TLS 1.2 client gets through; a client capped at TLS 1.1 is refused."""
+        tls = TLSConfig.from_config(self.cfg())
+        self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION), "TLSv1.2")
+        self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_1_VERSION)
+
+    def test_configuredChainInOneFile(self):
+        """[tls] certificate may hold cert, chain and key in one file."""
+        cert, key = os.path.join(self.dir, "c.pem"), os.path.join(self.dir, "k.pem")
+        generate_self_signed("mx.example.org", cert, key)
+        other_cert, other_key = os.path.join(self.dir, "c2.pem"), os.path.join(self.dir, "k2.pem")
+        generate_self_signed("ca.example.org", other_cert, other_key)
+        combined = os.path.join(self.dir, "full.pem")
+        with open(combined, "wb") as out:
+            for p in (cert, other_cert, key):
+                with open(p, "rb") as f:
+                    out.write(f.read())
+        tls = TLSConfig.from_config(self.cfg(certificate="full.pem"))
+        self.assertFalse(tls.generated)
+        self.assertEqual(len(tls.context_factory().extraCertChain), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "data", "tls")))
+
+    def test_mismatchedKey(self):
+        """A key that does not belong to the certificate is a one-line TLSError."""
+        generate_self_signed("a.example", os.path.join(self.dir, "a.pem"), os.path.join(self.dir, "a.key"))
+        generate_self_signed("b.example", os.path.join(self.dir, "b.pem"), os.path.join(self.dir, "b.key"))
+        e = self.assertRaises(TLSError, TLSConfig.from_config, self.cfg(certificate="a.pem", private_key="b.key"))
+        self.assertIn("b.key", str(e))
+
+    def test_missingFile(self):
+        """A configured certificate that does not exist is a TLSError naming it."""
+        e = self.assertRaises(TLSError, TLSConfig.from_config, self.cfg(certificate="nope.pem"))
+        self.assertIn("nope.pem", str(e))
+
+    def test_reloadOnChange(self):
+        """Replacing the files makes the next context_factory() load them; a bad
+        replacement keeps the old certificate."""
+        cert, key = os.path.join(self.dir, "c.pem"), os.path.join(self.dir, "k.pem")
+        generate_self_signed("one.example", cert, key)
+        tls = TLSConfig.from_config(self.cfg(certificate="c.pem", private_key="k.pem"))
+        first = tls.context_factory()
+        self.assertIs(tls.context_factory(), first)
+        generate_self_signed("two.example", cert, key)
+        second = tls.context_factory()
+        self.assertIsNot(second, first)
+        with open(cert, "wb") as f:
+            f.write(b"garbage")
+        self.assertIs(tls.context_factory(), second)
