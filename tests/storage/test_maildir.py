@@ -1,0 +1,170 @@
+"""MaildirStore: paths, unique names, streaming, crash safety, readability by others."""
+
+from __future__ import annotations
+
+import errno
+import mailbox
+import os
+import re
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.address import Address, AddressError, parse_address
+from mailstack.storage import maildir as maildir_module
+from mailstack.storage.maildir import CHUNK, MaildirStore, escape_host
+from tests.storage.faults import Faults, count_steps
+
+BOB = parse_address("Bob@example.org")
+MESSAGE = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n\xe9 8-bit\r\n"
+NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)Q(\d+)\.(.+),S=(\d+)\Z")
+
+
+def listing(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+class PathTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = MaildirStore(self.mktemp(), hostname="mx.example.org")
+
+    def test_pathForUsesKeyForm(self) -> None:
+        """The Maildir is root/<domain>/<lowercase local part>."""
+        self.assertEqual(self.store.path_for(BOB), os.path.join(self.store.root, "example.org", "bob"))
+
+    def test_pathForAcceptsString(self) -> None:
+        """A "local@domain" string names the same Maildir as its Address."""
+        self.assertEqual(self.store.path_for("bob@example.org"), self.store.path_for(BOB))
+
+    def test_pathForRefusesUnsafe(self) -> None:
+        """Local parts that are not safe path components never become paths."""
+        for address in (Address("..", "example.org"), Address("a/b", "example.org"), Address("x", "[192.0.2.1]")):
+            self.assertRaises(AddressError, self.store.path_for, address)
+
+    def test_escapeHost(self) -> None:
+        """'/' and ':' in the host name are escaped as the Maildir spec says."""
+        self.assertEqual(escape_host("a/b:c"), "a\\057b\\072c")
+
+
+class DeliverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.now = 1764341555.123456
+        self.store = MaildirStore(self.mktemp(), hostname="mx.example.org", clock=lambda: self.now)
+        self.maildir = self.store.path_for(BOB)
+
+    def delivered(self) -> list[bytes]:
+        new = os.path.join(self.maildir, "new")
+        out = []
+        for name in listing(new):
+            with open(os.path.join(new, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def test_createsMaildirOnFirstDelivery(self) -> None:
+        """tmp/, new/ and cur/ exist after the first delivery; the message is in new/."""
+        self.store.deliver(BOB, [MESSAGE])
+        self.assertEqual(listing(self.maildir), ["cur", "new", "tmp"])
+        self.assertEqual(self.delivered(), [MESSAGE])
+        self.assertEqual(listing(os.path.join(self.maildir, "tmp")), [])
+
+    def test_uniqueNameFormat(self) -> None:
+        """<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>; the size is the exact file size."""
+        name = self.store.deliver(BOB, [MESSAGE], prefix=b"X: y\r\n")
+        m = NAME.match(name)
+        self.assertIsNotNone(m, name)
+        sec, usec, pid, seq, host, size = m.groups()
+        self.assertEqual((sec, usec, pid, host), ("1764341555", "123456", str(os.getpid()), "mx.example.org"))
+        path = os.path.join(self.maildir, "new", name)
+        self.assertEqual(int(size), os.path.getsize(path))
+
+    def test_pidReadAtCallTime(self) -> None:
+        """The pid comes from each call, so names stay right after twistd forks."""
+        self.patch(maildir_module.os, "getpid", lambda: 4242)
+        self.assertIn("P4242Q", self.store.deliver(BOB, [MESSAGE]))
+
+    def test_namesUniqueWhenClockStands(self) -> None:
+        """Two deliveries in the same microsecond get different names (sequence number)."""
+        names = {self.store.deliver(BOB, [MESSAGE]) for _ in range(3)}
+        self.assertEqual(len(names), 3)
+        self.assertEqual(len(self.delivered()), 3)
+
+    def test_prefixThenSource(self) -> None:
+        """The prefix comes first, then the source bytes unchanged (8-bit included)."""
+        self.store.deliver(BOB, [MESSAGE[:10], MESSAGE[10:]], prefix=b"Return-Path: <a@b>\r\n")
+        self.assertEqual(self.delivered(), [b"Return-Path: <a@b>\r\n" + MESSAGE])
+
+    def test_sourceBytes(self) -> None:
+        """A bytes source is one chunk, not an iterable of ints."""
+        self.store.deliver(BOB, MESSAGE)
+        self.assertEqual(self.delivered(), [MESSAGE])
+
+    def test_sourcePathStreamedInChunks(self) -> None:
+        """A file source is copied in CHUNK-sized writes, never read whole."""
+        source = self.mktemp()
+        body = os.urandom(CHUNK * 3 + 17)
+        with open(source, "wb") as f:
+            f.write(body)
+        faults = Faults(self)
+        self.store.deliver(BOB, source)
+        self.assertEqual(self.delivered(), [body])
+        self.assertEqual(faults.calls.count("_write"), 4)
+
+    def test_pythonMailboxReadsIt(self) -> None:
+        """The stdlib mailbox.Maildir lists and parses what we wrote."""
+        self.store.deliver(BOB, [MESSAGE], prefix=b"Delivered-To: bob@example.org\r\n")
+        box = mailbox.Maildir(self.maildir, factory=None, create=False)
+        messages = list(box)
+        self.assertEqual(len(messages), 1)
+        self.assertEqual(messages[0]["Subject"], "hello")
+        self.assertEqual(messages[0]["Delivered-To"], "bob@example.org")
+
+    def test_durabilitySteps(self) -> None:
+        """The file is fsynced before the rename and new/ is fsynced after it."""
+        self.store.deliver(BOB, [MESSAGE])  # the Maildir exists: only message steps remain
+        calls = count_steps(self, lambda: self.store.deliver(BOB, [MESSAGE]))
+        self.assertEqual(calls, ["_open", "_write", "_fsync", "_rename", "_open", "_fsync"])
+
+    def test_failureAtEveryStepLeavesNothing(self) -> None:
+        """An error at any step of a first delivery raises and leaves no message anywhere."""
+        steps = len(count_steps(self, lambda: MaildirStore(self.mktemp()).deliver(BOB, [MESSAGE, MESSAGE])))
+        self.assertGreater(steps, 6)
+        for k in range(1, steps + 1):
+            store = MaildirStore(self.mktemp())
+            faults = Faults(self, fail_at=k)
+            self.assertRaises(OSError, store.deliver, BOB, [MESSAGE, MESSAGE])
+            faults.restore()
+            path = store.path_for(BOB)
+            self.assertEqual(listing(os.path.join(path, "new")), [], f"step {k}")
+            self.assertEqual(listing(os.path.join(path, "tmp")), [], f"step {k}")
+            # The Maildir still works afterwards.
+            store.deliver(BOB, [MESSAGE])
+            self.assertEqual(len(listing(os.path.join(path, "new"))), 1)
+
+    def test_crashAtEveryStepNeverLeavesPartialMessage(self) -> None:
+        """A crash at any step leaves new/ with no message or one complete message."""
+        payload = [MESSAGE] * 3
+        whole = b"P: 1\r\n" + b"".join(payload)
+        steps = len(count_steps(self, lambda: MaildirStore(self.mktemp()).deliver(BOB, payload, b"P: 1\r\n")))
+        outcomes = set()
+        for k in range(1, steps + 1):
+            store = MaildirStore(self.mktemp())
+            faults = Faults(self, fail_at=k, crash=True)
+            self.assertRaises(OSError, store.deliver, BOB, payload, b"P: 1\r\n")
+            faults.restore()
+            new = os.path.join(store.path_for(BOB), "new")
+            names = listing(new)
+            self.assertLessEqual(len(names), 1, f"step {k}")
+            for name in names:
+                with open(os.path.join(new, name), "rb") as f:
+                    self.assertEqual(f.read(), whole, f"step {k}")
+            outcomes.add(len(names))
+        self.assertEqual(outcomes, {0, 1})  # the last step (fsync new/) crashes after the rename
+
+    def test_diskFullPropagates(self) -> None:
+        """ENOSPC reaches the caller as an OSError with that errno."""
+        self.store.deliver(BOB, [MESSAGE])
+        Faults(self, fail_at=2, error=errno.ENOSPC)
+        e = self.assertRaises(OSError, self.store.deliver, BOB, [MESSAGE])
+        self.assertEqual(e.errno, errno.ENOSPC)
