@@ -1,0 +1,217 @@
+# -*- test-case-name: tests.test_mx -*-
+"""Where mail for a domain goes: MX ordering (pure) and DNS lookups (twisted.names).
+
+* ``order_hosts(domain, records, rng)`` is pure: MX records sorted by
+  preference, equal preferences shuffled (RFC 5321 section 5.1); a null MX
+  (RFC 7505: a single ``0 .``) is a permanent failure 556 5.1.10; no MX
+  records means the domain itself is the host (implicit MX, RFC 5321 5.1).
+* ``Resolver`` provides ``IMXResolver`` over ``twisted.names``: the servers
+  of ``relay.nameservers`` or the system resolver.  NXDOMAIN is permanent
+  (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  Every host's
+  A and AAAA records are looked up, so the caller can try each address.
+
+The smarthost (``relay.smarthost``) bypasses MX lookups; ``delivery/remote.py``
+handles it with ``smarthost_host``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names.error import DNSNameError
+from zope.interface import implementer
+
+from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.interfaces import IMXResolver
+
+R_NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
+R_NO_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")
+R_NO_HOST = Reply(550, "5.4.4", "Recipient domain has no mail server")
+R_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure looking up the recipient domain")
+R_NO_ADDRESS = Reply(451, "4.4.3", "No address found for any mail server of the recipient domain")
+R_LOOP = Reply(554, "5.4.6", "Mail for the recipient domain loops back to this server")
+
+# Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
+DNS_TIMEOUT = (2, 5, 10)
+
+
+@dataclass(frozen=True)
+class Host:
+    """One mail server: its name, its addresses (None: not resolved yet), preference."""
+
+    name: str
+    addresses: tuple[str, ...] | None
+    preference: int
+
+
+def _norm(name: Any) -> str:
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "replace")
+    return str(name).rstrip(".").lower()
+
+
+def order_hosts(
+    domain: str,
+    records: Sequence[tuple[int, str]],
+    rng: random.Random,
+    local_names: Iterable[str] = (),
+) -> list[Host]:
+    """MX ``(preference, exchange)`` records -> hosts to try, in order (pure).
+
+    RFC 5321 5.1: lowest preference first, equal preferences in random order;
+    no records -> the domain itself (implicit MX).  RFC 7505: a null MX (one
+    record with exchange ``.``) raises PermanentFailure(556 5.1.10); a ``.``
+    among real exchanges is ignored.  If one of ``local_names`` (our own
+    hostname) is an exchange, only hosts with a lower preference are kept
+    (RFC 5321 5.1), and none left is a mail loop (554 5.4.6).
+    """
+    if not records:
+        return [Host(domain, None, 0)]
+    cleaned = [(int(p), _norm(n)) for p, n in records]
+    real = [(p, n) for p, n in cleaned if n not in ("", ".")]
+    if not real:
+        raise PermanentFailure(R_NULL_MX)
+    local = {_norm(n) for n in local_names}
+    mine = [p for p, n in real if n in local]
+    if mine:
+        real = [(p, n) for p, n in real if p < min(mine)]
+        if not real:
+            raise PermanentFailure(R_LOOP)
+    by_pref: dict[int, list[str]] = {}
+    for p, n in real:
+        if n not in by_pref.setdefault(p, []):
+            by_pref[p].append(n)
+    hosts: list[Host] = []
+    seen: set[str] = set()
+    for p in sorted(by_pref):
+        names = sorted(by_pref[p])
+        rng.shuffle(names)
+        for n in names:
+            if n not in seen:  # a name listed twice is tried at its best preference
+                seen.add(n)
+                hosts.append(Host(n, None, p))
+    return hosts
+
+
+def literal_address(domain: str) -> str | None:
+    """``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` -> the IP; None for a name."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner.lower().startswith("ipv6:"):
+        inner = inner[5:]
+    try:
+        return str(ipaddress.ip_address(inner))
+    except ValueError:
+        return None
+
+
+def split_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``"host:port"`` / ``"[::1]:port"`` / ``"host"`` -> (host, port)."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = value.rpartition(":") if ":" in value else (value, "", "")
+    return host, int(port) if port else default_port
+
+
+def _is_temporary(failure: Any) -> bool:
+    return not failure.check(DNSNameError)
+
+
+@implementer(IMXResolver)
+class Resolver:
+    """IMXResolver over a twisted.names resolver (``IResolver``)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Any,
+        resolver: Any = None,
+        rng: random.Random | None = None,
+        reactor: Any = None,
+    ) -> None:
+        self.config = config
+        if resolver is None:
+            from twisted.names import client
+
+            servers = list(config.relay.nameservers)
+            if servers:
+                resolver = client.Resolver(servers=servers, reactor=reactor)
+            else:
+                resolver = client.createResolver()
+        self.resolver = resolver
+        self.rng = rng if rng is not None else random.Random()
+
+    def hosts_for(self, domain: str) -> Deferred:
+        """Deferred firing with the ordered ``Host`` list; addresses filled in."""
+        return Deferred.fromCoroutine(self._hosts_for(domain))
+
+    async def _hosts_for(self, domain: str) -> list[Host]:
+        literal = literal_address(domain)
+        if literal is not None:
+            return [Host(domain, (literal,), 0)]
+        try:
+            answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
+        except DNSNameError:
+            raise PermanentFailure(R_NO_DOMAIN) from None
+        except Exception as e:
+            self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
+            raise TemporaryFailure(R_DNS_TEMP) from None
+        records = [
+            (rr.payload.preference, _norm(rr.payload.name.name))
+            for rr in answers
+            if rr.type == dns.MX
+        ]
+        implicit = not records
+        hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
+        resolved: list[Host] = []
+        temporary = False
+        for host in hosts:
+            addresses, temp = await self._addresses(host.name)
+            temporary |= temp
+            resolved.append(Host(host.name, tuple(addresses), host.preference))
+        if not any(h.addresses for h in resolved):
+            if implicit and not temporary:
+                # RFC 5321 5.1: the domain exists but has neither MX nor address.
+                raise PermanentFailure(R_NO_HOST)
+            raise TemporaryFailure(R_NO_ADDRESS if not temporary else R_DNS_TEMP)
+        return resolved
+
+    async def _addresses(self, name: str) -> tuple[list[str], bool]:
+        """A then AAAA addresses of ``name``; also whether a lookup failed temporarily."""
+        literal = literal_address(name)
+        if literal is not None:
+            return [literal], False
+        try:
+            ipaddress.ip_address(name)
+            return [name], False
+        except ValueError:
+            pass
+        results = await DeferredList(
+            [
+                self.resolver.lookupAddress(name, DNS_TIMEOUT),
+                self.resolver.lookupIPV6Address(name, DNS_TIMEOUT),
+            ],
+            consumeErrors=True,
+        )
+        out: list[str] = []
+        temporary = False
+        for ok, value in results:
+            if not ok:
+                temporary |= _is_temporary(value)
+                continue
+            for rr in value[0]:
+                if rr.type == dns.A:
+                    out.append(rr.payload.dottedQuad())
+                elif rr.type == dns.AAAA:
+                    out.append(ipaddress.ip_address(rr.payload.address).compressed)
+        return list(dict.fromkeys(out)), temporary

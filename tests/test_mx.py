@@ -1,0 +1,187 @@
+"""MX ordering (pure, by table) and the twisted.names-backed Resolver."""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.defer import fail, succeed
+from twisted.names import dns
+from twisted.names.common import ResolverBase
+from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mailstack import config as configmod
+from mailstack.errors import PermanentFailure, TemporaryFailure
+from mailstack.interfaces import IMXResolver
+from mailstack.mx import Host, Resolver, literal_address, order_hosts, split_hostport
+
+
+class FakeResolver(ResolverBase):
+    """Answers from ``records``: {(name, type): [payload] | Exception class}."""
+
+    def __init__(self, records):
+        ResolverBase.__init__(self)
+        self.records = records
+        self.queries = []
+
+    def _lookup(self, name, cls, qtype, timeout):
+        name = name.decode() if isinstance(name, bytes) else name
+        self.queries.append((name, qtype))
+        rrs = self.records.get((name, qtype))
+        if rrs is None:
+            if any(n == name for n, _ in self.records):
+                return succeed(([], [], []))  # NOERROR, no data
+            return fail(DNSNameError(name))
+        if isinstance(rrs, type) and issubclass(rrs, Exception):
+            return fail(rrs(name))
+        return succeed(([dns.RRHeader(name, qtype, cls, 60, p) for p in rrs], [], []))
+
+
+def mx(pref, name):
+    return dns.Record_MX(pref, name.encode())
+
+
+class OrderHostsTests(SynchronousTestCase):
+    def test_preferenceOrder(self) -> None:
+        """Hosts come in ascending preference."""
+        hosts = order_hosts("d.test", [(20, "b.d.test"), (10, "a.d.test"), (30, "c.d.test")], random.Random(0))
+        self.assertEqual([h.name for h in hosts], ["a.d.test", "b.d.test", "c.d.test"])
+        self.assertEqual([h.preference for h in hosts], [10, 20, 30])
+
+    def test_equalPreferenceShuffled(self) -> None:
+        """Equal preferences are shuffled by the rng; lower preferences stay first."""
+        records = [(10, f"m{i}.d.test") for i in range(6)] + [(5, "first.d.test"), (50, "last.d.test")]
+        orders = set()
+        for seed in range(20):
+            hosts = order_hosts("d.test", records, random.Random(seed))
+            names = [h.name for h in hosts]
+            self.assertEqual(names[0], "first.d.test")
+            self.assertEqual(names[-1], "last.d.test")
+            self.assertEqual(sorted(names[1:-1]), [f"m{i}.d.test" for i in range(6)])
+            orders.add(tuple(names))
+        self.assertGreater(len(orders), 5)
+        # the same seed gives the same order
+        self.assertEqual(
+            order_hosts("d.test", records, random.Random(3)), order_hosts("d.test", records, random.Random(3))
+        )
+
+    def test_noMXImplicit(self) -> None:
+        """No MX records: the domain itself (RFC 5321 5.1)."""
+        self.assertEqual(order_hosts("d.test", [], random.Random(0)), [Host("d.test", None, 0)])
+
+    def test_nullMX(self) -> None:
+        """A null MX (RFC 7505) is a permanent 556 5.1.10."""
+        for name in (".", ""):
+            e = self.assertRaises(PermanentFailure, order_hosts, "d.test", [(0, name)], random.Random(0))
+            self.assertEqual((e.reply.code, e.reply.enhanced), (556, "5.1.10"))
+
+    def test_nullMXAmongOthersIgnored(self) -> None:
+        """A "." next to real exchanges is ignored."""
+        hosts = order_hosts("d.test", [(0, "."), (10, "mx.d.test.")], random.Random(0))
+        self.assertEqual([h.name for h in hosts], ["mx.d.test"])
+
+    def test_ourselvesListed(self) -> None:
+        """Only exchanges preferred over our own hostname are kept; none is a loop."""
+        recs = [(10, "a.d.test"), (20, "me.test"), (30, "c.d.test")]
+        hosts = order_hosts("d.test", recs, random.Random(0), ["me.test"])
+        self.assertEqual([h.name for h in hosts], ["a.d.test"])
+        e = self.assertRaises(PermanentFailure, order_hosts, "d.test", [(10, "me.test")], random.Random(0), ["me.test"])
+        self.assertEqual(e.reply.enhanced, "5.4.6")
+
+    def test_duplicates(self) -> None:
+        """A name listed twice is tried once, at its best preference."""
+        hosts = order_hosts("d.test", [(20, "a.d.test"), (10, "A.d.test.")], random.Random(0))
+        self.assertEqual(hosts, [Host("a.d.test", None, 10)])
+
+    def test_helpers(self) -> None:
+        """Address literals and host:port strings are parsed."""
+        self.assertEqual(literal_address("[192.0.2.1]"), "192.0.2.1")
+        self.assertEqual(literal_address("[IPv6:2001:db8::1]"), "2001:db8::1")
+        self.assertIsNone(literal_address("d.test"))
+        self.assertEqual(split_hostport("smtp.test:587", 25), ("smtp.test", 587))
+        self.assertEqual(split_hostport("[::1]:2525", 25), ("::1", 2525))
+        self.assertEqual(split_hostport("smtp.test", 25), ("smtp.test", 25))
+
+
+class ResolverTests(SynchronousTestCase):
+    def resolver(self, records) -> Resolver:
+        config = configmod.from_mapping({"hostname": "me.test"})
+        self.fake = FakeResolver(records)
+        return Resolver(config, resolver=self.fake, rng=random.Random(0))
+
+    def test_interface(self) -> None:
+        """Resolver provides IMXResolver."""
+        verifyObject(IMXResolver, self.resolver({}))
+
+    def test_mxWithAddresses(self) -> None:
+        """MX hosts come in order with their A and AAAA addresses."""
+        r = self.resolver({
+            ("d.test", dns.MX): [mx(20, "backup.d.test"), mx(10, "primary.d.test")],
+            ("primary.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+            ("primary.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
+            ("backup.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+        })
+        hosts = self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(hosts, [
+            Host("primary.d.test", ("192.0.2.1", "2001:db8::1"), 10),
+            Host("backup.d.test", ("192.0.2.2",), 20),
+        ])
+
+    def test_aFallback(self) -> None:
+        """No MX records: the domain's own A/AAAA addresses."""
+        r = self.resolver({("d.test", dns.A): [dns.Record_A("192.0.2.9")]})
+        self.assertEqual(self.successResultOf(r.hosts_for("d.test")), [Host("d.test", ("192.0.2.9",), 0)])
+
+    def test_nullMX(self) -> None:
+        """A null MX is a permanent failure 556 5.1.10."""
+        r = self.resolver({("d.test", dns.MX): [mx(0, "")]})
+        f = self.failureResultOf(r.hosts_for("d.test"), PermanentFailure)
+        self.assertEqual(f.value.reply.code, 556)
+
+    def test_nxdomain(self) -> None:
+        """NXDOMAIN is permanent (550 5.1.2)."""
+        r = self.resolver({})
+        f = self.failureResultOf(r.hosts_for("nowhere.test"), PermanentFailure)
+        self.assertEqual(f.value.reply.enhanced, "5.1.2")
+
+    def test_servfail(self) -> None:
+        """SERVFAIL is temporary (451 4.4.3)."""
+        r = self.resolver({("d.test", dns.MX): DNSServerError})
+        f = self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
+        self.assertEqual(f.value.reply.enhanced, "4.4.3")
+
+    def test_timeout(self) -> None:
+        """A DNS timeout is temporary."""
+        r = self.resolver({("d.test", dns.MX): DNSQueryTimeoutError})
+        self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
+
+    def test_noAddressAnywhere(self) -> None:
+        """The domain exists but has neither MX nor address: permanent 5.4.4."""
+        r = self.resolver({("d.test", dns.TXT): [dns.Record_TXT(b"x")]})
+        f = self.failureResultOf(r.hosts_for("d.test"), PermanentFailure)
+        self.assertEqual(f.value.reply.enhanced, "5.4.4")
+
+    def test_mxHostsUnresolvableTemporary(self) -> None:
+        """MX hosts whose address lookups fail temporarily: temporary failure."""
+        r = self.resolver({
+            ("d.test", dns.MX): [mx(10, "a.d.test")],
+            ("a.d.test", dns.A): DNSServerError,
+            ("a.d.test", dns.AAAA): DNSServerError,
+        })
+        self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
+
+    def test_oneHostUnresolvable(self) -> None:
+        """A host without addresses stays in the list (empty); others are usable."""
+        r = self.resolver({
+            ("d.test", dns.MX): [mx(10, "gone.d.test"), mx(20, "b.d.test")],
+            ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+        })
+        hosts = self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(hosts, [Host("gone.d.test", (), 10), Host("b.d.test", ("192.0.2.2",), 20)])
+
+    def test_literal(self) -> None:
+        """An address literal needs no DNS."""
+        r = self.resolver({})
+        self.assertEqual(self.successResultOf(r.hosts_for("[192.0.2.5]")), [Host("[192.0.2.5]", ("192.0.2.5",), 0)])
+        self.assertEqual(self.fake.queries, [])
