@@ -1,0 +1,51 @@
+# -*- test-case-name: tests.smtp.test_smtp_ratelimit -*-
+"""Per-user sending limit over a rolling hour (``limits.messages_per_hour``).
+
+In memory, shared by every SMTP listener of one process; a restart forgets it
+(the limit is a brake on a stolen password, not an accounting system).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class RateLimiter:
+    """At most ``limit`` events per ``window`` seconds per key; ``limit`` 0 means none."""
+
+    def __init__(self, clock: Any, limit: int, window: float = 3600.0) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.window = window
+        self._events: dict[str, deque[float]] = {}
+
+    def _prune(self, key: str) -> deque[float] | None:
+        q = self._events.get(key)
+        if q is None:
+            return None
+        horizon = self._clock.seconds() - self.window
+        while q and q[0] <= horizon:
+            q.popleft()
+        if not q:
+            del self._events[key]
+            return None
+        return q
+
+    def allowed(self, key: str) -> bool:
+        """Whether ``key`` may send one more message now."""
+        if not self.limit:
+            return True
+        q = self._prune(key)
+        return q is None or len(q) < self.limit
+
+    def record(self, key: str) -> None:
+        """Count one message sent by ``key`` now."""
+        if not self.limit:
+            return
+        self._prune(key)
+        self._events.setdefault(key, deque()).append(self._clock.seconds())
+
+    def count(self, key: str) -> int:
+        q = self._prune(key)
+        return 0 if q is None else len(q)

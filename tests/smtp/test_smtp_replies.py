@@ -1,0 +1,47 @@
+"""Tests for mailstack.smtp.replies: one table, RFC 3463 codes that match."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.errors import Reply
+from mailstack.smtp import replies as R
+
+
+class RepliesTests(SynchronousTestCase):
+    def test_classDigitsMatch(self) -> None:
+        """Every constant's enhanced code has the class digit of its reply code (RFC 3463 section 2)."""
+        self.assertGreater(len(R.ALL), 40)
+        for name, reply in R.ALL.items():
+            if reply.enhanced:
+                self.assertEqual(reply.enhanced[0], str(reply.code)[0], name)
+                self.assertRegex(reply.enhanced, r"^[245]\.\d{1,3}\.\d{1,3}$", name)
+
+    def test_enhancedEverywhereButGreetingAndData(self) -> None:
+        """Only the 354 intermediate reply lacks an enhanced code (RFC 2034 section 3)."""
+        missing = [n for n, r in R.ALL.items() if not r.enhanced]
+        self.assertEqual(missing, ["START_DATA"])
+
+    def test_interfaceCodes(self) -> None:
+        """The codes interface.md promises."""
+        self.assertEqual(str(R.RELAY_DENIED)[:9], "550 5.7.1")
+        self.assertEqual(str(R.UNKNOWN_RECIPIENT)[:9], "550 5.1.1")
+        self.assertEqual(str(R.TLS_REQUIRED)[:9], "530 5.7.0")
+        self.assertEqual(str(R.AUTH_REQUIRED)[:9], "530 5.7.0")
+        self.assertEqual(str(R.SENDER_NOT_OWNED)[:9], "553 5.7.1")
+        self.assertEqual(str(R.AUTH_FAILED)[:9], "535 5.7.8")
+        self.assertEqual(str(R.TOO_MANY_RECIPIENTS)[:9], "452 4.5.3")
+        self.assertEqual(str(R.RATE_LIMITED)[:9], "451 4.7.1")
+        self.assertEqual(str(R.MESSAGE_TOO_BIG)[:9], "552 5.3.4")
+
+    def test_ehloMultiline(self) -> None:
+        """EHLO is multi-line with '-' continuations and no enhanced codes (RFC 5321 4.2.1)."""
+        wire = R.ehlo("mx.example.org", "c", ["PIPELINING", "8BITMIME"]).encode()
+        self.assertEqual(wire, b"250-mx.example.org Hello c\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+
+    def test_banner(self) -> None:
+        """The greeting names the host: 220 <hostname> ESMTP mailstack."""
+        self.assertEqual(R.banner("mx.example.org").encode(), b"220 mx.example.org ESMTP mailstack\r\n")
+
+    def test_queued(self) -> None:
+        """The DATA success reply carries the queue id."""
+        self.assertEqual(R.queued("ABC").encode(), b"250 2.0.0 Ok: queued as ABC\r\n")
+        self.assertIsInstance(R.queued("x"), Reply)
