@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_service -*-
+"""``twistd mailstack``: command-line options and the service maker.
+
+The only module that imports the global reactor.  Options:
+``--config FILE`` (default ``$MAILSTACK_CONFIG``, else the embedded defaults).
+
+Everything that can fail because of the operator's setup (the config file,
+``data_dir``, the certificate, the user and alias files) is checked in
+``Options.postOptions``, before the reactor runs.  A failure prints one line
+(``mailstack: etc/x.toml: relay.port: must be ...``) to stderr and exits 1, with
+no traceback and no usage text (twistd would print its whole usage text in
+front of a ``UsageError``'s line).
+
+SIGTERM (``systemctl stop``) is a normal, graceful stop: the handler installed
+here stops the reactor without recording the signal, so twistd exits 0 after
+the service tree has drained (``service.MailService.stopService``).  twistd's own
+handler would make the process die by the signal (status 143 in systemd).
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailstack import config as configmod
+from mailstack.service import StartupError, load_parts, make_service
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """``twistd mailstack [--config FILE]``."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mailstack mail server: ESMTP (MX, submission, submissions), the "
+        "outbound queue and POP3, on the listeners of the config file. "
+        "Without --config, $MAILSTACK_CONFIG is read, else embedded defaults "
+        "(loopback listeners on ports 2525, 5870, 4650, 1100, 9950; data in ./mailstack-data)."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: $MAILSTACK_CONFIG, else embedded defaults)"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.config = configmod.load(self["config"])
+            self.parts = load_parts(self.config)
+        except (configmod.ConfigError, StartupError) as e:
+            # SystemExit with a string: one line on stderr, status 1, no traceback.
+            raise SystemExit(f"mailstack: {e}") from None
+
+
+def install_sigterm(reactor: Any) -> None:
+    """Replace the reactor's SIGTERM handler by one that stops without the signal."""
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("SIGTERM: stopping gracefully")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    tls, users, aliases = options.parts
+    service = make_service(options.config, reactor, tls, users, aliases)
+    # After the reactor installed its own handlers (during startup).
+    reactor.callWhenRunning(install_sigterm, reactor)
+    return service
