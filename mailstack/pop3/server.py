@@ -1,0 +1,802 @@
+# -*- test-case-name: tests.pop3.test_server -*-
+"""The POP3 protocol (RFC 1939, 2449, 2595, 3206, 5034) over ``pop3.mailbox``.
+
+Why not ``twisted.mail.pop3.POP3``: anchors 4.3 lists what would have to be
+overridden (STLS with buffer flush, CAPA, state handling on connection loss, the
+Maildir mailbox, blocking size/UIDL calls, line limits); that is nearly all of it,
+and its ``LineOnlyReceiver`` base cannot discard input after STLS nor batch
+replies.  So this is a small ``Protocol`` with its own line buffer:
+
+* Lines end with LF (CR before it is dropped).  A command line may have 255
+  octets with its CRLF (RFC 2449 section 4); AUTH lines and SASL responses up to
+  ``MAX_AUTH_LINE`` (RFC 5034 section 4 lets an initial response exceed 255).  A
+  longer line gets one ``-ERR`` and is skipped up to its end, so the session
+  stays in step.
+* Commands are handled one at a time in order.  A command whose work is
+  asynchronous (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the queue until it
+  is done, so pipelined replies (RFC 2449 section 6.6) come out in order.
+* All replies produced by one read go out in one ``transport.write``.
+* RETR/TOP of a large message stream through ``_MessageSender``, a push
+  producer reading 64 KiB chunks in the thread pool; small ones are read in one
+  thread call.  Memory per session does not grow with message size.
+
+States (RFC 1939 section 3): ``AUTHORIZATION`` -> (login and lock) ->
+``TRANSACTION`` -> QUIT -> ``UPDATE`` (deletions) -> closed.  Anything else that
+ends the connection (drop, autologout, error) never enters UPDATE.
+
+This module does no file work itself: the mailbox runs through ``run_blocking``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from typing import Any, Callable
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailstack.address import AddressError, parse_address
+from mailstack.pop3 import replies as R
+from mailstack.pop3.mailbox import Maildrop, MailboxInUse, Message, MessageGone, WireEncoder, encode_message
+
+AUTHORIZATION = "AUTHORIZATION"
+TRANSACTION = "TRANSACTION"
+UPDATE = "UPDATE"
+
+MAX_COMMAND_LINE = 255  # RFC 2449 section 4, CRLF included
+MAX_AUTH_LINE = 2048  # AUTH PLAIN with initial response, SASL responses
+MAX_ERRORS = 20
+CHUNK = 64 * 1024  # read size for RETR/TOP
+PAUSE_INPUT_AT = 64 * 1024  # unprocessed pipelined input before we stop reading
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+@implementer(IPushProducer)
+class _MessageSender:
+    """Streams the rest of a message file to the transport (RETR/TOP).
+
+    Reads ``CHUNK`` bytes at a time through ``run_blocking`` while the transport
+    wants more; ``pauseProducing`` from the transport stops the reads, so at most
+    one chunk plus the transport's buffer is in memory.
+    """
+
+    def __init__(self, transport: Any, fileobj: Any, encoder: WireEncoder, run_blocking: Callable[..., Any]) -> None:
+        self._transport = transport
+        self._file = fileobj
+        self._encoder = encoder
+        self._run_blocking = run_blocking
+        self._paused = False
+        self._reading = False
+        self._finished = False
+        self._in_next = False
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def start(self) -> "defer.Deferred[None]":
+        self._transport.registerProducer(self, True)
+        self._next()
+        return self.done
+
+    def _next(self) -> None:
+        while not (self._paused or self._reading or self._finished):
+            self._reading = True
+            self._in_next = True
+            self._run_blocking(self._file.read, CHUNK).addBoth(self._got)
+            self._in_next = False
+            if self._reading:
+                return  # the read is in a thread; _got continues
+
+    def _got(self, data: Any) -> None:
+        self._reading = False
+        if self._finished:
+            self._close_file()  # stopProducing left the close to us
+            return
+        if isinstance(data, Failure):
+            self._finish(data)
+            return
+        if not data:
+            self._transport.write(self._encoder.end())
+            self._finish(None)
+            return
+        out = self._encoder.feed(data)
+        if self._encoder.done:
+            self._transport.write(out + self._encoder.end())
+            self._finish(None)
+            return
+        if out:
+            self._transport.write(out)
+        if not self._in_next:
+            self._next()
+
+    def _close_file(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    def _finish(self, result: Failure | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._close_file()
+        self._transport.unregisterProducer()
+        if result is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(result)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._next()
+
+    def stopProducing(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if not self._reading:
+                self._close_file()
+            self.done.errback(Failure(ConnectionDone("stopped while sending a message")))
+
+
+class POP3Server(Protocol):
+    """One POP3 session.  Built by ``POP3Factory``; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(self, factory: "POP3Factory", implicit_tls: bool) -> None:
+        self.factory = factory
+        rt = factory.runtime
+        self.clock = rt.reactor
+        self.run_blocking = rt.run_blocking
+        self.checker = rt.checker
+        self.throttle = rt.throttle
+        self.maildirs = rt.maildirs
+        self.tls_config = rt.tls
+        self.config = rt.config
+        self.idle_timeout = rt.config.pop3.idle_timeout
+        self.implicit_tls = implicit_tls
+        self.state = AUTHORIZATION
+        self.peer = ""
+        self.user: str | None = None  # the key after login
+        self.maildrop: Maildrop | None = None
+        self._tls = implicit_tls
+        self._buf = bytearray()
+        self._discarding = False  # skipping the rest of an overlong line
+        self._out: list[bytes] = []
+        self._busy = False
+        self._processing = False
+        self._closed = False
+        self._lost = False
+        self._input_paused = False
+        self._errors = 0
+        self._user_arg: bytes | None = None  # after USER, before PASS
+        self._sasl_pending = False  # waiting for the AUTH PLAIN response line
+        self._idle_call: Any = None
+        self._delayed: Any = None  # a slowed failure reply
+        self._count = 0  # undeleted messages
+        self._octets = 0  # and their size
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = getattr(self.transport.getPeer(), "host", "") or ""
+        self._tcp_nodelay()
+        if not self.factory.admit(self):
+            self.transport.write(R.TOO_MANY_CONNECTIONS)
+            self._closed = True
+            self.transport.loseConnection()
+            return
+        self.transport.write(R.GREETING)
+        self._reset_idle()
+
+    def _tcp_nodelay(self) -> None:
+        t = self.transport
+        for candidate in (t, getattr(t, "transport", None)):
+            setter = getattr(candidate, "setTcpNoDelay", None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except Exception:  # not a TCP socket after all
+                    pass
+                return
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+        was_closed = self._closed
+        self._closed = True
+        self._lost = True
+        self.factory.release(self)
+        for call in (self._idle_call, self._delayed):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._delayed = None
+        if self.maildrop is not None:
+            # RFC 1939 section 6: no QUIT, no UPDATE: nothing is deleted.
+            if self.state == TRANSACTION and not was_closed:
+                self.log.info("POP3 session of {user} from {peer} ended without QUIT", user=self.user, peer=self.peer)
+            self._release_maildrop()
+
+    def _release_maildrop(self) -> None:
+        drop, self.maildrop = self.maildrop, None
+        if drop is not None:
+            drop.close()
+
+    def _close(self) -> None:
+        self._flush()
+        self._closed = True
+        self.transport.loseConnection()
+
+    # -- idle timer (RFC 1939 section 3: autologout, at least 10 minutes) --
+
+    def _reset_idle(self) -> None:
+        if not self.idle_timeout or self._closed:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle_timeout)
+        else:
+            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self._busy:  # we are the slow side (a long RETR): not the client's idle time
+            self._reset_idle()
+            return
+        self.log.info("POP3 autologout of {peer} ({user})", peer=self.peer, user=self.user)
+        # RFC 1939 section 3: the session ends without entering UPDATE.
+        self._send(R.AUTOLOGOUT)
+        self._close()
+
+    # -- input -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._reset_idle()
+        self._buf += data
+        self._process()
+        self._flush()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            buf = self._buf
+            while not self._busy and not self._closed:
+                i = buf.find(b"\n")
+                if self._discarding:
+                    if i < 0:
+                        del buf[:]
+                        break
+                    del buf[: i + 1]
+                    self._discarding = False
+                    continue
+                if i < 0:
+                    if len(buf) > MAX_AUTH_LINE:
+                        del buf[:]
+                        self._discarding = True
+                        self._line_too_long()
+                    break
+                line = bytes(buf[:i])
+                del buf[: i + 1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                self._line(line)
+        finally:
+            self._processing = False
+        self._throttle_input()
+
+    def _throttle_input(self) -> None:
+        # Pipelined input waiting behind a slow command is bounded.
+        want_pause = self._busy and len(self._buf) > PAUSE_INPUT_AT
+        if want_pause != self._input_paused and not self._closed:
+            self._input_paused = want_pause
+            (self.transport.pauseProducing if want_pause else self.transport.resumeProducing)()
+
+    def _line_too_long(self) -> None:
+        # RFC 2449 section 4: limit 255 octets; answer and keep in step.
+        if self._sasl_pending:
+            self._sasl_pending = False
+        self._send(R.LINE_TOO_LONG)
+        self._error()
+
+    def _error(self) -> None:
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self._send(R.TOO_MANY_ERRORS)
+            self._close()
+
+    def _line(self, line: bytes) -> None:
+        if self._sasl_pending:
+            if len(line) + 2 > MAX_AUTH_LINE:
+                self._line_too_long()
+                return
+            self._sasl_pending = False
+            result = self._sasl_response(line)
+            if isinstance(result, defer.Deferred):
+                self._run(result)
+            return
+        keyword, _, arg = line.partition(b" ")
+        keyword = keyword.upper()
+        limit = MAX_AUTH_LINE if keyword == b"AUTH" else MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            self._line_too_long()
+            return
+        handler = self._handlers.get(keyword)
+        if handler is None:
+            self._user_arg = None
+            self._send(R.UNKNOWN_COMMAND)
+            self._error()
+            return
+        if keyword != b"PASS":
+            self._user_arg = None  # RFC 1939: PASS only right after USER
+        states = self._states[keyword]
+        if self.state not in states:
+            self._send(R.BAD_STATE)
+            self._error()
+            return
+        try:
+            result = handler(self, arg)
+        except Exception:
+            self.log.failure("POP3 command {command} failed", command=keyword.decode("ascii", "replace"), peer=self.peer)
+            self._send(R.INTERNAL_ERROR)
+            return
+        if isinstance(result, defer.Deferred):
+            self._run(result)
+
+    def _run(self, d: "defer.Deferred[Any]") -> None:
+        """Hold the command queue until ``d`` fires."""
+        self._busy = True
+
+        def failed(f: Failure) -> None:
+            if not self._closed:
+                self.log.failure("POP3 command failed", f, peer=self.peer, user=self.user)
+                self._send(R.INTERNAL_ERROR)
+
+        def done(_: Any) -> None:
+            self._busy = False
+            if self._closed:
+                return
+            self._reset_idle()
+            if not self._processing:
+                self._process()
+                self._flush()
+
+        d.addErrback(failed)
+        d.addBoth(done)
+
+    # -- output ----------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            if not self._lost:
+                self.transport.write(data)
+
+    # -- policy ------------------------------------------------------------
+
+    def _login_allowed(self) -> bool:
+        """RFC 2595 section 4: no cleartext passwords before TLS (loopback by config)."""
+        if self._tls or ISSLTransport.providedBy(self.transport):
+            return True
+        return bool(self.config.auth.plaintext_on_loopback and _is_loopback(self.peer))
+
+    def _can_stls(self) -> bool:
+        return not self._tls and not ISSLTransport.providedBy(self.transport) and self.tls_config is not None
+
+    # -- commands: any state -----------------------------------------------
+
+    def do_CAPA(self, arg: bytes) -> None:
+        """RFC 2449 section 5."""
+        out = [R.CAPA_HEADER, R.CAPA_TOP, R.CAPA_UIDL]
+        if self.state == AUTHORIZATION:
+            if self._login_allowed():
+                out += [R.CAPA_USER, R.CAPA_SASL]
+            if self._can_stls():
+                out.append(R.CAPA_STLS)
+        out += [R.CAPA_RESP_CODES, R.CAPA_AUTH_RESP_CODE, R.CAPA_PIPELINING, R.CAPA_EXPIRE, R.CAPA_IMPLEMENTATION, R.TERMINATOR]
+        self._send(b"".join(out))
+
+    def do_QUIT(self, arg: bytes) -> Any:
+        if self.state == AUTHORIZATION:
+            self._send(R.BYE)
+            self._close()
+            return None
+        # RFC 1939 section 6: the UPDATE state.
+        self.state = UPDATE
+        drop = self.maildrop
+        assert drop is not None
+        left = self._count
+
+        def updated(failed: int) -> None:
+            self._release_maildrop()
+            self.log.info("POP3 QUIT for {user} from {peer}: {left} messages left", user=self.user, peer=self.peer, left=left)
+            self._send(R.NOT_REMOVED if failed else R.signing_off(left))
+            self._close()
+
+        def trouble(f: Failure) -> None:
+            self.log.failure("POP3 UPDATE failed for {user}", f, user=self.user, peer=self.peer)
+            self._release_maildrop()
+            self._send(R.NOT_REMOVED)
+            self._close()
+
+        if not any(m.deleted for m in drop.messages):
+            updated(0)
+            return None
+        return self.run_blocking(drop.expunge).addCallbacks(updated, trouble)
+
+    def do_NOOP(self, arg: bytes) -> None:
+        self._send(R.NOOP)
+
+    # -- commands: AUTHORIZATION ------------------------------------------------
+
+    def do_STLS(self, arg: bytes) -> None:
+        """RFC 2595 section 4."""
+        if not self._can_stls():
+            self._send(R.STLS_ALREADY if self._tls else R.STLS_UNAVAILABLE)
+            return
+        self._send(R.STLS_BEGIN)
+        self._flush()  # the +OK goes out in the clear, before the handshake
+        # Anything pipelined after STLS was sent in the clear: discard it
+        # (the CVE-2011-0411 class of injection), and forget USER (section 4).
+        del self._buf[:]
+        self._discarding = False
+        self._user_arg = None
+        self._errors = 0
+        self.transport.startTLS(self.tls_config.context_factory())
+        self._tls = True
+
+    def do_USER(self, arg: bytes) -> None:
+        if not self._login_allowed():
+            self._send(R.TLS_REQUIRED)
+            return
+        if not arg or len(arg) > MAX_COMMAND_LINE:
+            self._send(R.USER_BAD)
+            return
+        self._user_arg = arg
+        self._send(R.USER_OK)
+
+    def do_PASS(self, arg: bytes) -> Any:
+        user, self._user_arg = self._user_arg, None
+        if not self._login_allowed():
+            self._send(R.TLS_REQUIRED)
+            return None
+        if user is None:
+            self._send(R.USER_FIRST)
+            return None
+        # RFC 1939 section 7: the password is the rest of the line, spaces included.
+        return self._login(user, arg, "USER")
+
+    def do_AUTH(self, arg: bytes) -> Any:
+        """RFC 5034 section 4, PLAIN (RFC 4616) only."""
+        if not arg:
+            self._send(b"".join(R.AUTH_MECHANISMS))
+            return None
+        if not self._login_allowed():
+            self._send(R.TLS_REQUIRED)
+            return None
+        mech, _, initial = arg.partition(b" ")
+        if mech.upper() != b"PLAIN":
+            self._send(R.AUTH_BAD_MECHANISM)
+            return None
+        initial = initial.strip()
+        if not initial:
+            self._send(R.AUTH_CONTINUE)
+            self._sasl_pending = True
+            return None
+        return self._sasl_response(initial, initial=True)
+
+    def _sasl_response(self, line: bytes, initial: bool = False) -> Any:
+        line = line.strip()
+        if line == b"*" and not initial:
+            self._send(R.AUTH_CANCELLED)
+            return None
+        if line == b"=" and initial:  # RFC 5034 section 4: empty initial response
+            line = b""
+        try:
+            decoded = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._send(R.AUTH_BAD_BASE64)
+            return None
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            self._send(R.AUTH_MALFORMED)
+            return None
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            # No proxy authorization: acting as another user is refused.
+            return self._login(authcid, None, "AUTH PLAIN")
+        return self._login(authcid, password, "AUTH PLAIN")
+
+    def _account(self, user: bytes) -> str:
+        text = user.decode("utf-8", "replace")
+        try:
+            return parse_address(text).key
+        except AddressError:
+            return text.lower()
+
+    def _login(self, user: bytes, password: bytes | None, method: str) -> "defer.Deferred[None] | None":
+        account = self._account(user)
+        if self.throttle.locked(self.peer, account):
+            self.log.warn("POP3 login refused (locked out) for {user} from {peer}", user=account, peer=self.peer)
+            self._send(R.LOCKED_OUT)
+            return None
+        if password is None:
+            d: defer.Deferred[Any] = defer.fail(UnauthorizedLogin("authorization identity differs"))
+        else:
+            d = defer.maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user, password))
+        return d.addCallbacks(self._authenticated, self._login_failed, errbackArgs=(account, method), callbackArgs=(method,))
+
+    def _login_failed(self, f: Failure, account: str, method: str) -> Any:
+        if self._closed:
+            return None
+        if not f.check(UnauthorizedLogin, UnhandledCredentials):
+            self.log.failure("POP3 credential check failed for {user}", f, user=account, peer=self.peer)
+            self._send(R.AUTH_SERVICE_FAILED)
+            return None
+        delay = self.throttle.failed(self.peer, account)
+        self.log.warn(
+            "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
+            method=method, user=account, peer=self.peer, delay=delay,
+        )
+        if not delay:
+            self._send(R.LOGIN_FAILED)
+            return None
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def reply() -> None:
+            self._delayed = None
+            self._send(R.LOGIN_FAILED)
+            d.callback(None)
+
+        self._delayed = self.clock.callLater(delay, reply)
+        return d
+
+    def _authenticated(self, key: Any, method: str) -> Any:
+        if isinstance(key, bytes):
+            key = key.decode("utf-8")
+        self.throttle.succeeded(self.peer, key)
+        if self._closed:
+            return None
+        try:
+            path = self.maildirs.path_for(parse_address(key))
+        except (AddressError, ValueError):
+            self.log.error("POP3 user {user} has no usable maildir path", user=key, peer=self.peer)
+            self._send(R.MAILDROP_INVALID)
+            return None
+
+        def opened(drop: Maildrop) -> None:
+            if self._closed:  # the client left while we were locking
+                drop.close()
+                return
+            self.maildrop = drop
+            self.user = key
+            self.state = TRANSACTION
+            self._count = len(drop.messages)
+            self._octets = sum(m.size for m in drop.messages)
+            self.log.info(
+                "POP3 login ({method}) of {user} from {peer}: {count} messages",
+                method=method, user=key, peer=self.peer, count=self._count,
+            )
+            self._send(R.login_ok(self._count, self._octets))
+
+        def failed(f: Failure) -> None:
+            if f.check(MailboxInUse):
+                self.log.info("POP3 mailbox of {user} in use; refused {peer}", user=key, peer=self.peer)
+                self._send(R.IN_USE)
+            else:
+                self.log.failure("POP3 cannot open the mailbox of {user}", f, user=key, peer=self.peer)
+                self._send(R.MAILDROP_UNAVAILABLE)
+
+        return self.run_blocking(Maildrop.open, path).addCallbacks(opened, failed)
+
+    # -- commands: TRANSACTION -----------------------------------------------
+
+    def _message(self, arg: bytes, allow_deleted: bool = False) -> Message | None:
+        """The message named by a decimal argument, or None after sending -ERR."""
+        assert self.maildrop is not None
+        if not arg.isdigit() or len(arg) > 10:
+            self._send(R.BAD_ARGUMENTS)
+            return None
+        n = int(arg)
+        messages = self.maildrop.messages
+        if not 1 <= n <= len(messages):
+            self._send(R.NO_SUCH_MESSAGE)
+            return None
+        message = messages[n - 1]
+        if message.deleted and not allow_deleted:
+            self._send(R.ALREADY_DELETED)
+            return None
+        return message
+
+    def do_STAT(self, arg: bytes) -> None:
+        self._send(R.stat(self._count, self._octets))
+
+    def do_LIST(self, arg: bytes) -> None:
+        assert self.maildrop is not None
+        if arg:
+            m = self._message(arg)
+            if m is not None:
+                self._send(R.scan_listing(m.number, m.size))
+            return
+        lines = [R.list_header(self._count, self._octets)]
+        lines += [b"%d %d\r\n" % (m.number, m.size) for m in self.maildrop.messages if not m.deleted]
+        lines.append(R.TERMINATOR)
+        self._send(b"".join(lines))
+
+    def do_UIDL(self, arg: bytes) -> None:
+        assert self.maildrop is not None
+        if arg:
+            m = self._message(arg)
+            if m is not None:
+                self._send(R.uidl_listing(m.number, m.uidl))
+            return
+        lines = [R.UIDL_HEADER]
+        lines += [b"%d %s\r\n" % (m.number, m.uidl.encode("ascii")) for m in self.maildrop.messages if not m.deleted]
+        lines.append(R.TERMINATOR)
+        self._send(b"".join(lines))
+
+    def do_DELE(self, arg: bytes) -> None:
+        m = self._message(arg)
+        if m is not None:
+            m.deleted = True
+            self._count -= 1
+            self._octets -= m.size
+            self._send(R.deleted(m.number))
+
+    def do_RSET(self, arg: bytes) -> None:
+        assert self.maildrop is not None
+        for m in self.maildrop.messages:
+            if m.deleted:
+                m.deleted = False
+                self._count += 1
+                self._octets += m.size
+        self._send(R.rset(self._count, self._octets))
+
+    def do_RETR(self, arg: bytes) -> Any:
+        m = self._message(arg)
+        if m is None:
+            return None
+        return self._send_message(m, R.retr_header(m.size), None)
+
+    def do_TOP(self, arg: bytes) -> Any:
+        """RFC 1939 section 7: TOP msg n -- header, blank line, n body lines."""
+        number, _, lines = arg.partition(b" ")
+        if not lines.isdigit() or len(lines) > 10:
+            self._send(R.BAD_ARGUMENTS)
+            return None
+        m = self._message(number)
+        if m is None:
+            return None
+        return self._send_message(m, R.TOP_HEADER, int(lines))
+
+    def _send_message(self, m: Message, header: bytes, body_lines: int | None) -> "defer.Deferred[None]":
+        drop = self.maildrop
+        assert drop is not None
+
+        def started(result: tuple[Any, bytes]) -> Any:
+            fileobj, data = result
+            if self._closed:
+                if fileobj is not None:
+                    fileobj.close()
+                return None
+            encoder = WireEncoder(body_lines)
+            if fileobj is None:  # the whole message was read
+                self._send(header + encoder.feed(data) + encoder.end())
+                return None
+            first = encoder.feed(data)
+            if encoder.done:
+                fileobj.close()
+                self._send(header + first + encoder.end())
+                return None
+            self._send(header + first)
+            self._flush()
+            sender = _MessageSender(self.transport, fileobj, encoder, self.run_blocking)
+            return sender.start().addErrback(self._stream_failed, m)
+
+        def failed(f: Failure) -> None:
+            if f.check(MessageGone):
+                self._send(R.MESSAGE_GONE)
+            else:
+                self.log.failure("POP3 cannot read message {number} of {user}", f, number=m.number, user=self.user, peer=self.peer)
+                self._send(R.READ_FAILED)
+
+        return self.run_blocking(drop.read_start, m, CHUNK).addCallbacks(started, failed)
+
+    def _stream_failed(self, f: Failure, m: Message) -> None:
+        if self._closed or f.check(ConnectionDone):
+            return
+        # Part of the message is out: the only honest thing left is to hang up.
+        self.log.failure("POP3 read error in message {number} of {user}", f, number=m.number, user=self.user, peer=self.peer)
+        self._closed = True
+        self.transport.abortConnection()
+
+    # -- dispatch ----------------------------------------------------------
+
+    _handlers: dict[bytes, Callable[..., Any]] = {
+        b"CAPA": do_CAPA,
+        b"QUIT": do_QUIT,
+        b"NOOP": do_NOOP,
+        b"STLS": do_STLS,
+        b"USER": do_USER,
+        b"PASS": do_PASS,
+        b"AUTH": do_AUTH,
+        b"STAT": do_STAT,
+        b"LIST": do_LIST,
+        b"UIDL": do_UIDL,
+        b"DELE": do_DELE,
+        b"RSET": do_RSET,
+        b"RETR": do_RETR,
+        b"TOP": do_TOP,
+    }
+    _auth = (AUTHORIZATION,)
+    _trans = (TRANSACTION,)
+    _states: dict[bytes, tuple[str, ...]] = {
+        b"CAPA": (AUTHORIZATION, TRANSACTION),
+        b"QUIT": (AUTHORIZATION, TRANSACTION),
+        b"NOOP": _trans,  # RFC 1939 section 5
+        b"STLS": _auth,
+        b"USER": _auth,
+        b"PASS": _auth,
+        b"AUTH": _auth,
+        b"STAT": _trans,
+        b"LIST": _trans,
+        b"UIDL": _trans,
+        b"DELE": _trans,
+        b"RSET": _trans,
+        b"RETR": _trans,
+        b"TOP": _trans,
+    }
+
+
+class POP3Factory(ServerFactory):
+    """Builds ``POP3Server`` sessions; counts them against ``pop3.max_connections``."""
+
+    def __init__(self, kind: str, runtime: Any) -> None:
+        if kind not in ("pop3", "pop3s"):
+            raise ValueError(f"unknown POP3 listener kind {kind!r}")
+        self.kind = kind
+        self.runtime = runtime
+        self.max_connections = runtime.config.pop3.max_connections
+        self.sessions: set[POP3Server] = set()
+
+    def buildProtocol(self, addr: Any) -> POP3Server:
+        return POP3Server(self, implicit_tls=self.kind == "pop3s")
+
+    def admit(self, proto: POP3Server) -> bool:
+        if self.max_connections and len(self.sessions) >= self.max_connections:
+            return False
+        self.sessions.add(proto)
+        return True
+
+    def release(self, proto: POP3Server) -> None:
+        self.sessions.discard(proto)
+
+
+def make_factory(kind: str, runtime: Any) -> POP3Factory:
+    """The factory for a ``pop3`` (STLS offered) or ``pop3s`` (implicit TLS) listener.
+
+    For ``pop3s``, ``service.py`` wraps it in ``TLSMemoryBIOFactory``.
+    """
+    return POP3Factory(kind, runtime)

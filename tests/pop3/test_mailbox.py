@@ -1,0 +1,277 @@
+"""pop3.mailbox: snapshot, index, UIDL, sizes, wire encoding, lock, expunge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.pop3 import mailbox
+from mailstack.pop3.mailbox import (
+    INDEX_NAME,
+    Maildrop,
+    MailboxInUse,
+    MessageGone,
+    WireEncoder,
+    encode_message,
+    uidl_for,
+    unique_name,
+    wire_size_of,
+)
+
+from .support import write_message
+
+
+def unstuff(reply_body: bytes) -> bytes:
+    """What a client makes of a multi-line body: drop terminator and stuffing."""
+    assert reply_body.endswith(b"\r\n.\r\n") or reply_body == b".\r\n"
+    lines = reply_body[:-3].split(b"\r\n")[:-1]
+    return b"".join((l[1:] if l.startswith(b".") else l) + b"\r\n" for l in lines)
+
+
+class WireTests(SynchronousTestCase):
+    def test_crlfAndStuffing(self) -> None:
+        """Bare LF becomes CRLF, CRLF stays, lines starting with a dot get another."""
+        self.assertEqual(encode_message(b"a\n.b\r\n..c\nd"), b"a\r\n..b\r\n...c\r\nd\r\n.\r\n")
+
+    def test_leadingDot(self) -> None:
+        """A dot at the very start of the message is stuffed too."""
+        self.assertEqual(encode_message(b".x\n"), b"..x\r\n.\r\n")
+
+    def test_empty(self) -> None:
+        """An empty message is just the terminator and has size 0."""
+        self.assertEqual(encode_message(b""), b".\r\n")
+        self.assertEqual(wire_size_of([b""]), 0)
+
+    def test_bareCRKept(self) -> None:
+        """A bare CR is passed through and a trailing CR gets its CRLF after it."""
+        self.assertEqual(encode_message(b"a\rb\r"), b"a\rb\r\r\n.\r\n")
+        self.assertEqual(wire_size_of([b"a\rb\r"]), 6)
+
+    def test_sizeCountsCRLFNotStuffing(self) -> None:
+        """RFC 1939 section 11: LF counts two octets, stuffing dots are not counted."""
+        self.assertEqual(wire_size_of([b".a\n.b\n"]), 8)
+
+    def test_splitCRLF(self) -> None:
+        """A CRLF split across chunks is neither doubled nor counted twice."""
+        enc = WireEncoder()
+        out = enc.feed(b"a\r") + enc.feed(b"\n.b\r") + enc.feed(b"\r\n") + enc.end()
+        self.assertEqual(out, b"a\r\n..b\r\r\n.\r\n")
+        self.assertEqual(wire_size_of([b"a\r", b"\n.b\r", b"\r\n"]), len(b"a\r\n.b\r\r\n"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=60).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03", b"\r\n.\n"))), st.data())
+    def test_encoderMatchesSize(self, data: bytes, draw: st.DataObject) -> None:
+        """For any bytes and any chunking, the unstuffed reply has exactly the counted size."""
+        cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=4)))
+        chunks = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
+        enc = WireEncoder()
+        out = b"".join(enc.feed(c) for c in chunks) + enc.end()
+        self.assertEqual(out, encode_message(data))
+        self.assertEqual(len(unstuff(out)), wire_size_of(chunks))
+        self.assertEqual(wire_size_of(chunks), wire_size_of([data]))
+
+    def test_topHeadersOnly(self) -> None:
+        """TOP n 0: the header and the blank line."""
+        msg = b"Subject: x\r\nFrom: y\r\n\r\nline1\r\nline2\r\n"
+        self.assertEqual(encode_message(msg, 0), b"Subject: x\r\nFrom: y\r\n\r\n.\r\n")
+
+    def test_topSomeLines(self) -> None:
+        """TOP n 1 sends one body line; more lines than the body sends it all."""
+        msg = b"Subject: x\n\n.line1\nline2\n"
+        self.assertEqual(encode_message(msg, 1), b"Subject: x\r\n\r\n..line1\r\n.\r\n")
+        self.assertEqual(encode_message(msg, 10), encode_message(msg))
+
+    @given(st.integers(0, 40), st.integers(0, 5))
+    def test_topChunked(self, cut: int, n: int) -> None:
+        """TOP gives the same result however the file is chunked."""
+        msg = b"A: 1\r\nB: 2\r\n\r\nx\r\n.y\r\nz\r\n"
+        cut = min(cut, len(msg))
+        enc = WireEncoder(n)
+        out = enc.feed(msg[:cut]) + enc.feed(msg[cut:]) + enc.end()
+        self.assertEqual(out, encode_message(msg, n))
+
+    def test_topNoBody(self) -> None:
+        """A message without a blank line is all header: TOP sends all of it."""
+        self.assertEqual(encode_message(b"A: 1\nB: 2", 3), b"A: 1\r\nB: 2\r\n.\r\n")
+
+
+class UidlTests(SynchronousTestCase):
+    def test_plainName(self) -> None:
+        """A usual unique name is its own UIDL."""
+        self.assertEqual(uidl_for("1700000000.M1P2Q3.host,S=12"), "1700000000.M1P2Q3.host,S=12")
+
+    def test_hashedWhenUnfit(self) -> None:
+        """Names over 70 characters or with spaces/non-ASCII are hashed (RFC 1939 section 7)."""
+        long = "x" * 71
+        self.assertEqual(uidl_for(long), hashlib.sha1(long.encode()).hexdigest())
+        self.assertEqual(len(uidl_for("a b")), 40)
+        self.assertEqual(len(uidl_for("é")), 40)
+
+    def test_uniqueName(self) -> None:
+        """The info part after ':' is not part of the unique name."""
+        self.assertEqual(unique_name("123.M1.h,S=5:2,S"), "123.M1.h,S=5")
+        self.assertEqual(unique_name("123.M1.h"), "123.M1.h")
+
+
+class MaildropTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+
+    def open(self) -> Maildrop:
+        drop = Maildrop.open(self.path)
+        self.addCleanup(drop.close)
+        return drop
+
+    def test_createsMissingMaildir(self) -> None:
+        """A user who never got mail has an empty, freshly created Maildir."""
+        drop = self.open()
+        self.assertEqual(drop.messages, [])
+        for sub in ("tmp", "new", "cur"):
+            self.assertTrue(os.path.isdir(os.path.join(self.path, sub)))
+
+    def test_movesNewToCur(self) -> None:
+        """Messages in new/ move to cur/ with ':2,' as Maildir readers do."""
+        name = write_message(self.path, b"hello\n")
+        drop = self.open()
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [])
+        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [name + ":2,"])
+        self.assertEqual([(m.number, m.unique, m.size) for m in drop.messages], [(1, name, 7)])
+
+    def test_orderByDeliveryTime(self) -> None:
+        """New messages are numbered by delivery time, after those already indexed."""
+        b = write_message(self.path, b"b", when=1700000002)
+        a = write_message(self.path, b"a", when=1700000001)
+        drop = self.open()
+        self.assertEqual([m.unique for m in drop.messages], [a, b])
+        drop.close()
+        c = write_message(self.path, b"c", when=1600000000)
+        drop = self.open()
+        self.assertEqual([m.unique for m in drop.messages], [a, b, c])
+
+    def test_indexAvoidsRereading(self) -> None:
+        """The second open reads no message file: sizes come from the index."""
+        for i in range(5):
+            write_message(self.path, b"x\n" * i)
+        drop = self.open()
+        self.assertEqual(drop.new_sizes, 5)
+        sizes = [m.size for m in drop.messages]
+        drop.close()
+        opened: list[str] = []
+        real_open = mailbox._open
+
+        def spy(path: str, *a: object) -> object:
+            opened.append(path)
+            return real_open(path, *a)
+
+        self.patch(mailbox, "_open", spy)
+        drop = self.open()
+        self.assertEqual(drop.new_sizes, 0)
+        self.assertEqual([m.size for m in drop.messages], sizes)
+        self.assertEqual([os.path.basename(p) for p in opened], [INDEX_NAME])
+
+    def test_indexDropsGoneMessages(self) -> None:
+        """A message deleted by another reader leaves the index on the next open."""
+        write_message(self.path, b"a")
+        b = write_message(self.path, b"b")
+        drop = self.open()
+        victim = os.path.join(self.path, "cur", drop.messages[0].name)
+        drop.close()
+        os.unlink(victim)
+        drop = self.open()
+        self.assertEqual([m.unique for m in drop.messages], [b])
+        with open(os.path.join(self.path, INDEX_NAME)) as f:
+            self.assertEqual([u for u, _ in json.load(f)["messages"]], [b])
+
+    def test_corruptIndexRebuilt(self) -> None:
+        """An unreadable index is rebuilt from the files."""
+        write_message(self.path, b"abc\n")
+        self.open().close()
+        with open(os.path.join(self.path, INDEX_NAME), "wb") as f:
+            f.write(b"{not json")
+        drop = self.open()
+        self.assertEqual([m.size for m in drop.messages], [5])
+
+    def test_uidlSurvivesFlagRename(self) -> None:
+        """Renaming cur/X:2, to cur/X:2,S (another reader) keeps UIDL and size."""
+        write_message(self.path, b"abc\n")
+        drop = self.open()
+        before = [(m.uidl, m.size) for m in drop.messages]
+        name = drop.messages[0].name
+        drop.close()
+        os.rename(os.path.join(self.path, "cur", name), os.path.join(self.path, "cur", name + "S"))
+        drop = self.open()
+        self.assertEqual([(m.uidl, m.size) for m in drop.messages], before)
+
+    def test_lockIsExclusive(self) -> None:
+        """A second open of a locked maildrop raises MailboxInUse; close releases it."""
+        drop = self.open()
+        self.assertRaises(MailboxInUse, Maildrop.open, self.path)
+        drop.close()
+        self.open()
+
+    def test_readAfterRename(self) -> None:
+        """A message renamed after the snapshot is found again."""
+        write_message(self.path, b"abc\n")
+        drop = self.open()
+        m = drop.messages[0]
+        os.rename(os.path.join(self.path, "cur", m.name), os.path.join(self.path, "cur", m.unique + ":2,RS"))
+        f, data = drop.read_start(m, 100)
+        self.assertIsNone(f)
+        self.assertEqual(data, b"abc\n")
+
+    def test_readGone(self) -> None:
+        """A message deleted after the snapshot raises MessageGone."""
+        write_message(self.path, b"abc\n")
+        drop = self.open()
+        os.unlink(os.path.join(self.path, "cur", drop.messages[0].name))
+        self.assertRaises(MessageGone, drop.read_start, drop.messages[0], 100)
+
+    def test_readStartLarge(self) -> None:
+        """read_start leaves the file open when there may be more."""
+        write_message(self.path, b"x" * 100)
+        drop = self.open()
+        f, data = drop.read_start(drop.messages[0], 10)
+        self.assertEqual(data, b"x" * 10)
+        self.assertEqual(f.read(), b"x" * 90)
+        f.close()
+
+    def test_expungeRemovesMarkedOnly(self) -> None:
+        """expunge unlinks the marked messages and nothing else."""
+        write_message(self.path, b"a")
+        keep = write_message(self.path, b"b")
+        drop = self.open()
+        drop.messages[0].deleted = True
+        self.assertEqual(drop.expunge(), 0)
+        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [keep + ":2,"])
+
+    def test_expungeAlreadyGone(self) -> None:
+        """A marked message someone else removed is not a failure."""
+        write_message(self.path, b"a")
+        drop = self.open()
+        os.unlink(os.path.join(self.path, "cur", drop.messages[0].name))
+        drop.messages[0].deleted = True
+        self.assertEqual(drop.expunge(), 0)
+
+    def test_expungeFollowsRename(self) -> None:
+        """A marked message renamed by another reader is still removed."""
+        write_message(self.path, b"a")
+        drop = self.open()
+        m = drop.messages[0]
+        os.rename(os.path.join(self.path, "cur", m.name), os.path.join(self.path, "cur", m.unique + ":2,S"))
+        m.deleted = True
+        self.assertEqual(drop.expunge(), 0)
+        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
+
+    def test_stdlibReadsIt(self) -> None:
+        """Python's mailbox.Maildir still reads the folder with our index and lock in it."""
+        import mailbox as stdlib
+
+        write_message(self.path, b"Subject: hi\n\nbody\n")
+        self.open().close()
+        box = stdlib.Maildir(self.path, create=False)
+        self.assertEqual([m["subject"] for m in box], ["hi"])
