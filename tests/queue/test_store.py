@@ -1,0 +1,335 @@
+"""QueueStore: ids, commit protocol, round trips, corrupt files, crash recovery, flush."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.queue.entry import DELIVERED, QueueEntry, RecipientState
+from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
+from tests.storage.faults import Faults, count_steps
+
+BODY = b"Received: by x; date\r\nSubject: hi\r\n\r\nbody\r\n" * 50
+
+
+def listing(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def make_entry(queue_id: str, sender: str = "alice@example.net") -> QueueEntry:
+    return QueueEntry(
+        id=queue_id,
+        sender=sender,
+        arrival=1_000_000.5,
+        recipients=[
+            RecipientState(address="bob@example.org", original="Bob@example.org", local=True),
+            RecipientState(address="Carol@remote.example", original="Carol@remote.example", local=False),
+        ],
+        size=len(BODY),
+        user="alice@example.net",
+        peer="192.0.2.1",
+    )
+
+
+class StoreTestMixin:
+    def setUp(self) -> None:
+        self.store = QueueStore(self.mktemp())
+        self.store.recover()
+
+    def stage(self, body: bytes = BODY, store: QueueStore | None = None) -> QueueEntry:
+        """Write a message to tmp/ as the intake does and return its entry."""
+        store = store or self.store
+        queue_id = store.new_id()
+        with store.open_tmp(queue_id) as f:
+            f.write(body)
+        return make_entry(queue_id)
+
+    def dirs(self, store: QueueStore | None = None) -> dict[str, list[str]]:
+        store = store or self.store
+        return {name: listing(os.path.join(store.root, name)) for name in ("tmp", "msg", "env", "corrupt")}
+
+
+class IdTests(StoreTestMixin, SynchronousTestCase):
+    def test_idsSortableAndUnique(self) -> None:
+        """Ids are 24 lowercase hex digits, increase with time and never repeat."""
+        ids = [self.store.new_id() for _ in range(200)]
+        self.assertEqual(len(set(ids)), 200)
+        for queue_id in ids:
+            self.assertRegex(queue_id, r"\A[0-9a-f]{24}\Z")
+        prefixes = [i[:14] for i in ids]
+        self.assertEqual(prefixes, sorted(prefixes))
+
+    def test_badIdNeverBecomesAPath(self) -> None:
+        """Ids from outside (the admin command) are checked before any path is built."""
+        for bad in ("../../etc/passwd", "", "ABC", "0" * 23, "0" * 24 + "/x"):
+            self.assertRaises(NoSuchEntry, self.store.load, bad)
+            self.assertRaises(NoSuchEntry, self.store.message_path, bad)
+            self.assertRaises(NoSuchEntry, self.store.remove, bad)
+
+
+class CommitTests(StoreTestMixin, SynchronousTestCase):
+    def test_commitRoundTrip(self) -> None:
+        """After commit the message is in msg/, the envelope in env/, and load returns it."""
+        entry = self.stage()
+        self.store.commit(entry)
+        self.assertEqual(self.dirs()["tmp"], [])
+        with open(self.store.message_path(entry.id), "rb") as f:
+            self.assertEqual(f.read(), BODY)
+        self.assertEqual(self.store.load(entry.id), entry)
+        self.assertEqual(list(self.store.scan()), [entry])
+
+    def test_envelopeIsVersionedUtf8Json(self) -> None:
+        """The envelope file is UTF-8 JSON of QueueEntry.to_json() with a version field."""
+        entry = self.stage()
+        entry.sender = "jörg@exämple.net"
+        self.store.commit(entry)
+        with open(self.store.envelope_path(entry.id), "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+        self.assertEqual(data["version"], 1)
+        self.assertEqual(data, entry.to_json())
+
+    def test_commitSteps(self) -> None:
+        """fsync file, rename to msg/, fsync msg/, then the envelope (tmp, fsync, rename, fsync env/)."""
+        entry = self.stage()
+        calls = count_steps(self, lambda: self.store.commit(entry))
+        self.assertEqual(
+            calls,
+            ["_open", "_fsync", "_rename", "_open", "_fsync"]  # message
+            + ["_open", "_write", "_fsync", "_rename", "_open", "_fsync"],  # envelope
+        )
+
+    def test_failureAtEveryCommitStepLeavesNothing(self) -> None:
+        """An error at any commit step raises and leaves no file of that message at all."""
+        staged = self.stage()
+        steps = len(count_steps(self, lambda: self.store.commit(staged)))
+        for k in range(1, steps + 1):
+            store = QueueStore(self.mktemp())
+            store.recover()
+            entry = self.stage(store=store)
+            faults = Faults(self, fail_at=k)
+            self.assertRaises(OSError, store.commit, entry)
+            faults.restore()
+            self.assertEqual(self.dirs(store), {"tmp": [], "msg": [], "env": [], "corrupt": []}, f"step {k}")
+            self.assertEqual(list(store.scan()), [])
+
+    def test_crashAtEveryCommitStepIsConsistentAfterRecover(self) -> None:
+        """A crash at any commit step, then recover(): the message is absent, or queued once and whole."""
+        staged = self.stage()
+        steps = len(count_steps(self, lambda: self.store.commit(staged)))
+        outcomes = set()
+        for k in range(1, steps + 1):
+            store = QueueStore(self.mktemp())
+            store.recover()
+            entry = self.stage(store=store)
+            faults = Faults(self, fail_at=k, crash=True)
+            self.assertRaises(OSError, store.commit, entry)
+            faults.restore()
+            restarted = QueueStore(store.root)
+            recovery = restarted.recover()
+            self.assertEqual(recovery.corrupt, (), f"step {k}")
+            entries = list(restarted.scan())
+            dirs = self.dirs(restarted)
+            self.assertEqual(dirs["tmp"], [], f"step {k}")
+            self.assertEqual(dirs["corrupt"], [], f"step {k}")
+            if entries:
+                self.assertEqual(entries, [entry], f"step {k}")
+                self.assertEqual(dirs["msg"], [entry.id])
+                with open(restarted.message_path(entry.id), "rb") as f:
+                    self.assertEqual(f.read(), BODY)
+            else:
+                self.assertEqual(dirs["msg"], [], f"step {k}")
+                self.assertEqual(dirs["env"], [], f"step {k}")
+            outcomes.add(len(entries))
+        self.assertEqual(outcomes, {0, 1})
+
+    def test_concurrentCommitsIndependent(self) -> None:
+        """Staged messages commit in any order; each one only touches its own files."""
+        entries = [self.stage(body=BODY + bytes([i])) for i in range(5)]
+        for entry in reversed(entries):
+            self.store.commit(entry)
+        self.assertEqual([e.id for e in self.store.scan()], sorted(e.id for e in entries))
+
+
+class SaveLoadRemoveTests(StoreTestMixin, SynchronousTestCase):
+    def test_saveReplacesEnvelope(self) -> None:
+        """save() durably replaces the envelope; load() sees the new state."""
+        entry = self.stage()
+        self.store.commit(entry)
+        entry.recipients[0].status = DELIVERED
+        entry.recipients[1].attempts = 3
+        entry.recipients[1].last_reply = "451 4.7.1 greylisted"
+        self.store.save(entry)
+        self.assertEqual(self.store.load(entry.id), entry)
+        self.assertEqual(self.dirs()["env"], [entry.id + ".json"])
+
+    def test_saveFailureKeepsOldEnvelope(self) -> None:
+        """A save that fails before its rename leaves the previous envelope intact."""
+        entry = self.stage()
+        self.store.commit(entry)
+        changed = make_entry(entry.id, sender="")
+        for k in range(1, 5):
+            faults = Faults(self, fail_at=k)
+            self.assertRaises(OSError, self.store.save, changed)
+            faults.restore()
+            self.assertEqual(self.store.load(entry.id), entry)
+
+    def test_removeEnvelopeFirst(self) -> None:
+        """remove() drops the envelope (durably) before the message."""
+        entry = self.stage()
+        self.store.commit(entry)
+        calls = count_steps(self, lambda: self.assertTrue(self.store.remove(entry.id)))
+        self.assertEqual(calls, ["_unlink", "_open", "_fsync", "_unlink"])
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+        self.assertRaises(NoSuchEntry, self.store.load, entry.id)
+        self.assertFalse(self.store.remove(entry.id))
+
+    def test_crashDuringRemoveRecovers(self) -> None:
+        """A crash after the envelope is gone leaves an orphan message that recover() deletes."""
+        entry = self.stage()
+        self.store.commit(entry)
+        faults = Faults(self, fail_at=4, crash=True)
+        self.assertRaises(OSError, self.store.remove, entry.id)
+        faults.restore()
+        self.assertEqual(self.dirs()["msg"], [entry.id])
+        self.assertEqual(self.store.recover(), Recovery(orphans_removed=1))
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+
+    def test_loadMissing(self) -> None:
+        """Loading an id that was never committed raises NoSuchEntry."""
+        self.assertRaises(NoSuchEntry, self.store.load, self.store.new_id())
+
+    def test_scanReadsNoMessage(self) -> None:
+        """scan() opens envelopes only, never a message body."""
+        for _ in range(3):
+            self.store.commit(self.stage())
+        opened = []
+        real_open = open
+
+        def spy(path, *args, **kwargs):
+            opened.append(str(path))
+            return real_open(path, *args, **kwargs)
+
+        self.patch(builtins, "open", spy)
+        self.assertEqual(len(list(self.store.scan())), 3)
+        self.assertEqual(len(opened), 3)
+        self.assertTrue(all(p.endswith(".json") for p in opened))
+
+    def test_scanIgnoresTemporaries(self) -> None:
+        """Envelope temporaries of an interrupted save are not entries."""
+        entry = self.stage()
+        self.store.commit(entry)
+        with open(os.path.join(self.store.root, "env", f".tmp.{entry.id}.json.1.2"), "wb") as f:
+            f.write(b"{")
+        self.assertEqual(list(self.store.scan()), [entry])
+        self.store.recover()
+        self.assertEqual(self.dirs()["env"], [entry.id + ".json"])
+
+
+class CorruptTests(StoreTestMixin, SynchronousTestCase):
+    def write_envelope(self, queue_id: str, data: bytes) -> None:
+        with open(self.store.envelope_path(queue_id), "wb") as f:
+            f.write(data)
+
+    def test_unreadableEnvelopesMovedToCorrupt(self) -> None:
+        """Bad JSON, bad UTF-8, a wrong version, wrong fields or a wrong id go to corrupt/ with their message."""
+        good = self.stage()
+        self.store.commit(good)
+        bad_documents = [
+            b"{not json",
+            b"\xff\xfe",
+            json.dumps(dict(make_entry("0" * 24).to_json(), version=99)).encode(),
+            json.dumps({"version": 1, "id": "x"}).encode(),
+            json.dumps(make_entry("f" * 24).to_json()).encode(),  # names another id
+            b"[1, 2]",
+        ]
+        bad_ids = []
+        for data in bad_documents:
+            entry = self.stage()
+            self.store.commit(entry)
+            self.write_envelope(entry.id, data)
+            bad_ids.append(entry.id)
+        self.assertEqual(list(self.store.scan()), [good])
+        corrupt = self.dirs()["corrupt"]
+        for queue_id in bad_ids:
+            self.assertIn(queue_id + ".json", corrupt)
+            self.assertIn(queue_id, corrupt)
+        self.assertEqual(self.dirs()["msg"], [good.id])
+
+    def test_loadCorrupt(self) -> None:
+        """load() of an unreadable envelope raises CorruptEntry and moves it aside."""
+        entry = self.stage()
+        self.store.commit(entry)
+        self.write_envelope(entry.id, b"")
+        self.assertRaises(CorruptEntry, self.store.load, entry.id)
+        self.assertRaises(NoSuchEntry, self.store.load, entry.id)
+        self.assertEqual(self.dirs()["corrupt"], sorted([entry.id, entry.id + ".json"]))
+
+    def test_envelopeWithoutMessageIsCorrupt(self) -> None:
+        """recover() moves an envelope whose message is missing to corrupt/."""
+        entry = self.stage()
+        self.store.commit(entry)
+        os.unlink(self.store.message_path(entry.id))
+        self.assertEqual(self.store.recover(), Recovery(corrupt=(entry.id,)))
+        self.assertEqual(self.dirs()["corrupt"], [entry.id + ".json"])
+        self.assertEqual(list(self.store.scan()), [])
+
+
+class RecoverTests(StoreTestMixin, SynchronousTestCase):
+    def test_recoverCreatesLayout(self) -> None:
+        """recover() on a new root creates tmp/, msg/, env/ and corrupt/."""
+        store = QueueStore(self.mktemp())
+        self.assertEqual(store.recover(), Recovery())
+        self.assertEqual(listing(store.root), ["corrupt", "env", "msg", "tmp"])
+
+    def test_recoverEmptiesTmpAndDropsOrphans(self) -> None:
+        """Messages being received and committed bytes without an envelope are removed; entries stay."""
+        kept = self.stage()
+        self.store.commit(kept)
+        self.stage()  # in tmp/
+        orphan = self.stage()
+        os.rename(self.store.tmp_path(orphan.id), self.store.message_path(orphan.id))
+        self.assertEqual(self.store.recover(), Recovery(tmp_removed=1, orphans_removed=1))
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [kept.id], "env": [kept.id + ".json"], "corrupt": []})
+        self.assertEqual(list(self.store.scan()), [kept])
+
+    def test_scanEmptyStore(self) -> None:
+        """A store that was never used scans as empty without creating anything."""
+        store = QueueStore(self.mktemp())
+        self.assertEqual(list(store.scan()), [])
+        self.assertFalse(os.path.exists(store.root))
+
+
+class FlushTests(StoreTestMixin, SynchronousTestCase):
+    def test_flushTriggerConsumedOnce(self) -> None:
+        """A flush request is seen exactly once."""
+        self.assertFalse(self.store.flush_requested())
+        self.store.request_flush()
+        self.store.request_flush()
+        self.assertTrue(self.store.flush_requested())
+        self.assertFalse(self.store.flush_requested())
+
+    def test_flushFromAnotherStoreObject(self) -> None:
+        """The admin command's store and the server's store share the trigger file."""
+        QueueStore(self.store.root).request_flush()
+        self.assertTrue(self.store.flush_requested())
+
+
+class OpenTmpTests(StoreTestMixin, SynchronousTestCase):
+    def test_openTmpExclusive(self) -> None:
+        """open_tmp never reuses an existing file."""
+        queue_id = self.store.new_id()
+        self.store.open_tmp(queue_id).close()
+        self.assertRaises(FileExistsError, self.store.open_tmp, queue_id)
+
+    def test_openTmpCreatesDirectory(self) -> None:
+        """open_tmp works on a store whose directories do not exist yet."""
+        store = QueueStore(self.mktemp())
+        with store.open_tmp(store.new_id()) as f:
+            f.write(b"x")
+        self.assertEqual(len(listing(os.path.join(store.root, "tmp"))), 1)
