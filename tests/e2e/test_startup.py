@@ -1,0 +1,112 @@
+"""End to end: the real twistd process starts, listens, and stops cleanly."""
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+from tests.e2e.harness import Server, twistd_command
+
+
+def test_allListenersAcceptAndSigtermExitsZero(tmp_path):
+    """All five listeners accept, data_dir holds a generated certificate, and
+    SIGTERM ends the process with status 0 within a few seconds."""
+    server = Server(tmp_path)
+    try:
+        server.start()
+        for kind in ("smtp", "submission", "pop3"):
+            with socket.create_connection(("127.0.0.1", server.ports[kind]), timeout=10) as s:
+                assert s.recv(100)[:1] in (b"2", b"4", b"+", b"-")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        for kind in ("submissions", "pop3s"):
+            with socket.create_connection(("127.0.0.1", server.ports[kind]), timeout=10) as raw:
+                with context.wrap_socket(raw) as s:
+                    assert s.version() in ("TLSv1.2", "TLSv1.3")
+                    assert s.recv(100)
+        assert os.path.exists(os.path.join(server.data_dir, "tls", "selfsigned.pem"))
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 10
+    finally:
+        server.kill()
+
+
+def test_defaultsWithoutConfig(tmp_path):
+    """With no config file the server makes ./mailstack-data and its certificate.
+
+    The certificate is made before binding, so this holds even when the default
+    ports are taken on a shared machine; the process is killed right after."""
+    proc = subprocess.Popen(
+        twistd_command() + ["--nodaemon", "--pidfile=", f"--logfile={tmp_path}/twistd.log", "mailstack"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "MAILSTACK_CONFIG"},
+    )
+    try:
+        cert = tmp_path / "mailstack-data" / "tls" / "selfsigned.pem"
+        deadline = time.monotonic() + 60
+        while not cert.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert cert.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_twistdHelpListsMailstack():
+    """`twistd --help` lists the mailstack plugin (the packaging trap)."""
+    out = subprocess.run(twistd_command() + ["--help"], capture_output=True, text=True, timeout=60)
+    assert "mailstack" in out.stdout
+
+
+def test_pluginHelpListsOptions():
+    """`twistd mailstack --help` shows the --config option."""
+    out = subprocess.run(twistd_command() + ["mailstack", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "--config" in out.stdout
+
+
+def _bad_start(tmp_path, text):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    out = subprocess.run(
+        twistd_command() + ["--nodaemon", "--pidfile=", "mailstack", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    return cfg, out
+
+
+def test_unknownKeyOneLine(tmp_path):
+    """An unknown key exits non-zero with one line naming the key and the file."""
+    cfg, out = _bad_start(tmp_path, "[relay]\nbogus = 1\n")
+    assert out.returncode != 0
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "relay.bogus" in lines[0] and str(cfg) in lines[0]
+
+
+def test_badDurationOneLine(tmp_path):
+    """max_queue_lifetime = "5 parsecs" exits non-zero with one line naming key and file."""
+    cfg, out = _bad_start(tmp_path, '[relay]\nmax_queue_lifetime = "5 parsecs"\n')
+    assert out.returncode != 0
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "relay.max_queue_lifetime" in lines[0] and str(cfg) in lines[0]
+
+
+def test_missingConfigFile(tmp_path):
+    """A --config that does not exist is one line naming the file."""
+    out = subprocess.run(
+        twistd_command() + ["--nodaemon", "--pidfile=", "mailstack", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert (out.stdout + out.stderr).strip().splitlines() == [f"mailstack: {tmp_path / 'nope.toml'}: no such file"]
