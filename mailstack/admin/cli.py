@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.admin.test_cli -*-
+"""``mailstack``: the admin command (users, aliases, config check, queue).
+
+Works whether or not the server runs: it edits the same files the server
+reads (``auth/userdb.py``, ``auth/aliases.py``), under the same locks, and the
+server notices the change on its next lookup.
+
+Exit status (interface.md): 0 success; 1 a refused request, with one line on
+stderr (unknown user, bad or unsafe address, user exists, bad config); 2 bad
+usage (argparse).
+
+The ``queue`` subcommands live in ``admin/queuecmd.py`` (the outbound queue's
+owner).  Its ``add_parser(subparsers)`` adds the ``queue`` parser and sets
+``func`` on each subcommand with ``set_defaults(func=handler)``; a handler is
+called as ``handler(config, args)`` with the loaded ``config.Config`` and
+returns the exit status, raising ``Refused(message)`` for a refused request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence, TextIO
+
+from mailstack import config as configmod
+from mailstack.address import AddressError, mailbox_components, parse_address
+from mailstack.auth.aliases import AliasDB, NoSuchAlias
+from mailstack.auth.jsonfile import FileFormatError
+from mailstack.auth.userdb import NoSuchUser, UserDB, UserExists
+from mailstack.tls import TLSError, load_options
+
+PROG = "mailstack"
+
+
+class Refused(Exception):
+    """A request the command refuses: exit 1 with this one line on stderr."""
+
+
+def user_key(config: Any, text: str) -> str:
+    """The key of a would-be user: a valid, path-safe address in a local domain."""
+    try:
+        address = parse_address(text)
+        mailbox_components(address)
+    except AddressError as e:
+        raise Refused(f"{text}: not a usable address: {e}") from None
+    if not config.is_local_domain(address.domain):
+        raise Refused(f"{text}: {address.domain} is not a local domain (domains.local)")
+    return address.key
+
+
+def address_key(text: str) -> str:
+    try:
+        return parse_address(text).key
+    except AddressError as e:
+        raise Refused(f"{text}: not a usable address: {e}") from None
+
+
+def users_of(config: Any) -> UserDB:
+    return UserDB(os.path.join(config.data_dir, "users.json"))
+
+
+def aliases_of(config: Any) -> AliasDB:
+    return AliasDB(os.path.join(config.data_dir, "aliases.json"))
+
+
+def read_password(args: Any, stdin: TextIO) -> str:
+    """One line from stdin with ``--password-stdin``, else two matching prompts."""
+    if args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise Refused("passwords do not match")
+    if not password:
+        raise Refused("empty password")
+    return password
+
+
+# -- handlers: (config, args) -> exit status ------------------------------------
+
+
+def user_add(config: Any, args: Any) -> int:
+    key = user_key(config, args.address)
+    users = users_of(config)
+    if users.exists(key):  # before prompting; add() checks again under the lock
+        raise Refused(f"{key}: user exists")
+    try:
+        users.add(key, read_password(args, args.stdin))
+    except UserExists:
+        raise Refused(f"{key}: user exists") from None
+    print(f"added {key}", file=args.stdout)
+    return 0
+
+
+def user_passwd(config: Any, args: Any) -> int:
+    key = address_key(args.address)
+    users = users_of(config)
+    if not users.exists(key):
+        raise Refused(f"{key}: no such user")
+    try:
+        users.set_password(key, read_password(args, args.stdin))
+    except NoSuchUser:
+        raise Refused(f"{key}: no such user") from None
+    print(f"password changed for {key}", file=args.stdout)
+    return 0
+
+
+def user_del(config: Any, args: Any) -> int:
+    key = address_key(args.address)
+    try:
+        users_of(config).delete(key)
+    except NoSuchUser:
+        raise Refused(f"{key}: no such user") from None
+    print(f"deleted {key} (its Maildir stays on disk)", file=args.stdout)
+    return 0
+
+
+def user_list(config: Any, args: Any) -> int:
+    users = users_of(config)
+    keys = users.keys()
+    if args.json:
+        rows = [{"address": k, **users.info(k)} for k in keys]
+        print(json.dumps(rows, indent=2), file=args.stdout)
+    else:
+        for k in keys:
+            print(k, file=args.stdout)
+    return 0
+
+
+def alias_add(config: Any, args: Any) -> int:
+    key = address_key(args.address)
+    if not config.is_local_domain(key.rpartition("@")[2]):
+        raise Refused(f"{args.address}: {key.rpartition('@')[2]} is not a local domain (domains.local)")
+    targets = [address_key(t.strip()) for arg in args.targets for t in arg.split(",") if t.strip()]
+    if not targets:
+        raise Refused("no targets given")
+    if key in targets:
+        raise Refused(f"{key}: an alias cannot point to itself")
+    aliases_of(config).add(key, targets)
+    print(f"{key} -> {', '.join(aliases_of(config).targets(key) or [])}", file=args.stdout)
+    return 0
+
+
+def alias_del(config: Any, args: Any) -> int:
+    key = address_key(args.address)
+    try:
+        aliases_of(config).delete(key)
+    except NoSuchAlias:
+        raise Refused(f"{key}: no such alias") from None
+    print(f"deleted alias {key}", file=args.stdout)
+    return 0
+
+
+def alias_list(config: Any, args: Any) -> int:
+    items = aliases_of(config).items()
+    if args.json:
+        print(json.dumps([{"address": k, "targets": v} for k, v in items], indent=2), file=args.stdout)
+    else:
+        for k, v in items:
+            print(f"{k} -> {', '.join(v)}", file=args.stdout)
+    return 0
+
+
+def check_config(config: Any, args: Any) -> int:
+    """The config already loaded; also check a configured certificate loads."""
+    if config.tls.certificate:
+        try:
+            load_options(config.tls.certificate, config.tls.private_key)
+        except TLSError as e:
+            raise Refused(str(e)) from None
+    print(f"{config.source or '<embedded defaults>'}: ok", file=args.stdout)
+    return 0
+
+
+def queue_unavailable(config: Any, args: Any) -> int:
+    raise Refused("queue commands are not available in this version")
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Administer a mailstack mail server.")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"TOML config file (default: ${configmod.ENV_VAR}, else embedded defaults)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    user = commands.add_parser("user", help="add, change, delete and list users").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = user.add_parser("add", help="add a user (prompts twice for the password)")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    p.set_defaults(func=user_add)
+    p = user.add_parser("passwd", help="change a user's password")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    p.set_defaults(func=user_passwd)
+    p = user.add_parser("del", help="delete a user (the Maildir stays)")
+    p.add_argument("address")
+    p.set_defaults(func=user_del)
+    p = user.add_parser("list", help="list users")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=user_list)
+
+    alias = commands.add_parser("alias", help="add, delete and list aliases").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = alias.add_parser("add", help="add targets to an alias (created if new)")
+    p.add_argument("address")
+    p.add_argument("targets", nargs="+", metavar="TARGET[,TARGET...]")
+    p.set_defaults(func=alias_add)
+    p = alias.add_parser("del", help="delete an alias")
+    p.add_argument("address")
+    p.set_defaults(func=alias_del)
+    p = alias.add_parser("list", help="list aliases")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=alias_list)
+
+    p = commands.add_parser("check-config", help="load the config (and certificate) and report problems")
+    p.set_defaults(func=check_config)
+
+    try:
+        queuecmd = importlib.import_module("mailstack.admin.queuecmd")
+    except ModuleNotFoundError as e:
+        if e.name != "mailstack.admin.queuecmd":
+            raise
+        p = commands.add_parser("queue", help="(not available yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=queue_unavailable)
+    else:
+        queuecmd.add_parser(commands)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """Run the command; returns the exit status (argparse exits 2 on bad usage)."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    args.stdin, args.stdout = stdin, stdout
+    handler: Callable[[Any, Any], int] = args.func
+    try:
+        config = configmod.load(args.config, environ if environ is not None else os.environ)
+        return handler(config, args)
+    except (Refused, configmod.ConfigError, FileFormatError) as e:
+        print(f"{PROG}: {e}", file=stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: {where}{e.strerror or e}", file=stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=stderr)
+        return 1
