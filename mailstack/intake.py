@@ -212,8 +212,12 @@ class Incoming:
             return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
         entry = self._entry()
         d = self._intake._run_blocking(self._store.commit, entry)
-        # store.commit removes its own files when it fails.
-        d.addCallbacks(lambda _: self._intake._accepted(entry), self._refuse)
+        # store.commit removes its own files when it fails; removing tmp/ again
+        # covers an unexpected error before it got that far.
+        d.addCallbacks(
+            lambda _: self._intake._accepted(entry),
+            lambda f: self._discarded().addCallback(lambda _: self._refuse(f)),
+        )
         return d
 
     def abort(self) -> None:
