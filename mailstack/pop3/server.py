@@ -773,6 +773,8 @@ class POP3Server(Protocol):
 class POP3Factory(ServerFactory):
     """Builds ``POP3Server`` sessions; counts them against ``pop3.max_connections``."""
 
+    noisy = False
+
     def __init__(self, kind: str, runtime: Any) -> None:
         if kind not in ("pop3", "pop3s"):
             raise ValueError(f"unknown POP3 listener kind {kind!r}")

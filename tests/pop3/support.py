@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
@@ -144,3 +146,10 @@ def write_message(maildir: str, data: bytes, sub: str = "new", when: int = 17000
     with open(os.path.join(maildir, sub, name), "wb") as f:
         f.write(data)
     return name
+
+
+def temp_dir(case: Any) -> str:
+    """A fresh directory outside the working tree, removed after the test."""
+    path = tempfile.mkdtemp(prefix="mailstack-pop3-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path

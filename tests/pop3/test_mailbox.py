@@ -23,7 +23,7 @@ from mailstack.pop3.mailbox import (
     wire_size_of,
 )
 
-from .support import write_message
+from .support import temp_dir, write_message
 
 
 def unstuff(reply_body: bytes) -> bytes:
@@ -120,7 +120,7 @@ class UidlTests(SynchronousTestCase):
 
 class MaildropTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.path = os.path.abspath(self.mktemp())
+        self.path = os.path.join(temp_dir(self), "alice")
 
     def open(self) -> Maildrop:
         drop = Maildrop.open(self.path)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.pop3 import mailbox, replies as R, server
 from mailstack.pop3.server import AUTHORIZATION, TRANSACTION, make_factory
 
-from .support import SSLStringTransport, TLSStringTransport, make_runtime, write_message
+from .support import SSLStringTransport, TLSStringTransport, make_runtime, temp_dir, write_message
 
 
 def plain(authz: bytes, user: bytes, pw: bytes) -> bytes:
@@ -27,8 +27,7 @@ class Base(SynchronousTestCase):
     tls = True  # start sessions with STLS done (plaintext login refused otherwise)
 
     def setUp(self) -> None:
-        self.root = os.path.abspath(self.mktemp())
-        os.makedirs(self.root)
+        self.root = temp_dir(self)
         self.overrides: dict[str, object] = {}
         self.rt = make_runtime(self.root, **self.overrides)
         self.clock = self.rt.reactor
