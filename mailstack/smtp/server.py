@@ -805,11 +805,15 @@ class SMTPServer(Protocol):
             self._incoming = None
             self._reset_transaction()
             if isinstance(result, Failure):
+                # Our failure, not the client's: answered, logged, not counted as an error.
                 if result.check(MailError):
-                    self._reply(result.value.reply, error="DATA")
+                    reply = result.value.reply
+                    self.log.info("smtp commit refused peer={peer} user={user}: {reply}",
+                                  peer=self.peer, user=self.user, reply=str(reply))
                 else:
                     self.log.failure("smtp: commit failed", result, peer=self.peer)
-                    self._reply(R.LOCAL_ERROR, error="DATA")
+                    reply = R.LOCAL_ERROR
+                self._reply(reply)
                 return
             queue_id = str(result)
             self.messages += 1
