@@ -175,6 +175,7 @@ class Incoming:
         self.queue_id = self._store.new_id()
         self.size = 0
         self._written = 0
+        self._ended = False  # finish() or abort() was called: nothing more to do here
         self._error: BaseException | None = None
         self._file: IO[bytes] | None = None
         self._arrival = intake._clock.seconds()
@@ -199,16 +200,12 @@ class Incoming:
 
     def finish(self) -> Deferred:
         """Commit in a thread; fires with the queue id, or errbacks TemporaryFailure."""
-        if self._file is None and self._error is None:
-            return fail(TemporaryFailure(COMMIT_FAILED))  # finished or aborted already
-        if self._file is not None:
-            try:
-                self._file.close()  # flushes the buffer: ENOSPC can surface here
-            except OSError as e:
-                self._fail(e)
-            self._file = None
+        if self._ended:
+            return fail(TemporaryFailure(COMMIT_FAILED))
+        self._ended = True
+        self._close()  # flushes the buffer: ENOSPC can surface here
         if self._error is not None:
-            error, self._error = self._error, None
+            error = self._error
             return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
         entry = self._entry()
         d = self._intake._run_blocking(self._store.commit, entry)
@@ -221,14 +218,15 @@ class Incoming:
         return d
 
     def abort(self) -> None:
-        """Discard the message (client went away, size exceeded)."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
-        self._error = None
+        """Discard the message (client went away, size exceeded).
+
+        After finish() this does nothing: the commit in flight decides, and a
+        client that vanished before our 250 may just send the message again.
+        """
+        if self._ended:
+            return
+        self._ended = True
+        self._close()
         self._discarded()
 
     def _entry(self) -> QueueEntry:
@@ -260,12 +258,16 @@ class Incoming:
         """Remember the first write error and stop writing."""
         if self._error is None:
             self._error = error
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            f.close()
+        except OSError as e:
+            self._fail(e)
 
     def _refuse(self, failure: Failure) -> Failure:
         """Log why the message could not be queued; tell the client only the Reply."""

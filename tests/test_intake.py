@@ -234,6 +234,28 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.kicker.kicked, [incoming.queue_id])
 
+    def test_abortAfterFinishIsIgnored(self) -> None:
+        """A client that disconnects while the commit runs does not undo the commit."""
+        calls = []
+
+        def deferred_blocking(f, *args):
+            from twisted.internet.defer import Deferred
+
+            d = Deferred()
+            calls.append((f, args, d))
+            return d
+
+        intake = Intake(self.config, self.store, self.kicker, deferred_blocking, self.clock)
+        incoming = intake.begin(envelope())
+        incoming.write(MESSAGE)
+        d = incoming.finish()
+        incoming.abort()
+        self.assertEqual(len(calls), 1)
+        f, args, pending = calls[0]
+        pending.callback(f(*args))
+        self.assertEqual(self.successResultOf(d), incoming.queue_id)
+        self.assertEqual(self.store.load(incoming.queue_id).id, incoming.queue_id)
+
     def test_oneLogEventPerMessage(self) -> None:
         """Acceptance logs one event with queue id, peer, user, sender, recipients and size."""
         with capturedLogs() as events:
@@ -300,6 +322,23 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
         incoming._file = Full()
         incoming.write(MESSAGE)
         incoming.write(MESSAGE)  # ignored after the first error
+        self.assertRefused(incoming.finish(), 452, "4.3.1")
+
+    def test_flushFailureAtFinish(self) -> None:
+        """A full disk when the write buffer is flushed at finish() gives 452 4.3.1."""
+        incoming = self.intake.begin(envelope())
+        real = incoming._file
+
+        class FullOnClose:
+            def write(self, data):
+                return real.write(data)
+
+            def close(self):
+                real.close()
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        incoming._file = FullOnClose()
+        incoming.write(MESSAGE)
         self.assertRefused(incoming.finish(), 452, "4.3.1")
 
     def test_openFailure(self) -> None:

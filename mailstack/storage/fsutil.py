@@ -43,7 +43,9 @@ def ensure_dir(path: str, mode: int = 0o700) -> None:
     try:
         os.mkdir(path, mode)
     except FileExistsError:
-        return
+        # Another thread is creating it and may not have fsynced the parent
+        # yet; do it here too, so that we never return before it is durable.
+        pass
     fsync_dir(parent)
 
 

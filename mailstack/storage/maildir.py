@@ -39,6 +39,10 @@ from mailstack.storage import fsutil
 
 CHUNK = 64 * 1024
 
+# Process-wide, so that two MaildirStore objects never hand out the same name;
+# next() on itertools.count is atomic under the GIL, so threads may share it.
+_SEQUENCE = itertools.count()
+
 #: A message source: a path to a file to copy, or the bytes themselves in chunks.
 Source = Union[str, "os.PathLike[str]", bytes, Iterable[bytes]]
 
@@ -77,8 +81,6 @@ class MaildirStore:
         self.root = os.path.abspath(root)
         self._host = escape_host(hostname or socket.gethostname())
         self._clock = clock
-        # next() on itertools.count is atomic under the GIL: safe from many threads.
-        self._seq = itertools.count()
 
     def path_for(self, address: Address | str) -> str:
         """The Maildir of ``address``: ``root/<domain>/<localpart>``.
@@ -96,7 +98,7 @@ class MaildirStore:
         now = self._clock()
         sec = int(now)
         usec = int((now - sec) * 1_000_000)
-        return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(_SEQUENCE)}.{self._host}"
 
     def deliver(self, address: Address | str, source: Source, prefix: bytes = b"") -> str:
         """Write ``prefix`` then ``source`` as one new message; return its file name.

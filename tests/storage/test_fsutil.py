@@ -86,6 +86,21 @@ class DirectoryTests(SynchronousTestCase):
         self.assertEqual(os.stat(target).st_mode & 0o777, 0o700)
         self.assertEqual(calls, ["_open", "_fsync"] * 2)
 
+    def test_ensureDirLosingRaceStillSyncs(self) -> None:
+        """If another thread creates the directory first, the parent is still fsynced before returning."""
+        base = self.mktemp()
+        os.mkdir(base)
+        target = os.path.join(base, "box")
+        real_mkdir = os.mkdir
+
+        def racing_mkdir(path, mode=0o777):
+            real_mkdir(path, mode)
+            raise FileExistsError(path)
+
+        self.patch(os, "mkdir", racing_mkdir)
+        calls = count_steps(self, lambda: fsutil.ensure_dir(target))
+        self.assertEqual(calls, ["_open", "_fsync"])
+
     def test_ensureDirExisting(self) -> None:
         """An existing directory costs no system call beyond a stat."""
         base = self.mktemp()

@@ -90,6 +90,11 @@ class DeliverTests(SynchronousTestCase):
         self.assertEqual(len(names), 3)
         self.assertEqual(len(self.delivered()), 3)
 
+    def test_namesUniqueAcrossStores(self) -> None:
+        """Two stores in one process never produce the same name (the sequence is process-wide)."""
+        other = MaildirStore(self.store.root, hostname="mx.example.org", clock=lambda: self.now)
+        self.assertNotEqual(self.store.unique_name(), other.unique_name())
+
     def test_prefixThenSource(self) -> None:
         """The prefix comes first, then the source bytes unchanged (8-bit included)."""
         self.store.deliver(BOB, [MESSAGE[:10], MESSAGE[10:]], prefix=b"Return-Path: <a@b>\r\n")
