@@ -1,0 +1,152 @@
+"""Tests for mailstack.config, and that the docs mention every key."""
+
+import os
+import re
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack import config
+from mailstack.config import KEYS, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toml_literal(value):
+    """How a default is written in TOML (and in the docs)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return str(value)
+
+
+class LoadTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def write(self, text, name="m.toml"):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def assertOneLine(self, error, key, path):
+        message = str(error)
+        self.assertNotIn("\n", message)
+        self.assertIn(key, message)
+        self.assertIn(path, message)
+
+    def test_defaults(self):
+        """No file: the embedded defaults of interface.md."""
+        cfg = config.load(None, environ={})
+        self.assertEqual(cfg.hostname, "localhost")
+        self.assertEqual(cfg.domains.local, ("localhost",))
+        self.assertEqual(cfg.data_dir, os.path.join(os.getcwd(), "mailstack-data"))
+        self.assertEqual(cfg.listen.smtp, ("tcp:2525:interface=127.0.0.1",))
+        self.assertEqual(cfg.listen.submissions, ("ssl:4650:interface=127.0.0.1",))
+        self.assertEqual(cfg.relay.max_queue_lifetime, 5 * 86400)
+
+    def test_unknownKey(self):
+        """An unknown key, top-level or in a section, names the key and the file."""
+        path = self.write("[relay]\nbogus = 1\n")
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "relay.bogus", path)
+        path = self.write("frobs = 1\n")
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "frobs", path)
+
+    def test_wrongType(self):
+        """A wrong type names the key and the file."""
+        path = self.write('[smtp]\nmax_recipients = "lots"\n')
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "smtp.max_recipients", path)
+        path = self.write("[relay]\nport = 70000\n")
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "relay.port", path)
+
+    def test_badDuration(self):
+        """"5 parsecs" and a unitless number are not durations."""
+        path = self.write('[relay]\nmax_queue_lifetime = "5 parsecs"\n')
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "relay.max_queue_lifetime", path)
+        path = self.write("[relay]\nmax_queue_lifetime = 5\n")
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "relay.max_queue_lifetime", path)
+
+    def test_durations(self):
+        """Durations take ms, s, m, h, d, w."""
+        self.assertEqual(
+            [config.parse_duration(v) for v in ["30s", "5m", "4h", "5d", "1w", "250ms", "1.5h"]],
+            [30, 300, 14400, 432000, 604800, 0.25, 5400],
+        )
+
+    def test_badEndpoint(self):
+        """A listener string that is no endpoint is refused at load."""
+        path = self.write('[listen]\nsmtp = ["nonsense:25"]\n')
+        self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "listen.smtp", path)
+
+    def test_missingFile(self):
+        """A missing file is one line naming it."""
+        path = os.path.join(self.dir, "nope.toml")
+        self.assertEqual(str(self.assertRaises(ConfigError, config.load, path)), f"{path}: no such file")
+
+    def test_invalidToml(self):
+        """Broken TOML names the file."""
+        path = self.write("[relay\n")
+        self.assertIn(path, str(self.assertRaises(ConfigError, config.load, path)))
+
+    def test_relativePaths(self):
+        """Relative paths resolve against the config file's folder, not the cwd."""
+        path = self.write('data_dir = "data"\n[tls]\ncertificate = "certs/full.pem"\n')
+        cfg = config.load(path)
+        self.assertEqual(cfg.data_dir, os.path.join(self.dir, "data"))
+        self.assertEqual(cfg.tls.certificate, os.path.join(self.dir, "certs", "full.pem"))
+        self.assertEqual(cfg.tls.private_key, cfg.tls.certificate)
+
+    def test_environment(self):
+        """MAILSTACK_CONFIG names the file when no path is given; a path wins."""
+        path = self.write('hostname = "mx.example.org"\n')
+        self.assertEqual(config.load(None, environ={"MAILSTACK_CONFIG": path}).hostname, "mx.example.org")
+        other = self.write('hostname = "other.example"\n', "o.toml")
+        self.assertEqual(config.load(other, environ={"MAILSTACK_CONFIG": path}).hostname, "other.example")
+
+    def test_emptyListenerDisables(self):
+        """An empty listener list is allowed (the service is off)."""
+        cfg = config.load(self.write("[listen]\npop3 = []\n"))
+        self.assertEqual(cfg.listen.pop3, ())
+
+
+class DocsTests(SynchronousTestCase):
+    """README's config reference and etc/mailstack.toml cover every declared key."""
+
+    def read(self, *parts):
+        with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+            return f.read()
+
+    def test_exampleConfigHasEveryKeyWithDefault(self):
+        """etc/mailstack.toml mentions each key with its default value."""
+        text = self.read("etc", "mailstack.toml")
+        section = ""
+        found = {}
+        for line in text.splitlines():
+            m = re.match(r"^#?\s*\[(\w+)\]\s*$", line)
+            if m:
+                section = m.group(1)
+                continue
+            m = re.match(r"^#?\s*(\w+)\s*=\s*(.+?)\s*(#.*)?$", line)
+            if m:
+                found[f"{section}.{m.group(1)}" if section else m.group(1)] = m.group(2)
+        for key in KEYS:
+            self.assertIn(key.dotted, found, f"{key.dotted} missing from etc/mailstack.toml")
+
+    def test_exampleConfigLoads(self):
+        """etc/mailstack.toml is a valid config."""
+        config.load(os.path.join(ROOT, "etc", "mailstack.toml"))
+
+    def test_readmeTableHasEveryKeyWithDefault(self):
+        """README.rst's config reference lists each key with its default."""
+        text = self.read("README.rst")
+        for key in KEYS:
+            rows = [line for line in text.splitlines() if f"``{key.dotted}``" in line]
+            self.assertTrue(rows, f"{key.dotted} missing from README.rst")
+            self.assertTrue(
+                any(toml_literal(key.default) in row for row in rows),
+                f"{key.dotted}: default {toml_literal(key.default)} not in README.rst",
+            )
