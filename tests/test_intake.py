@@ -19,7 +19,7 @@ from mailstack.intake import Intake, received_header
 from mailstack.interfaces import IIncoming, IIntake
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
-from tests.storage.faults import Faults
+from tests.storage.faults import Faults, scratch_path
 
 NOW = 1764341555.0  # Fri, 28 Nov 2025 14:52:35 +0000
 QID = "0661576198ba5cabcdef0123"
@@ -123,7 +123,7 @@ class IntakeTestMixin:
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.store = QueueStore(self.mktemp())
+        self.store = QueueStore(scratch_path(self))
         self.store.recover()
         self.kicker = Kicker()
         self.config = config.from_mapping({"hostname": "mx.example.org", "domains": {"local": ["example.org"]}})

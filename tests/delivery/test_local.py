@@ -17,7 +17,7 @@ from mailstack.interfaces import IDeliveryAgent
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
-from tests.storage.faults import Faults
+from tests.storage.faults import Faults, scratch_path
 
 MESSAGE = b"Received: by mx.example.org; Fri, 28 Nov 2025 14:52:35 +0000\r\nSubject: hi\r\n\r\n\xe9\r\n" * 3000
 
@@ -32,7 +32,7 @@ def rcpt(address: str) -> RecipientState:
 
 class LocalAgentTests(SynchronousTestCase):
     def setUp(self) -> None:
-        base = self.mktemp()
+        base = scratch_path(self)
         self.store = QueueStore(os.path.join(base, "queue"))
         self.store.recover()
         self.maildirs = MaildirStore(os.path.join(base, "mail"), hostname="mx.example.org")

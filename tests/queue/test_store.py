@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.queue.entry import DELIVERED, QueueEntry, RecipientState
 from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
-from tests.storage.faults import Faults, count_steps
+from tests.storage.faults import Faults, count_steps, scratch_path
 
 BODY = b"Received: by x; date\r\nSubject: hi\r\n\r\nbody\r\n" * 50
 
@@ -39,7 +39,7 @@ def make_entry(queue_id: str, sender: str = "alice@example.net") -> QueueEntry:
 
 class StoreTestMixin:
     def setUp(self) -> None:
-        self.store = QueueStore(self.mktemp())
+        self.store = QueueStore(scratch_path(self))
         self.store.recover()
 
     def stage(self, body: bytes = BODY, store: QueueStore | None = None) -> QueueEntry:
@@ -109,7 +109,7 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
         staged = self.stage()
         steps = len(count_steps(self, lambda: self.store.commit(staged)))
         for k in range(1, steps + 1):
-            store = QueueStore(self.mktemp())
+            store = QueueStore(scratch_path(self))
             store.recover()
             entry = self.stage(store=store)
             faults = Faults(self, fail_at=k)
@@ -124,7 +124,7 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
         steps = len(count_steps(self, lambda: self.store.commit(staged)))
         outcomes = set()
         for k in range(1, steps + 1):
-            store = QueueStore(self.mktemp())
+            store = QueueStore(scratch_path(self))
             store.recover()
             entry = self.stage(store=store)
             faults = Faults(self, fail_at=k, crash=True)
@@ -283,7 +283,7 @@ class CorruptTests(StoreTestMixin, SynchronousTestCase):
 class RecoverTests(StoreTestMixin, SynchronousTestCase):
     def test_recoverCreatesLayout(self) -> None:
         """recover() on a new root creates tmp/, msg/, env/ and corrupt/."""
-        store = QueueStore(self.mktemp())
+        store = QueueStore(scratch_path(self))
         self.assertEqual(store.recover(), Recovery())
         self.assertEqual(listing(store.root), ["corrupt", "env", "msg", "tmp"])
 
@@ -300,7 +300,7 @@ class RecoverTests(StoreTestMixin, SynchronousTestCase):
 
     def test_scanEmptyStore(self) -> None:
         """A store that was never used scans as empty without creating anything."""
-        store = QueueStore(self.mktemp())
+        store = QueueStore(scratch_path(self))
         self.assertEqual(list(store.scan()), [])
         self.assertFalse(os.path.exists(store.root))
 
@@ -329,7 +329,7 @@ class OpenTmpTests(StoreTestMixin, SynchronousTestCase):
 
     def test_openTmpCreatesDirectory(self) -> None:
         """open_tmp works on a store whose directories do not exist yet."""
-        store = QueueStore(self.mktemp())
+        store = QueueStore(scratch_path(self))
         with store.open_tmp(store.new_id()) as f:
             f.write(b"x")
         self.assertEqual(len(listing(os.path.join(store.root, "tmp"))), 1)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 
 from mailstack.storage import fsutil
 
@@ -59,3 +61,13 @@ def count_steps(testcase, action) -> list[str]:
     finally:
         faults.restore()
     return faults.calls
+
+
+def scratch_path(testcase) -> str:
+    """A fresh, not yet existing path in a private temporary folder (removed after the test).
+
+    Unlike ``TestCase.mktemp`` under pytest, nothing is created in the source tree.
+    """
+    folder = tempfile.mkdtemp(prefix="mailstack-test-")
+    testcase.addCleanup(shutil.rmtree, folder, True)
+    return os.path.join(folder, "t")

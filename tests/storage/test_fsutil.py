@@ -8,12 +8,12 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.storage import fsutil
-from tests.storage.faults import Faults, count_steps
+from tests.storage.faults import Faults, count_steps, scratch_path
 
 
 class WriteAtomicTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = self.mktemp()
+        self.dir = scratch_path(self)
         os.mkdir(self.dir)
         self.path = os.path.join(self.dir, "file.json")
 
@@ -78,7 +78,7 @@ class WriteFdTests(SynchronousTestCase):
 class DirectoryTests(SynchronousTestCase):
     def test_ensureDirCreatesParents(self) -> None:
         """ensure_dir makes missing parents, private, and fsyncs each changed parent."""
-        base = self.mktemp()
+        base = scratch_path(self)
         os.mkdir(base)
         target = os.path.join(base, "a", "b")
         calls = count_steps(self, lambda: fsutil.ensure_dir(target))
@@ -88,7 +88,7 @@ class DirectoryTests(SynchronousTestCase):
 
     def test_ensureDirLosingRaceStillSyncs(self) -> None:
         """If another thread creates the directory first, the parent is still fsynced before returning."""
-        base = self.mktemp()
+        base = scratch_path(self)
         os.mkdir(base)
         target = os.path.join(base, "box")
         real_mkdir = os.mkdir
@@ -103,19 +103,19 @@ class DirectoryTests(SynchronousTestCase):
 
     def test_ensureDirExisting(self) -> None:
         """An existing directory costs no system call beyond a stat."""
-        base = self.mktemp()
+        base = scratch_path(self)
         os.mkdir(base)
         self.assertEqual(count_steps(self, lambda: fsutil.ensure_dir(base)), [])
 
     def test_fsyncDir(self) -> None:
         """fsync_dir opens the directory read-only and fsyncs it."""
-        base = self.mktemp()
+        base = scratch_path(self)
         os.mkdir(base)
         self.assertEqual(count_steps(self, lambda: fsutil.fsync_dir(base)), ["_open", "_fsync"])
 
     def test_fsyncDirClosesOnError(self) -> None:
         """A failing fsync does not leak the directory descriptor."""
-        base = self.mktemp()
+        base = scratch_path(self)
         os.mkdir(base)
         before = len(os.listdir("/proc/self/fd"))
         Faults(self, fail_at=2)
@@ -126,7 +126,7 @@ class DirectoryTests(SynchronousTestCase):
 class UnlinkTests(SynchronousTestCase):
     def test_unlinkDurable(self) -> None:
         """unlink_durable removes the file and says whether it was there."""
-        path = self.mktemp()
+        path = scratch_path(self)
         with open(path, "wb"):
             pass
         self.assertTrue(fsutil.unlink_durable(path))
@@ -135,7 +135,7 @@ class UnlinkTests(SynchronousTestCase):
 
     def test_unlinkWithoutDirSync(self) -> None:
         """sync_dir=False removes the file with a single unlink call."""
-        path = self.mktemp()
+        path = scratch_path(self)
         with open(path, "wb"):
             pass
         self.assertEqual(count_steps(self, lambda: fsutil.unlink_durable(path, sync_dir=False)), ["_unlink"])
@@ -153,7 +153,7 @@ class DiskFullTests(SynchronousTestCase):
 class LockTests(SynchronousTestCase):
     def test_lockedExcludes(self) -> None:
         """While one holder has the lock a non-blocking attempt fails; afterwards it works."""
-        path = self.mktemp()
+        path = scratch_path(self)
         with fsutil.locked(path):
             with self.assertRaises(BlockingIOError):
                 with fsutil.locked(path, blocking=False):

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.storage import maildir as maildir_module
 from mailstack.storage.maildir import CHUNK, MaildirStore, escape_host
-from tests.storage.faults import Faults, count_steps
+from tests.storage.faults import Faults, count_steps, scratch_path
 
 BOB = parse_address("Bob@example.org")
 MESSAGE = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n\xe9 8-bit\r\n"
@@ -28,7 +28,7 @@ def listing(path: str) -> list[str]:
 
 class PathTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.store = MaildirStore(self.mktemp(), hostname="mx.example.org")
+        self.store = MaildirStore(scratch_path(self), hostname="mx.example.org")
 
     def test_pathForUsesKeyForm(self) -> None:
         """The Maildir is root/<domain>/<lowercase local part>."""
@@ -51,7 +51,7 @@ class PathTests(SynchronousTestCase):
 class DeliverTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.now = 1764341555.123456
-        self.store = MaildirStore(self.mktemp(), hostname="mx.example.org", clock=lambda: self.now)
+        self.store = MaildirStore(scratch_path(self), hostname="mx.example.org", clock=lambda: self.now)
         self.maildir = self.store.path_for(BOB)
 
     def delivered(self) -> list[bytes]:
@@ -107,7 +107,7 @@ class DeliverTests(SynchronousTestCase):
 
     def test_sourcePathStreamedInChunks(self) -> None:
         """A file source is copied in CHUNK-sized writes, never read whole."""
-        source = self.mktemp()
+        source = scratch_path(self)
         body = os.urandom(CHUNK * 3 + 17)
         with open(source, "wb") as f:
             f.write(body)
@@ -133,10 +133,10 @@ class DeliverTests(SynchronousTestCase):
 
     def test_failureAtEveryStepLeavesNothing(self) -> None:
         """An error at any step of a first delivery raises and leaves no message anywhere."""
-        steps = len(count_steps(self, lambda: MaildirStore(self.mktemp()).deliver(BOB, [MESSAGE, MESSAGE])))
+        steps = len(count_steps(self, lambda: MaildirStore(scratch_path(self)).deliver(BOB, [MESSAGE, MESSAGE])))
         self.assertGreater(steps, 6)
         for k in range(1, steps + 1):
-            store = MaildirStore(self.mktemp())
+            store = MaildirStore(scratch_path(self))
             faults = Faults(self, fail_at=k)
             self.assertRaises(OSError, store.deliver, BOB, [MESSAGE, MESSAGE])
             faults.restore()
@@ -151,10 +151,10 @@ class DeliverTests(SynchronousTestCase):
         """A crash at any step leaves new/ with no message or one complete message."""
         payload = [MESSAGE] * 3
         whole = b"P: 1\r\n" + b"".join(payload)
-        steps = len(count_steps(self, lambda: MaildirStore(self.mktemp()).deliver(BOB, payload, b"P: 1\r\n")))
+        steps = len(count_steps(self, lambda: MaildirStore(scratch_path(self)).deliver(BOB, payload, b"P: 1\r\n")))
         outcomes = set()
         for k in range(1, steps + 1):
-            store = MaildirStore(self.mktemp())
+            store = MaildirStore(scratch_path(self))
             faults = Faults(self, fail_at=k, crash=True)
             self.assertRaises(OSError, store.deliver, BOB, payload, b"P: 1\r\n")
             faults.restore()
