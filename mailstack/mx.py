@@ -186,6 +186,21 @@ class Resolver:
             raise TemporaryFailure(R_NO_ADDRESS if not temporary else R_DNS_TEMP)
         return resolved
 
+    def addresses(self, name: str) -> Deferred:
+        """Deferred firing with the A then AAAA addresses of ``name`` (the smarthost).
+
+        Errbacks TemporaryFailure when there is none (a smarthost that cannot be
+        found is our configuration's or the DNS's problem, never the sender's).
+        """
+
+        async def lookup() -> list[str]:
+            found, _ = await self._addresses(name)
+            if not found:
+                raise TemporaryFailure(R_NO_ADDRESS)
+            return found
+
+        return Deferred.fromCoroutine(lookup())
+
     async def _addresses(self, name: str) -> tuple[list[str], bool]:
         """A then AAAA addresses of ``name``; also whether a lookup failed temporarily."""
         literal = literal_address(name)

@@ -149,3 +149,200 @@ class FakeIntake:
 
     def begin(self, envelope: Any) -> FakeIncoming:
         return FakeIncoming(self, envelope)
+
+
+# -- SMTP on the other end: a scriptable sink, and an in-memory network ------
+
+from twisted.internet.error import ConnectionRefusedError as _Refused, TCPTimedOutError as _TimedOut
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.protocols.basic import LineReceiver
+from twisted.test import iosim
+
+
+class FakeTLS:
+    """A stand-in TLS context for iosim: both ends 'verify' unless told not to."""
+
+    def __init__(self, ok: bool = True, name: str = "") -> None:
+        self.ok = ok
+        self.name = name
+
+    def iosimVerify(self, other: Any) -> bool:
+        return self.ok and getattr(other, "ok", True)
+
+
+class FakeSMTPServer(LineReceiver):
+    """An SMTP sink whose replies come from keyword arguments.
+
+    ``rcpt`` maps an address to a reply line (default 250); ``messages`` gets
+    ``(sender, [rcpts], raw_data_bytes)`` with the DATA stream as it arrived
+    (still dot-stuffed, without the final ".").
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 100000
+
+    def __init__(
+        self,
+        greeting: bytes = b"220 sink.test ESMTP",
+        extensions: tuple = (b"PIPELINING", b"SIZE 10000000", b"8BITMIME"),
+        ehlo: bytes | None = None,
+        mail: bytes = b"250 2.1.0 Ok",
+        rcpt: dict | None = None,
+        data: bytes = b"354 End data with <CR><LF>.<CR><LF>",
+        final: bytes = b"250 2.0.0 Ok: queued",
+        starttls: FakeTLS | None = None,
+        auth: tuple | None = None,
+        hang_at: bytes | None = None,
+        drop_at: bytes | None = None,
+    ) -> None:
+        self.greeting = greeting
+        self.extensions = list(extensions)
+        if starttls is not None:
+            self.extensions.append(b"STARTTLS")
+        if auth is not None:
+            self.extensions.append(b"AUTH PLAIN LOGIN")
+        self.ehlo_reply = ehlo
+        self.mail_reply = mail
+        self.rcpt_replies = rcpt or {}
+        self.data_reply = data
+        self.final_reply = final
+        self.starttls = starttls
+        self.auth = auth
+        self.hang_at = hang_at
+        self.drop_at = drop_at
+        self.commands: list[bytes] = []
+        self.messages: list[tuple[bytes, list[bytes], bytes]] = []
+        self.tls = False
+        self._data: list[bytes] | None = None
+        self._sender = b""
+        self._rcpts: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.sendLine(self.greeting)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._data is not None:
+            if line == b".":
+                data = b"".join(l + b"\r\n" for l in self._data)
+                self._data = None
+                if self.drop_at == b".":
+                    self.transport.loseConnection()
+                    return
+                self.messages.append((self._sender, list(self._rcpts), data))
+                self.sendLine(self.final_reply)
+            else:
+                self._data.append(line)
+            return
+        self.commands.append(line)
+        verb = line.split(b" ", 1)[0].upper().split(b":")[0]
+        if self.hang_at is not None and line.upper().startswith(self.hang_at):
+            return
+        if self.drop_at is not None and line.upper().startswith(self.drop_at):
+            self.transport.loseConnection()
+            return
+        if verb == b"EHLO":
+            if self.ehlo_reply is not None:
+                self.sendLine(self.ehlo_reply)
+                return
+            lines = [b"sink.test"] + self.extensions
+            for i, l in enumerate(lines):
+                self.sendLine(b"250" + (b" " if i == len(lines) - 1 else b"-") + l)
+        elif verb == b"HELO":
+            self.sendLine(b"250 sink.test")
+        elif verb == b"STARTTLS":
+            self.sendLine(b"220 2.0.0 Ready to start TLS")
+            self.transport.startTLS(self.starttls)
+            self.tls = True
+        elif verb == b"AUTH":
+            import base64
+
+            parts = line.split(b" ")
+            if len(parts) == 3 and parts[1].upper() == b"PLAIN":
+                _, user, pw = base64.b64decode(parts[2]).split(b"\0")
+                ok = (user.decode(), pw.decode()) == self.auth
+                self.sendLine(b"235 2.7.0 Authentication successful" if ok else b"535 5.7.8 Authentication failed")
+            else:
+                self.sendLine(b"504 5.5.4 Unrecognized authentication type")
+        elif verb == b"MAIL":
+            self._sender = line[10:]
+            self._rcpts = []
+            self.sendLine(self.mail_reply)
+        elif verb == b"RCPT":
+            addr = line[8:].split(b">")[0].lstrip(b"<").decode()
+            reply = self.rcpt_replies.get(addr, b"250 2.1.5 Ok")
+            if reply.startswith(b"2"):
+                self._rcpts.append(addr.encode())
+            self.sendLine(reply)
+        elif verb == b"DATA":
+            if not self._rcpts:
+                self.sendLine(b"554 5.5.1 Error: no valid recipients")
+            elif self.data_reply.startswith(b"354"):
+                self._data = []
+                self.sendLine(self.data_reply)
+            else:
+                self.sendLine(self.data_reply)
+        elif verb == b"RSET":
+            self._rcpts = []
+            self.sendLine(b"250 2.0.0 Ok")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 2.0.0 Bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"502 5.5.2 Error: command not recognized")
+
+
+def connect_pair(server: Any, client: Any, clock: Any) -> iosim.IOPump:
+    """Connect two protocols in memory; the pump moves bytes when told to."""
+    return iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=clock)
+
+
+def drive(pumps: list, clock: Any, d: Deferred, rounds: int = 2000) -> None:
+    """Pump every connection until ``d`` has fired (or nothing moves)."""
+    for _ in range(rounds):
+        if d.called:
+            return
+        moved = False
+        for p in list(pumps):
+            moved |= bool(p.pump())
+        clock.advance(0)
+        if not moved and not d.called:
+            # let the last callbacks run (e.g. QUIT replies, disconnects)
+            if not any(p.pump() for p in list(pumps)):
+                return
+
+
+@implementer(IStreamClientEndpoint)
+class _PumpEndpoint:
+    def __init__(self, net: "FakeNet", key: tuple[str, int]) -> None:
+        self.net = net
+        self.key = key
+
+    def connect(self, factory: Any) -> Deferred:
+        self.net.attempts.append(self.key)
+        make = self.net.servers.get(self.key)
+        if make is None:
+            return fail(_Refused())
+        if make == "timeout":
+            return fail(_TimedOut())
+        server = make()
+        client = factory.buildProtocol(None)
+        self.net.pumps.append(connect_pair(server, client, self.net.clock))
+        self.net.connected.append((self.key, server))
+        return succeed(client)
+
+
+class FakeNet:
+    """``endpoint_factory(ip, port)`` over iosim: ``servers[(ip, port)] = make_server``."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.servers: dict[tuple[str, int], Any] = {}
+        self.pumps: list = []
+        self.attempts: list[tuple[str, int]] = []
+        self.connected: list = []
+
+    def __call__(self, ip: str, port: int) -> _PumpEndpoint:
+        return _PumpEndpoint(self, (ip, port))
+
+    def drive(self, d: Deferred) -> None:
+        drive(self.pumps, self.clock, d)

@@ -1,0 +1,299 @@
+# -*- test-case-name: tests.delivery.test_remote -*-
+"""Remote delivery: one attempt per (queue entry, destination domain).
+
+``RemoteAgent.deliver(entry, recipients)`` (IDeliveryAgent):
+
+1. Hosts: the smarthost (``relay.smarthost``, STARTTLS required, AUTH when
+   ``relay.smarthost_user`` is set) or ``IMXResolver.hosts_for(domain)``.
+   A DNS failure answers every recipient with its reply (NXDOMAIN and null MX
+   permanent, SERVFAIL temporary).
+2. Each address of each host in order, at most ``MAX_ADDRESSES``: connect
+   through ``endpoint_factory(ip, port)``; a refused or timed-out connection,
+   a 4xx/5xx greeting, a failed EHLO/STARTTLS/AUTH or a refused MAIL moves on
+   to the next address (the backup MX).  A TLS handshake that fails on an
+   opportunistic STARTTLS is retried once in plaintext (RFC 7435 section 6).
+3. The transaction on the first host that takes it gives per-recipient
+   replies: 2xx delivered, 4xx deferred, 5xx failed.
+4. When no host took the transaction, every recipient gets a temporary
+   reply naming the last problem -- unless every host that answered refused
+   MAIL FROM with 5xx, which is permanent.  AUTH failures at the smarthost
+   are temporary, never a bounce.
+
+Replies are ``RemoteReply`` (a Reply with ``host`` and ``ip``) so the queue
+manager can log and record where the answer came from.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailstack.errors import MailError, Reply
+from mailstack.interfaces import IDeliveryAgent
+from mailstack.mx import Host, literal_address, split_hostport
+from mailstack.smtp.client import HostFailure, SMTPClientProtocol, client_tls
+
+MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit is 5)
+
+
+@dataclass(frozen=True)
+class RemoteReply(Reply):
+    """A reply plus the MX host and IP it came from (or that we failed to reach)."""
+
+    host: str = ""
+    ip: str = ""
+
+
+R_CONNECT = Reply(451, "4.4.1", "Connection to the remote server failed")
+R_NO_HOSTS = Reply(451, "4.4.4", "No mail server could be reached")
+R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error opening the message")
+
+
+def _with(reply: Reply, host: str, ip: str) -> RemoteReply:
+    return RemoteReply(reply.code, reply.enhanced, reply.text, host=host, ip=ip)
+
+
+def _temporary(reply: Reply) -> Reply:
+    """A host-level 5xx (greeting, EHLO, AUTH) as a 4xx: worth retrying later."""
+    if reply.temporary:
+        return reply
+    return Reply(451, "4.4.0", f"Remote server refused the session: {reply}")
+
+
+@implementer(IDeliveryAgent)
+class RemoteAgent:
+    """See the module docstring."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Any,
+        resolver: Any,
+        endpoint_factory: Callable[[str, int], Any],
+        clock: Any,
+        message_path: Callable[[str], str],
+        *,
+        tls_factory: Callable[[str], Any] | None = None,
+        smarthost_password: str = "",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.endpoint_factory = endpoint_factory
+        self.clock = clock
+        self.message_path = message_path
+        verify = config.relay.tls_verify
+        self.tls_factory = tls_factory if tls_factory is not None else (lambda name: client_tls(name, verify))
+        self.smarthost_password = smarthost_password
+        self.rng = rng if rng is not None else random.Random()
+        self._clients: set[SMTPClientProtocol] = set()
+
+    # -- IDeliveryAgent -----------------------------------------------------
+
+    def deliver(self, entry: Any, recipients: list) -> Deferred:
+        return Deferred.fromCoroutine(self._deliver_all(entry, recipients))
+
+    async def _deliver_all(self, entry: Any, recipients: list) -> dict[str, Reply]:
+        by_domain: dict[str, list] = {}
+        for r in recipients:
+            by_domain.setdefault(r.domain, []).append(r)
+        results: dict[str, Reply] = {}
+        for domain, rcpts in by_domain.items():
+            results.update(await self._deliver_domain(entry, domain, [r.address for r in rcpts]))
+        return results
+
+    def abort_all(self) -> None:
+        """Drop every connection in progress (shutdown after the grace period)."""
+        for client in list(self._clients):
+            client.abort()
+
+    # -- one domain ---------------------------------------------------------
+
+    async def _hosts(self, domain: str) -> tuple[list[Host], int, bool]:
+        relay = self.config.relay
+        if relay.smarthost:
+            name, port = split_hostport(relay.smarthost, 25)
+            literal = literal_address(f"[{name}]") if not name.startswith("[") else literal_address(name)
+            if literal is not None:
+                return [Host(name, (literal,), 0)], port, True
+            addresses = await self.resolver.addresses(name)
+            return [Host(name, tuple(addresses), 0)], port, True
+        hosts = await self.resolver.hosts_for(domain)
+        return list(hosts), relay.port, False
+
+    def _usable(self, ip: str) -> bool:
+        source = self.config.relay.source_address
+        if not source:
+            return True
+        return (":" in source) == (":" in ip)  # bind needs the same address family
+
+    async def _deliver_domain(self, entry: Any, domain: str, rcpts: list[str]) -> dict[str, Reply]:
+        try:
+            hosts, port, smarthost = await self._hosts(domain)
+        except MailError as e:
+            self.log.info(
+                "{queue_id}: no mail server for {domain}: {reply}", queue_id=entry.id, domain=domain, reply=str(e.reply)
+            )
+            return {r: _with(e.reply, "", "") for r in rcpts}
+        path = self.message_path(entry.id)
+        size = entry.size
+        targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
+        if not targets:
+            return {r: _with(R_NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
+        last: RemoteReply | None = None
+        mail_refusals = 0
+        answered = 0
+        for name, ip in targets:
+            plaintext = False
+            while True:
+                outcome = await self._attempt(entry, name, ip, port, smarthost, rcpts, path, size, plaintext)
+                if isinstance(outcome, dict):
+                    return outcome
+                stage, reply = outcome
+                if stage == "tls" and not smarthost and not plaintext:
+                    plaintext = True  # RFC 7435 6: opportunistic TLS failed; try in the clear
+                    continue
+                break
+            if stage == "dot":
+                # The data went out; the remote may have the message.  Do not send it
+                # to another host now (that could duplicate it); retry later.
+                return {r: _with(reply, name, ip) for r in rcpts}
+            if stage != "connect":
+                answered += 1
+            if stage == "mail" and reply.permanent:
+                mail_refusals += 1
+            last = _with(reply, name, ip)
+        assert last is not None
+        if answered and mail_refusals == answered:
+            final: Reply = last  # every server refused the sender for good
+        elif smarthost and last.code >= 500:
+            final = Reply(451, "4.7.0", f"Smarthost refused the session: {Reply(last.code, last.enhanced, last.text)}")
+        else:
+            final = _temporary(Reply(last.code, last.enhanced, last.text))
+        return {r: _with(final, last.host, last.ip) for r in rcpts}
+
+    async def _attempt(
+        self,
+        entry: Any,
+        name: str,
+        ip: str,
+        port: int,
+        smarthost: bool,
+        rcpts: list[str],
+        path: str,
+        size: int,
+        plaintext: bool,
+    ) -> dict[str, Reply] | tuple[str, Reply]:
+        """One connection; per-recipient replies, or ``(stage, reply)`` of the failure."""
+        relay = self.config.relay
+        credentials = None
+        if smarthost and relay.smarthost_user:
+            credentials = (relay.smarthost_user, self.smarthost_password)
+        client = SMTPClientProtocol(
+            self.config.hostname,
+            self.clock,
+            relay.command_timeout,
+            tls=None if plaintext else (lambda: self.tls_factory(name)),
+            require_tls=smarthost,
+            credentials=credentials,
+            peer_name=f"{name}[{ip}]",
+        )
+        try:
+            endpoint = self.endpoint_factory(ip, port)
+            await connectProtocol(endpoint, client)
+        except Exception as e:
+            self.log.info(
+                "{queue_id}: connect to {mx}[{ip}]:{port} failed: {error}",
+                queue_id=entry.id,
+                mx=name,
+                ip=ip,
+                port=port,
+                error=e.__class__.__name__,
+            )
+            return "connect", R_CONNECT
+        self._clients.add(client)
+        try:
+            try:
+                await client.handshake()
+            except HostFailure as e:
+                if e.stage == "auth":
+                    e = HostFailure("auth", Reply(451, "4.7.0", f"Authentication at the smarthost failed: {e.reply}"))
+                self._host_failed(entry, name, ip, e)
+                return e.stage, e.reply
+            try:
+                source = open(path, "rb")
+            except OSError:
+                self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
+                client.quit()
+                return {r: _with(R_LOCAL_ERROR, name, ip) for r in rcpts}
+            try:
+                if not size:
+                    size = os.fstat(source.fileno()).st_size
+                try:
+                    replies = await client.send(entry.sender, rcpts, source, size)
+                except HostFailure as e:
+                    self._host_failed(entry, name, ip, e)
+                    return e.stage, e.reply
+            finally:
+                source.close()
+            client.quit()
+            return {r: _with(replies[r], name, ip) for r in rcpts}
+        finally:
+            self._clients.discard(client)
+
+    def _host_failed(self, entry: Any, name: str, ip: str, e: HostFailure) -> None:
+        self.log.info(
+            "{queue_id}: {mx}[{ip}] failed at {stage}: {reply}",
+            queue_id=entry.id,
+            mx=name,
+            ip=ip,
+            stage=e.stage,
+            reply=str(e.reply),
+        )
+
+
+def read_password(path: str) -> str:
+    """The smarthost password: the file's first line (blocking, once at start)."""
+    if not path:
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def tcp_endpoint_factory(reactor: Any, config: Any) -> Callable[[str, int], Any]:
+    """Production ``endpoint_factory``: TCP4/TCP6 client endpoints with the
+    connect timeout and ``relay.source_address`` binding."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+    relay = config.relay
+
+    def factory(ip: str, port: int) -> Any:
+        bind = (relay.source_address, 0) if relay.source_address else None
+        cls = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
+        return cls(reactor, ip, port, timeout=relay.connect_timeout, bindAddress=bind)
+
+    return factory
+
+
+def build(config: Any, reactor: Any, run_blocking: Any = None) -> RemoteAgent:
+    """The production agent (called by ``service.py``)."""
+    from mailstack.mx import Resolver
+    from mailstack.queue.store import QueueStore
+
+    store = QueueStore(os.path.join(config.data_dir, "queue"))
+    return RemoteAgent(
+        config,
+        Resolver(config, reactor=reactor),
+        tcp_endpoint_factory(reactor, config),
+        reactor,
+        store.message_path,
+        smarthost_password=read_password(config.relay.smarthost_password_file),
+    )

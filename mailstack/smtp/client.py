@@ -1,0 +1,608 @@
+# -*- test-case-name: tests.smtp.test_client -*-
+"""Outbound SMTP client protocol: one connection, one or more transactions.
+
+Written on ``Protocol`` rather than twisted's ``SMTPClient`` (anchors.md 4.1:
+no per-recipient results, 4xx treated as 5xx, no timeouts by default).
+
+``SMTPClientProtocol`` offers three coroutines-as-Deferreds:
+
+* ``handshake()``: wait for the 220 greeting (RFC 5321 4.3.1), ``EHLO`` with our
+  hostname (``HELO`` when EHLO is refused, 4.1.4), ``STARTTLS`` whenever it is
+  offered (RFC 3207; opportunistic per RFC 7435 unless ``require_tls``) and a
+  second EHLO after it (RFC 3207 4.2), then ``AUTH PLAIN`` (RFC 4954, 4616)
+  when credentials are given.  Errbacks ``HostFailure`` carrying the reply.
+* ``send(sender, recipients, source, size)``: ``MAIL FROM`` (with ``SIZE=``,
+  RFC 1870, and ``BODY=8BITMIME``, RFC 6152, when offered), ``RCPT TO`` for
+  each recipient and ``DATA``, pipelined when the server offers PIPELINING
+  (RFC 2920).  The body is streamed from the ``source`` file with a pull
+  producer, every bare CR or LF turned into CRLF (anchors 4.4 item 3: never
+  relay a bare CR or LF, the SMTP smuggling defence), NULs removed, and lines
+  starting with "." dot-stuffed (RFC 5321 4.5.2).  Fires with
+  ``{recipient: Reply}``; errbacks ``HostFailure`` when the transaction as a
+  whole failed before any recipient had an answer (``MAIL`` refused, lost
+  connection, timeout), with ``.stage`` telling where.
+* ``quit()``.
+
+Every reply wait has a timeout (RFC 5321 4.5.3.2, ``relay.command_timeout``;
+twice that for the reply to the final ".", 4.5.3.2.6 says 10 minutes) on the
+injected clock; a timeout aborts the connection.  TCP_NODELAY is set since the
+protocol is command/response.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from typing import IO, Any, Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailstack.errors import Reply
+
+MAX_LINE = 4096  # RFC 5321 4.5.3.1.5: reply lines are at most 512; be lenient
+MAX_REPLY_LINES = 200
+CHUNK = 64 * 1024
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+# Our own replies for failures that have no server reply.
+R_CONNECTION_LOST = Reply(451, "4.4.2", "Connection lost during the SMTP session")
+R_TIMEOUT = Reply(451, "4.4.2", "Timeout waiting for the remote server")
+R_PROTOCOL = Reply(451, "4.5.0", "Remote server violated the SMTP protocol")
+R_TLS_UNAVAILABLE = Reply(451, "4.7.4", "STARTTLS required but not offered by the remote server")
+R_TLS_FAILED = Reply(451, "4.7.5", "TLS negotiation with the remote server failed")
+R_AUTH_UNAVAILABLE = Reply(451, "4.7.0", "Authentication required but not offered by the remote server")
+R_NO_TRANSACTION = Reply(451, "4.5.0", "Transaction not attempted")
+
+
+class HostFailure(Exception):
+    """The session or transaction failed as a whole; ``reply`` says why.
+
+    ``stage`` is one of ``connect``, ``greeting``, ``ehlo``, ``starttls``,
+    ``tls``, ``auth``, ``mail``, ``rcpt``, ``data``, ``dot``.
+    """
+
+    def __init__(self, stage: str, reply: Reply) -> None:
+        super().__init__(f"{stage}: {reply}")
+        self.stage = stage
+        self.reply = reply
+
+
+class _Lost(Exception):
+    """The connection went away (or was aborted after a timeout)."""
+
+    def __init__(self, reply: Reply, reason: Any = None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.reason = reason
+
+
+def make_reply(code: int, lines: Sequence[str]) -> Reply:
+    """A Reply from a server's reply lines; the RFC 3463 code is taken from line 1."""
+    texts = []
+    enhanced = ""
+    for i, line in enumerate(lines):
+        m = _ENHANCED.match(line)
+        if m and m.group(1) == str(code)[0]:
+            if i == 0:
+                enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            line = line[m.end():]
+        texts.append(line)
+    return Reply(code, enhanced, "\n".join(texts).strip())
+
+
+class DataEncoder:
+    """Bytes of a stored message -> the DATA stream (CRLF, dot-stuffed, terminated).
+
+    Every CR not followed by LF and every LF not preceded by CR becomes CRLF,
+    so no bare CR or LF ever reaches the remote (SMTP smuggling, anchors 4.4.3);
+    NUL bytes are dropped (RFC 5321 4.5.2 allows none in text).  Then lines
+    starting with "." get another "." (RFC 5321 4.5.2).  State carries across
+    chunk boundaries.
+    """
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+        self._line_start = True
+        self.written = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if not chunk:
+            return b""
+        if b"\x00" in chunk:
+            chunk = chunk.replace(b"\x00", b"")
+        if b"\r" in chunk or b"\n" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        if chunk:
+            self._line_start = chunk.endswith(b"\r\n")
+        self.written += len(chunk)
+        return chunk
+
+    def end(self) -> bytes:
+        out = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            out = b"\r\n"
+            self._line_start = True
+        if not self._line_start:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+    def encode(self, data: bytes) -> bytes:
+        """Whole-message convenience (tests)."""
+        return self.feed(data) + self.end()
+
+
+@implementer(IPushProducer)
+class _BodyProducer:
+    """Streams the message file through a DataEncoder into the transport.
+
+    A streaming producer: it writes chunk after chunk until the transport's
+    buffer is full and it is paused, then continues when resumed.
+    """
+
+    def __init__(self, source: IO[bytes], transport: Any, on_chunk: Callable[[], None]) -> None:
+        self.source = source
+        self.transport = transport
+        self.encoder = DataEncoder()
+        self.on_chunk = on_chunk
+        self.done: Deferred = Deferred()
+        self._stopped = False
+        self._paused = False
+        self._producing = False
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, True)
+        self._produce()
+
+    def _produce(self) -> None:
+        if self._producing:
+            return
+        self._producing = True
+        try:
+            while not self._paused and not self._stopped:
+                self.on_chunk()
+                try:
+                    chunk = self.source.read(CHUNK)
+                except OSError as e:
+                    self._finish(Failure(e))
+                    return
+                if not chunk:
+                    self.transport.write(self.encoder.end())
+                    self._finish(None)
+                    return
+                data = self.encoder.feed(chunk)
+                if data:
+                    self.transport.write(data)
+        finally:
+            self._producing = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._produce()
+
+    def _finish(self, result: Any) -> None:
+        self._stopped = True
+        self.transport.unregisterProducer()
+        if self.done.called:
+            return
+        if isinstance(result, Failure):
+            self.done.errback(result)
+        else:
+            self.done.callback(None)
+
+    def stopProducing(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            if not self.done.called:
+                self.done.errback(Failure(_Lost(R_CONNECTION_LOST)))
+
+
+class SMTPClientProtocol(Protocol):
+    """One outbound SMTP connection (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        hostname: str,
+        clock: Any,
+        timeout: float = 300.0,
+        *,
+        tls: Callable[[], Any] | None = None,
+        require_tls: bool = False,
+        credentials: tuple[str, str] | None = None,
+        peer_name: str = "",
+    ) -> None:
+        self.hostname = hostname
+        self.clock = clock
+        self.timeout = timeout
+        self.tls = tls  # () -> a client TLS connection creator, or None: no STARTTLS
+        self.require_tls = require_tls
+        self.credentials = credentials
+        self.peer_name = peer_name
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.secure = False
+        self.greeting: Reply | None = None
+        self._buffer = b""
+        self._lines: list[str] = []
+        self._waiting: deque[tuple[Deferred, float]] = deque()
+        self._timer: Any = None
+        self._lost: _Lost | None = None
+
+    # -- transport events ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass  # not a TCP transport (tests, TLS wrappers)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            raw, self._buffer = self._buffer.split(b"\n", 1)
+            if self._line(raw.rstrip(b"\r")):
+                return
+        if len(self._buffer) > MAX_LINE:
+            self._violation("overlong reply line")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._lost is None:
+            self._lost = _Lost(R_CONNECTION_LOST, reason)
+        waiting, self._waiting = self._waiting, deque()
+        for d, _ in waiting:
+            d.errback(Failure(self._lost))
+
+    # -- replies ------------------------------------------------------------
+
+    def _line(self, raw: bytes) -> bool:
+        """Handle one reply line; True if the connection is being dropped."""
+        text = raw.decode("utf-8", "replace")
+        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+            self._violation("malformed reply line")
+            return True
+        if self._lines and text[:3] != self._lines[0][:3]:
+            self._violation("reply code changed inside a multi-line reply")
+            return True
+        self._lines.append(text)
+        if len(self._lines) > MAX_REPLY_LINES:
+            self._violation("reply too long")
+            return True
+        if len(text) > 3 and text[3] == "-":
+            return False
+        lines, self._lines = self._lines, []
+        code = int(lines[0][:3])
+        if not 200 <= code <= 599:
+            self._violation("reply code out of range")
+            return True
+        reply = make_reply(code, [ln[4:] for ln in lines])
+        if not self._waiting:
+            self._violation("unexpected reply")
+            return True
+        d, _ = self._waiting.popleft()
+        self._rearm()
+        d.callback(reply)
+        return self.transport is None or self._lost is not None
+
+    def _violation(self, what: str) -> None:
+        self.log.info("SMTP protocol violation by {mx}: {what}", mx=self.peer_name, what=what)
+        self._lost = _Lost(R_PROTOCOL)
+        self.transport.abortConnection()
+
+    def _expect(self, timeout: float | None = None) -> Deferred:
+        d: Deferred = Deferred()
+        if self._lost is not None:
+            d.errback(Failure(self._lost))
+            return d
+        self._waiting.append((d, timeout if timeout is not None else self.timeout))
+        if len(self._waiting) == 1:
+            self._rearm()
+        return d
+
+    def _rearm(self) -> None:
+        """One timer for the oldest outstanding reply (RFC 5321 4.5.3.2)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._waiting:
+            self._timer = self.clock.callLater(self._waiting[0][1], self._timed_out)
+
+    def _touch(self) -> None:
+        """Progress while sending DATA: restart the timer (4.5.3.2.5, data block)."""
+        if self._waiting:
+            self._rearm()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.log.info("SMTP timeout waiting for {mx}", mx=self.peer_name)
+        self._lost = _Lost(R_TIMEOUT)
+        self.transport.abortConnection()
+
+    def _send_line(self, line: str) -> None:
+        self.transport.write(line.encode("utf-8") + b"\r\n")
+
+    def command(self, line: str, timeout: float | None = None) -> Deferred:
+        """Send one command line; Deferred firing with its Reply."""
+        d = self._expect(timeout)
+        if self._lost is None:
+            self._send_line(line)
+        return d
+
+    # -- session ------------------------------------------------------------
+
+    def handshake(self) -> Deferred:
+        return Deferred.fromCoroutine(self._handshake())
+
+    async def _await(self, d: Deferred, stage: str) -> Reply:
+        try:
+            return await d
+        except _Lost as e:
+            if stage == "tls" and e.reply is R_CONNECTION_LOST:
+                raise HostFailure(stage, R_TLS_FAILED) from None
+            raise HostFailure(stage, e.reply) from None
+
+    async def _handshake(self) -> dict[str, str]:
+        greeting = await self._await(self._expect(), "greeting")
+        self.greeting = greeting
+        if greeting.code != 220:
+            # RFC 5321 3.1: a 554 greeting; say QUIT and leave.
+            self._quietly_quit()
+            raise HostFailure("greeting", greeting)
+        await self._ehlo()
+        if "STARTTLS" in self.extensions and self.tls is not None:
+            reply = await self._await(self.command("STARTTLS"), "starttls")
+            if reply.code == 220:
+                self._start_tls()
+                await self._ehlo(stage="tls")
+            elif self.require_tls:
+                self._quietly_quit()
+                raise HostFailure("starttls", reply)
+        elif self.require_tls:
+            self._quietly_quit()
+            raise HostFailure("starttls", R_TLS_UNAVAILABLE)
+        if self.credentials is not None:
+            await self._auth()
+        return dict(self.extensions)
+
+    async def _ehlo(self, stage: str = "ehlo") -> None:
+        reply = await self._await(self.command(f"EHLO {self.hostname}"), stage)
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = {}
+            for line in reply.text.split("\n")[1:]:
+                keyword, _, params = line.strip().partition(" ")
+                if keyword:
+                    self.extensions[keyword.upper()] = params.strip()
+            return
+        if stage == "ehlo" and reply.code in (500, 502, 504, 550):
+            # RFC 5321 4.1.4 / 3.2: an old server; fall back to HELO.
+            reply = await self._await(self.command(f"HELO {self.hostname}"), stage)
+            if reply.code == 250:
+                self.esmtp = False
+                self.extensions = {}
+                return
+        self._quietly_quit()
+        raise HostFailure(stage, reply)
+
+    def _start_tls(self) -> None:
+        assert self.tls is not None
+        # RFC 3207 4.2 (and anchors 4.4.1 the other way round): nothing the server
+        # sent in plaintext after its 220 may count once TLS is up.
+        self._buffer = b""
+        self._lines = []
+        self.transport.startTLS(self.tls())
+        self.secure = True
+
+    async def _auth(self) -> None:
+        assert self.credentials is not None
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user, password = self.credentials
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8")).decode("ascii")
+            reply = await self._await(self.command(f"AUTH PLAIN {token}"), "auth")
+            if reply.code == 334:  # server wanted the response separately
+                reply = await self._await(self.command(token), "auth")
+        elif "LOGIN" in mechanisms:
+            reply = await self._await(self.command("AUTH LOGIN"), "auth")
+            if reply.code == 334:
+                reply = await self._await(self.command(base64.b64encode(user.encode()).decode()), "auth")
+            if reply.code == 334:
+                reply = await self._await(self.command(base64.b64encode(password.encode()).decode()), "auth")
+        else:
+            self._quietly_quit()
+            raise HostFailure("auth", R_AUTH_UNAVAILABLE)
+        if reply.code != 235:
+            self._quietly_quit()
+            raise HostFailure("auth", reply)
+
+    def send(self, sender: str, recipients: Sequence[str], source: IO[bytes], size: int = 0) -> Deferred:
+        """One transaction; Deferred firing with ``{recipient: Reply}``."""
+        return Deferred.fromCoroutine(self._send(sender, list(recipients), source, size))
+
+    async def _send(self, sender: str, recipients: list[str], source: IO[bytes], size: int) -> dict[str, Reply]:
+        if self._lost is not None:
+            raise HostFailure("mail", self._lost.reply)
+        params = []
+        if "SIZE" in self.extensions:
+            limit = self.extensions["SIZE"]
+            if limit.isdigit() and int(limit) and size > int(limit):
+                # RFC 1870 6: do not send what the server said it will not take.
+                reply = Reply(552, "5.3.4", f"Message size exceeds the remote server's limit of {limit} bytes")
+                return {r: reply for r in recipients}
+            if size:
+                params.append(f"SIZE={size}")
+        if "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
+        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
+        results: dict[str, Reply] = {}
+        if "PIPELINING" in self.extensions:
+            # RFC 2920 3.1: MAIL, RCPTs and DATA in one group; replies in order.
+            waits = [self.command(mail)] + [self.command(c) for c in rcpts] + [self.command("DATA")]
+            replies: list[Reply | None] = []
+            lost: _Lost | None = None
+            for d in waits:
+                try:
+                    replies.append(await d)
+                except _Lost as e:
+                    replies.append(None)
+                    lost = lost or e
+            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+            if mail_reply is None:
+                raise HostFailure("mail", lost.reply if lost else R_CONNECTION_LOST)
+            if mail_reply.code != 250:
+                if data_reply is not None and data_reply.code == 354:
+                    self._abort_data()
+                raise HostFailure("mail", mail_reply)
+            for r, reply in zip(recipients, rcpt_replies):
+                if reply is None:
+                    raise HostFailure("rcpt", lost.reply if lost else R_CONNECTION_LOST)
+                results[r] = reply
+            accepted = [r for r in recipients if results[r].code // 100 == 2]
+            if data_reply is None:
+                raise HostFailure("data", lost.reply if lost else R_CONNECTION_LOST) if accepted else HostFailure(
+                    "rcpt", lost.reply if lost else R_CONNECTION_LOST
+                )
+            if not accepted:
+                if data_reply.code == 354:
+                    await self._finish_empty()
+                else:
+                    await self._rset()
+                return results
+        else:
+            mail_reply = await self._await(self.command(mail), "mail")
+            if mail_reply.code != 250:
+                raise HostFailure("mail", mail_reply)
+            for r, c in zip(recipients, rcpts):
+                results[r] = await self._await(self.command(c), "rcpt")
+            accepted = [r for r in recipients if results[r].code // 100 == 2]
+            if not accepted:
+                await self._rset()
+                return results
+            data_reply = await self._await(self.command("DATA"), "data")
+        if data_reply.code != 354:
+            for r in accepted:
+                results[r] = data_reply
+            await self._rset()
+            return results
+        final = await self._await(self._send_body(source), "dot")
+        for r in accepted:
+            results[r] = final
+        return results
+
+    def _send_body(self, source: IO[bytes]) -> Deferred:
+        """Stream the body; Deferred firing with the reply to the final "."."""
+        reply = self._expect(self.timeout * 2)  # RFC 5321 4.5.3.2.6: 10 minutes
+        producer = _BodyProducer(source, self.transport, self._touch)
+        producer.done.addErrback(lambda f: None if f.check(_Lost) else self._body_failed(f))
+        producer.start()
+        return reply
+
+    def _body_failed(self, failure: Failure) -> None:
+        self.log.failure("reading the message to relay failed", failure)
+        self._lost = _Lost(Reply(451, "4.3.0", "Local error reading the message"))
+        self.transport.abortConnection()
+
+    def _abort_data(self) -> None:
+        # RFC 2920 3.1: DATA was accepted although the transaction failed; end it empty.
+        self.transport.write(b".\r\n")
+        self._expect().addErrback(lambda f: None)
+
+    async def _finish_empty(self) -> None:
+        self.transport.write(b".\r\n")
+        try:
+            await self._expect()
+        except _Lost:
+            pass
+
+    async def _rset(self) -> None:
+        try:
+            reply = await self.command("RSET")
+        except _Lost:
+            return
+        if reply.code != 250:
+            self._quietly_quit()
+
+    def quit(self) -> Deferred:
+        """Say QUIT (RFC 5321 4.1.1.10) and close; never fails."""
+        return Deferred.fromCoroutine(self._quit())
+
+    async def _quit(self) -> None:
+        if self._lost is not None or self.transport is None:
+            return
+        d = self.command("QUIT")
+        try:
+            await d
+        except _Lost:
+            return
+        if self._lost is None:
+            self.transport.loseConnection()
+
+    def _quietly_quit(self) -> None:
+        if self._lost is None:
+            self.command("QUIT").addErrback(lambda f: None)
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (shutdown)."""
+        if self._lost is None:
+            self._lost = _Lost(R_CONNECTION_LOST)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def client_tls(server_name: str, verify: bool) -> Any:
+    """A client TLS connection creator for STARTTLS to ``server_name``.
+
+    ``verify``: the certificate must chain to the system trust roots and match
+    the name (``optionsForClientTLS``).  Otherwise opportunistic TLS (RFC 7435):
+    encrypt, send SNI, accept any certificate.
+    """
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+    if verify:
+        return ssl.optionsForClientTLS(server_name)
+
+    @implementer(IOpenSSLClientConnectionCreator)
+    class Opportunistic:
+        def __init__(self) -> None:
+            self._context = ssl.CertificateOptions(verify=False).getContext()
+
+        def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+            connection = SSL.Connection(self._context, None)
+            connection.set_app_data(tlsProtocol)
+            if server_name and not re.fullmatch(r"[0-9.]+|.*:.*", server_name):
+                try:
+                    connection.set_tlsext_host_name(server_name.encode("idna"))
+                except Exception:
+                    pass
+            connection.set_connect_state()
+            return connection
+
+    return Opportunistic()

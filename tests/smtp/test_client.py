@@ -1,0 +1,254 @@
+"""The outbound SMTP client against a scripted in-memory server."""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.errors import Reply
+from mailstack.smtp.client import (
+    R_TIMEOUT,
+    DataEncoder,
+    HostFailure,
+    SMTPClientProtocol,
+    make_reply,
+)
+from tests.queue.outbound_fakes import FakeSMTPServer, FakeTLS, connect_pair, drive
+
+MESSAGE = b"Subject: hi\r\nFrom: a@b.test\r\n\r\nHello\r\n.leading dot\r\nbye\r\n"
+
+
+class EncoderTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """Bare CR and LF become CRLF, NUL goes, leading dots are doubled, the end is CRLF.CRLF."""
+        cases = [
+            (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+            (b"a\nb", b"a\r\nb\r\n.\r\n"),
+            (b".x\r\n", b"..x\r\n.\r\n"),
+            (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            # smuggling sequences (anchors 5): none may end DATA early at the remote
+            (b"a\n.\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n.\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n\x00.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n.\r\r\nb", b"a\r\n..\r\n\r\nb\r\n.\r\n"),
+            (b"", b".\r\n"),
+            (b"end\r", b"end\r\n.\r\n"),
+        ]
+        for raw, wire in cases:
+            self.assertEqual(DataEncoder().encode(raw), wire, raw)
+
+    def test_chunkBoundaries(self) -> None:
+        """Splitting the input anywhere gives the same output."""
+        raw = b"x\r\n.a\r\rb\n.\r\n\r.z\n" * 3
+        whole = DataEncoder().encode(raw)
+        for size in range(1, 8):
+            enc = DataEncoder()
+            out = b"".join(enc.feed(raw[i : i + size]) for i in range(0, len(raw), size)) + enc.end()
+            self.assertEqual(out, whole, size)
+        self.assertNotIn(b"\r\n.\r\n", whole[:-3])
+
+
+class ReplyTests(SynchronousTestCase):
+    def test_makeReply(self) -> None:
+        """Multi-line replies keep their text; the enhanced code comes from the first line."""
+        r = make_reply(550, ["5.1.1 <x@y>: Recipient address rejected", "5.1.1 see https://help"])
+        self.assertEqual(r, Reply(550, "5.1.1", "<x@y>: Recipient address rejected\nsee https://help"))
+        self.assertEqual(make_reply(354, ["2.0.0 go ahead"]).enhanced, "")
+        self.assertEqual(make_reply(250, ["ok"]), Reply(250, "", "ok"))
+
+
+class ClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def connect(self, server: FakeSMTPServer, **kw) -> SMTPClientProtocol:
+        kw.setdefault("tls", None)
+        self.client = SMTPClientProtocol("me.test", self.clock, 30.0, **kw)
+        self.server = server
+        self.pumps = [connect_pair(server, self.client, self.clock)]
+        return self.client
+
+    def run_(self, d):
+        drive(self.pumps, self.clock, d)
+        return d
+
+    def session(self, server: FakeSMTPServer, rcpts=("a@r.test", "b@r.test"), message=MESSAGE, **kw):
+        c = self.connect(server, **kw)
+        self.successResultOf(self.run_(c.handshake()))
+        return self.run_(c.send("s@here.test", list(rcpts), io.BytesIO(message), len(message)))
+
+    def test_pipelinedTransaction(self) -> None:
+        """EHLO, pipelined MAIL/RCPT/DATA, the body dot-stuffed, a reply per recipient."""
+        server = FakeSMTPServer()
+        results = self.successResultOf(self.session(server))
+        self.assertEqual(set(results), {"a@r.test", "b@r.test"})
+        self.assertEqual(results["a@r.test"], Reply(250, "2.0.0", "Ok: queued"))
+        self.assertEqual(server.commands[0], b"EHLO me.test")
+        self.assertEqual(server.commands[1], b"MAIL FROM:<s@here.test> SIZE=%d BODY=8BITMIME" % len(MESSAGE))
+        self.assertEqual(server.commands[2:5], [b"RCPT TO:<a@r.test>", b"RCPT TO:<b@r.test>", b"DATA"])
+        self.assertEqual(server.messages[0][2], MESSAGE.replace(b"\r\n.leading", b"\r\n..leading"))
+        self.assertTrue(self.client.esmtp)
+        self.successResultOf(self.run_(self.client.quit()))
+        self.assertEqual(server.commands[-1], b"QUIT")
+
+    def test_perRecipientResults(self) -> None:
+        """2xx, 4xx and 5xx per recipient; only accepted ones get the data."""
+        server = FakeSMTPServer(rcpt={"bad@r.test": b"550 5.1.1 No such user", "later@r.test": b"451 4.7.1 Greylisted"})
+        results = self.successResultOf(self.session(server, rcpts=("bad@r.test", "ok@r.test", "later@r.test")))
+        self.assertEqual(results["bad@r.test"].code, 550)
+        self.assertEqual(results["later@r.test"], Reply(451, "4.7.1", "Greylisted"))
+        self.assertEqual(results["ok@r.test"].code, 250)
+        self.assertEqual(server.messages[0][1], [b"ok@r.test"])
+
+    def test_allRecipientsRefused(self) -> None:
+        """No accepted recipient: no message is sent, each gets its RCPT reply."""
+        server = FakeSMTPServer(rcpt={"a@r.test": b"550 5.1.1 No", "b@r.test": b"550 5.1.1 No"})
+        results = self.successResultOf(self.session(server))
+        self.assertEqual({r.code for r in results.values()}, {550})
+        self.assertEqual(server.messages, [])
+
+    def test_withoutPipelining(self) -> None:
+        """Without PIPELINING each command waits for its reply; no SIZE/BODY unless offered."""
+        server = FakeSMTPServer(extensions=())
+        results = self.successResultOf(self.session(server))
+        self.assertEqual({r.code for r in results.values()}, {250})
+        self.assertEqual(server.commands[1], b"MAIL FROM:<s@here.test>")
+        self.assertEqual(len(server.messages), 1)
+
+    def test_heloFallback(self) -> None:
+        """A server that refuses EHLO gets HELO."""
+        server = FakeSMTPServer(ehlo=b"502 5.5.2 Command not recognized")
+        results = self.successResultOf(self.session(server))
+        self.assertEqual(server.commands[:2], [b"EHLO me.test", b"HELO me.test"])
+        self.assertFalse(self.client.esmtp)
+        self.assertEqual({r.code for r in results.values()}, {250})
+
+    def test_badGreeting(self) -> None:
+        """A 554 greeting is a host failure at stage greeting."""
+        c = self.connect(FakeSMTPServer(greeting=b"554 5.7.1 Go away"))
+        f = self.failureResultOf(self.run_(c.handshake()), HostFailure)
+        self.assertEqual((f.value.stage, f.value.reply.code), ("greeting", 554))
+
+    def test_mailRefused(self) -> None:
+        """A refused MAIL FROM fails the transaction as a whole."""
+        server = FakeSMTPServer(mail=b"550 5.7.1 Sender rejected")
+        f = self.failureResultOf(self.session(server), HostFailure)
+        self.assertEqual((f.value.stage, f.value.reply.enhanced), ("mail", "5.7.1"))
+        self.assertEqual(server.messages, [])
+
+    def test_sizeLimit(self) -> None:
+        """A message bigger than the server's SIZE is not sent: 552 5.3.4 for everyone."""
+        server = FakeSMTPServer(extensions=(b"SIZE 10",))
+        results = self.successResultOf(self.session(server))
+        self.assertEqual({(r.code, r.enhanced) for r in results.values()}, {(552, "5.3.4")})
+        self.assertNotIn(b"MAIL", b" ".join(server.commands))
+
+    def test_dataRefused(self) -> None:
+        """A refused DATA answers every accepted recipient."""
+        server = FakeSMTPServer(data=b"451 4.3.0 Try later")
+        results = self.successResultOf(self.session(server))
+        self.assertEqual({(r.code, r.enhanced) for r in results.values()}, {(451, "4.3.0")})
+
+    def test_finalReplyRefused(self) -> None:
+        """A 5xx after the final dot fails every accepted recipient."""
+        server = FakeSMTPServer(final=b"554 5.7.1 Spam")
+        results = self.successResultOf(self.session(server))
+        self.assertEqual({r.code for r in results.values()}, {554})
+
+    def test_starttls(self) -> None:
+        """STARTTLS is used when offered; EHLO is repeated; the mail goes over TLS."""
+        server = FakeSMTPServer(starttls=FakeTLS())
+        results = self.successResultOf(self.session(server, tls=lambda: FakeTLS()))
+        self.assertEqual(server.commands[:3], [b"EHLO me.test", b"STARTTLS", b"EHLO me.test"])
+        self.assertTrue(server.tls)
+        self.assertTrue(self.client.secure)
+        self.assertEqual({r.code for r in results.values()}, {250})
+
+    def test_starttlsHandshakeFails(self) -> None:
+        """A failed TLS handshake is a host failure at stage tls."""
+        server = FakeSMTPServer(starttls=FakeTLS(ok=False))
+        c = self.connect(server, tls=lambda: FakeTLS())
+        f = self.failureResultOf(self.run_(c.handshake()), HostFailure)
+        self.assertEqual(f.value.stage, "tls")
+        self.assertEqual(f.value.reply.enhanced, "4.7.5")
+
+    def test_tlsRequiredNotOffered(self) -> None:
+        """require_tls without STARTTLS offered: host failure, nothing sent."""
+        c = self.connect(FakeSMTPServer(), tls=lambda: FakeTLS(), require_tls=True)
+        f = self.failureResultOf(self.run_(c.handshake()), HostFailure)
+        self.assertEqual(f.value.stage, "starttls")
+
+    def test_noStarttlsWithoutContext(self) -> None:
+        """With tls=None STARTTLS is not attempted."""
+        server = FakeSMTPServer(starttls=FakeTLS())
+        self.successResultOf(self.session(server))
+        self.assertNotIn(b"STARTTLS", server.commands)
+
+    def test_authPlain(self) -> None:
+        """AUTH PLAIN with the credentials after TLS."""
+        server = FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))
+        self.successResultOf(self.session(server, tls=lambda: FakeTLS(), require_tls=True, credentials=("u", "pw")))
+        self.assertTrue(server.commands[3].startswith(b"AUTH PLAIN "))
+        self.assertEqual(len(server.messages), 1)
+
+    def test_authFails(self) -> None:
+        """A refused AUTH is a host failure at stage auth."""
+        server = FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))
+        c = self.connect(server, tls=lambda: FakeTLS(), credentials=("u", "wrong"))
+        f = self.failureResultOf(self.run_(c.handshake()), HostFailure)
+        self.assertEqual((f.value.stage, f.value.reply.code), ("auth", 535))
+
+    def test_commandTimeout(self) -> None:
+        """No reply within the command timeout aborts: a temporary host failure."""
+        server = FakeSMTPServer(hang_at=b"MAIL")
+        c = self.connect(server, )
+        self.successResultOf(self.run_(c.handshake()))
+        d = self.run_(c.send("s@here.test", ["a@r.test"], io.BytesIO(MESSAGE), len(MESSAGE)))
+        self.assertNoResult(d)
+        self.clock.advance(30)
+        drive(self.pumps, self.clock, d)
+        f = self.failureResultOf(d, HostFailure)
+        self.assertEqual(f.value.reply, R_TIMEOUT)
+
+    def test_greetingTimeout(self) -> None:
+        """A server that never greets times out too."""
+        c = self.connect(FakeSMTPServer(greeting=b""))
+        # an empty line is no reply; the client must not wait forever
+        d = self.run_(c.handshake())
+        if not d.called:
+            self.clock.advance(30)
+            drive(self.pumps, self.clock, d)
+        self.failureResultOf(d, HostFailure)
+
+    def test_droppedAfterDot(self) -> None:
+        """A connection lost while waiting for the final reply fails at stage dot."""
+        server = FakeSMTPServer(drop_at=b".")
+        f = self.failureResultOf(self.session(server), HostFailure)
+        self.assertEqual(f.value.stage, "dot")
+
+    def test_droppedAtRcpt(self) -> None:
+        """A connection lost during RCPT fails the transaction before data."""
+        server = FakeSMTPServer(drop_at=b"RCPT", extensions=())
+        f = self.failureResultOf(self.session(server), HostFailure)
+        self.assertEqual(f.value.stage, "rcpt")
+
+    def test_bigMessageStreams(self) -> None:
+        """A big body arrives intact (line endings normalised, dots stuffed)."""
+        body = b"".join(b".line %d with some text\n" % i for i in range(15000))
+        message = b"Subject: big\r\n\r\n" + body
+        server = FakeSMTPServer()
+        self.successResultOf(self.session(server, message=message))
+        expected = DataEncoder().encode(message)[:-3]
+        self.assertEqual(server.messages[0][2], expected)
+
+    def test_nullSender(self) -> None:
+        """A DSN goes out with MAIL FROM:<>."""
+        server = FakeSMTPServer(extensions=())
+        c = self.connect(server)
+        self.successResultOf(self.run_(c.handshake()))
+        self.successResultOf(self.run_(c.send("", ["a@r.test"], io.BytesIO(MESSAGE), len(MESSAGE))))
+        self.assertEqual(server.commands[1], b"MAIL FROM:<>")
