@@ -41,7 +41,7 @@ def _bin(name: str) -> str:
 
 
 class Postfix:
-    def __init__(self, work: str, users: list[str], sink_port: int):
+    def __init__(self, work: str, users: list[str], sink_port: int, aliases: dict[str, str] | None = None):
         self.root = os.path.join(work, "postfix")
         self.conf = os.path.join(self.root, "conf")
         self.queue = os.path.join(self.root, "queue")
@@ -49,6 +49,7 @@ class Postfix:
         self.mailbase = os.path.join(work, "pfmail")
         self.log = os.path.join(self.root, "postfix.log")
         self.users = users
+        self.aliases = aliases or {}
         self.sink_port = sink_port
         self.port = free_port()
         self.started = False
@@ -70,6 +71,9 @@ class Postfix:
             for u in self.users:
                 local, _, domain = u.partition("@")
                 f.write(f"{u} {domain}/{local}/\n")
+        with open(os.path.join(self.conf, "valias"), "w") as f:
+            for a, t in self.aliases.items():
+                f.write(f"{a} {t}\n")
         main_cf = f"""\
 compatibility_level = 3.6
 config_directory = {self.conf}
@@ -97,6 +101,7 @@ virtual_mailbox_limit = 0
 virtual_mailbox_domains = {DOMAIN}
 virtual_mailbox_base = {self.mailbase}
 virtual_mailbox_maps = texthash:{self.conf}/vmailbox
+virtual_alias_maps = texthash:{self.conf}/valias
 virtual_uid_maps = static:{VUID}
 virtual_gid_maps = static:{VUID}
 virtual_minimum_uid = 100
@@ -105,6 +110,7 @@ smtp_dns_support_level = disabled
 smtp_tls_security_level = none
 smtpd_tls_security_level = none
 maillog_file = {self.log}
+maillog_file_prefixes = {self.root}
 """
         svc = [
             ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
@@ -141,7 +147,13 @@ maillog_file = {self.log}
         r = subprocess.run([_bin("postfix"), "-c", self.conf, *args], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=60)
         if check and r.returncode != 0:
-            raise RuntimeError(f"postfix {' '.join(args)} failed: {r.stderr.strip()[-500:]}")
+            why = (r.stderr + r.stdout).strip()
+            if not why and shutil.which("script"):
+                # Postfix logs fatal errors to stderr only when it is a terminal.
+                cmd = " ".join([_bin("postfix"), "-c", self.conf, "check"])
+                why = subprocess.run(["script", "-qc", cmd, "/dev/null"], stdin=subprocess.DEVNULL,
+                                     capture_output=True, text=True, timeout=60).stdout.strip()
+            raise RuntimeError(f"postfix {' '.join(args)} failed: {why[-500:]}")
         return r
 
     def start(self) -> None:
@@ -193,6 +205,16 @@ maillog_file = {self.log}
         self.started = False
 
 
+def password_hash(pw: str) -> str:
+    """The Dovecot passdb form of ``pw``: Argon2id with mailstack's parameters when
+    argon2-cffi is there (so both servers spend the same on a login), else PLAIN."""
+    try:
+        import argon2
+    except ImportError:
+        return "{PLAIN}" + pw
+    return "{ARGON2ID}" + argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1).hash(pw)
+
+
 class Dovecot:
     def __init__(self, work: str, users: dict[str, str], mailbase: str):
         """``users``: address -> password; Maildirs at ``<mailbase>/<domain>/<local>``."""
@@ -214,7 +236,7 @@ class Dovecot:
             for u, pw in self.users.items():
                 local, _, domain = u.partition("@")
                 home = os.path.join(self.mailbase, domain, local)
-                f.write(f"{u}:{{PLAIN}}{pw}:{VUID}:{VUID}::{home}::\n")
+                f.write(f"{u}:{password_hash(pw)}:{VUID}:{VUID}::{home}::\n")
         os.chown(passwd, 0, __import__("grp").getgrnam("dovecot").gr_gid)
         os.chmod(passwd, 0o640)
         conf = f"""\

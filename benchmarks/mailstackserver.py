@@ -1,0 +1,196 @@
+"""A private mailstack instance for the benchmark: config, start, admin, stop.
+
+``twistd -n --pidfile= mailstack --config <work>/mailstack/mailstack.toml`` on free
+loopback ports, data in ``<work>/mailstack/data``, all outbound mail through the
+counting sink (``[relay] smarthost``).  The settings are the shipped defaults except
+where the benchmark needs room (connection caps, message size, no sending limit)
+and plaintext logins on loopback (as Dovecot is configured for the same test).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from procmem import free_port
+
+DOMAIN = "bench.test"
+
+
+def twistd_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MAILSTACK_CONFIG", None)
+    # Make the project importable however the benchmark was started.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Mailstack:
+    def __init__(self, work: str, sink_port: int):
+        self.root = os.path.join(work, "mailstack")
+        self.data_dir = os.path.join(self.root, "data")
+        self.config_path = os.path.join(self.root, "mailstack.toml")
+        self.log_path = os.path.join(self.root, "twistd.log")
+        self.output_path = os.path.join(self.root, "twistd.out")
+        self.sink_port = sink_port
+        self.ports = {"smtp": free_port(), "pop3": free_port()}
+        self.pop3_enabled = True
+        self.process: subprocess.Popen | None = None
+        os.makedirs(self.root, exist_ok=True)
+
+    def write_config(self) -> None:
+        pop3 = f'["tcp:{self.ports["pop3"]}:interface=127.0.0.1"]' if self.pop3_enabled else "[]"
+        with open(self.config_path, "w") as f:
+            f.write(
+                f"""\
+hostname = "mailstack.{DOMAIN}"
+data_dir = "{self.data_dir}"
+
+[domains]
+local = ["{DOMAIN}"]
+
+[listen]
+smtp = ["tcp:{self.ports["smtp"]}:interface=127.0.0.1"]
+submission = []
+submissions = []
+pop3 = {pop3}
+pop3s = []
+
+[smtp]
+max_message_size = 67108864
+max_connections = 2000
+max_connections_per_ip = 2000
+
+[auth]
+plaintext_on_loopback = true
+
+[relay]
+smarthost = "127.0.0.1:{self.sink_port}"
+
+[limits]
+messages_per_hour = 0
+"""
+            )
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start twistd; returns the seconds until every listener accepted."""
+        self.write_config()
+        cmd = twistd_command() + ["--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "mailstack",
+                                  "--config", self.config_path]
+        t0 = time.monotonic()
+        with open(self.output_path, "ab") as out:
+            self.process = subprocess.Popen(cmd, cwd=self.root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        import socket
+
+        waiting = {k: v for k, v in self.ports.items() if k != "pop3" or self.pop3_enabled}
+        while waiting:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mailstack exited with {self.process.returncode} before listening: "
+                                   + self.diagnostics(800))
+            for name, port in list(waiting.items()):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    continue
+                del waiting[name]
+            if waiting:
+                if time.monotonic() - t0 > timeout:
+                    self.kill()
+                    raise RuntimeError(f"mailstack listeners {sorted(waiting)} never accepted: " + self.diagnostics(800))
+                time.sleep(0.02)
+        return time.monotonic() - t0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def roots(self) -> list[int]:
+        return [self.pid] if self.pid else []
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if not self.process or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def admin(self, *args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mailstack", "--config", self.config_path, *args],
+                              input=input, capture_output=True, text=True, cwd=self.root, env=_env(),
+                              timeout=timeout)
+
+    def maildir(self, address: str) -> str:
+        local, _, domain = address.partition("@")
+        return os.path.join(self.data_dir, "mail", domain.lower(), local)
+
+    def diagnostics(self, n: int = 3000) -> str:
+        parts = []
+        for path in (self.output_path, self.log_path):
+            try:
+                with open(path, errors="replace") as f:
+                    txt = f.read()[-n:]
+                if txt.strip():
+                    parts.append(txt)
+            except FileNotFoundError:
+                pass
+        return " | ".join(parts).replace("\n", " / ")
+
+    def wipe(self) -> None:
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def fill_queue(queue_root: str, count: int, rcpt: str = "deferred@remote.test", size: int = 4096) -> float:
+    """Write ``count`` deferred entries straight into a mailstack queue (no fsync: test data).
+
+    Uses ``mailstack.queue.store.QueueStore`` for names and ``QueueEntry`` for the
+    envelope format; returns the seconds taken.  Raises ImportError if the queue
+    store is not there yet.
+    """
+    import json
+
+    from mailstack.queue.entry import QueueEntry, RecipientState
+    from mailstack.queue.store import QueueStore
+
+    from msggen import make_message
+
+    t0 = time.monotonic()
+    store = QueueStore(queue_root)
+    store.recover()  # creates the folders
+    now = time.time()
+    _, template = make_message("sender@bench.test", rcpt, size, msgid="<TEMPLATE>")
+    for i in range(count):
+        qid = store.new_id()
+        data = template.replace(b"<TEMPLATE>", f"<q{i}.{qid}@bench.test>".encode())
+        with open(store.message_path(qid), "wb") as f:
+            f.write(data)
+        entry = QueueEntry(
+            id=qid, sender="sender@bench.test", arrival=now - 3600, size=len(data), peer="127.0.0.1",
+            recipients=[RecipientState(address=rcpt, original=rcpt, local=False, attempts=1,
+                                       next_attempt=now + 86400, last_reply="451 4.4.1 benchmark: deferred",
+                                       last_host="192.0.2.1")],
+        )
+        with open(store.envelope_path(qid), "wb") as f:
+            f.write(json.dumps(entry.to_json(), sort_keys=True, indent=1).encode())
+    return time.monotonic() - t0

@@ -1,0 +1,749 @@
+#!/usr/bin/env python3
+"""mailstack next to Postfix and Dovecot: the same workloads against each, one table.
+
+    python3 benchmarks/run.py [--messages N] [--quick] [--json FILE] [--profile DIR]
+
+Sets up, in a temp folder on loopback high ports: a counting SMTP sink; private
+Postfix (``postfix -c``) and Dovecot (``dovecot -c``) instances; then a private
+mailstack (``twistd -n mailstack``).  The reference servers run their workloads
+first and are stopped before mailstack starts, so the servers never compete for
+the CPU.  Everything is torn down on exit, failures included.  Needs root for the
+reference servers; without Postfix/Dovecot (or root) their side shows ``n/a``.
+
+Workloads (issue 7), ~4 KB messages, one per connection:
+
+* accept + Maildir delivery with 10 and 50 concurrent sessions: msg/s from the
+  first connection until the last acknowledged message is in its Maildir,
+  DATA-to-250 p50/p99, the largest PSS of the server's processes during the run;
+  every acknowledged Message-ID is checked in the Maildirs;
+* relay: 10 sessions inject mail for an alias that forwards to a remote address;
+  msg/s until the sink has received the last one (Message-IDs checked there);
+* POP3: USER/PASS, STAT, UIDL, RETR + DELE of all N (5000), QUIT: seconds;
+* POP3: USER/PASS, STAT, UIDL, QUIT on a 50,000-message Maildir, warm (best of 3);
+* memory: PSS at 50 sessions (from the 50-session run);
+* one 30 MB message: the server's RSS growth while it receives and delivers it;
+* 100,000 deferred messages in mailstack's queue: start-up time to listening,
+  RSS once settled, ``mailstack queue list`` time;
+* the machine's fsync ceiling for 4 KB Maildir commits (1 and 16 threads), for context.
+
+``--quick`` uses tens of messages and skips the 50k / 100k / 30 MB workloads (CI).
+A mailstack part that is not there yet (no POP3 listener, say) shows ``n/a``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
+
+import loadclient  # noqa: E402
+import msggen  # noqa: E402
+import pop3client  # noqa: E402
+import procmem  # noqa: E402
+import refservers  # noqa: E402
+import sink  # noqa: E402
+from mailstackserver import Mailstack, fill_queue  # noqa: E402
+
+DOMAIN = "bench.test"
+PASSWORD = "bench-password-1"
+N_USERS = 10
+N_RELAY = 10
+POP_USER = f"pop5k@{DOMAIN}"
+BIG_USER = f"popbig@{DOMAIN}"
+BIG30_USER = f"big30@{DOMAIN}"
+USERS = [f"user{i}@{DOMAIN}" for i in range(N_USERS)]
+ALIASES = {f"relay{k}@{DOMAIN}": f"dest{k}@remote.test" for k in range(N_RELAY)}
+
+# key, label, kind ("rate": msg/s higher is better; "time": seconds lower is better;
+# "mem": MB lower is better), target text
+ROWS = [
+    ("accept10", "accept+Maildir, 10 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
+    ("accept50", "accept+Maildir, 50 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
+    ("relay10", "relay to sink, 10 sessions", "rate", ">= 2.0x Postfix"),
+    ("pop3_download", "POP3 RETR+DELE all", "time", "<= 1.0x Dovecot"),
+    ("pop3_uidl", "POP3 login+STAT+UIDL 50k warm", "time", "<= 1.5x Dovecot"),
+    ("mem50", "PSS at 50 sessions (MB)", "mem", "<= 60 MB"),
+    ("big30", "30 MB message RSS growth (MB)", "mem", "< 50 MB"),
+    ("queue_start", "100k queued: start-up (s)", "time", "< 5 s"),
+    ("queue_rss", "100k queued: RSS (MB)", "mem", "< 300 MB"),
+    ("queue_list", "100k queued: queue list (s)", "time", "-"),
+    ("fsync1", "machine: 4 KB Maildir fsyncs/s, 1 thread", "rate", "-"),
+    ("fsync16", "machine: 4 KB Maildir fsyncs/s, 16 threads", "rate", "-"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def na(reason: str) -> dict:
+    return {"na": reason[:300]}
+
+
+# -- the servers under test, seen the same way -------------------------------------
+
+
+class Target:
+    """What the workloads need of a server: ports, process roots, Maildir paths."""
+
+    def __init__(self, name, smtp_port, pop3_port, smtp_roots, pop3_roots, maildir):
+        self.name = name
+        self.smtp_port = smtp_port
+        self.pop3_port = pop3_port
+        self.smtp_roots = smtp_roots
+        self.pop3_roots = pop3_roots
+        self.maildir = maildir
+
+
+# -- workloads ----------------------------------------------------------------------
+
+_MSGID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.I | re.M)
+
+
+def maildir_ids(paths: list[str]) -> set[str]:
+    ids = set()
+    for p in paths:
+        for sub in ("new", "cur"):
+            try:
+                entries = list(os.scandir(os.path.join(p, sub)))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                try:
+                    with open(e.path, "rb") as f:
+                        head = f.read(4096)
+                except OSError:
+                    continue
+                m = _MSGID.search(head)
+                if m:
+                    ids.add(m.group(1).decode("ascii", "replace"))
+    return ids
+
+
+def _load(t: Target, n, sessions, rcpt_for, body=None, timeout=120.0):
+    return asyncio.run(loadclient.run_load("127.0.0.1", t.smtp_port, n, sessions, rcpt_for, body=body,
+                                           timeout=timeout))
+
+
+def _load_fields(res) -> dict:
+    return {
+        "sent": res.sent,
+        "failed": res.failed,
+        "errors": dict(list(res.errors.items())[:3]),
+        "accept_rate": round(res.rate, 1),
+        "p50_ms": loadclient._ms(res.percentile(50)),
+        "p99_ms": loadclient._ms(res.percentile(99)),
+    }
+
+
+def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = None, pid: int | None = None) -> dict:
+    """n messages to USERS over `sessions` sessions; rate until all are in Maildirs."""
+    dirs = [t.maildir(u) for u in USERS]
+    base = sum(msggen.count_maildir(d) for d in dirs)
+    prof = start_profile(profile_svg, pid) if profile_svg and pid else None
+    with procmem.Sampler(t.smtp_roots, 0.25) as mem:
+        res = _load(t, n, sessions, lambda i: USERS[i % N_USERS])
+        deadline = time.time() + max(60.0, n / 20)
+        while True:
+            got = sum(msggen.count_maildir(d) for d in dirs) - base
+            if got >= res.sent or time.time() > deadline:
+                break
+            time.sleep(0.02)
+        done = time.time()
+    if prof:
+        stop_profile(prof)
+    if res.sent == 0:
+        return na("no message accepted: " + "; ".join(list(res.errors)[:2]))
+    out = _load_fields(res)
+    out.update({
+        "value": round(res.sent / (done - res.start), 1),
+        "unit": "msg/s",
+        "delivered": got,
+        "seconds": round(done - res.start, 3),
+        "pss_mb": round(mem.max_pss / 1e6, 1),
+    })
+    missing = set(res.acked_ids) - maildir_ids(dirs)
+    if missing:
+        out["lost"] = len(missing)
+    return out
+
+
+def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) -> dict:
+    sink.control(sink_port, "XRESET")
+    aliases = list(ALIASES)
+    with procmem.Sampler(t.smtp_roots, 0.25) as mem:
+        res = _load(t, n, sessions, lambda i: aliases[i % N_RELAY])
+        deadline = time.time() + max(60.0, n / 20)
+        while True:
+            count, first, last = sink.count(sink_port)
+            if count >= res.sent or time.time() > deadline:
+                break
+            time.sleep(0.05)
+    if res.sent == 0:
+        return na("no message accepted: " + "; ".join(list(res.errors)[:2]))
+    if count == 0:
+        return na(f"{res.sent} accepted, none reached the sink in time")
+    out = _load_fields(res)
+    out.update({
+        "value": round(count / (last - res.start), 1),
+        "unit": "msg/s",
+        "relayed": count,
+        "seconds": round(last - res.start, 3),
+        "pss_mb": round(mem.max_pss / 1e6, 1),
+    })
+    dump = os.path.join(work, f"sink-ids-{t.name}.txt")
+    sink.control(sink_port, f"XDUMP {dump}")
+    with open(dump) as f:
+        seen = set(f.read().split())
+    missing = set(res.acked_ids) - seen
+    if missing:
+        out["lost"] = len(missing)
+    return out
+
+
+def pop3_download(t: Target, user: str) -> dict:
+    r = pop3client.full_download("127.0.0.1", t.pop3_port, user, PASSWORD)
+    login = pop3_login_time(t, user)
+    return {"value": round(r["seconds"], 3), "unit": "s", "messages": r["messages"], "bytes": r["bytes"],
+            "login_s": login}
+
+
+def pop3_uidl(t: Target, user: str, runs: int = 3) -> dict:
+    first = pop3client.stat_uidl("127.0.0.1", t.pop3_port, user, PASSWORD)  # warm-up (index, cache)
+    times = [pop3client.stat_uidl("127.0.0.1", t.pop3_port, user, PASSWORD)["seconds"] for _ in range(runs)]
+    return {"value": round(min(times), 3), "unit": "s", "messages": first["messages"],
+            "cold_s": round(first["seconds"], 3), "runs_s": [round(x, 3) for x in times],
+            "login_s": pop3_login_time(t, user)}
+
+
+def pop3_login_time(t: Target, user: str) -> float:
+    t0 = time.perf_counter()
+    c = pop3client.Client("127.0.0.1", t.pop3_port)
+    try:
+        c.login(user, PASSWORD)
+        el = time.perf_counter() - t0
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    return round(el, 3)
+
+
+def big_message(t: Target, size: int) -> dict:
+    """RSS growth (and PSS) of the server while one `size`-byte message goes in and is delivered."""
+    _, body = msggen.make_big_message("big@client.test", BIG30_USER, size)
+    d = t.maildir(BIG30_USER)
+    base = msggen.count_maildir(d)
+    time.sleep(0.5)
+    rss0 = procmem.tree_rss(t.smtp_roots())
+    pss0 = procmem.tree_pss(t.smtp_roots())
+    with procmem.Sampler(t.smtp_roots, 0.05) as mem:
+        res = _load(t, 1, 1, lambda i: BIG30_USER, body=body, timeout=300)
+        deadline = time.time() + 120
+        while msggen.count_maildir(d) <= base and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    if res.sent != 1:
+        return na("30 MB message refused: " + "; ".join(list(res.errors)[:1]))
+    return {"value": round((mem.max_rss - rss0) / 1e6, 1), "unit": "MB",
+            "pss_growth_mb": round((mem.max_pss - pss0) / 1e6, 1),
+            "rss_before_mb": round(rss0 / 1e6, 1), "seconds": round(res.elapsed, 2),
+            "delivered": msggen.count_maildir(d) > base}
+
+
+def fsync_ceiling(work: str, threads: int, seconds: float) -> dict:
+    """4 KB Maildir commits (tmp write, fsync, rename to new, fsync new/) per second."""
+    root = os.path.join(work, f"fsync{threads}")
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    data = msggen.make_message("a@b.test", "c@d.test")[1]
+    stop = time.monotonic() + seconds
+    counts = [0] * threads
+    newdir = os.path.join(root, "new")
+
+    def worker(k):
+        i = 0
+        dfd = os.open(newdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while time.monotonic() < stop:
+                name = f"{k}.{i}"
+                tmp = os.path.join(root, "tmp", name)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, data)
+                os.fsync(fd)
+                os.close(fd)
+                os.rename(tmp, os.path.join(newdir, name))
+                os.fsync(dfd)
+                i += 1
+        finally:
+            os.close(dfd)
+        counts[k] = i
+
+    t0 = time.monotonic()
+    ths = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    el = time.monotonic() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    return {"value": round(sum(counts) / el, 0), "unit": "/s"}
+
+
+# -- profiling ----------------------------------------------------------------------
+
+
+def start_profile(svg: str, pid: int):
+    exe = shutil.which("py-spy")
+    if not exe:
+        log("py-spy not installed; no profile (pip install py-spy)")
+        return None
+    raw = os.path.splitext(svg)[0] + ".txt"
+    procs = [
+        subprocess.Popen([exe, "record", "--pid", str(pid), "-o", svg, "--rate", "200", "--nonblocking"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([exe, "record", "--pid", str(pid), "-o", raw, "--format", "raw", "--rate", "200",
+                          "--nonblocking", "--threads"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    time.sleep(1.0)  # attach
+    return procs
+
+
+def stop_profile(procs) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def hotspots(raw_path: str, top: int = 15) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) from py-spy's collapsed stacks, reactor thread only if named."""
+    selfc: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not n.isdigit():
+                continue
+            n = int(n)
+            frames = stack.split(";")
+            total += n
+            leaf = frames[-1]
+            selfc[leaf] = selfc.get(leaf, 0) + n
+            for fr in set(frames[1:] if frames[0].startswith(("thread", "process")) else frames):
+                incl[fr] = incl.get(fr, 0) + n
+    if not total:
+        return []
+    ranked = sorted(selfc.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, 100.0 * v / total, 100.0 * incl.get(k, 0) / total) for k, v in ranked]
+
+
+# -- table --------------------------------------------------------------------------
+
+
+def ratio_and_met(key: str, kind: str, ref: dict | None, ms: dict | None) -> tuple[float | None, str]:
+    """mailstack's ratio to the reference and whether the issue's target is met."""
+    if not ms or "na" in ms:
+        return None, "n/a"
+    v = ms["value"]
+    r = None
+    if ref and "na" not in ref and ref.get("value"):
+        r = v / ref["value"]
+    if key in ("accept10", "accept50"):
+        if r is None:
+            return None, "n/a"
+        p99_ok = ms.get("p99_ms") is not None and ref.get("p99_ms") is not None and ms["p99_ms"] <= ref["p99_ms"]
+        ok = r >= 2.0 and p99_ok and not ms.get("lost")
+        return r, "met" if ok else "NOT met"
+    if key == "relay10":
+        return r, "n/a" if r is None else ("met" if r >= 2.0 and not ms.get("lost") else "NOT met")
+    if key == "pop3_download":
+        return r, "n/a" if r is None else ("met" if r <= 1.0 else "NOT met")
+    if key == "pop3_uidl":
+        return r, "n/a" if r is None else ("met" if r <= 1.5 else "NOT met")
+    limits = {"mem50": (60, True), "big30": (50, False), "queue_start": (5, False), "queue_rss": (300, False)}
+    if key in limits:
+        lim, inclusive = limits[key]
+        ok = v <= lim if inclusive else v < lim
+        return r, "met" if ok else "NOT met"
+    return r, "-"
+
+
+def fmt_value(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if "na" in d:
+        return "n/a"
+    v = d["value"]
+    unit = d.get("unit", "")
+    s = f"{v:.0f}" if unit in ("msg/s", "/s") else (f"{v:.3f} s" if unit == "s" else f"{v:.1f}")
+    if unit == "msg/s":
+        s += " msg/s"
+    if d.get("p50_ms") is not None:
+        s += f", p50/p99 {d['p50_ms']:.0f}/{d['p99_ms']:.0f} ms"
+    if d.get("pss_mb"):
+        s += f", PSS {d['pss_mb']:.0f} MB"
+    if d.get("lost"):
+        s += f", LOST {d['lost']}"
+    if d.get("failed"):
+        s += f", {d['failed']} failed"
+    return s
+
+
+def table(results: dict) -> str:
+    ref, ms = results["reference"], results["mailstack"]
+    rows = []
+    for key, label, kind, target in ROWS:
+        if key.startswith("fsync"):
+            rows.append([label, fmt_value(ref.get(key)), "-", "-", "-", "-"])
+            continue
+        r, met = ratio_and_met(key, kind, ref.get(key), ms.get(key))
+        rows.append([label, fmt_value(ref.get(key)), fmt_value(ms.get(key)),
+                     "-" if r is None else f"{r:.2f}x", target, met])
+    head = ["workload", "Postfix / Dovecot", "mailstack", "ratio", "target", "met?"]
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|-" + "-|-".join("-" * w for w in widths) + "-|"
+    out = [line(head), sep] + [line(r) for r in rows]
+    notes = []
+    for side in ("reference", "mailstack"):
+        why: dict[str, list[str]] = {}
+        for key, d in results[side].items():
+            if isinstance(d, dict) and "na" in d and not key.startswith("fsync"):
+                why.setdefault(d["na"], []).append(key)
+        for reason, keys in why.items():
+            notes.append(f"n/a {side} ({', '.join(keys)}): {reason}")
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, args):
+        self.a = args
+        self.quick = args.quick
+        self.n = args.messages or (40 if args.quick else 5000)
+        self.n_pop = args.pop_messages or (40 if args.quick else 5000)
+        self.n_big = 0 if args.quick else 50000
+        self.n_queue = 0 if args.quick else args.queue_messages
+        self.work = tempfile.mkdtemp(prefix="mailstack-bench-", dir=args.workdir)
+        os.chmod(self.work, 0o755)
+        self.results = {"reference": {}, "mailstack": {}, "meta": {}, "profile": []}
+        self.sink_proc = None
+        self.sink_port = None
+        self.cleanups = []
+
+    # sink -------------------------------------------------------------------
+
+    def start_sink(self):
+        self.sink_proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sink.py"), "--port", "0"],
+                                          stdout=subprocess.PIPE, text=True)
+        line = self.sink_proc.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError("sink did not start")
+        self.sink_port = int(line.split()[1])
+        self.cleanups.append(self.stop_sink)
+
+    def stop_sink(self):
+        if self.sink_proc and self.sink_proc.poll() is None:
+            self.sink_proc.terminate()
+            self.sink_proc.wait(10)
+
+    # reference ----------------------------------------------------------------
+
+    def run_reference(self):
+        res = self.results["reference"]
+        ok, why = refservers.available()
+        if not ok or self.a.skip_reference:
+            why = why or "--skip-reference"
+            for key, *_ in ROWS:
+                if key not in ("fsync1", "fsync16"):
+                    res[key] = na(why)
+            return
+        pop_users = {u: PASSWORD for u in [POP_USER, BIG_USER] + USERS}
+        pf = refservers.Postfix(self.work, USERS + [BIG30_USER], self.sink_port, ALIASES)
+        dv = refservers.Dovecot(self.work, pop_users, pf.mailbase)
+        self.cleanups.append(pf.stop)
+        self.cleanups.append(dv.stop)
+        log("starting Postfix and Dovecot")
+        pf.start()
+        dv.start()
+        self.results["meta"]["postfix_log"] = pf.log
+        t = Target("reference", pf.port, dv.port, pf.roots, dv.roots, pf.maildir)
+        self.smtp_workloads(t, res)
+        log("Postfix: waiting for an empty queue")
+        deadline = time.time() + 60
+        while not pf.queue_empty() and time.time() < deadline:
+            time.sleep(0.1)
+        self.pop_workloads(t, res, lambda u, n: msggen.fill_maildir(pf.maildir(u), n, u, refservers.VUID,
+                                                                      refservers.VUID))
+        for k in ("queue_start", "queue_rss", "queue_list"):
+            res[k] = na("mailstack only")
+        pf.stop()
+        dv.stop()
+
+    # mailstack ----------------------------------------------------------------
+
+    def run_mailstack(self):
+        res = self.results["mailstack"]
+        ms = Mailstack(self.work, self.sink_port)
+        self.cleanups.append(ms.kill)
+        log("starting mailstack")
+        try:
+            self.start_mailstack(ms)
+        except Exception as e:  # noqa: BLE001 - any failure: the whole side is n/a
+            for key, *_ in ROWS:
+                if key not in ("fsync1", "fsync16"):
+                    res[key] = na(f"mailstack did not start: {e}")
+            return
+        try:
+            self.setup_mailstack_users(ms)
+        except Exception as e:  # noqa: BLE001
+            for key, *_ in ROWS:
+                if key not in ("fsync1", "fsync16"):
+                    res[key] = na(f"admin command failed: {e}")
+            return
+        t = Target("mailstack", ms.ports["smtp"], ms.ports["pop3"], ms.roots, ms.roots, ms.maildir)
+        self.smtp_workloads(t, res, ms)
+        if ms.pop3_enabled:
+            self.pop_workloads(t, res, lambda u, n: msggen.fill_maildir(ms.maildir(u), n, u))
+        else:
+            res["pop3_download"] = res["pop3_uidl"] = na("mailstack POP3 listener not available yet")
+        self.queue_workload(ms, res)
+        rc = ms.stop()
+        self.results["meta"]["mailstack_exit"] = rc
+
+    def start_mailstack(self, ms: Mailstack):
+        try:
+            ms.start()
+            return
+        except RuntimeError as e:
+            first = str(e)
+            log(f"mailstack did not start with POP3 ({first[:200]}); retrying without")
+        ms.kill()
+        ms.pop3_enabled = False
+        ms.start()
+
+    def setup_mailstack_users(self, ms: Mailstack):
+        from concurrent.futures import ThreadPoolExecutor
+
+        users = USERS + [POP_USER, BIG_USER, BIG30_USER]
+
+        def add(u):
+            r = ms.admin("user", "add", u, "--password-stdin", input=PASSWORD + "\n")
+            if r.returncode != 0 and "exist" not in r.stderr:
+                raise RuntimeError(f"user add {u}: {_last_line(r.stderr)}")
+
+        def alias(a):
+            r = ms.admin("alias", "add", a, ALIASES[a])
+            if r.returncode != 0 and "exist" not in r.stderr:
+                raise RuntimeError(f"alias add {a}: {_last_line(r.stderr)}")
+
+        log(f"adding {len(users)} users and {len(ALIASES)} aliases with the admin command")
+        # The admin command locks the tables; parallel calls just queue on the lock.
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(add, users))
+        for a in ALIASES:
+            alias(a)
+
+    # shared workloads -----------------------------------------------------------
+
+    def guarded(self, res: dict, key: str, f, *args, **kw):
+        log(f"{res is self.results['mailstack'] and 'mailstack' or 'reference'}: {key}")
+        try:
+            res[key] = f(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - a broken part makes its row n/a
+            log(f"  {key} failed: {type(e).__name__}: {e}")
+            if self.a.verbose:
+                traceback.print_exc()
+            res[key] = na(f"{type(e).__name__}: {e}")
+        log(f"  -> {res[key]}")
+
+    def smtp_workloads(self, t: Target, res: dict, ms: Mailstack | None = None):
+        self.guarded(res, "accept10", accept_workload, t, self.n, 10)
+        svg = None
+        if ms is not None and self.a.profile:
+            os.makedirs(self.a.profile, exist_ok=True)
+            svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-accept50.svg")
+        self.guarded(res, "accept50", accept_workload, t, self.n, 50, svg, ms.pid if ms else None)
+        if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
+            self.results["profile"] = [list(h) for h in hotspots(os.path.splitext(svg)[0] + ".txt")]
+        a50 = res.get("accept50", {})
+        res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
+        self.guarded(res, "relay10", relay_workload, t, self.n, 10, self.sink_port, self.work)
+        if self.quick:
+            res["big30"] = na("skipped (--quick)")
+        else:
+            self.guarded(res, "big30", big_message, t, 30 * 1024 * 1024)
+
+    def pop_workloads(self, t: Target, res: dict, fill):
+        try:
+            fill(POP_USER, self.n_pop)
+        except Exception as e:  # noqa: BLE001
+            res["pop3_download"] = na(f"filling the Maildir failed: {e}")
+        else:
+            self.guarded(res, "pop3_download", pop3_download, t, POP_USER)
+        if not self.n_big:
+            res["pop3_uidl"] = na("skipped (--quick)")
+            return
+        log(f"{t.name}: writing {self.n_big} messages into a Maildir")
+        fill(BIG_USER, self.n_big)
+        self.guarded(res, "pop3_uidl", pop3_uidl, t, BIG_USER)
+
+    def queue_workload(self, ms: Mailstack, res: dict):
+        if not self.n_queue:
+            for k in ("queue_start", "queue_rss", "queue_list"):
+                res[k] = na("skipped (--quick)")
+            return
+        log(f"mailstack: stopping, writing {self.n_queue} deferred messages into the queue")
+        ms.stop()
+        try:
+            gen = fill_queue(os.path.join(ms.data_dir, "queue"), self.n_queue)
+        except Exception as e:  # noqa: BLE001 - the queue store may not be there yet
+            for k in ("queue_start", "queue_rss", "queue_list"):
+                res[k] = na(f"could not fill the queue: {type(e).__name__}: {e}")
+            ms.start()
+            return
+        log(f"  written in {gen:.1f} s; starting mailstack on it")
+        try:
+            start = ms.start(timeout=300)
+        except Exception as e:  # noqa: BLE001
+            for k in ("queue_start", "queue_rss", "queue_list"):
+                res[k] = na(f"mailstack did not start with the queue: {e}")
+            return
+        res["queue_start"] = {"value": round(start, 2), "unit": "s"}
+        # RSS once settled: sample until it stops growing (or 60 s).
+        peak, last, stable, t0 = 0, 0, 0, time.monotonic()
+        while time.monotonic() - t0 < 60 and stable < 10:
+            cur = procmem.tree_rss(ms.roots())
+            peak = max(peak, cur)
+            stable = stable + 1 if abs(cur - last) < 1e6 else 0
+            last = cur
+            time.sleep(0.2)
+        res["queue_rss"] = {"value": round(peak / 1e6, 1), "unit": "MB", "settled_after_s": round(time.monotonic() - t0, 1)}
+        log(f"  start {start:.2f} s, RSS {peak / 1e6:.0f} MB; timing queue list")
+        t0 = time.monotonic()
+        r = ms.admin("queue", "list", timeout=300)
+        el = time.monotonic() - t0
+        if r.returncode != 0:
+            res["queue_list"] = na(f"queue list failed: {_last_line(r.stderr)}")
+        else:
+            lines = r.stdout.count("\n")
+            res["queue_list"] = {"value": round(el, 2), "unit": "s", "lines": lines}
+        log(f"  -> {res['queue_start']} {res['queue_rss']} {res['queue_list']}")
+
+    # ------------------------------------------------------------------------------
+
+    def run(self):
+        t0 = time.time()
+        self.results["meta"].update({
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "messages": self.n, "pop_messages": self.n_pop, "big_mailbox": self.n_big,
+            "queue_messages": self.n_queue, "quick": self.quick, "cpus": os.cpu_count(),
+            "machine": machine(), "work": self.work,
+        })
+        try:
+            self.start_sink()
+            secs = 0.5 if self.quick else 2.0
+            self.guarded(self.results["reference"], "fsync1", fsync_ceiling, self.work, 1, secs)
+            self.guarded(self.results["reference"], "fsync16", fsync_ceiling, self.work, 16, secs)
+            try:
+                self.run_reference()
+            except Exception as e:  # noqa: BLE001
+                log(f"reference side failed: {e}")
+                traceback.print_exc()
+                for key, *_ in ROWS:
+                    self.results["reference"].setdefault(key, na(f"reference setup failed: {e}"))
+            if not self.a.skip_mailstack:
+                self.run_mailstack()
+            else:
+                for key, *_ in ROWS:
+                    self.results["mailstack"].setdefault(key, na("--skip-mailstack"))
+        finally:
+            for c in reversed(self.cleanups):
+                try:
+                    c()
+                except Exception as e:  # noqa: BLE001
+                    log(f"cleanup: {e}")
+            self.results["meta"]["seconds"] = round(time.time() - t0, 1)
+            if not self.a.keep:
+                shutil.rmtree(self.work, ignore_errors=True)
+        return self.results
+
+
+def _last_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1].strip()[:200] if lines else "(no output)"
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), Linux {os.uname().release}, Python {sys.version.split()[0]}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="mailstack vs Postfix/Dovecot benchmark")
+    p.add_argument("--messages", type=int, default=0, help="messages per SMTP workload (default 5000; 40 with --quick)")
+    p.add_argument("--pop-messages", type=int, default=0, help="messages for the POP3 download (default 5000)")
+    p.add_argument("--queue-messages", type=int, default=100000, help="deferred messages for the queue workload")
+    p.add_argument("--quick", action="store_true", help="tens of messages; skip 50k/100k/30 MB workloads")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--profile", metavar="DIR", help="py-spy profile of mailstack during the 50-session run")
+    p.add_argument("--workdir", default=None, help="parent of the temp folder (default: system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, configs)")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-mailstack", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    results = Run(a).run()
+    text = table(results)
+    print(f"\nmailstack benchmark, {results['meta']['date']}, {results['meta']['machine']}")
+    print(f"{results['meta']['messages']} messages of ~4 KB per SMTP workload, one per connection; "
+          f"POP3 download of {results['meta']['pop_messages']}; run took {results['meta']['seconds']} s\n")
+    print(text)
+    if results["profile"]:
+        print("\nmailstack profile during the 50-session accept run (self time, top functions):")
+        for name, selfp, inclp in results["profile"][:12]:
+            print(f"  {selfp:5.1f}% self {inclp:5.1f}% incl  {name}")
+    results["table"] = text
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
