@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -216,8 +216,6 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         calls = []
 
         def deferred_blocking(f, *args):
-            from twisted.internet.defer import Deferred
-
             d = Deferred()
             calls.append((f, args, d))
             return d
@@ -239,8 +237,6 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         calls = []
 
         def deferred_blocking(f, *args):
-            from twisted.internet.defer import Deferred
-
             d = Deferred()
             calls.append((f, args, d))
             return d

@@ -17,7 +17,7 @@ second copy, which beats losing one.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
