@@ -346,3 +346,35 @@ class FakeNet:
 
     def drive(self, d: Deferred) -> None:
         drive(self.pumps, self.clock, d)
+
+
+from mailstack.errors import MailError as _MailError
+from mailstack.interfaces import IMXResolver
+from mailstack.mx import Host
+
+
+@implementer(IMXResolver)
+class FakeMXResolver:
+    """``hosts[domain]`` = list of Host or a MailError; ``names[name]`` = addresses."""
+
+    def __init__(self, hosts: dict | None = None, names: dict | None = None) -> None:
+        self.hosts = hosts or {}
+        self.names = names or {}
+
+    def hosts_for(self, domain: str) -> Deferred:
+        found = self.hosts.get(domain)
+        if isinstance(found, _MailError):
+            return fail(found)
+        if found is None:
+            from mailstack.errors import PermanentFailure
+            from mailstack.mx import R_NO_DOMAIN
+
+            return fail(PermanentFailure(R_NO_DOMAIN))
+        return succeed(list(found))
+
+    def addresses(self, name: str) -> Deferred:
+        return succeed(list(self.names.get(name, ())))
+
+
+def two_mx(domain: str = "remote.test") -> list:
+    return [Host(f"mx1.{domain}", ("192.0.2.1",), 10), Host(f"mx2.{domain}", ("192.0.2.2",), 20)]

@@ -1,0 +1,297 @@
+"""RemoteAgent: hosts in order, backup MX, classification, smarthost; and with the manager."""
+
+from __future__ import annotations
+
+import email
+import os
+import random
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mailstack.delivery.remote import RemoteAgent, RemoteReply, tcp_endpoint_factory
+from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.interfaces import IDeliveryAgent
+from mailstack.mx import R_DNS_TEMP, R_NULL_MX, Host
+from mailstack.queue.manager import QueueManager
+from tests.queue.outbound_fakes import (
+    FakeAgent,
+    FakeIntake,
+    FakeMXResolver,
+    FakeNet,
+    FakeSMTPServer,
+    FakeStore,
+    FakeTLS,
+    entry,
+    make_config,
+    run_blocking,
+    two_mx,
+)
+
+START = 1_000_000.0
+
+
+class RemoteAgentTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.net = FakeNet(self.clock)
+        self.store = FakeStore(self.mktemp())
+        self.resolver = FakeMXResolver({"remote.test": two_mx()})
+        self.config = make_config(port=25)
+
+    def agent(self, **kw) -> RemoteAgent:
+        kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
+        return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
+
+    def deliver(self, rcpts=("a@remote.test",), sender="s@here.test", agent=None):
+        e = entry(self.store, "Q1", sender, list(rcpts), arrival=START)
+        d = (agent or self.agent()).deliver(e, e.recipients)
+        self.net.drive(d)
+        return self.successResultOf(d)
+
+    def sink(self, ip: str, **kw) -> list:
+        servers: list = []
+
+        def make():
+            s = FakeSMTPServer(**kw)
+            servers.append(s)
+            return s
+
+        self.net.servers[(ip, 25)] = make
+        return servers
+
+    def test_interface(self) -> None:
+        """RemoteAgent provides IDeliveryAgent."""
+        verifyObject(IDeliveryAgent, self.agent())
+
+    def test_primaryGetsIt(self) -> None:
+        """The lowest-preference MX gets the mail; the reply says where it went."""
+        primary = self.sink("192.0.2.1")
+        backup = self.sink("192.0.2.2")
+        results = self.deliver()
+        reply = results["a@remote.test"]
+        self.assertIsInstance(reply, RemoteReply)
+        self.assertEqual((reply.code, reply.host, reply.ip), (250, "mx1.remote.test", "192.0.2.1"))
+        self.assertEqual(len(primary[0].messages), 1)
+        self.assertEqual(backup, [])
+
+    def test_primaryRefusesBackupGetsIt(self) -> None:
+        """A refused connection to the primary: the backup MX gets the mail."""
+        backup = self.sink("192.0.2.2")
+        results = self.deliver()
+        self.assertEqual(self.net.attempts, [("192.0.2.1", 25), ("192.0.2.2", 25)])
+        self.assertEqual(results["a@remote.test"].host, "mx2.remote.test")
+        self.assertEqual(len(backup[0].messages), 1)
+
+    def test_primaryTimesOut(self) -> None:
+        """A connect timeout moves on to the backup too."""
+        self.net.servers[("192.0.2.1", 25)] = "timeout"
+        backup = self.sink("192.0.2.2")
+        self.assertEqual(self.deliver()["a@remote.test"].code, 250)
+        self.assertEqual(len(backup[0].messages), 1)
+
+    def test_busyGreetingNextHost(self) -> None:
+        """A 421 greeting, a refused EHLO or a 4xx MAIL at the primary: next host."""
+        for kw in ({"greeting": b"421 4.3.2 busy"}, {"ehlo": b"421 4.3.2 busy"}, {"mail": b"451 4.3.0 later"}):
+            self.net.servers.clear()
+            self.sink("192.0.2.1", **kw)
+            backup = self.sink("192.0.2.2")
+            self.store.remove("Q1")
+            self.assertEqual(self.deliver()["a@remote.test"].host, "mx2.remote.test", kw)
+            self.assertEqual(len(backup[0].messages), 1)
+
+    def test_allDownTemporary(self) -> None:
+        """No host reachable: a temporary reply for every recipient."""
+        results = self.deliver(rcpts=("a@remote.test", "b@remote.test"))
+        for r in results.values():
+            self.assertTrue(r.temporary, r)
+            self.assertEqual(r.enhanced, "4.4.1")
+        self.assertEqual(len(self.net.attempts), 2)
+
+    def test_allGreetingsRefusedTemporary(self) -> None:
+        """5xx greetings everywhere are retried later, not bounced."""
+        self.sink("192.0.2.1", greeting=b"554 5.7.1 no")
+        self.sink("192.0.2.2", greeting=b"554 5.7.1 no")
+        self.assertTrue(self.deliver()["a@remote.test"].temporary)
+
+    def test_senderRefusedEverywherePermanent(self) -> None:
+        """MAIL FROM refused with 5xx by every host: permanent."""
+        self.sink("192.0.2.1", mail=b"550 5.7.1 Sender blocked")
+        self.sink("192.0.2.2", mail=b"550 5.7.1 Sender blocked")
+        r = self.deliver()["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (550, "5.7.1"))
+
+    def test_perRecipient(self) -> None:
+        """5xx for one of two recipients; the other is delivered."""
+        s = self.sink("192.0.2.1", rcpt={"bad@remote.test": b"550 5.1.1 No such user"})
+        results = self.deliver(rcpts=("bad@remote.test", "good@remote.test"))
+        self.assertEqual(results["bad@remote.test"].code, 550)
+        self.assertEqual(results["good@remote.test"].code, 250)
+        self.assertEqual(s[0].messages[0][1], [b"good@remote.test"])
+
+    def test_dnsFailures(self) -> None:
+        """Null MX / NXDOMAIN answer permanently, SERVFAIL temporarily."""
+        self.resolver.hosts["null.test"] = PermanentFailure(R_NULL_MX)
+        self.resolver.hosts["servfail.test"] = TemporaryFailure(R_DNS_TEMP)
+        r = self.deliver(rcpts=("a@null.test",))["a@null.test"]
+        self.assertEqual((r.code, r.enhanced), (556, "5.1.10"))
+        self.store.remove("Q1")
+        r = self.deliver(rcpts=("a@servfail.test",))["a@servfail.test"]
+        self.assertEqual(r.enhanced, "4.4.3")
+        self.store.remove("Q1")
+        r = self.deliver(rcpts=("a@nxdomain.test",))["a@nxdomain.test"]
+        self.assertEqual(r.enhanced, "5.1.2")
+        self.assertEqual(self.net.attempts, [])
+
+    def test_everyAddressTried(self) -> None:
+        """Each address of a host is tried before the next host."""
+        self.resolver.hosts["remote.test"] = [
+            Host("mx1.remote.test", ("192.0.2.1", "2001:db8::1"), 10),
+            Host("mx2.remote.test", ("192.0.2.2",), 20),
+        ]
+        self.deliver()
+        self.assertEqual([a[0] for a in self.net.attempts], ["192.0.2.1", "2001:db8::1", "192.0.2.2"])
+
+    def test_sourceAddressFamily(self) -> None:
+        """With relay.source_address set, addresses of the other family are skipped."""
+        self.config = make_config(source_address="127.0.0.1")
+        self.resolver.hosts["remote.test"] = [Host("mx1.remote.test", ("2001:db8::1", "192.0.2.1"), 10)]
+        self.sink("192.0.2.1")
+        self.assertEqual(self.deliver()["a@remote.test"].code, 250)
+        self.assertEqual(self.net.attempts, [("192.0.2.1", 25)])
+
+    def test_tlsFailureFallsBackToPlaintext(self) -> None:
+        """Opportunistic STARTTLS that fails to negotiate is retried without TLS."""
+        s = self.sink("192.0.2.1", starttls=FakeTLS(ok=False))
+        self.assertEqual(self.deliver()["a@remote.test"].code, 250)
+        self.assertEqual(len(s), 2)
+        self.assertNotIn(b"STARTTLS", s[1].commands)
+        self.assertEqual(len(s[1].messages), 1)
+
+    def test_starttlsUsed(self) -> None:
+        """STARTTLS is used when offered, with the MX host name for the TLS context."""
+        names = []
+        s = self.sink("192.0.2.1", starttls=FakeTLS())
+        agent = self.agent(tls_factory=lambda name: names.append(name) or FakeTLS())
+        self.assertEqual(self.deliver(agent=agent)["a@remote.test"].code, 250)
+        self.assertTrue(s[0].tls)
+        self.assertEqual(names, ["mx1.remote.test"])
+
+    def test_lostAfterDotNoSecondHost(self) -> None:
+        """A connection lost after the data went out is retried later, not at the backup."""
+        self.sink("192.0.2.1", drop_at=b".")
+        backup = self.sink("192.0.2.2")
+        r = self.deliver()["a@remote.test"]
+        self.assertTrue(r.temporary)
+        self.assertEqual(backup, [])
+
+    def test_smarthost(self) -> None:
+        """A smarthost replaces MX: its port, STARTTLS required, AUTH PLAIN."""
+        self.config = make_config(smarthost="relay.provider.test:2587", smarthost_user="u")
+        self.resolver.names["relay.provider.test"] = ["198.51.100.7"]
+        servers: list = []
+        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
+            FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))
+        ) or servers[-1]
+        r = self.deliver(agent=self.agent(smarthost_password="pw"))["a@remote.test"]
+        self.assertEqual(r.code, 250)
+        self.assertEqual(servers[0].commands[1], b"STARTTLS")
+        self.assertTrue(any(c.startswith(b"AUTH PLAIN") for c in servers[0].commands))
+        self.assertEqual(len(servers[0].messages), 1)
+
+    def test_smarthostAuthFailureTemporary(self) -> None:
+        """Authentication refused by the smarthost is temporary (no bounce)."""
+        self.config = make_config(smarthost="198.51.100.7:2587", smarthost_user="u")
+        self.net.servers[("198.51.100.7", 2587)] = lambda: FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))
+        r = self.deliver(agent=self.agent(smarthost_password="wrong"))["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (451, "4.7.0"))
+
+    def test_smarthostWithoutTLSRefused(self) -> None:
+        """A smarthost that does not offer STARTTLS gets nothing; temporary."""
+        self.config = make_config(smarthost="198.51.100.7:2587")
+        servers: list = []
+        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
+        r = self.deliver()["a@remote.test"]
+        self.assertTrue(r.temporary)
+        self.assertEqual(servers[0].messages, [])
+
+    def test_tcpEndpointFactory(self) -> None:
+        """Production endpoints: TCP4/TCP6 with the connect timeout and source address."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        config = make_config(connect_timeout="7s", source_address="127.0.0.9")
+        ep = tcp_endpoint_factory(reactor, config)("192.0.2.1", 2525)
+        ep.connect(__import__("twisted.internet.protocol", fromlist=["Factory"]).Factory())
+        host, port, _, timeout, bind = reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout, bind), ("192.0.2.1", 2525, 7, ("127.0.0.9", 0)))
+
+
+class OutboundTests(SynchronousTestCase):
+    """The manager with the real RemoteAgent over the in-memory network."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.net = FakeNet(self.clock)
+        self.store = FakeStore(self.mktemp())
+        self.resolver = FakeMXResolver({"remote.test": two_mx()})
+        self.config = make_config(retry_intervals=["1m", "5m"], max_queue_lifetime="1h", delay_warning_after="")
+        self.intake = FakeIntake()
+        remote = RemoteAgent(
+            self.config, self.resolver, self.net, self.clock, self.store.message_path,
+            tls_factory=lambda n: FakeTLS(),
+        )
+        self.manager = QueueManager(
+            self.store, FakeAgent(), remote, self.clock, self.config, run_blocking, self.intake,
+            rng=random.Random(0),
+        )
+        self.manager.startService()
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        for _ in range(50):
+            if not any(p.pump() for p in list(self.net.pumps)):
+                break
+
+    def test_allDownThenPrimaryReturns(self) -> None:
+        """All MX down: deferred, retried on schedule, delivered once the primary is back."""
+        entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        self.manager.kick("Q1")
+        self.advance(0)
+        self.assertEqual(len(self.net.attempts), 2)
+        rec = self.store.envelopes["Q1"]["recipients"][0]
+        self.assertEqual((rec["status"], rec["attempts"]), ("pending", 1))
+        self.advance(70)
+        self.assertEqual(len(self.net.attempts), 4)
+        servers: list = []
+        self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
+        self.advance(200)
+        self.assertEqual(len(self.net.attempts), 4, "not before the 5 minute interval")
+        self.advance(150)
+        self.assertEqual(len(servers[0].messages), 1)
+        self.assertNotIn("Q1", self.store.envelopes)
+
+    def test_permanentBounceAndExpiry(self) -> None:
+        """A 5xx recipient bounces at once; a deferred one bounces at expiry; one DSN each time."""
+        self.net.servers[("192.0.2.1", 25)] = lambda: FakeSMTPServer(
+            rcpt={"bad@remote.test": b"550 5.1.1 No such user", "slow@remote.test": b"450 4.2.1 Mailbox busy"}
+        )
+        entry(self.store, "Q1", "s@here.test", ["bad@remote.test", "slow@remote.test", "ok@remote.test"], arrival=START)
+        self.manager.kick("Q1")
+        self.advance(0)
+        self.assertEqual(len(self.intake.messages), 1)
+        msg = email.message_from_bytes(self.intake.messages[0][1])
+        report = msg.get_payload()[1].get_payload()
+        self.assertEqual([p["Final-Recipient"] for p in report[1:]], ["rfc822; bad@remote.test"])
+        self.assertEqual(report[1]["Remote-MTA"], "dns; mx1.remote.test")
+        self.assertEqual(report[1]["Diagnostic-Code"], "smtp; 550 5.1.1 No such user")
+        for _ in range(20):
+            self.advance(300)
+        self.assertEqual(len(self.intake.messages), 2)
+        report = email.message_from_bytes(self.intake.messages[1][1]).get_payload()[1].get_payload()
+        self.assertEqual([p["Final-Recipient"] for p in report[1:]], ["rfc822; slow@remote.test"])
+        self.assertEqual(report[1]["Action"], "failed")
+        self.assertNotIn("Q1", self.store.envelopes)
