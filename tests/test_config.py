@@ -135,6 +135,7 @@ class DocsTests(SynchronousTestCase):
                 found[f"{section}.{m.group(1)}" if section else m.group(1)] = m.group(2)
         for key in KEYS:
             self.assertIn(key.dotted, found, f"{key.dotted} missing from etc/mailstack.toml")
+            self.assertEqual(found[key.dotted], toml_literal(key.default), key.dotted)
 
     def test_exampleConfigLoads(self):
         """etc/mailstack.toml is a valid config."""
