@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -154,6 +155,16 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
         for entry in reversed(entries):
             self.store.commit(entry)
         self.assertEqual([e.id for e in self.store.scan()], sorted(e.id for e in entries))
+
+    def test_commitsFromManyThreads(self) -> None:
+        """Commits running at once in a thread pool (as in production) all land, each whole."""
+        entries = [self.stage(body=BODY + b"%d" % i) for i in range(24)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self.store.commit, entries))
+        self.assertEqual(list(self.store.scan()), sorted(entries, key=lambda e: e.id))
+        for i, entry in enumerate(entries):
+            with open(self.store.message_path(entry.id), "rb") as f:
+                self.assertEqual(f.read(), BODY + b"%d" % i)
 
 
 class SaveLoadRemoveTests(StoreTestMixin, SynchronousTestCase):

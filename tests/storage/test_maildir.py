@@ -6,6 +6,7 @@ import errno
 import mailbox
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -115,6 +116,13 @@ class DeliverTests(SynchronousTestCase):
         self.store.deliver(BOB, source)
         self.assertEqual(self.delivered(), [body])
         self.assertEqual(faults.calls.count("_write"), 4)
+
+    def test_concurrentFirstDeliveries(self) -> None:
+        """Threads delivering at once to a new Maildir all succeed with distinct names."""
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            names = list(pool.map(lambda i: self.store.deliver(BOB, [MESSAGE, b"%d" % i]), range(32)))
+        self.assertEqual(len(set(names)), 32)
+        self.assertEqual(sorted(self.delivered()), sorted(MESSAGE + b"%d" % i for i in range(32)))
 
     def test_pythonMailboxReadsIt(self) -> None:
         """The stdlib mailbox.Maildir lists and parses what we wrote."""
