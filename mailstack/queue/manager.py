@@ -83,10 +83,12 @@ def save_unless_deleted(store: Any, entry: QueueEntry) -> bool:
         return True
 
 
-def remove_entry(store: Any, queue_id: str) -> None:
-    """Remove an entry under the queue lock (blocking); used by the CLI too."""
+def remove_entry(store: Any, queue_id: str) -> bool:
+    """Remove an entry under the queue lock (blocking); used by the CLI too.
+
+    False if there was no envelope."""
     with locked(lock_path(store)):
-        store.remove(queue_id)
+        return bool(store.remove(queue_id))
 
 
 def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:

@@ -1,0 +1,108 @@
+"""``mailstack queue list|show|flush|delete`` on a real queue directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.admin import cli
+from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
+from mailstack.queue.manager import save_unless_deleted
+from mailstack.queue.store import QueueStore
+
+
+class QueueCommandTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.conf = os.path.join(self.dir, "mailstack.toml")
+        with open(self.conf, "w") as f:
+            f.write('hostname = "mx.test"\ndata_dir = "data"\n')
+        self.store = QueueStore(os.path.join(self.dir, "data", "queue"))
+
+    def add(self, sender="s@here.test", rcpts=("a@remote.test",)) -> QueueEntry:
+        qid = self.store.new_id()
+        with self.store.open_tmp(qid) as f:
+            f.write(b"Received: by mx.test\r\nSubject: hello\r\n\r\nbody\r\n")
+        e = QueueEntry(
+            id=qid, sender=sender, arrival=1_700_000_000.0, size=50,
+            recipients=[RecipientState(address=r, original=r, local=False) for r in rcpts],
+        )
+        self.store.commit(e)
+        return e
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", self.conf, "queue", *argv], stdout=out, stderr=err, environ={})
+        return code, out.getvalue(), err.getvalue()
+
+    def test_listEmpty(self) -> None:
+        """An empty (even missing) queue lists as empty."""
+        code, out, _ = self.run_cli("list", "--json")
+        self.assertEqual((code, json.loads(out)), (0, []))
+        self.assertEqual(self.run_cli("list")[1].strip(), "queue is empty")
+
+    def test_listJson(self) -> None:
+        """list --json: id, age, sender, recipients with state, attempts, next try, last error."""
+        e = self.add(rcpts=("a@remote.test", "b@remote.test"))
+        e.recipients[0].attempts = 2
+        e.recipients[0].next_attempt = 1_700_000_600.0
+        e.recipients[0].last_reply = "451 4.4.1 Connection to the remote server failed"
+        e.recipients[1].status = FAILED
+        self.store.save(e)
+        code, out, _ = self.run_cli("list", "--json")
+        self.assertEqual(code, 0)
+        (row,) = json.loads(out)
+        self.assertEqual(row["id"], e.id)
+        self.assertEqual(row["sender"], "s@here.test")
+        self.assertEqual(row["attempts"], 2)
+        self.assertEqual(row["next_attempt"], "2023-11-14T22:23:20Z")
+        self.assertEqual(row["last_error"], "451 4.4.1 Connection to the remote server failed")
+        self.assertEqual([r["status"] for r in row["recipients"]], ["pending", "failed"])
+        self.assertGreater(row["age"], 0)
+        code, text, _ = self.run_cli("list")
+        self.assertIn(e.id, text)
+        self.assertIn("<a@remote.test>", text)
+
+    def test_show(self) -> None:
+        """show ID prints the envelope, each recipient and the headers."""
+        e = self.add()
+        code, out, _ = self.run_cli("show", e.id)
+        self.assertEqual(code, 0)
+        self.assertIn("Subject: hello", out)
+        self.assertIn("<a@remote.test>", out)
+        data = json.loads(self.run_cli("show", e.id, "--json")[1])
+        self.assertEqual(data["id"], e.id)
+
+    def test_unknownId(self) -> None:
+        """show/delete of an unknown id: exit 1 with one line on stderr."""
+        for cmd in ("show", "delete"):
+            code, _, err = self.run_cli(cmd, "0" * 24)
+            self.assertEqual(code, 1)
+            self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(self.run_cli("show", "../etc")[0], 1)
+
+    def test_delete(self) -> None:
+        """delete removes envelope and message; the manager cannot write it back."""
+        e = self.add()
+        code, out, _ = self.run_cli("delete", e.id)
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(self.run_cli("list", "--json")[1]), [])
+        self.assertFalse(os.path.exists(self.store.message_path(e.id)))
+        self.assertFalse(save_unless_deleted(self.store, e))
+        self.assertEqual(list(self.store.scan()), [])
+
+    def test_flush(self) -> None:
+        """flush leaves the trigger the manager consumes."""
+        self.assertEqual(self.run_cli("flush")[0], 0)
+        self.assertTrue(self.store.flush_requested())
+        self.assertFalse(self.store.flush_requested())
+
+    def test_usage(self) -> None:
+        """A missing subcommand is bad usage (exit 2)."""
+        with self.assertRaises(SystemExit) as cm:
+            cli.main(["--config", self.conf, "queue"], stdout=io.StringIO(), stderr=io.StringIO(), environ={})
+        self.assertEqual(cm.exception.code, 2)
