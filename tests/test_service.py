@@ -1,0 +1,137 @@
+"""Tests for mailstack.service and mailstack.tap (service tree, options, stop order)."""
+
+import os
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailstack import config, service, tap
+from mailstack.interfaces import IRuntime
+
+
+class HelperTests(SynchronousTestCase):
+    def test_listenDescription(self):
+        """ssl: without its own certificate becomes tcp: plus our TLS; others stay."""
+        self.assertEqual(service.listen_description("ssl:465"), ("tcp:465", True))
+        self.assertEqual(service.listen_description("ssl:465:interface=::1"), ("tcp:465:interface=::1", True))
+        self.assertEqual(service.listen_description("ssl:465:privateKey=k.pem"), ("ssl:465:privateKey=k.pem", False))
+        self.assertEqual(service.listen_description("tcp:25"), ("tcp:25", False))
+
+    def test_optionalModule(self):
+        """A missing module gives None; an existing one is imported."""
+        self.assertIsNone(service.optional_module("mailstack.no_such_module"))
+        self.assertIs(service.optional_module("mailstack.config"), config)
+
+    def test_optionalModuleBrokenImportRaises(self):
+        """An ImportError inside an existing module is not hidden by a placeholder."""
+        self.assertRaises(ModuleNotFoundError, service.optional_module, "mailstack.no_such_package.module")
+
+    def test_placeholder(self):
+        """The placeholder answers one line and hangs up."""
+        factory = service.PlaceholderFactory(b"421 4.3.2 service not ready\r\n")
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertEqual(transport.value(), b"421 4.3.2 service not ready\r\n")
+        self.assertTrue(transport.disconnecting)
+
+
+class DrainingFactory(ServerFactory):
+    def __init__(self, log):
+        self.log = log
+        self.pending = Deferred()
+
+    def drain(self, timeout):
+        self.log.append(("drain", timeout))
+        return self.pending
+
+
+@implementer(IOpenSSLContextFactory)
+class FakeTLS:
+    def getContext(self):
+        raise AssertionError("not used without connections")
+
+
+class MailServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.config = config.from_mapping({"smtp": {"shutdown_grace": "7s"}}, base=self.mktemp())
+        self.log = []
+        runtime = service.Runtime(
+            config=self.config, reactor=self.reactor, run_blocking=None, users=None, aliases=None,
+            checker=None, throttle=None, tls=FakeTLS(),
+        )
+        self.pool = service.ThreadPoolService(self.reactor, threads=2)
+        self.svc = service.MailService(runtime, self.pool)
+        self.factory = DrainingFactory(self.log)
+        self.svc.add_listener("smtp", "tcp:2525:interface=127.0.0.1", self.factory)
+        self.svc.add_listener("submissions", "ssl:4650:interface=127.0.0.1", self.factory)
+
+    def test_listeners(self):
+        """Each listener string is a StreamServerEndpointService; ssl: is wrapped in our TLS."""
+        self.svc.privilegedStartService()
+        self.svc.startService()
+        self.addCleanup(self.pool.pool.stop)
+        ports = [(port, type(factory)) for port, factory, _, _ in self.reactor.tcpServers]
+        self.assertEqual(ports, [(2525, DrainingFactory), (4650, TLSMemoryBIOFactory)])
+        self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in self.svc.listeners))
+        self.assertTrue(self.pool.pool.started)
+
+    def test_stopOrder(self):
+        """Stop: listeners first, then drain (once per factory, with shutdown_grace),
+        and the thread pool only after draining finished."""
+        self.svc.privilegedStartService()
+        self.svc.startService()
+        d = self.svc.stopService()
+        self.assertEqual(self.log, [("drain", 7.0)])
+        self.assertTrue(all(not s.running for s in self.svc.listeners))
+        self.assertTrue(self.pool.pool.started)
+        self.assertNoResult(d)
+        self.factory.pending.callback(None)
+        self.successResultOf(d)
+        self.assertFalse(self.pool.pool.started)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_runtimeAndListeners(self):
+        """make_service builds a Runtime providing IRuntime and one listener per string;
+        an empty list builds none."""
+        base = os.path.abspath(self.mktemp())
+        cfg = config.from_mapping({"data_dir": "data", "listen": {"pop3": [], "smtp": ["tcp:2525", "tcp:2526"]}}, base=base)
+        tls, users, aliases = service.load_parts(cfg)
+        svc = service.make_service(cfg, MemoryReactorClock(), tls, users, aliases)
+        verifyObject(IRuntime, svc.runtime)
+        kinds = [s.name.split()[0] for s in svc.listeners]
+        self.assertEqual(kinds, ["smtp", "smtp", "submission", "submissions", "pop3s"])
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_badConfigOneLine(self):
+        """A bad config file ends option parsing with one line naming key and file."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('[relay]\nmax_queue_lifetime = "5 parsecs"\n')
+        e = self.assertRaises(SystemExit, tap.Options().parseOptions, ["--config", path])
+        self.assertIsInstance(e.code, str)
+        self.assertNotIn("\n", e.code)
+        self.assertIn("relay.max_queue_lifetime", e.code)
+        self.assertIn(path, e.code)
+
+    def test_goodConfig(self):
+        """A good config is loaded and the start-up parts prepared (certificate made)."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "m.toml")
+        with open(path, "w") as f:
+            f.write('data_dir = "d"\n')
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options.config.data_dir, os.path.join(folder, "d"))
+        self.assertTrue(os.path.exists(os.path.join(folder, "d", "tls", "selfsigned.pem")))
