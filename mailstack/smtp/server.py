@@ -65,6 +65,8 @@ _DATA = "data"
 _AUTH = "auth"
 _CLOSED = "closed"
 
+_WIRE: dict[Reply, bytes] = {r: r.encode() for r in R.ALL.values()}  # the constants, pre-encoded
+
 _SKIP = object()  # an overlong line was answered and dropped
 
 _LOGIN_USER = base64.b64encode(b"Username:")
@@ -122,7 +124,8 @@ class SMTPServer(Protocol):
         self.policy = factory.policy
         self.peer = ""
         self.mode = _COMMAND
-        self._buf = b""
+        self._buf = b""  # unprocessed input starts at self._pos
+        self._pos = 0
         self._out: list[bytes] = []
         self._discarding = False  # dropping the rest of an overlong command line
         self._blocked = False  # a command is waiting on a Deferred or a delay
@@ -257,11 +260,21 @@ class SMTPServer(Protocol):
         self._arm_timer()
 
     def _process(self) -> None:
+        try:
+            self._process_buffer()
+        finally:
+            # Lines are consumed by moving _pos; drop them once per read, not per line.
+            if self._pos:
+                self._buf = self._buf[self._pos :]
+                self._pos = 0
+
+    def _process_buffer(self) -> None:
         while not self._blocked and self.mode != _CLOSED:
             if self.mode == _DATA:
-                if not self._buf:
+                if self._pos >= len(self._buf):
                     return
-                chunk, self._buf = self._buf, b""
+                chunk = self._buf[self._pos :] if self._pos else self._buf
+                self._buf, self._pos = b"", 0
                 assert self._decoder is not None
                 rest = self._decoder.feed(chunk)
                 if rest is None:
@@ -287,17 +300,19 @@ class SMTPServer(Protocol):
         """The next complete command line without CRLF; None if there is none yet."""
         limit = self.config.smtp.max_line_length
         while True:
-            end = self._buf.find(_CRLF)
+            start = self._pos
+            end = self._buf.find(_CRLF, start)
             if self._discarding:
                 if end < 0:
                     # Keep a final CR: it may be the start of the CRLF we wait for.
                     self._buf = b"\r" if self._buf.endswith(b"\r") else b""
+                    self._pos = 0
                     return None
-                self._buf = self._buf[end + 2 :]
+                self._pos = end + 2
                 self._discarding = False
                 continue
             if end < 0:
-                if limit and len(self._buf) > limit:
+                if limit and len(self._buf) - start > limit:
                     # RFC 5321 4.5.3.1.4 / 4.2.2: 500 5.5.6, then stay in sync by
                     # discarding up to the next CRLF.
                     self._reply(R.LINE_TOO_LONG, error="line")
@@ -307,7 +322,8 @@ class SMTPServer(Protocol):
                         self._auth = None
                     continue
                 return None
-            line, self._buf = self._buf[:end], self._buf[end + 2 :]
+            line = self._buf[start:end]
+            self._pos = end + 2
             if limit and len(line) + 2 > limit:
                 self._reply(R.LINE_TOO_LONG, error="line")
                 if self.mode == _AUTH:
@@ -322,7 +338,8 @@ class SMTPServer(Protocol):
         """Queue a reply; ``error`` names the rejected command and counts it."""
         if self.mode == _CLOSED:
             return
-        self._out.append(reply.encode())
+        wire = _WIRE.get(reply)
+        self._out.append(wire if wire is not None else reply.encode())
         if error:
             self.errors += 1
             self.log.info(
@@ -490,13 +507,13 @@ class SMTPServer(Protocol):
         self._flush()  # the 220 goes out in plaintext
         # RFC 3207 section 4.2 (CVE-2011-0411): whatever the client pipelined
         # after STARTTLS arrived in plaintext; it is discarded, never executed.
-        if self._buf:
+        if len(self._buf) > self._pos:
             self.log.info(
                 "smtp discarded {size} bytes pipelined after STARTTLS peer={peer}",
-                size=len(self._buf),
+                size=len(self._buf) - self._pos,
                 peer=self.peer,
             )
-        self._buf = b""
+        self._buf, self._pos = b"", 0
         self._discarding = False
         self.transport.startTLS(context)
         # RFC 3207 section 4.2: forget everything learnt before TLS.
