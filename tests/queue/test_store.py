@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -344,3 +346,11 @@ class OpenTmpTests(StoreTestMixin, SynchronousTestCase):
         with store.open_tmp(store.new_id()) as f:
             f.write(b"x")
         self.assertEqual(len(listing(os.path.join(store.root, "tmp"))), 1)
+
+
+class ImportTests(SynchronousTestCase):
+    def test_noTwisted(self) -> None:
+        """The store imports no Twisted module, so the admin command can use it without a reactor."""
+        code = "import sys, mailstack.queue.store; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "[]")
