@@ -155,7 +155,7 @@ class Intake:
         try:
             self._kicker.kick(entry.id)
         except Exception:
-            # The message is safely queued; the manager's next scan finds it.
+            # The message is safely queued; a flush or a restart picks it up.
             self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=entry.id)
         return entry.id
 
