@@ -155,7 +155,7 @@ class Intake:
         try:
             self._kicker.kick(entry.id)
         except Exception:
-            # The message is safely queued; a flush or a restart picks it up.
+            # The message is safely queued; the next start (recover + scan) delivers it.
             self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=entry.id)
         return entry.id
 
