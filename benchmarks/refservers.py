@@ -107,7 +107,11 @@ virtual_gid_maps = static:{VUID}
 virtual_minimum_uid = 100
 relayhost = [127.0.0.1]:{self.sink_port}
 smtp_dns_support_level = disabled
-smtp_tls_security_level = none
+# The sink offers STARTTLS (mailstack's client requires it at a smarthost), so
+# Postfix relays over TLS too, reusing TLS connections through tlsproxy(8).
+smtp_tls_security_level = encrypt
+smtp_tls_connection_reuse = yes
+smtp_tls_session_cache_database = btree:{self.data}/smtp_scache
 smtpd_tls_security_level = none
 maillog_file = {self.log}
 maillog_file_prefixes = {self.root}
@@ -134,6 +138,8 @@ maillog_file_prefixes = {self.root}
             ("virtual", "unix", "-", "n", "n", "-", "-", "virtual"),
             ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
             ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
+            ("tlsproxy", "unix", "-", "-", "n", "-", "0", "tlsproxy"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
         ]
         master = [f"127.0.0.1:{self.port} inet n - n - - smtpd"]

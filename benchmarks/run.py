@@ -115,6 +115,25 @@ class Target:
 _MSGID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.I | re.M)
 
 
+STALL_SECONDS = 20.0  # give up waiting for deliveries after this long without progress
+
+
+class Stall:
+    """True once a counter has not moved for `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.value = None
+        self.since = time.monotonic()
+
+    def stalled(self, value) -> bool:
+        now = time.monotonic()
+        if value != self.value:
+            self.value, self.since = value, now
+            return False
+        return now - self.since > self.seconds
+
+
 def maildir_ids(paths: list[str]) -> set[str]:
     ids = set()
     for p in paths:
@@ -158,10 +177,10 @@ def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = 
     prof = start_profile(profile_svg, pid) if profile_svg and pid else None
     with procmem.Sampler(t.smtp_roots, 0.25) as mem:
         res = _load(t, n, sessions, lambda i: USERS[i % N_USERS])
-        deadline = time.time() + max(60.0, n / 20)
+        stall = Stall(STALL_SECONDS)
         while True:
             got = sum(msggen.count_maildir(d) for d in dirs) - base
-            if got >= res.sent or time.time() > deadline:
+            if got >= res.sent or stall.stalled(got):
                 break
             time.sleep(0.02)
         done = time.time()
@@ -188,16 +207,16 @@ def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) 
     aliases = list(ALIASES)
     with procmem.Sampler(t.smtp_roots, 0.25) as mem:
         res = _load(t, n, sessions, lambda i: aliases[i % N_RELAY])
-        deadline = time.time() + max(60.0, n / 20)
+        stall = Stall(STALL_SECONDS)
         while True:
             count, first, last = sink.count(sink_port)
-            if count >= res.sent or time.time() > deadline:
+            if count >= res.sent or stall.stalled(count):
                 break
             time.sleep(0.05)
     if res.sent == 0:
         return na("no message accepted: " + "; ".join(list(res.errors)[:2]))
     if count == 0:
-        return na(f"{res.sent} accepted, none reached the sink in time")
+        return na(f"{res.sent} accepted, none reached the sink within {STALL_SECONDS:.0f} s")
     out = _load_fields(res)
     out.update({
         "value": round(count / (last - res.start), 1),
@@ -440,7 +459,10 @@ def table(results: dict) -> str:
 
 class Run:
     def __init__(self, args):
+        global STALL_SECONDS
         self.a = args
+        if args.quick:
+            STALL_SECONDS = 10.0
         self.quick = args.quick
         self.n = args.messages or (40 if args.quick else 5000)
         self.n_pop = args.pop_messages or (40 if args.quick else 5000)

@@ -9,6 +9,10 @@ extra commands::
     XRESET          -> 250 (forget everything)
     XDUMP <path>    -> 250 (write the Message-IDs seen, one a line)
 
+STARTTLS (RFC 3207) is offered with a throwaway self-signed certificate unless
+``--no-tls``: mailstack's client insists on it at a smarthost, and the Postfix
+reference is configured to use it too, so both relay over TLS.
+
 Run: ``python3 benchmarks/sink.py --port 2600`` (prints ``READY <port>`` when listening).
 """
 
@@ -40,6 +44,41 @@ EHLO = (
     b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 0\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n"
 )
+EHLO_TLS = EHLO.replace(b"250-SIZE 0\r\n", b"250-SIZE 0\r\n250-STARTTLS\r\n")
+TLS_CONTEXT = None  # ssl.SSLContext when STARTTLS is offered
+
+
+def make_tls_context():
+    """A server SSLContext with a fresh self-signed certificate for sink.bench.test."""
+    import datetime
+    import os
+    import ssl
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sink.bench.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("sink.bench.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "sink.pem")
+        with open(path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(path)
+    return ctx
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -47,11 +86,15 @@ class SinkProtocol(asyncio.Protocol):
         self.transport = transport
         self.buf = b""
         self.in_data = False
+        self.tls = False
+        self.upgrading = False
         STATS.connections += 1
         transport.write(b"220 sink.bench.test ESMTP sink\r\n")
 
     def data_received(self, data):
         self.buf += data
+        if self.upgrading:
+            return
         out = []
         while True:
             if self.in_data:
@@ -85,7 +128,14 @@ class SinkProtocol(asyncio.Protocol):
             line, self.buf = self.buf[:i], self.buf[i + 2 :]
             verb = line[:4].upper()
             if verb in (b"EHLO",):
-                out.append(EHLO)
+                out.append(EHLO_TLS if TLS_CONTEXT is not None and not self.tls else EHLO)
+            elif verb == b"STAR" and TLS_CONTEXT is not None and not self.tls:
+                out.append(b"220 2.0.0 Ready to start TLS\r\n")
+                self.transport.write(b"".join(out))
+                self.upgrading = True
+                self.buf = b""  # RFC 3207 section 4.2: nothing before the handshake counts
+                asyncio.ensure_future(self._starttls())
+                return
             elif verb == b"HELO":
                 out.append(b"250 sink.bench.test\r\n")
             elif verb == b"DATA":
@@ -114,6 +164,20 @@ class SinkProtocol(asyncio.Protocol):
                 out.append(b"502 5.5.2 Command not implemented\r\n")
         if out:
             self.transport.write(b"".join(out))
+
+
+    async def _starttls(self):
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(self.transport, self, TLS_CONTEXT, server_side=True)
+        except Exception:  # noqa: BLE001 - a failed handshake just ends the session
+            self.transport.close()
+            return
+        self.tls = True
+        self.upgrading = False
+        self.in_data = False
+        if self.buf:
+            self.data_received(b"")
 
 
 async def serve(port: int, host: str = "127.0.0.1"):
@@ -147,7 +211,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="counting SMTP sink")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--no-tls", action="store_true", help="do not offer STARTTLS")
     a = p.parse_args(argv)
+    global TLS_CONTEXT
+    if not a.no_tls:
+        TLS_CONTEXT = make_tls_context()
     try:
         asyncio.run(serve(a.port, a.host))
     except KeyboardInterrupt:
