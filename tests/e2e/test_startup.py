@@ -110,3 +110,36 @@ def test_missingConfigFile(tmp_path):
     )
     assert out.returncode != 0
     assert (out.stdout + out.stderr).strip().splitlines() == [f"mailstack: {tmp_path / 'nope.toml'}: no such file"]
+
+
+def test_sigtermLetsTransactionFinish(tmp_path):
+    """A transaction in flight at SIGTERM completes (250 after DATA), new
+    connections are refused, and the process still exits 0."""
+    import signal
+    import smtplib
+
+    server = Server(tmp_path)
+    assert server.admin("user", "add", "alice@localhost", "--password-stdin", input="pw\n").returncode == 0
+    server.start()
+    try:
+        smtp = smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30)
+        smtp.ehlo("client.example")
+        assert smtp.mail("sender@example.org")[0] == 250
+        assert smtp.rcpt("alice@localhost")[0] == 250
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", server.ports["smtp"]), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("still listening after SIGTERM")
+        code, _ = smtp.data(b"Subject: in flight\r\n\r\nbody\r\n")
+        assert code == 250
+        smtp.close()
+        server.stop()
+        assert len(os.listdir(os.path.join(server.maildir("alice@localhost"), "new"))) == 1
+    finally:
+        server.kill()
