@@ -1,0 +1,382 @@
+"""End to end: outbound relay through MX and backup MX, queueing, flush and bounces.
+
+A real ``twistd mailstack``; a ``twisted.names`` server (a subprocess) on
+127.0.0.1 serving MX records for ``remote.test`` (primary ``mx1`` at
+127.0.0.2, backup ``mx2`` at 127.0.0.3); two SMTP sinks (threads) on those
+loopback addresses with the same port (``relay.port`` is one port for every
+MX host).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.e2e.harness import Server
+
+PASSWORD = "alice-pw"
+PRIMARY = "127.0.0.2"
+BACKUP = "127.0.0.3"
+
+DNS_SERVER = r"""
+import sys
+from twisted.internet import reactor
+from twisted.names import authority, dns, server
+zonefile, port = sys.argv[1], int(sys.argv[2])
+factory = server.DNSServerFactory(authorities=[authority.PySourceAuthority(zonefile)])
+reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+reactor.listenTCP(port, factory, interface="127.0.0.1")
+print("ready", flush=True)
+reactor.run()
+"""
+
+ZONE = f"""
+zone = [
+    SOA("remote.test", mname="ns.remote.test", rname="root.remote.test",
+        serial=1, refresh=60, retry=60, expire=60, minimum=60),
+    MX("remote.test", 10, "mx1.remote.test"),
+    MX("remote.test", 20, "mx2.remote.test"),
+    A("mx1.remote.test", "{PRIMARY}"),
+    A("mx2.remote.test", "{BACKUP}"),
+]
+"""
+
+
+class Sink:
+    """A minimal SMTP server in threads: PIPELINING-safe, records every message."""
+
+    def __init__(self, ip: str, port: int, reject: tuple[str, ...] = ()) -> None:
+        self.ip = ip
+        self.port = port
+        self.reject = reject
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self._sock: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.ip, self.port))
+        s.listen(16)
+        self._sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def _accept(self, s: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        try:
+            f = conn.makefile("rb")
+            send = conn.sendall
+            send(b"220 sink ESMTP\r\n")
+            sender, rcpts = "", []
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                verb = cmd[:4].upper()
+                if verb == "EHLO":
+                    send(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 50000000\r\n")
+                elif verb == "HELO":
+                    send(b"250 sink\r\n")
+                elif verb == "MAIL":
+                    sender, rcpts = cmd[10:].split(">")[0].lstrip("<"), []
+                    send(b"250 2.1.0 Ok\r\n")
+                elif verb == "RCPT":
+                    addr = cmd[8:].split(">")[0].lstrip("<")
+                    if addr in self.reject:
+                        send(b"550 5.1.1 <" + addr.encode() + b">: Recipient address rejected\r\n")
+                    else:
+                        rcpts.append(addr)
+                        send(b"250 2.1.5 Ok\r\n")
+                elif verb == "DATA":
+                    if not rcpts:
+                        send(b"554 5.5.1 No valid recipients\r\n")
+                        continue
+                    send(b"354 go ahead\r\n")
+                    data = b""
+                    while True:
+                        chunk = f.readline()
+                        if not chunk:
+                            return
+                        if chunk == b".\r\n":
+                            break
+                        data += chunk[1:] if chunk.startswith(b".") else chunk
+                    with self._lock:
+                        self.messages.append((sender, list(rcpts), data))
+                    send(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == "RSET":
+                    send(b"250 2.0.0 Ok\r\n")
+                elif verb == "QUIT":
+                    send(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    send(b"502 5.5.2 Error\r\n")
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def wait_for(self, marker: bytes, timeout: float = 30.0) -> list[tuple[str, list[str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                found = [m for m in self.messages if marker in m[2]]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
+def _free_port_on(*ips: str) -> int:
+    for _ in range(50):
+        s = socket.socket()
+        s.bind((ips[0], 0))
+        port = s.getsockname()[1]
+        others = []
+        try:
+            for ip in ips[1:]:
+                o = socket.socket()
+                o.bind((ip, port))
+                others.append(o)
+        except OSError:
+            continue
+        finally:
+            s.close()
+            for o in others:
+                o.close()
+        return port
+    raise RuntimeError("no common free port")
+
+
+def _free_udp_port() -> int:
+    while True:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        u.close()
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """DNS server, two sinks and a mailstack server with user alice@localhost."""
+    root = tmp_path_factory.mktemp("relay")
+    zonefile = root / "remote.test.zone"
+    zonefile.write_text(ZONE)
+    dns_port = _free_udp_port()
+    dns_proc = subprocess.Popen(
+        [sys.executable, "-c", DNS_SERVER, str(zonefile), str(dns_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        line = dns_proc.stdout.readline()
+        assert line.strip() == b"ready", line + dns_proc.stdout.read()
+        port = _free_port_on(PRIMARY, BACKUP)
+        sinks = {
+            "primary": Sink(PRIMARY, port, reject=("nobody@remote.test",)),
+            "backup": Sink(BACKUP, port, reject=("nobody@remote.test",)),
+        }
+        (root / "server").mkdir()
+        server = Server(
+            root / "server",
+            extra_toml=(
+                "[relay]\n"
+                f"port = {port}\n"
+                f'nameservers = ["127.0.0.1:{dns_port}"]\n'
+                'retry_intervals = ["1h"]\n'
+                'connect_timeout = "3s"\n'
+                'command_timeout = "30s"\n'
+                'delay_warning_after = ""\n'
+            ),
+        )
+        r = server.admin("user", "add", "alice@localhost", "--password-stdin", input=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+        server.start()
+        try:
+            yield server, sinks
+        finally:
+            for s in sinks.values():
+                s.stop()
+            try:
+                server.stop()
+            finally:
+                server.kill()
+    finally:
+        dns_proc.kill()
+        dns_proc.wait()
+
+
+def submit(server: Server, rcpts: list[str], marker: str) -> None:
+    """Authenticated submission (STARTTLS + AUTH) from alice@localhost."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    body = (
+        f"From: alice@localhost\r\nTo: {', '.join(rcpts)}\r\nSubject: {marker}\r\n"
+        f"Message-ID: <{marker}@localhost>\r\n\r\nHello {marker}\r\n.dot line\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as c:
+        c.starttls(context=ctx)
+        c.login("alice@localhost", PASSWORD)
+        refused = c.sendmail("alice@localhost", rcpts, body.encode())
+        assert refused == {}
+
+
+def queue_list(server: Server) -> list[dict]:
+    r = server.admin("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_primaryGetsMail(relay):
+    """Mail from an authenticated user to a remote domain reaches the primary MX."""
+    server, sinks = relay
+    sinks["primary"].start()
+    sinks["backup"].start()
+    try:
+        submit(server, ["bob@remote.test"], "relay-primary")
+        got = sinks["primary"].wait_for(b"relay-primary")
+        assert len(got) == 1, server.diagnostics()
+        sender, rcpts, data = got[0]
+        assert (sender, rcpts) == ("alice@localhost", ["bob@remote.test"])
+        assert b"\r\n.dot line\r\n" in data
+        assert sinks["backup"].messages == []
+    finally:
+        sinks["primary"].stop()
+        sinks["backup"].stop()
+
+
+def test_backupWhenPrimaryDown(relay):
+    """With the primary stopped the backup MX gets the mail."""
+    server, sinks = relay
+    sinks["backup"].start()
+    try:
+        submit(server, ["carol@remote.test"], "relay-backup")
+        got = sinks["backup"].wait_for(b"relay-backup")
+        assert len(got) == 1, server.diagnostics()
+        assert not [m for m in sinks["primary"].messages if b"relay-backup" in m[2]]
+    finally:
+        sinks["backup"].stop()
+
+
+def test_queuedThenFlushed(relay):
+    """Both MX down: the message waits in the queue (queue list --json); a sink comes
+    back and `mailstack queue flush` makes it arrive without waiting for the retry."""
+    server, sinks = relay
+    submit(server, ["dave@remote.test"], "relay-queued")
+    deadline = time.monotonic() + 30
+    while True:
+        rows = [r for r in queue_list(server) if any(x["address"] == "dave@remote.test" for x in r["recipients"])]
+        if rows and rows[0]["attempts"] >= 1 and rows[0]["last_error"]:
+            break
+        assert time.monotonic() < deadline, (rows, server.diagnostics())
+        time.sleep(0.2)
+    row = rows[0]
+    assert row["sender"] == "alice@localhost"
+    assert row["recipients"][0]["status"] == "pending"
+    assert row["last_error"].startswith("4"), row
+    show = server.admin("queue", "show", row["id"])
+    assert show.returncode == 0 and "relay-queued" in show.stdout, show
+    sinks["primary"].start()
+    try:
+        time.sleep(1.5)
+        assert sinks["primary"].messages == [] or not sinks["primary"].wait_for(b"relay-queued", timeout=0)
+        r = server.admin("queue", "flush")
+        assert r.returncode == 0, r.stderr
+        got = sinks["primary"].wait_for(b"relay-queued", timeout=20)
+        assert len(got) == 1, server.diagnostics()
+        deadline = time.monotonic() + 10
+        while [r for r in queue_list(server) if r["id"] == row["id"]]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        sinks["primary"].stop()
+
+
+def test_bounceLandsInSendersMaildir(relay):
+    """A 5xx for one recipient: the other gets the mail, and alice gets an RFC 3464 DSN
+    in her Maildir naming the failed one, from MAILER-DAEMON with Return-Path <>."""
+    server, sinks = relay
+    sinks["primary"].start()
+    try:
+        submit(server, ["nobody@remote.test", "erin@remote.test"], "relay-bounce")
+        got = sinks["primary"].wait_for(b"relay-bounce")
+        assert len(got) == 1 and got[0][1] == ["erin@remote.test"], got
+        new = os.path.join(server.maildir("alice@localhost"), "new")
+        deadline = time.monotonic() + 20
+        dsns = []
+        while not dsns:
+            assert time.monotonic() < deadline, server.diagnostics()
+            time.sleep(0.1)
+            if os.path.isdir(new):
+                for name in os.listdir(new):
+                    with open(os.path.join(new, name), "rb") as f:
+                        data = f.read()
+                    if b"multipart/report" in data and b"relay-bounce" in data:
+                        dsns.append(data)
+        assert len(dsns) == 1
+        msg = email.message_from_bytes(dsns[0], policy=email.policy.default)
+        assert msg["Return-Path"] == "<>"
+        assert msg["From"].addresses[0].addr_spec.lower() == "mailer-daemon@localhost"
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "delivery-status"
+        parts = msg.get_payload()
+        assert [p.get_content_type() for p in parts] == [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers",
+        ]
+        groups = email.message_from_bytes(parts[1].as_bytes()).get_payload()
+        recipients = [g for g in groups if g["Final-Recipient"]]
+        assert [g["Final-Recipient"] for g in recipients] == ["rfc822; nobody@remote.test"]
+        assert recipients[0]["Action"] == "failed"
+        assert recipients[0]["Status"] == "5.1.1"
+        assert recipients[0]["Remote-MTA"] == "dns; mx1.remote.test"
+        assert "550 5.1.1" in recipients[0]["Diagnostic-Code"]
+        assert "relay-bounce" in parts[2].get_payload()
+    finally:
+        sinks["primary"].stop()
