@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,7 +13,12 @@ from mailstack.address import Address
 from mailstack.errors import TemporaryFailure, Reply
 from mailstack.smtp.server import SMTPFactory, make_factory
 
-from .support import Session, make_runtime
+from twisted.cred.checkers import ICredentialsChecker
+from zope.interface.verify import verifyObject
+
+from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
+
+from .support import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle, Session, make_runtime
 
 B64 = base64.b64encode
 
@@ -755,3 +759,14 @@ class ShutdownTests(SynchronousTestCase):
         rt = make_runtime()
         self.assertIsInstance(make_factory("submission", rt), SMTPFactory)
         self.assertRaises(ValueError, make_factory, "lmtp", rt)
+
+
+class FakesTests(SynchronousTestCase):
+    def test_fakesProvideInterfaces(self) -> None:
+        """The test fakes implement the interfaces the real parts do (so the tests mean something)."""
+        intake = FakeIntake()
+        self.assertTrue(verifyObject(IIntake, intake))
+        self.assertTrue(verifyObject(IIncoming, FakeIncoming(intake, None)))
+        self.assertTrue(verifyObject(IRouter, FakeRouter()))
+        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
+        self.assertTrue(verifyObject(ICredentialsChecker, FakeChecker()))
