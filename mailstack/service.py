@@ -41,6 +41,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.threads import deferToThreadPool
@@ -175,6 +176,9 @@ def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
         aliases = AliasDB(os.path.join(config.data_dir, "aliases.json"))
     except (TLSError, FileFormatError) as e:
         raise StartupError(str(e)) from None
+    secret = config.relay.smarthost_password_file
+    if secret and not os.access(secret, os.R_OK):
+        raise StartupError(f"{secret}: relay.smarthost_password_file cannot be read")
     return tls, users, aliases
 
 
@@ -207,6 +211,14 @@ class MailService(MultiService):
         self.listeners.append(svc)
         if factory not in self.factories:
             self.factories.append(factory)
+
+    def privilegedStartService(self) -> None:
+        # Listeners bind here (before twistd drops privileges).  A port in use
+        # is an operator's problem: one line and exit 1, not a traceback.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"mailstack: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
 
     def startService(self) -> None:
         for svc in self.listeners:

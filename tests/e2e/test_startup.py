@@ -143,3 +143,23 @@ def test_sigtermLetsTransactionFinish(tmp_path):
         assert len(os.listdir(os.path.join(server.maildir("alice@localhost"), "new"))) == 1
     finally:
         server.kill()
+
+
+def test_portInUseOneLine(tmp_path):
+    """A second server on the same ports exits non-zero with one line naming the port."""
+    server = Server(tmp_path)
+    server.start()
+    try:
+        out = subprocess.run(
+            twistd_command() + ["--nodaemon", "--pidfile=", "mailstack", "--config", server.config_path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert out.returncode != 0
+        assert f"mailstack: cannot listen on 127.0.0.1:{server.ports['smtp']}" in out.stdout + out.stderr
+        assert "Traceback" not in out.stdout + out.stderr
+        server.stop()
+    finally:
+        server.kill()
