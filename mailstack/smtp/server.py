@@ -57,6 +57,7 @@ _PAUSE_AT = 256 * 1024
 
 # RFC 5321 4.1.2: Path, then space-separated Mail-parameters.
 _PATH_ARGS = re.compile(r'\s*(<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>)(.*)\Z', re.S)
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _ESMTP_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?\Z")
 
 # Session modes.
@@ -415,7 +416,15 @@ class SMTPServer(Protocol):
         if handler is None:
             self._reply(R.UNKNOWN_COMMAND, error="unknown")
             return
-        handler(self, arg.strip())
+        try:
+            handler(self, arg.strip())
+        except Exception:
+            # A bug must not kill the session silently or leak its text: 451, logged.
+            self.log.failure("smtp: internal error in {command}", command=verb, peer=self.peer)
+            self._abort_incoming()
+            self.mode = _COMMAND
+            self._reset_transaction()
+            self._reply(R.LOCAL_ERROR)
 
     def do_EHLO(self, arg: str) -> None:
         self._hello(arg, esmtp=True)
@@ -424,8 +433,9 @@ class SMTPServer(Protocol):
         self._hello(arg, esmtp=False)
 
     def _hello(self, arg: str, esmtp: bool) -> None:
-        # RFC 5321 4.1.1.1: one argument, the client's domain or address literal.
-        if not arg or " " in arg:
+        # RFC 5321 4.1.1.1: one argument, the client's domain or address literal
+        # (ASCII without controls: it is echoed in the reply and goes into Received:).
+        if not arg or " " in arg or not (arg.isascii() and arg.isprintable()):
             self._reply(R.HELO_SYNTAX, error="EHLO" if esmtp else "HELO")
             return
         # RFC 5321 4.1.4: EHLO resets the transaction.
@@ -433,10 +443,11 @@ class SMTPServer(Protocol):
         self.helo = arg
         self.esmtp = esmtp
         hostname = self.config.hostname
+        shown = _UNPRINTABLE.sub("?", arg[:255])  # never echo raw client bytes
         if not esmtp:
-            self._reply(R.helo(hostname, arg))
+            self._reply(R.helo(hostname, shown))
             return
-        self._reply(R.ehlo(hostname, arg, self._extensions()))
+        self._reply(R.ehlo(hostname, shown, self._extensions()))
 
     def _extensions(self) -> list[str]:
         kw = ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -549,7 +560,7 @@ class SMTPServer(Protocol):
             return
         self._auth = (mech, b"")
         self.mode = _AUTH
-        self._auth_response(initial.encode("ascii"))
+        self._auth_response(initial.encode("ascii", "replace"))
 
     def _auth_response(self, line: bytes) -> None:
         assert self._auth is not None
@@ -728,7 +739,9 @@ class SMTPServer(Protocol):
         # RFC 5321 4.5.3.1.8: at least 100 recipients must be accepted; beyond the cap 452.
         limit = self.config.smtp.max_recipients
         if limit and self._rcpt_count >= limit:
-            self._reply(R.TOO_MANY_RECIPIENTS, error="RCPT")
+            # Not a client error: the client is expected to send the rest later
+            # (4.5.3.1.10), so it must not count towards the error cap.
+            self._reply(R.TOO_MANY_RECIPIENTS)
             return
         d = maybeDeferred(self.runtime.router.resolve, address, bool(self.user))
 

@@ -770,3 +770,42 @@ class FakesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IRouter, FakeRouter()))
         self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
         self.assertTrue(verifyObject(ICredentialsChecker, FakeChecker()))
+
+
+class RobustnessTests(SynchronousTestCase):
+    def test_nonAsciiAuthResponse(self) -> None:
+        """8-bit bytes in an AUTH initial response: 501 5.5.2, session goes on."""
+        s = Session("submissions")
+        s.talk(b"EHLO c")
+        self.assertEqual(s.codes(b"AUTH PLAIN \xff\xfe", b"NOOP"), [b"501 5.5.2", b"250 2.0.0"])
+
+    def test_ehloControlOr8bitRefused(self) -> None:
+        """An EHLO name with control or 8-bit bytes is 501 5.5.4 (it would be echoed and go into Received:)."""
+        s = Session()
+        self.assertEqual(s.codes(b"EHLO \xffevil", b"EHLO evil\x07", b"HELO \x1b[31m"), [b"501 5.5.4"] * 3)
+
+    def test_routerCrash(self) -> None:
+        """An unexpected exception in the router: 451 4.3.0 without its text; the session continues."""
+        s = Session()
+        s.runtime.router.resolve = lambda a, auth: 1 / 0
+        s.talk(b"EHLO c", b"MAIL FROM:<x@remote.test>")
+        self.assertEqual(s.talk(b"RCPT TO:<alice@example.org>"), [b"451 4.3.0 Local error in processing, try again later"])
+        self.assertEqual(s.codes(b"NOOP"), [b"250 2.0.0"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_intakeBeginCrash(self) -> None:
+        """intake.begin raising: 451 4.3.0 to DATA, and the would-be content is not run as commands... but
+        a conforming client waits for 354, so the next line is a command again."""
+        s = Session()
+        s.runtime.intake.begin = lambda env: 1 / 0
+        s.talk(b"EHLO c", b"MAIL FROM:<x@remote.test>", b"RCPT TO:<alice@example.org>")
+        self.assertEqual(s.codes(b"DATA", b"NOOP"), [b"451 4.3.0", b"250 2.0.0"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_commandHandlerBug(self) -> None:
+        """A bug inside a command handler gives 451 4.3.0 and is logged, not a dropped connection."""
+        s = Session()
+        s.proto.policy = None  # EHLO's extension list now fails
+        self.assertEqual(s.codes(b"EHLO c"), [b"451 4.3.0"])
+        self.assertFalse(s.closed)
+        self.flushLoggedErrors(AttributeError)
