@@ -172,6 +172,9 @@ def check_config(config: Any, args: Any) -> int:
             load_options(config.tls.certificate, config.tls.private_key)
         except TLSError as e:
             raise Refused(str(e)) from None
+    secret = config.relay.smarthost_password_file
+    if secret and not os.access(secret, os.R_OK):
+        raise Refused(f"{secret}: relay.smarthost_password_file cannot be read")
     print(f"{config.source or '<embedded defaults>'}: ok", file=args.stdout)
     return 0
 
