@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(p / 100.0 * len(s)) - 1))
     return s[k]
 
 
@@ -237,5 +238,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __import__("os").path.dirname(__file__))
     sys.exit(main())

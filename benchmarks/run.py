@@ -469,6 +469,10 @@ class Run:
         self.n_big = 0 if args.quick else 50000
         self.n_queue = 0 if args.quick else args.queue_messages
         self.work = tempfile.mkdtemp(prefix="mailstack-bench-", dir=args.workdir)
+        if len(self.work) > 60:
+            # Postfix's and Dovecot's unix sockets live below it: sun_path is 108 bytes.
+            os.rmdir(self.work)
+            self.work = tempfile.mkdtemp(prefix="msb-", dir="/tmp")
         os.chmod(self.work, 0o755)
         self.results = {"reference": {}, "mailstack": {}, "meta": {}, "profile": []}
         self.sink_proc = None
