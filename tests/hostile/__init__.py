@@ -1,0 +1,1 @@
+"""Hostile input at unit level: property tests and bounded fuzzing (issue 6)."""
