@@ -23,16 +23,18 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
 * An entry leaves the queue only when ``entry.done``.
 * The ``queue/flush`` trigger file (``mailstack queue flush``) is polled about
   once a second; when present every entry is retried now.
-* Saves and removals take ``queue/lock`` so that ``mailstack queue delete`` run
-  beside the server never sees half an entry and is never undone by a save.
+* Saves take a lock on the entry (``entry_lock``), as does ``mailstack queue
+  delete``, so a deletion beside the running server is never undone by a save.
 """
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import os
 import random
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -46,7 +48,6 @@ from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IQueueKicker
 from mailstack.queue import schedule
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, RecipientState
-from mailstack.storage.fsutil import locked
 
 # Our own replies recorded in RecipientState.last_reply (never sent to a peer).
 R_NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result")
@@ -57,37 +58,42 @@ MAX_HISTORY = 20  # attempts remembered per recipient for `queue show`
 HEADER_LIMIT = 65536  # bytes of original headers quoted in a DSN
 
 
-def queue_root(store: Any) -> str:
-    """The store's root folder (``data_dir/queue``)."""
-    root = getattr(store, "root", None)
-    if isinstance(root, str):
-        return root
-    return os.path.dirname(os.path.dirname(os.path.abspath(store.message_path("x"))))
+@contextmanager
+def entry_lock(store: Any, queue_id: str) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the entry's message file (blocking).
 
-
-def lock_path(store: Any) -> str:
-    """``queue/lock``: held while an envelope is saved or an entry removed."""
-    return os.path.join(queue_root(store), "lock")
+    Yields whether the entry still exists.  ``store.remove`` unlinks the
+    envelope and then the message; done under this lock (``remove_entry``),
+    "message file present" inside the lock means "not deleted".  A lock per
+    entry, so saves of different entries never wait for each other.
+    """
+    path = store.message_path(queue_id)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield os.path.exists(path)
+    finally:
+        os.close(fd)
 
 
 def save_unless_deleted(store: Any, entry: QueueEntry) -> bool:
-    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking).
-
-    ``store.remove`` takes the envelope first and the message second, both under
-    the same lock, so "message file present" means "not deleted".
-    """
-    with locked(lock_path(store)):
-        if not os.path.exists(store.message_path(entry.id)):
+    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking)."""
+    with entry_lock(store, entry.id) as present:
+        if not present:
             return False
         store.save(entry)
         return True
 
 
 def remove_entry(store: Any, queue_id: str) -> bool:
-    """Remove an entry under the queue lock (blocking); used by the CLI too.
+    """Remove an entry under its lock (blocking; ``queue delete``).
 
     False if there was no envelope."""
-    with locked(lock_path(store)):
+    with entry_lock(store, queue_id):
         return bool(store.remove(queue_id))
 
 
@@ -235,6 +241,14 @@ class QueueManager(Service):
     def startService(self) -> None:
         Service.startService(self)
         self._stopping = False
+        # Synchronously, before any listener accepts: recover() empties tmp/ and
+        # drops messages without an envelope, which would race with commits.
+        try:
+            found = self.store.recover()
+            if found:
+                self.log.info("queue recovered: {recovery}", recovery=found)
+        except Exception:
+            self.log.failure("queue recovery failed")
         self._loaded = Deferred.fromCoroutine(self._load())
         self._loaded.addErrback(lambda f: self.log.failure("queue scan failed", f))
 
@@ -244,7 +258,6 @@ class QueueManager(Service):
         store = self.store
 
         def scan() -> list[tuple[float, str]]:
-            store.recover()
             return [(entry_due(e, now, warn), e.id) for e in store.scan()]
 
         found = await self.run_blocking(scan)
@@ -450,7 +463,7 @@ class QueueManager(Service):
         changed |= await self._notify(entry, now)
         if entry.done:
             try:
-                await self.run_blocking(remove_entry, self.store, entry.id)
+                await self.run_blocking(self.store.remove, entry.id)
             except Exception:
                 self.log.failure("cannot remove queue entry {queue_id}", queue_id=qid)
                 return now + schedule.interval_for(1, relay.retry_intervals)
