@@ -809,3 +809,35 @@ class RobustnessTests(SynchronousTestCase):
         self.assertEqual(s.codes(b"EHLO c"), [b"451 4.3.0"])
         self.assertFalse(s.closed)
         self.flushLoggedErrors(AttributeError)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class SplitPropertyTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(
+        body=st.lists(st.sampled_from([b".", b"..", b"a", b"\r\n", b"\r\n.", b"\r\n..x", b"\xff", b" "]), max_size=30),
+        cuts=st.lists(st.integers(min_value=1, max_value=13), min_size=1, max_size=6),
+    )
+    def test_readSplitsDoNotMatter(self, body, cuts) -> None:
+        """However a pipelined session is split into reads, the replies and the stored message are the same."""
+        content = b"".join(body)
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        stuffed = (b"\r\n" + content).replace(b"\r\n.", b"\r\n..")[2:]
+        data = b"EHLO c\r\n" + transaction(body=stuffed) + b"NOOP\r\nQUIT\r\n"
+        whole = Session()
+        expected = whole.send(data)
+        split = Session()
+        out = b""
+        pos = i = 0
+        while pos < len(data):
+            n = cuts[i % len(cuts)]
+            out += split.send(data[pos : pos + n])
+            pos += n
+            i += 1
+        self.assertEqual(out, expected)
+        self.assertEqual([m.data for m in split.intake.committed], [m.data for m in whole.intake.committed])
+        self.assertEqual(whole.intake.committed[0].data, content)
