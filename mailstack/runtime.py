@@ -19,8 +19,7 @@ from mailstack.interfaces import IRuntime
 
 @implementer(IRuntime)
 class Runtime:
-    """See ``interfaces.IRuntime`` for each attribute.  Parts whose module has not
-    landed yet are None (``service.py`` logs which)."""
+    """See ``interfaces.IRuntime`` for each attribute."""
 
     def __init__(
         self,

@@ -23,27 +23,18 @@ blocking calls it has (an fsync in progress completes).
 TCP_NODELAY is set by the protocols themselves (``smtp/server.py``,
 ``pop3/server.py`` in ``connectionMade``); a wrapping protocol here would hide
 ``ISSLTransport`` after STARTTLS from them.
-
-Parts written in other issues are imported lazily.  While such a module does
-not exist yet (``ModuleNotFoundError`` for exactly that module), a listener
-answers with a one-line placeholder (``421 4.3.2`` or ``-ERR``) and hangs up,
-and the runtime attribute is None; each placeholder is logged at start.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -54,45 +45,33 @@ from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
-from mailstack.errors import Reply
+from mailstack.delivery import remote
+from mailstack.delivery.local import LocalAgent
+from mailstack.intake import Intake
+from mailstack.pop3 import server as pop3_server
+from mailstack.queue.manager import QueueManager
+from mailstack.queue.store import QueueStore
+from mailstack.routing import Router
 from mailstack.runtime import Runtime
+from mailstack.smtp import server as smtp_server
 from mailstack.storage import fsutil
+from mailstack.storage.maildir import MaildirStore
 from mailstack.tls import TLSConfig, TLSError
 
 THREADS = 32
 
-# Listener kind -> the module whose make_factory(kind, runtime) builds it.
-PROTOCOLS = {
-    "smtp": "mailstack.smtp.server",
-    "submission": "mailstack.smtp.server",
-    "submissions": "mailstack.smtp.server",
-    "pop3": "mailstack.pop3.server",
-    "pop3s": "mailstack.pop3.server",
+# Listener kind -> make_factory(kind, runtime) of the protocol that serves it.
+FACTORIES: dict[str, Callable[[str, Any], Any]] = {
+    "smtp": smtp_server.make_factory,
+    "submission": smtp_server.make_factory,
+    "submissions": smtp_server.make_factory,
+    "pop3": pop3_server.make_factory,
+    "pop3s": pop3_server.make_factory,
 }
-
-# RFC 5321 3.8 / RFC 3463: service not available, system not accepting messages.
-_PLACEHOLDER_SMTP = b"421 4.3.2 service not ready\r\n"
-_PLACEHOLDER_POP3 = b"-ERR service not ready\r\n"
-
-log = Logger()
 
 
 class StartupError(Exception):
     """Something in the environment stops the start; one line naming the file."""
-
-
-def optional_module(name: str) -> ModuleType | None:
-    """Import ``name``; None only if that very module does not exist (yet).
-
-    An ImportError from inside the module (a bug, a missing dependency) still
-    raises: a placeholder must never hide a broken part.
-    """
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        return None
 
 
 def listen_description(description: str) -> tuple[str, bool]:
@@ -101,22 +80,6 @@ def listen_description(description: str) -> tuple[str, bool]:
     if kind == "ssl" and "privateKey=" not in rest and "certKey=" not in rest:
         return "tcp:" + rest, True
     return description, False
-
-
-class _Placeholder(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.write(self.factory.line)
-        self.transport.loseConnection()
-
-
-class PlaceholderFactory(ServerFactory):
-    """Answers one line and hangs up: the listener's protocol has not landed yet."""
-
-    protocol = _Placeholder
-    noisy = False
-
-    def __init__(self, line: bytes) -> None:
-        self.line = line
 
 
 class ThreadPoolService(Service):
@@ -139,25 +102,6 @@ class ThreadPoolService(Service):
     def stopService(self) -> None:
         Service.stopService(self)
         self.pool.stop()  # joins: blocking calls in progress (fsync) complete
-
-
-class _NoRemoteAgent:
-    """IDeliveryAgent used only while delivery/remote.py does not exist: defer all."""
-
-    reply = Reply(451, "4.3.2", "Remote delivery not available yet")
-
-    def deliver(self, entry: Any, recipients: Any) -> Deferred:
-        return succeed({r.address: self.reply for r in recipients})
-
-
-class _LateKicker:
-    """IQueueKicker for an Intake built before its manager (or without one)."""
-
-    manager: Any = None
-
-    def kick(self, queue_id: str) -> None:
-        if self.manager is not None:
-            self.manager.kick(queue_id)
 
 
 def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
@@ -193,10 +137,8 @@ class MailService(MultiService):
         self.pool = pool
         self.listeners: list[StreamServerEndpointService] = []
         self.factories: list[Any] = []  # the unwrapped protocol factories, for drain()
-        self.placeholders: list[str] = []
         pool.setServiceParent(self)
-        if runtime.manager is not None:
-            runtime.manager.setServiceParent(self)
+        runtime.manager.setServiceParent(self)
 
     def add_listener(self, kind: str, description: str, factory: Any) -> None:
         endpoint_string, wrap = listen_description(description)
@@ -223,8 +165,6 @@ class MailService(MultiService):
     def startService(self) -> None:
         for svc in self.listeners:
             self.log.info("{service} listening on {endpoint}", service=svc.name.split()[0], endpoint=svc.name.split()[1])
-        for name in self.placeholders:
-            self.log.warn("{part} has not landed yet: placeholder in use", part=name)
         super().startService()
 
     def stopService(self) -> Deferred:
@@ -238,24 +178,28 @@ class MailService(MultiService):
         drains = [f.drain(grace) for f in self.factories if callable(getattr(f, "drain", None))]
         await gatherResults(drains)
         manager = self.runtime.manager
-        if manager is not None and manager.running:
+        if manager.running:
             await maybeDeferred(manager.stopService)
         self.pool.stopService()
         self.log.info("stopped")
 
 
 def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
-    """Build the runtime and the service tree (nothing listens until started)."""
+    """Build the runtime and the service tree (nothing listens until started).
+
+    The constructors are those of docs/design.rst.  The intake needs the queue
+    manager as its kicker and the manager needs the intake for DSNs, so the
+    manager is built first and given the intake afterwards.
+    """
     pool = ThreadPoolService(reactor)
     run_blocking = pool.run_blocking
-    placeholders: list[str] = []
-
-    def part(module: str) -> ModuleType | None:
-        found = optional_module(module)
-        if found is None:
-            placeholders.append(module)
-        return found
-
+    store = QueueStore(os.path.join(config.data_dir, "queue"))
+    maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
+    router = Router(config, users, aliases)
+    local = LocalAgent(maildirs, store, run_blocking)
+    manager = QueueManager(store, local, remote.build(config, reactor, run_blocking), reactor, config, run_blocking, router=router)
+    intake = Intake(config, store, manager, run_blocking, reactor)
+    manager.intake = intake
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -265,55 +209,18 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
         checker=UserChecker(users, run_blocking),
         throttle=LoginThrottle(reactor, config.auth),
         tls=tls,
+        router=router,
+        store=store,
+        intake=intake,
+        manager=manager,
+        maildirs=maildirs,
     )
-    routing = part("mailstack.routing")
-    if routing is not None:
-        runtime.router = routing.Router(config, users, aliases)
-    store_mod = part("mailstack.queue.store")
-    if store_mod is not None:
-        runtime.store = store_mod.QueueStore(os.path.join(config.data_dir, "queue"))
-    maildir_mod = part("mailstack.storage.maildir")
-    if maildir_mod is not None:
-        runtime.maildirs = maildir_mod.MaildirStore(os.path.join(config.data_dir, "mail"))
-    local_mod = part("mailstack.delivery.local")
-    manager_mod = part("mailstack.queue.manager")
-    if manager_mod is not None and runtime.store is not None and local_mod is not None and runtime.maildirs is not None:
-        local = local_mod.LocalAgent(runtime.maildirs, runtime.store, run_blocking)
-        remote = build_remote_agent(config, reactor, run_blocking, placeholders)
-        runtime.manager = manager_mod.QueueManager(
-            runtime.store, local, remote, reactor, config, run_blocking, None, router=runtime.router
-        )
-    kicker = runtime.manager if runtime.manager is not None else _LateKicker()
-    intake_mod = part("mailstack.intake")
-    if intake_mod is not None and runtime.store is not None:
-        runtime.intake = intake_mod.Intake(config, runtime.store, kicker, run_blocking, reactor)
-        if runtime.manager is not None:
-            runtime.manager.intake = runtime.intake
-
     service = MailService(runtime, pool)
-    service.placeholders = placeholders
-    for kind, module_name in PROTOCOLS.items():
+    for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)
         if not descriptions:
             continue
-        module = optional_module(module_name)
-        if module is None:
-            if module_name not in placeholders:
-                placeholders.append(module_name)
-            factory: IProtocolFactory = PlaceholderFactory(
-                _PLACEHOLDER_POP3 if kind.startswith("pop3") else _PLACEHOLDER_SMTP
-            )
-        else:
-            factory = module.make_factory(kind, runtime)
+        factory = make_factory(kind, runtime)
         for description in descriptions:
             service.add_listener(kind, description, factory)
     return service
-
-
-def build_remote_agent(config: Any, reactor: Any, run_blocking: Callable[..., Deferred], placeholders: list[str]) -> Any:
-    """The outbound agent (delivery/remote.py with mx.py), or a deferring stand-in."""
-    remote = optional_module("mailstack.delivery.remote")
-    if remote is None:
-        placeholders.append("mailstack.delivery.remote")
-        return _NoRemoteAgent()
-    return remote.build(config, reactor, run_blocking)

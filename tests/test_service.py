@@ -5,8 +5,9 @@ import os
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.application.service import Service
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -24,24 +25,6 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(service.listen_description("ssl:465:privateKey=k.pem"), ("ssl:465:privateKey=k.pem", False))
         self.assertEqual(service.listen_description("tcp:25"), ("tcp:25", False))
 
-    def test_optionalModule(self):
-        """A missing module gives None; an existing one is imported."""
-        self.assertIsNone(service.optional_module("mailstack.no_such_module"))
-        self.assertIs(service.optional_module("mailstack.config"), config)
-
-    def test_optionalModuleBrokenImportRaises(self):
-        """An ImportError inside an existing module is not hidden by a placeholder."""
-        self.assertRaises(ModuleNotFoundError, service.optional_module, "mailstack.no_such_package.module")
-
-    def test_placeholder(self):
-        """The placeholder answers one line and hangs up."""
-        factory = service.PlaceholderFactory(b"421 4.3.2 service not ready\r\n")
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        self.assertEqual(transport.value(), b"421 4.3.2 service not ready\r\n")
-        self.assertTrue(transport.disconnecting)
-
 
 class DrainingFactory(ServerFactory):
     def __init__(self, log):
@@ -51,6 +34,15 @@ class DrainingFactory(ServerFactory):
     def drain(self, timeout):
         self.log.append(("drain", timeout))
         return self.pending
+
+
+class FakeManager(Service):
+    def __init__(self, log):
+        self.log = log
+
+    def stopService(self):
+        Service.stopService(self)
+        self.log.append("manager stopped")
 
 
 @implementer(IOpenSSLContextFactory)
@@ -66,7 +58,7 @@ class MailServiceTests(SynchronousTestCase):
         self.log = []
         runtime = service.Runtime(
             config=self.config, reactor=self.reactor, run_blocking=None, users=None, aliases=None,
-            checker=None, throttle=None, tls=FakeTLS(),
+            checker=None, throttle=None, tls=FakeTLS(), manager=FakeManager(self.log),
         )
         self.pool = service.ThreadPoolService(self.reactor, threads=2)
         self.svc = service.MailService(runtime, self.pool)
@@ -86,16 +78,17 @@ class MailServiceTests(SynchronousTestCase):
 
     def test_stopOrder(self):
         """Stop: listeners first, then drain (once per factory, with shutdown_grace),
-        and the thread pool only after draining finished."""
+        then the queue manager, and the thread pool last."""
         self.svc.privilegedStartService()
         self.svc.startService()
         d = self.svc.stopService()
-        self.assertEqual(self.log, [("drain", 7.0)])
+        self.assertEqual(self.log, [("drain", 7.0)])  # the manager waits for the drain
         self.assertTrue(all(not s.running for s in self.svc.listeners))
         self.assertTrue(self.pool.pool.started)
         self.assertNoResult(d)
         self.factory.pending.callback(None)
         self.successResultOf(d)
+        self.assertEqual(self.log, [("drain", 7.0), "manager stopped"])
         self.assertFalse(self.pool.pool.started)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import importlib
 import json
 import os
 import sys
@@ -179,10 +178,6 @@ def check_config(config: Any, args: Any) -> int:
     return 0
 
 
-def queue_unavailable(config: Any, args: Any) -> int:
-    raise Refused("queue commands are not available in this version")
-
-
 # -- parser -------------------------------------------------------------------------
 
 
@@ -228,16 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("check-config", help="load the config (and certificate) and report problems")
     p.set_defaults(func=check_config)
 
-    try:
-        queuecmd = importlib.import_module("mailstack.admin.queuecmd")
-    except ModuleNotFoundError as e:
-        if e.name != "mailstack.admin.queuecmd":
-            raise
-        p = commands.add_parser("queue", help="(not available yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=queue_unavailable)
-    else:
-        queuecmd.add_parser(commands)
+    # Imported here: queuecmd imports Refused from this module.
+    from mailstack.admin import queuecmd
+
+    queuecmd.add_parser(commands)
     return parser
 
 
