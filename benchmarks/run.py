@@ -58,6 +58,7 @@ import procmem  # noqa: E402
 import refservers  # noqa: E402
 import sink  # noqa: E402
 from mailstackserver import Mailstack, fill_queue  # noqa: E402
+from mailstackserver import _env as ms_env  # noqa: E402
 
 DOMAIN = "bench.test"
 PASSWORD = "bench-password-1"
@@ -466,7 +467,8 @@ class Run:
         self.quick = args.quick
         self.n = args.messages or (40 if args.quick else 5000)
         self.n_pop = args.pop_messages or (40 if args.quick else 5000)
-        self.n_big = 0 if args.quick else 50000
+        self.n_big = 0 if args.quick else args.big_mailbox
+        self.only = set(args.workloads.split(",")) if args.workloads else None
         self.n_queue = 0 if args.quick else args.queue_messages
         self.work = tempfile.mkdtemp(prefix="mailstack-bench-", dir=args.workdir)
         if len(self.work) > 60:
@@ -571,30 +573,44 @@ class Run:
         ms.start()
 
     def setup_mailstack_users(self, ms: Mailstack):
-        from concurrent.futures import ThreadPoolExecutor
+        """Users and aliases through the admin command.
 
-        users = USERS + [POP_USER, BIG_USER, BIG30_USER]
-
-        def add(u):
-            r = ms.admin("user", "add", u, "--password-stdin", input=PASSWORD + "\n")
-            if r.returncode != 0 and "exist" not in r.stderr:
-                raise RuntimeError(f"user add {u}: {_last_line(r.stderr)}")
-
-        def alias(a):
-            r = ms.admin("alias", "add", a, ALIASES[a])
-            if r.returncode != 0 and "exist" not in r.stderr:
-                raise RuntimeError(f"alias add {a}: {_last_line(r.stderr)}")
-
+        The first user goes through ``python -m mailstack user add`` as an operator
+        would type it; the others through the same command's ``main()`` in one
+        process (each command start costs ~1-2 s of imports on a busy 2-core box).
+        """
+        users = USERS + [POP_USER] + ([] if self.quick else [BIG_USER, BIG30_USER])
         log(f"adding {len(users)} users and {len(ALIASES)} aliases with the admin command")
-        # The admin command locks the tables; parallel calls just queue on the lock.
-        with ThreadPoolExecutor(4) as ex:
-            list(ex.map(add, users))
-        for a in ALIASES:
-            alias(a)
+        r = ms.admin("user", "add", users[0], "--password-stdin", input=PASSWORD + "\n")
+        if r.returncode != 0 and "exist" not in r.stderr:
+            raise RuntimeError(f"user add {users[0]}: {_last_line(r.stderr)}")
+        cmds = [["user", "add", u, "--password-stdin"] for u in users[1:]]
+        cmds += [["alias", "add", a, t] for a, t in ALIASES.items()]
+        script = (
+            "import io, json, sys\n"
+            "from mailstack.admin.cli import main\n"
+            "cfg, pw, cmds = json.loads(sys.stdin.read())\n"
+            "for c in cmds:\n"
+            "    err = io.StringIO()\n"
+            "    rc = main(['--config', cfg] + c, stdin=io.StringIO(pw + '\\n'), stdout=io.StringIO(), stderr=err)\n"
+            "    if rc and 'exist' not in err.getvalue():\n"
+            "        print(' '.join(c[:3]) + ': ' + err.getvalue().strip(), file=sys.stderr)\n"
+            "        sys.exit(1)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", script], input=json.dumps([ms.config_path, PASSWORD, cmds]),
+                           capture_output=True, text=True, cwd=ms.root, env=ms_env(), timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(_last_line(r.stderr))
 
     # shared workloads -----------------------------------------------------------
 
+    def selected(self, key: str) -> bool:
+        return self.only is None or key in self.only or key.split("_")[0] in self.only
+
     def guarded(self, res: dict, key: str, f, *args, **kw):
+        if not self.selected(key):
+            res[key] = na("not selected (--workloads)")
+            return
         log(f"{res is self.results['mailstack'] and 'mailstack' or 'reference'}: {key}")
         try:
             res[key] = f(*args, **kw)
@@ -623,23 +639,35 @@ class Run:
             self.guarded(res, "big30", big_message, t, 30 * 1024 * 1024)
 
     def pop_workloads(self, t: Target, res: dict, fill):
+        if not self.selected("pop3_download"):
+            res["pop3_download"] = na("not selected (--workloads)")
+        else:
+            self._pop_download(t, res, fill)
+        self._pop_uidl(t, res, fill)
+
+    def _pop_download(self, t: Target, res: dict, fill):
         try:
             fill(POP_USER, self.n_pop)
         except Exception as e:  # noqa: BLE001
             res["pop3_download"] = na(f"filling the Maildir failed: {e}")
         else:
             self.guarded(res, "pop3_download", pop3_download, t, POP_USER)
+
+    def _pop_uidl(self, t: Target, res: dict, fill):
         if not self.n_big:
             res["pop3_uidl"] = na("skipped (--quick)")
+            return
+        if not self.selected("pop3_uidl"):
+            res["pop3_uidl"] = na("not selected (--workloads)")
             return
         log(f"{t.name}: writing {self.n_big} messages into a Maildir")
         fill(BIG_USER, self.n_big)
         self.guarded(res, "pop3_uidl", pop3_uidl, t, BIG_USER)
 
     def queue_workload(self, ms: Mailstack, res: dict):
-        if not self.n_queue:
+        if not self.n_queue or not self.selected("queue"):
             for k in ("queue_start", "queue_rss", "queue_list"):
-                res[k] = na("skipped (--quick)")
+                res[k] = na("skipped (--quick)" if not self.n_queue else "not selected (--workloads)")
             return
         log(f"mailstack: stopping, writing {self.n_queue} deferred messages into the queue")
         ms.stop()
@@ -740,6 +768,9 @@ def main(argv=None) -> int:
     p.add_argument("--messages", type=int, default=0, help="messages per SMTP workload (default 5000; 40 with --quick)")
     p.add_argument("--pop-messages", type=int, default=0, help="messages for the POP3 download (default 5000)")
     p.add_argument("--queue-messages", type=int, default=100000, help="deferred messages for the queue workload")
+    p.add_argument("--big-mailbox", type=int, default=50000, help="messages in the POP3 STAT/UIDL mailbox")
+    p.add_argument("--workloads", help="comma-separated subset: accept10,accept50,relay10,pop3,pop3_download,"
+                   "pop3_uidl,big30,queue,fsync1,fsync16 (default: all)")
     p.add_argument("--quick", action="store_true", help="tens of messages; skip 50k/100k/30 MB workloads")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--profile", metavar="DIR", help="py-spy profile of mailstack during the 50-session run")
