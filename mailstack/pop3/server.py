@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
 from mailstack.pop3 import replies as R
-from mailstack.pop3.mailbox import Maildrop, MailboxInUse, Message, MessageGone, WireEncoder, encode_message
+from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -441,7 +441,7 @@ class POP3Server(Protocol):
             self._send(R.NOT_REMOVED)
             self._close()
 
-        if not any(m.deleted for m in drop.messages):
+        if not any(drop.deleted):
             updated(0)
             return None
         return self.run_blocking(drop.expunge).addCallbacks(updated, trouble)
@@ -593,8 +593,8 @@ class POP3Server(Protocol):
             self.maildrop = drop
             self.user = key
             self.state = TRANSACTION
-            self._count = len(drop.messages)
-            self._octets = sum(m.size for m in drop.messages)
+            self._count = len(drop)
+            self._octets = sum(drop.sizes)
             self.log.info(
                 "POP3 login ({method}) of {user} from {peer}: {count} messages",
                 method=method, user=key, peer=self.peer, count=self._count,
@@ -613,72 +613,80 @@ class POP3Server(Protocol):
 
     # -- commands: TRANSACTION -----------------------------------------------
 
-    def _message(self, arg: bytes, allow_deleted: bool = False) -> Message | None:
-        """The message named by a decimal argument, or None after sending -ERR."""
-        assert self.maildrop is not None
+    def _message(self, arg: bytes) -> int | None:
+        """The index (number - 1) named by a decimal argument, or None after -ERR."""
+        drop = self.maildrop
+        assert drop is not None
         if not arg.isdigit() or len(arg) > 10:
             self._send(R.BAD_ARGUMENTS)
             return None
-        n = int(arg)
-        messages = self.maildrop.messages
-        if not 1 <= n <= len(messages):
+        i = int(arg) - 1
+        if not 0 <= i < len(drop):
             self._send(R.NO_SUCH_MESSAGE)
             return None
-        message = messages[n - 1]
-        if message.deleted and not allow_deleted:
+        if drop.deleted[i]:
             self._send(R.ALREADY_DELETED)
             return None
-        return message
+        return i
 
     def do_STAT(self, arg: bytes) -> None:
         self._send(R.stat(self._count, self._octets))
 
+    def _listing(self, header: bytes, values: list[Any]) -> bytes:
+        # One str join and one encode: 50,000 lines in a few tens of ms.
+        drop = self.maildrop
+        assert drop is not None
+        if self._count == len(drop):
+            body = "".join([f"{n} {v}\r\n" for n, v in enumerate(values, 1)])
+        else:
+            deleted = drop.deleted
+            body = "".join([f"{i + 1} {v}\r\n" for i, v in enumerate(values) if not deleted[i]])
+        return header + body.encode("ascii") + R.TERMINATOR
+
     def do_LIST(self, arg: bytes) -> None:
-        assert self.maildrop is not None
+        drop = self.maildrop
+        assert drop is not None
         if arg:
-            m = self._message(arg)
-            if m is not None:
-                self._send(R.scan_listing(m.number, m.size))
+            i = self._message(arg)
+            if i is not None:
+                self._send(R.scan_listing(i + 1, drop.sizes[i]))
             return
-        lines = [R.list_header(self._count, self._octets)]
-        lines += [b"%d %d\r\n" % (m.number, m.size) for m in self.maildrop.messages if not m.deleted]
-        lines.append(R.TERMINATOR)
-        self._send(b"".join(lines))
+        self._send(self._listing(R.list_header(self._count, self._octets), drop.sizes))
 
     def do_UIDL(self, arg: bytes) -> None:
-        assert self.maildrop is not None
+        drop = self.maildrop
+        assert drop is not None
         if arg:
-            m = self._message(arg)
-            if m is not None:
-                self._send(R.uidl_listing(m.number, m.uidl))
+            i = self._message(arg)
+            if i is not None:
+                self._send(R.uidl_listing(i + 1, drop.uidls[i]))
             return
-        lines = [R.UIDL_HEADER]
-        lines += [b"%d %s\r\n" % (m.number, m.uidl.encode("ascii")) for m in self.maildrop.messages if not m.deleted]
-        lines.append(R.TERMINATOR)
-        self._send(b"".join(lines))
+        self._send(self._listing(R.UIDL_HEADER, drop.uidls))
 
     def do_DELE(self, arg: bytes) -> None:
-        m = self._message(arg)
-        if m is not None:
-            m.deleted = True
+        drop = self.maildrop
+        assert drop is not None
+        i = self._message(arg)
+        if i is not None:
+            drop.deleted[i] = 1
             self._count -= 1
-            self._octets -= m.size
-            self._send(R.deleted(m.number))
+            self._octets -= drop.sizes[i]
+            self._send(R.deleted(i + 1))
 
     def do_RSET(self, arg: bytes) -> None:
-        assert self.maildrop is not None
-        for m in self.maildrop.messages:
-            if m.deleted:
-                m.deleted = False
-                self._count += 1
-                self._octets += m.size
+        drop = self.maildrop
+        assert drop is not None
+        drop.deleted[:] = bytes(len(drop))
+        self._count = len(drop)
+        self._octets = sum(drop.sizes)
         self._send(R.rset(self._count, self._octets))
 
     def do_RETR(self, arg: bytes) -> Any:
-        m = self._message(arg)
-        if m is None:
+        i = self._message(arg)
+        if i is None:
             return None
-        return self._send_message(m, R.retr_header(m.size), None)
+        assert self.maildrop is not None
+        return self._send_message(i, R.retr_header(self.maildrop.sizes[i]), None)
 
     def do_TOP(self, arg: bytes) -> Any:
         """RFC 1939 section 7: TOP msg n -- header, blank line, n body lines."""
@@ -686,12 +694,12 @@ class POP3Server(Protocol):
         if not lines.isdigit() or len(lines) > 10:
             self._send(R.BAD_ARGUMENTS)
             return None
-        m = self._message(number)
-        if m is None:
+        i = self._message(number)
+        if i is None:
             return None
-        return self._send_message(m, R.TOP_HEADER, int(lines))
+        return self._send_message(i, R.TOP_HEADER, int(lines))
 
-    def _send_message(self, m: Message, header: bytes, body_lines: int | None) -> "defer.Deferred[None]":
+    def _send_message(self, i: int, header: bytes, body_lines: int | None) -> "defer.Deferred[None]":
         drop = self.maildrop
         assert drop is not None
 
@@ -713,22 +721,22 @@ class POP3Server(Protocol):
             self._send(header + first)
             self._flush()
             sender = _MessageSender(self.transport, fileobj, encoder, self.run_blocking)
-            return sender.start().addErrback(self._stream_failed, m)
+            return sender.start().addErrback(self._stream_failed, i + 1)
 
         def failed(f: Failure) -> None:
             if f.check(MessageGone):
                 self._send(R.MESSAGE_GONE)
             else:
-                self.log.failure("POP3 cannot read message {number} of {user}", f, number=m.number, user=self.user, peer=self.peer)
+                self.log.failure("POP3 cannot read message {number} of {user}", f, number=i + 1, user=self.user, peer=self.peer)
                 self._send(R.READ_FAILED)
 
-        return self.run_blocking(drop.read_start, m, CHUNK).addCallbacks(started, failed)
+        return self.run_blocking(drop.read_start, i, CHUNK).addCallbacks(started, failed)
 
-    def _stream_failed(self, f: Failure, m: Message) -> None:
+    def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):
             return
         # Part of the message is out: the only honest thing left is to hang up.
-        self.log.failure("POP3 read error in message {number} of {user}", f, number=m.number, user=self.user, peer=self.peer)
+        self.log.failure("POP3 read error in message {number} of {user}", f, number=number, user=self.user, peer=self.peer)
         self._closed = True
         self.transport.abortConnection()
 

@@ -112,6 +112,13 @@ class UidlTests(SynchronousTestCase):
         self.assertEqual(len(uidl_for("a b")), 40)
         self.assertEqual(len(uidl_for("é")), 40)
 
+    def test_uidlsFastPath(self) -> None:
+        """uidls_for returns the names themselves when all fit, else hashes the misfits."""
+        names = ["1.M1.h,S=1", "2.M2.h,S=2"]
+        self.assertIs(mailbox.uidls_for(names), names)
+        self.assertEqual(mailbox.uidls_for(["ok", "a b"]), ["ok", uidl_for("a b")])
+        self.assertEqual(mailbox.uidls_for(["x" * 71]), [uidl_for("x" * 71)])
+
     def test_uniqueName(self) -> None:
         """The info part after ':' is not part of the unique name."""
         self.assertEqual(unique_name("123.M1.h,S=5:2,S"), "123.M1.h,S=5")
@@ -130,7 +137,7 @@ class MaildropTests(SynchronousTestCase):
     def test_createsMissingMaildir(self) -> None:
         """A user who never got mail has an empty, freshly created Maildir."""
         drop = self.open()
-        self.assertEqual(drop.messages, [])
+        self.assertEqual(len(drop), 0)
         for sub in ("tmp", "new", "cur"):
             self.assertTrue(os.path.isdir(os.path.join(self.path, sub)))
 
@@ -140,18 +147,18 @@ class MaildropTests(SynchronousTestCase):
         drop = self.open()
         self.assertEqual(os.listdir(os.path.join(self.path, "new")), [])
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [name + ":2,"])
-        self.assertEqual([(m.number, m.unique, m.size) for m in drop.messages], [(1, name, 7)])
+        self.assertEqual((drop.uniques, drop.sizes, drop.uidls), ([name], [7], [name]))
 
     def test_orderByDeliveryTime(self) -> None:
         """New messages are numbered by delivery time, after those already indexed."""
         b = write_message(self.path, b"b", when=1700000002)
         a = write_message(self.path, b"a", when=1700000001)
         drop = self.open()
-        self.assertEqual([m.unique for m in drop.messages], [a, b])
+        self.assertEqual(drop.uniques, [a, b])
         drop.close()
         c = write_message(self.path, b"c", when=1600000000)
         drop = self.open()
-        self.assertEqual([m.unique for m in drop.messages], [a, b, c])
+        self.assertEqual(drop.uniques, [a, b, c])
 
     def test_indexAvoidsRereading(self) -> None:
         """The second open reads no message file: sizes come from the index."""
@@ -159,7 +166,7 @@ class MaildropTests(SynchronousTestCase):
             write_message(self.path, b"x\n" * i)
         drop = self.open()
         self.assertEqual(drop.new_sizes, 5)
-        sizes = [m.size for m in drop.messages]
+        sizes = list(drop.sizes)
         drop.close()
         opened: list[str] = []
         real_open = mailbox._open
@@ -171,21 +178,70 @@ class MaildropTests(SynchronousTestCase):
         self.patch(mailbox, "_open", spy)
         drop = self.open()
         self.assertEqual(drop.new_sizes, 0)
-        self.assertEqual([m.size for m in drop.messages], sizes)
+        self.assertEqual(drop.sizes, sizes)
         self.assertEqual([os.path.basename(p) for p in opened], [INDEX_NAME])
+
+    def test_unchangedFolderNotListed(self) -> None:
+        """With cur/ unchanged since the index (mtime old enough), cur/ is not even listed."""
+        for i in range(3):
+            write_message(self.path, b"m%d\n" % i)
+        drop = self.open()
+        os.rename(drop._file(2), drop._file(2) + "FS")  # flags set by another reader
+        drop.close()
+        self.patch(mailbox, "_now_ns", lambda: 10**20)  # every mtime is old now
+        first = self.open()
+        expected = (list(first.uniques), list(first.sizes), [first._file(i) for i in range(3)])
+        first.close()
+        listed: list[str] = []
+        real = mailbox._listdir
+
+        def spy(path: str) -> list[str]:
+            listed.append(os.path.basename(path))
+            return real(path)
+
+        self.patch(mailbox, "_listdir", spy)
+        drop = self.open()
+        self.assertEqual(listed, ["new"])
+        self.assertEqual((drop.uniques, drop.sizes, [drop._file(i) for i in range(3)]), expected)
+        self.assertTrue(drop._file(2).endswith(":2,FS"))
+        for i in range(3):
+            self.assertEqual(drop.read_start(i, 100)[1], b"m%d\n" % i)
+
+    def test_changedFolderListed(self) -> None:
+        """A flag rename changes cur/'s mtime: the folder is listed again, UIDLs unchanged."""
+        write_message(self.path, b"a\n")
+        self.open().close()
+        self.patch(mailbox, "_now_ns", lambda: 10**20)
+        drop = self.open()
+        before = list(drop.uidls)
+        old = drop._file(0)
+        drop.close()
+        st = os.stat(os.path.join(self.path, "cur"))
+        os.rename(old, old + "S")
+        os.utime(os.path.join(self.path, "cur"), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        drop = self.open()
+        self.assertEqual(drop.uidls, before)
+        self.assertEqual(drop._file(0), old + "S")
+
+    def test_recentMtimeNotTrusted(self) -> None:
+        """An mtime younger than RACY_NS is stored as null, so the next open lists cur/."""
+        write_message(self.path, b"a\n")
+        self.open().close()
+        with open(os.path.join(self.path, INDEX_NAME)) as f:
+            self.assertIsNone(json.load(f)["cur_mtime_ns"])
 
     def test_indexDropsGoneMessages(self) -> None:
         """A message deleted by another reader leaves the index on the next open."""
         write_message(self.path, b"a")
         b = write_message(self.path, b"b")
         drop = self.open()
-        victim = os.path.join(self.path, "cur", drop.messages[0].name)
+        victim = drop._file(0)
         drop.close()
         os.unlink(victim)
         drop = self.open()
-        self.assertEqual([m.unique for m in drop.messages], [b])
+        self.assertEqual(drop.uniques, [b])
         with open(os.path.join(self.path, INDEX_NAME)) as f:
-            self.assertEqual([u for u, _ in json.load(f)["messages"]], [b])
+            self.assertEqual(json.load(f)["names"], [b])
 
     def test_corruptIndexRebuilt(self) -> None:
         """An unreadable index is rebuilt from the files."""
@@ -194,18 +250,18 @@ class MaildropTests(SynchronousTestCase):
         with open(os.path.join(self.path, INDEX_NAME), "wb") as f:
             f.write(b"{not json")
         drop = self.open()
-        self.assertEqual([m.size for m in drop.messages], [5])
+        self.assertEqual(drop.sizes, [5])
 
     def test_uidlSurvivesFlagRename(self) -> None:
         """Renaming cur/X:2, to cur/X:2,S (another reader) keeps UIDL and size."""
         write_message(self.path, b"abc\n")
         drop = self.open()
-        before = [(m.uidl, m.size) for m in drop.messages]
-        name = drop.messages[0].name
+        before = (list(drop.uidls), list(drop.sizes))
+        name = os.path.basename(drop._file(0))
         drop.close()
         os.rename(os.path.join(self.path, "cur", name), os.path.join(self.path, "cur", name + "S"))
         drop = self.open()
-        self.assertEqual([(m.uidl, m.size) for m in drop.messages], before)
+        self.assertEqual((drop.uidls, drop.sizes), before)
 
     def test_lockIsExclusive(self) -> None:
         """A second open of a locked maildrop raises MailboxInUse; close releases it."""
@@ -218,9 +274,8 @@ class MaildropTests(SynchronousTestCase):
         """A message renamed after the snapshot is found again."""
         write_message(self.path, b"abc\n")
         drop = self.open()
-        m = drop.messages[0]
-        os.rename(os.path.join(self.path, "cur", m.name), os.path.join(self.path, "cur", m.unique + ":2,RS"))
-        f, data = drop.read_start(m, 100)
+        os.rename(drop._file(0), os.path.join(self.path, "cur", drop.uniques[0] + ":2,RS"))
+        f, data = drop.read_start(0, 100)
         self.assertIsNone(f)
         self.assertEqual(data, b"abc\n")
 
@@ -228,14 +283,14 @@ class MaildropTests(SynchronousTestCase):
         """A message deleted after the snapshot raises MessageGone."""
         write_message(self.path, b"abc\n")
         drop = self.open()
-        os.unlink(os.path.join(self.path, "cur", drop.messages[0].name))
-        self.assertRaises(MessageGone, drop.read_start, drop.messages[0], 100)
+        os.unlink(drop._file(0))
+        self.assertRaises(MessageGone, drop.read_start, 0, 100)
 
     def test_readStartLarge(self) -> None:
         """read_start leaves the file open when there may be more."""
         write_message(self.path, b"x" * 100)
         drop = self.open()
-        f, data = drop.read_start(drop.messages[0], 10)
+        f, data = drop.read_start(0, 10)
         self.assertEqual(data, b"x" * 10)
         self.assertEqual(f.read(), b"x" * 90)
         f.close()
@@ -245,7 +300,7 @@ class MaildropTests(SynchronousTestCase):
         write_message(self.path, b"a")
         keep = write_message(self.path, b"b")
         drop = self.open()
-        drop.messages[0].deleted = True
+        drop.deleted[0] = 1
         self.assertEqual(drop.expunge(), 0)
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [keep + ":2,"])
 
@@ -253,17 +308,16 @@ class MaildropTests(SynchronousTestCase):
         """A marked message someone else removed is not a failure."""
         write_message(self.path, b"a")
         drop = self.open()
-        os.unlink(os.path.join(self.path, "cur", drop.messages[0].name))
-        drop.messages[0].deleted = True
+        os.unlink(drop._file(0))
+        drop.deleted[0] = 1
         self.assertEqual(drop.expunge(), 0)
 
     def test_expungeFollowsRename(self) -> None:
         """A marked message renamed by another reader is still removed."""
         write_message(self.path, b"a")
         drop = self.open()
-        m = drop.messages[0]
-        os.rename(os.path.join(self.path, "cur", m.name), os.path.join(self.path, "cur", m.unique + ":2,S"))
-        m.deleted = True
+        os.rename(drop._file(0), os.path.join(self.path, "cur", drop.uniques[0] + ":2,S"))
+        drop.deleted[0] = 1
         self.assertEqual(drop.expunge(), 0)
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
 

@@ -530,7 +530,6 @@ class TransactionTests(Base):
         self.assertEqual(self.talk(proto, b"RETR 1", b"DELE 1", b"LIST 1", b"UIDL 1", b"TOP 1 0"), R.ALREADY_DELETED * 5)
         self.assertEqual(self.talk(proto, b"RSET"), R.rset(3, sum(self.sizes)))
         self.assertEqual(self.talk(proto, b"STAT"), b"+OK 3 %d\r\n" % sum(self.sizes))
-        self.assertEqual(proto.maildrop.messages[0].number, 1)
 
     def test_quitDeletes(self) -> None:
         """QUIT enters UPDATE: marked messages are unlinked, the rest stays."""
@@ -547,6 +546,15 @@ class TransactionTests(Base):
         self.talk(proto, b"DELE 1", b"DELE 2")
         proto.connectionLost()
         self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 3)
+
+    def test_listAfterDele(self) -> None:
+        """LIST and UIDL skip deleted messages but keep the numbers of the others."""
+        proto = self.session()
+        self.talk(proto, b"DELE 2")
+        self.assertEqual(self.talk(proto, b"LIST"), b"+OK 2 messages (%d octets)\r\n1 %d\r\n3 %d\r\n.\r\n" % (
+            self.sizes[0] + self.sizes[2], self.sizes[0], self.sizes[2]))
+        self.assertEqual(self.talk(proto, b"UIDL"), R.UIDL_HEADER + b"1 %s\r\n3 %s\r\n.\r\n" % (
+            self.names[0].encode(), self.names[2].encode()))
 
     def test_quitPartialFailure(self) -> None:
         """If some marked messages cannot be removed, QUIT says -ERR [SYS/TEMP]."""
