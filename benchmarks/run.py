@@ -354,11 +354,15 @@ def stop_profile(procs) -> None:
             p.kill()
 
 
-def hotspots(raw_path: str, top: int = 15) -> list[tuple[str, float, float]]:
-    """(function, self %, inclusive %) from py-spy's collapsed stacks, reactor thread only if named."""
-    selfc: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    total = 0
+def hotspots(raw_path: str, top: int = 10) -> dict:
+    """Per thread group ("reactor" = MainThread, "pool" = the others): samples, the
+    top functions by self time and mailstack's top functions by inclusive time, from py-spy's raw output
+    (``thread (id): name;frame;frame... count``).  Percentages are of that group's samples.
+    """
+    groups: dict[str, dict] = {}
+    skip_incl = ("<module>", "run (", "runApp", "ApplicationRunner", "startReactor", "runReactorWithLogging",
+                 "ReactorBase.run ", "ReactorBase.mainLoop", "_bootstrap", "Thread.run", "_worker",
+                 "ThreadPool._worker", "context.call", "ContextTracker", "callWithContext", "_newThreadFunction")
     with open(raw_path) as f:
         for line in f:
             stack, _, n = line.rstrip().rpartition(" ")
@@ -366,15 +370,25 @@ def hotspots(raw_path: str, top: int = 15) -> list[tuple[str, float, float]]:
                 continue
             n = int(n)
             frames = stack.split(";")
-            total += n
-            leaf = frames[-1]
-            selfc[leaf] = selfc.get(leaf, 0) + n
-            for fr in set(frames[1:] if frames[0].startswith(("thread", "process")) else frames):
-                incl[fr] = incl.get(fr, 0) + n
-    if not total:
-        return []
-    ranked = sorted(selfc.items(), key=lambda kv: -kv[1])[:top]
-    return [(k, 100.0 * v / total, 100.0 * incl.get(k, 0) / total) for k, v in ranked]
+            if frames and frames[0].startswith("thread ("):
+                name = "reactor" if frames[0].endswith("MainThread") else "pool"
+                frames = frames[1:]
+            else:
+                name = "all"
+            g = groups.setdefault(name, {"samples": 0, "self": {}, "incl": {}})
+            g["samples"] += n
+            if frames:
+                g["self"][frames[-1]] = g["self"].get(frames[-1], 0) + n
+            for fr in set(frames):
+                # inclusive ranking: the project's own functions (Twisted's frames are everywhere)
+                if "(mailstack/" in fr and not fr.startswith(skip_incl):
+                    g["incl"][fr] = g["incl"].get(fr, 0) + n
+    out = {}
+    for name, g in groups.items():
+        tot = g["samples"] or 1
+        rank = lambda d: [[k, round(100.0 * v / tot, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+        out[name] = {"samples": g["samples"], "self": rank(g["self"]), "inclusive": rank(g["incl"])}
+    return out
 
 
 # -- table --------------------------------------------------------------------------
@@ -476,7 +490,7 @@ class Run:
             os.rmdir(self.work)
             self.work = tempfile.mkdtemp(prefix="msb-", dir="/tmp")
         os.chmod(self.work, 0o755)
-        self.results = {"reference": {}, "mailstack": {}, "meta": {}, "profile": []}
+        self.results = {"reference": {}, "mailstack": {}, "meta": {}, "profile": {}}
         self.sink_proc = None
         self.sink_port = None
         self.cleanups = []
@@ -629,7 +643,9 @@ class Run:
             svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-accept50.svg")
         self.guarded(res, "accept50", accept_workload, t, self.n, 50, svg, ms.pid if ms else None)
         if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
-            self.results["profile"] = [list(h) for h in hotspots(os.path.splitext(svg)[0] + ".txt")]
+            self.results["profile"] = hotspots(os.path.splitext(svg)[0] + ".txt")
+            self.results["profile"]["svg"] = svg
+            self.results["profile"]["rate_hz"] = 200
         a50 = res.get("accept50", {})
         res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
         self.guarded(res, "relay10", relay_workload, t, self.n, 10, self.sink_port, self.work)
@@ -791,10 +807,20 @@ def main(argv=None) -> int:
     print(f"{results['meta']['messages']} messages of ~4 KB per SMTP workload, one per connection; "
           f"POP3 download of {results['meta']['pop_messages']}; run took {results['meta']['seconds']} s\n")
     print(text)
-    if results["profile"]:
-        print("\nmailstack profile during the 50-session accept run (self time, top functions):")
-        for name, selfp, inclp in results["profile"][:12]:
-            print(f"  {selfp:5.1f}% self {inclp:5.1f}% incl  {name}")
+    prof = results["profile"]
+    if prof:
+        a50 = results["mailstack"].get("accept50", {})
+        secs = a50.get("seconds") or 0
+        print(f"\nmailstack profile (py-spy, {prof['rate_hz']} Hz, non-idle samples) during the 50-session "
+              f"accept run ({secs} s); flame graph: {prof['svg']}")
+        for group in ("reactor", "pool", "all"):
+            g = prof.get(group)
+            if not g:
+                continue
+            busy = f", ~{100.0 * g['samples'] / (prof['rate_hz'] * secs):.0f}% of the run" if secs and group == "reactor" else ""
+            print(f"  {group} thread{'s' if group == 'pool' else ''}: {g['samples']} samples{busy}")
+            print("    self:      " + "; ".join(f"{k} {v}%" for k, v in g["self"][:8]))
+            print("    inclusive: " + "; ".join(f"{k} {v}%" for k, v in g["inclusive"][:8]))
     results["table"] = text
     if a.json:
         with open(a.json, "w") as f:
