@@ -13,7 +13,9 @@
    to the next address (the backup MX).  A TLS handshake that fails on an
    opportunistic STARTTLS is retried once in plaintext (RFC 7435 section 6).
 3. The transaction on the first host that takes it gives per-recipient
-   replies: 2xx delivered, 4xx deferred, 5xx failed.
+   replies: 2xx delivered, 4xx deferred, 5xx failed.  The session then waits
+   ``IDLE_TIME`` seconds for another message to the same address (Postfix's
+   connection cache), up to ``MAX_TRANSACTIONS`` per connection.
 4. When no host took the transaction, every recipient gets a temporary
    reply naming the last problem -- unless every host that answered refused
    MAIL FROM with 5xx, which is permanent.  AUTH failures at the smarthost
@@ -41,6 +43,11 @@ from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol, client_tls
 
 MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit is 5)
+# Connection reuse (Postfix's connection cache): an idle session waits this long
+# for the next message to the same address, for at most this many transactions.
+IDLE_TIME = 2.0
+MAX_TRANSACTIONS = 100
+MAX_IDLE_PER_ADDRESS = 32
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class RemoteAgent:
         self.smarthost_password = smarthost_password
         self.rng = rng if rng is not None else random.Random()
         self._clients: set[SMTPClientProtocol] = set()
+        self._idle: dict[tuple, list[tuple[SMTPClientProtocol, Any]]] = {}
+        self._closing = False
 
     # -- IDeliveryAgent -----------------------------------------------------
 
@@ -111,7 +120,8 @@ class RemoteAgent:
         return results
 
     def abort_all(self) -> None:
-        """Drop every connection in progress (shutdown after the grace period)."""
+        """Drop every connection (shutdown after the grace period)."""
+        self.close_idle()
         for client in list(self._clients):
             client.abort()
 
@@ -192,7 +202,17 @@ class RemoteAgent:
         size: int,
         plaintext: bool,
     ) -> dict[str, Reply] | tuple[str, Reply]:
-        """One connection; per-recipient replies, or ``(stage, reply)`` of the failure."""
+        """One transaction; per-recipient replies, or ``(stage, reply)`` of the failure.
+
+        An idle connection to the same address (and policy) is reused when there
+        is one; if it turns out to be gone, a new connection is made.
+        """
+        key = (ip, port, smarthost, plaintext)
+        client = self._take_idle(key)
+        if client is not None:
+            outcome = await self._transaction(entry, client, key, name, ip, rcpts, path, size, reused=True)
+            if outcome is not None:
+                return outcome
         relay = self.config.relay
         credentials = None
         if smarthost and relay.smarthost_user:
@@ -221,33 +241,101 @@ class RemoteAgent:
             return "connect", R_CONNECT
         self._clients.add(client)
         try:
+            await client.handshake()
+        except HostFailure as e:
+            self._clients.discard(client)
+            if e.stage == "auth":
+                e = HostFailure("auth", Reply(451, "4.7.0", f"Authentication at the smarthost failed: {e.reply}"))
+            self._host_failed(entry, name, ip, e)
+            return e.stage, e.reply
+        outcome = await self._transaction(entry, client, key, name, ip, rcpts, path, size, reused=False)
+        assert outcome is not None
+        return outcome
+
+    async def _transaction(
+        self,
+        entry: Any,
+        client: SMTPClientProtocol,
+        key: tuple,
+        name: str,
+        ip: str,
+        rcpts: list[str],
+        path: str,
+        size: int,
+        reused: bool,
+    ) -> dict[str, Reply] | tuple[str, Reply] | None:
+        """MAIL/RCPT/DATA on ``client``; None if a reused connection was stale."""
+        try:
+            source = open(path, "rb")
+        except OSError:
+            self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
+            self._release(key, client)
+            return {r: _with(R_LOCAL_ERROR, name, ip) for r in rcpts}
+        try:
+            if not size:
+                size = os.fstat(source.fileno()).st_size
             try:
-                await client.handshake()
+                replies = await client.send(entry.sender, rcpts, source, size)
             except HostFailure as e:
-                if e.stage == "auth":
-                    e = HostFailure("auth", Reply(451, "4.7.0", f"Authentication at the smarthost failed: {e.reply}"))
+                self._clients.discard(client)
+                client.quit()
+                if reused and e.stage != "dot" and not client.alive:
+                    return None  # the server had closed the idle connection: reconnect
                 self._host_failed(entry, name, ip, e)
                 return e.stage, e.reply
-            try:
-                source = open(path, "rb")
-            except OSError:
-                self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
-                client.quit()
-                return {r: _with(R_LOCAL_ERROR, name, ip) for r in rcpts}
-            try:
-                if not size:
-                    size = os.fstat(source.fileno()).st_size
-                try:
-                    replies = await client.send(entry.sender, rcpts, source, size)
-                except HostFailure as e:
-                    self._host_failed(entry, name, ip, e)
-                    return e.stage, e.reply
-            finally:
-                source.close()
-            client.quit()
-            return {r: _with(replies[r], name, ip) for r in rcpts}
         finally:
+            source.close()
+        self._release(key, client)
+        return {r: _with(replies[r], name, ip) for r in rcpts}
+
+    # -- connection reuse ---------------------------------------------------
+
+    def _take_idle(self, key: tuple) -> SMTPClientProtocol | None:
+        idle = self._idle.get(key)
+        while idle:
+            client, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            if client.alive:
+                return client
             self._clients.discard(client)
+        self._idle.pop(key, None)
+        return None
+
+    def _release(self, key: tuple, client: SMTPClientProtocol) -> None:
+        """Keep a healthy connection for the next message to the same address, or QUIT."""
+        idle = self._idle.setdefault(key, [])
+        if (
+            self._closing
+            or not client.alive
+            or client.transactions >= MAX_TRANSACTIONS
+            or len(idle) >= MAX_IDLE_PER_ADDRESS
+            or not IDLE_TIME
+        ):
+            self._clients.discard(client)
+            client.quit()
+            return
+        timer = self.clock.callLater(IDLE_TIME, self._expire, key, client)
+        idle.append((client, timer))
+
+    def _expire(self, key: tuple, client: SMTPClientProtocol) -> None:
+        idle = self._idle.get(key, [])
+        self._idle[key] = [(c, t) for c, t in idle if c is not client]
+        if not self._idle[key]:
+            del self._idle[key]
+        self._clients.discard(client)
+        client.quit()
+
+    def close_idle(self) -> None:
+        """QUIT every idle connection and keep no more (shutdown)."""
+        self._closing = True
+        idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for client, timer in entries:
+                if timer.active():
+                    timer.cancel()
+                self._clients.discard(client)
+                client.quit()
 
     def _host_failed(self, entry: Any, name: str, ip: str, e: HostFailure) -> None:
         self.log.info(

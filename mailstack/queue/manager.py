@@ -287,6 +287,10 @@ class QueueManager(Service):
             self._poller.stop()
         self._poller = None
         self._slots.cancel_all()
+        for agent in (self.remote, self.local):
+            close = getattr(agent, "close_idle", None)
+            if callable(close):
+                close()  # no more connection reuse; idle sessions say QUIT
         if not self._active:
             return succeed(None)
         done: Deferred = Deferred()

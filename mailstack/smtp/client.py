@@ -38,7 +38,7 @@ from typing import IO, Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -241,6 +241,7 @@ class SMTPClientProtocol(Protocol):
         self.credentials = credentials
         self.peer_name = peer_name
         self.extensions: dict[str, str] = {}
+        self.transactions = 0  # MAIL FROM sent on this connection
         self.esmtp = False
         self.secure = False
         self.greeting: Reply | None = None
@@ -301,7 +302,11 @@ class SMTPClientProtocol(Protocol):
             return True
         reply = make_reply(code, [ln[4:] for ln in lines])
         if not self._waiting:
-            self._violation("unexpected reply")
+            if code == 421:  # RFC 5321 3.8: the server closes an idle session
+                self._lost = _Lost(R_CONNECTION_LOST)
+                self.transport.loseConnection()
+            else:
+                self._violation("unexpected reply")
             return True
         d, _ = self._waiting.popleft()
         self._rearm()
@@ -446,6 +451,7 @@ class SMTPClientProtocol(Protocol):
     async def _send(self, sender: str, recipients: list[str], source: IO[bytes], size: int) -> dict[str, Reply]:
         if self._lost is not None:
             raise HostFailure("mail", self._lost.reply)
+        self.transactions += 1
         params = []
         if "SIZE" in self.extensions:
             limit = self.extensions["SIZE"]
@@ -547,6 +553,11 @@ class SMTPClientProtocol(Protocol):
         if reply.code != 250:
             self._quietly_quit()
 
+    @property
+    def alive(self) -> bool:
+        """Connected, not timed out, not closing: usable for another transaction."""
+        return self._lost is None and self.transport is not None and not getattr(self.transport, "disconnecting", False)
+
     def quit(self) -> Deferred:
         """Say QUIT (RFC 5321 4.1.1.10) and close; never fails."""
         return Deferred.fromCoroutine(self._quit())
@@ -575,34 +586,47 @@ class SMTPClientProtocol(Protocol):
             self.transport.abortConnection()
 
 
+_contexts: dict[Any, Any] = {}  # one OpenSSL context per policy (building one is costly)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Opportunistic:
+    """Opportunistic TLS (RFC 7435): encrypt, send SNI, accept any certificate."""
+
+    def __init__(self, context: Any, server_name: str) -> None:
+        self._context = context
+        self._server_name = server_name
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        name = self._server_name
+        if name and not re.fullmatch(r"[0-9.]+|.*:.*", name):  # RFC 6066 3: no IP literals in SNI
+            try:
+                connection.set_tlsext_host_name(name.encode("idna"))
+            except Exception:
+                pass
+        connection.set_connect_state()
+        return connection
+
+
 def client_tls(server_name: str, verify: bool) -> Any:
     """A client TLS connection creator for STARTTLS to ``server_name``.
 
     ``verify``: the certificate must chain to the system trust roots and match
-    the name (``optionsForClientTLS``).  Otherwise opportunistic TLS (RFC 7435):
-    encrypt, send SNI, accept any certificate.
+    the name (``optionsForClientTLS``).  Otherwise opportunistic TLS (RFC 7435).
     """
-    from OpenSSL import SSL
     from twisted.internet import ssl
-    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
     if verify:
-        return ssl.optionsForClientTLS(server_name)
-
-    @implementer(IOpenSSLClientConnectionCreator)
-    class Opportunistic:
-        def __init__(self) -> None:
-            self._context = ssl.CertificateOptions(verify=False).getContext()
-
-        def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-            connection = SSL.Connection(self._context, None)
-            connection.set_app_data(tlsProtocol)
-            if server_name and not re.fullmatch(r"[0-9.]+|.*:.*", server_name):
-                try:
-                    connection.set_tlsext_host_name(server_name.encode("idna"))
-                except Exception:
-                    pass
-            connection.set_connect_state()
-            return connection
-
-    return Opportunistic()
+        key = ("verify", server_name)
+        if key not in _contexts:
+            if len(_contexts) > 1000:
+                _contexts.clear()
+            _contexts[key] = ssl.optionsForClientTLS(server_name)
+        return _contexts[key]
+    if "opportunistic" not in _contexts:
+        _contexts["opportunistic"] = ssl.CertificateOptions(verify=False).getContext()
+    return _Opportunistic(_contexts["opportunistic"], server_name)

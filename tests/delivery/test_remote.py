@@ -6,10 +6,12 @@ import email
 import os
 import random
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from mailstack.delivery import remote
 from mailstack.delivery.remote import RemoteAgent, RemoteReply, tcp_endpoint_factory
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent
@@ -216,6 +218,53 @@ class RemoteAgentTests(SynchronousTestCase):
         r = self.deliver()["a@remote.test"]
         self.assertTrue(r.temporary)
         self.assertEqual(servers[0].messages, [])
+
+    def test_connectionReused(self) -> None:
+        """A second message to the same address reuses the idle session (one EHLO)."""
+        servers = self.sink("192.0.2.1")
+        agent = self.agent()
+        for qid in ("Q1", "Q2"):
+            e = entry(self.store, qid, "s@here.test", ["a@remote.test"], arrival=START)
+            d = agent.deliver(e, e.recipients)
+            self.net.drive(d)
+            self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)
+        self.assertEqual(len(self.net.attempts), 1)
+        self.assertEqual(len(servers[0].messages), 2)
+        self.assertEqual(servers[0].commands.count(b"EHLO mx.test"), 1)
+        self.assertNotIn(b"QUIT", servers[0].commands)
+        self.clock.advance(remote.IDLE_TIME)
+        self.net.drive(Deferred())
+        self.assertEqual(servers[0].commands[-1], b"QUIT")
+
+    def test_staleIdleConnection(self) -> None:
+        """An idle session the server closed is replaced by a new connection."""
+        servers = self.sink("192.0.2.1")
+        agent = self.agent()
+        e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        d = agent.deliver(e, e.recipients)
+        self.net.drive(d)
+        servers[0].transport.loseConnection()
+        self.net.pumps[0].flush()
+        e = entry(self.store, "Q2", "s@here.test", ["a@remote.test"], arrival=START)
+        d = agent.deliver(e, e.recipients)
+        self.net.drive(d)
+        self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)
+        self.assertEqual(len(self.net.attempts), 2)
+        self.assertEqual(len(servers[1].messages), 1)
+
+    def test_closeIdle(self) -> None:
+        """close_idle() says QUIT on idle sessions and stops reuse."""
+        servers = self.sink("192.0.2.1")
+        agent = self.agent()
+        self.deliver(agent=agent)
+        agent.close_idle()
+        self.net.drive(Deferred())
+        self.assertEqual(servers[0].commands[-1], b"QUIT")
+        self.store.remove("Q1")
+        self.deliver(agent=agent)
+        self.net.drive(Deferred())
+        self.assertEqual(len(self.net.attempts), 2)
+        self.assertEqual(servers[1].commands[-1], b"QUIT")
 
     def test_tcpEndpointFactory(self) -> None:
         """Production endpoints: TCP4/TCP6 with the connect timeout and source address."""

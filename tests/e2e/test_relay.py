@@ -85,6 +85,7 @@ class Sink:
             conns, self._conns = self._conns, []
         for c in conns:
             try:
+                c.shutdown(socket.SHUT_RDWR)  # close() alone leaves makefile()'s reference open
                 c.close()
             except OSError:
                 pass
