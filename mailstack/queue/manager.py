@@ -34,7 +34,7 @@ import heapq
 import os
 import random
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -654,7 +654,3 @@ def _chain(d: Deferred) -> Deferred:
     d.addBoth(fire)
     return out
 
-
-def parse_due(entries: Iterable[QueueEntry], now: float, warning_after: float | None) -> list[tuple[float, str]]:
-    """``(due, id)`` for each entry (the scan at start)."""
-    return [(entry_due(e, now, warning_after), e.id) for e in entries]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email
-import os
 import random
 
 from twisted.internet.defer import Deferred
@@ -13,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.delivery import remote
 from mailstack.delivery.remote import RemoteAgent, RemoteReply, tcp_endpoint_factory
-from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent
 from mailstack.mx import R_DNS_TEMP, R_NULL_MX, Host
 from mailstack.queue.manager import QueueManager
