@@ -419,11 +419,17 @@ class Maildrop:
                 return True
         return False
 
-    def open_message(self, i: int) -> BinaryIO:
-        """Message ``i`` opened for reading; MessageGone if it was deleted."""
+    def open_message(self, i: int, relocate: bool = True) -> BinaryIO:
+        """Message ``i`` opened for reading; MessageGone if it was deleted.
+
+        With ``relocate=False`` a renamed file raises FileNotFoundError instead of
+        listing ``cur/`` (the caller retries in a thread).
+        """
         try:
             return _open(self._file(i), "rb")
         except FileNotFoundError:
+            if not relocate:
+                raise
             if not self._relocate(i):
                 raise MessageGone(self.uniques[i]) from None
             try:
@@ -431,10 +437,10 @@ class Maildrop:
             except FileNotFoundError:
                 raise MessageGone(self.uniques[i]) from None
 
-    def read_start(self, i: int, size: int) -> tuple[BinaryIO | None, bytes]:
+    def read_start(self, i: int, size: int, relocate: bool = True) -> tuple[BinaryIO | None, bytes]:
         """Open message ``i`` and read its first ``size`` bytes.  The file comes
         back open only if there may be more; at EOF it is closed and None."""
-        f = self.open_message(i)
+        f = self.open_message(i, relocate)
         try:
             data = f.read(size)
             if len(data) < size:

@@ -16,9 +16,11 @@ replies.  So this is a small ``Protocol`` with its own line buffer:
   asynchronous (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the queue until it
   is done, so pipelined replies (RFC 2449 section 6.6) come out in order.
 * All replies produced by one read go out in one ``transport.write``.
-* RETR/TOP of a large message stream through ``_MessageSender``, a push
-  producer reading 64 KiB chunks in the thread pool; small ones are read in one
-  thread call.  Memory per session does not grow with message size.
+* RETR/TOP read the first 64 KiB on the reactor thread (an open and a read
+  from the page cache are cheaper than a thread hop); the rest of a large
+  message streams through ``_MessageSender``, a push producer reading 64 KiB
+  chunks in the thread pool.  Memory per session does not grow with message
+  size.
 
 States (RFC 1939 section 3): ``AUTHORIZATION`` -> (login and lock) ->
 ``TRANSACTION`` -> QUIT -> ``UPDATE`` (deletions) -> closed.  Anything else that
@@ -730,7 +732,18 @@ class POP3Server(Protocol):
                 self.log.failure("POP3 cannot read message {number} of {user}", f, number=i + 1, user=self.user, peer=self.peer)
                 self._send(R.READ_FAILED)
 
-        return self.run_blocking(drop.read_start, i, CHUNK).addCallbacks(started, failed)
+        # The first chunk is read here, on the reactor thread: one open() and one
+        # read() of at most CHUNK bytes, almost always from the page cache, cost
+        # less than a thread hop, and most messages are that small.  Listing
+        # cur/ to find a renamed file, and the rest of a big message, go to
+        # the thread pool.
+        try:
+            d = defer.succeed(drop.read_start(i, CHUNK, relocate=False))
+        except FileNotFoundError:
+            d = self.run_blocking(drop.read_start, i, CHUNK)
+        except Exception:
+            d = defer.fail()
+        return d.addCallbacks(started, failed)
 
     def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):
