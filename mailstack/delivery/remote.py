@@ -12,6 +12,8 @@
    a 4xx/5xx greeting, a failed EHLO/STARTTLS/AUTH or a refused MAIL moves on
    to the next address (the backup MX).  A TLS handshake that fails on an
    opportunistic STARTTLS is retried once in plaintext (RFC 7435 section 6).
+   ``relay.tls_verify`` makes TLS mandatory and verified (like Postfix's
+   ``verify`` level): no plaintext, no unverified certificate.
 3. The transaction on the first host that takes it gives per-recipient
    replies: 2xx delivered, 4xx deferred, 5xx failed.  The session then waits
    ``IDLE_TIME`` seconds for another message to the same address (Postfix's
@@ -168,7 +170,7 @@ class RemoteAgent:
                 if isinstance(outcome, dict):
                     return outcome
                 stage, reply = outcome
-                if stage == "tls" and not smarthost and not plaintext:
+                if stage == "tls" and not smarthost and not plaintext and not self.config.relay.tls_verify:
                     plaintext = True  # RFC 7435 6: opportunistic TLS failed; try in the clear
                     continue
                 break
@@ -222,7 +224,8 @@ class RemoteAgent:
             self.clock,
             relay.command_timeout,
             tls=None if plaintext else (lambda: self.tls_factory(name)),
-            require_tls=smarthost,
+            # tls_verify is pointless if STARTTLS can be stripped: TLS is then required.
+            require_tls=smarthost or relay.tls_verify,
             credentials=credentials,
             peer_name=f"{name}[{ip}]",
         )

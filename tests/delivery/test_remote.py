@@ -171,6 +171,19 @@ class RemoteAgentTests(SynchronousTestCase):
         self.assertNotIn(b"STARTTLS", s[1].commands)
         self.assertEqual(len(s[1].messages), 1)
 
+    def test_tlsFailureWithVerifyNoPlaintext(self) -> None:
+        """With relay.tls_verify TLS is mandatory: no plaintext retry, no server without STARTTLS."""
+        self.config = make_config(tls_verify=True)
+        s = self.sink("192.0.2.1", starttls=FakeTLS(ok=False))
+        plain = self.sink("192.0.2.2")
+        r = self.deliver()["a@remote.test"]
+        self.assertTrue(r.temporary)
+        self.assertEqual(len(s), 1)
+        self.assertEqual(plain[0].messages, [])
+        self.net.servers[("192.0.2.2", 25)] = lambda: FakeSMTPServer(starttls=FakeTLS())
+        self.store.remove("Q1")
+        self.assertEqual(self.deliver()["a@remote.test"].host, "mx2.remote.test")
+
     def test_starttlsUsed(self) -> None:
         """STARTTLS is used when offered, with the MX host name for the TLS context."""
         names = []
