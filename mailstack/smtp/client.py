@@ -463,6 +463,12 @@ class SMTPClientProtocol(Protocol):
                 params.append(f"SIZE={size}")
         if "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")
+        if not (sender.isascii() and all(r.isascii() for r in recipients)):
+            # RFC 6531 3.4: UTF-8 addresses only to a server that offers SMTPUTF8.
+            if "SMTPUTF8" not in self.extensions:
+                reply = Reply(553, "5.6.7", "Remote server does not support SMTPUTF8 for this address")
+                return {r: reply for r in recipients}
+            params.append("SMTPUTF8")
         mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
         rcpts = [f"RCPT TO:<{r}>" for r in recipients]
         results: dict[str, Reply] = {}

@@ -252,3 +252,12 @@ class ClientTests(SynchronousTestCase):
         self.successResultOf(self.run_(c.handshake()))
         self.successResultOf(self.run_(c.send("", ["a@r.test"], io.BytesIO(MESSAGE), len(MESSAGE))))
         self.assertEqual(server.commands[1], b"MAIL FROM:<>")
+
+    def test_utf8Addresses(self) -> None:
+        """UTF-8 addresses need SMTPUTF8 (RFC 6531): sent with the parameter, else 553 5.6.7."""
+        results = self.successResultOf(self.session(FakeSMTPServer(), rcpts=("jos\u00e9@r.test",)))
+        self.assertEqual({(r.code, r.enhanced) for r in results.values()}, {(553, "5.6.7")})
+        server = FakeSMTPServer(extensions=(b"SMTPUTF8",))
+        results = self.successResultOf(self.session(server, rcpts=("jos\u00e9@r.test",)))
+        self.assertEqual({r.code for r in results.values()}, {250})
+        self.assertEqual(server.commands[1], b"MAIL FROM:<s@here.test> SMTPUTF8")
