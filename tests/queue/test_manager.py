@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import os
 import random
 
 from twisted.internet.defer import Deferred
@@ -13,7 +14,7 @@ from zope.interface.verify import verifyObject
 from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueKicker
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING
-from mailstack.queue.manager import QueueManager, entry_due
+from mailstack.queue.manager import QueueManager, entry_due, remove_entry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,
@@ -383,3 +384,71 @@ class EntryDueTests(SynchronousTestCase):
         self.assertEqual(entry_due(e, 200, None), 500)
         e.recipients[0].status = DELIVERED
         self.assertEqual(entry_due(e, 200, None), 200)
+
+
+class RealStoreTests(SynchronousTestCase):
+    """The manager over the real QueueStore (files, locks, scan)."""
+
+    def setUp(self) -> None:
+        from mailstack.queue.store import QueueStore
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = QueueStore(os.path.abspath(self.mktemp()))
+        self.store.recover()
+        self.remote = FakeAgent(reply_all(TEMP))
+        self.intake = FakeIntake()
+
+    def commit(self, rcpt: str = "r@remote.test") -> str:
+        from mailstack.queue.entry import QueueEntry, RecipientState
+
+        qid = self.store.new_id()
+        with self.store.open_tmp(qid) as f:
+            f.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START,
+                                     recipients=[RecipientState(address=rcpt, original=rcpt, local=False)]))
+        return qid
+
+    def manager(self) -> QueueManager:
+        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
+                         rng=random.Random(2))
+        m.startService()
+        self.addCleanup(lambda: m.running and m.stopService())
+        return m
+
+    def test_restartKeepsSchedule(self) -> None:
+        """Attempt state is in env/<id>.json; a new manager schedules from it."""
+        qid = self.commit()
+        m = self.manager()
+        m.kick(qid)
+        saved = self.store.load(qid).recipients[0]
+        self.assertEqual(saved.attempts, 1)
+        self.successResultOf(m.stopService())
+        m2 = self.manager()
+        self.assertEqual(m2.scheduled(), {qid: saved.next_attempt})
+        self.assertEqual(len(self.remote.calls), 1)
+
+    def test_deleteDuringAttempt(self) -> None:
+        """`queue delete` during an attempt: the entry stays deleted."""
+        hold = Deferred()
+        self.remote.script = lambda e, rs: hold
+        qid = self.commit()
+        m = self.manager()
+        m.kick(qid)
+        self.assertTrue(remove_entry(self.store, qid))
+        hold.callback({"r@remote.test": TEMP})
+        self.assertEqual(list(self.store.scan()), [])
+        self.assertFalse(os.path.exists(self.store.message_path(qid)))
+        self.assertEqual(m.scheduled(), {})
+
+    def test_flushTrigger(self) -> None:
+        """request_flush() (the admin command) makes the running manager retry now."""
+        qid = self.commit()
+        m = self.manager()
+        m.kick(qid)
+        self.clock.advance(5)
+        self.store.request_flush()
+        self.remote.script = reply_all(OK)
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.calls), 2)
+        self.assertEqual(list(self.store.scan()), [])
