@@ -1,0 +1,169 @@
+"""Helpers for the issue-6 end-to-end tests: a threaded SMTP sink and a raw SMTP client.
+
+``Sink`` is a minimal SMTP server on loopback that records every message it
+accepts (optionally slowly, to keep deliveries in flight when the server is
+killed).  ``RawSMTP`` speaks bytes, so tests can send what smtplib refuses to
+(8-bit addresses, odd paths).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+
+_TLS_CONTEXT: ssl.SSLContext | None = None
+
+
+def _server_context() -> ssl.SSLContext:
+    """A self-signed server context for the sink's STARTTLS (the smarthost path requires TLS)."""
+    global _TLS_CONTEXT
+    if _TLS_CONTEXT is None:
+        from mailstack.tls import generate_self_signed
+
+        d = tempfile.mkdtemp(prefix="mailstack-sink-tls-")
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        generate_self_signed("sink.test", cert, key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        _TLS_CONTEXT = ctx
+    return _TLS_CONTEXT
+
+
+class Sink:
+    """Accepts any mail on 127.0.0.1:<port>; ``messages`` holds (sender, rcpts, data)."""
+
+    def __init__(self, delay: float = 0.0, ip: str = "127.0.0.1") -> None:
+        self.delay = delay  # seconds before the final 250 of each message
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((ip, 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self.connections += 1
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        try:
+            f = conn.makefile("rb")
+            send = conn.sendall
+            send(b"220 sink.test ESMTP\r\n")
+            sender, rcpts = "", []
+            tls = False
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                verb = cmd[:4].upper()
+                if verb == "EHLO":
+                    starttls = b"" if tls else b"250-STARTTLS\r\n"
+                    send(b"250-sink.test\r\n250-PIPELINING\r\n" + starttls + b"250-8BITMIME\r\n250 SIZE 50000000\r\n")
+                elif verb == "STAR" and not tls:
+                    send(b"220 2.0.0 Ready to start TLS\r\n")
+                    conn = _server_context().wrap_socket(conn, server_side=True)
+                    with self._lock:
+                        self._conns.append(conn)
+                    f = conn.makefile("rb")
+                    send = conn.sendall
+                    tls = True
+                elif verb == "HELO":
+                    send(b"250 sink.test\r\n")
+                elif verb == "MAIL":
+                    sender, rcpts = cmd[10:].split(">")[0].lstrip("<"), []
+                    send(b"250 2.1.0 Ok\r\n")
+                elif verb == "RCPT":
+                    rcpts.append(cmd[8:].split(">")[0].lstrip("<"))
+                    send(b"250 2.1.5 Ok\r\n")
+                elif verb == "DATA":
+                    send(b"354 go ahead\r\n")
+                    chunks = []
+                    while True:
+                        chunk = f.readline()
+                        if not chunk:
+                            return
+                        if chunk == b".\r\n":
+                            break
+                        chunks.append(chunk[1:] if chunk.startswith(b".") else chunk)
+                    if self.delay:
+                        time.sleep(self.delay)
+                    with self._lock:
+                        self.messages.append((sender, list(rcpts), b"".join(chunks)))
+                    send(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == "RSET":
+                    send(b"250 2.0.0 Ok\r\n")
+                elif verb == "NOOP":
+                    send(b"250 2.0.0 Ok\r\n")
+                elif verb == "QUIT":
+                    send(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    send(b"502 5.5.2 Error\r\n")
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def snapshot(self) -> list[tuple[str, list[str], bytes]]:
+        with self._lock:
+            return list(self.messages)
+
+
+class RawSMTP:
+    """A byte-level SMTP client: ``cmd(b"RCPT TO:<x>")`` returns the final reply line."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.f = self.sock.makefile("rb")
+        self.banner = self.reply()
+
+    def reply(self) -> bytes:
+        """The last line of the next reply (multi-line replies are read to the end)."""
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise ConnectionError("server closed the connection")
+            if line[3:4] != b"-":
+                return line.rstrip(b"\r\n")
+
+    def cmd(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
