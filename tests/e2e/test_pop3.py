@@ -255,3 +255,17 @@ def test_fetchmailDownloadsAll(popserver, tmp_path, mode):
         want = want.replace(b"\r\n", b"\n")
         assert want[want.index(b"Subject:"):] in body
     assert message_files(popserver.maildir(USER)) == {}
+
+
+def test_lockHeldByAnotherProcess(popserver):
+    """The session lock is a file lock: another process holding it gets the server to answer [IN-USE]."""
+    from mailstack.pop3.mailbox import LOCK_NAME
+    from mailstack.storage import fsutil
+
+    deliver(popserver, MESSAGES[0])
+    with fsutil.locked(os.path.join(popserver.maildir(USER), LOCK_NAME), blocking=False):
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            stls_session(popserver)
+    pop = stls_session(popserver)
+    assert pop.stat()[0] == 1
+    pop.quit()

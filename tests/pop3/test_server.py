@@ -718,3 +718,15 @@ class RepliesTests(SynchronousTestCase):
         for r in (R.MAILDROP_UNAVAILABLE, R.AUTH_SERVICE_FAILED, R.NOT_REMOVED, R.TOO_MANY_CONNECTIONS):
             self.assertTrue(r.startswith(b"-ERR [SYS/TEMP] "))
         self.assertTrue(R.MAILDROP_INVALID.startswith(b"-ERR [SYS/PERM] "))
+
+
+class FakesTests(SynchronousTestCase):
+    def test_fakeThrottleProvidesInterface(self) -> None:
+        """The fake throttle used here provides ILoginThrottle like auth/throttle.py."""
+        from zope.interface.verify import verifyObject
+
+        from mailstack.interfaces import ILoginThrottle
+
+        from .support import FakeThrottle
+
+        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
