@@ -332,7 +332,7 @@ class Maildrop:
             self._set(uniques, sizes, infos, uniques if plain else uidls_for(uniques))
             return
 
-        listed = [n for n in _listdir(cur_dir) if n[:1] != "."]
+        listed = [n for n in _listdir(cur_dir) if n[:1] != "." and "\n" not in n]
         on_disk = dict(zip(_uniques_of(listed), listed))
         changed = index_mtime != _trusted_mtime(cur_mtime)
         if len(uniques) != len(on_disk) or not on_disk.keys() >= set(uniques):
@@ -402,7 +402,8 @@ class Maildrop:
             "sizes": sizes,
             "infos": {str(k): v for k, v in infos.items()},
         }
-        data = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        # ASCII JSON: names that are not UTF-8 (surrogate escapes) survive as \udcXX.
+        data = json.dumps(doc, separators=(",", ":")).encode("ascii")
         fsutil.write_atomic(self._index_path(), data, sync_dir=False)
 
     # -- session ---------------------------------------------------------

@@ -321,6 +321,25 @@ class MaildropTests(SynchronousTestCase):
         self.assertEqual(drop.expunge(), 0)
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
 
+    def test_oddFileNames(self) -> None:
+        """Non-UTF-8 names get a hashed UIDL that survives the index; names with LF are ignored."""
+        os.makedirs(os.path.join(self.path, "cur"))
+        with open(os.path.join(os.fsencode(self.path), b"cur", b"17.M\xff.h:2,"), "wb") as f:
+            f.write(b"x\n")
+        with open(os.path.join(self.path, "cur", "18.M\n.h:2,"), "wb") as f:
+            f.write(b"y\n")
+        drop = self.open()
+        self.assertEqual(len(drop), 1)
+        uidl = drop.uidls[0]
+        self.assertEqual(len(uidl), 40)
+        drop.close()
+        self.patch(mailbox, "_now_ns", lambda: 10**20)
+        for _ in range(2):
+            drop = self.open()
+            self.assertEqual((drop.uidls, drop.new_sizes), ([uidl], 0))
+            self.assertEqual(drop.read_start(0, 10)[1], b"x\n")
+            drop.close()
+
     def test_stdlibReadsIt(self) -> None:
         """Python's mailbox.Maildir still reads the folder with our index and lock in it."""
         import mailbox as stdlib
