@@ -120,6 +120,7 @@ BAD_ARGUMENTS = _line("-ERR Invalid arguments")
 LINE_TOO_LONG = _line("-ERR Line too long")
 TOO_MANY_ERRORS = _line("-ERR Too many errors, closing connection")
 AUTOLOGOUT = _line("-ERR Autologout: idle for too long")
+SHUTTING_DOWN = _line("-ERR [SYS/TEMP] Server shutting down, try again later")
 INTERNAL_ERROR = _line("-ERR [SYS/TEMP] Internal server error")
 
 # RFC 2449 section 6: capability lines (without the list header and terminator).

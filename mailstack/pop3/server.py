@@ -245,6 +245,14 @@ class POP3Server(Protocol):
         self._closed = True
         self.transport.loseConnection()
 
+    def shutdown(self) -> None:
+        """Server stopping: end the session now unless a command is in progress
+        (that one finishes first).  Like a drop, this never enters UPDATE."""
+        if self._closed or self._busy:
+            return
+        self._send(R.SHUTTING_DOWN)
+        self._close()
+
     # -- idle timer (RFC 1939 section 3: autologout, at least 10 minutes) --
 
     def _reset_idle(self) -> None:
@@ -375,6 +383,9 @@ class POP3Server(Protocol):
         def done(_: Any) -> None:
             self._busy = False
             if self._closed:
+                return
+            if self.factory.draining:
+                self.shutdown()
                 return
             self._reset_idle()
             if not self._processing:
@@ -803,6 +814,35 @@ class POP3Factory(ServerFactory):
         self.runtime = runtime
         self.max_connections = runtime.config.pop3.max_connections
         self.sessions: set[POP3Server] = set()
+
+    draining = False
+
+    def drain(self, timeout: float) -> "defer.Deferred[None]":
+        """Called by service.py on SIGTERM after the listeners closed.
+
+        Idle sessions get ``-ERR [SYS/TEMP]`` and are closed at once; a command in
+        progress (a RETR being sent, the deletions of QUIT) may finish for up to
+        ``timeout`` seconds, then the rest are aborted.  Nothing enters UPDATE
+        that the client did not QUIT, so no DELE is carried out by a shutdown.
+        """
+        self.draining = True
+        done: defer.Deferred[None] = defer.Deferred()
+        clock = self.runtime.reactor
+        for proto in list(self.sessions):
+            proto.shutdown()
+
+        def check(deadline: float) -> None:
+            if not self.sessions:
+                done.callback(None)
+            elif clock.seconds() >= deadline:
+                for proto in list(self.sessions):
+                    proto.transport.abortConnection()
+                done.callback(None)
+            else:
+                clock.callLater(0.05, check, deadline)
+
+        check(clock.seconds() + timeout)
+        return done
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         return POP3Server(self, implicit_tls=self.kind == "pop3s")

@@ -730,3 +730,44 @@ class FakesTests(SynchronousTestCase):
         from .support import FakeThrottle
 
         self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
+
+
+class DrainTests(Base):
+    def test_idleSessionsClosed(self) -> None:
+        """drain() tells idle sessions -ERR [SYS/TEMP] and closes them; DELEs are not carried out."""
+        write_message(self.maildir, b"a\n")
+        proto = self.session()
+        self.talk(proto, b"DELE 1")
+        proto.transport.clear()
+        d = self.factory.drain(10)
+        self.assertEqual(proto.transport.value(), R.SHUTTING_DOWN)
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertNoResult(d)
+        proto.connectionLost()
+        self.clock.advance(0.05)
+        self.successResultOf(d)
+        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
+
+    def test_busySessionFinishesFirst(self) -> None:
+        """A session slowed by a failed login ends after its reply; drain waits for it."""
+        self.rt.throttle.delay = 2.0
+        proto = self.connect()
+        self.login(proto, pw=b"wrong")
+        d = self.factory.drain(10)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.transport.clear()
+        self.clock.advance(2)
+        self.assertEqual(proto.transport.value(), R.LOGIN_FAILED + R.SHUTTING_DOWN)
+        proto.connectionLost()
+        self.clock.advance(0.05)
+        self.successResultOf(d)
+
+    def test_timeoutAborts(self) -> None:
+        """Sessions still there after the timeout are aborted."""
+        self.rt.throttle.delay = 100.0
+        proto = self.connect()
+        self.login(proto, pw=b"wrong")
+        d = self.factory.drain(1)
+        self.clock.pump([0.05] * 25)
+        self.successResultOf(d)
+        self.assertTrue(proto.transport.aborted)
