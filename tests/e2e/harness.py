@@ -101,10 +101,7 @@ class Server:
             "hostname": "localhost",
             "data_dir": self.data_dir,
             "domains": {"local": ["localhost"]},
-            "listen": {
-                name: [f"{'ssl' if name in _TLS_LISTENERS else 'tcp'}:{port}:interface=127.0.0.1"]
-                for name, port in self.ports.items()
-            },
+            "listen": {name: [self._listener(name, port)] for name, port in self.ports.items()},
             "auth": {"failure_delay": "10ms", "max_failure_delay": "50ms"},
         }
         for key, value in tomllib.loads(extra_toml).items():
@@ -112,11 +109,26 @@ class Server:
                 doc[key].update(value)
             else:
                 doc[key] = value
-        # Listeners turned off by extra_toml are not waited for.
-        self.ports = {name: port for name, port in self.ports.items() if doc["listen"].get(name)}
-        with open(self.config_path, "w", encoding="utf-8") as f:
-            f.write(dump_toml(doc))
+        self._doc = doc
+        # Listeners turned off (or set) by extra_toml are not ours to wait for or move.
+        self.ports = {name: port for name, port in self.ports.items() if doc["listen"].get(name) == [self._listener(name, port)]}
+        self._write_config()
         self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def _listener(name: str, port: int) -> str:
+        return f"{'ssl' if name in _TLS_LISTENERS else 'tcp'}:{port}:interface=127.0.0.1"
+
+    def _write_config(self) -> None:
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(dump_toml(self._doc))
+
+    def _move_ports(self) -> None:
+        """Another process took a port between free_ports() and the bind: pick new ones."""
+        self.ports = dict(zip(self.ports, free_ports(len(self.ports))))
+        for name, port in self.ports.items():
+            self._doc["listen"][name] = [self._listener(name, port)]
+        self._write_config()
 
     # -- process control ----------------------------------------------------
 
@@ -131,30 +143,55 @@ class Server:
         ]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start twistd and return once every configured listener accepts."""
+        """Start twistd and return once every configured listener accepts.
+
+        Ready means: the process runs, every listener port accepts, and the log
+        of this run says each listener is ours ("listening on"), so a port taken
+        by another process on a shared machine is never mistaken for ours.  If a
+        port was taken before we could bind it, new ports are picked (at most
+        twice); read ``server.ports`` after ``start()``.
+        """
         assert self.process is None or self.process.poll() is not None, "already running"
+        for attempt in range(3):
+            if self._start_once(timeout):
+                return
+            if attempt < 2 and "cannot listen on" in self.diagnostics() and self.ports:
+                self._move_ports()
+                continue
+            raise AssertionError(f"twistd exited with {self.process.returncode} before listening\n{self.diagnostics()}")
+
+    def _start_once(self, timeout: float) -> bool:
+        log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.output_path, "ab") as out:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.root, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
         waiting = dict(self.ports)
-        while waiting:
+        expected = sum(len(v) for v in self._doc["listen"].values())
+        while True:
             if self.process.poll() is not None:
-                raise AssertionError(
-                    f"twistd exited with {self.process.returncode} before listening\n{self.diagnostics()}"
-                )
+                return False
             for name, port in list(waiting.items()):
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 except OSError:
                     continue
                 del waiting[name]
-            if waiting:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise AssertionError(f"listeners {sorted(waiting)} never accepted\n{self.diagnostics()}")
-                time.sleep(0.05)
+            if not waiting and self._log_since(log_offset).count(" listening on ") >= expected:
+                return True
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"listeners {sorted(waiting)} never accepted\n{self.diagnostics()}")
+            time.sleep(0.05)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM; waits for the exit and asserts status 0.  Returns the status."""

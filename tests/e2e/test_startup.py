@@ -197,3 +197,23 @@ def test_readmeQuickstart(tmp_path):
         server.stop()
     finally:
         server.kill()
+
+
+def test_harnessMovesAwayFromTakenPort(tmp_path):
+    """If another process holds one of the chosen ports, the harness never mistakes
+    it for the server: it picks new ports and the server really is there."""
+    server = Server(tmp_path)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", server.ports["smtp"]))
+    squatter.listen(5)
+    taken = server.ports["smtp"]
+    try:
+        server.start()
+        assert server.ports["smtp"] != taken
+        with socket.create_connection(("127.0.0.1", server.ports["smtp"]), timeout=10) as s:
+            assert s.recv(100).startswith(b"220 ")
+        server.stop()
+    finally:
+        squatter.close()
+        server.kill()
