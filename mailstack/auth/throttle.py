@@ -2,8 +2,9 @@
 """Brute-force slowdown and lockout shared by SMTP AUTH and POP3 logins.
 
 Each failed login from a peer (client IP) doubles the delay before the failure
-reply, from ``auth.failure_delay`` up to ``auth.max_failure_delay`` (RFC 4954
-section 9 and RFC 1939 section 13 both ask servers to slow guessing down).
+reply, from ``auth.failure_delay`` up to ``auth.max_failure_delay`` (the
+security considerations of RFC 1939, section 13, and of RFC 4954 warn of
+password guessing over these protocols).
 After ``auth.lockout_failures`` failures from one peer, or against one account
 from anywhere (a distributed guess), logins from that peer or to that account are
 refused for ``auth.lockout_time``.  Failures older than ``lockout_time`` are
