@@ -8,12 +8,15 @@ killed).  ``RawSMTP`` speaks bytes, so tests can send what smtplib refuses to
 
 from __future__ import annotations
 
+import email
+import json
 import os
 import socket
 import ssl
 import tempfile
 import threading
 import time
+from typing import Any
 
 _TLS_CONTEXT: ssl.SSLContext | None = None
 
@@ -167,3 +170,27 @@ class RawSMTP:
             self.sock.close()
         except OSError:
             pass
+
+
+def message_ids_in(maildir: str) -> list[str]:
+    """Message-IDs of every message in a Maildir (new/ and cur/), duplicates included."""
+    found = []
+    for sub in ("new", "cur"):
+        folder = os.path.join(maildir, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    msg = email.message_from_binary_file(f)
+            except FileNotFoundError:
+                continue
+            if msg["Message-ID"]:
+                found.append(msg["Message-ID"].strip())
+    return found
+
+
+def queue_state(server: Any) -> list[dict]:
+    r = server.admin("queue", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

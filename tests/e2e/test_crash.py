@@ -19,7 +19,6 @@ gone, UIDLs are the original ones and every listed message can be retrieved.
 from __future__ import annotations
 
 import email
-import json
 import os
 import poplib
 import random
@@ -28,38 +27,13 @@ import threading
 import time
 
 from tests.e2e.harness import Server
-from tests.e2e.sinks import Sink
+from tests.e2e.sinks import Sink, message_ids_in, queue_state
 
 ROUNDS = 3
 CONNECTIONS = 10
 SEED = 6
 
 PASSWORD = "crash-pw"
-
-
-def message_ids_in(maildir: str) -> list[str]:
-    """Message-IDs of every message in a Maildir (new/ and cur/), duplicates included."""
-    found = []
-    for sub in ("new", "cur"):
-        folder = os.path.join(maildir, sub)
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            try:
-                with open(os.path.join(folder, name), "rb") as f:
-                    msg = email.message_from_binary_file(f)
-            except FileNotFoundError:
-                continue
-            if msg["Message-ID"]:
-                found.append(msg["Message-ID"].strip())
-    return found
-
-
-def queue_state(server: Server) -> list[dict]:
-    r = server.admin("queue", "list", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
 
 def test_killRoundsLoseNothing(tmp_path) -> None:
     """Several SIGKILLs at random moments under local + remote load: every acknowledged message is
@@ -155,13 +129,11 @@ def test_killRoundsLoseNothing(tmp_path) -> None:
         server.kill()
         sink.close()
 
-
 def _pop3(server: Server) -> poplib.POP3:
     p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
     p.user("alice@localhost")
     p.pass_(PASSWORD)
     return p
-
 
 def _fill(maildir: str, n: int) -> None:
     """Write n small messages straight into the Maildir (as a deliverer would: tmp, then new)."""
@@ -172,7 +144,6 @@ def _fill(maildir: str, n: int) -> None:
         with open(os.path.join(maildir, "tmp", name), "wb") as f:
             f.write(b"Subject: m%d\r\n\r\nbody of message %d\r\n" % (i, i))
         os.rename(os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name))
-
 
 def test_killDuringPop3Update(tmp_path) -> None:
     """SIGKILL right after QUIT (during UPDATE) at several delays: after a restart, every message is

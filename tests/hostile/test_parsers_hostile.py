@@ -25,7 +25,7 @@ from mailstack.queue import dsn
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.data import DataDecoder, decode_reference
 from mailstack.storage.maildir import MaildirStore
-from tests.hostile.support import FAST, SLOW
+from tests.hostile.support import FAST
 
 ROOT = "/srv/mailstack-data/mail"
 
