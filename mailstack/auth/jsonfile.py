@@ -9,6 +9,10 @@ exclusive ``flock`` on a lock file next to the document, re-reads the file (not
 the cache: another process may have written since), applies ``change`` and
 replaces the file with ``fsutil.write_atomic`` (tmp, fsync, rename, fsync dir).
 Two admin commands at once therefore serialise and lose nothing.
+
+``current()`` is called from the reactor thread and from pool threads (password
+checks); the cached pair is replaced, never mutated, so the worst a race can do
+is read the file once more than needed.
 """
 
 from __future__ import annotations
