@@ -138,10 +138,15 @@ def _trusted_mtime(mtime_ns: int) -> int | None:
     return mtime_ns if _now_ns() - mtime_ns > RACY_NS else None
 
 
-def _age_key(unique: str) -> tuple[int, str]:
-    # Unique names start with the delivery time in seconds.
+_USEC = re.compile(r"\.M(\d+)")
+
+
+def _age_key(unique: str) -> tuple[int, int, str]:
+    # Unique names start with the delivery time in seconds, then (modern form)
+    # ".M<microseconds>": numbered in delivery order as far as the names tell.
     head = unique.split(".", 1)[0]
-    return (int(head) if head.isdigit() else 0, unique)
+    usec = _USEC.search(unique)
+    return (int(head) if head.isdigit() else 0, int(usec.group(1)) if usec else 0, unique)
 
 
 # -- the wire form ----------------------------------------------------------

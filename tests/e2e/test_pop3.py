@@ -141,7 +141,9 @@ def test_retrOverPop3sByteExact(popserver):
     pop = pop3s_session(popserver)
     assert "STLS" not in pop.capa()
     check_byte_exact(pop, popserver.maildir(USER))
-    resp, lines, _ = pop.top(2, 1)
+    files = message_files(popserver.maildir(USER))
+    dots = [n for n, uid in uidls(pop).items() if b"Subject: dots" in open(files[uid.decode()], "rb").read()][0]
+    resp, lines, _ = pop.top(dots, 1)
     assert lines[-2:] == [b"", b".leading dot"]
     pop.quit()
 

@@ -160,6 +160,14 @@ class MaildropTests(SynchronousTestCase):
         drop = self.open()
         self.assertEqual(drop.uniques, [a, b, c])
 
+    def test_orderByMicroseconds(self) -> None:
+        """Within one second, .M<usec> orders numerically (M99 before M100)."""
+        cur = os.path.join(self.path, "cur")
+        os.makedirs(cur)
+        for name in ("5.M100P1.h:2,", "5.M99P1.h:2,", "4.M7P1.h:2,"):
+            open(os.path.join(cur, name), "wb").close()
+        self.assertEqual(self.open().uniques, ["4.M7P1.h", "5.M99P1.h", "5.M100P1.h"])
+
     def test_indexAvoidsRereading(self) -> None:
         """The second open reads no message file: sizes come from the index."""
         for i in range(5):
