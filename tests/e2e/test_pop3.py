@@ -6,6 +6,7 @@ stability, deletion only at QUIT, one session per mailbox, and fetchmail.
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import re
@@ -158,10 +159,16 @@ def test_plaintextLoginRefused(popserver):
     pop.quit()
 
 
-def test_wrongPassword(popserver):
-    """A wrong password gets -ERR [AUTH] (after the throttle's delay)."""
+def test_wrongPasswordAndAuthPlain(popserver):
+    """A wrong password gets -ERR [AUTH] (after the throttle's delay); AUTH PLAIN
+    with an initial response (RFC 5034) logs in over pop3s."""
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
         stls_session(popserver, password="wrong")
+    pop = poplib.POP3_SSL("127.0.0.1", popserver.ports["pop3s"], context=tls_context(), timeout=30)
+    token = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode()).decode()
+    assert pop._shortcmd("AUTH PLAIN " + token).startswith(b"+OK")
+    assert pop.stat() == (0, 0)
+    pop.quit()
 
 
 def test_uidlStable(popserver):
