@@ -137,6 +137,7 @@ class MailService(MultiService):
         self.pool = pool
         self.listeners: list[StreamServerEndpointService] = []
         self.factories: list[Any] = []  # the unwrapped protocol factories, for drain()
+        self._described: list[tuple[str, str]] = []
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
 
@@ -148,8 +149,8 @@ class MailService(MultiService):
         # Fail the start (twistd exits non-zero) if the port cannot be bound,
         # rather than running without the listener.
         svc._raiseSynchronously = True
-        svc.setName(f"{kind} {description}")
         svc.setServiceParent(self)
+        self._described.append((kind, description))
         self.listeners.append(svc)
         if factory not in self.factories:
             self.factories.append(factory)
@@ -163,8 +164,9 @@ class MailService(MultiService):
             raise SystemExit(f"mailstack: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
 
     def startService(self) -> None:
-        for svc in self.listeners:
-            self.log.info("{service} listening on {endpoint}", service=svc.name.split()[0], endpoint=svc.name.split()[1])
+        # Bound in privilegedStartService; tests/e2e/harness.py waits for these lines.
+        for kind, description in self._described:
+            self.log.info("{service} listening on {endpoint}", service=kind, endpoint=description)
         super().startService()
 
     def stopService(self) -> Deferred:

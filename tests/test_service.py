@@ -101,7 +101,7 @@ class MakeServiceTests(SynchronousTestCase):
         tls, users, aliases = service.load_parts(cfg)
         svc = service.make_service(cfg, MemoryReactorClock(), tls, users, aliases)
         verifyObject(IRuntime, svc.runtime)
-        kinds = [s.name.split()[0] for s in svc.listeners]
+        kinds = [kind for kind, _ in svc._described]
         self.assertEqual(kinds, ["smtp", "smtp", "submission", "submissions", "pop3s"])
 
 
