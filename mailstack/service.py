@@ -137,7 +137,7 @@ class MailService(MultiService):
         self.pool = pool
         self.listeners: list[StreamServerEndpointService] = []
         self.factories: list[Any] = []  # the unwrapped protocol factories, for drain()
-        self._described: list[tuple[str, str]] = []
+        self.described: list[tuple[str, str]] = []  # (kind, listener string)
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
 
@@ -150,7 +150,7 @@ class MailService(MultiService):
         # rather than running without the listener.
         svc._raiseSynchronously = True
         svc.setServiceParent(self)
-        self._described.append((kind, description))
+        self.described.append((kind, description))
         self.listeners.append(svc)
         if factory not in self.factories:
             self.factories.append(factory)
@@ -165,7 +165,7 @@ class MailService(MultiService):
 
     def startService(self) -> None:
         # Bound in privilegedStartService; tests/e2e/harness.py waits for these lines.
-        for kind, description in self._described:
+        for kind, description in self.described:
             self.log.info("{service} listening on {endpoint}", service=kind, endpoint=description)
         super().startService()
 

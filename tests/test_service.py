@@ -101,7 +101,7 @@ class MakeServiceTests(SynchronousTestCase):
         tls, users, aliases = service.load_parts(cfg)
         svc = service.make_service(cfg, MemoryReactorClock(), tls, users, aliases)
         verifyObject(IRuntime, svc.runtime)
-        kinds = [kind for kind, _ in svc._described]
+        kinds = [kind for kind, _ in svc.described]
         self.assertEqual(kinds, ["smtp", "smtp", "submission", "submissions", "pop3s"])
 
 
