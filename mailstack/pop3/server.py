@@ -562,17 +562,19 @@ class POP3Server(Protocol):
         return d.addCallbacks(self._authenticated, self._login_failed, errbackArgs=(account, method), callbackArgs=(method,))
 
     def _login_failed(self, f: Failure, account: str, method: str) -> Any:
-        if self._closed:
-            return None
         if not f.check(UnauthorizedLogin, UnhandledCredentials):
             self.log.failure("POP3 credential check failed for {user}", f, user=account, peer=self.peer)
             self._send(R.AUTH_SERVICE_FAILED)
             return None
+        # Counted even if the client has already gone: hanging up right after
+        # PASS must not dodge the lockout.
         delay = self.throttle.failed(self.peer, account)
         self.log.warn(
             "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
             method=method, user=account, peer=self.peer, delay=delay,
         )
+        if self._closed:
+            return None
         if not delay:
             self._send(R.LOGIN_FAILED)
             return None

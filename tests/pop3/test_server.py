@@ -256,6 +256,17 @@ class LoginTests(Base):
         self.assertEqual((failed[0]["peer"], failed[0]["user"]), (self.host, "alice@localhost"))
         self.assertNotIn("s3cr3t", repr(events))
 
+    def test_failureCountedAfterHangup(self) -> None:
+        """A client hanging up while its password is checked still gets the failure counted."""
+        d: defer.Deferred[str] = defer.Deferred()
+        self.rt.checker.requestAvatarId = lambda creds: d
+        proto = self.connect()
+        self.login(proto, pw=b"guess")
+        proto.connectionLost()
+        d.errback(UnauthorizedLogin())
+        self.assertEqual(self.rt.throttle.failures, [(self.host, "alice@localhost")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_lockedOut(self) -> None:
         """A locked-out peer or account is refused without checking the password."""
         self.rt.throttle.locked_out.add(self.host)
