@@ -1,0 +1,264 @@
+"""End to end: abuse limits of a real ``twistd mailstack`` (issue 6, deliverable 4).
+
+One server for the module with small limits: 40 connections per IP, 400 in
+all, an 8 s command timeout, 8 errors per session, AUTH failure delay 100 ms
+doubling to 400 ms and a lockout after 6 failures.  Loopback has a whole /8,
+so clients bind to 127.0.0.x to act as different peers.
+"""
+
+from __future__ import annotations
+
+import base64
+import poplib
+import socket
+import time
+
+import pytest
+
+from tests.e2e.harness import Server
+from tests.e2e.sinks import RawSMTP
+
+PASSWORD = "abuse-pw"
+PER_IP = 40
+TOTAL = 400
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(
+        tmp_path_factory.mktemp("abuse"),
+        extra_toml=(
+            f"[smtp]\nmax_connections = {TOTAL}\nmax_connections_per_ip = {PER_IP}\nmax_errors = 8\n"
+            'command_timeout = "8s"\n'
+            '[auth]\nplaintext_on_loopback = true\nfailure_delay = "100ms"\nmax_failure_delay = "400ms"\n'
+            'lockout_failures = 6\nlockout_time = "5m"\n'
+        ),
+    )
+    for user in ("alice@localhost", "bob@localhost", "carol@localhost"):
+        r = s.admin("user", "add", user, "--password-stdin", input=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+    s.start()
+    yield s
+    s.kill()
+
+
+def connect_from(ip: str, port: int) -> socket.socket:
+    c = socket.socket()
+    c.settimeout(10)
+    c.bind((ip, 0))
+    c.connect(("127.0.0.1", port))
+    return c
+
+
+def read_line(c: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = c.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for c in socks:
+        try:
+            c.close()
+        except OSError:
+            pass
+
+
+def wait_for_slots(server: Server, ip: str, tries: int = 50) -> None:
+    """The server counts a connection until it has processed the close: wait until ``ip`` is served."""
+    for _ in range(tries):
+        c = connect_from(ip, server.ports["smtp"])
+        line = read_line(c)
+        c.close()
+        if line.startswith(b"220"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{ip} still refused: {line!r}")
+
+
+def normal_transaction(server: Server, ip: str = "127.0.0.1") -> float:
+    """Banner, EHLO, MAIL, RCPT, DATA, QUIT from ``ip``; returns the seconds it took."""
+    t0 = time.monotonic()
+    c = socket.socket()
+    c.settimeout(10)
+    c.bind((ip, 0))
+    c.connect(("127.0.0.1", server.ports["smtp"]))
+    f = c.makefile("rb")
+
+    def reply() -> bytes:
+        while True:
+            line = f.readline()
+            if line[3:4] != b"-":
+                return line
+
+    assert reply().startswith(b"220")
+    for cmd, code in ((b"EHLO normal.test", b"250"), (b"MAIL FROM:<n@remote.example>", b"250"),
+                      (b"RCPT TO:<alice@localhost>", b"250"), (b"DATA", b"354"),
+                      (b"Subject: prompt\r\n\r\nhello\r\n.", b"250"), (b"QUIT", b"221")):
+        c.sendall(cmd + b"\r\n")
+        got = reply()
+        assert got.startswith(code), (cmd, got)
+    c.close()
+    return time.monotonic() - t0
+
+
+def test_idleConnectionsDoNotStarveNormalClient(server) -> None:
+    """350 idle connections (some holding half a command line) from 10 addresses: a normal client
+    still gets its banner and completes a transaction in under 2 s."""
+    idle = []
+    try:
+        for i in range(350):
+            c = connect_from(f"127.0.1.{i % 10 + 1}", server.ports["smtp"])
+            if i % 7 == 0:
+                c.sendall(b"EHLO slowlor")  # no CRLF: a slow client mid-line
+            idle.append(c)
+        # All of them were accepted (and greeted) before we measure.
+        for c in idle[::35]:
+            assert read_line(c).startswith(b"220")
+        took = normal_transaction(server)
+        assert took < 2.0, f"normal transaction took {took:.2f}s behind 350 idle connections"
+    finally:
+        close_all(idle)
+
+
+def test_perIpCap(server) -> None:
+    """The connection beyond max_connections_per_ip from one address gets 421 4.7.0 and is closed;
+    another address is still served."""
+    ip = "127.0.2.1"
+    held = []
+    try:
+        for _ in range(PER_IP):
+            c = connect_from(ip, server.ports["smtp"])
+            assert read_line(c).startswith(b"220")
+            held.append(c)
+        extra = connect_from(ip, server.ports["smtp"])
+        line = read_line(extra)
+        assert line.startswith(b"421 4.7.0"), line
+        assert extra.recv(100) == b""  # closed by the server
+        extra.close()
+        assert normal_transaction(server, "127.0.2.2") < 2.0
+    finally:
+        close_all(held)
+    wait_for_slots(server, ip)
+
+
+def test_totalCap(server) -> None:
+    """Beyond max_connections over all addresses the server answers 421 4.7.0 and hangs up;
+    once connections go away it serves again."""
+    held = []
+    try:
+        for i in range(TOTAL):
+            c = connect_from(f"127.0.3.{i % 20 + 1}", server.ports["smtp"])
+            held.append(c)
+        for c in held[::50]:
+            assert read_line(c).startswith(b"220")
+        assert read_line(held[-1]).startswith(b"220")
+        for c in held:  # keep every session alive (command_timeout) while we look
+            c.sendall(b"NOOP\r\n")
+        extra = connect_from("127.0.3.99", server.ports["smtp"])
+        line = read_line(extra)
+        assert line.startswith(b"421 4.7.0"), line
+        extra.close()
+    finally:
+        close_all(held)
+    wait_for_slots(server, "127.0.3.99")
+    assert normal_transaction(server) < 2.0
+
+
+def _auth(c: RawSMTP, user: str, password: str) -> tuple[bytes, float]:
+    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    t0 = time.monotonic()
+    reply = c.cmd(b"AUTH PLAIN " + token)
+    return reply, time.monotonic() - t0
+
+
+def test_authBruteForceSlowedAndLockedSharedWithPop3(server) -> None:
+    """Wrong passwords from one peer get 535 5.7.8 ever more slowly; after lockout_failures even the
+    right password gets 454 4.7.0, on SMTP and on POP3 alike (one shared throttle), for that peer
+    and for that account from elsewhere; an unrelated account from another peer still logs in."""
+    port = server.ports["smtp"]
+    delays = []
+    for _ in range(6):
+        c = _RawFrom("127.0.4.1", port)
+        c.cmd(b"EHLO brute.test")
+        reply, took = _auth(c, "alice@localhost", "wrong")
+        assert reply.startswith(b"535 5.7.8"), reply
+        delays.append(took)
+        c.close()
+    assert delays[-1] >= 0.3, delays  # 100 ms doubling, capped at 400 ms
+    assert delays[-1] > delays[0], delays
+
+    c = _RawFrom("127.0.4.1", port)
+    c.cmd(b"EHLO brute.test")
+    reply, _ = _auth(c, "alice@localhost", PASSWORD)
+    assert reply.startswith(b"454 4.7.0"), reply  # the peer is locked out
+    reply, _ = _auth(c, "bob@localhost", PASSWORD)
+    assert reply.startswith(b"454 4.7.0"), reply  # any account from that peer
+    c.close()
+
+    c = _RawFrom("127.0.4.2", port)
+    c.cmd(b"EHLO other.test")
+    reply, _ = _auth(c, "alice@localhost", PASSWORD)
+    assert reply.startswith(b"454 4.7.0"), reply  # the account is locked out from everywhere
+    reply, _ = _auth(c, "carol@localhost", PASSWORD)
+    assert reply.startswith(b"235 2.7.0"), reply  # others are not
+    c.close()
+
+    # POP3 shares the throttle: alice is locked there too, from any peer.
+    p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+    p.user("alice@localhost")
+    with pytest.raises(poplib.error_proto) as e:
+        p.pass_(PASSWORD)
+    assert b"-ERR [AUTH]" in e.value.args[0]
+    p.close()
+
+
+def test_pop3FailuresCountForSmtp(server) -> None:
+    """Failures on POP3 count towards the same lockout that then refuses SMTP AUTH (454 4.7.0)."""
+    for _ in range(6):
+        p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+        p.user("bob@localhost")
+        with pytest.raises(poplib.error_proto):
+            p.pass_("wrong")
+        p.close()
+    c = _RawFrom("127.0.5.1", server.ports["smtp"])
+    c.cmd(b"EHLO x")
+    reply, _ = _auth(c, "bob@localhost", PASSWORD)
+    assert reply.startswith(b"454 4.7.0"), reply
+    c.close()
+
+
+def test_errorCapDropsSession(server) -> None:
+    """max_errors bad commands: 500 5.5.2 each, then 421 4.7.0 and the connection is closed."""
+    c = _RawFrom("127.0.6.1", server.ports["smtp"])
+    replies = [c.cmd(b"XYZZY") for _ in range(8)]
+    assert all(r.startswith(b"500 5.5.2") for r in replies[:7]), replies
+    assert c.reply().startswith(b"421 4.7.0")
+    assert c.f.readline() == b""
+    c.close()
+
+
+def test_idleTimeout(server) -> None:
+    """A client that says nothing for command_timeout gets 421 4.4.2 and is disconnected."""
+    c = _RawFrom("127.0.7.1", server.ports["smtp"])
+    c.sock.settimeout(20)
+    t0 = time.monotonic()
+    line = c.f.readline()
+    took = time.monotonic() - t0
+    assert line.startswith(b"421 4.4.2"), line
+    assert 7.0 <= took < 16.0, took
+    assert c.f.readline() == b""
+    c.close()
+
+
+class _RawFrom(RawSMTP):
+    """RawSMTP from a chosen loopback address."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.sock = connect_from(ip, port)
+        self.f = self.sock.makefile("rb")
+        self.banner = self.reply()
