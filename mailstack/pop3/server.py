@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import weakref
 from typing import Any, Callable
 
 from twisted.cred.credentials import UsernamePassword
@@ -816,6 +817,8 @@ class POP3Factory(ServerFactory):
         self.runtime = runtime
         self.max_connections = runtime.config.pop3.max_connections
         self.sessions: set[POP3Server] = set()
+        # pop3.max_connections counts the pop3 and pop3s listeners together.
+        self._all = _all_sessions(runtime)
 
     draining = False
 
@@ -850,13 +853,26 @@ class POP3Factory(ServerFactory):
         return POP3Server(self, implicit_tls=self.kind == "pop3s")
 
     def admit(self, proto: POP3Server) -> bool:
-        if self.max_connections and len(self.sessions) >= self.max_connections:
+        if self.max_connections and len(self._all) >= self.max_connections:
             return False
         self.sessions.add(proto)
+        self._all.add(proto)
         return True
 
     def release(self, proto: POP3Server) -> None:
         self.sessions.discard(proto)
+        self._all.discard(proto)
+
+
+_SESSIONS: "weakref.WeakKeyDictionary[Any, set[POP3Server]]" = weakref.WeakKeyDictionary()
+
+
+def _all_sessions(runtime: Any) -> set[POP3Server]:
+    """The one set of POP3 sessions of a runtime, shared by its factories."""
+    try:
+        return _SESSIONS.setdefault(runtime, set())
+    except TypeError:  # not weakly referenceable: count per factory
+        return set()
 
 
 def make_factory(kind: str, runtime: Any) -> POP3Factory:

@@ -117,13 +117,23 @@ def sync_run_blocking(f: Any, *a: Any, **kw: Any) -> "defer.Deferred[Any]":
     return defer.maybeDeferred(f, *a, **kw)
 
 
+class FakeRuntime(SimpleNamespace):
+    """A runtime with just what POP3 uses (weakly referenceable, like the real one)."""
+
+    __slots__ = ("__weakref__",)
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
 def make_runtime(root: str, **config_overrides: Any) -> SimpleNamespace:
     raw: dict[str, Any] = {"data_dir": root}
     for dotted, value in config_overrides.items():
         section, name = dotted.split("__")
         raw.setdefault(section, {})[name] = value
     cfg = configmod.from_mapping(raw, base=root)
-    return SimpleNamespace(
+    return FakeRuntime(
         config=cfg,
         reactor=Clock(),
         run_blocking=sync_run_blocking,

@@ -138,6 +138,16 @@ class GreetingAndCapaTests(Base):
         self.assertEqual(t2.value(), R.GREETING)
         p2.connectionLost()
 
+    def test_limitCoversBothListeners(self) -> None:
+        """pop3.max_connections counts pop3 and pop3s sessions together."""
+        self.rt = make_runtime(self.root, pop3__max_connections=1)
+        self.connect(tls=False)
+        proto = make_factory("pop3s", self.rt).buildProtocol(None)
+        t = SSLStringTransport()
+        proto.makeConnection(t)
+        self.assertEqual(t.value(), R.TOO_MANY_CONNECTIONS)
+        proto.connectionLost()
+
     def test_badKind(self) -> None:
         """make_factory knows only pop3 and pop3s."""
         self.assertRaises(ValueError, make_factory, "imap", self.rt)
