@@ -524,6 +524,7 @@ class QueueManager(Service):
             r.last_host = where
             r.history.append({"time": now, "host": where, "reply": str(reply)})
             del r.history[:-MAX_HISTORY]
+            expired = False
             if reply.code < 400:
                 r.status = DELIVERED
                 status = "sent"
@@ -537,13 +538,15 @@ class QueueManager(Service):
                     r.next_attempt = schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng)
                 if schedule.expired(entry.arrival, now, relay.max_queue_lifetime):
                     r.status = FAILED
-                    status = "expired"
+                    status = "bounced"
+                    expired = True
                 else:
                     r.next_attempt = min(
                         r.next_attempt, max(now, schedule.expires_at(entry.arrival, relay.max_queue_lifetime))
                     )
             self.log.info(
-                "{queue_id}: to=<{rcpt}> relay={mx} ip={ip} delay={delay:.1f} status={status} ({reply})",
+                "{queue_id}: to=<{rcpt}> relay={mx} ip={ip} delay={delay:.1f} status={status}"
+                "{expired_note} ({reply})",
                 queue_id=entry.id,
                 rcpt=r.address,
                 mx=host or ("local" if r.local else ""),
@@ -552,6 +555,8 @@ class QueueManager(Service):
                 delay=now - entry.arrival,
                 attempt_time=now - started,
                 status=status,
+                expired=expired,
+                expired_note=" (expired)" if expired else "",
                 attempts=r.attempts,
             )
 

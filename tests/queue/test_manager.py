@@ -452,3 +452,34 @@ class RealStoreTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(len(self.remote.calls), 2)
         self.assertEqual(list(self.store.scan()), [])
+
+
+class LogTests(SynchronousTestCase):
+    def test_oneEventPerAttemptAndRecipient(self) -> None:
+        """Each attempt logs one event per recipient with queue_id, rcpt, mx, ip, reply, delay, status."""
+        from twisted.logger import capturedLogs
+
+        from mailstack.delivery.remote import RemoteReply
+
+        clock = Clock()
+        clock.advance(START)
+        store = FakeStore(self.mktemp())
+        sent = RemoteReply(250, "2.0.0", "ok", host="mx1.r.test", ip="192.0.2.1")
+        bad = RemoteReply(550, "5.1.1", "no", host="mx1.r.test", ip="192.0.2.1")
+        remote = FakeAgent(lambda e, rs: {r.address: (bad if r.address.startswith("b") else sent) for r in rs})
+        m = QueueManager(store, FakeAgent(), remote, clock, make_config(), run_blocking, FakeIntake())
+        m.startService()
+        entry(store, "R", "s@here.test", ["a@r.test", "b@r.test"], arrival=START - 5)
+        with capturedLogs() as events:
+            m.kick("R")
+        attempts = [e for e in events if "rcpt" in e]
+        self.assertEqual(
+            [(e["queue_id"], e["rcpt"], e["mx"], e["ip"], e["status"], e["reply"], e["delay"]) for e in attempts],
+            [
+                ("R", "a@r.test", "mx1.r.test", "192.0.2.1", "sent", "250 2.0.0 ok", 5.0),
+                ("R", "b@r.test", "mx1.r.test", "192.0.2.1", "bounced", "550 5.1.1 no", 5.0),
+            ],
+        )
+        rec = store.envelopes
+        self.assertEqual(rec, {})
+        m.stopService()
