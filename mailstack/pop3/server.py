@@ -366,7 +366,9 @@ class POP3Server(Protocol):
         try:
             result = handler(self, arg)
         except Exception:
-            self.log.failure("POP3 command {command} failed", command=keyword.decode("ascii", "replace"), peer=self.peer)
+            self.log.failure(
+                "POP3 command {command} failed", command=keyword.decode("ascii", "replace"), peer=self.peer
+            )
             self._send(R.INTERNAL_ERROR)
             return
         if isinstance(result, defer.Deferred):
@@ -429,7 +431,8 @@ class POP3Server(Protocol):
                 out += [R.CAPA_USER, R.CAPA_SASL]
             if self._can_stls():
                 out.append(R.CAPA_STLS)
-        out += [R.CAPA_RESP_CODES, R.CAPA_AUTH_RESP_CODE, R.CAPA_PIPELINING, R.CAPA_EXPIRE, R.CAPA_IMPLEMENTATION, R.TERMINATOR]
+        out += [R.CAPA_RESP_CODES, R.CAPA_AUTH_RESP_CODE, R.CAPA_PIPELINING, R.CAPA_EXPIRE, R.CAPA_IMPLEMENTATION]
+        out.append(R.TERMINATOR)
         self._send(b"".join(out))
 
     def do_QUIT(self, arg: bytes) -> Any:
@@ -445,7 +448,9 @@ class POP3Server(Protocol):
 
         def updated(failed: int) -> None:
             self._release_maildrop()
-            self.log.info("POP3 QUIT for {user} from {peer}: {left} messages left", user=self.user, peer=self.peer, left=left)
+            self.log.info(
+                "POP3 QUIT for {user} from {peer}: {left} messages left", user=self.user, peer=self.peer, left=left
+            )
             self._send(R.NOT_REMOVED if failed else R.signing_off(left))
             self._close()
 
@@ -560,7 +565,9 @@ class POP3Server(Protocol):
             d: defer.Deferred[Any] = defer.fail(UnauthorizedLogin("authorization identity differs"))
         else:
             d = defer.maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user, password))
-        return d.addCallbacks(self._authenticated, self._login_failed, errbackArgs=(account, method), callbackArgs=(method,))
+        return d.addCallbacks(
+            self._authenticated, self._login_failed, callbackArgs=(method,), errbackArgs=(account, method)
+        )
 
     def _login_failed(self, f: Failure, account: str, method: str) -> Any:
         if not f.check(UnauthorizedLogin, UnhandledCredentials):
@@ -743,7 +750,9 @@ class POP3Server(Protocol):
             if f.check(MessageGone):
                 self._send(R.MESSAGE_GONE)
             else:
-                self.log.failure("POP3 cannot read message {number} of {user}", f, number=i + 1, user=self.user, peer=self.peer)
+                self.log.failure(
+                    "POP3 cannot read message {number} of {user}", f, number=i + 1, user=self.user, peer=self.peer
+                )
                 self._send(R.READ_FAILED)
 
         # The first chunk is read here, on the reactor thread: one open() and one
@@ -763,7 +772,9 @@ class POP3Server(Protocol):
         if self._closed or f.check(ConnectionDone):
             return
         # Part of the message is out: the only honest thing left is to hang up.
-        self.log.failure("POP3 read error in message {number} of {user}", f, number=number, user=self.user, peer=self.peer)
+        self.log.failure(
+            "POP3 read error in message {number} of {user}", f, number=number, user=self.user, peer=self.peer
+        )
         self._closed = True
         self.transport.abortConnection()
 
