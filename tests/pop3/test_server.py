@@ -792,3 +792,70 @@ class DrainTests(Base):
         self.clock.pump([0.05] * 25)
         self.successResultOf(d)
         self.assertTrue(proto.transport.aborted)
+
+
+class AsyncBlockingTests(Base):
+    """run_blocking as in production: results arrive later, from the 'thread pool'."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pending: list[tuple[defer.Deferred, object, tuple]] = []
+
+        def run_blocking(f, *a, **kw):  # type: ignore[no-untyped-def]
+            d: defer.Deferred = defer.Deferred()
+            self.pending.append((d, f, a))
+            return d
+
+        self.rt.run_blocking = run_blocking
+
+    def run_all(self) -> None:
+        while self.pending:
+            d, f, a = self.pending.pop(0)
+            try:
+                result = f(*a)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+    def test_loginAndStreamedRetr(self) -> None:
+        """Login and a streamed RETR complete with late results; pipelined commands wait their turn."""
+        body = b"Subject: big\n\n" + b"".join(b".%d\n" % i for i in range(60000))
+        write_message(self.maildir, body)
+        proto = self.connect()
+        t = proto.transport
+        t.clear()
+        proto.dataReceived(b"USER alice@localhost\r\nPASS secret\r\nSTAT\r\n")
+        self.assertEqual(t.value(), R.USER_OK)
+        self.run_all()
+        size = mailbox.wire_size_of([body])
+        self.assertEqual(t.value(), R.USER_OK + b"+OK Logged in, 1 messages (%d octets)\r\n+OK 1 %d\r\n" % (size, size))
+        t.clear()
+        proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
+        self.assertTrue(self.pending)  # the rest of the file is read in the pool
+        self.run_all()
+        self.assertEqual(t.value(), R.retr_header(size) + mailbox.encode_message(body) + R.NOOP)
+        self.assertIsNone(t.producer)
+
+    def test_quitWaitsForDeletion(self) -> None:
+        """QUIT answers only after the deletions ran in the pool."""
+        write_message(self.maildir, b"a\n")
+        proto = self.connect()
+        self.login(proto)
+        self.run_all()
+        out = self.talk(proto, b"DELE 1", b"QUIT")
+        self.assertEqual(out, R.deleted(1))
+        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
+        proto.transport.clear()
+        self.run_all()
+        self.assertEqual(proto.transport.value(), R.signing_off(0))
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), [])
+
+    def test_dropWhileLocking(self) -> None:
+        """A client gone before the maildrop is opened leaves no lock behind."""
+        proto = self.connect()
+        self.login(proto)
+        proto.connectionLost()
+        self.run_all()
+        drop = mailbox.Maildrop.open(self.maildir)
+        drop.close()
