@@ -617,6 +617,11 @@ class QueueManager(Service):
                 message_id=dsn.make_message_id(self.config.hostname, entry.id, now, self.rng),
             )
             destinations = self._dsn_destinations(sender)
+            if not destinations:
+                self.log.warn(
+                    "{queue_id}: no DSN: sender <{sender}> is no local mailbox", queue_id=entry.id, sender=entry.sender
+                )
+                return True
             incoming = self.intake.begin(Envelope(sender=None, recipients=destinations, protocol="ESMTP"))
             incoming.write(message)
             dsn_id = await incoming.finish()
@@ -636,14 +641,14 @@ class QueueManager(Service):
         return True
 
     def _dsn_destinations(self, sender: Any) -> tuple[Destination, ...]:
+        """Where the DSN goes: a local sender through the router (aliases), so an
+        unknown local sender (a forged MAIL FROM at the MX) gets nothing."""
         local = self.config.is_local_domain(sender.domain)
         if local and self.router is not None:
             try:
-                found = self.router.resolve(sender, True)
-                if found:
-                    return tuple(found)
-            except Exception:
-                pass
+                return tuple(self.router.resolve(sender, True))
+            except MailError:
+                return ()
         return (Destination(address=sender, original=sender, local=local),)
 
 

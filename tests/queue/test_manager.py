@@ -483,3 +483,43 @@ class LogTests(SynchronousTestCase):
         rec = store.envelopes
         self.assertEqual(rec, {})
         m.stopService()
+
+
+class DSNRoutingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from mailstack.address import parse_address
+        from mailstack.envelope import Destination
+        from mailstack.errors import PermanentFailure
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = FakeStore(self.mktemp())
+        self.intake = FakeIntake()
+
+        class Router:
+            def resolve(self, address, authenticated):
+                if address.key == "alias@here.test":
+                    target = parse_address("real@here.test")
+                    return [Destination(address=target, original=address, local=True)]
+                raise PermanentFailure(Reply(550, "5.1.1", "unknown"))
+
+        self.manager = QueueManager(
+            self.store, FakeAgent(), FakeAgent(reply_all(PERM)), self.clock, make_config(), run_blocking, self.intake,
+            router=Router(),
+        )
+        self.manager.startService()
+        self.addCleanup(self.manager.stopService)
+
+    def test_localSenderThroughRouter(self) -> None:
+        """A DSN to a local sender follows its alias."""
+        entry(self.store, "A", "alias@here.test", ["x@remote.test"], arrival=START)
+        self.manager.kick("A")
+        (env, _), = self.intake.messages
+        self.assertEqual([str(d.address) for d in env.recipients], ["real@here.test"])
+
+    def test_unknownLocalSender(self) -> None:
+        """A forged local sender that is no mailbox gets no DSN; the entry still goes."""
+        entry(self.store, "B", "forged@here.test", ["x@remote.test"], arrival=START)
+        self.manager.kick("B")
+        self.assertEqual(self.intake.messages, [])
+        self.assertNotIn("B", self.store.envelopes)
