@@ -29,21 +29,41 @@ Layout under ``root`` (``data_dir/queue``)
 IDs are ``<14 hex digits of Unix microseconds><10 random hex digits>``: they
 sort by arrival and are unique across processes without coordination.
 
-Commit protocol (``commit``)
-----------------------------
+Commit protocol (``commit`` = ``prepare`` + ``publish``)
+-------------------------------------------------------
+``prepare(entry)``, per message, many in parallel from a thread pool:
+
 1. fsync ``tmp/<id>`` (the bytes are on disk);
-2. rename it to ``msg/<id>`` and fsync ``msg/``;
-3. write ``env/<id>.json`` (tmp, fsync, rename) and fsync ``env/``.
+2. write the envelope to ``env/.tmp.<id>.json`` and fsync it.
 
-The ``msg/`` fsync comes before the envelope exists so that a crash can never
-leave a durable envelope whose message rename was lost.  A crash before step 3
-completes leaves a message without an envelope: it was never acknowledged, and
-``recover()`` deletes it.  Each commit touches only its own files and holds no
-lock, so many commits from a thread pool run their fsyncs in parallel (the
-file system batches them into shared journal commits).
+``publish(entries)``, one call for a whole batch (group commit):
 
-``remove`` deletes the envelope first (durably) and then the message; a crash
-between the two leaves an orphan message that ``recover()`` deletes.
+3. rename every ``tmp/<id>`` to ``msg/<id>``, then fsync ``msg/`` once;
+4. rename every ``env/.tmp.<id>.json`` to ``env/<id>.json``, then fsync
+   ``env/`` once.
+
+The ``msg/`` fsync comes before any envelope of the batch is renamed into
+place so that a crash can never leave a durable envelope whose message rename
+was lost.  A crash before step 4 completes leaves a message without an
+envelope (and maybe an envelope temporary): it was never acknowledged, and
+``recover()`` deletes both.  The file fsyncs of ``prepare`` are per message and
+run in parallel (the file system folds concurrent fsyncs into shared journal
+commits); the two directory fsyncs are paid once per batch, however many
+messages it holds, which is what makes the intake's group commit cheap.
+
+Failures in a batch: an error in one entry's own step (its rename) fails that
+entry only; an error in a shared directory fsync fails every entry still in
+the batch at that point.  Every failed entry is removed again (envelope first),
+so a failure never leaves anything half-written.
+
+``remove`` deletes the envelope first and then the message.  With
+``sync=True`` (the default, used by ``queue delete``) the envelope removal is
+fsynced; after a final delivery the caller may pass ``sync=False``: if a crash
+undoes the removal, the entry is simply delivered again (at-least-once), and
+the next commit's ``env/`` fsync makes it durable anyway.
+
+A crash between the envelope and the message removal leaves an orphan message
+that ``recover()`` deletes.
 """
 
 from __future__ import annotations
@@ -93,6 +113,7 @@ class QueueStore:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._dirs = {name: os.path.join(self.root, name) for name in (TMP, MSG, ENV, CORRUPT)}
+        self._ready = False  # msg/ and env/ are known to exist (they are never removed)
 
     # -- names --------------------------------------------------------------
 
@@ -121,40 +142,104 @@ class QueueStore:
         fd = fsutil._open(self.tmp_path(queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         return os.fdopen(fd, "wb", buffering=CHUNK)
 
+    def env_tmp_path(self, queue_id: str) -> str:
+        """Where ``prepare`` writes the envelope before ``publish`` renames it."""
+        return os.path.join(self._dirs[ENV], ".tmp." + _checked(queue_id) + _ENV_SUFFIX)
+
     def commit(self, entry: QueueEntry) -> None:
         """Make ``tmp/<entry.id>`` a queued message (protocol in the module doc).
 
-        On any failure everything of this id is removed again and the error is
-        raised: the message was not accepted and nothing half-written remains.
+        ``prepare`` then ``publish`` of a batch of one.  On any failure
+        everything of this id is removed again and the error is raised: the
+        message was not accepted and nothing half-written remains.
         """
-        msg_path = self.message_path(entry.id)
+        self.prepare(entry)
+        error = self.publish([entry])[0]
+        if error is not None:
+            raise error
+
+    def prepare(self, entry: QueueEntry) -> None:
+        """Steps 1-2 of the commit for one entry: message and envelope bytes fsynced.
+
+        Nothing is visible to ``scan()`` yet.  On failure the entry's files
+        are removed and the error raised.
+        """
         try:
-            fsutil.ensure_dir(self._dirs[MSG])
-            fsutil.ensure_dir(self._dirs[ENV])
+            if not self._ready:
+                fsutil.ensure_dir(self._dirs[MSG])
+                fsutil.ensure_dir(self._dirs[ENV])
+                self._ready = True
             _fsync_file(self.tmp_path(entry.id))
-            fsutil._rename(self.tmp_path(entry.id), msg_path)
-            fsutil.fsync_dir(self._dirs[MSG])
-            fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
+            tmp = self.env_tmp_path(entry.id)
+            fd = fsutil._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fsutil.write_fd(fd, _encode(entry))
+                fsutil._fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
-            # Envelope first: once it is gone the message is an orphan either way.
-            for path in (self.envelope_path(entry.id), msg_path, self.tmp_path(entry.id)):
-                try:
-                    fsutil._unlink(path)
-                except OSError:
-                    pass
+            self._discard(entry.id)
             raise
+
+    def publish(self, entries: list[QueueEntry]) -> list[BaseException | None]:
+        """Steps 3-4 for a batch of prepared entries: one fsync per directory.
+
+        Returns, per entry, None (committed: durable and visible) or the error
+        that failed it (its files are gone again).  See "Failures in a batch".
+        """
+        errors: list[BaseException | None] = [None] * len(entries)
+
+        def step(action, *dirs: str) -> None:
+            live = [i for i, e in enumerate(errors) if e is None]
+            for i in live:
+                try:
+                    action(entries[i].id)
+                except Exception as e:
+                    errors[i] = e
+            if not any(errors[i] is None for i in live):
+                return
+            try:
+                for d in dirs:
+                    fsutil.fsync_dir(d)
+            except Exception as e:
+                for i in live:
+                    if errors[i] is None:
+                        errors[i] = e
+
+        step(lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), self._dirs[MSG])
+        step(lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), self._dirs[ENV])
+        for entry, error in zip(entries, errors):
+            if error is not None:
+                self._discard(entry.id)
+        return errors
+
+    def _discard(self, queue_id: str) -> None:
+        """Remove every file of ``queue_id``, envelope first; best effort."""
+        paths = (
+            self.envelope_path(queue_id),
+            self.env_tmp_path(queue_id),
+            self.message_path(queue_id),
+            self.tmp_path(queue_id),
+        )
+        for path in paths:
+            try:
+                fsutil._unlink(path)
+            except OSError:
+                pass
 
     def save(self, entry: QueueEntry) -> None:
         """Durably replace the envelope of a committed entry (new attempt state)."""
         fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
 
-    def remove(self, queue_id: str) -> bool:
-        """Drop an entry: envelope first (durably), then the message.
+    def remove(self, queue_id: str, sync: bool = True) -> bool:
+        """Drop an entry: envelope first, then the message.
 
-        False if there was no envelope.  The message unlink is not fsynced: if
-        a crash undoes it, ``recover()`` deletes the orphan.
+        False if there was no envelope.  ``sync`` fsyncs ``env/`` after the
+        envelope unlink; without it a crash may bring the entry back, which
+        only means a second delivery (see the module doc).  The message unlink
+        is never fsynced: if a crash undoes it, ``recover()`` deletes the orphan.
         """
-        gone = fsutil.unlink_durable(self.envelope_path(queue_id))
+        gone = fsutil.unlink_durable(self.envelope_path(queue_id), sync_dir=sync)
         fsutil.unlink_durable(self.message_path(queue_id), sync_dir=False)
         return gone
 

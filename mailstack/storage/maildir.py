@@ -81,6 +81,10 @@ class MaildirStore:
         self.root = os.path.abspath(root)
         self._host = escape_host(hostname or socket.gethostname())
         self._clock = clock
+        # Maildirs known to have tmp/ new/ cur/: a Maildir is never removed
+        # while the server runs (user deletion keeps the mail), so one check
+        # per process is enough.  set.add is atomic under the GIL.
+        self._known: set[str] = set()
 
     def path_for(self, address: Address | str) -> str:
         """The Maildir of ``address``: ``root/<domain>/<localpart>``.
@@ -105,33 +109,81 @@ class MaildirStore:
 
         Creates ``tmp/ new/ cur/`` durably on first delivery.  Raises OSError
         (nothing left behind) or AddressError (no such mailbox name).
+        ``prepare`` + ``publish`` of a batch of one.
+        """
+        pending = self.prepare(address, source, prefix)
+        error = self.publish([pending])[0]
+        if error is not None:
+            raise error
+        return pending.name
+
+    def prepare(self, address: Address | str, source: Source, prefix: bytes = b"") -> "Pending":
+        """Steps 1-2 for one message: ``tmp/<unique>`` written and fsynced.
+
+        Invisible to readers until ``publish``; on failure nothing is left and
+        the error is raised.  A ``Pending`` that is never published can be
+        dropped with ``discard`` (a crash leaves it in ``tmp/``, which readers
+        ignore, as the Maildir spec says).
         """
         maildir = self.path_for(address)
-        tmp_dir = os.path.join(maildir, "tmp")
         new_dir = os.path.join(maildir, "new")
-        if not os.path.isdir(new_dir):
+        known = maildir in self._known
+        if not known:
+            self._create(maildir)
+        name = self.unique_name()
+        tmp_path = os.path.join(maildir, "tmp", name)
+        try:
+            size = self._write_tmp(tmp_path, prefix, source)
+        except FileNotFoundError:
+            if not known:
+                raise
+            # Removed behind our back since we last looked: create it again.
+            self._known.discard(maildir)
+            self._create(maildir)
+            size = self._write_tmp(tmp_path, prefix, source)
+        return Pending(tmp_path, new_dir, f"{name},S={size}")
+
+    def _create(self, maildir: str) -> None:
+        """Make sure ``tmp/ new/ cur/`` exist durably, and remember it."""
+        if not os.path.isdir(os.path.join(maildir, "new")):
             for sub in ("tmp", "new", "cur"):
                 fsutil.ensure_dir(os.path.join(maildir, sub))
+        self._known.add(maildir)
 
-        name = self.unique_name()
-        tmp_path = os.path.join(tmp_dir, name)
-        size = self._write_tmp(tmp_path, prefix, source)
+    def publish(self, pending: "list[Pending]") -> list[BaseException | None]:
+        """Steps 3-4 for a batch: rename each into ``new/``, one fsync per ``new/``.
 
-        final = f"{name},S={size}"
-        new_path = os.path.join(new_dir, final)
-        try:
-            fsutil._rename(tmp_path, new_path)
-        except BaseException:
-            _discard(tmp_path)
-            raise
-        try:
-            fsutil.fsync_dir(new_dir)
-        except BaseException:
-            # The rename may or may not survive a crash; we report failure, so
-            # take the message back rather than risk a duplicate on the retry.
-            _discard(new_path)
-            raise
-        return final
+        Returns per message None (delivered: durable and visible) or the error
+        that failed it; a failed message is taken back (no file left), so the
+        caller may retry it without risking a duplicate.  A rename error fails
+        that message only; a failed fsync of a ``new/`` fails every message of
+        the batch in that folder.
+        """
+        errors: list[BaseException | None] = [None] * len(pending)
+        folders: dict[str, list[int]] = {}
+        for i, p in enumerate(pending):
+            try:
+                fsutil._rename(p.tmp_path, p.new_path)
+            except Exception as e:
+                errors[i] = e
+                _discard(p.tmp_path)
+                continue
+            folders.setdefault(p.new_dir, []).append(i)
+        for folder, members in folders.items():
+            try:
+                fsutil.fsync_dir(folder)
+            except Exception as e:
+                # The renames may or may not survive a crash; we report failure, so
+                # take the messages back rather than risk a duplicate on the retry.
+                for i in members:
+                    errors[i] = e
+                    _discard(pending[i].new_path)
+        return errors
+
+    @staticmethod
+    def discard(pending: "Pending") -> None:
+        """Drop a prepared message that will not be published."""
+        _discard(pending.tmp_path)
 
     def _write_tmp(self, path: str, prefix: bytes, source: Source) -> int:
         """Create ``path`` exclusively, stream into it, fsync; return the size."""
@@ -152,6 +204,21 @@ class MaildirStore:
             _discard(path)
             raise
         return size
+
+
+class Pending:
+    """A message written to a Maildir's ``tmp/`` and fsynced, not yet in ``new/``."""
+
+    __slots__ = ("tmp_path", "new_dir", "name")
+
+    def __init__(self, tmp_path: str, new_dir: str, name: str) -> None:
+        self.tmp_path = tmp_path
+        self.new_dir = new_dir
+        self.name = name  # the final file name in new/
+
+    @property
+    def new_path(self) -> str:
+        return os.path.join(self.new_dir, self.name)
 
 
 def _discard(path: str) -> None:

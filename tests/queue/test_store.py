@@ -98,13 +98,14 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(data, entry.to_json())
 
     def test_commitSteps(self) -> None:
-        """fsync file, rename to msg/, fsync msg/, then the envelope (tmp, fsync, rename, fsync env/)."""
+        """fsync file, envelope tmp + fsync; then rename to msg/, fsync msg/, rename envelope, fsync env/."""
         entry = self.stage()
         calls = count_steps(self, lambda: self.store.commit(entry))
         self.assertEqual(
             calls,
-            ["_open", "_fsync", "_rename", "_open", "_fsync"]  # message
-            + ["_open", "_write", "_fsync", "_rename", "_open", "_fsync"],  # envelope
+            ["_open", "_fsync", "_open", "_write", "_fsync"]  # prepare: message, envelope temporary
+            + ["_rename", "_open", "_fsync"]  # publish: msg/
+            + ["_rename", "_open", "_fsync"],  # publish: env/ (the commit record)
         )
 
     def test_failureAtEveryCommitStepLeavesNothing(self) -> None:
@@ -150,6 +151,94 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
                 self.assertEqual(dirs["env"], [], f"step {k}")
             outcomes.add(len(entries))
         self.assertEqual(outcomes, {0, 1})
+
+    def test_batchSharesOneFsyncPerDirectory(self) -> None:
+        """publish() of many prepared entries costs one fsync of msg/ and one of env/ in all."""
+        entries = [self.stage(body=BODY + bytes([i])) for i in range(5)]
+        for entry in entries:
+            self.store.prepare(entry)
+        self.assertEqual(list(self.store.scan()), [])  # prepared is not committed
+        calls = count_steps(self, lambda: self.assertEqual(self.store.publish(entries), [None] * 5))
+        self.assertEqual(calls, ["_rename"] * 5 + ["_open", "_fsync"] + ["_rename"] * 5 + ["_open", "_fsync"])
+        self.assertEqual(list(self.store.scan()), sorted(entries, key=lambda e: e.id))
+        self.assertEqual(self.dirs()["tmp"], [])
+        self.assertEqual(sorted(self.dirs()["env"]), sorted(e.id + ".json" for e in entries))
+
+    def test_batchRenameFailureFailsThatEntryOnly(self) -> None:
+        """A failed rename of one entry fails that entry (its files removed); the others commit."""
+        entries = [self.stage(body=BODY + bytes([i])) for i in range(3)]
+        for entry in entries:
+            self.store.prepare(entry)
+        Faults(self, fail_at=2)  # the second message rename
+        errors = self.store.publish(entries)
+        self.assertIsNone(errors[0])
+        self.assertIsInstance(errors[1], OSError)
+        self.assertIsNone(errors[2])
+        self.assertEqual([e.id for e in self.store.scan()], [entries[0].id, entries[2].id])
+        dirs = self.dirs()
+        self.assertEqual(dirs["tmp"], [])
+        self.assertNotIn(entries[1].id, dirs["msg"])
+        self.assertEqual(len(dirs["env"]), 2)
+
+    def test_batchDirectoryFsyncFailureFailsWholeBatch(self) -> None:
+        """A failed fsync of msg/ or env/ fails every entry of the batch and leaves nothing."""
+        for fail_at in (5, 10):  # the _fsync of msg/, then of env/ (3 entries: 3 renames, open, fsync, ...)
+            store = QueueStore(scratch_path(self))
+            store.recover()
+            entries = [self.stage(body=BODY + bytes([i]), store=store) for i in range(3)]
+            for entry in entries:
+                store.prepare(entry)
+            faults = Faults(self, fail_at=fail_at)
+            errors = store.publish(entries)
+            self.assertEqual(faults.calls[fail_at - 1], "_fsync")
+            faults.restore()
+            self.assertTrue(all(isinstance(e, OSError) for e in errors), errors)
+            self.assertEqual(list(store.scan()), [])
+            self.assertEqual(self.dirs(store), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+
+    def test_crashDuringBatchPublishIsConsistentAfterRecover(self) -> None:
+        """A crash at any step of a batch publish: after recover() each entry is absent or whole."""
+        def prepared(store: QueueStore) -> list[QueueEntry]:
+            entries = [self.stage(body=BODY + bytes([i]), store=store) for i in range(3)]
+            for entry in entries:
+                store.prepare(entry)
+            return entries
+
+        probe = QueueStore(scratch_path(self))
+        probe.recover()
+        batch = prepared(probe)
+        steps = len(count_steps(self, lambda: probe.publish(batch)))
+        for k in range(1, steps + 1):
+            store = QueueStore(scratch_path(self))
+            store.recover()
+            entries = prepared(store)
+            faults = Faults(self, fail_at=k, crash=True)
+            store.publish(entries)
+            faults.restore()
+            restarted = QueueStore(store.root)
+            self.assertEqual(restarted.recover().corrupt, (), f"step {k}")
+            found = {e.id: e for e in restarted.scan()}
+            dirs = self.dirs(restarted)
+            self.assertEqual(dirs["tmp"], [], f"step {k}")
+            self.assertEqual(sorted(dirs["msg"]), sorted(found), f"step {k}")
+            for entry in entries:
+                if entry.id in found:
+                    self.assertEqual(found[entry.id], entry)
+
+    def test_preparedButNotPublishedIsRemovedByRecover(self) -> None:
+        """A crash between prepare and publish leaves nothing queued after recover()."""
+        entry = self.stage()
+        self.store.prepare(entry)
+        self.assertEqual(QueueStore(self.store.root).recover(), Recovery(tmp_removed=1))
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+
+    def test_removeWithoutSyncSkipsTheDirectoryFsync(self) -> None:
+        """remove(sync=False) unlinks envelope then message and fsyncs nothing."""
+        entry = self.stage()
+        self.store.commit(entry)
+        calls = count_steps(self, lambda: self.assertTrue(self.store.remove(entry.id, sync=False)))
+        self.assertEqual(calls, ["_unlink", "_unlink"])
+        self.assertEqual(list(self.store.scan()), [])
 
     def test_concurrentCommitsIndependent(self) -> None:
         """Staged messages commit in any order; each one only touches its own files."""

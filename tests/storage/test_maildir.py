@@ -181,3 +181,71 @@ class DeliverTests(SynchronousTestCase):
         Faults(self, fail_at=2, error=errno.ENOSPC)
         e = self.assertRaises(OSError, self.store.deliver, BOB, [MESSAGE])
         self.assertEqual(e.errno, errno.ENOSPC)
+
+
+class BatchTests(SynchronousTestCase):
+    """prepare() per message, publish() per batch: one fsync per new/ folder."""
+
+    def setUp(self) -> None:
+        self.store = MaildirStore(scratch_path(self), hostname="mx.example.org")
+        self.carol = parse_address("carol@example.org")
+
+    def new(self, address: Address) -> list[str]:
+        return listing(os.path.join(self.store.path_for(address), "new"))
+
+    def test_preparedIsInvisibleUntilPublished(self) -> None:
+        """A prepared message sits fsynced in tmp/; readers see nothing in new/ until publish."""
+        pending = self.store.prepare(BOB, [MESSAGE])
+        self.assertEqual(self.new(BOB), [])
+        self.assertEqual(listing(os.path.join(self.store.path_for(BOB), "tmp")), [pending.name.split(",S=")[0]])
+        self.assertEqual(self.store.publish([pending]), [None])
+        self.assertEqual(self.new(BOB), [pending.name])
+        self.assertEqual(listing(os.path.join(self.store.path_for(BOB), "tmp")), [])
+
+    def test_oneFsyncPerFolder(self) -> None:
+        """Five messages for two mailboxes: five renames, two directory fsyncs."""
+        self.store.deliver(BOB, [MESSAGE])
+        self.store.deliver(self.carol, [MESSAGE])
+        pending = [self.store.prepare(BOB if i % 2 else self.carol, [MESSAGE]) for i in range(5)]
+        calls = count_steps(self, lambda: self.assertEqual(self.store.publish(pending), [None] * 5))
+        self.assertEqual(calls, ["_rename"] * 5 + ["_open", "_fsync"] * 2)
+        self.assertEqual(len(self.new(BOB)), 3)
+        self.assertEqual(len(self.new(self.carol)), 4)
+
+    def test_renameFailureFailsThatMessageOnly(self) -> None:
+        """A failed rename fails one message (its tmp file removed); the others are delivered."""
+        pending = [self.store.prepare(BOB, [MESSAGE]) for _ in range(3)]
+        Faults(self, fail_at=2)
+        errors = self.store.publish(pending)
+        self.assertIsNone(errors[0])
+        self.assertIsInstance(errors[1], OSError)
+        self.assertIsNone(errors[2])
+        self.assertEqual(self.new(BOB), sorted([pending[0].name, pending[2].name]))
+        self.assertEqual(listing(os.path.join(self.store.path_for(BOB), "tmp")), [])
+
+    def test_folderFsyncFailureTakesBackThatFolderOnly(self) -> None:
+        """A failed fsync of one new/ fails (and removes) that folder's messages; others stay delivered."""
+        pending = [self.store.prepare(BOB, [MESSAGE]), self.store.prepare(self.carol, [MESSAGE])]
+        faults = Faults(self, fail_at=4)  # rename, rename, open new/ (bob), fsync new/ (bob)
+        errors = self.store.publish(pending)
+        self.assertEqual(faults.calls[3], "_fsync")
+        self.assertIsInstance(errors[0], OSError)
+        self.assertIsNone(errors[1])
+        self.assertEqual(self.new(BOB), [])
+        self.assertEqual(self.new(self.carol), [pending[1].name])
+
+    def test_discardRemovesPrepared(self) -> None:
+        """discard() drops a prepared message without a trace."""
+        pending = self.store.prepare(BOB, [MESSAGE])
+        self.store.discard(pending)
+        self.assertEqual(listing(os.path.join(self.store.path_for(BOB), "tmp")), [])
+        self.assertEqual(self.new(BOB), [])
+
+    def test_maildirRemovedBehindOurBackIsRecreated(self) -> None:
+        """A Maildir deleted while the store remembers it is created again on the next delivery."""
+        import shutil
+
+        self.store.deliver(BOB, [MESSAGE])
+        shutil.rmtree(self.store.path_for(BOB))
+        self.store.deliver(BOB, [MESSAGE])
+        self.assertEqual(len(self.new(BOB)), 1)
