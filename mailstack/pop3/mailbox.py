@@ -69,7 +69,7 @@ import os
 import re
 import time
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 from mailstack.storage import fsutil
 
@@ -81,6 +81,7 @@ INDEX_VERSION = 1
 _rename = os.rename
 _listdir = os.listdir
 _open = open
+_os_open = os.open
 
 _READ_SIZE = 1 << 20
 
@@ -173,9 +174,21 @@ def wire_size_of(chunks: Iterable[bytes]) -> int:
 
 
 def wire_size(path: str) -> int:
-    """``wire_size_of`` for a file, read in chunks."""
-    with _open(path, "rb") as f:
-        return wire_size_of(iter(lambda: f.read(_READ_SIZE), b""))
+    """``wire_size_of`` for a file, read in chunks (plain os.read: no buffer object)."""
+    fd = _os_open(path, os.O_RDONLY)
+    try:
+        first = os.read(fd, _READ_SIZE)
+        if len(first) < _READ_SIZE:
+            return wire_size_of((first,))
+
+        def chunks() -> Iterator[bytes]:
+            yield first
+            while chunk := os.read(fd, _READ_SIZE):
+                yield chunk
+
+        return wire_size_of(chunks())
+    finally:
+        os.close(fd)
 
 
 class WireEncoder:

@@ -75,6 +75,14 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(len(unstuff(out)), wire_size_of(chunks))
         self.assertEqual(wire_size_of(chunks), wire_size_of([data]))
 
+    def test_wireSizeOfBigFile(self) -> None:
+        """wire_size reads files larger than one read chunk correctly."""
+        path = os.path.join(temp_dir(self), "m")
+        data = (b"x" * 1000 + b"\n") * 3000 + b"\r"
+        with open(path, "wb") as f:
+            f.write(data)
+        self.assertEqual(mailbox.wire_size(path), wire_size_of([data]))
+
     def test_topHeadersOnly(self) -> None:
         """TOP n 0: the header and the blank line."""
         msg = b"Subject: x\r\nFrom: y\r\n\r\nline1\r\nline2\r\n"
@@ -177,17 +185,27 @@ class MaildropTests(SynchronousTestCase):
         sizes = list(drop.sizes)
         drop.close()
         opened: list[str] = []
-        real_open = mailbox._open
+        real_open, real_os_open = mailbox._open, mailbox._os_open
 
         def spy(path: str, *a: object) -> object:
             opened.append(path)
             return real_open(path, *a)
 
+        def os_spy(path: str, *a: int) -> int:
+            opened.append(path)
+            return real_os_open(path, *a)
+
         self.patch(mailbox, "_open", spy)
+        self.patch(mailbox, "_os_open", os_spy)
         drop = self.open()
         self.assertEqual(drop.new_sizes, 0)
         self.assertEqual(drop.sizes, sizes)
         self.assertEqual([os.path.basename(p) for p in opened], [INDEX_NAME])
+        drop.close()
+        write_message(self.path, b"new\n")
+        drop = self.open()
+        self.assertEqual(drop.new_sizes, 1)
+        self.assertEqual(len(opened), 3)  # the index, then only the new message
 
     def test_unchangedFolderNotListed(self) -> None:
         """With cur/ unchanged since the index (mtime old enough), cur/ is not even listed."""
