@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -39,6 +40,9 @@ R_LOOP = Reply(554, "5.4.6", "Mail for the recipient domain loops back to this s
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
+CACHE_TTL = 300.0  # seconds an answer is kept at most (its own TTL if shorter)
+NEGATIVE_TTL = 60.0  # "no MX records" (implicit MX) is kept this long
+CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,28 @@ class Resolver:
                 resolver = client.createResolver()
         self.resolver = resolver
         self.rng = rng if rng is not None else random.Random()
+        self._now = reactor.seconds if reactor is not None else time.time
+        # Answers by (kind, name) until their TTL (at most CACHE_TTL) runs out, so a
+        # burst of mail to one domain costs one set of lookups.  Failures are not kept.
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    def _cached(self, key: tuple[str, str]) -> Any:
+        found = self._cache.get(key)
+        if found is None:
+            return None
+        if found[0] <= self._now():
+            del self._cache[key]
+            return None
+        return found[1]
+
+    def _keep(self, key: tuple[str, str], value: Any, answers: Sequence[Any], default_ttl: float) -> None:
+        ttls = [rr.ttl for rr in answers]
+        ttl = min(min(ttls) if ttls else default_ttl, CACHE_TTL)
+        if ttl <= 0:
+            return
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = (self._now() + ttl, value)
 
     def hosts_for(self, domain: str) -> Deferred:
         """Deferred firing with the ordered ``Host`` list; addresses filled in."""
@@ -159,18 +185,21 @@ class Resolver:
         literal = literal_address(domain)
         if literal is not None:
             return [Host(domain, (literal,), 0)]
-        try:
-            answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
-        except DNSNameError:
-            raise PermanentFailure(R_NO_DOMAIN) from None
-        except Exception as e:
-            self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
-            raise TemporaryFailure(R_DNS_TEMP) from None
-        records = [
-            (rr.payload.preference, _norm(rr.payload.name.name))
-            for rr in answers
-            if rr.type == dns.MX
-        ]
+        records = self._cached(("mx", domain))
+        if records is None:
+            try:
+                answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
+            except DNSNameError:
+                raise PermanentFailure(R_NO_DOMAIN) from None
+            except Exception as e:
+                self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
+                raise TemporaryFailure(R_DNS_TEMP) from None
+            records = [
+                (rr.payload.preference, _norm(rr.payload.name.name))
+                for rr in answers
+                if rr.type == dns.MX
+            ]
+            self._keep(("mx", domain), records, [rr for rr in answers if rr.type == dns.MX], NEGATIVE_TTL)
         implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
         resolved: list[Host] = []
@@ -211,6 +240,9 @@ class Resolver:
             return [name], False
         except ValueError:
             pass
+        cached = self._cached(("addr", name))
+        if cached is not None:
+            return list(cached), False
         results = await DeferredList(
             [
                 self.resolver.lookupAddress(name, DNS_TIMEOUT),
@@ -219,6 +251,7 @@ class Resolver:
             consumeErrors=True,
         )
         out: list[str] = []
+        used: list[Any] = []
         temporary = False
         for ok, value in results:
             if not ok:
@@ -227,6 +260,11 @@ class Resolver:
             for rr in value[0]:
                 if rr.type == dns.A:
                     out.append(rr.payload.dottedQuad())
+                    used.append(rr)
                 elif rr.type == dns.AAAA:
                     out.append(ipaddress.ip_address(rr.payload.address).compressed)
-        return list(dict.fromkeys(out)), temporary
+                    used.append(rr)
+        found = list(dict.fromkeys(out))
+        if found and not temporary:
+            self._keep(("addr", name), tuple(found), used, NEGATIVE_TTL)
+        return found, temporary

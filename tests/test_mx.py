@@ -185,3 +185,34 @@ class ResolverTests(SynchronousTestCase):
         r = self.resolver({})
         self.assertEqual(self.successResultOf(r.hosts_for("[192.0.2.5]")), [Host("[192.0.2.5]", ("192.0.2.5",), 0)])
         self.assertEqual(self.fake.queries, [])
+
+
+class CacheTests(SynchronousTestCase):
+    def test_answersCachedForTTL(self) -> None:
+        """A second lookup within the TTL asks no DNS; after it, DNS again; shuffling still happens."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        fake = FakeResolver({
+            ("d.test", dns.MX): [mx(10, "a.d.test"), mx(10, "b.d.test")],
+            ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+            ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+        })
+        r = Resolver(configmod.from_mapping({}), resolver=fake, rng=random.Random(0), reactor=clock)
+        orders = set()
+        for _ in range(10):
+            hosts = self.successResultOf(r.hosts_for("d.test"))
+            orders.add(tuple(h.name for h in hosts))
+        self.assertEqual(len(fake.queries), 5)  # MX, then A and AAAA of both hosts
+        self.assertEqual(len(orders), 2)
+        clock.advance(61)  # FakeResolver's records have a TTL of 60 s
+        self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(len(fake.queries), 10)
+
+    def test_failuresNotCached(self) -> None:
+        """A SERVFAIL is asked again next time."""
+        fake = FakeResolver({("d.test", dns.MX): DNSServerError})
+        r = Resolver(configmod.from_mapping({}), resolver=fake, rng=random.Random(0))
+        self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
+        self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
+        self.assertEqual(len(fake.queries), 2)
