@@ -26,7 +26,17 @@ States (RFC 1939 section 3): ``AUTHORIZATION`` -> (login and lock) ->
 ``TRANSACTION`` -> QUIT -> ``UPDATE`` (deletions) -> closed.  Anything else that
 ends the connection (drop, autologout, error) never enters UPDATE.
 
-This module does no file work itself: the mailbox runs through ``run_blocking``.
+Login policy: USER/PASS and AUTH PLAIN only under TLS (pop3s, or after STLS),
+or from loopback with ``auth.plaintext_on_loopback``; otherwise ``-ERR [AUTH]``
+(RFC 3206: authenticating "in violation of policy"), and CAPA then hides USER and
+SASL (RFC 2595 section 4).  Every failure goes to ``runtime.throttle``; its delay
+holds the ``-ERR [AUTH]`` reply (and the session's later commands) back, a locked
+out peer or account is refused before the password is checked.  Logs carry
+``peer`` and ``user``, never passwords or AUTH payloads.  The autologout timer is
+``pop3.idle_timeout`` (RFC 1939 section 3) on the runtime's clock.
+
+File work lives in ``pop3.mailbox`` and runs through ``run_blocking``, except
+the first RETR/TOP chunk (above).
 """
 
 from __future__ import annotations
