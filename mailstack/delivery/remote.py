@@ -161,6 +161,7 @@ class RemoteAgent:
         if not targets:
             return {r: _with(R_NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
         last: RemoteReply | None = None
+        spoken: RemoteReply | None = None  # the last failure a server actually replied with
         mail_refusals = 0
         answered = 0
         for name, ip in targets:
@@ -183,7 +184,10 @@ class RemoteAgent:
             if stage == "mail" and reply.permanent:
                 mail_refusals += 1
             last = _with(reply, name, ip)
+            if stage != "connect":
+                spoken = last
         assert last is not None
+        last = spoken or last  # "host said ..." is more use in a DSN than "connection refused"
         if answered and mail_refusals == answered:
             final: Reply = last  # every server refused the sender for good
         elif smarthost and last.code >= 500:

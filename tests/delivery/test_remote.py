@@ -111,6 +111,12 @@ class RemoteAgentTests(SynchronousTestCase):
             self.assertEqual(r.enhanced, "4.4.1")
         self.assertEqual(len(self.net.attempts), 2)
 
+    def test_serverReplyPreferredOverRefusal(self) -> None:
+        """Primary busy (421), backup refuses the connection: the recorded reply is the 421."""
+        self.sink("192.0.2.1", greeting=b"421 4.3.2 Too busy")
+        r = self.deliver()["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced, r.host), (421, "4.3.2", "mx1.remote.test"))
+
     def test_allGreetingsRefusedTemporary(self) -> None:
         """5xx greetings everywhere are retried later, not bounced."""
         self.sink("192.0.2.1", greeting=b"554 5.7.1 no")
