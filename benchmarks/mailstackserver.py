@@ -179,18 +179,31 @@ def fill_queue(queue_root: str, count: int, rcpt: str = "deferred@remote.test", 
     store = QueueStore(queue_root)
     store.recover()  # creates the folders
     now = time.time()
-    _, template = make_message("sender@bench.test", rcpt, size, msgid="<TEMPLATE>")
-    for i in range(count):
+    _, data = make_message("sender@bench.test", rcpt, size, msgid="<deferred@bench.test>")
+    # One message file, hard-linked under every id: committed messages are immutable,
+    # and start-up and `queue list` read envelopes only.
+    template = os.path.join(os.path.dirname(store.root), "deferred-template.eml")
+    with open(template, "wb") as f:
+        f.write(data)
+    # The envelope as the project encodes it, for a placeholder id; each entry is the
+    # same JSON with its own id (24 hex digits, so a plain substitution).
+    placeholder = "f" * 24
+    entry = QueueEntry(
+        id=placeholder, sender="sender@bench.test", arrival=now - 3600, size=len(data), peer="127.0.0.1",
+        recipients=[RecipientState(address=rcpt, original=rcpt, local=False, attempts=1,
+                                   next_attempt=now + 86400, last_reply="451 4.4.1 benchmark: deferred",
+                                   last_host="192.0.2.1")],
+    )
+    envelope = json.dumps(entry.to_json(), sort_keys=True, indent=1).encode()
+    assert QueueEntry.from_json(json.loads(envelope)).id == placeholder
+    ph = placeholder.encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for _ in range(count):
         qid = store.new_id()
-        data = template.replace(b"<TEMPLATE>", f"<q{i}.{qid}@bench.test>".encode())
-        with open(store.message_path(qid), "wb") as f:
-            f.write(data)
-        entry = QueueEntry(
-            id=qid, sender="sender@bench.test", arrival=now - 3600, size=len(data), peer="127.0.0.1",
-            recipients=[RecipientState(address=rcpt, original=rcpt, local=False, attempts=1,
-                                       next_attempt=now + 86400, last_reply="451 4.4.1 benchmark: deferred",
-                                       last_host="192.0.2.1")],
-        )
-        with open(store.envelope_path(qid), "wb") as f:
-            f.write(json.dumps(entry.to_json(), sort_keys=True, indent=1).encode())
+        os.link(template, store.message_path(qid))
+        fd = os.open(store.envelope_path(qid), flags, 0o600)
+        try:
+            os.write(fd, envelope.replace(ph, qid.encode()))
+        finally:
+            os.close(fd)
     return time.monotonic() - t0

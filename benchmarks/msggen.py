@@ -77,6 +77,21 @@ def fill_maildir(path: str, count: int, rcpt: str = "user@bench.test", uid: int 
     return total
 
 
+def link_maildir(src: str, dst: str) -> int:
+    """Hard-link every message of Maildir ``src``/new into ``dst``/new (same file system).
+
+    Maildir files are never changed in place, so two servers can start from the same
+    pre-generated files; a rename or unlink by one leaves the other's names alone.
+    """
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(dst, sub), exist_ok=True)
+    n = 0
+    for e in os.scandir(os.path.join(src, "new")):
+        os.link(e.path, os.path.join(dst, "new", e.name))
+        n += 1
+    return n
+
+
 def chown_tree(path: str, uid: int, gid: int) -> None:
     for dirpath, dirnames, filenames in os.walk(path):
         os.chown(dirpath, uid, gid)
