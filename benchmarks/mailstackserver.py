@@ -89,7 +89,7 @@ messages_per_hour = 0
         self.write_config()
         cmd = twistd_command() + ["--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "mailstack",
                                   "--config", self.config_path]
-        t0 = time.monotonic()
+        t0 = self.started_at = time.monotonic()
         with open(self.output_path, "ab") as out:
             self.process = subprocess.Popen(cmd, cwd=self.root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
