@@ -26,6 +26,30 @@ It costs one extra copy of each local message, which the page cache absorbs.
 Writes go to a buffered file in the reactor thread: they only reach the page
 cache.  Everything that waits for the disk (fsync, rename, directory fsync) runs
 through ``run_blocking``.
+
+Group commit
+------------
+A commit is ``QueueStore.prepare`` (the file fsyncs, one thread call per
+message, many in parallel) followed by ``QueueStore.publish`` (renames and the
+directory fsyncs).  Publishing goes through a ``GroupCommit``: one publish is in
+flight at a time, and every message prepared meanwhile joins the next one, so
+``msg/`` and ``env/`` are fsynced once per batch however many sessions are
+committing.  With no load a batch is a single message and nothing waits for a
+timer.  A failure of one message's own step fails that message only; a failed
+directory fsync fails the whole batch (each is answered 451/452, and nothing of
+it is left behind).  Each Deferred fires only after its batch is durable.
+
+Inline local delivery
+---------------------
+For a message whose recipients are all local, the same thread call that
+prepares the commit also writes each recipient's copy into its Maildir
+``tmp/`` (``LocalAgent.prepare_inline``); after the 250, a second
+``GroupCommit`` moves the copies of a whole batch into ``new/`` (one fsync per
+folder) and drops the queue entries (``LocalAgent.publish_inline``).  So the
+common case costs one thread call per message plus two per batch, instead of
+the manager's load / deliver / remove round trips, and the queue commit stays
+the one commit point.  Anything unusual (a remote recipient, a Maildir error)
+goes to the manager as before, via ``kick``.
 """
 
 from __future__ import annotations
@@ -117,9 +141,70 @@ def _fold(clauses: list[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+class GroupCommit:
+    """Run ``publish(items)`` in a thread for batches of items, one batch at a time.
+
+    ``submit(item)`` returns a Deferred that fires with the item's result once
+    its batch was published: ``publish`` returns one result per item, and an
+    exception instance as a result errbacks that item's Deferred with it; if
+    ``publish`` raises, every item of its batch fails with that error.
+    While a batch is in flight new items wait, and all of them form the next
+    batch: the batch size adapts to the load, with no timer.
+    """
+
+    def __init__(self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], *args: Any) -> None:
+        self._run_blocking = run_blocking
+        self._publish = publish
+        self._args = args
+        self._waiting: list[tuple[Any, Deferred]] = []
+        self._busy = False
+        self.batches = 0  # for tests and diagnostics
+
+    def submit(self, item: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append((item, d))
+        self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        self.batches += 1
+        try:
+            d = self._run_blocking(self._publish, [item for item, _ in batch], *self._args)
+        except Exception:
+            d = fail()
+        d.addBoth(self._done, batch)
+
+    def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
+        self._busy = False
+        self._next()  # start the next batch before running this one's callbacks
+        if isinstance(results, Failure):
+            for _, d in batch:
+                d.errback(results)
+            return
+        for (_, d), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)
+
+
+def _local_agent(kicker: Any) -> Any:
+    """The kicker's local delivery agent if it can deliver inline (the QueueManager's)."""
+    agent = getattr(kicker, "local", None)
+    return agent if callable(getattr(agent, "prepare_inline", None)) else None
+
+
 @implementer(IIntake)
 class Intake:
-    """Accepts messages into a QueueStore and kicks the queue manager."""
+    """Accepts messages into a QueueStore and kicks the queue manager.
+
+    ``local``: the LocalAgent for inline delivery; by default the kicker's
+    ``local`` attribute (the QueueManager's agent), if it has one.
+    """
 
     log = Logger()
 
@@ -130,19 +215,89 @@ class Intake:
         kicker: Any,
         run_blocking: Callable[..., Deferred],
         clock: Any,
+        local: Any = None,
     ) -> None:
         self._config = config
         self._store = store
         self._kicker = kicker
         self._run_blocking = run_blocking
         self._clock = clock
+        self._local = local if local is not None else _local_agent(kicker)
+        self._committer = GroupCommit(run_blocking, self._publish)
+        self._deliverer = GroupCommit(run_blocking, self._deliver)
 
     def begin(self, envelope: Envelope) -> "Incoming":
         """Open ``queue/tmp/<id>`` and write the Received: header into it."""
         return Incoming(self, envelope)
 
-    def _accepted(self, entry: QueueEntry) -> str:
-        """Log the accepted message and kick the manager; the commit is done."""
+    # -- the commit: prepare (one thread call per message), publish (per batch)
+
+    def _commit(self, entry: QueueEntry) -> Deferred:
+        """Fires with ``(entry, pending copies or None)`` once the entry is durable."""
+        local = self._local if self._local is not None and self._local.inline_ok(entry) else None
+        d = self._run_blocking(self._prepare, entry, local)
+        d.addCallback(self._committer.submit)
+        return d
+
+    def _prepare(self, entry: QueueEntry, local: Any) -> tuple[QueueEntry, Any]:
+        """Blocking: the entry's file fsyncs, and its Maildir copies if inline."""
+        self._store.prepare(entry)
+        pending = None
+        if local is not None:
+            pending = local.prepare_inline(entry, self._store.tmp_path(entry.id))
+        return entry, pending
+
+    def _publish(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:
+        """Blocking: publish a batch; per item the item itself, or its error.
+
+        The Maildir copies of an entry that failed are dropped.
+        """
+        errors = self._store.publish([entry for entry, _ in items])
+        for (_, pending), error in zip(items, errors):
+            if error is not None and pending:
+                for p in pending:
+                    self._local.discard_inline(p)
+        return [item if error is None else error for item, error in zip(items, errors)]
+
+    def _deliver(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:
+        """Blocking: inline delivery of a batch of committed entries."""
+        return self._local.publish_inline(items, self._clock.seconds())
+
+    def _run_inline(self, entry: QueueEntry, pending: list[Any]) -> None:
+        d = self._deliverer.submit((entry, pending))
+        d.addBoth(self._inline_done, entry)
+
+    def _inline_done(self, result: Any, entry: QueueEntry) -> None:
+        """One event per delivery; the manager takes over what is not settled."""
+        if isinstance(result, Failure):
+            self.log.failure("inline delivery of {queue_id} failed", result, queue_id=entry.id)
+            self._kick(entry.id)
+            return
+        errors, settled = result
+        delay = self._clock.seconds() - entry.arrival
+        for r, error in zip(entry.recipients, errors):
+            if error is None:
+                self.log.info(
+                    "{queue_id}: to=<{rcpt}> relay=local delay={delay:.3f} status=sent (250 2.0.0 Delivered)",
+                    queue_id=entry.id,
+                    rcpt=r.address,
+                    delay=delay,
+                    status="sent",
+                )
+            else:
+                self.log.error(
+                    "{queue_id}: to=<{rcpt}> relay=local status=deferred: {error}; the queue manager retries",
+                    queue_id=entry.id,
+                    rcpt=r.address,
+                    error=str(error),
+                    status="deferred",
+                )
+        if not settled:
+            self._kick(entry.id)
+
+    def _accepted(self, item: tuple[QueueEntry, Any]) -> str:
+        """Log the accepted message, then deliver it inline or kick the manager."""
+        entry, pending = item
         self.log.info(
             "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}",
             queue_id=entry.id,
@@ -152,14 +307,18 @@ class Intake:
             recipients=[r.address for r in entry.recipients],
             size=entry.size,
         )
-        try:
-            self._kicker.kick(entry.id)
-        except Exception:
-            # The message is safely queued; the next start (recover + scan) delivers it.
-            self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=entry.id)
+        if pending:
+            self._run_inline(entry, pending)
+        else:
+            self._kick(entry.id)
         return entry.id
 
-
+    def _kick(self, queue_id: str) -> None:
+        try:
+            self._kicker.kick(queue_id)
+        except Exception:
+            # The message is safely queued; the next start (recover + scan) delivers it.
+            self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=queue_id)
 @implementer(IIncoming)
 class Incoming:
     """One message being written to ``queue/tmp/<id>``.
@@ -208,11 +367,11 @@ class Incoming:
             error = self._error
             return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
         entry = self._entry()
-        d = self._intake._run_blocking(self._store.commit, entry)
-        # store.commit removes its own files when it fails; removing tmp/ again
-        # covers an unexpected error before it got that far.
+        d = self._intake._commit(entry)
+        # The store removes an entry's files when its commit fails; removing
+        # them again covers an unexpected error before it got that far.
         d.addCallbacks(
-            lambda _: self._intake._accepted(entry),
+            self._intake._accepted,
             lambda f: self._discarded().addCallback(lambda _: self._refuse(f)),
         )
         return d
@@ -281,8 +440,8 @@ class Incoming:
         return Failure(TemporaryFailure(reply))
 
     def _discarded(self) -> Deferred:
-        """Remove ``tmp/<id>`` in a thread; never errbacks (recover() is the backstop)."""
-        d = self._intake._run_blocking(fsutil.unlink_durable, self._store.tmp_path(self.queue_id), False)
+        """Remove this id's files in a thread; never errbacks (recover() is the backstop)."""
+        d = self._intake._run_blocking(self._store.discard, self.queue_id)
         d.addErrback(
             lambda f: self._intake.log.failure("removing {queue_id} failed", failure=f, queue_id=self.queue_id)
         )

@@ -8,6 +8,7 @@ import os
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -38,6 +39,29 @@ def local(address, original=None) -> Destination:
 
 def remote(address) -> Destination:
     return Destination(address, address, False)
+
+
+class ManualThreads:
+    """A run_blocking that queues calls until the test runs them, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, f, *args, **kwargs):
+        d = Deferred()
+        self.calls.append((f, args, kwargs, d))
+        return d
+
+    def names(self) -> list[str]:
+        return [f.__name__ for f, _, _, _ in self.calls]
+
+    def run_one(self, index: int = 0) -> None:
+        f, args, kwargs, d = self.calls.pop(index)
+        maybeDeferred(f, *args, **kwargs).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.calls:
+            self.run_one()
 
 
 class Kicker:
@@ -212,43 +236,31 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_commitRunsInThread(self) -> None:
-        """The commit goes through run_blocking; nothing is acknowledged before it fires."""
-        calls = []
-
-        def deferred_blocking(f, *args):
-            d = Deferred()
-            calls.append((f, args, d))
-            return d
-
-        intake = Intake(self.config, self.store, self.kicker, deferred_blocking, self.clock)
+        """The commit goes through run_blocking (prepare, then publish); nothing is acknowledged before both fire."""
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
         self.assertNoResult(d)
-        self.assertEqual(self.kicker.kicked, [])
-        f, args, pending = calls[0]
-        self.assertEqual(f, self.store.commit)
-        pending.callback(f(*args))
+        self.assertEqual(threads.names(), ["_prepare"])
+        threads.run_one()
+        self.assertNoResult(d)
+        self.assertEqual(threads.names(), ["_publish"])
+        self.assertEqual(list(self.store.scan()), [])
+        threads.run_one()
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.kicker.kicked, [incoming.queue_id])
 
     def test_abortAfterFinishIsIgnored(self) -> None:
         """A client that disconnects while the commit runs does not undo the commit."""
-        calls = []
-
-        def deferred_blocking(f, *args):
-            d = Deferred()
-            calls.append((f, args, d))
-            return d
-
-        intake = Intake(self.config, self.store, self.kicker, deferred_blocking, self.clock)
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
         incoming.abort()
-        self.assertEqual(len(calls), 1)
-        f, args, pending = calls[0]
-        pending.callback(f(*args))
+        threads.run_all()
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.store.load(incoming.queue_id).id, incoming.queue_id)
 
@@ -350,9 +362,292 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
         def broken(entry):
             raise RuntimeError("bug")
 
-        self.patch(self.store, "commit", broken)
+        self.patch(self.store, "publish", broken)
         incoming, d = self.send(envelope(), MESSAGE)
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual(failure.value.reply.code, 451)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+
+class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
+    """Commits that arrive while a publish is in flight share the next one."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.threads = ManualThreads()
+        self.intake = Intake(self.config, self.store, self.kicker, self.threads, self.clock)
+
+    def start(self, n: int) -> list:
+        out = []
+        for i in range(n):
+            incoming = self.intake.begin(envelope())
+            incoming.write(MESSAGE + bytes([i]))
+            out.append((incoming, incoming.finish()))
+        return out
+
+    def test_batchesShareDirectoryFsyncs(self) -> None:
+        """One message publishes alone; the four prepared meanwhile share one publish (one fsync of msg/ and env/)."""
+        sent = self.start(5)
+        self.assertEqual(self.threads.names(), ["_prepare"] * 5)
+        self.threads.run_one()  # first prepare: its publish starts at once
+        self.assertEqual(self.threads.names(), ["_prepare"] * 4 + ["_publish"])
+        for _ in range(4):
+            self.threads.run_one()  # the others are prepared while the first publish is in flight
+        self.assertEqual(self.threads.names(), ["_publish"])
+        self.threads.run_one()
+        self.assertNoResult(sent[1][1])
+        self.assertEqual(self.successResultOf(sent[0][1]), sent[0][0].queue_id)
+        self.assertEqual(self.threads.names(), ["_publish"])  # the other four, together
+        faults = Faults(self)
+        self.threads.run_one()
+        faults.restore()
+        self.assertEqual(faults.calls, ["_rename"] * 4 + ["_open", "_fsync"] + ["_rename"] * 4 + ["_open", "_fsync"])
+        self.assertEqual([self.successResultOf(d) for _, d in sent[1:]], [i.queue_id for i, _ in sent[1:]])
+        self.assertEqual(self.intake._committer.batches, 2)
+        self.assertEqual(len(list(self.store.scan())), 5)
+
+    def test_nothingAcknowledgedBeforeItsBatchIsDurable(self) -> None:
+        """A prepared message is not acknowledged, nor visible to scan(), until its batch publish returns."""
+        sent = self.start(2)
+        self.threads.run_one()
+        self.threads.run_one()  # second prepare, waits for the first publish
+        for _, d in sent:
+            self.assertNoResult(d)
+        self.assertEqual(list(self.store.scan()), [])
+        self.threads.run_all()
+        self.assertEqual(len([self.successResultOf(d) for _, d in sent]), 2)
+
+    def test_directoryFsyncFailureFailsOnlyThatBatch(self) -> None:
+        """A failed fsync of env/ fails every message of that batch with 451 (nothing left); the next batch commits."""
+        sent = self.start(3)
+        self.threads.run_one()
+        self.threads.run_one()
+        self.threads.run_one()
+        self.threads.run_one()  # the first batch (message 0) publishes fine
+        self.assertEqual(self.threads.names(), ["_publish"])
+        faults = Faults(self, fail_at=8)  # 2 renames, open+fsync msg/, 2 renames, open, fsync env/
+        self.threads.run_one()
+        self.assertEqual(faults.calls[7], "_fsync")
+        faults.restore()
+        self.threads.run_all()
+        self.successResultOf(sent[0][1])
+        for _, d in sent[1:]:
+            self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
+        self.assertEqual([e.id for e in self.store.scan()], [sent[0][0].queue_id])
+        self.assertEqual(self.queue_files()["msg"], [sent[0][0].queue_id])
+        self.assertEqual(self.queue_files()["tmp"], [])
+        after = self.start(1)
+        self.threads.run_all()
+        self.successResultOf(after[0][1])
+
+    def test_oneMessageFailureFailsOnlyThatMessage(self) -> None:
+        """A rename failure of one message in a batch refuses that message only."""
+        sent = self.start(3)
+        self.threads.run_one()
+        self.threads.run_one()
+        self.threads.run_one()
+        self.threads.run_one()  # message 0 alone
+        faults = Faults(self, fail_at=1)  # first rename of the second batch
+        self.threads.run_one()
+        faults.restore()
+        self.threads.run_all()  # the refused message's clean-up
+        self.successResultOf(sent[0][1])
+        self.failureResultOf(sent[1][1], TemporaryFailure)
+        self.successResultOf(sent[2][1])
+        self.assertEqual(sorted(e.id for e in self.store.scan()), sorted([sent[0][0].queue_id, sent[2][0].queue_id]))
+
+    def test_publishBugFailsTheBatch(self) -> None:
+        """An unexpected exception in publish refuses every message of the batch with 451, logged."""
+
+        def broken(entries):
+            raise RuntimeError("bug")
+
+        self.patch(self.store, "publish", broken)
+        sent = self.start(2)
+        self.threads.run_all()
+        for _, d in sent:
+            self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+
+class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
+    """All-local messages go into the Maildirs right after the commit, without the manager."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from mailstack.delivery.local import LocalAgent
+        from mailstack.storage.maildir import MaildirStore
+
+        self.maildirs = MaildirStore(scratch_path(self), hostname="mx.example.org")
+        self.kicker.local = LocalAgent(self.maildirs, self.store, run_blocking)
+        self.intake = Intake(self.config, self.store, self.kicker, run_blocking, self.clock)
+        self.dave = parse_address("dave@example.org")
+
+    def mailbox(self, address) -> list[bytes]:
+        new = os.path.join(self.maildirs.path_for(address), "new")
+        out = []
+        for name in sorted(os.listdir(new)) if os.path.isdir(new) else []:
+            with open(os.path.join(new, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def test_localMessageDeliveredAndDequeued(self) -> None:
+        """The Maildir gets Return-Path, Delivered-To, Received and the bytes; the queue is empty; no kick."""
+        _, d = self.send(envelope(local(BOB), local(self.dave)), MESSAGE)
+        queue_id = self.successResultOf(d)
+        header = received_header(envelope(local(BOB), local(self.dave)), "mx.example.org", queue_id, NOW)
+        for address in ("bob@example.org", "dave@example.org"):
+            prefix = f"Return-Path: <alice@example.net>\r\nDelivered-To: {address}\r\n".encode()
+            self.assertEqual(self.mailbox(parse_address(address)), [prefix + header + MESSAGE])
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+        self.assertEqual(self.kicker.kicked, [])
+        self.assertEqual(os.listdir(os.path.join(self.maildirs.path_for(BOB), "tmp")), [])
+
+    def test_copiesAppearOnlyAfterTheCommit(self) -> None:
+        """No copy is in new/ before the queue commit is durable; the 250 comes before the Maildir publish."""
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        incoming = intake.begin(envelope())
+        incoming.write(MESSAGE)
+        d = incoming.finish()
+        threads.run_one()  # prepare: queue files and the Maildir copy, fsynced
+        self.assertEqual(self.mailbox(BOB), [])
+        threads.run_one()  # publish: committed
+        self.assertEqual(self.successResultOf(d), incoming.queue_id)
+        self.assertEqual(self.mailbox(BOB), [])
+        self.assertEqual(threads.names(), ["_deliver"])
+        self.assertEqual([e.id for e in self.store.scan()], [incoming.queue_id])
+        threads.run_one()
+        self.assertEqual(len(self.mailbox(BOB)), 1)
+        self.assertEqual(list(self.store.scan()), [])
+
+    def test_deliveriesShareOneFsyncPerMaildir(self) -> None:
+        """The copies of messages committed together land with one fsync per new/ folder."""
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        sent = []
+        for i in range(4):
+            incoming = intake.begin(envelope(local(BOB if i % 2 else self.dave)))
+            incoming.write(MESSAGE)
+            sent.append(incoming.finish())
+        for _ in range(4):
+            threads.run_one(threads.names().index("_prepare"))
+        while "_publish" in threads.names():
+            threads.run_one(threads.names().index("_publish"))
+        # Message 0 (dave) was committed alone and is being delivered alone;
+        # the other three were committed together and wait for that delivery.
+        self.assertEqual(threads.names(), ["_deliver"])
+        threads.run_one()
+        self.assertEqual(threads.names(), ["_deliver"])
+        faults = Faults(self)
+        threads.run_all()
+        faults.restore()
+        self.assertEqual(faults.calls.count("_rename"), 3)
+        self.assertEqual(faults.calls.count("_fsync"), 2)  # new/ of bob and of dave, nothing for the removals
+        self.assertEqual(faults.calls.count("_unlink"), 6)  # envelope and message of each entry
+        self.assertEqual((len(self.mailbox(BOB)), len(self.mailbox(self.dave))), (2, 2))
+        self.assertEqual(list(self.store.scan()), [])
+
+    def test_mixedMessageGoesToTheManager(self) -> None:
+        """A message with a remote recipient is queued and kicked, not delivered inline."""
+        _, d = self.send(envelope(local(BOB), remote(CAROL)), MESSAGE)
+        queue_id = self.successResultOf(d)
+        self.assertEqual(self.kicker.kicked, [queue_id])
+        self.assertEqual(self.mailbox(BOB), [])
+        self.assertEqual([e.id for e in self.store.scan()], [queue_id])
+
+    def test_maildirWriteFailureStillAccepted(self) -> None:
+        """If a copy cannot be written, the message is still accepted and queued whole; the manager is kicked."""
+        real = self.maildirs.prepare
+        calls = []
+
+        def failing(address, source, prefix=b""):
+            calls.append(address)
+            if address == "dave@example.org":
+                raise OSError(errno.ENOSPC, "full")
+            return real(address, source, prefix)
+
+        self.patch(self.maildirs, "prepare", failing)
+        _, d = self.send(envelope(local(BOB), local(self.dave)), MESSAGE)
+        queue_id = self.successResultOf(d)
+        self.assertEqual(self.kicker.kicked, [queue_id])
+        entry = self.store.load(queue_id)
+        self.assertEqual([r.status for r in entry.recipients], ["pending", "pending"])
+        self.assertEqual(self.mailbox(BOB), [])  # bob's copy was taken back: the manager delivers both
+        self.assertEqual(os.listdir(os.path.join(self.maildirs.path_for(BOB), "tmp")), [])
+
+    def test_partialPublishFailureSavesDeliveredRecipients(self) -> None:
+        """If one copy cannot be moved into new/, the delivered recipient is saved as delivered and the manager kicked."""
+        self.maildirs.deliver(BOB, [b"x"])
+        self.maildirs.deliver(self.dave, [b"x"])
+        real = self.maildirs.publish
+
+        def failing(pending):
+            bad = [p for p in pending if "dave" in p.new_dir]
+            for p in bad:
+                os.unlink(p.tmp_path)  # the rename will fail with ENOENT
+            return real(pending)
+
+        self.patch(self.maildirs, "publish", failing)
+        with capturedLogs() as events:
+            _, d = self.send(envelope(local(BOB), local(self.dave)), MESSAGE)
+            queue_id = self.successResultOf(d)
+        self.assertEqual(self.kicker.kicked, [queue_id])
+        entry = self.store.load(queue_id)
+        self.assertEqual([(r.address, r.status) for r in entry.recipients],
+                         [("bob@example.org", "delivered"), ("dave@example.org", "pending")])
+        self.assertEqual(len(self.mailbox(BOB)), 2)
+        statuses = [(e["rcpt"], e["status"]) for e in events if e.get("queue_id") == queue_id and "rcpt" in e]
+        self.assertEqual(statuses, [("bob@example.org", "sent"), ("dave@example.org", "deferred")])
+
+    def test_oneLogEventPerDelivery(self) -> None:
+        """Acceptance logs one event, and each inline delivery one more (queue id, recipient, result)."""
+        with capturedLogs() as events:
+            _, d = self.send(envelope(local(BOB), local(self.dave)), MESSAGE)
+            queue_id = self.successResultOf(d)
+        mine = [e for e in events if e.get("queue_id") == queue_id]
+        self.assertEqual(len(mine), 3)
+        self.assertEqual(sorted(e["rcpt"] for e in mine[1:]), ["bob@example.org", "dave@example.org"])
+        self.assertEqual({e["status"] for e in mine[1:]}, {"sent"})
+
+    def test_faultAtEveryStep(self) -> None:
+        """An I/O error at any step: refused (451, no copy anywhere, nothing queued) or accepted (delivered, or queued and kicked)."""
+        outcomes = set()
+        k = 0
+        while True:
+            k += 1
+            store = QueueStore(scratch_path(self))
+            store.recover()
+            maildirs = type(self.maildirs)(scratch_path(self), hostname="mx.example.org")
+            kicker = Kicker()
+            from mailstack.delivery.local import LocalAgent
+
+            kicker.local = LocalAgent(maildirs, store, run_blocking)
+            intake = Intake(self.config, store, kicker, run_blocking, self.clock)
+            incoming = intake.begin(envelope())
+            incoming.write(MESSAGE)
+            faults = Faults(self, fail_at=k)
+            d = incoming.finish()
+            faults.restore()
+            if k > len(faults.calls):
+                break
+            box = maildirs.path_for(BOB)
+            new = sorted(os.listdir(os.path.join(box, "new"))) if os.path.isdir(os.path.join(box, "new")) else []
+            tmp = sorted(os.listdir(os.path.join(box, "tmp"))) if os.path.isdir(os.path.join(box, "tmp")) else []
+            queued = [e.id for e in store.scan()]
+            if isinstance(d.result, Failure):
+                self.failureResultOf(d, TemporaryFailure)
+                self.assertEqual((new, tmp, queued, kicker.kicked), ([], [], [], []), f"step {k}")
+                outcomes.add("refused")
+            elif queued:
+                self.assertEqual(queued, [incoming.queue_id], f"step {k}")
+                self.assertEqual(kicker.kicked, queued, f"step {k}")
+                self.assertLessEqual(len(new), 1, f"step {k}")
+                outcomes.add("queued")
+            else:
+                self.assertEqual(len(new), 1, f"step {k}")
+                outcomes.add("delivered")
+        self.flushLoggedErrors()
+        self.assertEqual(outcomes, {"refused", "queued", "delivered"})

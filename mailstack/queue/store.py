@@ -178,7 +178,7 @@ class QueueStore:
             finally:
                 os.close(fd)
         except BaseException:
-            self._discard(entry.id)
+            self.discard(entry.id)
             raise
 
     def publish(self, entries: list[QueueEntry]) -> list[BaseException | None]:
@@ -210,11 +210,14 @@ class QueueStore:
         step(lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), self._dirs[ENV])
         for entry, error in zip(entries, errors):
             if error is not None:
-                self._discard(entry.id)
+                self.discard(entry.id)
         return errors
 
-    def _discard(self, queue_id: str) -> None:
-        """Remove every file of ``queue_id``, envelope first; best effort."""
+    def discard(self, queue_id: str) -> None:
+        """Remove every file of an entry that is not (or no longer) accepted, envelope first.
+
+        Best effort and without fsyncs: ``recover()`` removes whatever a crash keeps.
+        """
         paths = (
             self.envelope_path(queue_id),
             self.env_tmp_path(queue_id),
