@@ -130,7 +130,9 @@ class SMTPServer(Protocol):
         self._out: list[bytes] = []
         self._discarding = False  # dropping the rest of an overlong command line
         self._blocked = False  # a command is waiting on a Deferred or a delay
-        self._paused = False
+        self._paused = False  # reading paused: a command is blocked and input piles up
+        self._write_full = False  # reading paused: the transport's write buffer is full
+        self._reading_paused = False
         self._timer: Any = None
         self._delayed: Any = None
         self._draining = False
@@ -172,9 +174,34 @@ class SMTPServer(Protocol):
                 set_nodelay(True)
             except Exception:  # not a TCP socket (tests, TLS wrappers over pipes)
                 pass
+        # Back-pressure on output: a client that pipelines commands and never reads
+        # the replies would otherwise grow our write buffer without bound.  As a
+        # streaming producer, the transport tells us when its buffer is full and
+        # we stop reading until it drains.
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(self, True)
         self._reply(R.banner(self.config.hostname))
         self._flush()
         self._arm_timer()
+
+    # IPushProducer, for the transport (see connectionMade).
+    def pauseProducing(self) -> None:
+        self._write_full = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_full = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _update_reading(self) -> None:
+        want = self._paused or self._write_full
+        if want != self._reading_paused and self.mode != _CLOSED:
+            self._reading_paused = want
+            (self.transport.pauseProducing if want else self.transport.resumeProducing)()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         was = self.mode
@@ -245,7 +272,7 @@ class SMTPServer(Protocol):
         self._process()
         if self._blocked and not self._paused and len(self._buf) > _PAUSE_AT:
             self._paused = True
-            self.transport.pauseProducing()
+            self._update_reading()
         self._flush()
         self._arm_timer()
 
@@ -255,7 +282,7 @@ class SMTPServer(Protocol):
             return
         if self._paused and not self._blocked:
             self._paused = False
-            self.transport.resumeProducing()
+            self._update_reading()
         self._process()
         self._flush()
         self._arm_timer()
