@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import poplib
 import socket
+import threading
 import time
 
 import pytest
@@ -262,3 +263,53 @@ class _RawFrom(RawSMTP):
         self.sock = connect_from(ip, port)
         self.f = self.sock.makefile("rb")
         self.banner = self.reply()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def test_pipelinedFloodWithoutReading(server) -> None:
+    """A client that pipelines NOOPs for seconds and never reads the replies does not grow the
+    server's memory (it stops reading when its write buffer is full); when the client finally
+    reads, every NOOP has its 250 in order and the session still answers QUIT."""
+    pid = server.process.pid
+    before = _rss_mib(pid)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.bind(("127.0.8.1", 0))
+    c.connect(("127.0.0.1", server.ports["smtp"]))
+    c.settimeout(0.2)
+    chunk = b"NOOP\r\n" * 10000
+    sent = 0
+    t0 = time.monotonic()
+    halfway = None
+    while time.monotonic() - t0 < 3:  # well within command_timeout: a slow reader is dropped after it
+        if halfway is None and time.monotonic() - t0 > 1.5:
+            halfway = sent
+        try:
+            sent += c.send(chunk)
+        except socket.timeout:
+            pass
+    grown = _rss_mib(pid) - before
+    # Once the socket buffers are full the server stops reading: nothing more gets through.
+    assert sent - halfway < 100_000, f"the server kept reading: {sent - halfway} bytes in the last 1.5 s"
+    assert grown < 25, f"server RSS grew by {grown:.1f} MiB"
+    c.settimeout(30)
+    lines: list[bytes] = []
+    f = c.makefile("rb")
+    reader = threading.Thread(target=lambda: lines.extend(iter(f.readline, b"")), daemon=True)
+    reader.start()
+    if sent % 6:
+        c.sendall(b"NOOP\r\n"[sent % 6 :])
+    noops = -(-sent // 6)
+    c.sendall(b"QUIT\r\n")
+    reader.join(60)
+    assert lines[0].startswith(b"220")
+    assert lines[1:-1] == [b"250 2.0.0 Ok\r\n"] * noops
+    assert lines[-1].startswith(b"221 2.0.0")
+    c.close()
