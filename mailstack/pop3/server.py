@@ -69,7 +69,8 @@ MAX_COMMAND_LINE = 255  # RFC 2449 section 4, CRLF included
 MAX_AUTH_LINE = 2048  # AUTH PLAIN with initial response, SASL responses
 MAX_ERRORS = 20
 CHUNK = 64 * 1024  # read size for RETR/TOP
-PAUSE_INPUT_AT = 64 * 1024  # unprocessed pipelined input before we stop reading
+PAUSE_INPUT_AT = 64 * 1024
+CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is aborted  # unprocessed pipelined input before we stop reading
 
 
 def _is_loopback(host: str) -> bool:
@@ -204,6 +205,7 @@ class POP3Server(Protocol):
         self._sasl_pending = False  # waiting for the AUTH PLAIN response line
         self._idle_call: Any = None
         self._delayed: Any = None  # a slowed failure reply
+        self._abort_call: Any = None  # hard close if a polite one does not finish
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
 
@@ -236,10 +238,10 @@ class POP3Server(Protocol):
         self._closed = True
         self._lost = True
         self.factory.release(self)
-        for call in (self._idle_call, self._delayed):
+        for call in (self._idle_call, self._delayed, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
-        self._idle_call = self._delayed = None
+        self._idle_call = self._delayed = self._abort_call = None
         if self.maildrop is not None:
             # RFC 1939 section 6: no QUIT, no UPDATE: nothing is deleted.
             if self.state == TRANSACTION and not was_closed:
@@ -252,9 +254,20 @@ class POP3Server(Protocol):
             drop.close()
 
     def _close(self) -> None:
+        """End the session from our side: no command will run any more."""
         self._flush()
         self._closed = True
+        if self.maildrop is not None:
+            # Release the mailbox now, not at connectionLost: a TLS close waits
+            # for the client's close_notify, which a stuck client never sends.
+            self._release_maildrop()
         self.transport.loseConnection()
+        self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            self.transport.abortConnection()
 
     def shutdown(self) -> None:
         """Server stopping: end the session now unless a command is in progress

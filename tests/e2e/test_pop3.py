@@ -278,3 +278,37 @@ def test_lockHeldByAnotherProcess(popserver):
     pop = stls_session(popserver)
     assert pop.stat()[0] == 1
     pop.quit()
+
+
+def test_autologoutAndSTLSInjection(tmp_path):
+    """With pop3.idle_timeout = "1s" an idle session is closed with -ERR and its DELE
+    is not carried out; a command pipelined in the clear after STLS is discarded."""
+    server = Server(tmp_path, extra_toml='[pop3]\nidle_timeout = "1s"\n')
+    try:
+        server.start()
+        assert server.admin("user", "add", USER, "--password-stdin", input=PASSWORD + "\n").returncode == 0
+        deliver(server, MESSAGES[0])
+
+        raw = socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=10)
+        assert raw.recv(100).startswith(b"+OK")
+        raw.sendall(b"STLS\r\nUSER injected@localhost\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            reply += raw.recv(1)
+        assert reply == b"+OK Begin TLS negotiation\r\n"
+        tls = tls_context().wrap_socket(raw)
+        tls.sendall(b"PASS anything\r\n")
+        assert tls.recv(200).startswith(b"-ERR Send USER first")  # the USER was dropped
+        tls.close()
+
+        pop = stls_session(server)
+        pop.dele(1)
+        time.sleep(2.5)
+        with pytest.raises((poplib.error_proto, OSError, EOFError)):
+            pop.stat()
+        pop = login_retrying(server)
+        assert pop.stat()[0] == 1
+        pop.quit()
+        server.stop()
+    finally:
+        server.kill()

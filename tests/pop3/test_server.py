@@ -713,6 +713,17 @@ class IdleTests(Base):
         self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
         self.assertIn(b"+OK Logged in, 1 messages", self.login(self.connect()))
 
+    def test_autologoutReleasesLockAtOnce(self) -> None:
+        """The mailbox is free as soon as the server hangs up, even if the client
+        never completes the close; after CLOSE_GRACE the connection is aborted."""
+        proto = self.session()
+        self.clock.advance(600)
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertIn(b"+OK Logged in", self.login(self.connect()))
+        self.assertFalse(proto.transport.aborted)
+        self.clock.advance(server.CLOSE_GRACE)
+        self.assertTrue(proto.transport.aborted)
+
     def test_timerCancelledOnClose(self) -> None:
         """No timer is left behind after the connection is gone."""
         proto = self.connect()
