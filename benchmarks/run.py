@@ -19,7 +19,7 @@ Workloads (issue 7), ~4 KB messages, one per connection:
 * relay: 10 sessions inject mail for an alias that forwards to a remote address;
   msg/s until the sink has received the last one (Message-IDs checked there);
 * POP3: USER/PASS, STAT, UIDL, RETR + DELE of all N (5000), QUIT: seconds;
-* POP3: USER/PASS, STAT, UIDL, QUIT on a 50,000-message Maildir, warm (best of 3);
+* POP3: USER/PASS, STAT, UIDL, QUIT on a 50,000-message Maildir, warm (best of 5);
 * memory: PSS at 50 sessions (from the 50-session run);
 * one 30 MB message: the server's RSS growth while it receives and delivers it;
 * 100,000 deferred messages in mailstack's queue: start-up time to listening,
