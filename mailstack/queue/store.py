@@ -230,9 +230,15 @@ class QueueStore:
             except OSError:
                 pass
 
-    def save(self, entry: QueueEntry) -> None:
-        """Durably replace the envelope of a committed entry (new attempt state)."""
-        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
+    def save(self, entry: QueueEntry, durable: bool = True) -> None:
+        """Replace the envelope of a committed entry (new attempt state).
+
+        ``durable=False`` fsyncs the new envelope but not ``env/`` after the
+        rename (one fsync instead of two): a crash may bring back the previous,
+        complete envelope, never a partial one.  For saves whose loss only means
+        an earlier retry (the queue manager's save before connecting out).
+        """
+        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry), sync_dir=durable)
 
     def remove(self, queue_id: str, sync: bool = True) -> bool:
         """Drop an entry: envelope first, then the message.
@@ -286,13 +292,18 @@ class QueueStore:
 
     # -- start-up -----------------------------------------------------------
 
-    def recover(self) -> Recovery:
+    def recover(self, read_envelopes: bool = True) -> Recovery:
         """Bring the directory to a consistent state after a crash.
 
         Call once at start, before any mail is accepted: it empties ``tmp/``,
         removes stale envelope temporaries, deletes messages without an envelope
         (their commit never finished, so they were never acknowledged) and moves
         envelopes without a message, or unreadable ones, to ``corrupt/``.
+
+        ``read_envelopes=False`` only lists the directories (fast with a large
+        queue): envelopes without a message are found by comparing the listings,
+        and unreadable envelopes are left for ``scan()``/``load()``, which move
+        them aside when they meet them.
         """
         for path in self._dirs.values():
             fsutil.ensure_dir(path)
@@ -312,13 +323,19 @@ class QueueStore:
                 orphans_removed += 1
 
         corrupt = []
-        for queue_id in sorted(envelopes):
-            try:
-                self.load(queue_id)
-            except CorruptEntry:
-                corrupt.append(queue_id)
-                continue
-            if not os.path.exists(self.message_path(queue_id)):
+        if read_envelopes:
+            for queue_id in sorted(envelopes):
+                try:
+                    self.load(queue_id)
+                except CorruptEntry:
+                    corrupt.append(queue_id)
+                    continue
+                if not os.path.exists(self.message_path(queue_id)):
+                    self._move_to_corrupt(queue_id)
+                    corrupt.append(queue_id)
+        else:
+            messages = set(os.listdir(self._dirs[MSG]))
+            for queue_id in sorted(envelopes - messages):
                 self._move_to_corrupt(queue_id)
                 corrupt.append(queue_id)
         for name in (TMP, MSG, ENV):
