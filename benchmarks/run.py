@@ -572,6 +572,8 @@ class Run:
             self.pop_workloads(t, res, lambda u, n: self.fill_from_seed(ms.maildir(u), u, n))
         else:
             res["pop3_download"] = res["pop3_uidl"] = na("mailstack POP3 listener not available yet")
+        if ms.pop3_enabled:
+            self.profile_pop3(t, ms)
         self.queue_workload(ms, res)
         rc = ms.stop()
         self.results["meta"]["mailstack_exit"] = rc
@@ -636,6 +638,30 @@ class Run:
             res[key] = na(f"{type(e).__name__}: {e}")
         log(f"  -> {res[key]}")
 
+    def record_profile(self, name: str, svg: str, seconds) -> None:
+        prof = hotspots(os.path.splitext(svg)[0] + ".txt")
+        prof.update({"svg": svg, "rate_hz": 200, "seconds": seconds})
+        self.results["profile"][name] = prof
+
+    def profile_pop3(self, t: Target, ms: Mailstack) -> None:
+        """An extra, unmeasured POP3 download of 1000 messages under py-spy (after the
+        measured runs, so sampling does not slow them)."""
+        if not (self.a.profile and ms.pid and self.selected("pop3_download")):
+            return
+        log("mailstack: profiling a POP3 download (not measured)")
+        try:
+            self.fill_from_seed(ms.maildir(POP_USER), POP_USER, self.n_pop)
+            svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-pop3-download.svg")
+            prof = start_profile(svg, ms.pid)
+            t0 = time.monotonic()
+            pop3client.full_download("127.0.0.1", t.pop3_port, POP_USER, PASSWORD)
+            el = time.monotonic() - t0
+            if prof:
+                stop_profile(prof)
+                self.record_profile("pop3_download", svg, round(el, 2))
+        except Exception as e:  # noqa: BLE001
+            log(f"  POP3 profile failed: {e}")
+
     def smtp_workloads(self, t: Target, res: dict, ms: Mailstack | None = None):
         self.guarded(res, "accept10", accept_workload, t, self.n, 10)
         svg = None
@@ -644,9 +670,7 @@ class Run:
             svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-accept50.svg")
         self.guarded(res, "accept50", accept_workload, t, self.n, 50, svg, ms.pid if ms else None)
         if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
-            self.results["profile"] = hotspots(os.path.splitext(svg)[0] + ".txt")
-            self.results["profile"]["svg"] = svg
-            self.results["profile"]["rate_hz"] = 200
+            self.record_profile("accept50", svg, res.get("accept50", {}).get("seconds"))
         a50 = res.get("accept50", {})
         res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
         self.guarded(res, "relay10", relay_workload, t, self.n, 10, self.sink_port, self.work)
@@ -781,6 +805,13 @@ class Run:
             else:
                 for key, *_ in ROWS:
                     self.results["mailstack"].setdefault(key, na("--skip-mailstack"))
+        except KeyboardInterrupt:
+            # SIGTERM/^C: stop the servers, then still print what was measured.
+            log("interrupted: reporting what was measured so far")
+            self.results["meta"]["interrupted"] = True
+            for side in ("reference", "mailstack"):
+                for key, *_ in ROWS:
+                    self.results[side].setdefault(key, na("interrupted"))
         finally:
             for c in reversed(self.cleanups):
                 try:
@@ -794,7 +825,9 @@ class Run:
         if self.a.keep:
             log(f"kept {self.work}")
             return
-        # rm -rf is much faster than shutil.rmtree on the 300k files of a full run.
+        # rm -rf is much faster than shutil.rmtree on the 300k files of a full run;
+        # a second SIGTERM must not leave half a folder behind.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         subprocess.run(["rm", "-rf", "--one-file-system", self.work], stdin=subprocess.DEVNULL)
         shutil.rmtree(self.work, ignore_errors=True)
 
@@ -837,7 +870,7 @@ def main(argv=None) -> int:
                    help="put the 100k-message queue on /dev/shm (bounded set-up time on a busy disk)")
     p.add_argument("--quick", action="store_true", help="tens of messages; skip 50k/100k/30 MB workloads")
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("--profile", metavar="DIR", help="py-spy profile of mailstack during the 50-session run")
+    p.add_argument("--profile", metavar="DIR", help="py-spy profiles of mailstack: during the 50-session run, and an extra POP3 download")
     p.add_argument("--workdir", default=None, help="parent of the temp folder (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, configs)")
     p.add_argument("--skip-reference", action="store_true")
@@ -864,12 +897,9 @@ def report(results: dict, a) -> None:
     print(f"{results['meta']['messages']} messages of ~4 KB per SMTP workload, one per connection; "
           f"POP3 download of {results['meta']['pop_messages']}; run took {results['meta']['seconds']} s\n")
     print(text)
-    prof = results["profile"]
-    if prof:
-        a50 = results["mailstack"].get("accept50", {})
-        secs = a50.get("seconds") or 0
-        print(f"\nmailstack profile (py-spy, {prof['rate_hz']} Hz, non-idle samples) during the 50-session "
-              f"accept run ({secs} s); flame graph: {prof['svg']}")
+    for name, prof in results["profile"].items():
+        secs = prof.get("seconds") or 0
+        print(f"\nmailstack profile, {name} (py-spy, {prof['rate_hz']} Hz, non-idle samples, {secs} s): {prof['svg']}")
         for group in ("reactor", "pool", "all"):
             g = prof.get(group)
             if not g:
