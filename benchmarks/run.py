@@ -237,18 +237,20 @@ def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) 
 
 
 def pop3_download(t: Target, user: str) -> dict:
-    r = pop3client.full_download("127.0.0.1", t.pop3_port, user, PASSWORD)
+    with procmem.Sampler(t.pop3_roots, 0.25) as mem:
+        r = pop3client.full_download("127.0.0.1", t.pop3_port, user, PASSWORD)
     login = pop3_login_time(t, user)
     return {"value": round(r["seconds"], 3), "unit": "s", "messages": r["messages"], "bytes": r["bytes"],
-            "login_s": login}
+            "login_s": login, "pss_mb": round(mem.max_pss / 1e6, 1)}
 
 
 def pop3_uidl(t: Target, user: str, runs: int = 5) -> dict:
     first = pop3client.stat_uidl("127.0.0.1", t.pop3_port, user, PASSWORD)  # warm-up (index, cache)
-    times = [pop3client.stat_uidl("127.0.0.1", t.pop3_port, user, PASSWORD)["seconds"] for _ in range(runs)]
+    with procmem.Sampler(t.pop3_roots, 0.25) as mem:
+        times = [pop3client.stat_uidl("127.0.0.1", t.pop3_port, user, PASSWORD)["seconds"] for _ in range(runs)]
     return {"value": round(min(times), 3), "unit": "s", "messages": first["messages"],
             "cold_s": round(first["seconds"], 3), "runs_s": [round(x, 3) for x in times],
-            "login_s": pop3_login_time(t, user)}
+            "login_s": pop3_login_time(t, user), "pss_mb": round(mem.max_pss / 1e6, 1)}
 
 
 def pop3_login_time(t: Target, user: str) -> float:
