@@ -133,6 +133,7 @@ class SMTPServer(Protocol):
         self._paused = False  # reading paused: a command is blocked and input piles up
         self._write_full = False  # reading paused: the transport's write buffer is full
         self._reading_paused = False
+        self._handshaking = False  # TLS handshake in progress: ignore write-side pauses
         self._timer: Any = None
         self._delayed: Any = None
         self._draining = False
@@ -177,7 +178,8 @@ class SMTPServer(Protocol):
         # Back-pressure on output: a client that pipelines commands and never reads
         # the replies would otherwise grow our write buffer without bound.  As a
         # streaming producer, the transport tells us when its buffer is full and
-        # we stop reading until it drains.
+        # we stop reading until it drains (but see _handshaking).
+        self._handshaking = self.tls
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
             register(self, True)
@@ -187,6 +189,12 @@ class SMTPServer(Protocol):
 
     # IPushProducer, for the transport (see connectionMade).
     def pauseProducing(self) -> None:
+        if self._handshaking:
+            # Twisted's TLS layer buffers what we write until its handshake is
+            # done and pauses its producer meanwhile; stopping our reads then
+            # would starve the handshake itself (deadlock).  The client sends
+            # nothing of ours before the handshake, so there is nothing to hold.
+            return
         self._write_full = True
         self._update_reading()
 
@@ -268,6 +276,7 @@ class SMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.mode == _CLOSED:
             return
+        self._handshaking = False  # application data: any TLS handshake is over
         self._buf += data
         self._process()
         if self._blocked and not self._paused and len(self._buf) > _PAUSE_AT:
@@ -553,6 +562,7 @@ class SMTPServer(Protocol):
             )
         self._buf, self._pos = b"", 0
         self._discarding = False
+        self._handshaking = True
         self.transport.startTLS(context)
         # RFC 3207 section 4.2: forget everything learnt before TLS.
         self._reset_session()

@@ -841,3 +841,33 @@ class SplitPropertyTests(SynchronousTestCase):
         self.assertEqual(out, expected)
         self.assertEqual([m.data for m in split.intake.committed], [m.data for m in whole.intake.committed])
         self.assertEqual(whole.intake.committed[0].data, content)
+
+
+class TLSHandshakeBackPressureTests(SynchronousTestCase):
+    def test_pauseDuringHandshakeDoesNotStopReading(self) -> None:
+        """Twisted's TLS layer pauses its producer while it buffers our writes before the handshake;
+        that must not make the session stop reading (the handshake needs the reads).  After the first
+        application data, a full write buffer pauses reading again."""
+        from .support import ImplicitTLSTransport
+
+        class HandshakingTransport(ImplicitTLSTransport):
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                if self.producer is not None:
+                    self.producer.pauseProducing()  # buffered until the handshake completes
+
+        transport = HandshakingTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        session = Session(kind="submissions", transport=transport)
+        self.assertIs(transport.producer, session.proto)
+        self.assertEqual(transport.producerState, "producing")
+        session.proto.resumeProducing()
+        session.send(b"EHLO client.test\r\n")
+        self.assertEqual(transport.producerState, "paused")  # now a real full buffer
+
+    def test_startTLSHandshakeDoesNotStopReading(self) -> None:
+        """The same after STARTTLS on the submission listener."""
+        session = Session(kind="submission")
+        session.send(b"EHLO client.test\r\n")
+        session.send(b"STARTTLS\r\n")
+        session.proto.pauseProducing()
+        self.assertEqual(session.transport.producerState, "producing")
