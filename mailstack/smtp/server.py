@@ -222,6 +222,11 @@ class SMTPServer(Protocol):
             # Connection lost mid-DATA: nothing was acknowledged, discard it.
             self._abort_incoming()
         self.factory._unregister(self)
+        if self.messages and not self.errors:
+            # A clean session: each of its messages was logged on acceptance
+            # (intake: queue id, peer, user, sender, recipients, size).  One
+            # event less per connection on the hot path.
+            return
         self.log.info(
             "smtp session ended peer={peer} user={user} messages={messages} errors={errors}",
             peer=self.peer,
@@ -865,7 +870,6 @@ class SMTPServer(Protocol):
             self._reset_transaction()
             self._reply(reply, error="DATA")
             return
-        envelope, size = self._envelope, decoder.size
         d = maybeDeferred(incoming.finish)
 
         def done(result: Any) -> None:
@@ -886,15 +890,7 @@ class SMTPServer(Protocol):
             self.messages += 1
             if self.user:
                 self.factory.shared.rate.record(self.user)
-            self.log.info(
-                "smtp accepted {queue_id} from {sender} for {recipients} size={size} peer={peer} user={user}",
-                queue_id=queue_id,
-                sender=str(envelope.sender) if envelope.sender else "",
-                recipients=[str(r.address) for r in envelope.recipients],
-                size=size,
-                peer=self.peer,
-                user=self.user,
-            )
+            # The intake logged the acceptance (one event per message, issue 3).
             # The only 250 after DATA: from the commit's callback (style.md 7).
             self._reply(R.queued(queue_id))
 
