@@ -394,7 +394,17 @@ def _fsync_file(path: str) -> None:
 
 
 def _encode(entry: QueueEntry) -> bytes:
-    return json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True, indent=1).encode("utf-8")
+    """The envelope file's bytes: ``entry.to_json()`` as compact UTF-8 JSON.
+
+    Built without ``dataclasses.asdict`` (a deep copy) and without ``indent``
+    (which forces the pure-Python encoder): this runs once per accepted message
+    and was ~5% of the server's Python time.  Same JSON value as ``to_json()``.
+    """
+    data = dict(vars(entry))
+    data["recipients"] = [
+        dict(vars(r), history=[dict(h) for h in r.history]) for r in entry.recipients
+    ]
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def _decode(queue_id: str, data: bytes) -> QueueEntry:

@@ -443,3 +443,16 @@ class ImportTests(SynchronousTestCase):
         code = "import sys, mailstack.queue.store; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         self.assertEqual(out.strip(), "[]")
+
+
+class EncodingTests(StoreTestMixin, SynchronousTestCase):
+    def test_envelopeEqualsToJson(self) -> None:
+        """The fast envelope encoder writes exactly the JSON value of QueueEntry.to_json(), history included."""
+        from mailstack.queue.store import _encode
+
+        entry = make_entry(self.store.new_id())
+        entry.recipients[0].history.append({"time": 1.5, "host": "mx[192.0.2.9]", "reply": "451 4.4.1 later"})
+        entry.recipients[1].status = DELIVERED
+        entry.delay_warned = True
+        self.assertEqual(json.loads(_encode(entry).decode("utf-8")), entry.to_json())
+        self.assertEqual(QueueEntry.from_json(json.loads(_encode(entry))), entry)
