@@ -5,9 +5,10 @@
 
 Sets up, in a temp folder on loopback high ports: a counting SMTP sink; private
 Postfix (``postfix -c``) and Dovecot (``dovecot -c``) instances; then a private
-mailstack (``twistd -n mailstack``).  The reference servers run their workloads
-first and are stopped before mailstack starts, so the servers never compete for
-the CPU.  Everything is torn down on exit, failures included.  Needs root for the
+mailstack (``twistd -n mailstack``).  All servers stay up (idle when not under
+test) and each workload runs against the reference and then against mailstack,
+back to back, so that the load of a shared machine drifts little within a pair;
+only one server is ever under load.  Everything is torn down on exit, failures included.  Needs root for the
 reference servers; without Postfix/Dovecot (or root) their side shows ``n/a``.
 
 Workloads (issue 7), ~4 KB messages, one per connection:
@@ -109,6 +110,13 @@ class Target:
         self.smtp_roots = smtp_roots
         self.pop3_roots = pop3_roots
         self.maildir = maildir
+
+
+class Side:
+    """One server under test in a run: its results, target and Maildir filler."""
+
+    def __init__(self, name, res, t, fill, ms=None, pop3=True):
+        self.name, self.res, self.t, self.fill, self.ms, self.pop3 = name, res, t, fill, ms, pop3
 
 
 # -- workloads ----------------------------------------------------------------------
@@ -517,68 +525,102 @@ class Run:
 
     # reference ----------------------------------------------------------------
 
-    def run_reference(self):
+    def setup_reference(self):
+        """Start private Postfix and Dovecot; a Side, or None (their rows say why)."""
         res = self.results["reference"]
         ok, why = refservers.available()
         if not ok or self.a.skip_reference:
-            why = why or "--skip-reference"
-            for key, *_ in ROWS:
-                if key not in ("fsync1", "fsync16"):
-                    res[key] = na(why)
-            return
+            self.mark_side(res, why or "--skip-reference")
+            return None
         pop_users = {u: PASSWORD for u in [POP_USER, BIG_USER] + USERS}
         pf = refservers.Postfix(self.work, USERS + [BIG30_USER], self.sink_port, ALIASES)
         dv = refservers.Dovecot(self.work, pop_users, pf.mailbase)
         self.cleanups.append(pf.stop)
         self.cleanups.append(dv.stop)
         log("starting Postfix and Dovecot")
-        pf.start()
-        dv.start()
+        try:
+            pf.start()
+            dv.start()
+        except Exception as e:  # noqa: BLE001
+            log(f"reference servers did not start: {e}")
+            self.mark_side(res, f"reference setup failed: {e}")
+            return None
         self.results["meta"]["postfix_log"] = pf.log
-        t = Target("reference", pf.port, dv.port, pf.roots, dv.roots, pf.maildir)
-        self.smtp_workloads(t, res)
-        log("Postfix: waiting for an empty queue")
-        deadline = time.time() + 60
-        while not pf.queue_empty() and time.time() < deadline:
-            time.sleep(0.1)
-        self.pop_workloads(t, res, lambda u, n: self.fill_from_seed(pf.maildir(u), u, n, refservers.VUID))
         for k in ("queue_start", "queue_rss", "queue_list"):
             res[k] = na("mailstack only")
-        pf.stop()
-        dv.stop()
+        t = Target("reference", pf.port, dv.port, pf.roots, dv.roots, pf.maildir)
+        return Side("reference", res, t, lambda u, n: self.fill_from_seed(pf.maildir(u), u, n, refservers.VUID),
+                    pop3=True)
 
-    # mailstack ----------------------------------------------------------------
-
-    def run_mailstack(self):
+    def setup_mailstack(self):
+        """Start mailstack and add the users; a Side, or None (its rows say why)."""
         res = self.results["mailstack"]
+        if self.a.skip_mailstack:
+            self.mark_side(res, "--skip-mailstack")
+            return None
         ms = Mailstack(self.work, self.sink_port)
         self.cleanups.append(ms.kill)
         log("starting mailstack")
         try:
             self.start_mailstack(ms)
         except Exception as e:  # noqa: BLE001 - any failure: the whole side is n/a
-            for key, *_ in ROWS:
-                if key not in ("fsync1", "fsync16"):
-                    res[key] = na(f"mailstack did not start: {e}")
-            return
+            self.mark_side(res, f"mailstack did not start: {e}")
+            return None
         try:
             self.setup_mailstack_users(ms)
         except Exception as e:  # noqa: BLE001
-            for key, *_ in ROWS:
-                if key not in ("fsync1", "fsync16"):
-                    res[key] = na(f"admin command failed: {e}")
-            return
+            self.mark_side(res, f"admin command failed: {e}")
+            return None
         t = Target("mailstack", ms.ports["smtp"], ms.ports["pop3"], ms.roots, ms.roots, ms.maildir)
-        self.smtp_workloads(t, res, ms)
-        if ms.pop3_enabled:
-            self.pop_workloads(t, res, lambda u, n: self.fill_from_seed(ms.maildir(u), u, n))
-        else:
-            res["pop3_download"] = res["pop3_uidl"] = na("mailstack POP3 listener not available yet")
-        if ms.pop3_enabled:
-            self.profile_pop3(t, ms)
-        self.queue_workload(ms, res)
-        rc = ms.stop()
-        self.results["meta"]["mailstack_exit"] = rc
+        return Side("mailstack", res, t, lambda u, n: self.fill_from_seed(ms.maildir(u), u, n), ms=ms,
+                    pop3=ms.pop3_enabled)
+
+    @staticmethod
+    def mark_side(res: dict, why: str) -> None:
+        for key, *_ in ROWS:
+            if not key.startswith("fsync"):
+                res.setdefault(key, na(why))
+
+    def run_workloads(self, sides: list) -> None:
+        """Each workload against every server back to back (reference first), so that
+        the load of this shared machine drifts as little as possible within a pair."""
+        for side in sides:
+            self.guarded(side.res, "accept10", accept_workload, side.t, self.n, 10)
+        for side in sides:
+            svg = None
+            if side.ms is not None and self.a.profile:
+                os.makedirs(self.a.profile, exist_ok=True)
+                svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-accept50.svg")
+            self.guarded(side.res, "accept50", accept_workload, side.t, self.n, 50, svg,
+                         side.ms.pid if side.ms else None)
+            if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
+                self.record_profile("accept50", svg, side.res.get("accept50", {}).get("seconds"))
+            a50 = side.res.get("accept50", {})
+            side.res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
+        for side in sides:
+            self.guarded(side.res, "relay10", relay_workload, side.t, self.n, 10, self.sink_port, self.work)
+        for side in sides:
+            if self.quick:
+                side.res["big30"] = na("skipped (--quick)")
+            else:
+                self.guarded(side.res, "big30", big_message, side.t, 30 * 1024 * 1024)
+        for side in sides:
+            if not side.pop3:
+                side.res["pop3_download"] = na("mailstack POP3 listener not available yet")
+            elif not self.selected("pop3_download"):
+                side.res["pop3_download"] = na("not selected (--workloads)")
+            else:
+                self._pop_download(side.t, side.res, side.fill)
+        for side in sides:
+            if not side.pop3:
+                side.res["pop3_uidl"] = na("mailstack POP3 listener not available yet")
+            else:
+                self._pop_uidl(side.t, side.res, side.fill)
+        for side in sides:
+            if side.ms is not None:
+                if side.pop3:
+                    self.profile_pop3(side.t, side.ms)
+                self.queue_workload(side.ms, side.res)
 
     def start_mailstack(self, ms: Mailstack):
         try:
@@ -664,23 +706,6 @@ class Run:
         except Exception as e:  # noqa: BLE001
             log(f"  POP3 profile failed: {e}")
 
-    def smtp_workloads(self, t: Target, res: dict, ms: Mailstack | None = None):
-        self.guarded(res, "accept10", accept_workload, t, self.n, 10)
-        svg = None
-        if ms is not None and self.a.profile:
-            os.makedirs(self.a.profile, exist_ok=True)
-            svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-accept50.svg")
-        self.guarded(res, "accept50", accept_workload, t, self.n, 50, svg, ms.pid if ms else None)
-        if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
-            self.record_profile("accept50", svg, res.get("accept50", {}).get("seconds"))
-        a50 = res.get("accept50", {})
-        res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
-        self.guarded(res, "relay10", relay_workload, t, self.n, 10, self.sink_port, self.work)
-        if self.quick:
-            res["big30"] = na("skipped (--quick)")
-        else:
-            self.guarded(res, "big30", big_message, t, 30 * 1024 * 1024)
-
     def fill_from_seed(self, maildir: str, user: str, n: int, uid: int | None = None) -> None:
         """Give ``maildir`` the same n pre-generated messages as the other server got.
 
@@ -695,13 +720,6 @@ class Run:
         msggen.link_maildir(seed, maildir)
         if uid is not None:
             msggen.chown_tree(maildir, uid, uid)
-
-    def pop_workloads(self, t: Target, res: dict, fill):
-        if not self.selected("pop3_download"):
-            res["pop3_download"] = na("not selected (--workloads)")
-        else:
-            self._pop_download(t, res, fill)
-        self._pop_uidl(t, res, fill)
 
     def _pop_download(self, t: Target, res: dict, fill):
         try:
@@ -795,18 +813,11 @@ class Run:
             secs = 0.5 if self.quick else 2.0
             self.guarded(self.results["reference"], "fsync1", fsync_ceiling, self.work, 1, secs)
             self.guarded(self.results["reference"], "fsync16", fsync_ceiling, self.work, 16, secs)
-            try:
-                self.run_reference()
-            except Exception as e:  # noqa: BLE001
-                log(f"reference side failed: {e}")
-                traceback.print_exc()
-                for key, *_ in ROWS:
-                    self.results["reference"].setdefault(key, na(f"reference setup failed: {e}"))
-            if not self.a.skip_mailstack:
-                self.run_mailstack()
-            else:
-                for key, *_ in ROWS:
-                    self.results["mailstack"].setdefault(key, na("--skip-mailstack"))
+            sides = [side for side in (self.setup_reference(), self.setup_mailstack()) if side is not None]
+            self.run_workloads(sides)
+            for side in sides:
+                if side.ms is not None:
+                    self.results["meta"]["mailstack_exit"] = side.ms.stop()
         except KeyboardInterrupt:
             # SIGTERM/^C: stop the servers, then still print what was measured.
             log("interrupted: reporting what was measured so far")
