@@ -70,6 +70,7 @@ MAX_AUTH_LINE = 2048  # AUTH PLAIN with initial response, SASL responses
 MAX_ERRORS = 20
 CHUNK = 64 * 1024  # read size for RETR/TOP
 PAUSE_INPUT_AT = 64 * 1024
+FLUSH_AT = 64 * 1024  # replies of one read are written in one go up to this size
 CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is aborted  # unprocessed pipelined input before we stop reading
 
 
@@ -100,6 +101,7 @@ class _MessageSender:
         self._reading = False
         self._finished = False
         self._in_next = False
+        self.chunks = 0  # read so far (progress, for the autologout timer)
         self.done: defer.Deferred[None] = defer.Deferred()
 
     def start(self) -> "defer.Deferred[None]":
@@ -128,6 +130,7 @@ class _MessageSender:
             self._transport.write(self._encoder.end())
             self._finish(None)
             return
+        self.chunks += 1
         out = self._encoder.feed(data)
         if self._encoder.done:
             self._transport.write(out + self._encoder.end())
@@ -195,17 +198,22 @@ class POP3Server(Protocol):
         self._buf = bytearray()
         self._discarding = False  # skipping the rest of an overlong line
         self._out: list[bytes] = []
+        self._out_size = 0
         self._busy = False
         self._processing = False
         self._closed = False
         self._lost = False
         self._input_paused = False
+        self._write_full = False  # the transport's write buffer is full (we are its producer)
+        self._registered = False  # we are the transport's registered producer
         self._errors = 0
         self._user_arg: bytes | None = None  # after USER, before PASS
         self._sasl_pending = False  # waiting for the AUTH PLAIN response line
         self._idle_call: Any = None
         self._delayed: Any = None  # a slowed failure reply
         self._abort_call: Any = None  # hard close if a polite one does not finish
+        self._sender: _MessageSender | None = None  # a RETR/TOP being streamed
+        self._idle_chunks = -1  # the sender's progress when the idle timer last fired
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
 
@@ -219,8 +227,41 @@ class POP3Server(Protocol):
             self._closed = True
             self.transport.loseConnection()
             return
+        # Back-pressure on output: pipelined commands whose responses the client
+        # never reads must not grow our write buffer without bound, so the session
+        # is the transport's producer and stops reading while the buffer is full
+        # (except while a _MessageSender streams a message: it is the producer then).
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self.transport.write(R.GREETING)
         self._reset_idle()
+
+    # IPushProducer, for the transport (see connectionMade).
+    def pauseProducing(self) -> None:
+        self._write_full = True
+        self._throttle_input()
+
+    def resumeProducing(self) -> None:
+        self._write_full = False
+        self._throttle_input()
+        if not self._busy and not self._processing and not self._closed:
+            self._process()  # commands that arrived while the client was not reading
+            self._flush()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _produce_again(self, result: Any) -> Any:
+        """A _MessageSender finished (and unregistered): be the transport's producer again.
+
+        After a failure the connection is being dropped (``_stream_failed``)."""
+        self._sender = None
+        if not isinstance(result, Failure) and not self._lost:
+            self._write_full = False
+            self.transport.registerProducer(self, True)
+            self._registered = True
+            self._throttle_input()
+        return result
 
     def _tcp_nodelay(self) -> None:
         t = self.transport
@@ -261,6 +302,11 @@ class POP3Server(Protocol):
             # Release the mailbox now, not at connectionLost: a TLS close waits
             # for the client's close_notify, which a stuck client never sends.
             self._release_maildrop()
+        if self._registered:
+            # A paused producer would keep a closing TCP transport waiting for
+            # it instead of closing once the buffer is written.
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
 
@@ -289,13 +335,31 @@ class POP3Server(Protocol):
 
     def _idle_expired(self) -> None:
         self._idle_call = None
-        if self._busy:  # we are the slow side (a long RETR): not the client's idle time
+        if self._busy:
+            sender = self._sender
+            if sender is not None and sender.chunks == self._idle_chunks:
+                # A RETR/TOP made no progress for a whole idle period: the client
+                # stopped reading.  Do not let it hold the mailbox forever.
+                self._stalled()
+                return
+            # Otherwise we are the slow side (a long RETR, a slow password
+            # check): not the client's idle time.
+            self._idle_chunks = sender.chunks if sender is not None else -1
             self._reset_idle()
+            return
+        if self._write_full:
+            self._stalled()  # replies wait for a client that does not read them
             return
         self.log.info("POP3 autologout of {peer} ({user})", peer=self.peer, user=self.user)
         # RFC 1939 section 3: the session ends without entering UPDATE.
         self._send(R.AUTOLOGOUT)
         self._close()
+
+    def _stalled(self) -> None:
+        self.log.info("POP3 client {peer} ({user}) stopped reading; aborting", peer=self.peer, user=self.user)
+        self._closed = True
+        self._release_maildrop()
+        self.transport.abortConnection()
 
     # -- input -------------------------------------------------------------
 
@@ -313,7 +377,7 @@ class POP3Server(Protocol):
         self._processing = True
         try:
             buf = self._buf
-            while not self._busy and not self._closed:
+            while not (self._busy or self._closed or self._write_full):
                 i = buf.find(b"\n")
                 if self._discarding:
                     if i < 0:
@@ -333,13 +397,23 @@ class POP3Server(Protocol):
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 self._line(line)
+                if self._out_size > FLUSH_AT:
+                    # Big answers (LIST/UIDL of a large mailbox, pipelined): hand
+                    # them over now; a full transport buffer then calls
+                    # pauseProducing and the loop stops until resumeProducing.
+                    self._flush()
         finally:
             self._processing = False
         self._throttle_input()
 
     def _throttle_input(self) -> None:
-        # Pipelined input waiting behind a slow command is bounded.
-        want_pause = self._busy and len(self._buf) > PAUSE_INPUT_AT
+        # Pipelined input waiting behind a slow command, or behind replies the
+        # client does not read, is bounded.  Reading is not stopped merely
+        # because the write buffer is full: under TLS the handshake itself
+        # needs reads while writes wait (TLSMemoryBIOProtocol pauses its
+        # producer until then), so only a flood of unprocessed input stops it.
+        # A client that stops reading altogether meets the autologout timer.
+        want_pause = (self._busy or self._write_full) and len(self._buf) > PAUSE_INPUT_AT
         if want_pause != self._input_paused and not self._closed:
             self._input_paused = want_pause
             (self.transport.pauseProducing if want_pause else self.transport.resumeProducing)()
@@ -425,11 +499,13 @@ class POP3Server(Protocol):
 
     def _send(self, data: bytes) -> None:
         self._out.append(data)
+        self._out_size += len(data)
 
     def _flush(self) -> None:
         if self._out:
             data = b"".join(self._out)
             self._out = []
+            self._out_size = 0
             if not self._lost:
                 self.transport.write(data)
 
@@ -766,8 +842,12 @@ class POP3Server(Protocol):
                 return None
             self._send(header + first)
             self._flush()
-            sender = _MessageSender(self.transport, fileobj, encoder, self.run_blocking)
-            return sender.start().addErrback(self._stream_failed, i + 1)
+            sender = self._sender = _MessageSender(self.transport, fileobj, encoder, self.run_blocking)
+            self._idle_chunks = -1
+            self.transport.unregisterProducer()
+            self._registered = False
+            self._write_full = False
+            return sender.start().addBoth(self._produce_again).addErrback(self._stream_failed, i + 1)
 
         def failed(f: Failure) -> None:
             if f.check(MessageGone):

@@ -466,7 +466,7 @@ class TransactionTests(Base):
         proto = self.session()
         t = proto.transport
         out = self.talk(proto, b"RETR 4", b"NOOP")
-        self.assertIsNone(t.producer)
+        self.assertIs(t.producer, proto)  # the session is the producer again
         self.assertEqual(out, R.retr_header(mailbox.wire_size_of([body])) + mailbox.encode_message(body) + R.NOOP)
         self.assertGreater(len(t.writes), 3)
 
@@ -481,7 +481,7 @@ class TransactionTests(Base):
 
         def write(data: bytes) -> None:
             orig_write(data)
-            if t.producer is not None and not paused:
+            if isinstance(t.producer, server._MessageSender) and not paused:
                 paused.append(True)
                 t.producer.pauseProducing()
 
@@ -490,7 +490,7 @@ class TransactionTests(Base):
         self.assertIsNotNone(t.producer)
         self.assertLess(len(t.value()), server.CHUNK * 3)
         t.producer.resumeProducing()
-        self.assertIsNone(t.producer)
+        self.assertIs(t.producer, proto)  # the session is the producer again
         self.assertTrue(t.value().endswith(b"\r\n.\r\n" + R.NOOP))
 
     def test_dropDuringStream(self) -> None:
@@ -724,6 +724,57 @@ class IdleTests(Base):
         self.clock.advance(server.CLOSE_GRACE)
         self.assertTrue(proto.transport.aborted)
 
+    def test_stalledRetrAborted(self) -> None:
+        """A client that stops reading in the middle of a RETR is aborted after a whole
+        idle period without progress, and its lock is released; a slow one is not."""
+        write_message(self.maildir, b"x" * (server.CHUNK * 4))
+        proto = self.session()
+        t = proto.transport
+        t.write = lambda data, orig=t.write: (
+            orig(data), isinstance(t.producer, server._MessageSender) and t.producer.pauseProducing())
+        self.talk(proto, b"RETR 1")
+        self.assertIsInstance(t.producer, server._MessageSender)
+        self.clock.advance(600)
+        t.producer.resumeProducing()  # some progress: the client is slow, not gone
+        self.clock.advance(600)
+        self.assertFalse(t.aborted)
+        self.clock.advance(600)
+        self.assertTrue(t.aborted)
+        self.assertIn(b"+OK Logged in", self.login(self.connect()))
+
+    def test_unreadRepliesBounded(self) -> None:
+        """Pipelined commands whose replies the client does not read stop being
+        processed once the transport's buffer is full, and resume when it drains;
+        only a flood of unprocessed input stops reading."""
+        for i in range(500):
+            write_message(self.maildir, b"m\n", when=1700000000 + i)
+        proto = self.session()
+        t = proto.transport
+        real_write = t.write
+        t.write = lambda data: (real_write(data), proto.pauseProducing())  # buffer "full" at once
+        t.clear()
+        proto.dataReceived(b"UIDL\r\n" * 100)
+        first = len(t.value())
+        self.assertLess(first, 4 * server.FLUSH_AT)
+        self.assertEqual(t.producerState, "producing")  # small input: reading goes on
+        flood = server.PAUSE_INPUT_AT // 6 + 1
+        proto.dataReceived(b"NOOP\r\n" * flood)
+        self.assertEqual(t.producerState, "paused")  # a flood of unprocessed input: not any more
+        self.assertEqual(len(t.value()), first)
+        t.write = real_write
+        proto.resumeProducing()
+        self.assertEqual(t.value().count(R.UIDL_HEADER), 100)
+        self.assertEqual(t.value().count(R.NOOP), flood)
+        self.assertEqual(t.producerState, "producing")
+
+    def test_unreadRepliesAutologout(self) -> None:
+        """A client that leaves replies unread for a whole idle period is aborted."""
+        proto = self.session()
+        proto.pauseProducing()
+        self.clock.advance(600)
+        self.assertTrue(proto.transport.aborted)
+        self.assertIsNone(proto.maildrop)
+
     def test_timerCancelledOnClose(self) -> None:
         """No timer is left behind after the connection is gone."""
         proto = self.connect()
@@ -846,7 +897,7 @@ class AsyncBlockingTests(Base):
         self.assertTrue(self.pending)  # the rest of the file is read in the pool
         self.run_all()
         self.assertEqual(t.value(), R.retr_header(size) + mailbox.encode_message(body) + R.NOOP)
-        self.assertIsNone(t.producer)
+        self.assertIs(t.producer, proto)  # the session is the producer again
 
     def test_quitWaitsForDeletion(self) -> None:
         """QUIT answers only after the deletions ran in the pool."""
