@@ -15,7 +15,12 @@ replies.  So this is a small ``Protocol`` with its own line buffer:
 * Commands are handled one at a time in order.  A command whose work is
   asynchronous (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the queue until it
   is done, so pipelined replies (RFC 2449 section 6.6) come out in order.
-* All replies produced by one read go out in one ``transport.write``.
+* All replies produced by one read go out in one ``transport.write`` (up to
+  ``FLUSH_AT``).  The session is the transport's push producer: while the
+  client leaves replies unread (buffer full) no further command is processed,
+  and reading stops once ``PAUSE_INPUT_AT`` of input waits; a client that reads
+  nothing for a whole ``pop3.idle_timeout`` (also in the middle of a RETR) is
+  aborted and its mailbox lock released.
 * RETR/TOP read the first 64 KiB on the reactor thread (an open and a read
   from the page cache are cheaper than a thread hop); the rest of a large
   message streams through ``_MessageSender``, a push producer reading 64 KiB
