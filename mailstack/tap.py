@@ -69,6 +69,10 @@ def makeService(options: Options) -> Any:
 
     tls, users, aliases = options.parts
     service = make_service(options.config, reactor, tls, users, aliases)
-    # After the reactor installed its own handlers (during startup).
+    # Now: twistd starts the services (the listeners accept) before the reactor
+    # runs and installs any handler, and a SIGTERM in that window would kill the
+    # process by the signal; the stop it queues runs as soon as the reactor does.
+    install_sigterm(reactor)
+    # Again after the reactor installed its own handlers (during startup).
     reactor.callWhenRunning(install_sigterm, reactor)
     return service
