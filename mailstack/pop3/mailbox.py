@@ -3,11 +3,14 @@
 
 Everything here blocks (directory listings, reads, fsync) and has no Twisted
 import: ``pop3/server.py`` calls it through ``run_blocking``, except
-``WireEncoder`` which is pure.
+``WireEncoder`` (pure) and the first 64 KiB read of a RETR/TOP
+(``read_start(..., relocate=False)``: one open and one read).
 
 Snapshot (RFC 1939 section 3, AUTHORIZATION -> TRANSACTION)
     ``Maildrop.open(path)`` takes the session lock, moves ``new/X`` to
-    ``cur/X:2,`` as every Maildir reader does, and lists ``cur/``.  The list is
+    ``cur/X:2,`` as every Maildir reader does (a plain ``os.rename`` plus
+    ``fsutil.fsync_dir`` of both folders: fsutil has no rename helper, and a
+    lost rename only leaves the message in ``new/``), and lists ``cur/``.  The list is
     fixed for the session: message numbers never change, messages arriving later
     are seen by the next session.
 
@@ -31,7 +34,7 @@ Sizes (RFC 1939 sections 5 and 11)
 
 Index (``<maildir>/mailstack-pop3-index.json``)
     Like Dovecot's ``dovecot-uidlist``: a cache so that login, STAT, LIST and UIDL
-    on a large mailbox never stat or read old messages.  UTF-8 JSON::
+    on a large mailbox never stat or read old messages.  ASCII JSON::
 
         {"version": 1, "cur_mtime_ns": <int or null>, "plain_uidls": <bool>,
          "names": ["<unique name>", ...], "sizes": [<size>, ...],
@@ -40,15 +43,18 @@ Index (``<maildir>/mailstack-pop3-index.json``)
     in first-seen order (which is the order of message numbers); flat arrays
     because that is what ``json`` parses fastest.  A file is ``cur/<name><info>``
     and ``infos`` lists only those whose info is not ``:2,``.  ``plain_uidls``
-    says every name is its own UIDL, so nothing is scanned at login.  As Dovecot does, when ``new/``
-    is empty and ``cur/``'s mtime equals ``cur_mtime_ns`` the folder is not even
-    listed; that mtime is recorded only when it is over 2 s old (an older change
-    in the same clock tick could otherwise hide), else null.  Only names
-    not in the index are read to compute their size.  Maildir file contents never
-    change, so an entry stays right for as long as the name exists; entries
-    whose message is gone are dropped.  Written with ``fsutil.write_atomic`` only
-    while holding the session lock and only when it changed.  A missing or
-    unreadable index is rebuilt (it is a cache, nothing is lost).
+    says every name is its own UIDL, so nothing is scanned at login.
+
+    As Dovecot does, when nothing came from ``new/`` and ``cur/``'s mtime equals
+    ``cur_mtime_ns``, ``cur/`` is not even listed.  That mtime is recorded only
+    when it is over 2 s old (``RACY_NS``; a change within the same clock tick
+    as the recorded one could otherwise go unseen), else null; it is taken
+    before the listing, so a change during the listing forces the next one.
+    Otherwise only names not in the index are read to compute their size.
+    Maildir file contents never change, so an entry stays right for as long as
+    the name exists; entries whose message is gone are dropped.  Written with
+    ``fsutil.write_atomic`` only while holding the session lock and only when
+    it changed.  A missing or unreadable index is rebuilt (it is a cache).
 
 Lock (``<maildir>/mailstack-pop3.lock``)
     ``fsutil.locked(..., blocking=False)`` held from login to the end of the
