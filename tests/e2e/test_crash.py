@@ -186,3 +186,15 @@ def test_killDuringPop3Update(tmp_path) -> None:
         server.stop()
     finally:
         server.kill()
+
+
+def test_sigtermRightAfterStartIsGraceful(tmp_path) -> None:
+    """SIGTERM the moment the listeners accept (before twistd's reactor has started) is still a
+    graceful stop: exit status 0, never death by the signal.  Repeated, since it is a race."""
+    server = Server(tmp_path)
+    try:
+        for _ in range(6):
+            server.start()
+            server.stop()  # asserts exit status 0
+    finally:
+        server.kill()
