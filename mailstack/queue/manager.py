@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import json
 import os
 import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
@@ -47,7 +49,7 @@ from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IQueueKicker
 from mailstack.queue import schedule
-from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, RecipientState
+from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, PENDING, QueueEntry, RecipientState
 
 # Our own replies recorded in RecipientState.last_reply (never sent to a peer).
 R_NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result")
@@ -55,6 +57,7 @@ R_AGENT_ERROR = Reply(451, "4.3.0", "Local error in delivery")
 R_EXPIRED = Reply(451, "4.4.7", "Delivery time expired")
 
 MAX_HISTORY = 20  # attempts remembered per recipient for `queue show`
+SCAN_BATCH = 5000  # envelopes read per thread call at start-up
 HEADER_LIMIT = 65536  # bytes of original headers quoted in a DSN
 
 
@@ -80,12 +83,19 @@ def entry_lock(store: Any, queue_id: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def save_unless_deleted(store: Any, entry: QueueEntry) -> bool:
-    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking)."""
+def save_unless_deleted(store: Any, entry: QueueEntry, durable: bool = True) -> bool:
+    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking).
+
+    ``durable=False``: the envelope is fsynced but its rename is not (see
+    ``QueueStore.save``); only for saves whose loss means an earlier retry.
+    """
     with entry_lock(store, entry.id) as present:
         if not present:
             return False
-        store.save(entry)
+        if durable:
+            store.save(entry)
+        else:
+            store.save(entry, durable=False)
         return True
 
 
@@ -129,6 +139,130 @@ def entry_due(entry: QueueEntry, now: float, warning_after: float | None) -> flo
         if warn is not None and any(not r.final for r in entry.recipients):
             times.append(warn)
     return min(times)
+
+
+def _due_from_json(data: Any, queue_id: str, now: float, warning_after: float | None) -> float | None:
+    """``entry_due`` straight from a parsed envelope, without building a QueueEntry.
+
+    None when anything looks unusual (wrong version, id or types): the caller
+    then goes through ``store.load``, which validates fully and moves an
+    unreadable envelope to ``corrupt/``.
+    """
+    if type(data) is not dict or data.get("version") != FORMAT_VERSION or data.get("id") != queue_id:
+        return None
+    sender = data.get("sender")
+    recipients = data.get("recipients")
+    if type(sender) is not str or type(recipients) is not list or not recipients:
+        return None
+    times = []
+    owed_bounce = False
+    pending = False
+    for r in recipients:
+        if type(r) is not dict:
+            return None
+        status = r.get("status")
+        if status == PENDING:
+            t = r.get("next_attempt")
+            if type(t) not in (int, float):
+                return None
+            times.append(t)
+            pending = True
+        elif status == FAILED:
+            if type(r.get("notified")) is not bool:
+                return None
+            owed_bounce |= not r["notified"]
+        elif status != DELIVERED:
+            return None
+    if sender and owed_bounce:
+        times.append(now)
+    if not times:
+        return now
+    if sender and pending:
+        arrival = data.get("arrival")
+        warned = data.get("delay_warned")
+        if type(arrival) not in (int, float) or type(warned) is not bool:
+            return None
+        warn = schedule.delay_warning_time(arrival, warning_after, warned)
+        if warn is not None:
+            times.append(warn)
+    return min(times)
+
+
+def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float | None) -> list[tuple[float, str]]:
+    """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan).
+
+    Reads each envelope once and takes only what the schedule needs; an entry
+    removed meanwhile is skipped, an unusual one goes through ``store.load``.
+    """
+    out = []
+    loads = json.loads
+    for qid in ids:
+        due = None
+        try:
+            with open(store.envelope_path(qid), "rb") as f:
+                due = _due_from_json(loads(f.read()), qid, now, warning_after)
+        except FileNotFoundError:
+            continue  # delivered or deleted since the listing
+        except (OSError, ValueError):
+            due = None
+        if due is None:
+            try:
+                due = entry_due(store.load(qid), now, warning_after)
+            except KeyError:  # NoSuchEntry / CorruptEntry: gone or moved aside
+                continue
+        out.append((due, qid))
+    return out
+
+
+class _Batcher:
+    """Runs ``work(items)`` through ``run_blocking`` for items submitted meanwhile.
+
+    One call in flight; whatever is submitted while it runs forms the next
+    batch (no timer: with no load a batch is one item).  ``work`` returns one
+    result per item, an exception instance for a failed one.
+    """
+
+    def __init__(self, run_blocking: Callable[..., Deferred], work: Callable[[list], list]) -> None:
+        self._run_blocking = run_blocking
+        self._work = work
+        self._waiting: list[tuple[Any, Deferred]] = []
+        self._busy = False
+        self.batches = 0
+
+    def submit(self, item: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append((item, d))
+        self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        self.batches += 1
+        try:
+            d = self._run_blocking(self._work, [item for item, _ in batch])
+        except Exception:
+            d = fail()
+        d.addBoth(self._done, batch)
+
+    def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
+        self._busy = False
+        self._next()
+        if isinstance(results, Failure):
+            for _, d in batch:
+                d.errback(results)
+            return
+        for (_, d), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)
+
+
+class _SaveFailed(Exception):
+    """The save before connecting out failed (the entry is not attempted)."""
 
 
 class _Slots:
@@ -231,6 +365,7 @@ class QueueManager(Service):
         self._forced: set[str] = set()  # flushed: try remote recipients regardless of next_attempt
         self._active: dict[str, Deferred] = {}  # queue_id -> Deferred firing when its round ends
         self._again: set[str] = set()  # kicked while active: look again right after
+        self._remover = _Batcher(run_blocking, self._remove_batch)
         self._timer: Any = None
         self._poller: LoopingCall | None = None
         self._stopping = False
@@ -244,7 +379,9 @@ class QueueManager(Service):
         # Synchronously, before any listener accepts: recover() empties tmp/ and
         # drops messages without an envelope, which would race with commits.
         try:
-            found = self.store.recover()
+            # Directory listings only (no envelope is parsed): fast with a large
+            # queue.  Unreadable envelopes are moved aside by the scan below.
+            found = self.store.recover(read_envelopes=False)
             if found:
                 self.log.info("queue recovered: {recovery}", recovery=found)
         except Exception:
@@ -253,29 +390,49 @@ class QueueManager(Service):
         self._loaded.addErrback(lambda f: self.log.failure("queue scan failed", f))
 
     async def _load(self) -> None:
+        """Schedule every committed entry, reading envelopes in batches in threads.
+
+        The listing of ``env/`` is the set of committed entries (the envelope
+        is the commit record), so listing after ``recover()`` and reading
+        while the listeners already accept is safe: an entry committed later
+        is kicked by the intake, one removed meanwhile is skipped (or found
+        gone by its round).  Entries are scheduled batch by batch, oldest
+        first, so delivery starts before the whole queue has been read.
+        """
         now = self.clock.seconds()
         warn = self.config.relay.delay_warning_after
         store = self.store
-
-        def scan() -> list[tuple[float, str]]:
-            return [(entry_due(e, now, warn), e.id) for e in store.scan()]
-
-        found = await self.run_blocking(scan)
+        count = 0
+        if callable(getattr(store, "ids", None)) and callable(getattr(store, "envelope_path", None)):
+            ids = await self.run_blocking(store.ids)
+            for i in range(0, len(ids), SCAN_BATCH):
+                if self._stopping:
+                    return
+                found = await self.run_blocking(scan_schedule, store, ids[i : i + SCAN_BATCH], now, warn)
+                count += self._add_found(found)
+        else:
+            found = await self.run_blocking(lambda: [(entry_due(e, now, warn), e.id) for e in store.scan()])
+            count += self._add_found(found)
         if self._stopping:
             return
-        for due, qid in found:
-            if qid not in self._due and qid not in self._active:
-                self._due[qid] = due
-                self._heap.append((due, qid))
-        heapq.heapify(self._heap)
-        self.log.info("queue loaded: {count} entries", count=len(found))
-        self._pump()
+        self.log.info("queue loaded: {count} entries", count=count)
         if self.flush_poll:
             self._poller = LoopingCall(self._poll_flush)
             self._poller.clock = self.clock
             self._poller.start(self.flush_poll, now=True).addErrback(
                 lambda f: self.log.failure("flush poller stopped", f)
             )
+
+    def _add_found(self, found: list[tuple[float, str]]) -> int:
+        if self._stopping:
+            return 0
+        n = 0
+        for due, qid in found:
+            if qid not in self._due and qid not in self._active:
+                self._due[qid] = due
+                heapq.heappush(self._heap, (due, qid))
+        self._pump()
+        return len(found)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -422,34 +579,21 @@ class QueueManager(Service):
     async def _round(self, qid: str, forced: bool) -> float | None:
         """Deliver what is due in entry ``qid``; returns its next due time or None."""
         relay = self.config.relay
+        now = self.clock.seconds()
         try:
-            entry = await self.run_blocking(self.store.load, qid)
+            begun = await self.run_blocking(self._begin, qid, now, forced)
+        except _SaveFailed:
+            self.log.failure("cannot save queue entry {queue_id}; not connecting out", queue_id=qid)
+            return now + schedule.interval_for(1, relay.retry_intervals)
         except Exception:
-            # Deleted by `queue delete`, or unreadable (scan() moves it aside at start).
+            # Deleted by `queue delete`, or unreadable (moved to corrupt/ by load()).
             self.log.info("queue entry {queue_id} is gone", queue_id=qid)
             return None
-        if entry is None:
+        if begun is None:
             return None
-        now = self.clock.seconds()
-        due = [r for r in entry.recipients if not r.final and (forced or r.next_attempt <= now)]
+        entry, due = begun
         local = [r for r in due if r.local]
         remote = [r for r in due if not r.local]
-
-        if remote:
-            # Persist attempts and next_attempt before connecting out (style.md 4.13).
-            for r in remote:
-                r.attempts += 1
-                r.next_attempt = min(
-                    schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng),
-                    max(now, schedule.expires_at(entry.arrival, relay.max_queue_lifetime)),
-                )
-            try:
-                present = await self._save(entry)
-            except Exception:
-                self.log.failure("cannot save queue entry {queue_id}; not connecting out", queue_id=qid)
-                return now + schedule.interval_for(1, relay.retry_intervals)
-            if not present:
-                return None
 
         work = []
         if local:
@@ -459,19 +603,25 @@ class QueueManager(Service):
             by_domain.setdefault(r.domain, []).append(r)
         for domain, rcpts in by_domain.items():
             work.append(Deferred.fromCoroutine(self._deliver(entry, self.remote, rcpts, domain, now)))
-        if work:
+        if len(work) == 1:
+            await work[0]
+        elif work:
             await DeferredList(work, consumeErrors=True)
 
         now = self.clock.seconds()
         changed = bool(due)
+        bounced = any(r.status == FAILED for r in entry.recipients)
         changed |= await self._notify(entry, now)
         if entry.done:
             try:
-                await self.run_blocking(self.store.remove, entry.id)
+                # Without a DSN involved, the removal need not be durable: a
+                # crash that undoes it only means a second delivery, never none.
+                await self._remover.submit((entry.id, bounced))
             except Exception:
                 self.log.failure("cannot remove queue entry {queue_id}", queue_id=qid)
                 return now + schedule.interval_for(1, relay.retry_intervals)
-            self.log.info("queue entry {queue_id} removed: done", queue_id=qid)
+            if bounced or not due:
+                self.log.info("queue entry {queue_id} removed: done", queue_id=qid)
             return None
         if changed:
             try:
@@ -485,6 +635,50 @@ class QueueManager(Service):
             # Only a DSN is left and it could not be submitted: try it again later.
             nxt = now + schedule.interval_for(1, relay.retry_intervals)
         return nxt
+
+    def _begin(self, qid: str, now: float, forced: bool) -> tuple[QueueEntry, list[RecipientState]] | None:
+        """Blocking, one thread call: load the entry and, if remote recipients are
+        due, record the attempt before connecting out (style.md 4.13).
+
+        The save fsyncs the new envelope but not ``env/`` (``durable=False``):
+        a process crash keeps it (no hot retry loop after a crash), and a
+        system crash can at worst bring back the previous complete envelope,
+        which only means an earlier retry -- never a lost or partial entry.
+        Returns None if the entry was deleted meanwhile; raises ``_SaveFailed``
+        if the save failed, anything else if the entry cannot be read.
+        """
+        relay = self.config.relay
+        entry = self.store.load(qid)
+        if entry is None:
+            return None
+        due = [r for r in entry.recipients if not r.final and (forced or r.next_attempt <= now)]
+        remote = [r for r in due if not r.local]
+        if remote:
+            expires = max(now, schedule.expires_at(entry.arrival, relay.max_queue_lifetime))
+            for r in remote:
+                r.attempts += 1
+                r.next_attempt = min(schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng), expires)
+            try:
+                present = save_unless_deleted(self.store, entry, durable=False)
+            except Exception as e:
+                raise _SaveFailed() from e
+            if not present:
+                return None
+        return entry, due
+
+    def _remove_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
+        """Blocking: remove finished entries (one thread call for a batch).
+
+        ``(id, durable)``: durable removals (a DSN was sent for the entry, so a
+        resurrected entry would send another) fsync ``env/``; the others do not.
+        """
+        results: list[Any] = []
+        for qid, durable in items:
+            try:
+                results.append(self.store.remove(qid, sync=durable))
+            except Exception as e:
+                results.append(e)
+        return results
 
     async def _save(self, entry: QueueEntry) -> bool:
         snapshot = QueueEntry.from_json(entry.to_json())  # the thread never sees later changes

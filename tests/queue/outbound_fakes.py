@@ -36,6 +36,8 @@ class FakeStore:
         os.makedirs(os.path.join(root, "msg"), exist_ok=True)
         self.envelopes: dict[str, dict[str, Any]] = {}
         self.saves: list[dict[str, Any]] = []
+        self.durable: list[bool] = []  # per save: durable or not
+        self.removals: list[tuple[str, bool]] = []  # (id, sync)
         self.flush = False
         self.recovered = 0
         self._n = 0
@@ -53,10 +55,11 @@ class FakeStore:
         self.envelopes[entry.id] = json.loads(json.dumps(entry.to_json()))
         return entry
 
-    def save(self, entry: QueueEntry) -> None:
+    def save(self, entry: QueueEntry, durable: bool = True) -> None:
         data = json.loads(json.dumps(entry.to_json()))
         self.envelopes[entry.id] = data
         self.saves.append(data)
+        self.durable.append(durable)
 
     def load(self, queue_id: str) -> QueueEntry:
         try:
@@ -64,7 +67,8 @@ class FakeStore:
         except KeyError:
             raise FileNotFoundError(queue_id) from None
 
-    def remove(self, queue_id: str) -> None:
+    def remove(self, queue_id: str, sync: bool = True) -> None:
+        self.removals.append((queue_id, sync))
         self.envelopes.pop(queue_id, None)
         try:
             os.unlink(self.message_path(queue_id))
@@ -75,7 +79,7 @@ class FakeStore:
         for qid in sorted(self.envelopes):
             yield self.load(qid)
 
-    def recover(self) -> None:
+    def recover(self, read_envelopes: bool = True) -> None:
         self.recovered += 1
 
     def flush_requested(self) -> bool:
