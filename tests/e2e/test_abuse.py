@@ -313,3 +313,40 @@ def test_pipelinedFloodWithoutReading(server) -> None:
     assert lines[1:-1] == [b"250 2.0.0 Ok\r\n"] * noops
     assert lines[-1].startswith(b"221 2.0.0")
     c.close()
+
+
+def test_pop3FloodWithoutReading(server) -> None:
+    """POP3 before login: pipelined CAPAs whose responses are never read stop being read by the
+    server (its memory stays flat); afterwards every CAPA is answered in order and QUIT works."""
+    pid = server.process.pid
+    before = _rss_mib(pid)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", server.ports["pop3"]))
+    c.settimeout(0.2)
+    chunk = b"CAPA\r\n" * 10000
+    sent, halfway = 0, None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:
+        if halfway is None and time.monotonic() - t0 > 1.5:
+            halfway = sent
+        try:
+            sent += c.send(chunk)
+        except socket.timeout:
+            pass
+    assert sent - halfway < 100_000, f"the server kept reading: {sent - halfway} bytes in the last 1.5 s"
+    assert _rss_mib(pid) - before < 25
+    c.settimeout(30)
+    lines: list[bytes] = []
+    f = c.makefile("rb")
+    reader = threading.Thread(target=lambda: lines.extend(iter(f.readline, b"")), daemon=True)
+    reader.start()
+    if sent % 6:
+        c.sendall(b"CAPA\r\n"[sent % 6 :])
+    capas = -(-sent // 6)
+    c.sendall(b"QUIT\r\n")
+    reader.join(120)
+    assert lines[0].startswith(b"+OK")
+    assert sum(1 for line in lines if line.startswith(b"+OK Capability list follows")) == capas
+    assert lines[-1].startswith(b"+OK") and b"signing off" in lines[-1]
+    c.close()
