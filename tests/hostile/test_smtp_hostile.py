@@ -72,10 +72,10 @@ def resync(s: Session) -> bytes:
     return out
 
 
-def normal_transaction(case: SynchronousTestCase, s: Session) -> None:
+def normal_transaction(case: SynchronousTestCase, s: Session, sender: bytes = b"x@client.test") -> None:
     """EHLO/MAIL/RCPT/DATA for alice: every step accepted, message committed byte-exact."""
     before = len(s.intake.committed)
-    out = feed(s, b"RSET\r\nEHLO client.test\r\nMAIL FROM:<x@client.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    out = feed(s, b"RSET\r\nEHLO client.test\r\nMAIL FROM:<" + sender + b">\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     replies = check_smtp_output(out)
     codes = [r[-1][:3] for r in replies]
     case.assertEqual(codes, [b"250", b"250", b"250", b"250", b"354"], out)
@@ -297,3 +297,35 @@ class BackPressureTests(SynchronousTestCase):
         self.assertEqual(s.transport.producerState, "producing")
         replies = check_smtp_output(s.take())
         self.assertEqual([r[-1][:3] for r in replies], [b"250"] * 50_001)
+
+
+class AuthenticatedAndTLSTests(SynchronousTestCase):
+    @FAST
+    @given(lines=st.lists(hostile_line, max_size=20))
+    def test_garbageAfterLoginOnSubmissions(self, lines: list[bytes]) -> None:
+        """An authenticated submissions session fed hostile lines: RFC replies, nothing logged as a
+        failure, no second AUTH possible, and it can still send as its own address afterwards."""
+        with LogFailures() as failures:
+            rt = make_runtime(smtp={"max_errors": 0}, limits={"messages_per_hour": 0})
+            rt.throttle = FakeThrottle(delay=0.0)
+            s = Session("submissions", rt)
+            s.login()
+            check_smtp_output(feed(s, b"".join(line + b"\r\n" for line in lines)))
+            check_smtp_output(resync(s))
+            if not s.closed:
+                self.assertEqual(s.proto.user, "alice@example.org")
+                normal_transaction(self, s, sender=b"alice@example.org")
+        self.assertEqual(failures.events, [], failures.describe())
+
+    @FAST
+    @given(after=st.lists(hostile_line, max_size=10))
+    def test_starttlsDiscardsPipelinedPlaintext(self, after: list[bytes]) -> None:
+        """STARTTLS followed by anything pipelined in the same read: only the 220 is answered;
+        none of the plaintext is executed (RFC 3207 section 4.2, CVE-2011-0411)."""
+        s = new_session()
+        feed(s, b"EHLO c\r\n")
+        out = feed(s, b"STARTTLS\r\n" + b"".join(line + b"\r\n" for line in after) + b"MAIL FROM:<evil@x.test>\r\n")
+        self.assertEqual(out, b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertIsNone(s.proto.helo)
+        self.assertEqual(s.intake.begun, [])
+        normal_transaction(self, s)
