@@ -53,9 +53,13 @@ def user_key(config: Any, text: str) -> str:
 
 def address_key(text: str) -> str:
     try:
-        return parse_address(text).key
+        key = parse_address(text).key
+        # Keys are stored unquoted: one that does not read back (a quoted local
+        # part such as "../x" or "a b") would break the file's readers later.
+        parse_address(key)
     except AddressError as e:
         raise Refused(f"{text}: not a usable address: {e}") from None
+    return key
 
 
 def users_of(config: Any) -> UserDB:
@@ -248,7 +252,10 @@ def main(
         config = configmod.load(args.config, environ if environ is not None else os.environ)
         return handler(config, args)
     except (Refused, configmod.ConfigError, FileFormatError) as e:
-        print(f"{PROG}: {e}", file=stderr)
+        # One line, whatever the user typed: control characters (a newline, a
+        # terminal escape) in an argument are shown escaped.
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+        print(f"{PROG}: {text}", file=stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
