@@ -243,7 +243,7 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         incoming.write(MESSAGE)
         d = incoming.finish()
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_prepare"])
+        self.assertEqual(threads.names(), ["prepare"])
         threads.run_one()
         self.assertNoResult(d)
         self.assertEqual(threads.names(), ["_publish"])
@@ -389,9 +389,9 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_batchesShareDirectoryFsyncs(self) -> None:
         """One message publishes alone; the four prepared meanwhile share one publish (one fsync of msg/ and env/)."""
         sent = self.start(5)
-        self.assertEqual(self.threads.names(), ["_prepare"] * 5)
+        self.assertEqual(self.threads.names(), ["prepare"] * 5)
         self.threads.run_one()  # first prepare: its publish starts at once
-        self.assertEqual(self.threads.names(), ["_prepare"] * 4 + ["_publish"])
+        self.assertEqual(self.threads.names(), ["prepare"] * 4 + ["_publish"])
         for _ in range(4):
             self.threads.run_one()  # the others are prepared while the first publish is in flight
         self.assertEqual(self.threads.names(), ["_publish"])
@@ -512,8 +512,11 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
-        threads.run_one()  # prepare: queue files and the Maildir copy, fsynced
+        self.assertEqual(threads.names(), ["prepare", "prepare_inline"])  # side by side
+        threads.run_one()  # queue files, fsynced
+        threads.run_one()  # the Maildir copy in tmp/, fsynced
         self.assertEqual(self.mailbox(BOB), [])
+        self.assertNoResult(d)
         threads.run_one()  # publish: committed
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.mailbox(BOB), [])
@@ -533,7 +536,8 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
             incoming.write(MESSAGE)
             sent.append(incoming.finish())
         for _ in range(4):
-            threads.run_one(threads.names().index("_prepare"))
+            threads.run_one(threads.names().index("prepare"))
+            threads.run_one(threads.names().index("prepare_inline"))
         while "_publish" in threads.names():
             threads.run_one(threads.names().index("_publish"))
         # Message 0 (dave) was committed alone and is being delivered alone;
@@ -651,3 +655,23 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
                 outcomes.add("delivered")
         self.flushLoggedErrors()
         self.assertEqual(outcomes, {"refused", "queued", "delivered"})
+
+    def test_commitFailureDropsTheCopies(self) -> None:
+        """When the queue commit fails, the copies prepared beside it are dropped: 451, no Maildir sees it."""
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        incoming = intake.begin(envelope(local(BOB), local(self.dave)))
+        incoming.write(MESSAGE)
+        d = incoming.finish()
+        threads.run_one(threads.names().index("prepare_inline"))
+        self.assertEqual(len(os.listdir(os.path.join(self.maildirs.path_for(BOB), "tmp"))), 1)
+        faults = Faults(self, fail_at=2)  # the fsync of the queued message
+        threads.run_one(threads.names().index("prepare"))
+        faults.restore()
+        threads.run_all()
+        self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
+        for address in (BOB, self.dave):
+            box = self.maildirs.path_for(address)
+            self.assertEqual((os.listdir(os.path.join(box, "tmp")), os.listdir(os.path.join(box, "new"))), ([], []))
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+        self.assertEqual(self.kicker.kicked, [])

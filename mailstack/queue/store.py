@@ -76,6 +76,7 @@ that ``recover()`` deletes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -84,7 +85,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-from mailstack.queue.entry import QueueEntry
+from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.storage import fsutil
 
 TMP = "tmp"
@@ -401,6 +402,10 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(QueueEntry))
+_RCPT_FIELDS = tuple(f.name for f in dataclasses.fields(RecipientState))
+
+
 def _encode(entry: QueueEntry) -> bytes:
     """The envelope file's bytes: ``entry.to_json()`` as compact UTF-8 JSON.
 
@@ -408,9 +413,10 @@ def _encode(entry: QueueEntry) -> bytes:
     (which forces the pure-Python encoder): this runs once per accepted message
     and was ~5% of the server's Python time.  Same JSON value as ``to_json()``.
     """
-    data = dict(vars(entry))
+    data = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
     data["recipients"] = [
-        dict(vars(r), history=[dict(h) for h in r.history]) for r in entry.recipients
+        {name: getattr(r, name) for name in _RCPT_FIELDS} | {"history": [dict(h) for h in r.history]}
+        for r in entry.recipients
     ]
     return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
