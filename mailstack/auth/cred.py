@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.auth.test_cred -*-
-"""The ``twisted.cred`` checker that SMTP AUTH (RFC 4954) and POP3 (RFC 1939, 5034) share.
+"""The ``twisted.cred`` checker and realm that SMTP AUTH (RFC 4954) and POP3 (RFC 1939, 5034) share.
 
 The protocol builds ``UsernamePassword(username, password)`` from the client's
 AUTH PLAIN/LOGIN or USER/PASS and asks this checker.  The username is an email
@@ -8,6 +8,11 @@ the user key (``Address.key``, a str).  The Argon2 verification takes tens of
 milliseconds, so it runs through ``run_blocking`` (the thread pool), never on the
 reactor thread.  Brute-force slowdown is the protocol's job (``ILoginThrottle``),
 because only it knows the peer.
+
+``login_portal(checker)`` puts the checker behind a ``Portal`` whose realm
+gives an ``IMailUser`` avatar: the protocols log in through it rather than
+calling the checker, so another checker (LDAP, a PAM bridge) or a richer
+avatar plugs in without touching them.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
 from mailstack.address import AddressError, parse_address
 from mailstack.interfaces import IUserDB
@@ -53,3 +59,37 @@ class UserChecker:
             return key
 
         return d.addCallback(checked)
+
+
+class IMailUser(Interface):
+    """An authenticated mail user, as SMTP submission and POP3 see them."""
+
+    key = Attribute("the user key (``Address.key``): login name and mailbox owner")
+
+
+@implementer(IMailUser)
+class MailUser:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+@implementer(IRealm)
+class MailRealm:
+    """Turns an avatar id (the user key) into an ``IMailUser``."""
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
+        if IMailUser not in interfaces:
+            raise NotImplementedError("mailstack only provides IMailUser avatars")
+        key = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
+        return IMailUser, MailUser(key), lambda: None
+
+
+def login_portal(checker: ICredentialsChecker) -> Portal:
+    """A Portal over ``checker`` with the mail realm."""
+    return Portal(MailRealm(), [checker])
+
+
+def login(portal: Portal, username: bytes, password: bytes) -> Deferred:
+    """Deferred firing with the user key, or failing with ``UnauthorizedLogin``."""
+    d = portal.login(UsernamePassword(username, password), None, IMailUser)
+    return d.addCallback(lambda result: result[1].key)

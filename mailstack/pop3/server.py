@@ -52,7 +52,6 @@ import ipaddress
 import weakref
 from typing import Any, Callable
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -63,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
+from mailstack.auth import cred
 from mailstack.pop3 import replies as R
 from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder
 
@@ -188,7 +188,7 @@ class POP3Server(Protocol):
         rt = factory.runtime
         self.clock = rt.reactor
         self.run_blocking = rt.run_blocking
-        self.checker = rt.checker
+        self.portal = factory.portal
         self.throttle = rt.throttle
         self.maildirs = rt.maildirs
         self.tls_config = rt.tls
@@ -668,7 +668,7 @@ class POP3Server(Protocol):
         if password is None:
             d: defer.Deferred[Any] = defer.fail(UnauthorizedLogin("authorization identity differs"))
         else:
-            d = defer.maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user, password))
+            d = cred.login(self.portal, user, password)
         return d.addCallbacks(
             self._authenticated, self._login_failed, callbackArgs=(method,), errbackArgs=(account, method)
         )
@@ -934,6 +934,7 @@ class POP3Factory(ServerFactory):
             raise ValueError(f"unknown POP3 listener kind {kind!r}")
         self.kind = kind
         self.runtime = runtime
+        self.portal = cred.login_portal(runtime.checker)
         self.max_connections = runtime.config.pop3.max_connections
         self.sessions: set[POP3Server] = set()
         # pop3.max_connections counts the pop3 and pop3s listeners together.

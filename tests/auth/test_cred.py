@@ -1,4 +1,4 @@
-"""Tests for mailstack.auth.cred.UserChecker."""
+"""Tests for mailstack.auth.cred: the checker, the realm and the portal login."""
 
 import os
 import threading
@@ -13,7 +13,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from mailstack.auth.cred import UserChecker
+from mailstack.auth.cred import IMailUser, MailRealm, UserChecker, login, login_portal
 from mailstack.auth.userdb import UserDB
 
 
@@ -32,6 +32,18 @@ class CheckerTests(SynchronousTestCase):
     def test_interface(self):
         """UserChecker is an ICredentialsChecker for IUsernamePassword."""
         verifyObject(ICredentialsChecker, self.checker)
+
+    def test_portalLogin(self):
+        """Logging in through the portal gives the user key of an IMailUser avatar."""
+        portal = login_portal(self.checker)
+        self.assertEqual(self.successResultOf(login(portal, b"Alice@localhost", b"pw")), "alice@localhost")
+        self.failureResultOf(login(portal, b"alice@localhost", b"nope"), UnauthorizedLogin)
+
+    def test_realmOnlyMailUsers(self):
+        """The realm hands out IMailUser avatars and nothing else."""
+        iface, avatar, logout = MailRealm().requestAvatar("bob@localhost", None, IMailUser)
+        self.assertEqual((iface, avatar.key), (IMailUser, "bob@localhost"))
+        self.assertRaises(NotImplementedError, MailRealm().requestAvatar, "bob@localhost", None, ICredentialsChecker)
 
     def test_success(self):
         """Right password: the avatar id is the normalised user key (str)."""

@@ -9,6 +9,8 @@ import tempfile
 from types import SimpleNamespace
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -57,8 +59,11 @@ class SSLStringTransport(TLSStringTransport):
         directlyProvides(self, ISSLTransport)
 
 
+@implementer(ICredentialsChecker)
 class FakeChecker:
     """Users ``{b"alice@localhost": b"secret"}``; avatarId is the lowercase key."""
+
+    credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, users: dict[bytes, bytes] | None = None) -> None:
         self.users = users if users is not None else {b"alice@localhost": b"secret", b"bob@localhost": b"hunter2"}
