@@ -106,3 +106,48 @@ class QueueCommandTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as cm:
             cli.main(["--config", self.conf, "queue"], stdout=io.StringIO(), stderr=io.StringIO(), environ={})
         self.assertEqual(cm.exception.code, 2)
+
+    def test_listManyOldestFirst(self) -> None:
+        """list --json is a JSON array of every entry, oldest arrival first; the text
+        listing has one header line per entry and the count."""
+        entries = [self.add(rcpts=(f"r{i}@remote.test",)) for i in range(7)]
+        entries[0].arrival = 1_700_000_100.0  # arrived last after all
+        self.store.save(entries[0])
+        code, out, _ = self.run_cli("list", "--json")
+        rows = json.loads(out)
+        self.assertEqual([r["id"] for r in rows], [e.id for e in entries[1:]] + [entries[0].id])
+        self.assertEqual(rows[-1]["arrival"], "2023-11-14T22:15:00Z")
+        code, text, _ = self.run_cli("list")
+        self.assertEqual(code, 0)
+        self.assertEqual(sum(1 for line in text.splitlines() if line[:24] in {e.id for e in entries}), 7)
+        self.assertIn("7 message(s) in the queue", text)
+
+    def test_listDamagedEnvelopes(self) -> None:
+        """An envelope that is not valid JSON, or has a field of the wrong type, is not
+        listed but moved to corrupt/ (as scan() does); the others are listed."""
+        good = self.add()
+        broken = self.add()
+        wrong = self.add()
+        with open(self.store.envelope_path(broken.id), "wb") as f:
+            f.write(b'{"id": ')
+        data = json.loads(open(self.store.envelope_path(wrong.id), "rb").read())
+        data["recipients"][0]["attempts"] = True  # a bool is no attempt count
+        with open(self.store.envelope_path(wrong.id), "w") as f:
+            json.dump(data, f)
+        code, out, _ = self.run_cli("list", "--json")
+        self.assertEqual([r["id"] for r in json.loads(out)], [good.id])
+        corrupt = os.listdir(os.path.join(self.store.root, "corrupt"))
+        self.assertIn(broken.id + ".json", corrupt)
+        self.assertIn(wrong.id + ".json", corrupt)
+
+    def test_listUnusualButValid(self) -> None:
+        """An envelope the fast check does not take but the store reads (a version
+        written as 1.0) is listed through the store's full reader."""
+        e = self.add()
+        data = json.loads(open(self.store.envelope_path(e.id), "rb").read())
+        data["version"] = 1.0
+        data["arrival"] = 1_700_000_000
+        with open(self.store.envelope_path(e.id), "w") as f:
+            json.dump(data, f)
+        (row,) = json.loads(self.run_cli("list", "--json")[1])
+        self.assertEqual((row["id"], row["arrival"]), (e.id, "2023-11-14T22:13:20Z"))
