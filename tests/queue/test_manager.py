@@ -523,3 +523,130 @@ class DSNRoutingTests(SynchronousTestCase):
         self.manager.kick("B")
         self.assertEqual(self.intake.messages, [])
         self.assertNotIn("B", self.store.envelopes)
+
+
+class FastPathTests(SynchronousTestCase):
+    """The relay fast path and the start-up scan over the real QueueStore."""
+
+    def setUp(self) -> None:
+        from mailstack.queue.store import QueueStore
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = QueueStore(os.path.abspath(self.mktemp()))
+        self.store.recover()
+        self.remote = FakeAgent(reply_all(OK))
+        self.intake = FakeIntake()
+
+    def commit(self, rcpt: str = "r@remote.test", **fields) -> str:
+        from mailstack.queue.entry import QueueEntry, RecipientState
+
+        qid = self.store.new_id()
+        with self.store.open_tmp(qid) as f:
+            f.write(b"Subject: x\r\n\r\nbody\r\n")
+        rs = RecipientState(address=rcpt, original=rcpt, local=False, **fields)
+        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START, recipients=[rs]))
+        return qid
+
+    def manager(self, **kw) -> QueueManager:
+        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
+                         rng=random.Random(2), **kw)
+        m.startService()
+        self.addCleanup(lambda: m.running and m.stopService())
+        return m
+
+    def test_preAttemptSaveNotDirSynced(self) -> None:
+        """The save before connecting out is fsynced but env/ is not; a delivered entry
+        is removed without an env/ fsync (a crash can only cause a second delivery)."""
+        from mailstack.storage import fsutil
+
+        qid = self.commit()
+        synced: list[str] = []
+        real = fsutil.fsync_dir
+        self.patch(fsutil, "fsync_dir", lambda p: (synced.append(os.path.basename(p)), real(p))[1])
+        seen = []
+        self.remote.script = lambda e, rs: (seen.append(self.store.load(e.id).recipients[0].attempts),
+                                            {r.address: OK for r in rs})[1]
+        m = self.manager()
+        self.assertEqual(seen, [1])  # on disk before the agent was called
+        self.assertEqual(synced.count("env"), 1)  # recover()'s at start, none for the save or removal
+        self.assertEqual(self.store.ids(), [])
+        self.assertFalse(os.path.exists(self.store.message_path(qid)))
+        self.assertEqual(m.scheduled(), {})
+
+    def test_bouncedRemovalDurable(self) -> None:
+        """An entry whose DSN was sent is removed with an env/ fsync (no second DSN)."""
+        from mailstack.storage import fsutil
+
+        self.remote.script = reply_all(PERM)
+        self.commit()
+        synced: list[str] = []
+        real = fsutil.fsync_dir
+        self.patch(fsutil, "fsync_dir", lambda p: (synced.append(os.path.basename(p)), real(p))[1])
+        self.manager()
+        self.assertEqual(len(self.intake.messages), 1)
+        self.assertEqual(self.store.ids(), [])
+        self.assertEqual(synced.count("env"), 2)  # recover() and the removal
+
+    def test_removalsBatched(self) -> None:
+        """Removals finished while one is in the thread share the next thread call."""
+        calls: list = []
+
+        def run(f, *a, **kw):
+            d = Deferred()
+            calls.append((f, a, kw, d))
+            return d
+
+        from mailstack.queue.manager import _Batcher
+
+        b = _Batcher(run, lambda items: [i * 2 for i in items])
+        results = []
+        for i in range(4):
+            b.submit(i).addCallback(results.append)
+        self.assertEqual(len(calls), 1)
+        f, a, kw, d = calls[0]
+        d.callback(f(*a))
+        self.assertEqual(len(calls), 2)  # items 1-3 in one batch
+        f, a, kw, d = calls[1]
+        self.assertEqual(a[0], [1, 2, 3])
+        d.callback(f(*a))
+        self.assertEqual(results, [0, 2, 4, 6])
+
+    def test_startScanInBatches(self) -> None:
+        """At start the schedule is read in batches of SCAN_BATCH envelopes; what is
+        due is delivered, what is deferred keeps its next_attempt."""
+        from mailstack.queue import manager as manager_mod
+
+        self.patch(manager_mod, "SCAN_BATCH", 2)
+        later = [self.commit(attempts=1, next_attempt=START + 600 + i) for i in range(3)]
+        now = [self.commit() for _ in range(2)]
+        m = self.manager()
+        self.assertEqual(m.scheduled(), {qid: START + 600 + i for i, qid in enumerate(later)})
+        self.assertEqual(sorted(c[0] for c in self.remote.calls), sorted(now))
+
+    def test_startScanDamagedEnvelope(self) -> None:
+        """recover() no longer reads envelopes; the start-up scan moves an unreadable
+        one to corrupt/ and schedules the rest."""
+        bad = self.commit(attempts=1, next_attempt=START + 600)
+        good = self.commit(attempts=1, next_attempt=START + 700)
+        with open(self.store.envelope_path(bad), "wb") as f:
+            f.write(b"\x00garbage")
+        m = self.manager()
+        self.assertEqual(m.scheduled(), {good: START + 700})
+        self.assertIn(bad + ".json", os.listdir(os.path.join(self.store.root, "corrupt")))
+
+    def test_scanScheduleMatchesEntryDue(self) -> None:
+        """scan_schedule (dict fast path) gives entry_due's answer for each state."""
+        from mailstack.queue.manager import scan_schedule
+
+        qids = [
+            self.commit(attempts=1, next_attempt=START + 60),
+            self.commit(status=DELIVERED),
+            self.commit(status=FAILED),
+            self.commit(status=FAILED, notified=True),
+        ]
+        for warn in (None, 30.0, 3600.0):
+            expected = [(entry_due(self.store.load(q), START + 5, warn), q) for q in qids]
+            self.assertEqual(scan_schedule(self.store, qids, START + 5, warn), expected)
+        os.unlink(self.store.envelope_path(qids[0]))  # removed since the listing
+        self.assertEqual([q for _, q in scan_schedule(self.store, qids, START, None)], qids[1:])
