@@ -59,7 +59,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -233,51 +233,50 @@ class Intake:
     # -- the commit: prepare (one thread call per message), publish (per batch)
 
     def _commit(self, entry: QueueEntry) -> Deferred:
-        """Fires with ``(entry, pending copies or None)`` once the entry is durable.
+        """Fires with ``(entry, copies)`` once the entry is durable.
 
-        The queue files and, for an inline delivery, the Maildir copies are
-        written and fsynced by two thread calls running side by side, so the
-        copies add no latency to the 250.
+        ``copies`` is None (the manager delivers) or, for an inline delivery,
+        a Deferred of the Maildir copies being written by a thread call that
+        runs beside the commit: the 250 never waits for them.  If the commit
+        fails, the copies are dropped as soon as they are written.
         """
-        prepared = self._run_blocking(self._store.prepare, entry)
         local = self._local if self._local is not None and self._local.inline_ok(entry) else None
-        if local is None:
-            return prepared.addCallback(lambda _: self._committer.submit((entry, None)))
-        copies = self._run_blocking(local.prepare_inline, entry, self._store.tmp_path(entry.id))
-        copies.addErrback(self._no_copies, entry)
-        both = DeferredList([prepared, copies], consumeErrors=True)
-        return both.addCallback(self._prepared, entry)
+        copies = None
+        if local is not None:
+            copies = self._run_blocking(
+                local.prepare_inline, entry, self._store.tmp_path(entry.id), self._store.message_path(entry.id)
+            )
+            copies.addErrback(self._no_copies, entry)
+        d = self._run_blocking(self._store.prepare, entry)
+        d.addCallback(lambda _: self._committer.submit(entry))
+
+        def failed(failure: Failure) -> Failure:
+            if copies is not None:
+                copies.addCallback(self._drop_copies, entry)
+            return failure
+
+        d.addCallbacks(lambda _: (entry, copies), failed)
+        return d
 
     def _no_copies(self, failure: Failure, entry: QueueEntry) -> None:
         self.log.failure("inline delivery of {queue_id}: preparing copies failed", failure, queue_id=entry.id)
         return None
 
-    def _prepared(self, results: list[tuple[bool, Any]], entry: QueueEntry) -> Any:
-        (ok, result), (_, pending) = results
-        if not ok:
-            if pending:
-                # The commit failed: no Maildir may ever see this message.
-                d = self._run_blocking(self._drop_copies, pending)
-                d.addErrback(lambda f: self.log.failure("dropping copies of {queue_id}", f, queue_id=entry.id))
-            return result
-        return self._committer.submit((entry, pending))
+    def _drop_copies(self, pending: Any, entry: QueueEntry) -> None:
+        """The commit failed: no Maildir may ever see this message."""
+        if pending:
+            d = self._run_blocking(self._discard_copies, pending)
+            d.addErrback(lambda f: self.log.failure("dropping copies of {queue_id}", f, queue_id=entry.id))
 
-    def _drop_copies(self, pending: list[Any]) -> None:
+    def _discard_copies(self, pending: list[Any]) -> None:
         """Blocking: drop prepared Maildir copies."""
         for p in pending:
             self._local.discard_inline(p)
 
-    def _publish(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:
-        """Blocking: publish a batch; per item the item itself, or its error.
-
-        The Maildir copies of an entry that failed are dropped.
-        """
-        errors = self._store.publish([entry for entry, _ in items])
-        for (_, pending), error in zip(items, errors):
-            if error is not None and pending:
-                for p in pending:
-                    self._local.discard_inline(p)
-        return [item if error is None else error for item, error in zip(items, errors)]
+    def _publish(self, entries: list[QueueEntry]) -> list[Any]:
+        """Blocking: publish a batch; per entry the entry itself, or its error."""
+        errors = self._store.publish(entries)
+        return [entry if error is None else error for entry, error in zip(entries, errors)]
 
     def _deliver(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:
         """Blocking: inline delivery of a batch of committed entries."""
@@ -317,7 +316,7 @@ class Intake:
 
     def _accepted(self, item: tuple[QueueEntry, Any]) -> str:
         """Log the accepted message, then deliver it inline or kick the manager."""
-        entry, pending = item
+        entry, copies = item
         self.log.info(
             "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}",
             queue_id=entry.id,
@@ -327,11 +326,17 @@ class Intake:
             recipients=[r.address for r in entry.recipients],
             size=entry.size,
         )
+        if copies is None:
+            self._kick(entry.id)
+        else:
+            copies.addCallback(self._copies_ready, entry)
+        return entry.id
+
+    def _copies_ready(self, pending: Any, entry: QueueEntry) -> None:
         if pending:
             self._run_inline(entry, pending)
         else:
-            self._kick(entry.id)
-        return entry.id
+            self._kick(entry.id)  # the copies could not be written: the manager delivers
 
     def _kick(self, queue_id: str) -> None:
         try:

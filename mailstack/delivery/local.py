@@ -32,7 +32,7 @@ recipients already delivered are saved as such first.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -46,7 +46,7 @@ from mailstack.queue.entry import DELIVERED as STATUS_DELIVERED
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage import fsutil
-from mailstack.storage.maildir import MaildirStore, Pending
+from mailstack.storage.maildir import CHUNK, MaildirStore, Pending
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
 # RFC 3463: 4.3.0 other mail system problem; 4.2.2 mailbox full (retried, not bounced).
@@ -118,17 +118,23 @@ class LocalAgent:
         """Whether ``entry`` may take the inline path: every recipient local."""
         return bool(entry.recipients) and all(r.local for r in entry.recipients)
 
-    def prepare_inline(self, entry: QueueEntry, source: str) -> list[Pending] | None:
-        """Write every recipient's copy of ``source`` into its Maildir ``tmp/``, fsynced.
+    def prepare_inline(self, entry: QueueEntry, *sources: str) -> list[Pending] | None:
+        """Write every recipient's copy of the message into its Maildir ``tmp/``, fsynced.
 
-        Blocking.  None if any copy could not be written (those written are
-        dropped again): the manager then delivers the message the usual way
-        and reports the error.
+        Blocking.  ``sources`` are the paths the message may be found at, in
+        order (``queue/tmp/<id>``, then ``queue/msg/<id>``: this runs beside the
+        commit, which renames the one to the other).  None if any copy could not
+        be written (those written are dropped again): the manager then delivers
+        the message the usual way and reports the error.
         """
         pending: list[Pending] = []
         try:
-            for r in entry.recipients:
-                pending.append(self._maildirs.prepare(r.address, source, delivery_prefix(entry.sender, r.address)))
+            f = _open_first(sources)
+            with f:
+                for r in entry.recipients:
+                    f.seek(0)
+                    chunks = iter(lambda: f.read(CHUNK), b"")
+                    pending.append(self._maildirs.prepare(r.address, chunks, delivery_prefix(entry.sender, r.address)))
         except Exception:
             for p in pending:
                 self._maildirs.discard(p)
@@ -179,3 +185,13 @@ class LocalAgent:
                 pass
             out.append((mine, settled))
         return out
+
+
+def _open_first(paths: tuple[str, ...]) -> Any:
+    """The first of ``paths`` that can be opened for reading (FileNotFoundError if none)."""
+    for path in paths[:-1]:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            continue
+    return open(paths[-1], "rb")
