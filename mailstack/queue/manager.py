@@ -203,7 +203,7 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
                 due = _due_from_json(loads(f.read()), qid, now, warning_after)
         except FileNotFoundError:
             continue  # delivered or deleted since the listing
-        except (OSError, ValueError):
+        except Exception:  # unreadable: store.load below decides (and moves it aside)
             due = None
         if due is None:
             try:
