@@ -402,7 +402,7 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
         faults = Faults(self)
         self.threads.run_one()
         faults.restore()
-        self.assertEqual(faults.calls, ["_rename"] * 8 + ["_open", "_fsync"] * 2)
+        self.assertEqual(faults.calls, ["_rename"] * 4 + ["_open", "_fsync"] + ["_rename"] * 4 + ["_open", "_fsync"])
         self.assertEqual([self.successResultOf(d) for _, d in sent[1:]], [i.queue_id for i, _ in sent[1:]])
         self.assertEqual(self.intake._committer.batches, 2)
         self.assertEqual(len(list(self.store.scan())), 5)
@@ -426,7 +426,7 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
         self.threads.run_one()
         self.threads.run_one()  # the first batch (message 0) publishes fine
         self.assertEqual(self.threads.names(), ["_publish"])
-        faults = Faults(self, fail_at=8)  # 4 renames, open+fsync msg/, open, fsync env/
+        faults = Faults(self, fail_at=8)  # 2 renames, open+fsync msg/, 2 renames, open, fsync env/
         self.threads.run_one()
         self.assertEqual(faults.calls[7], "_fsync")
         faults.restore()
