@@ -91,6 +91,25 @@ _os_open = os.open
 
 _READ_SIZE = 1 << 20
 
+TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
+
+
+def _clean_tmp(tmp_dir: str, now: float) -> None:
+    """Delete files left in ``tmp/`` for over 36 hours (a deliverer that crashed
+    between writing and publishing), as the Maildir spec asks of readers.  Best
+    effort: a file that is gone or cannot be removed is left to the next login."""
+    try:
+        names = _listdir(tmp_dir)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(tmp_dir, name)
+        try:
+            if now - os.stat(path).st_mtime > TMP_MAX_AGE:
+                os.unlink(path)
+        except OSError:
+            pass
+
 
 class MailboxInUse(Exception):
     """Another session holds the maildrop's lock."""
@@ -356,6 +375,8 @@ class Maildrop:
             self._set(uniques, sizes, infos, uniques if plain else uidls_for(uniques))
             return
 
+        # Only on this slower path (the mailbox changed): leftovers in tmp/.
+        _clean_tmp(os.path.join(self.path, "tmp"), time.time())
         listed = [n for n in _listdir(cur_dir) if n[:1] != "." and "\n" not in n]
         on_disk = dict(zip(_uniques_of(listed), listed))
         changed = index_mtime != _trusted_mtime(cur_mtime)
