@@ -29,6 +29,7 @@ manager can log and record where the answer came from.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -106,19 +107,24 @@ class RemoteAgent:
         self._clients: set[SMTPClientProtocol] = set()
         self._idle: dict[tuple, list[tuple[SMTPClientProtocol, Any]]] = {}
         self._closing = False
+        self._smarthost_literal: tuple | None = None  # ((Host,), port) of a smarthost given as an address
 
     # -- IDeliveryAgent -----------------------------------------------------
 
-    def deliver(self, entry: Any, recipients: list) -> Deferred:
-        return Deferred.fromCoroutine(self._deliver_all(entry, recipients))
+    # The queue manager may hand over the message bytes it read in its thread
+    # call (small messages), so the reactor thread opens no file.
+    takes_message = True
 
-    async def _deliver_all(self, entry: Any, recipients: list) -> dict[str, Reply]:
+    def deliver(self, entry: Any, recipients: list, message: bytes | None = None) -> Deferred:
+        return Deferred.fromCoroutine(self._deliver_all(entry, recipients, message))
+
+    async def _deliver_all(self, entry: Any, recipients: list, message: bytes | None = None) -> dict[str, Reply]:
         by_domain: dict[str, list] = {}
         for r in recipients:
             by_domain.setdefault(r.domain, []).append(r)
         results: dict[str, Reply] = {}
         for domain, rcpts in by_domain.items():
-            results.update(await self._deliver_domain(entry, domain, [r.address for r in rcpts]))
+            results.update(await self._deliver_domain(entry, domain, [r.address for r in rcpts], message))
         return results
 
     def abort_all(self) -> None:
@@ -132,9 +138,12 @@ class RemoteAgent:
     async def _hosts(self, domain: str) -> tuple[list[Host], int, bool]:
         relay = self.config.relay
         if relay.smarthost:
+            if self._smarthost_literal is not None:
+                return list(self._smarthost_literal[0]), self._smarthost_literal[1], True
             name, port = split_hostport(relay.smarthost, 25)
             literal = literal_address(f"[{name}]") if not name.startswith("[") else literal_address(name)
             if literal is not None:
+                self._smarthost_literal = ((Host(name, (literal,), 0),), port)
                 return [Host(name, (literal,), 0)], port, True
             addresses = await self.resolver.addresses(name)
             return [Host(name, tuple(addresses), 0)], port, True
@@ -147,7 +156,9 @@ class RemoteAgent:
             return True
         return (":" in source) == (":" in ip)  # bind needs the same address family
 
-    async def _deliver_domain(self, entry: Any, domain: str, rcpts: list[str]) -> dict[str, Reply]:
+    async def _deliver_domain(
+        self, entry: Any, domain: str, rcpts: list[str], message: bytes | None = None
+    ) -> dict[str, Reply]:
         try:
             hosts, port, smarthost = await self._hosts(domain)
         except MailError as e:
@@ -155,8 +166,8 @@ class RemoteAgent:
                 "{queue_id}: no mail server for {domain}: {reply}", queue_id=entry.id, domain=domain, reply=str(e.reply)
             )
             return {r: _with(e.reply, "", "") for r in rcpts}
-        path = self.message_path(entry.id)
-        size = entry.size
+        path: str | bytes = self.message_path(entry.id) if message is None else message
+        size = entry.size if message is None else len(message)
         targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
         if not targets:
             return {r: _with(R_NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
@@ -204,7 +215,7 @@ class RemoteAgent:
         port: int,
         smarthost: bool,
         rcpts: list[str],
-        path: str,
+        path: str | bytes,
         size: int,
         plaintext: bool,
     ) -> dict[str, Reply] | tuple[str, Reply]:
@@ -267,13 +278,15 @@ class RemoteAgent:
         name: str,
         ip: str,
         rcpts: list[str],
-        path: str,
+        path: str | bytes,
         size: int,
         reused: bool,
     ) -> dict[str, Reply] | tuple[str, Reply] | None:
-        """MAIL/RCPT/DATA on ``client``; None if a reused connection was stale."""
+        """MAIL/RCPT/DATA on ``client``; None if a reused connection was stale.
+
+        ``path``: the queued message's file, or its bytes."""
         try:
-            source = open(path, "rb")
+            source: Any = io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")
         except OSError:
             self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
             self._release(key, client)

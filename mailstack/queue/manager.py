@@ -58,6 +58,7 @@ R_EXPIRED = Reply(451, "4.4.7", "Delivery time expired")
 
 MAX_HISTORY = 20  # attempts remembered per recipient for `queue show`
 SCAN_BATCH = 5000  # envelopes read per thread call at start-up
+PRELOAD_MAX = 64 * 1024  # messages up to this size are read with the envelope and relayed from memory
 HEADER_LIMIT = 65536  # bytes of original headers quoted in a DSN
 
 
@@ -591,7 +592,7 @@ class QueueManager(Service):
             return None
         if begun is None:
             return None
-        entry, due = begun
+        entry, due, message = begun
         local = [r for r in due if r.local]
         remote = [r for r in due if not r.local]
 
@@ -602,7 +603,7 @@ class QueueManager(Service):
         for r in remote:
             by_domain.setdefault(r.domain, []).append(r)
         for domain, rcpts in by_domain.items():
-            work.append(Deferred.fromCoroutine(self._deliver(entry, self.remote, rcpts, domain, now)))
+            work.append(Deferred.fromCoroutine(self._deliver(entry, self.remote, rcpts, domain, now, message)))
         if len(work) == 1:
             await work[0]
         elif work:
@@ -636,7 +637,9 @@ class QueueManager(Service):
             nxt = now + schedule.interval_for(1, relay.retry_intervals)
         return nxt
 
-    def _begin(self, qid: str, now: float, forced: bool) -> tuple[QueueEntry, list[RecipientState]] | None:
+    def _begin(
+        self, qid: str, now: float, forced: bool
+    ) -> tuple[QueueEntry, list[RecipientState], bytes | None] | None:
         """Blocking, one thread call: load the entry and, if remote recipients are
         due, record the attempt before connecting out (style.md 4.13).
 
@@ -644,6 +647,8 @@ class QueueManager(Service):
         a process crash keeps it (no hot retry loop after a crash), and a
         system crash can at worst bring back the previous complete envelope,
         which only means an earlier retry -- never a lost or partial entry.
+        A small message is read here too when the remote agent takes bytes
+        (``takes_message``), so that the reactor thread opens no file.
         Returns None if the entry was deleted meanwhile; raises ``_SaveFailed``
         if the save failed, anything else if the entry cannot be read.
         """
@@ -664,7 +669,13 @@ class QueueManager(Service):
                 raise _SaveFailed() from e
             if not present:
                 return None
-        return entry, due
+            if 0 < entry.size <= PRELOAD_MAX and getattr(self.remote, "takes_message", False):
+                try:
+                    with open(self.store.message_path(qid), "rb") as f:
+                        return entry, due, f.read(PRELOAD_MAX + 1)
+                except OSError:
+                    pass  # the agent opens it itself and reports the error
+        return entry, due, None
 
     def _remove_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
         """Blocking: remove finished entries (one thread call for a batch).
@@ -691,6 +702,7 @@ class QueueManager(Service):
         rcpts: list[RecipientState],
         domain: str | None,
         started: float,
+        message: bytes | None = None,
     ) -> None:
         """One attempt for ``rcpts`` through ``agent``; records each result."""
         relay = self.config.relay
@@ -699,7 +711,10 @@ class QueueManager(Service):
                 return  # shutting down; next_attempt is already on disk
         try:
             try:
-                results = await agent.deliver(entry, list(rcpts))
+                if message is not None:
+                    results = await agent.deliver(entry, list(rcpts), message=message)
+                else:
+                    results = await agent.deliver(entry, list(rcpts))
             except MailError as e:
                 results = {r.address: e.reply for r in rcpts}
             except Exception:

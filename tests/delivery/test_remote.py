@@ -362,3 +362,58 @@ class OutboundTests(SynchronousTestCase):
         self.assertEqual([p["Final-Recipient"] for p in report[1:]], ["rfc822; slow@remote.test"])
         self.assertEqual(report[1]["Action"], "failed")
         self.assertNotIn("Q1", self.store.envelopes)
+
+
+class MessageBytesTests(SynchronousTestCase):
+    """The manager reads small messages in its thread call and hands the bytes over."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.net = FakeNet(self.clock)
+        self.store = FakeStore(self.mktemp())
+        self.resolver = FakeMXResolver({"remote.test": two_mx()})
+        self.config = make_config(port=25)
+
+    def test_agentRelaysBytes(self) -> None:
+        """deliver(..., message=bytes) relays those bytes and opens no file."""
+        servers: list = []
+        self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
+        agent = RemoteAgent(self.config, self.resolver, self.net, self.clock, lambda qid: "/nonexistent/" + qid,
+                            tls_factory=lambda n: FakeTLS())
+        e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        d = agent.deliver(e, e.recipients, message=b"Subject: mem\r\n\r\n.dot\r\n")
+        self.net.drive(d)
+        self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)
+        self.assertEqual(servers[0].messages[0][2], b"Subject: mem\r\n\r\n..dot\r\n")
+
+    def test_managerHandsOverSmallMessages(self) -> None:
+        """A message up to PRELOAD_MAX goes to an agent with ``takes_message`` as bytes;
+        a larger one (or an agent without it) is opened by the agent."""
+        from mailstack.queue import manager as manager_mod
+
+        seen: list = []
+
+        class Agent(FakeAgent):
+            takes_message = True
+
+            def deliver(self, e, rcpts, message=None):
+                seen.append(message)
+                return super().deliver(e, rcpts)
+
+        body = b"Subject: hi\r\n\r\nbody\r\n"
+        agent = Agent()
+        m = QueueManager(self.store, FakeAgent(), agent, self.clock, self.config, run_blocking, FakeIntake(),
+                         rng=random.Random(0))
+        m.startService()
+        self.addCleanup(m.stopService)
+        e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        e.size = len(body)
+        self.store.save(e)
+        m.kick("Q1")
+        self.patch(manager_mod, "PRELOAD_MAX", 4)
+        e2 = entry(self.store, "Q2", "s@here.test", ["a@remote.test"], arrival=START)
+        e2.size = len(body)
+        self.store.save(e2)
+        m.kick("Q2")
+        self.assertEqual(seen, [b"Subject: hi\r\nFrom: a@b\r\n\r\nbody\r\n", None])
