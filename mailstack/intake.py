@@ -30,11 +30,12 @@ through ``run_blocking``.
 Group commit
 ------------
 A commit is ``QueueStore.prepare`` (the file fsyncs, one thread call per
-message, many in parallel) followed by ``QueueStore.publish`` (renames and the
-directory fsyncs).  Publishing goes through a ``GroupCommit``: one publish is in
-flight at a time, and every message prepared meanwhile joins the next one, so
-``msg/`` and ``env/`` are fsynced once per batch however many sessions are
-committing.  With no load a batch is a single message and nothing waits for a
+message, many in parallel) followed by ``publish_messages`` (renames into
+``msg/``, one fsync of ``msg/``) and ``publish_envelopes`` (renames into
+``env/``, one fsync of ``env/``).  Each of the two goes through a
+``GroupCommit``: one batch is in flight per stage, and every message that
+arrives meanwhile joins the next batch, so each directory is fsynced once per
+batch however many sessions are committing, and the two stages pipeline.  With no load a batch is a single message and nothing waits for a
 timer.  A failure of one message's own step fails that message only; a failed
 directory fsync fails the whole batch (each is answered 451/452, and nothing of
 it is left behind).  Each Deferred fires only after its batch is durable.
@@ -150,14 +151,21 @@ class GroupCommit:
     ``publish`` raises, every item of its batch fails with that error.
     While a batch is in flight new items wait, and all of them form the next
     batch: the batch size adapts to the load, with no timer.
+
+    ``then``: the next stage of a pipeline.  While this stage fires a batch's
+    callbacks (which submit the items to ``then``), ``then`` holds back, so
+    the whole batch moves on as one batch rather than one item first.
     """
 
-    def __init__(self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], *args: Any) -> None:
+    def __init__(
+        self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], then: "GroupCommit | None" = None
+    ) -> None:
         self._run_blocking = run_blocking
         self._publish = publish
-        self._args = args
+        self._then = then
         self._waiting: list[tuple[Any, Deferred]] = []
         self._busy = False
+        self._held = 0
         self.batches = 0  # for tests and diagnostics
 
     def submit(self, item: Any) -> Deferred:
@@ -167,13 +175,13 @@ class GroupCommit:
         return d
 
     def _next(self) -> None:
-        if self._busy or not self._waiting:
+        if self._busy or self._held or not self._waiting:
             return
         batch, self._waiting = self._waiting, []
         self._busy = True
         self.batches += 1
         try:
-            d = self._run_blocking(self._publish, [item for item, _ in batch], *self._args)
+            d = self._run_blocking(self._publish, [item for item, _ in batch])
         except Exception:
             d = fail()
         d.addBoth(self._done, batch)
@@ -181,15 +189,23 @@ class GroupCommit:
     def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
         self._busy = False
         self._next()  # start the next batch before running this one's callbacks
-        if isinstance(results, Failure):
-            for _, d in batch:
-                d.errback(results)
-            return
-        for (_, d), result in zip(batch, results):
-            if isinstance(result, BaseException):
-                d.errback(Failure(result))
-            else:
-                d.callback(result)
+        then = self._then
+        if then is not None:
+            then._held += 1
+        try:
+            if isinstance(results, Failure):
+                for _, d in batch:
+                    d.errback(results)
+                return
+            for (_, d), result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    d.errback(Failure(result))
+                else:
+                    d.callback(result)
+        finally:
+            if then is not None:
+                then._held -= 1
+                then._next()
 
 
 def _local_agent(kicker: Any) -> Any:
@@ -223,7 +239,11 @@ class Intake:
         self._run_blocking = run_blocking
         self._clock = clock
         self._local = local if local is not None else _local_agent(kicker)
-        self._committer = GroupCommit(run_blocking, self._publish)
+        # Two pipelined stages: messages into msg/ (fsync msg/), then envelopes
+        # into env/ (fsync env/); a batch in the second stage does not hold up
+        # the next batch's first stage.
+        self._envelopes = GroupCommit(run_blocking, self._publish_envelopes)
+        self._committer = GroupCommit(run_blocking, self._publish_messages, then=self._envelopes)
         self._deliverer = GroupCommit(run_blocking, self._deliver)
 
     def begin(self, envelope: Envelope) -> "Incoming":
@@ -249,6 +269,7 @@ class Intake:
             copies.addErrback(self._no_copies, entry)
         d = self._run_blocking(self._store.prepare, entry)
         d.addCallback(lambda _: self._committer.submit(entry))
+        d.addCallback(self._envelopes.submit)
 
         def failed(failure: Failure) -> Failure:
             if copies is not None:
@@ -273,9 +294,14 @@ class Intake:
         for p in pending:
             self._local.discard_inline(p)
 
-    def _publish(self, entries: list[QueueEntry]) -> list[Any]:
-        """Blocking: publish a batch; per entry the entry itself, or its error."""
-        errors = self._store.publish(entries)
+    def _publish_messages(self, entries: list[QueueEntry]) -> list[Any]:
+        """Blocking: commit step 3 for a batch; per entry the entry itself, or its error."""
+        errors = self._store.publish_messages(entries)
+        return [entry if error is None else error for entry, error in zip(entries, errors)]
+
+    def _publish_envelopes(self, entries: list[QueueEntry]) -> list[Any]:
+        """Blocking: commit step 4 (the commit record) for a batch."""
+        errors = self._store.publish_envelopes(entries)
         return [entry if error is None else error for entry, error in zip(entries, errors)]
 
     def _deliver(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:

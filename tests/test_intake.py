@@ -236,7 +236,7 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_commitRunsInThread(self) -> None:
-        """The commit goes through run_blocking (prepare, then publish); nothing is acknowledged before both fire."""
+        """The commit goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged before all fire."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
@@ -246,7 +246,10 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(threads.names(), ["prepare"])
         threads.run_one()
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_publish"])
+        self.assertEqual(threads.names(), ["_publish_messages"])
+        threads.run_one()
+        self.assertNoResult(d)
+        self.assertEqual(threads.names(), ["_publish_envelopes"])
         self.assertEqual(list(self.store.scan()), [])
         threads.run_one()
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
@@ -362,7 +365,7 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
         def broken(entry):
             raise RuntimeError("bug")
 
-        self.patch(self.store, "publish", broken)
+        self.patch(self.store, "publish_envelopes", broken)
         incoming, d = self.send(envelope(), MESSAGE)
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual(failure.value.reply.code, 451)
@@ -386,32 +389,49 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
             out.append((incoming, incoming.finish()))
         return out
 
+    def step(self, name: str) -> None:
+        self.threads.run_one(self.threads.names().index(name))
+
     def test_batchesShareDirectoryFsyncs(self) -> None:
-        """One message publishes alone; the four prepared meanwhile share one publish (one fsync of msg/ and env/)."""
+        """One message publishes alone; the four prepared meanwhile share one fsync of msg/ and one of env/."""
         sent = self.start(5)
         self.assertEqual(self.threads.names(), ["prepare"] * 5)
-        self.threads.run_one()  # first prepare: its publish starts at once
-        self.assertEqual(self.threads.names(), ["prepare"] * 4 + ["_publish"])
+        self.step("prepare")  # first prepare: its first stage starts at once
+        self.assertEqual(self.threads.names(), ["prepare"] * 4 + ["_publish_messages"])
         for _ in range(4):
-            self.threads.run_one()  # the others are prepared while the first publish is in flight
-        self.assertEqual(self.threads.names(), ["_publish"])
-        self.threads.run_one()
-        self.assertNoResult(sent[1][1])
+            self.step("prepare")  # the others are prepared while the first batch is in flight
+        self.step("_publish_messages")  # message 0 moves on to the second stage, the four start the first
+        self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
+        self.step("_publish_envelopes")
         self.assertEqual(self.successResultOf(sent[0][1]), sent[0][0].queue_id)
-        self.assertEqual(self.threads.names(), ["_publish"])  # the other four, together
+        self.assertNoResult(sent[1][1])
         faults = Faults(self)
-        self.threads.run_one()
+        self.step("_publish_messages")
+        self.step("_publish_envelopes")
         faults.restore()
         self.assertEqual(faults.calls, ["_rename"] * 4 + ["_open", "_fsync"] + ["_rename"] * 4 + ["_open", "_fsync"])
         self.assertEqual([self.successResultOf(d) for _, d in sent[1:]], [i.queue_id for i, _ in sent[1:]])
-        self.assertEqual(self.intake._committer.batches, 2)
+        self.assertEqual((self.intake._committer.batches, self.intake._envelopes.batches), (2, 2))
         self.assertEqual(len(list(self.store.scan())), 5)
 
-    def test_nothingAcknowledgedBeforeItsBatchIsDurable(self) -> None:
-        """A prepared message is not acknowledged, nor visible to scan(), until its batch publish returns."""
+    def test_stagesPipeline(self) -> None:
+        """While one batch's envelopes are fsynced, the next batch's messages already move into msg/."""
         sent = self.start(2)
-        self.threads.run_one()
-        self.threads.run_one()  # second prepare, waits for the first publish
+        self.step("prepare")
+        self.step("_publish_messages")
+        self.step("prepare")
+        self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
+        self.step("_publish_messages")  # batch 2, stage 1, while batch 1 is still in stage 2
+        self.assertNoResult(sent[0][1])
+        self.threads.run_all()
+        self.assertEqual([self.successResultOf(d) for _, d in sent], [i.queue_id for i, _ in sent])
+
+    def test_nothingAcknowledgedBeforeItsBatchIsDurable(self) -> None:
+        """A prepared message is not acknowledged, nor visible to scan(), until its envelope is published."""
+        sent = self.start(2)
+        self.step("prepare")
+        self.step("prepare")
+        self.step("_publish_messages")
         for _, d in sent:
             self.assertNoResult(d)
         self.assertEqual(list(self.store.scan()), [])
@@ -421,14 +441,16 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_directoryFsyncFailureFailsOnlyThatBatch(self) -> None:
         """A failed fsync of env/ fails every message of that batch with 451 (nothing left); the next batch commits."""
         sent = self.start(3)
-        self.threads.run_one()
-        self.threads.run_one()
-        self.threads.run_one()
-        self.threads.run_one()  # the first batch (message 0) publishes fine
-        self.assertEqual(self.threads.names(), ["_publish"])
-        faults = Faults(self, fail_at=8)  # 2 renames, open+fsync msg/, 2 renames, open, fsync env/
-        self.threads.run_one()
-        self.assertEqual(faults.calls[7], "_fsync")
+        self.step("prepare")
+        self.step("prepare")
+        self.step("prepare")
+        self.step("_publish_messages")  # message 0 alone
+        self.step("_publish_envelopes")
+        self.step("_publish_messages")  # messages 1 and 2
+        self.assertEqual(self.threads.names(), ["_publish_envelopes"])
+        faults = Faults(self, fail_at=4)  # 2 renames, open env/, fsync env/
+        self.step("_publish_envelopes")
+        self.assertEqual(faults.calls[3], "_fsync")
         faults.restore()
         self.threads.run_all()
         self.successResultOf(sent[0][1])
@@ -444,26 +466,26 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_oneMessageFailureFailsOnlyThatMessage(self) -> None:
         """A rename failure of one message in a batch refuses that message only."""
         sent = self.start(3)
-        self.threads.run_one()
-        self.threads.run_one()
-        self.threads.run_one()
-        self.threads.run_one()  # message 0 alone
+        self.step("prepare")
+        self.step("prepare")
+        self.step("prepare")
+        self.step("_publish_messages")  # message 0 alone
         faults = Faults(self, fail_at=1)  # first rename of the second batch
-        self.threads.run_one()
+        self.step("_publish_messages")
         faults.restore()
-        self.threads.run_all()  # the refused message's clean-up
+        self.threads.run_all()
         self.successResultOf(sent[0][1])
         self.failureResultOf(sent[1][1], TemporaryFailure)
         self.successResultOf(sent[2][1])
         self.assertEqual(sorted(e.id for e in self.store.scan()), sorted([sent[0][0].queue_id, sent[2][0].queue_id]))
 
     def test_publishBugFailsTheBatch(self) -> None:
-        """An unexpected exception in publish refuses every message of the batch with 451, logged."""
+        """An unexpected exception in a publish stage refuses every message of the batch with 451, logged."""
 
         def broken(entries):
             raise RuntimeError("bug")
 
-        self.patch(self.store, "publish", broken)
+        self.patch(self.store, "publish_messages", broken)
         sent = self.start(2)
         self.threads.run_all()
         for _, d in sent:
@@ -515,7 +537,8 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(sorted(threads.names()), ["prepare", "prepare_inline"])  # side by side
         threads.run_one(threads.names().index("prepare"))  # queue files, fsynced
         self.assertNoResult(d)
-        threads.run_one(threads.names().index("_publish"))  # committed: the 250 does not wait for the copy
+        threads.run_one(threads.names().index("_publish_messages"))
+        threads.run_one(threads.names().index("_publish_envelopes"))  # committed: the 250 does not wait for the copy
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(threads.names(), ["prepare_inline"])
         threads.run_one()  # the Maildir copy in tmp/, fsynced
@@ -538,8 +561,8 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         for _ in range(4):
             threads.run_one(threads.names().index("prepare"))
             threads.run_one(threads.names().index("prepare_inline"))
-        while "_publish" in threads.names():
-            threads.run_one(threads.names().index("_publish"))
+        while any(n.startswith("_publish") for n in threads.names()):
+            threads.run_one([n.startswith("_publish") for n in threads.names()].index(True))
         # Message 0 (dave) was committed alone and is being delivered alone;
         # the other three were committed together and wait for that delivery.
         self.assertEqual(threads.names(), ["_deliver"])

@@ -190,28 +190,39 @@ class QueueStore:
 
         Returns, per entry, None (committed: durable and visible) or the error
         that failed it (its files are gone again).  See "Failures in a batch".
+        ``publish_messages`` then ``publish_envelopes`` on the survivors.
         """
+        errors = self.publish_messages(entries)
+        live = [e for e, error in zip(entries, errors) if error is None]
+        later = iter(self.publish_envelopes(live))
+        return [error if error is not None else next(later) for error in errors]
+
+    def publish_messages(self, entries: list[QueueEntry]) -> list[BaseException | None]:
+        """Step 3 for a batch: rename each message into ``msg/``, fsync ``msg/`` once.
+
+        Nothing is visible to ``scan()`` yet.  Per entry None or its error (a
+        failed entry's files are removed).  Lets a caller pipeline batches:
+        step 3 of one batch while step 4 of the previous one runs.
+        """
+        return self._step(entries, lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), MSG)
+
+    def publish_envelopes(self, entries: list[QueueEntry]) -> list[BaseException | None]:
+        """Step 4 for a batch whose step 3 succeeded: rename each envelope into place, fsync ``env/`` once."""
+        return self._step(entries, lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), ENV)
+
+    def _step(self, entries: list[QueueEntry], action, folder: str) -> list[BaseException | None]:
+        """``action(id)`` for each entry, then one fsync of ``folder``; failed entries are discarded."""
         errors: list[BaseException | None] = [None] * len(entries)
-
-        def step(action, *dirs: str) -> None:
-            live = [i for i, e in enumerate(errors) if e is None]
-            for i in live:
-                try:
-                    action(entries[i].id)
-                except Exception as e:
-                    errors[i] = e
-            if not dirs or not any(errors[i] is None for i in live):
-                return
+        for i, entry in enumerate(entries):
             try:
-                for d in dirs:
-                    fsutil.fsync_dir(d)
+                action(entry.id)
             except Exception as e:
-                for i in live:
-                    if errors[i] is None:
-                        errors[i] = e
-
-        step(lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), self._dirs[MSG])
-        step(lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), self._dirs[ENV])
+                errors[i] = e
+        if any(e is None for e in errors):
+            try:
+                fsutil.fsync_dir(self._dirs[folder])
+            except Exception as e:
+                errors = [error if error is not None else e for error in errors]
         for entry, error in zip(entries, errors):
             if error is not None:
                 self.discard(entry.id)
