@@ -109,8 +109,16 @@ def received_header(envelope: Envelope, hostname: str, queue_id: str, now: float
     if len(originals) == 1:
         clauses.append(f"for <{originals[0]}>")
     clauses[-1] += ";"
-    clauses.append(format_datetime(datetime.fromtimestamp(now, timezone.utc)))
+    clauses.append(_date(int(now)))
     return _fold(clauses).encode("utf-8")
+
+
+def _date(second: int, _cache: list = [None, ""]) -> str:
+    """The RFC 5322 date of ``second`` (UTC); cached, as most messages share their second."""
+    if _cache[0] != second:
+        _cache[1] = format_datetime(datetime.fromtimestamp(second, timezone.utc))
+        _cache[0] = second
+    return _cache[1]
 
 
 def _token(text: str) -> str:

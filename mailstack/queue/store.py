@@ -118,6 +118,7 @@ class QueueStore:
         self.root = os.path.abspath(root)
         self._dirs = {name: os.path.join(self.root, name) for name in (TMP, MSG, ENV, CORRUPT)}
         self._ready = False  # msg/ and env/ are known to exist (they are never removed)
+        self._tmp_ready = False
 
     # -- names --------------------------------------------------------------
 
@@ -142,7 +143,9 @@ class QueueStore:
 
         The writes only reach the page cache; ``commit`` makes them durable.
         """
-        fsutil.ensure_dir(self._dirs[TMP])
+        if not self._tmp_ready:
+            fsutil.ensure_dir(self._dirs[TMP])
+            self._tmp_ready = True  # tmp/ is never removed while we run
         fd = fsutil._open(self.tmp_path(queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         return os.fdopen(fd, "wb", buffering=CHUNK)
 
