@@ -9,9 +9,20 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
 * ``kick(id)`` (from the intake after each commit, and from ``flush``) makes an
   entry due now.  Local recipients are delivered at once through the local agent;
   remote ones when their ``next_attempt`` has come.
-* Before connecting out, ``attempts`` and ``next_attempt`` of the recipients about
-  to be tried are saved, so a crash in the middle never causes a hot retry loop
-  (style.md 4 item 13); results are saved afterwards.
+* Before connecting out, the attempt is recorded, so a crash in the middle never
+  causes a hot retry loop (style.md 4 item 13): an *attempt marker*
+  ``queue/attempts/<id>`` holding the earliest time the entry may be tried
+  again (its ``next_attempt`` after this attempt) is written, without any
+  fsync.  A process crash keeps it (the page cache survives the process), and
+  the start-up scan schedules the entry no earlier than the marker says.  A
+  system crash may lose it or leave it empty or garbled; it is then ignored,
+  which only means an earlier retry.  The envelope itself is not touched
+  before the attempt, so no crash can damage it: the message is never lost.
+  Results (``attempts``, ``next_attempt``, replies, history) are saved
+  durably afterwards, unless the entry is finished and removed; then the
+  marker goes too.  Removals after final delivery are batched and do not
+  fsync ``env/`` (a crash that undoes one means a second delivery, never
+  none), except when a DSN was sent for the entry.
 * Remote attempts are one per (entry, destination domain), limited by
   ``relay.max_connections`` overall and ``relay.max_per_domain`` per domain
   (0 means no limit).
@@ -105,7 +116,83 @@ def remove_entry(store: Any, queue_id: str) -> bool:
 
     False if there was no envelope."""
     with entry_lock(store, queue_id):
-        return bool(store.remove(queue_id))
+        gone = bool(store.remove(queue_id))
+    clear_marker(store, queue_id)
+    return gone
+
+
+def _save_clear(store: Any, entry: QueueEntry) -> bool:
+    """Durable save, then drop the attempt marker (blocking)."""
+    present = save_unless_deleted(store, entry)
+    clear_marker(store, entry.id)
+    return present
+
+
+# -- attempt markers (see the module docstring) ------------------------------
+
+ATTEMPTS = "attempts"  # queue/attempts/<id>: "not before" time of an entry being tried
+
+
+def _marker_path(store: Any, queue_id: str) -> str:
+    return os.path.join(store.root, ATTEMPTS, queue_id)
+
+
+def mark_attempt(store: Any, queue_id: str, not_before: float) -> None:
+    """Record that ``queue_id`` is being tried: no retry before ``not_before``
+    (blocking; deliberately no fsync, see the module docstring)."""
+    path = _marker_path(store, queue_id)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, repr(float(not_before)).encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def clear_marker(store: Any, queue_id: str) -> None:
+    """Drop the attempt marker of ``queue_id``, if any (blocking)."""
+    try:
+        os.unlink(_marker_path(store, queue_id))
+    except FileNotFoundError:
+        pass
+
+
+def read_markers(store: Any) -> dict[str, float]:
+    """``{id: not_before}`` of every readable attempt marker (blocking).
+
+    An empty or garbled marker (a system crash) is dropped: it only means an
+    earlier retry.
+    """
+    folder = os.path.join(store.root, ATTEMPTS)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                value = float(f.read(64).decode("ascii"))
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(name)
+            out[name] = value
+        except (OSError, ValueError, UnicodeDecodeError):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return out
+
+
+def drop_markers(store: Any, queue_ids: list[str]) -> None:
+    """Remove the markers of ``queue_ids`` (orphans of removed entries; blocking)."""
+    for qid in queue_ids:
+        clear_marker(store, qid)
 
 
 def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:
@@ -404,18 +491,27 @@ class QueueManager(Service):
         warn = self.config.relay.delay_warning_after
         store = self.store
         count = 0
+        # Markers first, then the listing: a marker without an envelope in the
+        # listing belongs to an entry that is gone.
+        markers = await self.run_blocking(read_markers, store)
         if callable(getattr(store, "ids", None)) and callable(getattr(store, "envelope_path", None)):
             ids = await self.run_blocking(store.ids)
             for i in range(0, len(ids), SCAN_BATCH):
                 if self._stopping:
                     return
                 found = await self.run_blocking(scan_schedule, store, ids[i : i + SCAN_BATCH], now, warn)
-                count += self._add_found(found)
+                count += self._add_found(found, markers)
         else:
             found = await self.run_blocking(lambda: [(entry_due(e, now, warn), e.id) for e in store.scan()])
-            count += self._add_found(found)
+            ids = [qid for _, qid in found]
+            count += self._add_found(found, markers)
         if self._stopping:
             return
+        if markers:
+            listed = set(ids)
+            orphans = [qid for qid in markers if qid not in listed]
+            if orphans:
+                await self.run_blocking(drop_markers, store, orphans)
         self.log.info("queue loaded: {count} entries", count=count)
         if self.flush_poll:
             self._poller = LoopingCall(self._poll_flush)
@@ -424,11 +520,13 @@ class QueueManager(Service):
                 lambda f: self.log.failure("flush poller stopped", f)
             )
 
-    def _add_found(self, found: list[tuple[float, str]]) -> int:
+    def _add_found(self, found: list[tuple[float, str]], markers: dict[str, float]) -> int:
         if self._stopping:
             return 0
-        n = 0
         for due, qid in found:
+            if markers and qid in markers:
+                # Tried when the last process stopped (crashed): not before the marker.
+                due = max(due, markers[qid])
             if qid not in self._due and qid not in self._active:
                 self._due[qid] = due
                 heapq.heappush(self._heap, (due, qid))
@@ -643,14 +741,13 @@ class QueueManager(Service):
         """Blocking, one thread call: load the entry and, if remote recipients are
         due, record the attempt before connecting out (style.md 4.13).
 
-        The save fsyncs the new envelope but not ``env/`` (``durable=False``):
-        a process crash keeps it (no hot retry loop after a crash), and a
-        system crash can at worst bring back the previous complete envelope,
-        which only means an earlier retry -- never a lost or partial entry.
-        A small message is read here too when the remote agent takes bytes
-        (``takes_message``), so that the reactor thread opens no file.
-        Returns None if the entry was deleted meanwhile; raises ``_SaveFailed``
-        if the save failed, anything else if the entry cannot be read.
+        The record is the attempt marker (no fsync; the module docstring says
+        why that is enough); ``attempts`` and ``next_attempt`` are updated in
+        memory and saved durably with the results.  A small message is read
+        here too when the remote agent takes bytes (``takes_message``), so
+        that the reactor thread opens no file.  Returns None if the entry is
+        gone; raises ``_SaveFailed`` if the marker cannot be written, anything
+        else if the entry cannot be read.
         """
         relay = self.config.relay
         entry = self.store.load(qid)
@@ -664,11 +761,9 @@ class QueueManager(Service):
                 r.attempts += 1
                 r.next_attempt = min(schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng), expires)
             try:
-                present = save_unless_deleted(self.store, entry, durable=False)
+                mark_attempt(self.store, qid, min(r.next_attempt for r in remote))
             except Exception as e:
                 raise _SaveFailed() from e
-            if not present:
-                return None
             if 0 < entry.size <= PRELOAD_MAX and getattr(self.remote, "takes_message", False):
                 try:
                     with open(self.store.message_path(qid), "rb") as f:
@@ -687,13 +782,15 @@ class QueueManager(Service):
         for qid, durable in items:
             try:
                 results.append(self.store.remove(qid, sync=durable))
+                clear_marker(self.store, qid)
             except Exception as e:
                 results.append(e)
         return results
 
     async def _save(self, entry: QueueEntry) -> bool:
+        """Save durably; the attempt marker, if any, is no longer needed then."""
         snapshot = QueueEntry.from_json(entry.to_json())  # the thread never sees later changes
-        return bool(await self.run_blocking(save_unless_deleted, self.store, snapshot))
+        return bool(await self.run_blocking(_save_clear, self.store, snapshot))
 
     async def _deliver(
         self,

@@ -79,18 +79,48 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(m.scheduled(), {})
 
     def test_attemptPersistedBeforeConnecting(self) -> None:
-        """attempts and next_attempt are on disk before the remote agent is called."""
-        self.remote.script = reply_all(TEMP)
+        """Before the remote agent is called the attempt marker holds the next retry
+        time; afterwards attempts, next_attempt and the reply are in the envelope
+        and the marker is gone."""
+        from mailstack.queue.manager import read_markers
+
+        seen = []
+
+        def script(e, rs):
+            seen.append(read_markers(self.store))
+            return {r.address: TEMP for r in rs}
+
+        self.remote.script = script
         m = self.manager()
         entry(self.store, "R", "s@x.test", ["r@remote.test"], arrival=START)
         m.kick("R")
-        seen = self.remote.calls[0][2][0]
-        self.assertEqual(seen["attempts"], 1)
-        self.assertGreaterEqual(seen["next_attempt"], START + 60)
-        self.assertLessEqual(seen["next_attempt"], START + 66)
+        self.assertEqual(list(seen[0]), ["R"])
+        self.assertGreaterEqual(seen[0]["R"], START + 60)
+        self.assertLessEqual(seen[0]["R"], START + 66)
         saved = self.store.envelopes["R"]["recipients"][0]
-        self.assertEqual(saved["status"], PENDING)
+        self.assertEqual((saved["status"], saved["attempts"]), (PENDING, 1))
+        self.assertEqual(saved["next_attempt"], seen[0]["R"])
         self.assertEqual(saved["last_reply"], "451 4.7.1 greylisted")
+        self.assertEqual(read_markers(self.store), {})
+
+    def test_crashKeepsMarkerNotBefore(self) -> None:
+        """After a crash during the attempt the marker keeps the entry from being
+        retried at start; a garbled marker (system crash) only means an earlier retry,
+        and markers of entries that are gone are dropped."""
+        from mailstack.queue.manager import mark_attempt, read_markers
+
+        entry(self.store, "A", "s@x.test", ["r@remote.test"], arrival=START)
+        entry(self.store, "B", "s@x.test", ["r@remote.test"], arrival=START)
+        mark_attempt(self.store, "A", START + 300)
+        mark_attempt(self.store, "B", START + 300)
+        mark_attempt(self.store, "GONE", START + 300)
+        with open(os.path.join(self.store.root, "attempts", "B"), "wb") as f:
+            f.write(b"")
+        self.remote.script = reply_all(TEMP)
+        m = self.manager()
+        self.assertEqual([c[0] for c in self.remote.calls], ["B"])
+        self.assertEqual(m.scheduled()["A"], START + 300)
+        self.assertEqual(read_markers(self.store), {"A": START + 300})
 
     def test_deferredRetriedOnSchedule(self) -> None:
         """A 4xx is retried after each interval (the last repeats) and delivered once it works."""
@@ -555,23 +585,32 @@ class FastPathTests(SynchronousTestCase):
         self.addCleanup(lambda: m.running and m.stopService())
         return m
 
-    def test_preAttemptSaveNotDirSynced(self) -> None:
-        """The save before connecting out is fsynced but env/ is not; a delivered entry
-        is removed without an env/ fsync (a crash can only cause a second delivery)."""
+    def test_preAttemptMarkerNoFsync(self) -> None:
+        """The attempt is recorded with a marker and no fsync at all; a delivered entry
+        is removed, with its marker, without an env/ fsync (a crash can only cause a
+        second delivery)."""
+        from mailstack.queue.manager import read_markers
         from mailstack.storage import fsutil
 
         qid = self.commit()
         synced: list[str] = []
+        fsyncs: list[int] = []
         real = fsutil.fsync_dir
         self.patch(fsutil, "fsync_dir", lambda p: (synced.append(os.path.basename(p)), real(p))[1])
         seen = []
-        self.remote.script = lambda e, rs: (seen.append(self.store.load(e.id).recipients[0].attempts),
-                                            {r.address: OK for r in rs})[1]
+
+        def script(e, rs):
+            fsyncs.append(len(synced))
+            seen.append(read_markers(self.store))
+            return {r.address: OK for r in rs}
+
+        self.remote.script = script
         m = self.manager()
-        self.assertEqual(seen, [1])  # on disk before the agent was called
-        self.assertEqual(synced.count("env"), 1)  # recover()'s at start, none for the save or removal
+        self.assertEqual(list(seen[0]), [qid])  # on disk before the agent was called
+        self.assertEqual(synced.count("env"), 1)  # recover()'s at start, none for the marker or removal
         self.assertEqual(self.store.ids(), [])
         self.assertFalse(os.path.exists(self.store.message_path(qid)))
+        self.assertEqual(read_markers(self.store), {})
         self.assertEqual(m.scheduled(), {})
 
     def test_bouncedRemovalDurable(self) -> None:
