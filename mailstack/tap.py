@@ -19,6 +19,8 @@ handler would make the process die by the signal (status 143 in systemd).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import signal
 from typing import Any
 
@@ -64,8 +66,31 @@ def install_sigterm(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+# glibc mallopt parameter: allocations at least this big are mmapped.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_big_frees_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold so that large freed blocks go back to the OS.
+
+    Each Argon2 check allocates its 19 MiB work area in the pool thread that runs
+    it; glibc's default *dynamic* threshold then serves such blocks from that
+    thread's arena and keeps them after free, so 32 pool threads settled the
+    process at ~700 MB RSS (measured) after one burst of logins.  A fixed
+    threshold keeps them mmapped and returned at once: RSS stays flat.
+    Returns False where the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def makeService(options: Options) -> Any:
     from twisted.internet import reactor
+
+    return_big_frees_to_the_os()
 
     tls, users, aliases = options.parts
     service = make_service(options.config, reactor, tls, users, aliases)

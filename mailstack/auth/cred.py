@@ -23,7 +23,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -38,9 +38,13 @@ class UserChecker:
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, users: IUserDB, run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(self, users: IUserDB, run_blocking: Callable[..., Deferred], parallel: int = 4) -> None:
         self.users = users
         self.run_blocking = run_blocking
+        # At most ``parallel`` Argon2 checks at once: each takes a core and
+        # 19 MiB, and a login flood must not take the pool threads that
+        # fsync accepted mail.
+        self._slots = DeferredSemaphore(parallel)
 
     def requestAvatarId(self, credentials: Any) -> Deferred:
         username = credentials.username
@@ -50,7 +54,7 @@ class UserChecker:
             key = parse_address(username).key
         except (UnicodeDecodeError, AddressError):
             return fail(UnauthorizedLogin("bad username"))
-        d = self.run_blocking(self.users.check_password, key, credentials.password)
+        d = self._slots.run(self.run_blocking, self.users.check_password, key, credentials.password)
 
         def checked(ok: bool) -> str:
             if not ok:

@@ -7,7 +7,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -106,3 +106,24 @@ class ThreadTests(TestCase):
             self.assertIsNot(threads[0], threading.main_thread())
 
         return result.addCallback(check)
+
+
+class ParallelLimitTests(SynchronousTestCase):
+    def test_atMostParallelChecks(self):
+        """No more than ``parallel`` password checks are handed to the pool at once;
+        the others wait their turn and still complete."""
+        pending = []
+
+        def run_blocking(f, *a):
+            d = Deferred()
+            pending.append((d, f, a))
+            return d
+
+        users = type("Users", (), {"check_password": lambda self, key, pw: True})()
+        checker = UserChecker(users, run_blocking, parallel=2)
+        results = [checker.requestAvatarId(UsernamePassword(b"u%d@localhost" % i, b"pw")) for i in range(5)]
+        self.assertEqual(len(pending), 2)
+        while pending:
+            d, f, a = pending.pop(0)
+            d.callback(f(*a))
+        self.assertEqual([self.successResultOf(r) for r in results], ["u%d@localhost" % i for i in range(5)])
