@@ -329,12 +329,20 @@ class SMTPClientProtocol(Protocol):
         return d
 
     def _rearm(self) -> None:
-        """One timer for the oldest outstanding reply (RFC 5321 4.5.3.2)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        """One timer for the oldest outstanding reply (RFC 5321 4.5.3.2).
+
+        The same DelayedCall is moved (``reset``) while replies keep coming,
+        rather than cancelled and created anew for every reply."""
+        timer = self._timer
         if self._waiting:
-            self._timer = self.clock.callLater(self._waiting[0][1], self._timed_out)
+            if timer is not None and timer.active():
+                timer.reset(self._waiting[0][1])
+            else:
+                self._timer = self.clock.callLater(self._waiting[0][1], self._timed_out)
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
 
     def _touch(self) -> None:
         """Progress while sending DATA: restart the timer (4.5.3.2.5, data block)."""
