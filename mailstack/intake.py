@@ -251,6 +251,8 @@ class Intake:
         # into env/ (fsync env/); a batch in the second stage does not hold up
         # the next batch's first stage.
         self._envelopes = GroupCommit(run_blocking, self._publish_envelopes)
+        self._inline = 0  # inline deliveries between their 250 and their end
+        self._idle_waiters: list[Deferred] = []
         self._committer = GroupCommit(run_blocking, self._publish_messages, then=self._envelopes)
         self._deliverer = GroupCommit(run_blocking, self._deliver)
 
@@ -322,6 +324,12 @@ class Intake:
 
     def _inline_done(self, result: Any, entry: QueueEntry) -> None:
         """One event per delivery; the manager takes over what is not settled."""
+        try:
+            self._inline_report(result, entry)
+        finally:
+            self._inline_ended()
+
+    def _inline_report(self, result: Any, entry: QueueEntry) -> None:
         if isinstance(result, Failure):
             self.log.failure("inline delivery of {queue_id} failed", result, queue_id=entry.id)
             self._kick(entry.id)
@@ -363,14 +371,38 @@ class Intake:
         if copies is None:
             self._kick(entry.id)
         else:
+            self._inline += 1
             copies.addCallback(self._copies_ready, entry)
         return entry.id
+
+    def wait_idle(self) -> Deferred:
+        """Fires once no inline delivery is in progress (graceful shutdown).
+
+        The SMTP listeners' ``drain`` waits for it, so that a message
+        acknowledged just before SIGTERM is in its Maildir before the queue
+        manager and the thread pool stop (it would be delivered at the next
+        start otherwise: queued, never lost).
+        """
+        d: Deferred = Deferred()
+        if self._inline:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _inline_ended(self) -> None:
+        self._inline -= 1
+        if not self._inline:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def _copies_ready(self, pending: Any, entry: QueueEntry) -> None:
         if pending:
             self._run_inline(entry, pending)
         else:
             self._kick(entry.id)  # the copies could not be written: the manager delivers
+            self._inline_ended()
 
     def _kick(self, queue_id: str) -> None:
         try:

@@ -698,3 +698,21 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
             self.assertEqual((os.listdir(os.path.join(box, "tmp")), os.listdir(os.path.join(box, "new"))), ([], []))
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
         self.assertEqual(self.kicker.kicked, [])
+
+    def test_waitIdleAfterInlineDelivery(self) -> None:
+        """wait_idle() fires at once with nothing in flight, else only once the inline delivery ended."""
+        self.successResultOf(self.intake.wait_idle())
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        incoming = intake.begin(envelope())
+        incoming.write(MESSAGE)
+        d = incoming.finish()
+        threads.run_one(threads.names().index("prepare"))
+        threads.run_one(threads.names().index("_publish_messages"))
+        threads.run_one(threads.names().index("_publish_envelopes"))
+        self.successResultOf(d)
+        idle = intake.wait_idle()
+        self.assertNoResult(idle)
+        threads.run_all()
+        self.successResultOf(idle)
+        self.assertEqual(len(self.mailbox(BOB)), 1)

@@ -1009,7 +1009,7 @@ class SMTPFactory(ServerFactory):
         d: Deferred = Deferred()
         if not self.protocols:
             d.callback(None)
-            return d
+            return self._intake_idle(d, timeout)
         self._idle_waiters.append(d)
         for proto in list(self.protocols):
             proto.shutdown_when_idle()
@@ -1031,7 +1031,33 @@ class SMTPFactory(ServerFactory):
             return result
 
         d.addBoth(cancel_timer)
-        return d
+        return self._intake_idle(d, timeout)
+
+    def _intake_idle(self, sessions_gone: Deferred, timeout: float) -> Deferred:
+        """After the sessions: wait (at most ``timeout``) for the intake's inline deliveries.
+
+        A message acknowledged just before shutdown then reaches its Maildir
+        before the queue manager and the thread pool stop.
+        """
+        wait = getattr(self.runtime.intake, "wait_idle", None)
+        if not callable(wait):
+            return sessions_gone
+        out: Deferred = Deferred()
+        clock = self.runtime.reactor
+
+        def then(_: Any) -> None:
+            call = clock.callLater(timeout, lambda: out.called or out.callback(None))
+
+            def idle(_: Any) -> None:
+                if call.active():
+                    call.cancel()
+                if not out.called:
+                    out.callback(None)
+
+            wait().addBoth(idle)
+
+        sessions_gone.addBoth(then)
+        return out
 
     wait_idle = drain
 

@@ -871,3 +871,31 @@ class TLSHandshakeBackPressureTests(SynchronousTestCase):
         session.send(b"STARTTLS\r\n")
         session.proto.pauseProducing()
         self.assertEqual(session.transport.producerState, "producing")
+
+
+class DrainWaitsForIntakeTests(SynchronousTestCase):
+    def test_drainWaitsForInlineDeliveries(self) -> None:
+        """After the sessions are gone, drain() also waits for the intake's inline deliveries (bounded by the grace)."""
+        from twisted.internet.defer import Deferred
+
+        rt = make_runtime()
+        idle: list[Deferred] = []
+        rt.intake.wait_idle = lambda: idle.append(Deferred()) or idle[-1]
+        f = make_factory("smtp", rt)
+        d = f.drain(10)
+        self.assertNoResult(d)
+        idle[0].callback(None)
+        self.successResultOf(d)
+        self.assertEqual(rt.reactor.getDelayedCalls(), [])
+
+    def test_drainIntakeWaitBounded(self) -> None:
+        """An inline delivery that never ends does not hold shutdown beyond the grace period."""
+        from twisted.internet.defer import Deferred
+
+        rt = make_runtime()
+        rt.intake.wait_idle = Deferred
+        f = make_factory("smtp", rt)
+        d = f.drain(10)
+        self.assertNoResult(d)
+        rt.reactor.advance(10)
+        self.successResultOf(d)
