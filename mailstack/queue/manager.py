@@ -276,6 +276,21 @@ def _due_from_json(data: Any, queue_id: str, now: float, warning_after: float | 
     return min(times)
 
 
+def _read_small(path: str) -> bytes:
+    """A whole (small) file with plain system calls, cheaper than ``open()``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float | None) -> list[tuple[float, str]]:
     """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan).
 
@@ -284,11 +299,13 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
     """
     out = []
     loads = json.loads
+    if not ids:
+        return out
+    folder = os.path.dirname(store.envelope_path(ids[0]))  # ids come from store.ids(): checked
     for qid in ids:
         due = None
         try:
-            with open(store.envelope_path(qid), "rb") as f:
-                due = _due_from_json(loads(f.read()), qid, now, warning_after)
+            due = _due_from_json(loads(_read_small(f"{folder}/{qid}.json").decode("utf-8")), qid, now, warning_after)
         except FileNotFoundError:
             continue  # delivered or deleted since the listing
         except Exception:  # unreadable: store.load below decides (and moves it aside)
