@@ -29,8 +29,9 @@ through ``run_blocking``.
 
 Group commit
 ------------
-A commit is ``QueueStore.prepare`` (the file fsyncs, one thread call per
-message, many in parallel) followed by ``publish_messages`` (renames into
+A commit is ``QueueStore.prepare`` (the file fsyncs: ``prepare_message`` and
+``prepare_envelope``, two thread calls side by side per message, many
+messages in parallel) followed by ``publish_messages`` (renames into
 ``msg/``, one fsync of ``msg/``) and ``publish_envelopes`` (renames into
 ``env/``, one fsync of ``env/``).  Each of the two goes through a
 ``GroupCommit``: one batch is in flight per stage, and every message that
@@ -60,7 +61,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -277,8 +278,14 @@ class Intake:
                 local.prepare_inline, entry, self._store.tmp_path(entry.id), self._store.message_path(entry.id)
             )
             copies.addErrback(self._no_copies, entry)
-        d = self._run_blocking(self._store.prepare, entry)
-        d.addCallback(lambda _: self._committer.submit(entry))
+        # The message fsync and the envelope write + fsync, side by side.
+        # Both halves end before anything else happens, so that a failure's
+        # clean-up (Incoming._discarded) never races with the other half.
+        d = DeferredList(
+            [self._run_blocking(self._store.prepare_message, entry), self._run_blocking(self._store.prepare_envelope, entry)],
+            consumeErrors=True,
+        )
+        d.addCallback(self._prepared, entry)
         d.addCallback(self._envelopes.submit)
 
         def failed(failure: Failure) -> Failure:
@@ -288,6 +295,13 @@ class Intake:
 
         d.addCallbacks(lambda _: (entry, copies), failed)
         return d
+
+    def _prepared(self, results: list[tuple[bool, Any]], entry: QueueEntry) -> Any:
+        """Both halves of the prepare ended: on to the group commit, or the first failure."""
+        for ok, result in results:
+            if not ok:
+                return result
+        return self._committer.submit(entry)
 
     def _no_copies(self, failure: Failure, entry: QueueEntry) -> None:
         self.log.failure("inline delivery of {queue_id}: preparing copies failed", failure, queue_id=entry.id)

@@ -63,6 +63,11 @@ class ManualThreads:
         while self.calls:
             self.run_one()
 
+    def run_prepare(self) -> None:
+        """Run both halves of the oldest message's prepare (message fsync, envelope write + fsync)."""
+        self.run_one(self.names().index("prepare_message"))
+        self.run_one(self.names().index("prepare_envelope"))
+
 
 class Kicker:
     def __init__(self) -> None:
@@ -243,8 +248,8 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         incoming.write(MESSAGE)
         d = incoming.finish()
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["prepare"])
-        threads.run_one()
+        self.assertEqual(threads.names(), ["prepare_message", "prepare_envelope"])
+        threads.run_prepare()
         self.assertNoResult(d)
         self.assertEqual(threads.names(), ["_publish_messages"])
         threads.run_one()
@@ -395,11 +400,11 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_batchesShareDirectoryFsyncs(self) -> None:
         """One message publishes alone; the four prepared meanwhile share one fsync of msg/ and one of env/."""
         sent = self.start(5)
-        self.assertEqual(self.threads.names(), ["prepare"] * 5)
-        self.step("prepare")  # first prepare: its first stage starts at once
-        self.assertEqual(self.threads.names(), ["prepare"] * 4 + ["_publish_messages"])
+        self.assertEqual(self.threads.names(), ["prepare_message", "prepare_envelope"] * 5)
+        self.threads.run_prepare()  # first prepare: its first stage starts at once
+        self.assertEqual(self.threads.names(), ["prepare_message", "prepare_envelope"] * 4 + ["_publish_messages"])
         for _ in range(4):
-            self.step("prepare")  # the others are prepared while the first batch is in flight
+            self.threads.run_prepare()  # the others are prepared while the first batch is in flight
         self.step("_publish_messages")  # message 0 moves on to the second stage, the four start the first
         self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
         self.step("_publish_envelopes")
@@ -417,9 +422,9 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_stagesPipeline(self) -> None:
         """While one batch's envelopes are fsynced, the next batch's messages already move into msg/."""
         sent = self.start(2)
-        self.step("prepare")
+        self.threads.run_prepare()
         self.step("_publish_messages")
-        self.step("prepare")
+        self.threads.run_prepare()
         self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
         self.step("_publish_messages")  # batch 2, stage 1, while batch 1 is still in stage 2
         self.assertNoResult(sent[0][1])
@@ -429,8 +434,8 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_nothingAcknowledgedBeforeItsBatchIsDurable(self) -> None:
         """A prepared message is not acknowledged, nor visible to scan(), until its envelope is published."""
         sent = self.start(2)
-        self.step("prepare")
-        self.step("prepare")
+        self.threads.run_prepare()
+        self.threads.run_prepare()
         self.step("_publish_messages")
         for _, d in sent:
             self.assertNoResult(d)
@@ -441,9 +446,9 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_directoryFsyncFailureFailsOnlyThatBatch(self) -> None:
         """A failed fsync of env/ fails every message of that batch with 451 (nothing left); the next batch commits."""
         sent = self.start(3)
-        self.step("prepare")
-        self.step("prepare")
-        self.step("prepare")
+        self.threads.run_prepare()
+        self.threads.run_prepare()
+        self.threads.run_prepare()
         self.step("_publish_messages")  # message 0 alone
         self.step("_publish_envelopes")
         self.step("_publish_messages")  # messages 1 and 2
@@ -466,9 +471,9 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
     def test_oneMessageFailureFailsOnlyThatMessage(self) -> None:
         """A rename failure of one message in a batch refuses that message only."""
         sent = self.start(3)
-        self.step("prepare")
-        self.step("prepare")
-        self.step("prepare")
+        self.threads.run_prepare()
+        self.threads.run_prepare()
+        self.threads.run_prepare()
         self.step("_publish_messages")  # message 0 alone
         faults = Faults(self, fail_at=1)  # first rename of the second batch
         self.step("_publish_messages")
@@ -534,8 +539,8 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
-        self.assertEqual(sorted(threads.names()), ["prepare", "prepare_inline"])  # side by side
-        threads.run_one(threads.names().index("prepare"))  # queue files, fsynced
+        self.assertEqual(sorted(threads.names()), ["prepare_envelope", "prepare_inline", "prepare_message"])  # side by side
+        threads.run_prepare()  # queue files, fsynced
         self.assertNoResult(d)
         threads.run_one(threads.names().index("_publish_messages"))
         threads.run_one(threads.names().index("_publish_envelopes"))  # committed: the 250 does not wait for the copy
@@ -559,7 +564,7 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
             incoming.write(MESSAGE)
             sent.append(incoming.finish())
         for _ in range(4):
-            threads.run_one(threads.names().index("prepare"))
+            threads.run_prepare()
             threads.run_one(threads.names().index("prepare_inline"))
         while any(n.startswith("_publish") for n in threads.names()):
             threads.run_one([n.startswith("_publish") for n in threads.names()].index(True))
@@ -689,7 +694,7 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         threads.run_one(threads.names().index("prepare_inline"))
         self.assertEqual(len(os.listdir(os.path.join(self.maildirs.path_for(BOB), "tmp"))), 1)
         faults = Faults(self, fail_at=2)  # the fsync of the queued message
-        threads.run_one(threads.names().index("prepare"))
+        threads.run_prepare()
         faults.restore()
         threads.run_all()
         self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
@@ -707,7 +712,7 @@ class InlineDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
-        threads.run_one(threads.names().index("prepare"))
+        threads.run_prepare()
         threads.run_one(threads.names().index("_publish_messages"))
         threads.run_one(threads.names().index("_publish_envelopes"))
         self.successResultOf(d)

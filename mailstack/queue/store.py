@@ -169,14 +169,26 @@ class QueueStore:
         """Steps 1-2 of the commit for one entry: message and envelope bytes fsynced.
 
         Nothing is visible to ``scan()`` yet.  On failure the entry's files
-        are removed and the error raised.
+        are removed and the error raised.  ``prepare_message`` then
+        ``prepare_envelope``; callers with a thread pool may run the two side
+        by side (the intake does).
         """
+        self.prepare_message(entry)
+        self.prepare_envelope(entry)
+
+    def prepare_message(self, entry: QueueEntry) -> None:
+        """Step 1: fsync ``tmp/<id>``.  On failure everything of the entry is removed."""
         try:
-            if not self._ready:
-                fsutil.ensure_dir(self._dirs[MSG])
-                fsutil.ensure_dir(self._dirs[ENV])
-                self._ready = True
+            self._ensure_ready()
             _fsync_file(self.tmp_path(entry.id))
+        except BaseException:
+            self.discard(entry.id)
+            raise
+
+    def prepare_envelope(self, entry: QueueEntry) -> None:
+        """Step 2: write ``env/.tmp.<id>.json`` and fsync it.  On failure everything of the entry is removed."""
+        try:
+            self._ensure_ready()
             tmp = self.env_tmp_path(entry.id)
             fd = fsutil._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -187,6 +199,12 @@ class QueueStore:
         except BaseException:
             self.discard(entry.id)
             raise
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            fsutil.ensure_dir(self._dirs[MSG])
+            fsutil.ensure_dir(self._dirs[ENV])
+            self._ready = True
 
     def publish(self, entries: list[QueueEntry]) -> list[BaseException | None]:
         """Steps 3-4 for a batch of prepared entries: one fsync per directory.

@@ -225,6 +225,21 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
                 if entry.id in found:
                     self.assertEqual(found[entry.id], entry)
 
+    def test_prepareHalvesInEitherOrder(self) -> None:
+        """prepare_envelope and prepare_message may run in any order (side by side); a failure in one removes the entry's files."""
+        entry = self.stage()
+        self.store.prepare_envelope(entry)
+        self.store.prepare_message(entry)
+        self.assertEqual(self.store.publish([entry]), [None])
+        self.assertEqual(list(self.store.scan()), [entry])
+        other = self.stage()
+        self.store.prepare_message(other)
+        faults = Faults(self, fail_at=3)  # the envelope temporary's fsync
+        self.assertRaises(OSError, self.store.prepare_envelope, other)
+        faults.restore()
+        self.assertEqual(self.dirs()["tmp"], [])
+        self.assertEqual(self.dirs()["env"], [entry.id + ".json"])
+
     def test_preparedButNotPublishedIsRemovedByRecover(self) -> None:
         """A crash between prepare and publish leaves nothing queued after recover()."""
         entry = self.stage()
