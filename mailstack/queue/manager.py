@@ -822,7 +822,7 @@ class QueueManager(Service):
         relay = self.config.relay
         if domain is not None:
             if not await self._slots.acquire(domain):
-                return  # shutting down; next_attempt is already on disk
+                return  # shutting down; the attempt marker is on disk
         try:
             try:
                 if message is not None:
