@@ -31,6 +31,8 @@ Sizes (RFC 1939 sections 5 and 11)
     transmits minus the stuffing and terminator, which is the length of the
     message poplib and every other client hands back.  ``WireEncoder`` produces
     those bytes and ``wire_size`` counts them; tests check they agree.
+    A name carrying Dovecot's ``,W=<size>`` (the size with CRLF line endings,
+    which is this size) is believed, as Dovecot does, and the file is not read.
 
 Index (``<maildir>/mailstack-pop3-index.json``)
     Like Dovecot's ``dovecot-uidlist``: a cache so that login, STAT, LIST and UIDL
@@ -50,7 +52,8 @@ Index (``<maildir>/mailstack-pop3-index.json``)
     when it is over 2 s old (``RACY_NS``; a change within the same clock tick
     as the recorded one could otherwise go unseen), else null; it is taken
     before the listing, so a change during the listing forces the next one.
-    Otherwise only names not in the index are read to compute their size.
+    Otherwise only names not in the index, and without ``,W=``, are read to
+    compute their size.
     Maildir file contents never change, so an entry stays right for as long as
     the name exists; entries whose message is gone are dropped.  Written with
     ``fsutil.write_atomic`` only while holding the session lock and only when
@@ -90,6 +93,7 @@ _open = open
 _os_open = os.open
 
 _READ_SIZE = 1 << 20
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
 
@@ -158,6 +162,23 @@ def _uniques_of(files: list[str]) -> list[str]:
     if not files:
         return []
     return _INFO.sub("", "\n".join(files)).split("\n")
+
+
+_W_SIZE = re.compile(r",W=(\d{1,15})(?=[,:]|\Z)")
+
+
+def named_wire_size(unique: str) -> int | None:
+    """The wire size a deliverer recorded in the name (``,W=<size>``), or None.
+
+    Dovecot's convention: ``,W=`` is the size with CRLF line endings, which is
+    what RETR sends (stuffing excluded).  ``,S=`` is the file size only, which
+    differs for LF-stored mail, so it is not used.  Only the unique name is
+    looked at (the info part after ``:`` never carries sizes).
+    """
+    if ",W=" not in unique:
+        return None
+    m = _W_SIZE.search(unique, unique.find(".") + 1)
+    return int(m.group(1)) if m else None
 
 
 def _trusted_mtime(mtime_ns: int) -> int | None:
@@ -244,8 +265,10 @@ class WireEncoder:
             self._held_cr = True
             if not data:
                 return b""
-        # CRLF stays, bare LF becomes CRLF, bare CR is passed as is.
-        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        # CRLF stays, bare LF becomes CRLF, bare CR is passed as is.  Mail stored
+        # with CRLF (ours, most others') has no bare LF: two counts, no copies.
+        if data.count(b"\n") != data.count(b"\r\n"):
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._remaining is not None:
             data = self._truncate(data)
         return self._stuff(data)
@@ -386,15 +409,19 @@ class Maildrop:
             sizes = [sizes[i] for i in keep]
             changed = True
         fresh = sorted(on_disk.keys() - set(uniques), key=_age_key) if len(on_disk) != len(uniques) else []
+        read = 0
         for unique in fresh:
-            try:
-                size = wire_size(os.path.join(cur_dir, on_disk[unique]))
-            except FileNotFoundError:
-                continue  # deleted or renamed under us; the next session sees it
+            size = named_wire_size(unique)
+            if size is None:
+                try:
+                    size = wire_size(os.path.join(cur_dir, on_disk[unique]))
+                except FileNotFoundError:
+                    continue  # deleted or renamed under us; the next session sees it
+                read += 1
             uniques.append(unique)
             sizes.append(size)
             changed = True
-        self.new_sizes = len(fresh)
+        self.new_sizes = read
         new_infos = {}
         for i, u in enumerate(uniques):
             name = on_disk[u]
@@ -485,16 +512,29 @@ class Maildrop:
 
     def read_start(self, i: int, size: int, relocate: bool = True) -> tuple[BinaryIO | None, bytes]:
         """Open message ``i`` and read its first ``size`` bytes.  The file comes
-        back open only if there may be more; at EOF it is closed and None."""
-        f = self.open_message(i, relocate)
+        back open only if there may be more; at EOF it is closed and None.
+
+        Plain ``os.open``/``os.read`` (no buffered file object): this runs on the
+        reactor thread for every RETR, and most messages are one read."""
         try:
-            data = f.read(size)
+            fd = _os_open(self._file(i), os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            if not relocate:
+                raise
+            if not self._relocate(i):
+                raise MessageGone(self.uniques[i]) from None
+            try:
+                fd = _os_open(self._file(i), os.O_RDONLY | _O_CLOEXEC)
+            except FileNotFoundError:
+                raise MessageGone(self.uniques[i]) from None
+        try:
+            data = os.read(fd, size)
             if len(data) < size:
-                f.close()
+                os.close(fd)
                 return None, data
-            return f, data
+            return os.fdopen(fd, "rb", buffering=0), data
         except BaseException:
-            f.close()
+            os.close(fd)
             raise
 
     def expunge(self) -> int:

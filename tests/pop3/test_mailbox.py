@@ -18,6 +18,7 @@ from mailstack.pop3.mailbox import (
     MessageGone,
     WireEncoder,
     encode_message,
+    named_wire_size,
     uidl_for,
     unique_name,
     wire_size_of,
@@ -133,6 +134,27 @@ class UidlTests(SynchronousTestCase):
         self.assertEqual(unique_name("123.M1.h"), "123.M1.h")
 
 
+class NamedSizeTests(SynchronousTestCase):
+    def test_wField(self) -> None:
+        """Dovecot's ``,W=<wire size>`` in the unique name is the size."""
+        self.assertEqual(named_wire_size("1700000000.M1P2Q3.host,S=4000,W=4100"), 4100)
+        self.assertEqual(named_wire_size("1700000000.M1P2Q3.host,W=7,S=5"), 7)
+        self.assertEqual(named_wire_size("1700000000.M1P2Q3.host,W=0"), 0)
+
+    def test_noOrBadWField(self) -> None:
+        """No ``,W=`` (or a malformed one): None, the file must be read.  ``,S=``
+        alone is the file size, which is not the wire size of LF-stored mail."""
+        for name in (
+            "1700000000.M1P2Q3.host,S=4000",
+            "1700000000.M1P2Q3.host",
+            "1700000000.M1P2Q3.host,W=",
+            "1700000000.M1P2Q3.host,W=12x",
+            "1700000000.M1P2Q3.host,W=-1",
+            "1700000000.M1P2Q3.host,W=1234567890123456",
+        ):
+            self.assertIsNone(named_wire_size(name), name)
+
+
 class MaildropTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = os.path.join(temp_dir(self), "alice")
@@ -206,6 +228,35 @@ class MaildropTests(SynchronousTestCase):
         drop = self.open()
         self.assertEqual(drop.new_sizes, 1)
         self.assertEqual(len(opened), 3)  # the index, then only the new message
+
+    def test_sizeFromNameNotRead(self) -> None:
+        """Messages whose names carry ``,W=`` are not opened at login: the size is
+        taken from the name (Dovecot's convention), and it is what RETR sends."""
+        new = os.path.join(self.path, "new")
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+        bodies = [b"Subject: a\r\n\r\n.dot\r\nline\r\n", b"Subject: b\r\n\r\nbody\r\n" * 3]
+        for k, data in enumerate(bodies):
+            with open(os.path.join(new, f"1700000000.M{k}P1Q{k}.h,S={len(data)},W={len(data)}"), "wb") as f:
+                f.write(data)
+        write_message(self.path, b"lf only\n", when=1700000001)  # ,S= only: read
+        opened: list[str] = []
+        real_os_open = mailbox._os_open
+
+        def os_spy(path: str, *a: int) -> int:
+            opened.append(os.path.basename(path))
+            return real_os_open(path, *a)
+
+        self.patch(mailbox, "_os_open", os_spy)
+        drop = self.open()
+        self.assertEqual(drop.new_sizes, 1)
+        self.assertEqual(len(opened), 1)
+        self.assertIn(",S=8", opened[0])
+        self.assertEqual(drop.sizes, [len(bodies[0]), len(bodies[1]), len(b"lf only\r\n")])
+        for i in range(len(drop)):
+            f, data = drop.read_start(i, 1 << 16)
+            self.assertIsNone(f)
+            self.assertEqual(len(unstuff(encode_message(data))), drop.sizes[i])
 
     def test_unchangedFolderNotListed(self) -> None:
         """With cur/ unchanged since the index (mtime old enough), cur/ is not even listed."""
