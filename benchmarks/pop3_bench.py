@@ -47,6 +47,7 @@ DOMAIN = "bench.test"
 PASSWORD = "bench-password-1"
 BIG = f"pop3big@{DOMAIN}"
 SMALL = f"pop3retr@{DOMAIN}"
+DOWNLOAD = f"pop3dl@{DOMAIN}"
 
 
 def log(msg: str) -> None:
@@ -80,6 +81,56 @@ def retr_all(port: int, user: str) -> dict:
     finally:
         c.close()
     return {"seconds": time.perf_counter() - t0, "messages": n, "bytes": total}
+
+
+def download_phases(port: int, user: str) -> dict:
+    """run.py's pop3_download (USER/PASS, STAT, UIDL, RETR + DELE all, QUIT), timed
+    per phase: login (connect to +OK of PASS), list (STAT + UIDL), fetch (the
+    RETR/DELE loop), quit (QUIT to its +OK: the deletions), total."""
+    t0 = time.perf_counter()
+    c = pop3client.Client("127.0.0.1", port)
+    try:
+        c.login(user, PASSWORD)
+        t1 = time.perf_counter()
+        n = int(c.cmd("STAT").split()[1])
+        if len(c.multi("UIDL")) != n:
+            raise pop3client.POP3Error("UIDL and STAT disagree")
+        t2 = time.perf_counter()
+        for i in range(1, n + 1):
+            c.multi(f"RETR {i}")
+            c.cmd(f"DELE {i}")
+        t3 = time.perf_counter()
+        c.cmd("QUIT")
+        t4 = time.perf_counter()
+    finally:
+        c.close()
+    return {"login": t1 - t0, "list": t2 - t1, "fetch": t3 - t2, "quit": t4 - t3, "total": t4 - t0, "messages": n}
+
+
+def download_rounds(servers: list[tuple[str, int]], maildir: str, seed: str, rounds: int) -> dict:
+    """Alternate the servers ``rounds`` times on the same freshly linked Maildir."""
+    out: dict = {name: [] for name, _ in servers}
+    names = sorted(os.listdir(os.path.join(seed, "new")))
+    k = 0
+    for r in range(rounds):
+        for name, port in servers:
+            # A first session on a fresh mailbox each time, as in run.py: no index
+            # files of either server, names never seen before (new delivery times).
+            for entry in os.scandir(maildir):
+                if entry.is_file():
+                    os.unlink(entry.path)
+            for sub in ("new", "cur"):
+                for old in os.listdir(os.path.join(maildir, sub)):
+                    os.unlink(os.path.join(maildir, sub, old))
+            k += 1
+            for n in names:
+                head, _, rest = n.partition(".")
+                os.link(os.path.join(seed, "new", n), os.path.join(maildir, "new", f"{int(head) + 7 * k}.{rest}"))
+            msggen.chown_tree(maildir, refservers.VUID, refservers.VUID)
+            res = download_phases(port, DOWNLOAD)
+            log(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "messages"))
+            out[name].append(res)
+    return out
 
 
 def workloads(name: str, port: int, runs: int) -> dict:
@@ -131,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="warm runs per workload (best is reported)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--download", type=int, default=0, metavar="N",
+                   help="only run.py's RETR+DELE download of N messages, phase by phase, "
+                        "both servers up, alternating for --runs rounds")
     a = p.parse_args(argv)
+    if a.download:
+        return main_download(a)
 
     work = tempfile.mkdtemp(prefix="pop3bench-")
     os.chmod(work, 0o755)  # Dovecot's mail processes (uid VUID) walk down to the Maildirs
@@ -175,6 +231,59 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"big": a.big, "retr": a.retr, "results": results, "report": text}, f, indent=2)
+    return 0
+
+
+def main_download(a: argparse.Namespace) -> int:
+    work = tempfile.mkdtemp(prefix="pop3bench-")
+    os.chmod(work, 0o755)
+    ms = Mailstack(work, sink_port=free_port())
+    dv = None
+    try:
+        seed = os.path.join(work, "seed")
+        log(f"writing {a.download} messages")
+        msggen.fill_maildir(seed, a.download, DOWNLOAD, refservers.VUID, refservers.VUID)
+        maildir = ms.maildir(DOWNLOAD)
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(maildir, sub), exist_ok=True)
+        for d in (ms.root, ms.data_dir, os.path.join(ms.data_dir, "mail"), os.path.join(ms.data_dir, "mail", DOMAIN)):
+            os.chmod(d, 0o755)
+        msggen.chown_tree(maildir, refservers.VUID, refservers.VUID)
+        servers = []
+        ok, why = refservers.available()
+        if ok:
+            dv = refservers.Dovecot(work, {DOWNLOAD: PASSWORD}, os.path.join(ms.data_dir, "mail"))
+            dv.start()
+            servers.append(("dovecot", dv.port))
+        else:
+            log(f"Dovecot: n/a ({why})")
+        ms.start()
+        r = ms.admin("user", "add", DOWNLOAD, "--password-stdin", input=PASSWORD + "\n")
+        if r.returncode != 0:
+            raise RuntimeError(f"mailstack user add: {r.stderr.strip()}")
+        servers.append(("mailstack", ms.ports["pop3"]))
+        res = download_rounds(servers, maildir, os.path.join(seed), a.runs)
+    finally:
+        if dv is not None:
+            dv.stop()
+        ms.stop()
+        ms.kill()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    keys = ("login", "list", "fetch", "quit", "total")
+    print(f"RETR+DELE download of {a.download} messages, median of {a.runs} alternating rounds (seconds)")
+    print(f"{'':10}" + "".join(f"{k:>9}" for k in keys))
+    med = {}
+    for name, rows in res.items():
+        med[name] = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in keys}
+        print(f"{name:10}" + "".join(f"{med[name][k]:9.3f}" for k in keys))
+    if len(med) == 2:
+        print(f"ratio mailstack/dovecot (total, median): {med['mailstack']['total'] / med['dovecot']['total']:.2f}x; "
+              "per round: " + ", ".join(f"{m['total'] / d['total']:.2f}x"
+                                         for d, m in zip(res["dovecot"], res["mailstack"])))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"download": a.download, "rounds": res, "median": med}, f, indent=2)
     return 0
 
 

@@ -321,6 +321,18 @@ class WireEncoder:
         return out + b".\r\n"
 
 
+def plain_message(data: bytes) -> bool:
+    """True if ``data`` is already its own wire form (so the RETR reply is the
+    bytes plus ``.CRLF``): CRLF line ends only, ending with one, no line
+    starting with ".".  A few C scans, no copies: the usual stored message."""
+    return (
+        data[-2:] == b"\r\n"
+        and data[:1] != b"."
+        and b"\n." not in data
+        and data.count(b"\n") == data.count(b"\r\n")
+    )
+
+
 def encode_message(data: bytes, body_lines: int | None = None) -> bytes:
     """A whole small message as its reply body, terminator included."""
     enc = WireEncoder(body_lines)
@@ -339,6 +351,7 @@ class Maildrop:
 
     def __init__(self, path: str, lock: AbstractContextManager) -> None:
         self.path = path
+        self._cur_prefix = os.path.join(path, "cur", "")
         self._lock: AbstractContextManager | None = lock
         self.uniques: list[str] = []
         self.sizes: list[int] = []
@@ -481,7 +494,7 @@ class Maildrop:
     # -- session ---------------------------------------------------------
 
     def _file(self, i: int) -> str:
-        return os.path.join(self.path, "cur", self.uniques[i] + self.infos.get(i, DEFAULT_INFO))
+        return self._cur_prefix + self.uniques[i] + self.infos.get(i, DEFAULT_INFO)
 
     def _relocate(self, i: int) -> bool:
         """Find message ``i`` again after another reader renamed it (flags)."""

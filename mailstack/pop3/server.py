@@ -68,7 +68,7 @@ from zope.interface import implementer
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import cred
 from mailstack.pop3 import replies as R
-from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder, encode_message
+from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder, encode_message, plain_message
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -393,6 +393,24 @@ class POP3Server(Protocol):
         if self._closed:
             return
         self._reset_idle()
+        if (
+            not self._buf
+            and data[-1:] == b"\n"
+            and data.find(b"\n") == len(data) - 1
+            and not (self._busy or self._processing or self._write_full or self._discarding)
+        ):
+            # The usual case (a client that waits for each reply): exactly one
+            # whole line and nothing buffered.  What _process would do for it,
+            # minus the buffer copies.
+            self._processing = True
+            try:
+                self._line(data[:-2] if data[-2:-1] == b"\r" else data[:-1])
+            finally:
+                self._processing = False
+            if self._input_paused:
+                self._throttle_input()
+            self._flush()
+            return
         self._buf += data
         self._process()
         self._flush()
@@ -921,8 +939,8 @@ class POP3Server(Protocol):
             if fileobj is None:
                 # The common case, a message under CHUNK: the whole reply is
                 # queued now, no Deferred and no callbacks.
-                if body_lines is None:
-                    self._send(header + encode_message(data))
+                if body_lines is None and plain_message(data):
+                    self._send(b"".join((header, data, R.TERMINATOR)))
                 else:
                     self._send(header + encode_message(data, body_lines))
                 return None

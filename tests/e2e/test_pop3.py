@@ -149,6 +149,31 @@ def test_retrOverPop3sByteExact(popserver):
     pop.quit()
 
 
+def test_retrOverPlainTCPByteExact(tmp_path):
+    """Without TLS (loopback, auth.plaintext_on_loopback) replies go straight to the
+    socket: still byte-exact, in order, pipelined or not, big messages included;
+    DELE then QUIT removes everything."""
+    server = Server(tmp_path, extra_toml="[auth]\nplaintext_on_loopback = true\n")
+    server.start()
+    try:
+        r = server.admin("user", "add", USER, "--password-stdin", input=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+        deliver(server, *MESSAGES)
+        pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        check_byte_exact(pop, server.maildir(USER))
+        # Pipelined: several replies to one read, in order.
+        pop.sock.sendall(b"NOOP\r\nSTAT\r\nLIST 1\r\n")
+        assert [pop._getline()[0] for _ in range(3)][1:] == [b"+OK 3 %d" % pop.stat()[1], pop.list(1)]
+        for n in (1, 2, 3):
+            pop.dele(n)
+        assert pop.quit().startswith(b"+OK")
+        assert message_files(server.maildir(USER)) == {}
+    finally:
+        server.kill()
+
+
 def test_plaintextLoginRefused(popserver):
     """Without STLS the server refuses USER with -ERR [AUTH] and offers STLS."""
     pop = poplib.POP3("127.0.0.1", popserver.ports["pop3"], timeout=30)

@@ -19,6 +19,7 @@ from mailstack.pop3.mailbox import (
     WireEncoder,
     encode_message,
     named_wire_size,
+    plain_message,
     uidl_for,
     unique_name,
     wire_size_of,
@@ -75,6 +76,21 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(out, encode_message(data))
         self.assertEqual(len(unstuff(out)), wire_size_of(chunks))
         self.assertEqual(wire_size_of(chunks), wire_size_of([data]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=60).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03", b"\r\n.\n"))))
+    def test_plainMessageShortcut(self, data: bytes) -> None:
+        """plain_message(data) means the reply body is the bytes plus ``.CRLF``
+        (the RETR shortcut), and the size is the file size."""
+        if plain_message(data):
+            self.assertEqual(data + b".\r\n", encode_message(data))
+            self.assertEqual(wire_size_of([data]), len(data))
+
+    def test_plainMessageCases(self) -> None:
+        self.assertTrue(plain_message(b"Subject: x\r\n\r\nbody\r\n"))
+        self.assertTrue(plain_message(b"a\rb\r\n"))  # a bare CR is passed as is
+        for data in (b"", b"a", b"a\n", b"a\r\nb", b".a\r\n", b"a\r\n.b\r\n", b"a\nb\r\n", b"a\r"):
+            self.assertFalse(plain_message(data), data)
 
     def test_wireSizeOfBigFile(self) -> None:
         """wire_size reads files larger than one read chunk correctly."""
