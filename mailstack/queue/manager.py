@@ -95,19 +95,12 @@ def entry_lock(store: Any, queue_id: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def save_unless_deleted(store: Any, entry: QueueEntry, durable: bool = True) -> bool:
-    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking).
-
-    ``durable=False``: the envelope is fsynced but its rename is not (see
-    ``QueueStore.save``); only for saves whose loss means an earlier retry.
-    """
+def save_unless_deleted(store: Any, entry: QueueEntry) -> bool:
+    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking)."""
     with entry_lock(store, entry.id) as present:
         if not present:
             return False
-        if durable:
-            store.save(entry)
-        else:
-            store.save(entry, durable=False)
+        store.save(entry)
         return True
 
 

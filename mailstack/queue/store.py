@@ -266,15 +266,9 @@ class QueueStore:
             except OSError:
                 pass
 
-    def save(self, entry: QueueEntry, durable: bool = True) -> None:
-        """Replace the envelope of a committed entry (new attempt state).
-
-        ``durable=False`` fsyncs the new envelope but not ``env/`` after the
-        rename (one fsync instead of two): a crash may bring back the previous,
-        complete envelope, never a partial one.  For saves whose loss only means
-        an earlier retry (the queue manager's save before connecting out).
-        """
-        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry), sync_dir=durable)
+    def save(self, entry: QueueEntry) -> None:
+        """Replace the envelope of a committed entry (new attempt state)."""
+        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
 
     def remove(self, queue_id: str, sync: bool = True) -> bool:
         """Drop an entry: envelope first, then the message.

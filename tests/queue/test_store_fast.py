@@ -1,4 +1,4 @@
-"""QueueStore additions for the queue manager: save without a directory fsync,
+"""QueueStore additions for the queue manager: save fsyncs env/,
 recover() that only lists directories."""
 
 from __future__ import annotations
@@ -12,23 +12,7 @@ from mailstack.storage import fsutil
 from tests.queue.test_store import StoreTestMixin
 
 
-class SaveNotDurableTests(StoreTestMixin, SynchronousTestCase):
-    def test_save_not_durable_fsyncs_file_only(self) -> None:
-        """save(durable=False) fsyncs the new envelope but not env/; the entry reads back."""
-        entry = self.stage()
-        self.store.commit(entry)
-        entry.recipients[1].attempts = 3
-        calls: list[int] = []
-        real = fsutil._fsync
-        self.patch(fsutil, "_fsync", lambda fd: (calls.append(fd), real(fd))[1])
-        dirs: list[str] = []
-        real_dir = fsutil.fsync_dir
-        self.patch(fsutil, "fsync_dir", lambda p: (dirs.append(p), real_dir(p))[1])
-        self.store.save(entry, durable=False)
-        self.assertEqual(len(calls), 1)
-        self.assertEqual(dirs, [])
-        self.assertEqual(self.store.load(entry.id).recipients[1].attempts, 3)
-
+class SaveTests(StoreTestMixin, SynchronousTestCase):
     def test_save_durable_by_default(self) -> None:
         """save() still fsyncs env/ after the rename."""
         entry = self.stage()
