@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack.batching import GroupCommit
 from mailstack.envelope import Envelope
 from mailstack.errors import Reply, TemporaryFailure
 from mailstack.interfaces import IIncoming, IIntake
@@ -149,72 +150,6 @@ def _fold(clauses: list[str]) -> str:
             lines[-1] += " " + word
     assert all(len(line) < MAX_LINE for line in lines)
     return "\r\n".join(lines) + "\r\n"
-
-
-class GroupCommit:
-    """Run ``publish(items)`` in a thread for batches of items, one batch at a time.
-
-    ``submit(item)`` returns a Deferred that fires with the item's result once
-    its batch was published: ``publish`` returns one result per item, and an
-    exception instance as a result errbacks that item's Deferred with it; if
-    ``publish`` raises, every item of its batch fails with that error.
-    While a batch is in flight new items wait, and all of them form the next
-    batch: the batch size adapts to the load, with no timer.
-
-    ``then``: the next stage of a pipeline.  While this stage fires a batch's
-    callbacks (which submit the items to ``then``), ``then`` holds back, so
-    the whole batch moves on as one batch rather than one item first.
-    """
-
-    def __init__(
-        self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], then: "GroupCommit | None" = None
-    ) -> None:
-        self._run_blocking = run_blocking
-        self._publish = publish
-        self._then = then
-        self._waiting: list[tuple[Any, Deferred]] = []
-        self._busy = False
-        self._held = 0
-        self.batches = 0  # for tests and diagnostics
-
-    def submit(self, item: Any) -> Deferred:
-        d: Deferred = Deferred()
-        self._waiting.append((item, d))
-        self._next()
-        return d
-
-    def _next(self) -> None:
-        if self._busy or self._held or not self._waiting:
-            return
-        batch, self._waiting = self._waiting, []
-        self._busy = True
-        self.batches += 1
-        try:
-            d = self._run_blocking(self._publish, [item for item, _ in batch])
-        except Exception:
-            d = fail()
-        d.addBoth(self._done, batch)
-
-    def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
-        self._busy = False
-        self._next()  # start the next batch before running this one's callbacks
-        then = self._then
-        if then is not None:
-            then._held += 1
-        try:
-            if isinstance(results, Failure):
-                for _, d in batch:
-                    d.errback(results)
-                return
-            for (_, d), result in zip(batch, results):
-                if isinstance(result, BaseException):
-                    d.errback(Failure(result))
-                else:
-                    d.callback(result)
-        finally:
-            if then is not None:
-                then._held -= 1
-                then._next()
 
 
 def _local_agent(kicker: Any) -> Any:

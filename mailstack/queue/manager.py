@@ -49,13 +49,13 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
+from mailstack.batching import GroupCommit
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IQueueKicker
@@ -312,53 +312,6 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
     return out
 
 
-class _Batcher:
-    """Runs ``work(items)`` through ``run_blocking`` for items submitted meanwhile.
-
-    One call in flight; whatever is submitted while it runs forms the next
-    batch (no timer: with no load a batch is one item).  ``work`` returns one
-    result per item, an exception instance for a failed one.
-    """
-
-    def __init__(self, run_blocking: Callable[..., Deferred], work: Callable[[list], list]) -> None:
-        self._run_blocking = run_blocking
-        self._work = work
-        self._waiting: list[tuple[Any, Deferred]] = []
-        self._busy = False
-        self.batches = 0
-
-    def submit(self, item: Any) -> Deferred:
-        d: Deferred = Deferred()
-        self._waiting.append((item, d))
-        self._next()
-        return d
-
-    def _next(self) -> None:
-        if self._busy or not self._waiting:
-            return
-        batch, self._waiting = self._waiting, []
-        self._busy = True
-        self.batches += 1
-        try:
-            d = self._run_blocking(self._work, [item for item, _ in batch])
-        except Exception:
-            d = fail()
-        d.addBoth(self._done, batch)
-
-    def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
-        self._busy = False
-        self._next()
-        if isinstance(results, Failure):
-            for _, d in batch:
-                d.errback(results)
-            return
-        for (_, d), result in zip(batch, results):
-            if isinstance(result, BaseException):
-                d.errback(Failure(result))
-            else:
-                d.callback(result)
-
-
 class _SaveFailed(Exception):
     """The save before connecting out failed (the entry is not attempted)."""
 
@@ -463,7 +416,7 @@ class QueueManager(Service):
         self._forced: set[str] = set()  # flushed: try remote recipients regardless of next_attempt
         self._active: dict[str, Deferred] = {}  # queue_id -> Deferred firing when its round ends
         self._again: set[str] = set()  # kicked while active: look again right after
-        self._remover = _Batcher(run_blocking, self._remove_batch)
+        self._remover = GroupCommit(run_blocking, self._remove_batch)
         self._timer: Any = None
         self._poller: LoopingCall | None = None
         self._stopping = False

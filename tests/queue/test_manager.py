@@ -627,30 +627,6 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual(self.store.ids(), [])
         self.assertEqual(synced.count("env"), 2)  # recover() and the removal
 
-    def test_removalsBatched(self) -> None:
-        """Removals finished while one is in the thread share the next thread call."""
-        calls: list = []
-
-        def run(f, *a, **kw):
-            d = Deferred()
-            calls.append((f, a, kw, d))
-            return d
-
-        from mailstack.queue.manager import _Batcher
-
-        b = _Batcher(run, lambda items: [i * 2 for i in items])
-        results = []
-        for i in range(4):
-            b.submit(i).addCallback(results.append)
-        self.assertEqual(len(calls), 1)
-        f, a, kw, d = calls[0]
-        d.callback(f(*a))
-        self.assertEqual(len(calls), 2)  # items 1-3 in one batch
-        f, a, kw, d = calls[1]
-        self.assertEqual(a[0], [1, 2, 3])
-        d.callback(f(*a))
-        self.assertEqual(results, [0, 2, 4, 6])
-
     def test_startScanInBatches(self) -> None:
         """At start the schedule is read in batches of SCAN_BATCH envelopes; what is
         due is delivered, what is deferred keeps its next_attempt."""
