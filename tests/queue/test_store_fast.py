@@ -7,7 +7,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.queue.store import CorruptEntry, QueueStore
+from mailstack.queue.store import CorruptEntry
 from mailstack.storage import fsutil
 from tests.queue.test_store import StoreTestMixin
 
