@@ -55,9 +55,9 @@ Index (``<maildir>/mailstack-pop3-index.json``)
     Otherwise only names not in the index, and without ``,W=``, are read to
     compute their size.
     Maildir file contents never change, so an entry stays right for as long as
-    the name exists; entries whose message is gone are dropped.  Written with
-    ``fsutil.write_atomic`` only while holding the session lock and only when
-    it changed.  A missing or unreadable index is rebuilt (it is a cache).
+    the name exists; entries whose message is gone are dropped.  Written
+    only while holding the session lock and only when it changed, atomically (tmp file + rename) but without fsync, since it is a
+    cache.  A missing or unreadable index is rebuilt.
 
 Lock (``<maildir>/mailstack-pop3.lock``)
     ``fsutil.locked(..., blocking=False)`` held from login to the end of the
@@ -94,6 +94,7 @@ _os_open = os.open
 
 _READ_SIZE = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
 
@@ -390,15 +391,24 @@ class Maildrop:
         new_dir = os.path.join(self.path, "new")
         cur_dir = os.path.join(self.path, "cur")
         moved = False
-        for name in _listdir(new_dir):
-            if name.startswith("."):
-                continue
-            target = name if ":" in name else name + ":2,"
+        arrived = [n for n in _listdir(new_dir) if n[:1] != "."]
+        if arrived:
+            # Renames relative to the two folders: no path joins, no path walks.
+            new_fd = os.open(new_dir, os.O_RDONLY | _O_DIRECTORY)
             try:
-                _rename(os.path.join(new_dir, name), os.path.join(cur_dir, target))
-                moved = True
-            except FileNotFoundError:  # another reader moved it first
-                continue
+                cur_fd = os.open(cur_dir, os.O_RDONLY | _O_DIRECTORY)
+                try:
+                    for name in arrived:
+                        try:
+                            _rename(name, name if ":" in name else name + DEFAULT_INFO,
+                                    src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                            moved = True
+                        except FileNotFoundError:  # another reader moved it first
+                            continue
+                finally:
+                    os.close(cur_fd)
+            finally:
+                os.close(new_fd)
         if moved:
             fsutil.fsync_dir(new_dir)
             fsutil.fsync_dir(cur_dir)
@@ -489,7 +499,24 @@ class Maildrop:
         }
         # ASCII JSON: names that are not UTF-8 (surrogate escapes) survive as \udcXX.
         data = json.dumps(doc, separators=(",", ":")).encode("ascii")
-        fsutil.write_atomic(self._index_path(), data, sync_dir=False)
+        # Replaced atomically but not fsynced (a cache, like Dovecot's index with
+        # mail_fsync=optimized): after a crash it is the old one, or unreadable
+        # and rebuilt, and either way checked against cur/ at the next login.
+        path = self._index_path()
+        tmp = os.path.join(self.path, f".tmp.{INDEX_NAME}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o600)
+        try:
+            try:
+                fsutil.write_fd(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     # -- session ---------------------------------------------------------
 

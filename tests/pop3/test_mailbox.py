@@ -274,6 +274,20 @@ class MaildropTests(SynchronousTestCase):
             self.assertIsNone(f)
             self.assertEqual(len(unstuff(encode_message(data))), drop.sizes[i])
 
+    def test_indexWrittenWholeNoLeftovers(self) -> None:
+        """The index is replaced by rename (no temporary file left behind) and
+        holds every message; renames new/ -> cur/ keep the info part."""
+        write_message(self.path, b"a\r\n")
+        write_message(self.path, b"b\r\n", info=":2,S")
+        drop = self.open()
+        drop.close()
+        self.assertEqual(sorted(n for n in os.listdir(self.path) if n.startswith(".")), [])
+        with open(os.path.join(self.path, INDEX_NAME), "rb") as f:
+            doc = json.loads(f.read())
+        self.assertEqual(len(doc["names"]), 2)
+        self.assertEqual(sorted(n.partition(":")[2] for n in os.listdir(os.path.join(self.path, "cur"))), ["2,", "2,S"])
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [])
+
     def test_unchangedFolderNotListed(self) -> None:
         """With cur/ unchanged since the index (mtime old enough), cur/ is not even listed."""
         for i in range(3):
