@@ -35,7 +35,6 @@ import weakref
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
@@ -44,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailstack.address import Address, AddressError, parse_address, parse_path
+from mailstack.auth import cred
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.smtp import replies as R
@@ -654,7 +654,7 @@ class SMTPServer(Protocol):
         if throttle is not None and throttle.locked(self.peer, account):
             self._reply(R.AUTH_LOCKED, error="AUTH")
             return
-        d = maybeDeferred(self.runtime.checker.requestAvatarId, UsernamePassword(username, password))
+        d = cred.login(self.factory.portal, username, password)
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -954,6 +954,8 @@ class SMTPFactory(ServerFactory):
         self.kind = kind
         self.policy = ListenerPolicy.for_kind(kind)
         self.runtime = runtime
+        checker = getattr(runtime, "checker", None)
+        self.portal = cred.login_portal(checker) if checker is not None else None
         self.shared = _shared_for(runtime)
         self.protocols: set[SMTPServer] = set()
         self.draining = False
