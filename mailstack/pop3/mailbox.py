@@ -88,6 +88,7 @@ INDEX_VERSION = 1
 
 # Indirections for fault-injection tests.
 _rename = os.rename
+_unlink = os.unlink
 _listdir = os.listdir
 _open = open
 _os_open = os.open
@@ -584,19 +585,30 @@ class Maildrop:
         """
         failed = 0
         removed = 0
-        for i, flag in enumerate(self.deleted):
-            if not flag:
-                continue
-            try:
-                if fsutil.unlink_durable(self._file(i), sync_dir=False):
-                    removed += 1
-                elif self._relocate(i) and fsutil.unlink_durable(self._file(i), sync_dir=False):
-                    removed += 1
-                # else: already gone, which is what was asked
-            except OSError:
-                failed += 1
-        if removed:
-            fsutil.fsync_dir(os.path.join(self.path, "cur"))
+        cur_fd = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | _O_DIRECTORY)
+        try:
+            uniques, infos, unlink = self.uniques, self.infos, _unlink
+            for i, flag in enumerate(self.deleted):
+                if not flag:
+                    continue
+                try:
+                    try:
+                        # Relative to cur/: no path joins, no path walks.
+                        unlink(uniques[i] + infos.get(i, DEFAULT_INFO), dir_fd=cur_fd)
+                        removed += 1
+                    except FileNotFoundError:
+                        if self._relocate(i):
+                            unlink(uniques[i] + infos.get(i, DEFAULT_INFO), dir_fd=cur_fd)
+                            removed += 1
+                        # else: already gone, which is what was asked
+                except FileNotFoundError:
+                    pass  # gone between the listing and the unlink: also what was asked
+                except OSError:
+                    failed += 1
+            if removed:
+                os.fsync(cur_fd)  # one directory fsync for all the removals
+        finally:
+            os.close(cur_fd)
         return failed
 
     def close(self) -> None:

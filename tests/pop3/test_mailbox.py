@@ -428,6 +428,33 @@ class MaildropTests(SynchronousTestCase):
         self.assertEqual(drop.expunge(), 0)
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
 
+    def test_expungeCountsFailures(self) -> None:
+        """An unlink that fails (other than "already gone") is counted, the other
+        marked messages are still removed, and cur/ is fsynced once."""
+        for body in (b"a", b"b", b"c"):
+            write_message(self.path, body)
+        drop = self.open()
+        drop.deleted[:] = b"\x01\x01\x01"
+        bad = drop.uniques[1]
+        real_unlink = mailbox._unlink
+        syncs: list[int] = []
+        real_fsync = os.fsync
+
+        def unlink(name: str, **kw: int) -> None:
+            if name.startswith(bad):
+                raise PermissionError(name)
+            real_unlink(name, **kw)
+
+        def fsync(fd: int) -> None:
+            syncs.append(fd)
+            real_fsync(fd)
+
+        self.patch(mailbox, "_unlink", unlink)
+        self.patch(mailbox.os, "fsync", fsync)
+        self.assertEqual(drop.expunge(), 1)
+        self.assertEqual([n.partition(":")[0] for n in os.listdir(os.path.join(self.path, "cur"))], [bad])
+        self.assertEqual(len(syncs), 1)
+
     def test_oddFileNames(self) -> None:
         """Non-UTF-8 names get a hashed UIDL that survives the index; names with LF are ignored."""
         os.makedirs(os.path.join(self.path, "cur"))
