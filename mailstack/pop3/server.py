@@ -24,6 +24,8 @@ replies.  So this is a small ``Protocol`` with its own line buffer:
 * On a plain TCP connection a reply goes straight to the socket when nothing
   is waiting in the transport's buffer (``_write``): one send() instead of
   Twisted's queue, poll-set registration and send on the next loop turn.
+* After a RETR of a small message, the next message is read ahead between
+  commands (``_read_ahead``), so the next RETR's reply needs no file access.
 * RETR/TOP read the first 64 KiB on the reactor thread (an open and a read
   from the page cache are cheaper than a thread hop); the rest of a large
   message streams through ``_MessageSender``, a push producer reading 64 KiB
@@ -241,6 +243,8 @@ class POP3Server(Protocol):
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
         self._sock: Any = None  # plain TCP: replies may go straight to the socket (_write)
+        self._prefetch: int | None = None  # message to read ahead after this command (_read_ahead)
+        self._ahead: tuple[int, bytes] | None = None  # (index, whole content) read ahead
 
     # -- connection ------------------------------------------------------
 
@@ -392,7 +396,6 @@ class POP3Server(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._reset_idle()
         if (
             not self._buf
             and data[-1:] == b"\n"
@@ -410,10 +413,36 @@ class POP3Server(Protocol):
             if self._input_paused:
                 self._throttle_input()
             self._flush()
+            # Off the critical path: the reply is on its way, the client is busy.
+            self._reset_idle()
+            if self._prefetch is not None:
+                self._read_ahead()
             return
+        self._reset_idle()
         self._buf += data
         self._process()
         self._flush()
+
+    def _read_ahead(self) -> None:
+        """After RETR n went out, read message n+1 while the client reads n.
+
+        Clients download in order, so the next RETR is answered from memory:
+        its open/read/close happen here, between two commands, not between a
+        command and its reply.  Only a message that fits in one ``CHUNK`` is
+        kept (one per session); any error is left for the RETR itself.
+        """
+        i, self._prefetch = self._prefetch, None
+        drop = self.maildrop
+        if drop is None or self._closed or i >= len(drop) or drop.deleted[i]:
+            return
+        try:
+            fileobj, data = drop.read_start(i, CHUNK, relocate=False)
+        except Exception:
+            return
+        if fileobj is not None:
+            fileobj.close()
+            return
+        self._ahead = (i, data)
 
     def _process(self) -> None:
         if self._processing:
@@ -929,8 +958,12 @@ class POP3Server(Protocol):
         # less than a thread hop, and most messages are that small.  Listing
         # cur/ to find a renamed file, and the rest of a big message, go to
         # the thread pool.
+        ahead, self._ahead = self._ahead, None
         try:
-            fileobj, data = drop.read_start(i, CHUNK, relocate=False)
+            if ahead is not None and ahead[0] == i:
+                fileobj, data = None, ahead[1]
+            else:
+                fileobj, data = drop.read_start(i, CHUNK, relocate=False)
         except FileNotFoundError:
             d = self.run_blocking(drop.read_start, i, CHUNK)
         except Exception:
@@ -941,6 +974,7 @@ class POP3Server(Protocol):
                 # queued now, no Deferred and no callbacks.
                 if body_lines is None and plain_message(data):
                     self._send(b"".join((header, data, R.TERMINATOR)))
+                    self._prefetch = i + 1
                 else:
                     self._send(header + encode_message(data, body_lines))
                 return None

@@ -459,6 +459,27 @@ class TransactionTests(Base):
             self.assertEqual(len(self.unstuffed(out)), self.sizes[i - 1])
         self.assertIn(b"\r\n..dotted\r\n", self.talk(proto, b"RETR 2"))
 
+    def test_retrReadsAhead(self) -> None:
+        """After a RETR of a message already in wire form, the next message is read
+        between commands (clients download in order); the next RETR sends exactly
+        what it would have read itself, and DELE in between does not disturb it."""
+        proto = self.session()
+        self.assertEqual(self.talk(proto, b"RETR 1"), R.retr_header(self.sizes[0]) + self.bodies[0] + b".\r\n")
+        self.assertEqual(proto._ahead[0], 1)
+        self.talk(proto, b"DELE 1")
+        self.assertEqual(proto._ahead[0], 1)
+        self.assertEqual(self.talk(proto, b"RETR 2"), R.retr_header(self.sizes[1]) + mailbox.encode_message(self.bodies[1]))
+        self.assertIsNone(proto._ahead)  # message 2 needed encoding: no read-ahead after it
+        self.assertEqual(self.talk(proto, b"RETR 3"), R.retr_header(self.sizes[2]) + mailbox.encode_message(self.bodies[2]))
+        self.assertEqual(self.talk(proto, b"RETR 1"), R.ALREADY_DELETED)
+
+    def test_retrReadAheadSkipsDeleted(self) -> None:
+        """Nothing is read ahead for a message marked deleted or past the end."""
+        proto = self.session()
+        self.talk(proto, b"DELE 2")
+        self.talk(proto, b"RETR 1")
+        self.assertIsNone(proto._ahead)
+
     def test_retrLargeStreams(self) -> None:
         """A message bigger than a chunk goes out through a producer, unchanged."""
         body = b"Subject: big\n\n" + b"".join(b".line %d\n" % i for i in range(40000))
