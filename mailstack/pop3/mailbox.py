@@ -8,9 +8,10 @@ import: ``pop3/server.py`` calls it through ``run_blocking``, except
 
 Snapshot (RFC 1939 section 3, AUTHORIZATION -> TRANSACTION)
     ``Maildrop.open(path)`` takes the session lock, moves ``new/X`` to
-    ``cur/X:2,`` as every Maildir reader does (a plain ``os.rename`` plus
-    ``fsutil.fsync_dir`` of both folders: fsutil has no rename helper, and a
-    lost rename only leaves the message in ``new/``), and lists ``cur/``.  The list is
+    ``cur/X:2,`` as every Maildir reader does (``os.rename`` relative to the two
+    folders, not fsynced: a lost rename only leaves the message in ``new/``,
+    and the journal commit of QUIT's fsync of ``cur/`` carries the renames
+    before the removals), and lists ``cur/``.  The list is
     fixed for the session: message numbers never change, messages arriving later
     are seen by the next session.
 
@@ -410,9 +411,9 @@ class Maildrop:
                     os.close(cur_fd)
             finally:
                 os.close(new_fd)
-        if moved:
-            fsutil.fsync_dir(new_dir)
-            fsutil.fsync_dir(cur_dir)
+        # The renames are not fsynced here (Dovecot does not either): a rename
+        # lost in a crash only leaves the message in new/, to be moved again;
+        # QUIT's fsync of cur/ makes them durable along with the removals.
 
         uniques, sizes, infos, plain, index_mtime = self._load_index()
         cur_mtime = os.stat(cur_dir).st_mtime_ns
