@@ -219,7 +219,7 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "command_timeout", _duration, "5m", "per SMTP command at the remote (RFC 5321 4.5.3.2)"),
     Key("relay", "max_connections", _int, 100, "simultaneous outbound connections"),
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
-    Key("relay", "tls_verify", _bool, False, "verify remote certificates (opportunistic TLS otherwise, RFC 7435)"),
+    Key("relay", "tls_verify", _bool, False, "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
 )
 
