@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, QueueEntry
+from mailstack.storage import fsutil
 
 FINAL = (DELIVERED, FAILED)
 
@@ -140,21 +141,6 @@ def _checked(d: Any, queue_id: str) -> bool:
     return True
 
 
-def _read(path: str) -> bytes:
-    """A whole small file with plain system calls (cheaper than ``open()``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _envelopes(store: Any) -> list[dict[str, Any]]:
     """Every entry's envelope as a checked dict, oldest first (blocking).
 
@@ -173,7 +159,7 @@ def _envelopes(store: Any) -> list[dict[str, Any]]:
     folder = os.path.dirname(store.envelope_path(ids[0]))
     for queue_id in ids:
         try:
-            raw = _read(f"{folder}/{queue_id}.json")
+            raw = fsutil.read_small(f"{folder}/{queue_id}.json")
         except FileNotFoundError:
             continue
         except OSError:

@@ -61,6 +61,7 @@ from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IQueueKicker
 from mailstack.queue import schedule
 from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, PENDING, QueueEntry, RecipientState
+from mailstack.storage import fsutil
 
 # Our own replies recorded in RecipientState.last_reply (never sent to a peer).
 R_NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result")
@@ -269,21 +270,6 @@ def _due_from_json(data: Any, queue_id: str, now: float, warning_after: float | 
     return min(times)
 
 
-def _read_small(path: str) -> bytes:
-    """A whole (small) file with plain system calls, cheaper than ``open()``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float | None) -> list[tuple[float, str]]:
     """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan).
 
@@ -298,7 +284,7 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
     for qid in ids:
         due = None
         try:
-            due = _due_from_json(loads(_read_small(f"{folder}/{qid}.json").decode("utf-8")), qid, now, warning_after)
+            due = _due_from_json(loads(fsutil.read_small(f"{folder}/{qid}.json").decode("utf-8")), qid, now, warning_after)
         except FileNotFoundError:
             continue  # delivered or deleted since the listing
         except Exception:  # unreadable: store.load below decides (and moves it aside)

@@ -160,3 +160,13 @@ class LockTests(SynchronousTestCase):
                     pass
         with fsutil.locked(path, blocking=False):
             pass
+
+
+class ReadSmallTests(SynchronousTestCase):
+    def test_readsWholeFile(self):
+        """read_small returns every byte, also past its 64 KiB read size."""
+        path = scratch_path(self)
+        data = bytes(range(256)) * 1000
+        with open(path, "wb") as f:
+            f.write(data)
+        self.assertEqual(fsutil.read_small(path), data)
