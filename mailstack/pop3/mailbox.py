@@ -79,9 +79,10 @@ import os
 import re
 import time
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterator
 
 from mailstack.storage import fsutil
+from mailstack.storage.maildir import wire_size_of
 
 INDEX_NAME = "mailstack-pop3-index.json"
 LOCK_NAME = "mailstack-pop3.lock"
@@ -200,26 +201,6 @@ def _age_key(unique: str) -> tuple[int, int, str]:
 
 
 # -- the wire form ----------------------------------------------------------
-
-
-def wire_size_of(chunks: Iterable[bytes]) -> int:
-    """Octets of the message as transmitted (CRLF line ends), stuffing excluded."""
-    size = 0
-    bare = 0
-    prev_cr = False
-    last = b""
-    for chunk in chunks:
-        if not chunk:
-            continue
-        size += len(chunk)
-        lf = chunk.count(b"\n")
-        crlf = chunk.count(b"\r\n") + (1 if prev_cr and chunk[:1] == b"\n" else 0)
-        bare += lf - crlf
-        prev_cr = chunk[-1:] == b"\r"
-        last = chunk[-1:]
-    if size and last != b"\n":
-        size += 2
-    return size + bare
 
 
 def wire_size(path: str) -> int:

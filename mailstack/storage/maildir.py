@@ -7,7 +7,7 @@ message appears in ``new/`` only by an atomic rename of a complete, fsynced file
 
 1. create ``tmp/<unique>`` exclusively and stream the bytes into it;
 2. fsync the file (its bytes are on disk);
-3. rename it to ``new/<unique>,S=<size>`` (readers now see it, whole);
+3. rename it to ``new/<unique>,S=<size>,W=<wire size>`` (readers now see it, whole);
 4. fsync ``new/`` (the rename itself is on disk).
 
 Only after step 4 does ``deliver`` return, so the queue may then mark the
@@ -15,9 +15,10 @@ recipient delivered and eventually drop its copy.  A failure at any step
 removes what this call created and raises the OSError: the caller sees either
 no message or one complete message, never a partial one in ``new/``.
 
-Unique names are ``<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>`` (the Maildir
-"modern" form plus Dovecot's ``,S=`` size, which is the exact file size so that
-Dovecot and the POP3 server can skip a ``stat``).  The pid is read at each call,
+Unique names are ``<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>,W=<wire size>``
+(the Maildir "modern" form plus Dovecot's ``,S=`` file size and ``,W=`` size
+with CRLF line ends, so that Dovecot and our POP3 server need neither a
+``stat`` nor a read to answer LIST and STAT).  The pid is read at each call,
 not at import time, because ``twistd`` forks when it daemonizes; the sequence
 number makes names unique within a process even when the clock stands still.
 
@@ -69,6 +70,46 @@ def _chunks_of(source: Source) -> Iterable[bytes]:
                     return
                 yield chunk
     yield from source
+
+
+class WireSize:
+    """Dovecot's ``,W=`` size, counted as the bytes stream past.
+
+    The octets of the message with CRLF line endings (a final CRLF added if
+    missing), which is what POP3 reports in LIST/STAT (RFC 1939 section 11:
+    the dot-stuffing is not counted).  Deliveries record it in the file name so
+    that readers need not open the file to know it.
+    """
+
+    __slots__ = ("size", "_bare", "_prev_cr", "_last")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._bare = 0
+        self._prev_cr = False
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.size += len(chunk)
+        crlf = chunk.count(b"\r\n") + (1 if self._prev_cr and chunk[:1] == b"\n" else 0)
+        self._bare += chunk.count(b"\n") - crlf
+        self._prev_cr = chunk[-1:] == b"\r"
+        self._last = chunk[-1:]
+
+    @property
+    def value(self) -> int:
+        missing_end = 2 if self.size and self._last != b"\n" else 0
+        return self.size + self._bare + missing_end
+
+
+def wire_size_of(chunks: Iterable[bytes]) -> int:
+    """``WireSize`` of a whole message given as chunks."""
+    wire = WireSize()
+    for chunk in chunks:
+        wire.feed(chunk)
+    return wire.value
 
 
 class MaildirStore:
@@ -133,15 +174,17 @@ class MaildirStore:
         name = self.unique_name()
         tmp_path = os.path.join(maildir, "tmp", name)
         try:
-            size = self._write_tmp(tmp_path, prefix, source)
+            wire = self._write_tmp(tmp_path, prefix, source)
         except FileNotFoundError:
             if not known:
                 raise
             # Removed behind our back since we last looked: create it again.
             self._known.discard(maildir)
             self._create(maildir)
-            size = self._write_tmp(tmp_path, prefix, source)
-        return Pending(tmp_path, new_dir, f"{name},S={size}")
+            wire = self._write_tmp(tmp_path, prefix, source)
+        # ,S= (file size) and Dovecot's ,W= (size with CRLF line ends): POP3
+        # readers, ours and Dovecot's, take LIST/STAT sizes from the name.
+        return Pending(tmp_path, new_dir, f"{name},S={wire.size},W={wire.value}")
 
     def _create(self, maildir: str) -> None:
         """Make sure ``tmp/ new/ cur/`` exist durably, and remember it."""
@@ -186,24 +229,24 @@ class MaildirStore:
         _discard(pending.tmp_path)
 
     def _write_tmp(self, path: str, prefix: bytes, source: Source) -> int:
-        """Create ``path`` exclusively, stream into it, fsync; return the size."""
+        """Create ``path`` exclusively, stream into it, fsync; return its WireSize."""
         fd = fsutil._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        size = 0
+        wire = WireSize()
         try:
             try:
                 if prefix:
                     fsutil.write_fd(fd, prefix)
-                    size += len(prefix)
+                    wire.feed(prefix)
                 for chunk in _chunks_of(source):
                     fsutil.write_fd(fd, chunk)
-                    size += len(chunk)
+                    wire.feed(chunk)
                 fsutil._fsync(fd)
             finally:
                 os.close(fd)
         except BaseException:
             _discard(path)
             raise
-        return size
+        return wire
 
 
 class Pending:

@@ -12,12 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.storage import maildir as maildir_module
-from mailstack.storage.maildir import CHUNK, MaildirStore, escape_host
+from mailstack.storage.maildir import CHUNK, MaildirStore, escape_host, wire_size_of
 from tests.storage.faults import Faults, count_steps, scratch_path
 
 BOB = parse_address("Bob@example.org")
 MESSAGE = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n\xe9 8-bit\r\n"
-NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)Q(\d+)\.(.+),S=(\d+)\Z")
+NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)Q(\d+)\.(.+),S=(\d+),W=(\d+)\Z")
 
 
 def listing(path: str) -> list[str]:
@@ -71,14 +71,23 @@ class DeliverTests(SynchronousTestCase):
         self.assertEqual(listing(os.path.join(self.maildir, "tmp")), [])
 
     def test_uniqueNameFormat(self) -> None:
-        """<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>; the size is the exact file size."""
+        """<sec>.M<usec>P<pid>Q<seq>.<host>,S=<size>,W=<wire size>: S is the exact
+        file size, W the size with CRLF line ends (the same for CRLF mail)."""
         name = self.store.deliver(BOB, [MESSAGE], prefix=b"X: y\r\n")
         m = NAME.match(name)
         self.assertIsNotNone(m, name)
-        sec, usec, pid, seq, host, size = m.groups()
+        sec, usec, pid, seq, host, size, wire = m.groups()
         self.assertEqual((sec, usec, pid, host), ("1764341555", "123456", str(os.getpid()), "mx.example.org"))
         path = os.path.join(self.maildir, "new", name)
         self.assertEqual(int(size), os.path.getsize(path))
+        with open(path, "rb") as f:
+            self.assertEqual(int(wire), wire_size_of([f.read()]))
+
+    def test_wireSizeCountsBareLineEnds(self) -> None:
+        """W counts a CR for each bare LF and a final CRLF when missing, as POP3 sends it."""
+        name = self.store.deliver(BOB, [b"a\nb\r", b"\nc"])
+        size, wire = NAME.match(name).groups()[5:]
+        self.assertEqual((int(size), int(wire)), (6, 9))
 
     def test_pidReadAtCallTime(self) -> None:
         """The pid comes from each call, so names stay right after twistd forks."""
