@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, QueueEntry
+from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
 from mailstack.storage import fsutil
 
 FINAL = (DELIVERED, FAILED)
@@ -68,7 +68,7 @@ def summary(entry: QueueEntry, now: float) -> dict[str, Any]:
 
 
 def _summary(data: dict[str, Any], now: float) -> dict[str, Any]:
-    """``summary`` from the envelope's JSON form (a checked dict, see ``_checked``)."""
+    """``summary`` from the envelope's JSON form (a dict that ``entry.well_formed`` accepted)."""
     recipients = data["recipients"]
     pending = [r for r in recipients if r["status"] not in FINAL]
     errors = [r["last_reply"] for r in recipients if r["last_reply"] and r["status"] != DELIVERED]
@@ -93,52 +93,6 @@ def _summary(data: dict[str, Any], now: float) -> dict[str, Any]:
         "next_attempt": _iso(min(r["next_attempt"] for r in pending)) if pending else "",
         "last_error": errors[-1] if errors else "",
     }
-
-
-# The envelope as QueueStore writes it (queue/entry.py): exact keys and JSON types.
-_ENTRY_KEYS = {"id", "sender", "arrival", "size", "user", "peer", "delay_warned", "version", "recipients"}
-_RECIPIENT_KEYS = {"address", "original", "local", "status", "attempts", "next_attempt", "last_reply", "last_host",
-                   "notified", "history"}
-_NUMBER = (int, float)
-
-
-def _checked(d: Any, queue_id: str) -> bool:
-    """Whether parsed JSON is a well-formed envelope of ``queue_id`` (what
-    ``store.load`` accepts: exact keys, JSON types, bools not taken for numbers),
-    checked on the dict so that a listing builds no QueueEntry."""
-    if type(d) is not dict or d.keys() != _ENTRY_KEYS or d["id"] != queue_id or d["version"] != FORMAT_VERSION:
-        return False
-    if (
-        type(d["sender"]) is not str
-        or type(d["arrival"]) not in _NUMBER
-        or type(d["size"]) is not int
-        or type(d["user"]) is not str
-        or type(d["peer"]) is not str
-        or type(d["delay_warned"]) is not bool
-        or type(d["recipients"]) is not list
-        or type(d["version"]) is not int
-    ):
-        return False
-    for r in d["recipients"]:
-        if (
-            type(r) is not dict
-            or r.keys() != _RECIPIENT_KEYS
-            or type(r["address"]) is not str
-            or type(r["original"]) is not str
-            or type(r["local"]) is not bool
-            or type(r["status"]) is not str
-            or type(r["attempts"]) is not int
-            or type(r["next_attempt"]) not in _NUMBER
-            or type(r["last_reply"]) is not str
-            or type(r["last_host"]) is not str
-            or type(r["notified"]) is not bool
-            or type(r["history"]) is not list
-        ):
-            return False
-        for h in r["history"]:
-            if type(h) is not dict:
-                return False
-    return True
 
 
 def _envelopes(store: Any) -> list[dict[str, Any]]:
@@ -166,7 +120,7 @@ def _envelopes(store: Any) -> list[dict[str, Any]]:
             raw = b""
         try:
             data = loads(raw.decode("utf-8"))
-            ok = _checked(data, queue_id)
+            ok = well_formed(data, queue_id)
         except Exception:
             ok = False
         if not ok:

@@ -17,6 +17,41 @@ DELIVERED = "delivered"  # final: accepted by a maildir or a remote server
 FAILED = "failed"  # final: will never be delivered; a bounce is owed unless sender is <>
 
 
+_NUMBER = (int, float)
+# The JSON form, exact keys and types (a bool is not taken for a number).
+ENTRY_TYPES: dict[str, Any] = {
+    "id": (str,), "sender": (str,), "arrival": _NUMBER, "size": (int,), "user": (str,), "peer": (str,),
+    "delay_warned": (bool,), "version": _NUMBER, "recipients": (list,),
+}
+RECIPIENT_TYPES: dict[str, Any] = {
+    "address": (str,), "original": (str,), "local": (bool,), "status": (str,), "attempts": (int,),
+    "next_attempt": _NUMBER, "last_reply": (str,), "last_host": (str,), "notified": (bool,), "history": (list,),
+}
+
+
+def well_formed(data: Any, queue_id: str) -> bool:
+    """Whether parsed JSON is a valid envelope of ``queue_id``.
+
+    Valid JSON of the wrong shape (a damaged or hand-edited file) counts as
+    unreadable too: it would otherwise fail later, in the manager's scheduling
+    or the admin listing.  Checked on the dict, so a listing builds no entry.
+    """
+    if type(data) is not dict or data.keys() != ENTRY_TYPES.keys():
+        return False
+    if any(type(data[k]) not in kinds for k, kinds in ENTRY_TYPES.items()):
+        return False
+    if data["id"] != queue_id or data["version"] != FORMAT_VERSION:
+        return False
+    for r in data["recipients"]:
+        if type(r) is not dict or r.keys() != RECIPIENT_TYPES.keys():
+            return False
+        if any(type(r[k]) not in kinds for k, kinds in RECIPIENT_TYPES.items()):
+            return False
+        if any(type(h) is not dict for h in r["history"]):
+            return False
+    return True
+
+
 @dataclass
 class RecipientState:
     address: str  # final mailbox after alias expansion, "local@domain"

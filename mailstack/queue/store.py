@@ -80,7 +80,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-from mailstack.queue.entry import QueueEntry, RecipientState
+from mailstack.queue.entry import QueueEntry, RecipientState, well_formed
 from mailstack.storage import fsutil
 
 TMP = "tmp"
@@ -445,33 +445,9 @@ def _encode(entry: QueueEntry) -> bytes:
 def _decode(queue_id: str, data: bytes) -> QueueEntry:
     """Parse an envelope; ValueError for anything that is not a valid entry."""
     try:
-        entry = QueueEntry.from_json(json.loads(data.decode("utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable envelope {queue_id}") from e
-    if entry.id != queue_id:
-        raise ValueError(f"envelope {queue_id} names {entry.id!r}")
-    if not _well_typed(entry):
-        raise ValueError(f"envelope {queue_id} has fields of the wrong type")
-    return entry
-
-
-_NUMBER = (int, float)
-_RECIPIENT_TYPES = {"address": str, "original": str, "local": bool, "status": str, "attempts": int,
-                    "next_attempt": _NUMBER, "last_reply": str, "last_host": str, "notified": bool, "history": list}
-
-
-def _well_typed(entry: QueueEntry) -> bool:
-    """Valid JSON of the wrong types (a damaged or hand-edited file) is unreadable too:
-    it would otherwise fail later, in the manager's scheduling or the admin listing."""
-    if not (isinstance(entry.sender, str) and isinstance(entry.arrival, _NUMBER) and isinstance(entry.size, int)
-            and isinstance(entry.user, str) and isinstance(entry.peer, str)
-            and isinstance(entry.delay_warned, bool) and isinstance(entry.recipients, list)):
-        return False
-    for r in entry.recipients:
-        for name, kind in _RECIPIENT_TYPES.items():
-            value = getattr(r, name)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                return False
-        if not all(isinstance(h, dict) for h in r.history):
-            return False
-    return True
+    if not well_formed(parsed, queue_id):
+        raise ValueError(f"envelope {queue_id} is not a valid entry")
+    return QueueEntry.from_json(parsed)

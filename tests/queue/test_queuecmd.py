@@ -141,8 +141,7 @@ class QueueCommandTests(SynchronousTestCase):
         self.assertIn(wrong.id + ".json", corrupt)
 
     def test_listUnusualButValid(self) -> None:
-        """An envelope the fast check does not take but the store reads (a version
-        written as 1.0) is listed through the store's full reader."""
+        """An envelope that is unusual but valid (a version written as 1.0) is listed."""
         e = self.add()
         data = json.loads(open(self.store.envelope_path(e.id), "rb").read())
         data["version"] = 1.0
