@@ -70,15 +70,21 @@ class Client:
             self.sock.close()
 
 
+def _login_stat_uidl(c: "Client", user, password, mech) -> int:
+    """Log in, STAT and UIDL; the message count (UIDL must list them all)."""
+    c.login(user, password, mech)
+    n = int(c.cmd("STAT").split()[1])
+    uidl = c.multi("UIDL")
+    if len(uidl) != n:
+        raise POP3Error(f"UIDL listed {len(uidl)} of {n} messages")
+    return n
+
+
 def full_download(host, port, user, password, mech="user") -> dict:
     t0 = time.perf_counter()
     c = Client(host, port)
     try:
-        c.login(user, password, mech)
-        n = int(c.cmd("STAT").split()[1])
-        uidl = c.multi("UIDL")
-        if len(uidl) != n:
-            raise POP3Error(f"UIDL listed {len(uidl)} of {n} messages")
+        n = _login_stat_uidl(c, user, password, mech)
         total = 0
         for i in range(1, n + 1):
             total += sum(len(l) for l in c.multi(f"RETR {i}"))
@@ -93,11 +99,7 @@ def stat_uidl(host, port, user, password, mech="user") -> dict:
     t0 = time.perf_counter()
     c = Client(host, port)
     try:
-        c.login(user, password, mech)
-        n = int(c.cmd("STAT").split()[1])
-        uidl = c.multi("UIDL")
-        if len(uidl) != n:
-            raise POP3Error(f"UIDL listed {len(uidl)} of {n} messages")
+        n = _login_stat_uidl(c, user, password, mech)
         c.cmd("QUIT")
     finally:
         c.close()

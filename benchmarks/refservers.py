@@ -200,15 +200,20 @@ maillog_file_prefixes = {self.root}
             self._postfix("stop", check=False)
         except Exception:
             pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
-            time.sleep(0.1)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        reap(pids)
         self.started = False
+
+
+def reap(pids: list[int], grace: float = 10.0) -> None:
+    """Wait up to ``grace`` seconds for ``pids`` to exit after a stop, then SIGKILL the rest."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.1)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def password_hash(pw: str) -> str:
@@ -310,12 +315,5 @@ service pop3-login {{
         pids = process_tree(pid) if pid else []
         subprocess.run([_bin("dovecot"), "-c", self.conf, "stop"], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
-            time.sleep(0.1)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        reap(pids)
         self.started = False
