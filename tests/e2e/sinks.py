@@ -37,40 +37,68 @@ def _server_context() -> ssl.SSLContext:
 
 
 class Sink:
-    """Accepts any mail on 127.0.0.1:<port>; ``messages`` holds (sender, rcpts, data)."""
+    """A threaded SMTP server on ``ip:port``; ``messages`` holds (sender, rcpts, data).
 
-    def __init__(self, delay: float = 0.0, ip: str = "127.0.0.1") -> None:
-        self.delay = delay  # seconds before the final 250 of each message
+    PIPELINING-safe; STARTTLS offered unless ``starttls=False``; recipients in
+    ``reject`` get 550 5.1.1; ``delay`` seconds pass before each message's
+    final 250.  Listens at once unless ``start=False``; ``stop()`` and
+    ``start()`` again reuse the same port (an MX going down and coming back).
+    """
+
+    def __init__(
+        self,
+        delay: float = 0.0,
+        ip: str = "127.0.0.1",
+        port: int = 0,
+        reject: tuple[str, ...] = (),
+        starttls: bool = True,
+        start: bool = True,
+    ) -> None:
+        self.delay = delay
+        self.ip = ip
+        self.port = port
+        self.reject = reject
+        self.starttls = starttls
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.connections = 0
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((ip, 0))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._sock: socket.socket | None = None
+        if start:
+            self.start()
 
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
+    def start(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.ip, self.port))
+        s.listen(64)
+        self.port = s.getsockname()[1]
+        self._sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
         with self._lock:
             conns, self._conns = self._conns, []
         for c in conns:
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                c.shutdown(socket.SHUT_RDWR)  # close() alone leaves makefile()'s reference open
                 c.close()
             except OSError:
                 pass
 
-    def _accept(self) -> None:
+    close = stop
+
+    def _accept(self, s: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = s.accept()
             except OSError:
                 return
             with self._lock:
@@ -92,9 +120,9 @@ class Sink:
                 cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
                 verb = cmd[:4].upper()
                 if verb == "EHLO":
-                    starttls = b"" if tls else b"250-STARTTLS\r\n"
+                    starttls = b"250-STARTTLS\r\n" if self.starttls and not tls else b""
                     send(b"250-sink.test\r\n250-PIPELINING\r\n" + starttls + b"250-8BITMIME\r\n250 SIZE 50000000\r\n")
-                elif verb == "STAR" and not tls:
+                elif verb == "STAR" and self.starttls and not tls:
                     send(b"220 2.0.0 Ready to start TLS\r\n")
                     conn = _server_context().wrap_socket(conn, server_side=True)
                     with self._lock:
@@ -108,9 +136,16 @@ class Sink:
                     sender, rcpts = cmd[10:].split(">")[0].lstrip("<"), []
                     send(b"250 2.1.0 Ok\r\n")
                 elif verb == "RCPT":
-                    rcpts.append(cmd[8:].split(">")[0].lstrip("<"))
-                    send(b"250 2.1.5 Ok\r\n")
+                    addr = cmd[8:].split(">")[0].lstrip("<")
+                    if addr in self.reject:
+                        send(b"550 5.1.1 <" + addr.encode() + b">: Recipient address rejected\r\n")
+                    else:
+                        rcpts.append(addr)
+                        send(b"250 2.1.5 Ok\r\n")
                 elif verb == "DATA":
+                    if not rcpts:
+                        send(b"554 5.5.1 No valid recipients\r\n")
+                        continue
                     send(b"354 go ahead\r\n")
                     chunks = []
                     while True:
@@ -125,9 +160,7 @@ class Sink:
                     with self._lock:
                         self.messages.append((sender, list(rcpts), b"".join(chunks)))
                     send(b"250 2.0.0 Ok: queued\r\n")
-                elif verb == "RSET":
-                    send(b"250 2.0.0 Ok\r\n")
-                elif verb == "NOOP":
+                elif verb in ("RSET", "NOOP"):
                     send(b"250 2.0.0 Ok\r\n")
                 elif verb == "QUIT":
                     send(b"221 2.0.0 Bye\r\n")
@@ -142,6 +175,15 @@ class Sink:
     def snapshot(self) -> list[tuple[str, list[str], bytes]]:
         with self._lock:
             return list(self.messages)
+
+    def wait_for(self, marker: bytes, timeout: float = 30.0) -> list[tuple[str, list[str], bytes]]:
+        """The messages containing ``marker``, waiting up to ``timeout`` for one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.snapshot() if marker in m[2]]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
 
 class RawSMTP:

@@ -18,12 +18,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tests.e2e.harness import Server
+from tests.e2e.sinks import Sink
 
 PASSWORD = "alice-pw"
 PRIMARY = "127.0.0.2"
@@ -51,117 +51,6 @@ zone = [
     A("mx2.remote.test", "{BACKUP}"),
 ]
 """
-
-
-class Sink:
-    """A minimal SMTP server in threads: PIPELINING-safe, records every message."""
-
-    def __init__(self, ip: str, port: int, reject: tuple[str, ...] = ()) -> None:
-        self.ip = ip
-        self.port = port
-        self.reject = reject
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self._sock: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((self.ip, self.port))
-        s.listen(16)
-        self._sock = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def stop(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._sock.close()
-            self._sock = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)  # close() alone leaves makefile()'s reference open
-                c.close()
-            except OSError:
-                pass
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        try:
-            f = conn.makefile("rb")
-            send = conn.sendall
-            send(b"220 sink ESMTP\r\n")
-            sender, rcpts = "", []
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
-                verb = cmd[:4].upper()
-                if verb == "EHLO":
-                    send(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 50000000\r\n")
-                elif verb == "HELO":
-                    send(b"250 sink\r\n")
-                elif verb == "MAIL":
-                    sender, rcpts = cmd[10:].split(">")[0].lstrip("<"), []
-                    send(b"250 2.1.0 Ok\r\n")
-                elif verb == "RCPT":
-                    addr = cmd[8:].split(">")[0].lstrip("<")
-                    if addr in self.reject:
-                        send(b"550 5.1.1 <" + addr.encode() + b">: Recipient address rejected\r\n")
-                    else:
-                        rcpts.append(addr)
-                        send(b"250 2.1.5 Ok\r\n")
-                elif verb == "DATA":
-                    if not rcpts:
-                        send(b"554 5.5.1 No valid recipients\r\n")
-                        continue
-                    send(b"354 go ahead\r\n")
-                    data = b""
-                    while True:
-                        chunk = f.readline()
-                        if not chunk:
-                            return
-                        if chunk == b".\r\n":
-                            break
-                        data += chunk[1:] if chunk.startswith(b".") else chunk
-                    with self._lock:
-                        self.messages.append((sender, list(rcpts), data))
-                    send(b"250 2.0.0 Ok: queued\r\n")
-                elif verb == "RSET":
-                    send(b"250 2.0.0 Ok\r\n")
-                elif verb == "QUIT":
-                    send(b"221 2.0.0 Bye\r\n")
-                    return
-                else:
-                    send(b"502 5.5.2 Error\r\n")
-        except OSError:
-            return
-        finally:
-            conn.close()
-
-    def wait_for(self, marker: bytes, timeout: float = 30.0) -> list[tuple[str, list[str], bytes]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                found = [m for m in self.messages if marker in m[2]]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
 
 
 def _free_port_on(*ips: str) -> int:
@@ -218,8 +107,8 @@ def relay(tmp_path_factory):
         assert line.strip() == b"ready", line + dns_proc.stdout.read()
         port = _free_port_on(PRIMARY, BACKUP)
         sinks = {
-            "primary": Sink(PRIMARY, port, reject=("nobody@remote.test",)),
-            "backup": Sink(BACKUP, port, reject=("nobody@remote.test",)),
+            "primary": Sink(ip=PRIMARY, port=port, reject=("nobody@remote.test",), starttls=False, start=False),
+            "backup": Sink(ip=BACKUP, port=port, reject=("nobody@remote.test",), starttls=False, start=False),
         }
         (root / "server").mkdir()
         server = Server(
