@@ -273,6 +273,40 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _flood_unread(c: socket.socket, command: bytes, seconds: float = 3.0) -> tuple[int, int]:
+    """Pipeline ``command`` for ``seconds`` without reading a reply.
+
+    Returns (bytes sent in all, bytes sent by half time); a server that stops
+    reading once its replies back up lets little through in the second half.
+    """
+    c.settimeout(0.2)
+    chunk = command * 10000
+    sent, halfway = 0, None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if halfway is None and time.monotonic() - t0 > seconds / 2:
+            halfway = sent
+        try:
+            sent += c.send(chunk)
+        except socket.timeout:
+            pass
+    return sent, halfway
+
+
+def _collect_replies(c: socket.socket, sent: int, command: bytes, timeout: float) -> list[bytes]:
+    """Complete the last partial command, send QUIT and read every reply line."""
+    c.settimeout(30)
+    lines: list[bytes] = []
+    f = c.makefile("rb")
+    reader = threading.Thread(target=lambda: lines.extend(iter(f.readline, b"")), daemon=True)
+    reader.start()
+    if sent % len(command):
+        c.sendall(command[sent % len(command) :])
+    c.sendall(b"QUIT\r\n")
+    reader.join(timeout)
+    return lines
+
+
 def test_pipelinedFloodWithoutReading(server) -> None:
     """A client that pipelines NOOPs for seconds and never reads the replies does not grow the
     server's memory (it stops reading when its write buffer is full); when the client finally
@@ -283,32 +317,14 @@ def test_pipelinedFloodWithoutReading(server) -> None:
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.bind(("127.0.8.1", 0))
     c.connect(("127.0.0.1", server.ports["smtp"]))
-    c.settimeout(0.2)
-    chunk = b"NOOP\r\n" * 10000
-    sent = 0
-    t0 = time.monotonic()
-    halfway = None
-    while time.monotonic() - t0 < 3:  # well within command_timeout: a slow reader is dropped after it
-        if halfway is None and time.monotonic() - t0 > 1.5:
-            halfway = sent
-        try:
-            sent += c.send(chunk)
-        except socket.timeout:
-            pass
+    # 3 s: well within command_timeout (a slow reader is dropped after it).
+    sent, halfway = _flood_unread(c, b"NOOP\r\n")
     grown = _rss_mib(pid) - before
     # Once the socket buffers are full the server stops reading: nothing more gets through.
     assert sent - halfway < 100_000, f"the server kept reading: {sent - halfway} bytes in the last 1.5 s"
     assert grown < 25, f"server RSS grew by {grown:.1f} MiB"
-    c.settimeout(30)
-    lines: list[bytes] = []
-    f = c.makefile("rb")
-    reader = threading.Thread(target=lambda: lines.extend(iter(f.readline, b"")), daemon=True)
-    reader.start()
-    if sent % 6:
-        c.sendall(b"NOOP\r\n"[sent % 6 :])
+    lines = _collect_replies(c, sent, b"NOOP\r\n", 60)
     noops = -(-sent // 6)
-    c.sendall(b"QUIT\r\n")
-    reader.join(60)
     assert lines[0].startswith(b"220")
     assert lines[1:-1] == [b"250 2.0.0 Ok\r\n"] * noops
     assert lines[-1].startswith(b"221 2.0.0")
@@ -323,29 +339,11 @@ def test_pop3FloodWithoutReading(server) -> None:
     c = socket.socket()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.connect(("127.0.0.1", server.ports["pop3"]))
-    c.settimeout(0.2)
-    chunk = b"CAPA\r\n" * 10000
-    sent, halfway = 0, None
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 3:
-        if halfway is None and time.monotonic() - t0 > 1.5:
-            halfway = sent
-        try:
-            sent += c.send(chunk)
-        except socket.timeout:
-            pass
+    sent, halfway = _flood_unread(c, b"CAPA\r\n")
     assert sent - halfway < 100_000, f"the server kept reading: {sent - halfway} bytes in the last 1.5 s"
     assert _rss_mib(pid) - before < 25
-    c.settimeout(30)
-    lines: list[bytes] = []
-    f = c.makefile("rb")
-    reader = threading.Thread(target=lambda: lines.extend(iter(f.readline, b"")), daemon=True)
-    reader.start()
-    if sent % 6:
-        c.sendall(b"CAPA\r\n"[sent % 6 :])
+    lines = _collect_replies(c, sent, b"CAPA\r\n", 120)
     capas = -(-sent // 6)
-    c.sendall(b"QUIT\r\n")
-    reader.join(120)
     assert lines[0].startswith(b"+OK")
     assert sum(1 for line in lines if line.startswith(b"+OK Capability list follows")) == capas
     assert lines[-1].startswith(b"+OK") and b"signing off" in lines[-1]
