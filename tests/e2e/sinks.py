@@ -16,7 +16,7 @@ import ssl
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 _TLS_CONTEXT: ssl.SSLContext | None = None
 
@@ -214,9 +214,9 @@ class RawSMTP:
             pass
 
 
-def message_ids_in(maildir: str) -> list[str]:
-    """Message-IDs of every message in a Maildir (new/ and cur/), duplicates included."""
-    found = []
+def maildir_messages(maildir: str) -> Iterator[bytes]:
+    """The bytes of every message in a Maildir (new/ and cur/); files that go
+    away while listed (a POP3 session deleting) are skipped."""
     for sub in ("new", "cur"):
         folder = os.path.join(maildir, sub)
         if not os.path.isdir(folder):
@@ -224,11 +224,18 @@ def message_ids_in(maildir: str) -> list[str]:
         for name in os.listdir(folder):
             try:
                 with open(os.path.join(folder, name), "rb") as f:
-                    msg = email.message_from_binary_file(f)
+                    yield f.read()
             except FileNotFoundError:
                 continue
-            if msg["Message-ID"]:
-                found.append(msg["Message-ID"].strip())
+
+
+def message_ids_in(maildir: str) -> list[str]:
+    """Message-IDs of every message in a Maildir (new/ and cur/), duplicates included."""
+    found = []
+    for data in maildir_messages(maildir):
+        msg = email.message_from_bytes(data)
+        if msg["Message-ID"]:
+            found.append(msg["Message-ID"].strip())
     return found
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import smtplib
 import threading
 import time
 
 from tests.e2e.harness import Server
+from tests.e2e.sinks import maildir_messages
 
 CONNECTIONS = 10
 PER_CONNECTION = 50  # 500 messages in all
@@ -17,20 +17,10 @@ KILL_AFTER = 150  # acknowledged messages before the SIGKILL
 def delivered_markers(server: Server, address: str) -> set[str]:
     """Subjects of every message in the user's Maildir (new/ and cur/)."""
     found = set()
-    base = server.maildir(address)
-    for sub in ("new", "cur"):
-        folder = os.path.join(base, sub)
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            try:
-                with open(os.path.join(folder, name), "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            for line in data.split(b"\r\n"):
-                if line.startswith(b"Subject: crash-"):
-                    found.add(line[len(b"Subject: ") :].decode())
+    for data in maildir_messages(server.maildir(address)):
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"Subject: crash-"):
+                found.add(line[len(b"Subject: ") :].decode())
     return found
 
 
