@@ -79,7 +79,7 @@ import os
 import re
 import time
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import wire_size_of
@@ -521,15 +521,20 @@ class Maildrop:
         With ``relocate=False`` a renamed file raises FileNotFoundError instead of
         listing ``cur/`` (the caller retries in a thread).
         """
+        return self._opened(i, lambda path: _open(path, "rb"), relocate)
+
+    def _opened(self, i: int, opener: Callable[[str], Any], relocate: bool) -> Any:
+        """``opener(path of message i)``, following the file once if another
+        reader renamed it (flags added); MessageGone if it was deleted."""
         try:
-            return _open(self._file(i), "rb")
+            return opener(self._file(i))
         except FileNotFoundError:
             if not relocate:
                 raise
             if not self._relocate(i):
                 raise MessageGone(self.uniques[i]) from None
             try:
-                return _open(self._file(i), "rb")
+                return opener(self._file(i))
             except FileNotFoundError:
                 raise MessageGone(self.uniques[i]) from None
 
@@ -539,17 +544,7 @@ class Maildrop:
 
         Plain ``os.open``/``os.read`` (no buffered file object): this runs on the
         reactor thread for every RETR, and most messages are one read."""
-        try:
-            fd = _os_open(self._file(i), os.O_RDONLY | _O_CLOEXEC)
-        except FileNotFoundError:
-            if not relocate:
-                raise
-            if not self._relocate(i):
-                raise MessageGone(self.uniques[i]) from None
-            try:
-                fd = _os_open(self._file(i), os.O_RDONLY | _O_CLOEXEC)
-            except FileNotFoundError:
-                raise MessageGone(self.uniques[i]) from None
+        fd = self._opened(i, lambda path: _os_open(path, os.O_RDONLY | _O_CLOEXEC), relocate)
         try:
             data = os.read(fd, size)
             if len(data) < size:
