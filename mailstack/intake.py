@@ -1,71 +1,67 @@
 # -*- test-case-name: tests.test_intake -*-
-"""The only door for new mail: stream a message into the queue and commit it once.
+"""The only door for new mail: take a message and make it durable, once.
 
 SMTP sessions and the DSN builder both call ``Intake.begin(envelope)``, write
 the message bytes as they arrive, and call ``finish()``.  The intake adds the
-RFC 5321 section 4.4 ``Received:`` header, streams everything to
-``queue/tmp/<id>`` and commits it with ``QueueStore.commit`` in a thread.
+RFC 5321 section 4.4 ``Received:`` header and holds the bytes in memory up to
+``SPILL_AT`` (the size of the write buffer a file would need anyway); a bigger
+message is streamed to ``queue/tmp/<id>`` from then on, so memory never grows
+with message size.  A 250 to DATA means the message is fsynced in its
+Maildirs or in the queue (interface.md, "Protocol behaviour").
 
-One commit point
-----------------
-All accepted mail, for local and remote recipients alike, is committed to the
-queue first; a 250 reply to DATA means exactly "the queue commit finished"
-(message fsynced, renamed, envelope written, directories fsynced).  Right after
-the commit the intake kicks the queue manager, whose local agent drains the
-local recipients into their Maildirs at once.  Why not write Maildirs directly
-during DATA, as mox does?  Because with one commit point
+Direct delivery (recipients all local)
+--------------------------------------
+The common case on an MX.  One thread call (``LocalAgent.prepare_direct``)
+writes and fsyncs each recipient's copy into its Maildir ``tmp/``; a
+``GroupCommit`` then moves the copies of a whole batch of messages into
+``new/`` with one fsync per ``new/`` folder.  Only then does ``finish()``
+fire.  Per message that is one file created, one fsync, one rename, and no
+queue files at all: on the benchmark machine creating and deleting files was
+the largest single cost of the old path (queue message, envelope and Maildir
+copy for every local message).  Like mox, and unlike Postfix, nothing is
+copied twice.
 
-* a message with both local and remote recipients can never be half-accepted:
-  either the whole transaction is on disk or the client gets a 4xx;
-* a Maildir write failure (disk full, a broken mailbox) is just a 4xx for that
-  recipient, retried by the manager like any remote deferral;
-* crash recovery has a single place to look: the queue, at-least-once.
+Anything the direct path cannot finish falls back to the queue, before the
+reply: if a copy cannot be written (a full or broken mailbox) the whole
+message is queued, and if some copies reached ``new/`` but others failed,
+only the recipients still owed are queued; the manager retries those as usual.
+A crash in the middle (some copies published, no 250 yet) can only cause a
+duplicate when the client sends again, never a loss.
 
-It costs one extra copy of each local message, which the page cache absorbs.
-
-Writes go to a buffered file in the reactor thread: they only reach the page
-cache.  Everything that waits for the disk (fsync, rename, directory fsync) runs
-through ``run_blocking``.
-
-Group commit
-------------
-A commit is ``QueueStore.prepare`` (the file fsyncs: ``prepare_message`` and
-``prepare_envelope``, two thread calls side by side per message, many
-messages in parallel) followed by ``publish_messages`` (renames into
-``msg/``, one fsync of ``msg/``) and ``publish_envelopes`` (renames into
+The queue (any remote recipient, or the fallback)
+-------------------------------------------------
+``QueueStore.prepare`` (one thread call: the message written to
+``queue/tmp/<id>`` from memory, or the streamed file fsynced, plus the
+envelope written and fsynced) is followed by ``publish_messages`` (renames
+into ``msg/``, one fsync of ``msg/``) and ``publish_envelopes`` (renames into
 ``env/``, one fsync of ``env/``).  Each of the two goes through a
-``GroupCommit``: one batch is in flight per stage, and every message that
-arrives meanwhile joins the next batch, so each directory is fsynced once per
-batch however many sessions are committing, and the two stages pipeline.  With no load a batch is a single message and nothing waits for a
-timer.  A failure of one message's own step fails that message only; a failed
-directory fsync fails the whole batch (each is answered 451/452, and nothing of
-it is left behind).  Each Deferred fires only after its batch is durable.
+``GroupCommit``: one batch is in flight per stage, every message that arrives
+meanwhile joins the next batch, and the two stages pipeline.  With no load a
+batch is a single message and nothing waits for a timer.  A failure of one
+message's own step fails that message only; a failed directory fsync fails
+the whole batch (each is answered 451/452, and nothing of it is left behind).
+Once committed, the queue manager is kicked.
 
-Inline local delivery
----------------------
-For a message whose recipients are all local, a thread call running beside
-the one that prepares the commit writes each recipient's copy into its Maildir
-``tmp/`` (``LocalAgent.prepare_inline``); after the 250, a second
-``GroupCommit`` moves the copies of a whole batch into ``new/`` (one fsync per
-folder) and drops the queue entries (``LocalAgent.publish_inline``).  So the
-common case costs two parallel thread calls per message plus two per batch, instead of
-the manager's load / deliver / remove round trips, and the queue commit stays
-the one commit point.  Anything unusual (a remote recipient, a Maildir error)
-goes to the manager as before, via ``kick``.
+Writes to a spilled file go to a buffered file in the reactor thread: they
+only reach the page cache.  Everything that waits for the disk (fsync,
+rename, directory fsync, creating files from memory) runs through
+``run_blocking``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack.address import AddressError
 from mailstack.batching import GroupCommit
 from mailstack.envelope import Envelope
 from mailstack.errors import Reply, TemporaryFailure
@@ -77,6 +73,10 @@ from mailstack.storage import fsutil
 # RFC 5321 section 4.2.3 reply texts; the details go to the log only.
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
 DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+# Bytes of a message held in memory before it is streamed to queue/tmp/<id>:
+# the write buffer such a file would have anyway, so memory per session is bounded.
+SPILL_AT = 64 * 1024
 
 # RFC 5322 section 2.1.1: lines SHOULD stay within 78 characters, MUST within 998.
 FOLD_AT = 78
@@ -153,17 +153,18 @@ def _fold(clauses: list[str]) -> str:
 
 
 def _local_agent(kicker: Any) -> Any:
-    """The kicker's local delivery agent if it can deliver inline (the QueueManager's)."""
+    """The kicker's local delivery agent if it can deliver directly (the QueueManager's)."""
     agent = getattr(kicker, "local", None)
-    return agent if callable(getattr(agent, "prepare_inline", None)) else None
+    return agent if callable(getattr(agent, "prepare_direct", None)) else None
 
 
 @implementer(IIntake)
 class Intake:
-    """Accepts messages into a QueueStore and kicks the queue manager.
+    """Accepts messages into Maildirs or a QueueStore, and kicks the queue manager.
 
-    ``local``: the LocalAgent for inline delivery; by default the kicker's
-    ``local`` attribute (the QueueManager's agent), if it has one.
+    ``local``: the LocalAgent for direct delivery; by default the kicker's
+    ``local`` attribute (the QueueManager's agent), if it has one.  Without
+    one, every message is queued.
     """
 
     log = Logger()
@@ -187,71 +188,105 @@ class Intake:
         # into env/ (fsync env/); a batch in the second stage does not hold up
         # the next batch's first stage.
         self._envelopes = GroupCommit(run_blocking, self._publish_envelopes)
-        self._inline = 0  # inline deliveries between their 250 and their end
-        self._idle_waiters: list[Deferred] = []
         self._committer = GroupCommit(run_blocking, self._publish_messages, then=self._envelopes)
-        self._deliverer = GroupCommit(run_blocking, self._deliver)
+        self._copies = GroupCommit(run_blocking, self._publish_copies)
+        self._in_flight = 0  # commits between finish() and their outcome
+        self._idle_waiters: list[Deferred] = []
 
     def begin(self, envelope: Envelope) -> "Incoming":
-        """Open ``queue/tmp/<id>`` and write the Received: header into it."""
+        """A new message, its Received: header already written."""
         return Incoming(self, envelope)
 
-    # -- the commit: prepare (one thread call per message), publish (per batch)
+    def wait_idle(self) -> Deferred:
+        """Fires once no commit is in progress (graceful shutdown).
 
-    def _commit(self, entry: QueueEntry) -> Deferred:
-        """Fires with ``(entry, copies)`` once the entry is durable.
-
-        ``copies`` is None (the manager delivers) or, for an inline delivery,
-        a Deferred of the Maildir copies being written by a thread call that
-        runs beside the commit: the 250 never waits for them.  If the commit
-        fails, the copies are dropped as soon as they are written.
+        The SMTP listeners' ``drain`` waits for it, so that a commit whose
+        client already left still finishes before the thread pool stops.
         """
-        local = self._local if self._local is not None and self._local.inline_ok(entry) else None
-        copies = None
-        if local is not None:
-            copies = self._run_blocking(
-                local.prepare_inline, entry, self._store.tmp_path(entry.id), self._store.message_path(entry.id)
-            )
-            copies.addErrback(self._no_copies, entry)
-        # The message fsync and the envelope write + fsync, side by side.
-        # Both halves end before anything else happens, so that a failure's
-        # clean-up (Incoming._discarded) never races with the other half.
-        d = DeferredList(
-            [self._run_blocking(self._store.prepare_message, entry), self._run_blocking(self._store.prepare_envelope, entry)],
-            consumeErrors=True,
-        )
-        d.addCallback(self._prepared, entry)
-        d.addCallback(self._envelopes.submit)
-
-        def failed(failure: Failure) -> Failure:
-            if copies is not None:
-                copies.addCallback(self._drop_copies, entry)
-            return failure
-
-        d.addCallbacks(lambda _: (entry, copies), failed)
+        d: Deferred = Deferred()
+        if self._in_flight:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
         return d
 
-    def _prepared(self, results: list[tuple[bool, Any]], entry: QueueEntry) -> Any:
-        """Both halves of the prepare ended: on to the group commit, or the first failure."""
-        for ok, result in results:
-            if not ok:
-                return result
-        return self._committer.submit(entry)
+    def _commit(self, entry: QueueEntry, data: bytes | None) -> Deferred:
+        """Fires with the queue id once the message is durable, in its Maildirs or the queue.
 
-    def _no_copies(self, failure: Failure, entry: QueueEntry) -> None:
-        self.log.failure("inline delivery of {queue_id}: preparing copies failed", failure, queue_id=entry.id)
-        return None
+        ``data``: the whole message, or None if it was spilled to ``queue/tmp/<id>``.
+        """
+        self._in_flight += 1
+        if self._local is not None and self._local.direct_ok(entry):
+            d = self._run_blocking(self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id))
+            d.addCallback(lambda pending: self._copies.submit((pending, data is None and entry.id)))
+            d.addCallbacks(self._published, self._not_delivered, callbackArgs=(entry, data), errbackArgs=(entry, data))
+        else:
+            d = self._queue(entry, data)
+        d.addBoth(self._commit_ended)
+        return d
 
-    def _drop_copies(self, pending: Any, entry: QueueEntry) -> None:
-        """The commit failed: no Maildir may ever see this message."""
-        if pending:
-            d = self._run_blocking(self._discard_copies, pending)
-            d.addErrback(lambda f: self.log.failure("dropping copies of {queue_id}", f, queue_id=entry.id))
+    def _commit_ended(self, result: Any) -> Any:
+        self._in_flight -= 1
+        if not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+        return result
 
-    def _discard_copies(self, pending: list[Any]) -> None:
-        """Blocking: drop prepared Maildir copies."""
-        for p in pending:
-            self._local.discard_inline(p)
+    # -- direct delivery ---------------------------------------------------------
+
+    def _publish_copies(self, items: list[tuple[list[Any], Any]]) -> list[list[BaseException | None]]:
+        """Blocking: move a batch's copies into ``new/``; per message its per-recipient errors.
+
+        A spilled message's ``queue/tmp/<id>`` is dropped once all its copies
+        are in place (no fsync: ``recover()`` empties tmp/ after a crash).
+        """
+        results = self._local.publish_direct([pending for pending, _ in items])
+        for (_, spilled), errors in zip(items, results):
+            if spilled and not any(errors):
+                self._store.discard(spilled)
+        return results
+
+    def _published(self, errors: list[BaseException | None], entry: QueueEntry, data: bytes | None) -> Any:
+        if not any(errors):
+            self._log_accepted(entry, "delivered")
+            return entry.id
+        owed = []
+        for r, error in zip(entry.recipients, errors):
+            if error is None:
+                self.log.info("{queue_id}: to=<{rcpt}> relay=local status=sent", queue_id=entry.id, rcpt=r.address)
+            else:
+                owed.append(r)
+                self._log_deferred(entry, r.address, error)
+        # Only what is still owed goes to the queue, so nobody gets a copy twice.
+        return self._queue(dataclasses.replace(entry, recipients=owed), data)
+
+    def _not_delivered(self, failure: Failure, entry: QueueEntry, data: bytes | None) -> Deferred:
+        """A copy could not be written (none was published): queue the whole message."""
+        if failure.check(OSError, AddressError):
+            for r in entry.recipients:
+                self._log_deferred(entry, r.address, failure.value)
+        else:
+            self.log.failure("direct delivery of {queue_id} failed; queueing it", failure, queue_id=entry.id)
+        return self._queue(entry, data)
+
+    def _log_deferred(self, entry: QueueEntry, rcpt: str, error: BaseException) -> None:
+        self.log.error(
+            "{queue_id}: to=<{rcpt}> relay=local status=deferred: {error}; queued for the queue manager",
+            queue_id=entry.id,
+            rcpt=rcpt,
+            error=str(error),
+            status="deferred",
+        )
+
+    # -- the queue: prepare (one thread call per message), publish (per batch) ----
+
+    def _queue(self, entry: QueueEntry, data: bytes | None) -> Deferred:
+        d = self._run_blocking(self._store.prepare, entry, data)
+        d.addCallback(lambda _: self._committer.submit(entry))
+        d.addCallback(self._envelopes.submit)
+        d.addCallback(self._queued)
+        return d
 
     def _publish_messages(self, entries: list[QueueEntry]) -> list[Any]:
         """Blocking: commit step 3 for a batch; per entry the entry itself, or its error."""
@@ -263,108 +298,35 @@ class Intake:
         errors = self._store.publish_envelopes(entries)
         return [entry if error is None else error for entry, error in zip(entries, errors)]
 
-    def _deliver(self, items: list[tuple[QueueEntry, Any]]) -> list[Any]:
-        """Blocking: inline delivery of a batch of committed entries."""
-        return self._local.publish_inline(items, self._clock.seconds())
-
-    def _run_inline(self, entry: QueueEntry, pending: list[Any]) -> None:
-        d = self._deliverer.submit((entry, pending))
-        d.addBoth(self._inline_done, entry)
-
-    def _inline_done(self, result: Any, entry: QueueEntry) -> None:
-        """One event per delivery; the manager takes over what is not settled."""
+    def _queued(self, entry: QueueEntry) -> str:
+        self._log_accepted(entry, "queued")
         try:
-            self._inline_report(result, entry)
-        finally:
-            self._inline_ended()
+            self._kicker.kick(entry.id)
+        except Exception:
+            # The message is safely queued; the next start (recover + scan) delivers it.
+            self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=entry.id)
+        return entry.id
 
-    def _inline_report(self, result: Any, entry: QueueEntry) -> None:
-        if isinstance(result, Failure):
-            self.log.failure("inline delivery of {queue_id} failed", result, queue_id=entry.id)
-            self._kick(entry.id)
-            return
-        errors, settled = result
-        delay = self._clock.seconds() - entry.arrival
-        for r, error in zip(entry.recipients, errors):
-            if error is None:
-                self.log.info(
-                    "{queue_id}: to=<{rcpt}> relay=local delay={delay:.3f} status=sent (250 2.0.0 Delivered)",
-                    queue_id=entry.id,
-                    rcpt=r.address,
-                    delay=delay,
-                    status="sent",
-                )
-            else:
-                self.log.error(
-                    "{queue_id}: to=<{rcpt}> relay=local status=deferred: {error}; the queue manager retries",
-                    queue_id=entry.id,
-                    rcpt=r.address,
-                    error=str(error),
-                    status="deferred",
-                )
-        if not settled:
-            self._kick(entry.id)
-
-    def _accepted(self, item: tuple[QueueEntry, Any]) -> str:
-        """Log the accepted message, then deliver it inline or kick the manager."""
-        entry, copies = item
+    def _log_accepted(self, entry: QueueEntry, outcome: str) -> None:
+        """One event per accepted message; ``outcome`` says where it is now."""
         self.log.info(
-            "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}",
+            "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}: {outcome}",
             queue_id=entry.id,
             peer=entry.peer,
             user=entry.user,
             sender=entry.sender,
             recipients=[r.address for r in entry.recipients],
             size=entry.size,
+            outcome=outcome,
         )
-        if copies is None:
-            self._kick(entry.id)
-        else:
-            self._inline += 1
-            copies.addCallback(self._copies_ready, entry)
-        return entry.id
 
-    def wait_idle(self) -> Deferred:
-        """Fires once no inline delivery is in progress (graceful shutdown).
 
-        The SMTP listeners' ``drain`` waits for it, so that a message
-        acknowledged just before SIGTERM is in its Maildir before the queue
-        manager and the thread pool stop (it would be delivered at the next
-        start otherwise: queued, never lost).
-        """
-        d: Deferred = Deferred()
-        if self._inline:
-            self._idle_waiters.append(d)
-        else:
-            d.callback(None)
-        return d
-
-    def _inline_ended(self) -> None:
-        self._inline -= 1
-        if not self._inline:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def _copies_ready(self, pending: Any, entry: QueueEntry) -> None:
-        if pending:
-            self._run_inline(entry, pending)
-        else:
-            self._kick(entry.id)  # the copies could not be written: the manager delivers
-            self._inline_ended()
-
-    def _kick(self, queue_id: str) -> None:
-        try:
-            self._kicker.kick(queue_id)
-        except Exception:
-            # The message is safely queued; the next start (recover + scan) delivers it.
-            self.log.failure("kicking the queue manager for {queue_id} failed", queue_id=queue_id)
 @implementer(IIncoming)
 class Incoming:
-    """One message being written to ``queue/tmp/<id>``.
+    """One message being received: in memory up to SPILL_AT, then in ``queue/tmp/<id>``.
 
     ``size`` counts the client's bytes (for the SIZE limit); the queue entry
-    records the file size, Received: header included.
+    records the stored size, Received: header included.
     """
 
     def __init__(self, intake: Intake, envelope: Envelope) -> None:
@@ -373,32 +335,44 @@ class Incoming:
         self._store = intake._store
         self.queue_id = self._store.new_id()
         self.size = 0
-        self._written = 0
         self._ended = False  # finish() or abort() was called: nothing more to do here
         self._error: BaseException | None = None
         self._file: IO[bytes] | None = None
+        self._spilled = False
         self._arrival = intake._clock.seconds()
         header = received_header(envelope, intake._config.hostname, self.queue_id, self._arrival)
-        try:
-            self._file = self._store.open_tmp(self.queue_id)
-            self._file.write(header)
-            self._written = len(header)
-        except OSError as e:
-            self._fail(e)
+        self._held = [header]
+        self._written = len(header)
 
     def write(self, data: bytes) -> None:
         """Append message bytes; an I/O error is kept and reported by finish()."""
         self.size += len(data)
-        if self._file is None:
+        if self._error is not None or self._ended:
+            return
+        self._written += len(data)
+        if not self._spilled:
+            self._held.append(data)
+            if self._written > SPILL_AT:
+                self._spill()
             return
         try:
             self._file.write(data)
-            self._written += len(data)
+        except OSError as e:
+            self._fail(e)
+
+    def _spill(self) -> None:
+        """Too big to hold: stream it to ``queue/tmp/<id>`` from now on."""
+        self._spilled = True
+        held, self._held = self._held, []
+        try:
+            self._file = self._store.open_tmp(self.queue_id)
+            for chunk in held:
+                self._file.write(chunk)
         except OSError as e:
             self._fail(e)
 
     def finish(self) -> Deferred:
-        """Commit in a thread; fires with the queue id, or errbacks TemporaryFailure."""
+        """Commit in threads; fires with the queue id, or errbacks TemporaryFailure."""
         if self._ended:
             return fail(TemporaryFailure(COMMIT_FAILED))
         self._ended = True
@@ -406,14 +380,12 @@ class Incoming:
         if self._error is not None:
             error = self._error
             return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
-        entry = self._entry()
-        d = self._intake._commit(entry)
+        data = None if self._spilled else b"".join(self._held)
+        self._held = []
+        d = self._intake._commit(self._entry(), data)
         # The store removes an entry's files when its commit fails; removing
         # them again covers an unexpected error before it got that far.
-        d.addCallbacks(
-            self._intake._accepted,
-            lambda f: self._discarded().addCallback(lambda _: self._refuse(f)),
-        )
+        d.addErrback(lambda f: self._discarded().addCallback(lambda _: self._refuse(f)))
         return d
 
     def abort(self) -> None:
@@ -425,8 +397,10 @@ class Incoming:
         if self._ended:
             return
         self._ended = True
+        self._held = []
         self._close()
-        self._discarded()
+        if self._spilled:
+            self._discarded()
 
     def _entry(self) -> QueueEntry:
         """The envelope record; one RecipientState per distinct final address.
@@ -469,7 +443,7 @@ class Incoming:
             self._fail(e)
 
     def _refuse(self, failure: Failure) -> Failure:
-        """Log why the message could not be queued; tell the client only the Reply."""
+        """Log why the message could not be accepted; tell the client only the Reply."""
         reply = reply_for(failure.value)
         if isinstance(failure.value, OSError):
             self._intake.log.error(
@@ -480,7 +454,7 @@ class Incoming:
         return Failure(TemporaryFailure(reply))
 
     def _discarded(self) -> Deferred:
-        """Remove this id's files in a thread; never errbacks (recover() is the backstop)."""
+        """Remove this id's queue files in a thread; never errbacks (recover() is the backstop)."""
         d = self._intake._run_blocking(self._store.discard, self.queue_id)
         d.addErrback(
             lambda f: self._intake.log.failure("removing {queue_id} failed", failure=f, queue_id=self.queue_id)

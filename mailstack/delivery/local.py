@@ -14,25 +14,19 @@ whole.  Delivery is at-least-once: if the process dies after a Maildir write
 and before the manager saves the recipient as delivered, the retry writes a
 second copy, which beats losing one.
 
-Inline delivery (the fast path of the intake)
+Direct delivery (the fast path of the intake)
 ---------------------------------------------
-For a new message whose recipients are all local, the intake does not wait
-for the manager: ``prepare_inline`` (blocking, in the same thread call that
-prepares the queue commit) writes and fsyncs each recipient's copy into its
-Maildir's ``tmp/``; once the queue commit is durable, ``publish_inline``
-(blocking, one call per batch of messages) renames the copies into ``new/``
-with one fsync per ``new/`` folder, and removes each fully delivered entry
-from the queue without a directory fsync (a crash that undoes the removal
-only causes a second delivery).  No copy is visible in ``new/`` before the
-queue commit is durable, so a 250 never depends on a Maildir and a Maildir
-never holds a message the client was refused.  Anything that fails on this
-path falls back to the manager, which retries through ``deliver`` as usual;
-recipients already delivered are saved as such first.
+For a new message whose recipients are all local, the intake does not queue
+it at all: ``prepare_direct`` (blocking, one thread call per message) writes
+and fsyncs each recipient's copy into its Maildir's ``tmp/``, and
+``publish_direct`` (blocking, one call per batch of messages) renames the
+copies into ``new/`` with one fsync per ``new/`` folder.  The intake sends
+the 250 after that, and queues whatever could not be delivered this way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -42,11 +36,10 @@ from zope.interface import implementer
 from mailstack.address import AddressError
 from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent
-from mailstack.queue.entry import DELIVERED as STATUS_DELIVERED
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage import fsutil
-from mailstack.storage.maildir import CHUNK, MaildirStore, Pending
+from mailstack.storage.maildir import MaildirStore, Pending
 
 DELIVERED = Reply(250, "2.0.0", "Delivered")
 # RFC 3463: 4.3.0 other mail system problem; 4.2.2 mailbox full (retried, not bounced).
@@ -112,86 +105,39 @@ class LocalAgent:
         )
         return rcpt.address, reply
 
-    # -- inline delivery (blocking; see the module doc) ------------------------
+    # -- direct delivery (blocking; see the module doc) ------------------------
 
-    def inline_ok(self, entry: QueueEntry) -> bool:
-        """Whether ``entry`` may take the inline path: every recipient local."""
+    def direct_ok(self, entry: QueueEntry) -> bool:
+        """Whether ``entry`` may take the direct path: every recipient local."""
         return bool(entry.recipients) and all(r.local for r in entry.recipients)
 
-    def prepare_inline(self, entry: QueueEntry, *sources: str) -> list[Pending] | None:
-        """Write every recipient's copy of the message into its Maildir ``tmp/``, fsynced.
+    def prepare_direct(self, entry: QueueEntry, source: bytes | str) -> list[Pending]:
+        """Write every recipient's copy into its Maildir ``tmp/``, fsynced; blocking.
 
-        Blocking.  ``sources`` are the paths the message may be found at, in
-        order (``queue/tmp/<id>``, then ``queue/msg/<id>``: this runs beside the
-        commit, which renames the one to the other).  None if any copy could not
-        be written (those written are dropped again): the manager then delivers
-        the message the usual way and reports the error.
+        ``source``: the message bytes, or the path of the file holding them.
+        If any copy fails, those written are dropped again and the error is
+        raised: the caller then queues the message whole.
         """
         pending: list[Pending] = []
         try:
-            f = _open_first(sources)
-            with f:
-                for r in entry.recipients:
-                    f.seek(0)
-                    chunks = iter(lambda: f.read(CHUNK), b"")
-                    pending.append(self._maildirs.prepare(r.address, chunks, delivery_prefix(entry.sender, r.address)))
-        except Exception:
+            for r in entry.recipients:
+                pending.append(self._maildirs.prepare(r.address, source, delivery_prefix(entry.sender, r.address)))
+        except BaseException:
             for p in pending:
                 self._maildirs.discard(p)
-            return None
+            raise
         return pending
 
-    def discard_inline(self, pending: Pending) -> None:
-        """Drop a copy written by ``prepare_inline`` (its queue commit failed)."""
-        self._maildirs.discard(pending)
+    def publish_direct(self, batch: list[list[Pending]]) -> list[list[BaseException | None]]:
+        """Move the prepared copies of several messages into ``new/``; blocking.
 
-    def publish_inline(
-        self, batch: list[tuple[QueueEntry, list[Pending]]], now: float
-    ) -> list[tuple[list[BaseException | None], bool]]:
-        """Deliver the prepared copies of committed entries; one fsync per ``new/``.
-
-        Blocking.  Returns per entry the list of per-recipient results (None:
-        delivered, or the error) and whether the queue is settled: a fully
-        delivered entry is removed from the queue (no directory fsync); a
-        partly delivered one is saved with those recipients marked delivered,
-        so the manager's retry does not deliver them twice.  Not settled
-        (a failure, or the queue update failed) means: kick the manager.
+        One fsync per ``new/`` folder for the whole batch.  Per message, per
+        recipient: None (delivered) or the error (that copy is taken back).
         """
-        from mailstack.queue.manager import save_unless_deleted  # the manager's lock protocol
-
-        flat = [p for _, pending in batch for p in pending]
-        errors = self._maildirs.publish(flat)
-        out: list[tuple[list[BaseException | None], bool]] = []
+        errors = self._maildirs.publish([p for pending in batch for p in pending])
+        out = []
         i = 0
-        for entry, pending in batch:
-            mine = errors[i : i + len(pending)]
+        for pending in batch:
+            out.append(errors[i : i + len(pending)])
             i += len(pending)
-            settled = False
-            try:
-                if not any(mine):
-                    self._store.remove(entry.id, sync=False)
-                    settled = True
-                elif not all(mine):
-                    reply = str(DELIVERED)
-                    for r, error in zip(entry.recipients, mine):
-                        if error is None:
-                            r.status = STATUS_DELIVERED
-                            r.last_reply = reply
-                            r.history.append({"time": now, "host": "", "reply": reply})
-                    save_unless_deleted(self._store, entry)
-            except Exception:
-                # The queue does not know what was delivered: the manager's
-                # retry delivers those copies again (at-least-once).
-                pass
-            out.append((mine, settled))
         return out
-
-
-def _open_first(paths: tuple[str, ...]) -> Any:
-    """The first of ``paths`` that can be opened for reading (FileNotFoundError if none)."""
-    for path in paths[:-1]:
-        try:
-            return open(path, "rb")
-        except FileNotFoundError:
-            continue
-    return open(paths[-1], "rb")

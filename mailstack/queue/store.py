@@ -143,11 +143,14 @@ class QueueStore:
 
         The writes only reach the page cache; ``commit`` makes them durable.
         """
+        self._ensure_tmp()
+        fd = fsutil._open(self.tmp_path(queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.fdopen(fd, "wb", buffering=CHUNK)
+
+    def _ensure_tmp(self) -> None:
         if not self._tmp_ready:
             fsutil.ensure_dir(self._dirs[TMP])
             self._tmp_ready = True  # tmp/ is never removed while we run
-        fd = fsutil._open(self.tmp_path(queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return os.fdopen(fd, "wb", buffering=CHUNK)
 
     def env_tmp_path(self, queue_id: str) -> str:
         """Where ``prepare`` writes the envelope before ``publish`` renames it."""
@@ -165,22 +168,31 @@ class QueueStore:
         if error is not None:
             raise error
 
-    def prepare(self, entry: QueueEntry) -> None:
+    def prepare(self, entry: QueueEntry, data: bytes | None = None) -> None:
         """Steps 1-2 of the commit for one entry: message and envelope bytes fsynced.
 
         Nothing is visible to ``scan()`` yet.  On failure the entry's files
         are removed and the error raised.  ``prepare_message`` then
-        ``prepare_envelope``; callers with a thread pool may run the two side
-        by side (the intake does).
+        ``prepare_envelope``, in one call: the intake runs it in one thread
+        hand-off per message.
         """
-        self.prepare_message(entry)
+        self.prepare_message(entry, data)
         self.prepare_envelope(entry)
 
-    def prepare_message(self, entry: QueueEntry) -> None:
-        """Step 1: fsync ``tmp/<id>``.  On failure everything of the entry is removed."""
+    def prepare_message(self, entry: QueueEntry, data: bytes | None = None) -> None:
+        """Step 1: ``tmp/<id>`` on disk and fsynced.
+
+        ``data``: the whole message, held in memory by the caller, written to
+        ``tmp/<id>`` here; without it the caller streamed it there with
+        ``open_tmp``.  On failure everything of the entry is removed.
+        """
         try:
             self._ensure_ready()
-            _fsync_file(self.tmp_path(entry.id))
+            if data is None:
+                _fsync_file(self.tmp_path(entry.id))
+            else:
+                self._ensure_tmp()
+                fsutil.write_new(self.tmp_path(entry.id), data)
         except BaseException:
             self.discard(entry.id)
             raise
@@ -189,13 +201,7 @@ class QueueStore:
         """Step 2: write ``env/.tmp.<id>.json`` and fsync it.  On failure everything of the entry is removed."""
         try:
             self._ensure_ready()
-            tmp = self.env_tmp_path(entry.id)
-            fd = fsutil._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                fsutil.write_fd(fd, _encode(entry))
-                fsutil._fsync(fd)
-            finally:
-                os.close(fd)
+            fsutil.write_new(self.env_tmp_path(entry.id), _encode(entry))
         except BaseException:
             self.discard(entry.id)
             raise

@@ -57,13 +57,11 @@ def write_fd(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def write_atomic(path: str, chunks: bytes | Iterable[bytes], mode: int = 0o600, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``chunks``: tmp in the same folder, fsync, rename, fsync dir."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp.{os.path.basename(path)}.{os.getpid()}.{id(chunks):x}")
+def write_new(path: str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+    """Create ``path`` exclusively, write ``chunks``, fsync; on failure remove it and raise."""
     if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = [bytes(chunks)]
-    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        chunks = [chunks]
+    fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
             for chunk in chunks:
@@ -71,6 +69,20 @@ def write_atomic(path: str, chunks: bytes | Iterable[bytes], mode: int = 0o600, 
             _fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        try:
+            _unlink(path)
+        except OSError:
+            pass
+        raise
+
+
+def write_atomic(path: str, chunks: bytes | Iterable[bytes], mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``chunks``: tmp in the same folder, fsync, rename, fsync dir."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp.{os.path.basename(path)}.{os.getpid()}.{id(chunks):x}")
+    write_new(tmp, chunks, mode)
+    try:
         _rename(tmp, path)
     except BaseException:
         try:
