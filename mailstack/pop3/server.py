@@ -22,8 +22,9 @@ replies.  So this is a small ``Protocol`` with its own line buffer:
   nothing for a whole ``pop3.idle_timeout`` (also in the middle of a RETR) is
   aborted and its mailbox lock released.
 * On a plain TCP connection a reply goes straight to the socket when nothing
-  is waiting in the transport's buffer (``_write``): one send() instead of
-  Twisted's queue, poll-set registration and send on the next loop turn.
+  is waiting in the transport's buffer (``mailstack.directsend``): one send()
+  instead of Twisted's queue, poll-set registration and send on the next loop
+  turn.
 * After a RETR of a small message, the next message is read ahead between
   commands (``_read_ahead``), so the next RETR's reply needs no file access.
 * RETR/TOP read the first 64 KiB on the reactor thread (an open and a read
@@ -59,7 +60,6 @@ from typing import Any, Callable
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
-from twisted.internet import tcp as _tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -69,6 +69,7 @@ from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import cred
+from mailstack.directsend import send
 from mailstack.pop3 import replies as R
 from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder, encode_message, plain_message
 
@@ -83,21 +84,6 @@ CHUNK = 64 * 1024  # read size for RETR/TOP
 PAUSE_INPUT_AT = 64 * 1024
 FLUSH_AT = 64 * 1024  # replies of one read are written in one go up to this size
 CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is aborted  # unprocessed pipelined input before we stop reading
-
-
-def _direct_socket(transport: Any) -> Any:
-    """The socket of a plain Twisted TCP transport (``tcp.Server``), else None.
-
-    Only that class is known to keep its pending output in ``dataBuffer`` and
-    ``_tempDataLen`` (which ``POP3Server._write`` checks are empty); TLS
-    transports and test transports write through ``transport.write``.
-    """
-    if type(transport) is not _tcp.Server or ISSLTransport.providedBy(transport):
-        return None
-    sock = getattr(transport, "socket", None)
-    if sock is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "dataBuffer"):
-        return None
-    return sock
 
 
 def _is_loopback(host: str) -> bool:
@@ -242,7 +228,6 @@ class POP3Server(Protocol):
         self._idle_chunks = -1  # the sender's progress when the idle timer last fired
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
-        self._sock: Any = None  # plain TCP: replies may go straight to the socket (_write)
         self._prefetch: int | None = None  # message to read ahead after this command (_read_ahead)
         self._ahead: tuple[int, bytes] | None = None  # (index, whole content) read ahead
 
@@ -251,9 +236,8 @@ class POP3Server(Protocol):
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "") or ""
         self._tcp_nodelay()
-        self._sock = _direct_socket(self.transport)
         if not self.factory.admit(self):
-            self.transport.write(R.TOO_MANY_CONNECTIONS)
+            send(self.transport, R.TOO_MANY_CONNECTIONS)
             self._closed = True
             self.transport.loseConnection()
             return
@@ -263,7 +247,7 @@ class POP3Server(Protocol):
         # (except while a _MessageSender streams a message: it is the producer then).
         self.transport.registerProducer(self, True)
         self._registered = True
-        self.transport.write(R.GREETING)
+        send(self.transport, R.GREETING)
         self._reset_idle()
 
     # IPushProducer, for the transport (see connectionMade).
@@ -580,28 +564,7 @@ class POP3Server(Protocol):
             self._out = []
             self._out_size = 0
             if not self._lost:
-                self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        """``transport.write``, but on a plain TCP connection whose write buffer is
-        empty the bytes go to the socket now: Twisted would only queue them, add
-        the socket to the poll set, send on the next reactor turn and take it out
-        again (two epoll_ctl calls and a loop turn per reply, which the download
-        profile showed as the reactor's main cost).  Whatever the kernel does not
-        take (or an error) goes through ``transport.write`` as before."""
-        sock = self._sock
-        t = self.transport
-        if sock is not None and not t._tempDataLen and not t.dataBuffer and t.connected and not t.disconnecting:
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # let the transport meet the error and report it its usual way
-            if sent == len(data):
-                return
-            data = data[sent:]
-        t.write(data)
+                send(self.transport, data)
 
     # -- policy ------------------------------------------------------------
 
@@ -676,7 +639,6 @@ class POP3Server(Protocol):
         self._discarding = False
         self._user_arg = None
         self._errors = 0
-        self._sock = None  # from now on every byte goes through TLS
         self.transport.startTLS(self.tls_config.context_factory())
         self._tls = True
 

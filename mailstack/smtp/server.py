@@ -14,7 +14,8 @@ its own ``Protocol`` with its own buffer:
 * Commands are processed strictly in order (RFC 2920 section 3).  While a
   command waits on a Deferred (AUTH check, the DATA commit) nothing after it is
   looked at; input is buffered and the transport paused if the buffer grows.
-  The replies produced by one read go out in one ``transport.write``.
+  The replies produced by one read go out in one write, straight to the
+  socket when nothing is pending (``mailstack.directsend``).
 * DATA is decoded by ``smtp.data.DataDecoder`` in chunks (only ``CRLF.CRLF``
   ends it; no content byte is ever read as a command; bare CR/LF is refused
   after the terminator; long lines are fine), streamed to ``IIntake`` and
@@ -44,6 +45,7 @@ from twisted.python.failure import Failure
 
 from mailstack.address import Address, AddressError, parse_address, parse_path
 from mailstack.auth import cred
+from mailstack.directsend import send
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.smtp import replies as R
@@ -107,7 +109,7 @@ class _Refuse(Protocol):
         self.reply = reply
 
     def connectionMade(self) -> None:
-        self.transport.write(self.reply.encode())
+        send(self.transport, self.reply.encode())
         self.transport.loseConnection()
 
 
@@ -404,7 +406,7 @@ class SMTPServer(Protocol):
         if self._out:
             data = b"".join(self._out)
             self._out = []
-            self.transport.write(data)
+            send(self.transport, data)
 
     # -- waiting on Deferreds, in order ----------------------------------------
 
