@@ -665,3 +665,40 @@ class FastPathTests(SynchronousTestCase):
             self.assertEqual(scan_schedule(self.store, qids, START + 5, warn), expected)
         os.unlink(self.store.envelope_path(qids[0]))  # removed since the listing
         self.assertEqual([q for _, q in scan_schedule(self.store, qids, START, None)], qids[1:])
+
+    def test_loadsBatched(self) -> None:
+        """Entries kicked while a load is in its thread are loaded together in the next
+        thread call: one hand-off per batch, not per message."""
+        from twisted.internet.defer import maybeDeferred
+
+        calls: list = []
+
+        def held(f, *a, **kw):
+            d: Deferred = Deferred()
+            calls.append(((f, a, kw), d))
+            return d
+
+        def release() -> None:
+            (f, a, kw), d = calls.pop(0)
+            maybeDeferred(f, *a, **kw).chainDeferred(d)
+
+        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), held, self.intake,
+                         rng=random.Random(2), flush_poll=0)
+        m.startService()
+        while calls:  # the start-up scan
+            release()
+        qids = [self.commit() for _ in range(3)]
+        for qid in qids:
+            m.kick(qid)
+
+        def loads() -> list:
+            return [[item[0] for item in a[0]] for (f, a, _), _ in calls if f == m._begin_batch]
+
+        self.assertEqual(loads(), [qids[:1]])
+        release()  # the first load; the other two now go in one batch
+        self.assertEqual(loads(), [qids[1:]])
+        while calls:
+            release()
+        self.assertEqual(sorted(c[0] for c in self.remote.calls), sorted(qids))
+        self.assertEqual(self.store.ids(), [])
+        m.stopService()
