@@ -20,8 +20,10 @@ no per-recipient results, 4xx treated as 5xx, no timeouts by default).
   starting with "." dot-stuffed (RFC 5321 4.5.2).  Fires with
   ``{recipient: Reply}``; errbacks ``HostFailure`` when the transaction as a
   whole failed before any recipient had an answer (``MAIL`` refused, lost
-  connection, timeout), with ``.stage`` telling where.
-* ``quit()``.
+  connection, timeout), with ``.stage`` telling where.  Calls may overlap:
+  with PIPELINING the next transaction's commands follow the previous one's
+  data (RFC 2920 3.1), else it waits for the previous one to finish.
+* ``quit()``, deferred until the transactions in progress have finished.
 
 Every reply wait has a timeout (RFC 5321 4.5.3.2, ``relay.command_timeout``;
 twice that for the reply to the final ".", 4.5.3.2.6 says 10 minutes) on the
@@ -36,7 +38,7 @@ import re
 from collections import deque
 from typing import IO, Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -242,6 +244,10 @@ class SMTPClientProtocol(Protocol):
         self.peer_name = peer_name
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # MAIL FROM sent on this connection
+        self.pending = 0  # send() calls not yet finished
+        self._writing = False  # a transaction owns the write side (see _take_turn)
+        self._turns: deque[Deferred] = deque()  # transactions waiting for it
+        self._closing = False  # quit() was called
         self.esmtp = False
         self.secure = False
         self.greeting: Reply | None = None
@@ -452,13 +458,64 @@ class SMTPClientProtocol(Protocol):
             self._quietly_quit()
             raise HostFailure("auth", reply)
 
+    @property
+    def pipelining(self) -> bool:
+        """The server offered PIPELINING (RFC 2920): ``send`` may be called again
+        before the transaction in progress has finished."""
+        return "PIPELINING" in self.extensions
+
     def send(self, sender: str, recipients: Sequence[str], source: IO[bytes], size: int = 0) -> Deferred:
-        """One transaction; Deferred firing with ``{recipient: Reply}``."""
-        return Deferred.fromCoroutine(self._send(sender, list(recipients), source, size))
+        """One transaction; Deferred firing with ``{recipient: Reply}``.
+
+        Transactions may overlap when the server offers PIPELINING: the next
+        one's MAIL, RCPT and DATA go out right behind the previous one's data
+        (RFC 2920 3.1: "the actual transfer of message content is explicitly
+        allowed to be the first 'command' in a group"), so a stream of
+        messages costs one round trip each instead of two.  Without
+        PIPELINING a transaction waits until the previous one has finished.
+        """
+        self.pending += 1
+        d = Deferred.fromCoroutine(self._send(sender, list(recipients), source, size))
+        d.addBoth(self._sent)
+        return d
+
+    def _sent(self, result: Any) -> Any:
+        self.pending -= 1
+        if not self.pending and self._closing:
+            Deferred.fromCoroutine(self._quit())
+        return result
+
+    async def _take_turn(self) -> None:
+        """Wait until no other transaction is writing, then own the write side."""
+        if self._writing:
+            d: Deferred = Deferred()
+            self._turns.append(d)
+            await d  # ownership is handed over by _give_turn
+        else:
+            self._writing = True
+
+    def _give_turn(self) -> None:
+        if self._turns:
+            self._turns.popleft().callback(None)
+        else:
+            self._writing = False
 
     async def _send(self, sender: str, recipients: list[str], source: IO[bytes], size: int) -> dict[str, Reply]:
-        if self._lost is not None:
-            raise HostFailure("mail", self._lost.reply)
+        await self._take_turn()
+        turn = [True]  # still ours; _send_body hands it on once the data is written
+        try:
+            return await self._transaction(sender, recipients, source, size, turn)
+        finally:
+            if turn[0]:
+                self._give_turn()
+
+    async def _transaction(
+        self, sender: str, recipients: list[str], source: IO[bytes], size: int, turn: list[bool]
+    ) -> dict[str, Reply]:
+        if not self.alive:
+            # Closed by the transaction before this one (or the server): a reused
+            # connection that is gone, which the caller treats as stale.
+            raise HostFailure("mail", self._lost.reply if self._lost is not None else R_CONNECTION_LOST)
         self.transactions += 1
         params = []
         if "SIZE" in self.extensions:
@@ -529,16 +586,27 @@ class SMTPClientProtocol(Protocol):
                 results[r] = data_reply
             await self._rset()
             return results
-        final = await self._await(self._send_body(source), "dot")
+        final = await self._await(self._send_body(source, turn), "dot")
         for r in accepted:
             results[r] = final
         return results
 
-    def _send_body(self, source: IO[bytes]) -> Deferred:
-        """Stream the body; Deferred firing with the reply to the final "."."""
+    def _send_body(self, source: IO[bytes], turn: list[bool]) -> Deferred:
+        """Stream the body; Deferred firing with the reply to the final ".".
+
+        Once the "." is written the next transaction may write, if the server
+        pipelines (``send``)."""
         reply = self._expect(self.timeout * 2)  # RFC 5321 4.5.3.2.6: 10 minutes
+
+        def written(result: Any) -> Any:
+            if self.pipelining:
+                turn[0] = False
+                self._give_turn()
+            return result
+
         producer = _BodyProducer(source, self.transport, self._touch)
         producer.done.addErrback(lambda f: None if f.check(_Lost) else self._body_failed(f))
+        producer.done.addCallback(written)
         producer.start()
         return reply
 
@@ -570,10 +638,23 @@ class SMTPClientProtocol(Protocol):
     @property
     def alive(self) -> bool:
         """Connected, not timed out, not closing: usable for another transaction."""
-        return self._lost is None and self.transport is not None and not getattr(self.transport, "disconnecting", False)
+        return (
+            self._lost is None
+            and not self._closing
+            and self.transport is not None
+            and not getattr(self.transport, "disconnecting", False)
+        )
 
     def quit(self) -> Deferred:
-        """Say QUIT (RFC 5321 4.1.1.10) and close; never fails."""
+        """Say QUIT (RFC 5321 4.1.1.10) and close; never fails.
+
+        With transactions in progress the QUIT waits until they have finished
+        (it must not end up inside a pipelined message's data)."""
+        if self._closing:
+            return succeed(None)
+        self._closing = True
+        if self.pending:
+            return succeed(None)  # _sent says it after the last transaction
         return Deferred.fromCoroutine(self._quit())
 
     async def _quit(self) -> None:

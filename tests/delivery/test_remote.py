@@ -254,6 +254,74 @@ class RemoteAgentTests(SynchronousTestCase):
         self.net.drive(Deferred())
         self.assertEqual(servers[0].commands[-1], b"QUIT")
 
+    def start(self, agent: RemoteAgent, qid: str) -> Deferred:
+        e = entry(self.store, qid, "s@here.test", ["a@remote.test"], arrival=START)
+        return agent.deliver(e, e.recipients)
+
+    def test_rideBehindBusyConnection(self) -> None:
+        """A message for an address whose pipelining connection is busy goes out on
+        it behind the other message's data, rather than on a second connection."""
+        servers = self.sink("192.0.2.1")
+        agent = self.agent()
+        self.net.drive(self.start(agent, "Q1"))
+        d2, d3 = self.start(agent, "Q2"), self.start(agent, "Q3")
+        self.net.drive(d3)
+        self.net.drive(d2)
+        self.assertEqual([self.successResultOf(d)["a@remote.test"].code for d in (d2, d3)], [250, 250])
+        self.assertEqual(len(self.net.attempts), 1)
+        self.assertEqual(len(servers[0].messages), 3)
+
+    def test_riderReconnectsWhenConnectionDies(self) -> None:
+        """The connection dies after the first message's data: that one is deferred
+        (the remote may have it), the one behind it goes out on a new connection."""
+
+        class DropSecond(FakeSMTPServer):
+            """No reply to the second message's "."; drops once the rider's DATA came."""
+
+            dropping = False
+
+            def lineReceived(self, line: bytes) -> None:
+                if self._data is not None and line == b"." and len(self.messages) == 1:
+                    self._data, self.dropping = None, True
+                elif self.dropping:
+                    self.commands.append(line)
+                    if line == b"DATA":
+                        self.transport.loseConnection()
+                else:
+                    super().lineReceived(line)
+
+        servers: list = []
+        self.net.servers[("192.0.2.1", 25)] = lambda: servers.append((DropSecond if not servers else FakeSMTPServer)()) or servers[-1]
+        agent = self.agent()
+        self.net.drive(self.start(agent, "Q1"))
+        d2, d3 = self.start(agent, "Q2"), self.start(agent, "Q3")
+        self.net.drive(d2)
+        self.net.drive(d3)
+        self.assertTrue(self.successResultOf(d2)["a@remote.test"].temporary)
+        self.assertEqual(self.successResultOf(d3)["a@remote.test"].code, 250)
+        self.assertEqual(len(self.net.attempts), 2)
+        self.assertEqual([c[:4] for c in servers[0].commands].count(b"MAIL"), 3)  # Q3's rode behind Q2's data
+        self.assertEqual(len(servers[1].messages), 1)
+
+    def test_idleTimerPerConnection(self) -> None:
+        """Reusing a connection moves its one idle timer instead of making a new one
+        per message; it says QUIT IDLE_TIME after the last message."""
+        servers = self.sink("192.0.2.1")
+        agent = self.agent()
+        idle_timers = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda delay, *a, **kw: (  # type: ignore[method-assign]
+            idle_timers.append(delay) if delay == remote.IDLE_TIME else None
+        ) or call_later(delay, *a, **kw)
+        for qid in ("Q1", "Q2", "Q3"):
+            self.net.drive(self.start(agent, qid))
+            self.clock.advance(remote.IDLE_TIME / 2)
+        self.assertEqual(idle_timers, [remote.IDLE_TIME])
+        self.assertNotIn(b"QUIT", servers[0].commands)
+        self.clock.advance(remote.IDLE_TIME / 2)
+        self.net.drive(Deferred())
+        self.assertEqual(servers[0].commands[-1], b"QUIT")
+
     def test_staleIdleConnection(self) -> None:
         """An idle session the server closed is replaced by a new connection."""
         servers = self.sink("192.0.2.1")

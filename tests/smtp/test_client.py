@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.errors import Reply
@@ -261,3 +264,78 @@ class ClientTests(SynchronousTestCase):
         results = self.successResultOf(self.session(server, rcpts=("jos\u00e9@r.test",)))
         self.assertEqual({r.code for r in results.values()}, {250})
         self.assertEqual(server.commands[1], b"MAIL FROM:<s@here.test> SMTPUTF8")
+
+
+class OverlapTests(SynchronousTestCase):
+    """Transactions on one connection, the next one sent behind the previous one's data."""
+
+    def client(self, extensions: bytes) -> tuple[SMTPClientProtocol, StringTransport]:
+        c = SMTPClientProtocol("me.test", Clock(), 30.0)
+        t = StringTransport()
+        c.makeConnection(t)
+        d = c.handshake()
+        c.dataReceived(b"220 sink.test\r\n")
+        c.dataReceived(b"250-sink.test\r\n" + extensions + b"250 8BITMIME\r\n")
+        self.successResultOf(d)
+        t.clear()
+        return c, t
+
+    def test_nextTransactionRidesBehindData(self) -> None:
+        """With PIPELINING the second MAIL/RCPT/DATA go out right after the first
+        message's "." (RFC 2920 3.1), before its final reply; replies pair in order."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        self.assertEqual(t.value(), b"MAIL FROM:<s@here.test> BODY=8BITMIME\r\nRCPT TO:<a@r.test>\r\nDATA\r\n")
+        self.assertEqual(c.pending, 2)
+        t.clear()
+        c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(
+            t.value(),
+            b"one\r\n.\r\nMAIL FROM:<s@here.test> BODY=8BITMIME\r\nRCPT TO:<b@r.test>\r\nDATA\r\n",
+        )
+        t.clear()
+        c.dataReceived(b"250 2.0.0 first queued\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(self.successResultOf(first)["a@r.test"].text, "first queued")
+        self.assertEqual(t.value(), b"two\r\n.\r\n")
+        c.dataReceived(b"250 2.0.0 second queued\r\n")
+        self.assertEqual(self.successResultOf(second)["b@r.test"].text, "second queued")
+        self.assertEqual((c.pending, c.transactions), (0, 2))
+
+    def test_withoutPipeliningWaits(self) -> None:
+        """Without PIPELINING the second transaction starts after the first has finished."""
+        c, t = self.client(b"")
+        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        for reply in (b"250 ok", b"250 ok", b"354 go"):
+            c.dataReceived(reply + b"\r\n")
+        self.assertTrue(t.value().endswith(b"one\r\n.\r\n"))
+        c.dataReceived(b"250 queued\r\n")
+        self.successResultOf(first)
+        self.assertTrue(t.value().endswith(b"MAIL FROM:<s@here.test> BODY=8BITMIME\r\n"))
+        self.assertNoResult(second)
+
+    def test_quitWaitsForTransactions(self) -> None:
+        """quit() during a transaction says QUIT only after it, never inside the data;
+        the connection is no longer offered for reuse meanwhile."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
+        c.quit()
+        self.assertFalse(c.alive)
+        c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertNotIn(b"QUIT", t.value())
+        c.dataReceived(b"250 queued\r\n")
+        self.successResultOf(first)
+        self.assertTrue(t.value().endswith(b".\r\nQUIT\r\n"))
+
+    def test_lostConnectionFailsTheRider(self) -> None:
+        """A connection lost after the first message's data fails it at "dot" and the
+        transaction behind it at "mail" (nothing of it was accepted)."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        c.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.failureResultOf(first, HostFailure).value.stage, "dot")
+        self.assertEqual(self.failureResultOf(second, HostFailure).value.stage, "mail")
+        self.assertFalse(c.alive)
