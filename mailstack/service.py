@@ -35,10 +35,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
 from mailstack.auth.aliases import AliasDB
 from mailstack.auth.cred import UserChecker
@@ -56,6 +54,7 @@ from mailstack.runtime import Runtime
 from mailstack.smtp import server as smtp_server
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
+from mailstack.threadpool import ThreadPool
 from mailstack.tls import TLSConfig, TLSError
 
 THREADS = 32
@@ -83,17 +82,14 @@ def listen_description(description: str) -> tuple[str, bool]:
 
 
 class ThreadPoolService(Service):
-    """Runs a ThreadPool while the service runs; ``run_blocking`` uses it."""
+    """Runs a ``threadpool.ThreadPool`` while the service runs; ``run_blocking`` uses it."""
 
     name = "threadpool"
 
     def __init__(self, reactor: Any, threads: int = THREADS) -> None:
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailstack")
-
-    def run_blocking(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
-        """Run ``f`` in the pool; the Deferred fires on the reactor thread."""
-        return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
+        self.pool = ThreadPool(reactor, threads, "mailstack")
+        self.run_blocking: Callable[..., Deferred] = self.pool.run
 
     def startService(self) -> None:
         Service.startService(self)
