@@ -23,10 +23,10 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
   marker goes too.  Removals after final delivery are batched and do not
   fsync ``env/`` (a crash that undoes one means a second delivery, never
   none), except when a DSN was sent for the entry.
-* Entries that become due together are loaded (envelope, attempt marker, a
-  small message's bytes) in one thread call per batch, as removals are
-  (``batching.GroupCommit``): a thread hand-off costs the reactor more than
-  the file work of one message.
+* Loads of entries that became due (envelope, attempt marker, a small
+  message's bytes) and removals of finished ones share one thread call per
+  batch (``batching.GroupCommit``): a thread hand-off costs the reactor
+  more than the file work of one message.
 * Remote attempts are one per (entry, destination domain), limited by
   ``relay.max_connections`` overall and ``relay.max_per_domain`` per domain
   (0 means no limit).
@@ -406,8 +406,7 @@ class QueueManager(Service):
         self._forced: set[str] = set()  # flushed: try remote recipients regardless of next_attempt
         self._active: dict[str, Deferred] = {}  # queue_id -> Deferred firing when its round ends
         self._again: set[str] = set()  # kicked while active: look again right after
-        self._loader = GroupCommit(run_blocking, self._begin_batch)
-        self._remover = GroupCommit(run_blocking, self._remove_batch)
+        self._files = GroupCommit(run_blocking, self._file_batch)  # loads and removals, see _file_batch
         self._timer: Any = None
         self._poller: LoopingCall | None = None
         self._stopping = False
@@ -634,7 +633,7 @@ class QueueManager(Service):
         relay = self.config.relay
         now = self.clock.seconds()
         try:
-            begun = await self._loader.submit((qid, now, forced))
+            begun = await self._files.submit((self._begin, qid, now, forced))
         except _SaveFailed:
             self.log.failure("cannot save queue entry {queue_id}; not connecting out", queue_id=qid)
             return now + schedule.interval_for(1, relay.retry_intervals)
@@ -669,7 +668,7 @@ class QueueManager(Service):
             try:
                 # Without a DSN involved, the removal need not be durable: a
                 # crash that undoes it only means a second delivery, never none.
-                await self._remover.submit((entry.id, bounced))
+                await self._files.submit((self._remove, entry.id, bounced))
             except Exception:
                 self.log.failure("cannot remove queue entry {queue_id}", queue_id=qid)
                 return now + schedule.interval_for(1, relay.retry_intervals)
@@ -692,7 +691,7 @@ class QueueManager(Service):
     def _begin(
         self, qid: str, now: float, forced: bool
     ) -> tuple[QueueEntry, list[RecipientState], bytes | None] | None:
-        """Blocking (in ``_begin_batch``): load the entry and, if remote recipients
+        """Blocking (in ``_file_batch``): load the entry and, if remote recipients
         are due, record the attempt before connecting out (style.md 4.13).
 
         The record is the attempt marker (no fsync; the module docstring says
@@ -726,31 +725,28 @@ class QueueManager(Service):
                     pass  # the agent opens it itself and reports the error
         return entry, due, None
 
-    def _begin_batch(self, items: list[tuple[str, float, bool]]) -> list[Any]:
-        """Blocking: ``_begin`` for the entries that became due together (one
-        thread call for a batch rather than a hand-off per message)."""
+    def _file_batch(self, items: list[tuple]) -> list[Any]:
+        """Blocking: the queue file work that piled up while the last batch ran,
+        in one thread call (a hand-off costs the reactor thread more than one
+        message's file work): ``(self._begin, id, now, forced)`` for entries
+        that became due, ``(self._remove, id, durable)`` for finished ones."""
         results: list[Any] = []
-        for qid, now, forced in items:
+        for f, *args in items:
             try:
-                results.append(self._begin(qid, now, forced))
+                results.append(f(*args))
             except Exception as e:
                 results.append(e)
         return results
 
-    def _remove_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
-        """Blocking: remove finished entries (one thread call for a batch).
+    def _remove(self, qid: str, durable: bool) -> Any:
+        """Blocking (in ``_file_batch``): remove a finished entry and its marker.
 
-        ``(id, durable)``: durable removals (a DSN was sent for the entry, so a
-        resurrected entry would send another) fsync ``env/``; the others do not.
+        Durable removals (a DSN was sent for the entry, so a resurrected entry
+        would send another) fsync ``env/``; the others do not.
         """
-        results: list[Any] = []
-        for qid, durable in items:
-            try:
-                results.append(self.store.remove(qid, sync=durable))
-                clear_marker(self.store, qid)
-            except Exception as e:
-                results.append(e)
-        return results
+        result = self.store.remove(qid, sync=durable)
+        clear_marker(self.store, qid)
+        return result
 
     async def _save(self, entry: QueueEntry) -> bool:
         """Save durably; the attempt marker, if any, is no longer needed then."""

@@ -666,9 +666,9 @@ class FastPathTests(SynchronousTestCase):
         os.unlink(self.store.envelope_path(qids[0]))  # removed since the listing
         self.assertEqual([q for _, q in scan_schedule(self.store, qids, START, None)], qids[1:])
 
-    def test_loadsBatched(self) -> None:
-        """Entries kicked while a load is in its thread are loaded together in the next
-        thread call: one hand-off per batch, not per message."""
+    def test_fileWorkBatched(self) -> None:
+        """Loads and removals that pile up while a thread call runs go together in the
+        next one: one hand-off per batch, not one per message and kind."""
         from twisted.internet.defer import maybeDeferred
 
         calls: list = []
@@ -682,23 +682,27 @@ class FastPathTests(SynchronousTestCase):
             (f, a, kw), d = calls.pop(0)
             maybeDeferred(f, *a, **kw).chainDeferred(d)
 
+        def pending() -> list:
+            """The items of the thread calls not yet run, as (kind, id)."""
+            return [[(g.__name__.strip("_"), args[0]) for g, *args in a[0]] for (f, a, _), _ in calls]
+
         m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), held, self.intake,
                          rng=random.Random(2), flush_poll=0)
         m.startService()
         while calls:  # the start-up scan
             release()
-        qids = [self.commit() for _ in range(3)]
-        for qid in qids:
+        q1, q2, q3 = (self.commit() for _ in range(3))
+        for qid in (q1, q2, q3):
             m.kick(qid)
-
-        def loads() -> list:
-            return [[item[0] for item in a[0]] for (f, a, _), _ in calls if f == m._begin_batch]
-
-        self.assertEqual(loads(), [qids[:1]])
-        release()  # the first load; the other two now go in one batch
-        self.assertEqual(loads(), [qids[1:]])
+        self.assertEqual(pending(), [[("begin", q1)]])
+        release()  # q1 is delivered; its removal waits behind the loads of q2 and q3
+        self.assertEqual(pending(), [[("begin", q2), ("begin", q3)]])
+        q4 = self.commit()
+        m.kick(q4)
+        release()
+        self.assertEqual(pending(), [[("remove", q1), ("begin", q4)]])
         while calls:
             release()
-        self.assertEqual(sorted(c[0] for c in self.remote.calls), sorted(qids))
+        self.assertEqual(sorted(c[0] for c in self.remote.calls), sorted([q1, q2, q3, q4]))
         self.assertEqual(self.store.ids(), [])
         m.stopService()
