@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -792,6 +793,27 @@ class RobustnessTests(SynchronousTestCase):
         self.assertEqual(s.talk(b"RCPT TO:<alice@example.org>"), [b"451 4.3.0 Local error in processing, try again later"])
         self.assertEqual(s.codes(b"NOOP"), [b"250 2.0.0"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_asyncRouterKeepsOrder(self) -> None:
+        """A router answering with a Deferred: the RCPT reply waits for it, and
+        commands pipelined behind it are answered only after it (RFC 2920 section 3)."""
+        s = Session()
+        pending: list[Deferred] = []
+        sync_resolve = s.runtime.router.resolve
+
+        def resolve(address: Address, authenticated: bool) -> Deferred:
+            d: Deferred = Deferred()
+            pending.append(d)
+            d.addCallback(lambda _: sync_resolve(address, authenticated))
+            return d
+
+        s.runtime.router.resolve = resolve
+        s.talk(b"EHLO c", b"MAIL FROM:<x@remote.test>")
+        self.assertEqual(s.send(b"RCPT TO:<alice@example.org>\r\nRCPT TO:<nobody@example.org>\r\nNOOP\r\n"), b"")
+        pending.pop(0).callback(None)
+        self.assertEqual(s.take(), b"250 2.1.5 Recipient ok\r\n")
+        pending.pop(0).callback(None)
+        self.assertEqual(s.take(), b"550 5.1.1 No such user here\r\n250 2.0.0 Ok\r\n")
 
     def test_intakeBeginCrash(self) -> None:
         """intake.begin raising: 451 4.3.0 to DATA, and the would-be content is not run as commands... but
