@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from mailstack.address import Address
@@ -44,6 +45,7 @@ class ListenerPolicy:
         raise ValueError(f"unknown SMTP listener kind {kind!r}")
 
 
+@lru_cache(maxsize=4096)  # asked per EHLO and AUTH; parsing the address each time showed in profiles
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and IPv4-mapped loopback; anything unparsable is not."""
     try:

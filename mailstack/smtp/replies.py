@@ -9,6 +9,8 @@ the small functions at the end.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from mailstack.errors import Reply
 
 # -- 2xx ---------------------------------------------------------------------
@@ -87,6 +89,14 @@ def helo(hostname: str, client: str) -> Reply:
 def ehlo(hostname: str, client: str, keywords: list[str]) -> Reply:
     """RFC 5321 4.1.1.1: the first line is the greeting, then one keyword per line."""
     return Reply(250, "", "\n".join([f"{hostname} Hello {client}"] + keywords))
+
+
+@lru_cache(maxsize=1024)
+def ehlo_wire(hostname: str, client: str, keywords: tuple[str, ...]) -> bytes:
+    """``ehlo(...).encode()``, remembered: a client says the same EHLO on every
+    connection, and building and encoding the reply was a visible part of a
+    session's CPU."""
+    return ehlo(hostname, client, list(keywords)).encode()
 
 
 def queued(queue_id: str) -> Reply:

@@ -505,14 +505,14 @@ class SMTPServer(Protocol):
         if not esmtp:
             self._reply(R.helo(hostname, shown))
             return
-        self._reply(R.ehlo(hostname, shown, self._extensions()))
+        self._write_raw(R.ehlo_wire(hostname, shown, self._extensions()))
 
-    def _extensions(self) -> list[str]:
-        kw = ["PIPELINING", f"SIZE {self.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    def _extensions(self) -> tuple[str, ...]:
+        kw = self.factory.extensions
         if self._starttls_available():
-            kw.append("STARTTLS")
+            kw += ("STARTTLS",)
         if self._auth_allowed():
-            kw.append("AUTH PLAIN LOGIN")
+            kw += ("AUTH PLAIN LOGIN",)
         return kw
 
     def _starttls_available(self) -> bool:
@@ -973,6 +973,8 @@ class SMTPFactory(ServerFactory):
         self.portal = cred.login_portal(checker) if checker is not None else None
         self.shared = _shared_for(runtime)
         self.banner = R.banner(runtime.config.hostname).encode()
+        # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).
+        self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
         self.protocols: set[SMTPServer] = set()
         self.draining = False
         self._idle_waiters: list[Deferred] = []

@@ -37,6 +37,14 @@ class RepliesTests(SynchronousTestCase):
         wire = R.ehlo("mx.example.org", "c", ["PIPELINING", "8BITMIME"]).encode()
         self.assertEqual(wire, b"250-mx.example.org Hello c\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
 
+    def test_ehloWireRemembered(self) -> None:
+        """ehlo_wire is the encoded EHLO reply, built once per (host, client, keywords) and then reused."""
+        kw = ("PIPELINING", "8BITMIME")
+        first = R.ehlo_wire("mx.example.org", "c", kw)
+        self.assertEqual(first, R.ehlo("mx.example.org", "c", list(kw)).encode())
+        self.assertIs(R.ehlo_wire("mx.example.org", "c", kw), first)
+        self.assertEqual(R.ehlo_wire("mx.example.org", "d", kw), b"250-mx.example.org Hello d\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+
     def test_banner(self) -> None:
         """The greeting names the host: 220 <hostname> ESMTP mailstack."""
         self.assertEqual(R.banner("mx.example.org").encode(), b"220 mx.example.org ESMTP mailstack\r\n")
