@@ -34,6 +34,7 @@ protocol is command/response.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections import deque
 from typing import IO, Any, Callable, Sequence
@@ -84,6 +85,13 @@ class _Lost(Exception):
         super().__init__(str(reply))
         self.reply = reply
         self.reason = reason
+
+
+@functools.lru_cache(maxsize=256)
+def _one_line_reply(line: str) -> Reply:
+    """``make_reply`` for a one-line reply ("250 2.1.0 Ok"), cached: a server
+    sends the same few replies message after message (Reply is immutable)."""
+    return make_reply(int(line[:3]), [line[4:]])
 
 
 def make_reply(code: int, lines: Sequence[str]) -> Reply:
@@ -306,7 +314,7 @@ class SMTPClientProtocol(Protocol):
         if not 200 <= code <= 599:
             self._violation("reply code out of range")
             return True
-        reply = make_reply(code, [ln[4:] for ln in lines])
+        reply = _one_line_reply(lines[0]) if len(lines) == 1 else make_reply(code, [ln[4:] for ln in lines])
         if not self._waiting:
             if code == 421:  # RFC 5321 3.8: the server closes an idle session
                 self._lost = _Lost(R_CONNECTION_LOST)
@@ -338,17 +346,15 @@ class SMTPClientProtocol(Protocol):
         """One timer for the oldest outstanding reply (RFC 5321 4.5.3.2).
 
         The same DelayedCall is moved (``reset``) while replies keep coming,
-        rather than cancelled and created anew for every reply."""
-        timer = self._timer
+        rather than cancelled and created anew for every reply; with no reply
+        outstanding it is left to run out (``_timed_out`` then does nothing),
+        so a connection reused for message after message keeps one timer."""
         if self._waiting:
+            timer = self._timer
             if timer is not None and timer.active():
                 timer.reset(self._waiting[0][1])
             else:
                 self._timer = self.clock.callLater(self._waiting[0][1], self._timed_out)
-            return
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
 
     def _touch(self) -> None:
         """Progress while sending DATA: restart the timer (4.5.3.2.5, data block)."""
@@ -357,6 +363,8 @@ class SMTPClientProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if not self._waiting:
+            return  # armed for a reply that has come (see _rearm)
         self.log.info("SMTP timeout waiting for {mx}", mx=self.peer_name)
         self._lost = _Lost(R_TIMEOUT)
         self.transport.abortConnection()

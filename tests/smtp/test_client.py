@@ -339,3 +339,31 @@ class OverlapTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(first, HostFailure).value.stage, "dot")
         self.assertEqual(self.failureResultOf(second, HostFailure).value.stage, "mail")
         self.assertFalse(c.alive)
+
+    def test_oneTimerAcrossTransactions(self) -> None:
+        """Message after message on one connection keeps one reply timer (moved, not
+        re-created); once every reply has come it runs out without closing anything."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        made = []
+        call_later = c.clock.callLater
+        c.clock.callLater = lambda *a, **kw: made.append(a[0]) or call_later(*a, **kw)  # type: ignore[method-assign]
+        for rcpt in ("a@r.test", "b@r.test"):
+            d = c.send("s@here.test", [rcpt], io.BytesIO(b"one\r\n"), 5)
+            c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
+            self.successResultOf(d)
+        self.assertLessEqual(len(made), 1)
+        c.clock.advance(61)
+        self.assertTrue(c.alive)
+        self.assertFalse(t.disconnecting)
+
+    def test_repeatedRepliesParsedOnce(self) -> None:
+        """A one-line reply the server repeats is parsed once and shared (Reply is
+        immutable); its enhanced code and text are as make_reply gives them."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        results = []
+        for rcpt in ("a@r.test", "b@r.test"):
+            d = c.send("s@here.test", [rcpt], io.BytesIO(b"one\r\n"), 5)
+            c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 Ok: queued\r\n")
+            results.append(self.successResultOf(d)[rcpt])
+        self.assertIs(results[0], results[1])
+        self.assertEqual(results[0], make_reply(250, ["2.0.0 Ok: queued"]))
