@@ -12,10 +12,10 @@ Maildirs or in the queue (interface.md, "Protocol behaviour").
 Direct delivery (recipients all local)
 --------------------------------------
 The common case on an MX.  One thread call (``LocalAgent.prepare_direct``)
-writes and fsyncs each recipient's copy into its Maildir ``tmp/``; a
-``GroupCommit`` then moves the copies of a whole batch of messages into
-``new/`` with one fsync per ``new/`` folder.  Only then does ``finish()``
-fire.  Per message that is one file created, one fsync, one rename, and no
+writes and fsyncs each recipient's copy into its Maildir ``tmp/``; then each
+copy joins the ``GroupCommit`` of its ``new/`` folder, which moves a batch of
+copies into that folder with one fsync of it (folders of different mailboxes
+are published side by side).  Only then does ``finish()`` fire.  Per message that is one file created, one fsync, one rename, and no
 queue files at all: on the benchmark machine creating and deleting files was
 the largest single cost of the old path (queue message, envelope and Maildir
 copy for every local message).  Like mox, and unlike Postfix, nothing is
@@ -56,7 +56,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -189,7 +189,11 @@ class Intake:
         # the next batch's first stage.
         self._envelopes = GroupCommit(run_blocking, self._publish_envelopes)
         self._committer = GroupCommit(run_blocking, self._publish_messages, then=self._envelopes)
-        self._copies = GroupCommit(run_blocking, self._publish_copies)
+        # One group commit per Maildir new/ folder: each batch is the renames
+        # into that folder and one fsync of it, and different mailboxes'
+        # batches run side by side instead of one thread fsyncing every
+        # folder of a batch in turn.
+        self._folders: dict[str, GroupCommit] = {}
         self._in_flight = 0  # commits between finish() and their outcome
         self._idle_waiters: list[Deferred] = []
 
@@ -218,7 +222,7 @@ class Intake:
         self._in_flight += 1
         if self._local is not None and self._local.direct_ok(entry):
             d = self._run_blocking(self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id))
-            d.addCallback(lambda pending: self._copies.submit((pending, data is None and entry.id)))
+            d.addCallback(self._publish_copies)
             d.addCallbacks(self._published, self._not_delivered, callbackArgs=(entry, data), errbackArgs=(entry, data))
         else:
             d = self._queue(entry, data)
@@ -235,20 +239,28 @@ class Intake:
 
     # -- direct delivery ---------------------------------------------------------
 
-    def _publish_copies(self, items: list[tuple[list[Any], Any]]) -> list[list[BaseException | None]]:
-        """Blocking: move a batch's copies into ``new/``; per message its per-recipient errors.
+    def _publish_copies(self, pending: list[Any]) -> Deferred:
+        """Fires with one entry per copy: None (in ``new/``, durable) or the error (taken back)."""
+        ds = []
+        for p in pending:
+            group = self._folders.get(p.new_dir)
+            if group is None:
+                group = self._folders[p.new_dir] = GroupCommit(self._run_blocking, self._local.publish_direct)
+            ds.append(group.submit(p))
+            ds[-1].addBoth(self._forget_idle, p.new_dir)
+        return DeferredList(ds, consumeErrors=True).addCallback(lambda results: [None if ok else f.value for ok, f in results])
 
-        A spilled message's ``queue/tmp/<id>`` is dropped once all its copies
-        are in place (no fsync: ``recover()`` empties tmp/ after a crash).
-        """
-        results = self._local.publish_direct([pending for pending, _ in items])
-        for (_, spilled), errors in zip(items, results):
-            if spilled and not any(errors):
-                self._store.discard(spilled)
-        return results
+    def _forget_idle(self, result: Any, folder: str) -> Any:
+        """Keep group commits only for folders with deliveries in progress."""
+        group = self._folders.get(folder)
+        if group is not None and group.idle:
+            del self._folders[folder]
+        return result
 
     def _published(self, errors: list[BaseException | None], entry: QueueEntry, data: bytes | None) -> Any:
         if not any(errors):
+            if data is None:  # the spill file in queue/tmp (no fsync: recover() empties tmp/)
+                self._run_blocking(self._store.discard, entry.id).addErrback(self._not_discarded, entry.id)
             self._log_accepted(entry, "delivered")
             return entry.id
         owed = []
@@ -260,6 +272,9 @@ class Intake:
                 self._log_deferred(entry, r.address, error)
         # Only what is still owed goes to the queue, so nobody gets a copy twice.
         return self._queue(dataclasses.replace(entry, recipients=owed), data)
+
+    def _not_discarded(self, failure: Failure, queue_id: str) -> None:
+        self.log.failure("removing the spill file of {queue_id}", failure, queue_id=queue_id)
 
     def _not_delivered(self, failure: Failure, entry: QueueEntry, data: bytes | None) -> Deferred:
         """A copy could not be written (none was published): queue the whole message."""

@@ -562,7 +562,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
 
     def test_acknowledgedOnlyOnceInNew(self) -> None:
-        """One thread call writes the copy into tmp/; the reply waits until the batch is in new/, fsynced."""
+        """One thread call writes the copy into tmp/; the reply waits until it is in new/, fsynced."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
@@ -572,36 +572,37 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         threads.run_one()
         self.assertEqual((len(self.mailbox(BOB, "tmp")), self.mailbox(BOB)), (1, []))
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_publish_copies"])
+        self.assertEqual(threads.names(), ["publish_direct"])
         threads.run_one()
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual((self.mailbox(BOB, "tmp"), len(self.mailbox(BOB))), ([], 1))
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+        self.assertEqual(intake._folders, {})  # nothing kept for an idle mailbox
 
-    def test_deliveriesShareOneFsyncPerMaildir(self) -> None:
-        """Messages prepared while a batch is published land together, with one fsync per new/ folder."""
+    def test_oneFsyncPerMaildirBatchFoldersSideBySide(self) -> None:
+        """Copies for one Maildir prepared while its batch is in flight share the next fsync; mailboxes do not wait for each other."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         sent = []
-        for i in range(4):
+        for i in range(6):
             incoming = intake.begin(envelope(local(BOB if i % 2 else self.dave)))
             incoming.write(MESSAGE)
             sent.append(incoming.finish())
-        for _ in range(4):
+        for _ in range(6):
             threads.run_one(threads.names().index("prepare_direct"))
-        # Message 0 (dave) is being published alone; the other three wait for it.
-        self.assertEqual(threads.names(), ["_publish_copies"])
-        threads.run_one()
-        self.successResultOf(sent[0])
-        self.assertEqual(threads.names(), ["_publish_copies"])
+        # dave's first copy and bob's first copy are each being published; the others wait.
+        self.assertEqual(threads.names(), ["publish_direct", "publish_direct"])
+        threads.run_one(1)  # bob's first batch ends before dave's
+        self.assertEqual(len(self.successResultOf(sent[1])), 24)
+        self.assertNoResult(sent[0])
+        self.assertEqual(threads.names(), ["publish_direct", "publish_direct"])  # dave's first, bob's next batch
         faults = Faults(self)
-        threads.run_all()
+        threads.run_one(1)
         faults.restore()
-        self.assertEqual(faults.calls.count("_rename"), 3)
-        self.assertEqual(faults.calls.count("_fsync"), 2)  # new/ of bob and of dave
-        self.assertEqual(faults.calls.count("_unlink"), 0)
-        self.assertEqual((len(self.mailbox(BOB)), len(self.mailbox(self.dave))), (2, 2))
-        self.assertEqual([len(self.successResultOf(d)) for d in sent[1:]], [24] * 3)
+        self.assertEqual(faults.calls, ["_rename", "_rename", "_open", "_fsync"])  # bob's two copies, one fsync
+        threads.run_all()
+        self.assertEqual((len(self.mailbox(BOB)), len(self.mailbox(self.dave))), (3, 3))
+        self.assertEqual([len(self.successResultOf(d)) for d in sent[:1] + sent[2:]], [24] * 5)
 
     def test_mixedMessageGoesToTheManager(self) -> None:
         """A message with a remote recipient is queued whole and kicked, not delivered directly."""

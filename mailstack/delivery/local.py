@@ -19,8 +19,8 @@ Direct delivery (the fast path of the intake)
 For a new message whose recipients are all local, the intake does not queue
 it at all: ``prepare_direct`` (blocking, one thread call per message) writes
 and fsyncs each recipient's copy into its Maildir's ``tmp/``, and
-``publish_direct`` (blocking, one call per batch of messages) renames the
-copies into ``new/`` with one fsync per ``new/`` folder.  The intake sends
+``publish_direct`` (blocking, one call per batch of copies bound for one
+Maildir) renames them into ``new/`` with one fsync of that folder.  The intake sends
 the 250 after that, and queues whatever could not be delivered this way.
 """
 
@@ -128,16 +128,9 @@ class LocalAgent:
             raise
         return pending
 
-    def publish_direct(self, batch: list[list[Pending]]) -> list[list[BaseException | None]]:
-        """Move the prepared copies of several messages into ``new/``; blocking.
+    def publish_direct(self, pending: list[Pending]) -> list[BaseException | None]:
+        """Move prepared copies into their ``new/`` folders, one fsync per folder; blocking.
 
-        One fsync per ``new/`` folder for the whole batch.  Per message, per
-        recipient: None (delivered) or the error (that copy is taken back).
+        Per copy None (delivered) or the error (that copy is taken back).
         """
-        errors = self._maildirs.publish([p for pending in batch for p in pending])
-        out = []
-        i = 0
-        for pending in batch:
-            out.append(errors[i : i + len(pending)])
-            i += len(pending)
-        return out
+        return self._maildirs.publish(pending)
