@@ -22,7 +22,9 @@
    and offers PIPELINING rides behind it -- its MAIL, RCPT and DATA go out
    with the other message's data (RFC 2920 3.1) -- before an idle
    connection is used: one round trip per message instead of two, and no
-   TLS handshake for a new connection.
+   TLS handshake for a new connection.  Not behind a server that is slow
+   to answer the data (``RIDE_MAX_DATA_TIME``): there parallel sessions
+   are worth more than round trips.
 4. When no host took the transaction, every recipient gets a temporary
    reply naming the last problem -- unless every host that answered refused
    MAIL FROM with 5xx, which is permanent.  AUTH failures at the smarthost
@@ -57,6 +59,11 @@ MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit
 IDLE_TIME = 2.0
 MAX_TRANSACTIONS = 100
 MAX_POOLED_PER_ADDRESS = 32
+# A message rides behind a busy connection's transaction only if that server
+# took at most this long from the last message's data to its final reply; a
+# slower one (content scanning) gets the message on another connection, so
+# that the server's work runs in parallel instead of in a row.
+RIDE_MAX_DATA_TIME = 0.25
 
 
 @dataclass(frozen=True)
@@ -329,7 +336,7 @@ class RemoteAgent:
                 continue
             if client.pending == 0:
                 idle = idle or client
-            elif client.pending == 1 and client.pipelining:
+            elif client.pending == 1 and client.pipelining and client.data_time <= RIDE_MAX_DATA_TIME:
                 return client
         return idle
 

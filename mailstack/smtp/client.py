@@ -252,6 +252,7 @@ class SMTPClientProtocol(Protocol):
         self.peer_name = peer_name
         self.extensions: dict[str, str] = {}
         self.transactions = 0  # MAIL FROM sent on this connection
+        self.data_time = 0.0  # seconds from the last message's data to its final reply
         self.pending = 0  # send() calls not yet finished
         self._writing = False  # a transaction owns the write side (see _take_turn)
         self._turns: deque[Deferred] = deque()  # transactions waiting for it
@@ -594,7 +595,9 @@ class SMTPClientProtocol(Protocol):
                 results[r] = data_reply
             await self._rset()
             return results
+        started = self.clock.seconds()
         final = await self._await(self._send_body(source, turn), "dot")
+        self.data_time = self.clock.seconds() - started
         for r in accepted:
             results[r] = final
         return results

@@ -271,6 +271,46 @@ class RemoteAgentTests(SynchronousTestCase):
         self.assertEqual(len(self.net.attempts), 1)
         self.assertEqual(len(servers[0].messages), 3)
 
+    def test_noRideBehindSlowServer(self) -> None:
+        """A server that took long to answer the last message's data gets the next
+        message on another connection, in parallel, not behind the busy one."""
+        clock = self.clock
+
+        class SlowData(FakeSMTPServer):
+            """Answers the end of the data a second later, reading nothing meanwhile."""
+
+            def lineReceived(self, line: bytes) -> None:
+                if self._data is not None and line == b".":
+                    self.pauseProducing()
+                    clock.callLater(1.0, self.answer, line)
+                else:
+                    super().lineReceived(line)
+
+            def answer(self, line: bytes) -> None:
+                super().lineReceived(line)
+                self.resumeProducing()
+
+        servers: list = []
+        self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(SlowData()) or servers[-1]
+        agent = self.agent()
+
+        def finish(*ds: Deferred) -> None:
+            for d in ds:
+                self.net.drive(d)
+            while not all(d.called for d in ds):
+                clock.advance(1.0)
+                for d in ds:
+                    self.net.drive(d)
+
+        d1 = self.start(agent, "Q1")
+        finish(d1)
+        self.assertEqual(self.successResultOf(d1)["a@remote.test"].code, 250)
+        d2, d3 = self.start(agent, "Q2"), self.start(agent, "Q3")
+        finish(d2, d3)
+        self.assertEqual([self.successResultOf(d)["a@remote.test"].code for d in (d2, d3)], [250, 250])
+        self.assertEqual(len(self.net.attempts), 2)
+        self.assertEqual([len(s.messages) for s in servers], [2, 1])
+
     def test_riderReconnectsWhenConnectionDies(self) -> None:
         """The connection dies after the first message's data: that one is deferred
         (the remote may have it), the one behind it goes out on a new connection."""
