@@ -649,16 +649,16 @@ class QueueManager(Service):
 
         work = []
         if local:
-            work.append(Deferred.fromCoroutine(self._deliver(entry, self.local, local, None, now)))
+            work.append(self._deliver(entry, self.local, local, None, now))
         by_domain: dict[str, list[RecipientState]] = {}
         for r in remote:
             by_domain.setdefault(r.domain, []).append(r)
         for domain, rcpts in by_domain.items():
-            work.append(Deferred.fromCoroutine(self._deliver(entry, self.remote, rcpts, domain, now, message)))
+            work.append(self._deliver(entry, self.remote, rcpts, domain, now, message))
         if len(work) == 1:
-            await work[0]
+            await work[0]  # the usual case: no Deferred needed to run it
         elif work:
-            await DeferredList(work, consumeErrors=True)
+            await DeferredList([Deferred.fromCoroutine(w) for w in work], consumeErrors=True)
 
         now = self.clock.seconds()
         changed = bool(due)
