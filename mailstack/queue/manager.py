@@ -13,10 +13,11 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
   causes a hot retry loop (style.md 4 item 13): an *attempt marker*
   ``queue/attempts/<id>`` holding the earliest time the entry may be tried
   again (its ``next_attempt`` after this attempt) is written, without any
-  fsync.  A process crash keeps it (the page cache survives the process), and
-  the start-up scan schedules the entry no earlier than the marker says.  A
-  system crash may lose it or leave it empty or garbled; it is then ignored,
-  which only means an earlier retry.  The envelope itself is not touched
+  fsync.  It is a symbolic link whose target is that time: made in one
+  system call, and never seen half-written.  A process crash keeps it (the
+  page cache survives the process), and the start-up scan schedules the
+  entry no earlier than the marker says.  A system crash may lose it; an
+  unreadable one is ignored; either only means an earlier retry.  The envelope itself is not touched
   before the attempt, so no crash can damage it: the message is never lost.
   Results (``attempts``, ``next_attempt``, replies, history) are saved
   durably afterwards, unless the entry is finished and removed; then the
@@ -137,18 +138,20 @@ def _marker_path(store: Any, queue_id: str) -> str:
 
 def mark_attempt(store: Any, queue_id: str, not_before: float) -> None:
     """Record that ``queue_id`` is being tried: no retry before ``not_before``
-    (blocking; deliberately no fsync, see the module docstring)."""
+    (blocking; deliberately no fsync, see the module docstring).
+
+    The marker is a symlink to the time (one ``symlink()`` instead of open,
+    write and close; like Emacs' lock files), replaced if one is left over."""
     path = _marker_path(store, queue_id)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    value = repr(float(not_before))
     try:
-        fd = os.open(path, flags, 0o600)
+        os.symlink(value, path)
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        fd = os.open(path, flags, 0o600)
-    try:
-        os.write(fd, repr(float(not_before)).encode("ascii"))
-    finally:
-        os.close(fd)
+        os.symlink(value, path)
+    except FileExistsError:  # an earlier attempt's, its save having failed
+        os.unlink(path)
+        os.symlink(value, path)
 
 
 def clear_marker(store: Any, queue_id: str) -> None:
@@ -162,8 +165,7 @@ def clear_marker(store: Any, queue_id: str) -> None:
 def read_markers(store: Any) -> dict[str, float]:
     """``{id: not_before}`` of every readable attempt marker (blocking).
 
-    An empty or garbled marker (a system crash) is dropped: it only means an
-    earlier retry.
+    An unreadable marker is dropped: it only means an earlier retry.
     """
     folder = os.path.join(store.root, ATTEMPTS)
     try:
@@ -174,12 +176,11 @@ def read_markers(store: Any) -> dict[str, float]:
     for name in names:
         path = os.path.join(folder, name)
         try:
-            with open(path, "rb") as f:
-                value = float(f.read(64).decode("ascii"))
+            value = float(os.readlink(path))
             if value != value or value in (float("inf"), float("-inf")):
                 raise ValueError(name)
             out[name] = value
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError):
             try:
                 os.unlink(path)
             except OSError:
@@ -719,8 +720,7 @@ class QueueManager(Service):
                 raise _SaveFailed() from e
             if 0 < entry.size <= PRELOAD_MAX and getattr(self.remote, "takes_message", False):
                 try:
-                    with open(self.store.message_path(qid), "rb") as f:
-                        return entry, due, f.read(PRELOAD_MAX + 1)
+                    return entry, due, fsutil.read_small(self.store.message_path(qid))
                 except OSError:
                     pass  # the agent opens it itself and reports the error
         return entry, due, None

@@ -114,12 +114,24 @@ class ManagerTests(SynchronousTestCase):
         mark_attempt(self.store, "A", START + 300)
         mark_attempt(self.store, "B", START + 300)
         mark_attempt(self.store, "GONE", START + 300)
-        with open(os.path.join(self.store.root, "attempts", "B"), "wb") as f:
-            f.write(b"")
+        os.unlink(os.path.join(self.store.root, "attempts", "B"))
+        os.symlink("garbage", os.path.join(self.store.root, "attempts", "B"))
+        with open(os.path.join(self.store.root, "attempts", "C"), "wb") as f:
+            f.write(b"")  # not a marker: dropped too
         self.remote.script = reply_all(TEMP)
         m = self.manager()
         self.assertEqual([c[0] for c in self.remote.calls], ["B"])
         self.assertEqual(m.scheduled()["A"], START + 300)
+        self.assertEqual(read_markers(self.store), {"A": START + 300})
+
+    def test_markerIsSymlinkReplaced(self) -> None:
+        """A marker is a symlink to the time (one system call, never half-written);
+        one left over by an earlier attempt is replaced."""
+        from mailstack.queue.manager import mark_attempt, read_markers
+
+        mark_attempt(self.store, "A", START + 60)
+        mark_attempt(self.store, "A", START + 300)
+        self.assertTrue(os.path.islink(os.path.join(self.store.root, "attempts", "A")))
         self.assertEqual(read_markers(self.store), {"A": START + 300})
 
     def test_deferredRetriedOnSchedule(self) -> None:
