@@ -8,6 +8,7 @@ thread, as the reactor would.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -101,3 +102,14 @@ class ThreadPoolTests(SynchronousTestCase):
         self.pool.stop()
         self.reactor.run_calls()
         self.assertEqual(self.successResultOf(d), 7)
+
+    def test_workersDoNotPreemptTheReactor(self) -> None:
+        """On Linux the pool threads run under SCHED_BATCH, so a woken worker does not preempt the reactor thread."""
+        if not hasattr(os, "SCHED_BATCH"):
+            raise self.skipTest("no SCHED_BATCH on this platform")
+        d = self.pool.run(os.sched_getscheduler, 0)
+        self.pool.start()
+        self.pool.stop()
+        self.reactor.run_calls()
+        self.assertEqual(self.successResultOf(d), os.SCHED_BATCH)
+        self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_BATCH)  # the caller's thread is left alone
