@@ -331,7 +331,7 @@ class OverlapTests(SynchronousTestCase):
     def test_lostConnectionFailsTheRider(self) -> None:
         """A connection lost after the first message's data fails it at "dot" and the
         transaction behind it at "mail" (nothing of it was accepted)."""
-        c, t = self.client(b"250-PIPELINING\r\n")
+        c, _ = self.client(b"250-PIPELINING\r\n")
         first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
         second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
         c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
@@ -359,7 +359,7 @@ class OverlapTests(SynchronousTestCase):
     def test_repeatedRepliesParsedOnce(self) -> None:
         """A one-line reply the server repeats is parsed once and shared (Reply is
         immutable); its enhanced code and text are as make_reply gives them."""
-        c, t = self.client(b"250-PIPELINING\r\n")
+        c, _ = self.client(b"250-PIPELINING\r\n")
         results = []
         for rcpt in ("a@r.test", "b@r.test"):
             d = c.send("s@here.test", [rcpt], io.BytesIO(b"one\r\n"), 5)
