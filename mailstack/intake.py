@@ -324,13 +324,19 @@ class Intake:
 
     def _log_accepted(self, entry: QueueEntry, outcome: str) -> None:
         """One event per accepted message; ``outcome`` says where it is now."""
+        recipients = [r.address for r in entry.recipients]
+        # One preformatted field: the text observer then formats nothing per
+        # field, and this line is written for every message (the structured
+        # keys stay for observers and tests).
         self.log.info(
-            "accepted {queue_id} from {peer} user={user} sender=<{sender}> recipients={recipients} size={size}: {outcome}",
+            "{line}",
+            line=f"accepted {entry.id} from {entry.peer} user={entry.user} sender=<{entry.sender}> "
+            f"recipients={recipients} size={entry.size}: {outcome}",
             queue_id=entry.id,
             peer=entry.peer,
             user=entry.user,
             sender=entry.sender,
-            recipients=[r.address for r in entry.recipients],
+            recipients=recipients,
             size=entry.size,
             outcome=outcome,
         )

@@ -295,8 +295,7 @@ class QueueStore:
         if not _ID.match(queue_id):
             raise NoSuchEntry(queue_id)
         try:
-            with open(self.envelope_path(queue_id), "rb") as f:
-                data = f.read()
+            data = fsutil.read_small(self.envelope_path(queue_id))
         except FileNotFoundError:
             raise NoSuchEntry(queue_id) from None
         try:

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.queue.entry import DELIVERED, QueueEntry, RecipientState
 from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
+from mailstack.storage import fsutil
 from tests.storage.faults import Faults, count_steps, scratch_path
 
 BODY = b"Received: by x; date\r\nSubject: hi\r\n\r\nbody\r\n" * 50
@@ -326,13 +327,18 @@ class SaveLoadRemoveTests(StoreTestMixin, SynchronousTestCase):
         for _ in range(3):
             self.store.commit(self.stage())
         opened = []
-        real_open = open
+        real_open, real_os_open = open, fsutil._open
 
         def spy(path, *args, **kwargs):
             opened.append(str(path))
             return real_open(path, *args, **kwargs)
 
+        def os_spy(path, *args, **kwargs):
+            opened.append(str(path))
+            return real_os_open(path, *args, **kwargs)
+
         self.patch(builtins, "open", spy)
+        self.patch(fsutil, "_open", os_spy)
         self.assertEqual(len(list(self.store.scan())), 3)
         self.assertEqual(len(opened), 3)
         self.assertTrue(all(p.endswith(".json") for p in opened))
