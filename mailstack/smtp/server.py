@@ -1054,10 +1054,10 @@ class SMTPFactory(ServerFactory):
         return self._intake_idle(d, timeout)
 
     def _intake_idle(self, sessions_gone: Deferred, timeout: float) -> Deferred:
-        """After the sessions: wait (at most ``timeout``) for the intake's inline deliveries.
+        """After the sessions: wait (at most ``timeout``) for the intake's commits in flight.
 
-        A message acknowledged just before shutdown then reaches its Maildir
-        before the queue manager and the thread pool stop.
+        A commit whose client already left then still finishes before the
+        queue manager and the thread pool stop.
         """
         wait = getattr(self.runtime.intake, "wait_idle", None)
         if not callable(wait):

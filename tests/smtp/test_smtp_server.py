@@ -897,7 +897,7 @@ class TLSHandshakeBackPressureTests(SynchronousTestCase):
 
 class DrainWaitsForIntakeTests(SynchronousTestCase):
     def test_drainWaitsForInlineDeliveries(self) -> None:
-        """After the sessions are gone, drain() also waits for the intake's inline deliveries (bounded by the grace)."""
+        """After the sessions are gone, drain() also waits for the intake's commits in flight (bounded by the grace)."""
         from twisted.internet.defer import Deferred
 
         rt = make_runtime()
@@ -911,7 +911,7 @@ class DrainWaitsForIntakeTests(SynchronousTestCase):
         self.assertEqual(rt.reactor.getDelayedCalls(), [])
 
     def test_drainIntakeWaitBounded(self) -> None:
-        """An inline delivery that never ends does not hold shutdown beyond the grace period."""
+        """An intake commit that never ends does not hold shutdown beyond the grace period."""
         from twisted.internet.defer import Deferred
 
         rt = make_runtime()
