@@ -10,21 +10,20 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
   entry due now.  Local recipients are delivered at once through the local agent;
   remote ones when their ``next_attempt`` has come.
 * Before connecting out, the attempt is recorded, so a crash in the middle never
-  causes a hot retry loop (style.md 4 item 13): an *attempt marker*
-  ``queue/attempts/<id>`` holding the earliest time the entry may be tried
-  again (its ``next_attempt`` after this attempt) is written, without any
-  fsync.  It is a symbolic link whose target is that time: made in one
-  system call, and never seen half-written.  A process crash keeps it (the
-  page cache survives the process), and the start-up scan schedules the
-  entry no earlier than the marker says.  A system crash may lose it; an
-  unreadable one is ignored; either only means an earlier retry.  The envelope itself is not touched
-  before the attempt, so no crash can damage it: the message is never lost.
-  Results (``attempts``, ``next_attempt``, replies, history) are saved
-  durably afterwards, unless the entry is finished and removed; then the
-  marker goes too.  Removals after final delivery are batched and do not
-  fsync ``env/`` (a crash that undoes one means a second delivery, never
-  none), except when a DSN was sent for the entry.
-* Loads of entries that became due (envelope, attempt marker, a small
+  causes a hot retry loop (style.md 4 item 13): ``store.mark_attempt`` sets the
+  envelope's mtime to the earliest time the entry may be tried again (its
+  ``next_attempt`` after this attempt), as Postfix's qmgr does with ``utime``:
+  one system call, no file created or removed, no fsync.  A process crash keeps
+  it (the page cache survives the process), and the start-up scan schedules
+  the entry no earlier than the mark.  A system crash may lose it, which only
+  means an earlier retry.  The envelope's contents are not touched before the
+  attempt, so no crash can damage it: the message is never lost.  Results
+  (``attempts``, ``next_attempt``, replies, history) are saved durably
+  afterwards (a new envelope, so the mark goes with the old one), unless the
+  entry is finished and removed.  Removals after final delivery are batched
+  and do not fsync ``env/`` (a crash that undoes one means a second delivery,
+  never none), except when a DSN was sent for the entry.
+* Loads of entries that became due (envelope, attempt mark, a small
   message's bytes) and removals of finished ones share one thread call per
   batch (``batching.GroupCommit``): a thread hand-off costs the reactor
   more than the file work of one message.
@@ -115,83 +114,7 @@ def remove_entry(store: Any, queue_id: str) -> bool:
 
     False if there was no envelope."""
     with entry_lock(store, queue_id):
-        gone = bool(store.remove(queue_id))
-    clear_marker(store, queue_id)
-    return gone
-
-
-def _save_clear(store: Any, entry: QueueEntry) -> bool:
-    """Durable save, then drop the attempt marker (blocking)."""
-    present = save_unless_deleted(store, entry)
-    clear_marker(store, entry.id)
-    return present
-
-
-# -- attempt markers (see the module docstring) ------------------------------
-
-ATTEMPTS = "attempts"  # queue/attempts/<id>: "not before" time of an entry being tried
-
-
-def _marker_path(store: Any, queue_id: str) -> str:
-    return os.path.join(store.root, ATTEMPTS, queue_id)
-
-
-def mark_attempt(store: Any, queue_id: str, not_before: float) -> None:
-    """Record that ``queue_id`` is being tried: no retry before ``not_before``
-    (blocking; deliberately no fsync, see the module docstring).
-
-    The marker is a symlink to the time (one ``symlink()`` instead of open,
-    write and close; like Emacs' lock files), replaced if one is left over."""
-    path = _marker_path(store, queue_id)
-    value = repr(float(not_before))
-    try:
-        os.symlink(value, path)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        os.symlink(value, path)
-    except FileExistsError:  # an earlier attempt's, its save having failed
-        os.unlink(path)
-        os.symlink(value, path)
-
-
-def clear_marker(store: Any, queue_id: str) -> None:
-    """Drop the attempt marker of ``queue_id``, if any (blocking)."""
-    try:
-        os.unlink(_marker_path(store, queue_id))
-    except FileNotFoundError:
-        pass
-
-
-def read_markers(store: Any) -> dict[str, float]:
-    """``{id: not_before}`` of every readable attempt marker (blocking).
-
-    An unreadable marker is dropped: it only means an earlier retry.
-    """
-    folder = os.path.join(store.root, ATTEMPTS)
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            value = float(os.readlink(path))
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(name)
-            out[name] = value
-        except (OSError, ValueError):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-    return out
-
-
-def drop_markers(store: Any, queue_ids: list[str]) -> None:
-    """Remove the markers of ``queue_ids`` (orphans of removed entries; blocking)."""
-    for qid in queue_ids:
-        clear_marker(store, qid)
+        return bool(store.remove(queue_id))
 
 
 def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:
@@ -299,7 +222,8 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
                 due = entry_due(store.load(qid), now, warning_after)
             except KeyError:  # NoSuchEntry / CorruptEntry: gone or moved aside
                 continue
-        out.append((due, qid))
+        # Tried when the last process stopped (crashed): not before its mark.
+        out.append((max(due, store.attempt_mark(qid)), qid))
     return out
 
 
@@ -445,27 +369,20 @@ class QueueManager(Service):
         warn = self.config.relay.delay_warning_after
         store = self.store
         count = 0
-        # Markers first, then the listing: a marker without an envelope in the
-        # listing belongs to an entry that is gone.
-        markers = await self.run_blocking(read_markers, store)
         if callable(getattr(store, "ids", None)) and callable(getattr(store, "envelope_path", None)):
             ids = await self.run_blocking(store.ids)
             for i in range(0, len(ids), SCAN_BATCH):
                 if self._stopping:
                     return
                 found = await self.run_blocking(scan_schedule, store, ids[i : i + SCAN_BATCH], now, warn)
-                count += self._add_found(found, markers)
+                count += self._add_found(found)
         else:
-            found = await self.run_blocking(lambda: [(entry_due(e, now, warn), e.id) for e in store.scan()])
-            ids = [qid for _, qid in found]
-            count += self._add_found(found, markers)
+            found = await self.run_blocking(
+                lambda: [(max(entry_due(e, now, warn), store.attempt_mark(e.id)), e.id) for e in store.scan()]
+            )
+            count += self._add_found(found)
         if self._stopping:
             return
-        if markers:
-            listed = set(ids)
-            orphans = [qid for qid in markers if qid not in listed]
-            if orphans:
-                await self.run_blocking(drop_markers, store, orphans)
         self.log.info("queue loaded: {count} entries", count=count)
         if self.flush_poll:
             self._poller = LoopingCall(self._poll_flush)
@@ -474,13 +391,10 @@ class QueueManager(Service):
                 lambda f: self.log.failure("flush poller stopped", f)
             )
 
-    def _add_found(self, found: list[tuple[float, str]], markers: dict[str, float]) -> int:
+    def _add_found(self, found: list[tuple[float, str]]) -> int:
         if self._stopping:
             return 0
         for due, qid in found:
-            if markers and qid in markers:
-                # Tried when the last process stopped (crashed): not before the marker.
-                due = max(due, markers[qid])
             if qid not in self._due and qid not in self._active:
                 self._due[qid] = due
                 heapq.heappush(self._heap, (due, qid))
@@ -695,12 +609,12 @@ class QueueManager(Service):
         """Blocking (in ``_file_batch``): load the entry and, if remote recipients
         are due, record the attempt before connecting out (style.md 4.13).
 
-        The record is the attempt marker (no fsync; the module docstring says
+        The record is the attempt mark (no fsync; the module docstring says
         why that is enough); ``attempts`` and ``next_attempt`` are updated in
         memory and saved durably with the results.  A small message is read
         here too when the remote agent takes bytes (``takes_message``), so
         that the reactor thread opens no file.  Returns None if the entry is
-        gone; raises ``_SaveFailed`` if the marker cannot be written, anything
+        gone; raises ``_SaveFailed`` if the mark cannot be set, anything
         else if the entry cannot be read.
         """
         relay = self.config.relay
@@ -715,7 +629,7 @@ class QueueManager(Service):
                 r.attempts += 1
                 r.next_attempt = min(schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng), expires)
             try:
-                mark_attempt(self.store, qid, min(r.next_attempt for r in remote))
+                self.store.mark_attempt(qid, min(r.next_attempt for r in remote))
             except Exception as e:
                 raise _SaveFailed() from e
             if 0 < entry.size <= PRELOAD_MAX and getattr(self.remote, "takes_message", False):
@@ -739,19 +653,17 @@ class QueueManager(Service):
         return results
 
     def _remove(self, qid: str, durable: bool) -> Any:
-        """Blocking (in ``_file_batch``): remove a finished entry and its marker.
+        """Blocking (in ``_file_batch``): remove a finished entry.
 
         Durable removals (a DSN was sent for the entry, so a resurrected entry
         would send another) fsync ``env/``; the others do not.
         """
-        result = self.store.remove(qid, sync=durable)
-        clear_marker(self.store, qid)
-        return result
+        return self.store.remove(qid, sync=durable)
 
     async def _save(self, entry: QueueEntry) -> bool:
-        """Save durably; the attempt marker, if any, is no longer needed then."""
+        """Save durably (a new envelope: any attempt mark goes with the old one)."""
         snapshot = QueueEntry.from_json(entry.to_json())  # the thread never sees later changes
-        return bool(await self.run_blocking(_save_clear, self.store, snapshot))
+        return bool(await self.run_blocking(save_unless_deleted, self.store, snapshot))
 
     async def _deliver(
         self,
@@ -766,7 +678,7 @@ class QueueManager(Service):
         relay = self.config.relay
         if domain is not None:
             if not await self._slots.acquire(domain):
-                return  # shutting down; the attempt marker is on disk
+                return  # shutting down; the attempt mark is on disk
         try:
             try:
                 if message is not None:

@@ -18,7 +18,8 @@ Layout under ``root`` (``data_dir/queue``)
     Always replaced whole with ``fsutil.write_atomic`` (temporary names start
     with ``.tmp.`` and are ignored by ``scan()``).  **The envelope file is the
     commit record**, like Postfix's END record: a message exists for the queue
-    exactly when its envelope does.
+    exactly when its envelope does.  Its mtime, when set ahead of its change
+    time by ``mark_attempt``, is the attempt mark: no retry before then.
 ``corrupt/``
     Unreadable envelopes (and their message, if any) and envelopes whose
     message is missing are moved here for inspection, never deleted.
@@ -275,6 +276,35 @@ class QueueStore:
     def save(self, entry: QueueEntry) -> None:
         """Replace the envelope of a committed entry (new attempt state)."""
         fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
+
+    def mark_attempt(self, queue_id: str, not_before: float) -> None:
+        """Record that the entry is being tried: no retry before ``not_before``.
+
+        The envelope's mtime becomes ``not_before`` (Postfix's qmgr does the
+        same with ``utime``): one system call, no file created or removed,
+        and never half-written.  No fsync: a process crash keeps it (the page
+        cache survives the process); a system crash may lose it, which only
+        means an earlier retry.  The next ``save`` replaces the envelope, and
+        with it the mark.  NoSuchEntry if the entry is gone.
+        """
+        try:
+            os.utime(self.envelope_path(queue_id), (not_before, not_before))
+        except FileNotFoundError:
+            raise NoSuchEntry(queue_id) from None
+
+    def attempt_mark(self, queue_id: str) -> float:
+        """The time ``mark_attempt`` set; 0.0 if there is none (or no entry).
+
+        A mark is an mtime set ahead of the inode's change time: ``utime``
+        stamps the change time with the real "now" (POSIX), while an
+        ordinary write or rename leaves mtime <= ctime.  So the test needs
+        no clock, and a file written by a clock set ahead is no mark.
+        """
+        try:
+            st = os.stat(self.envelope_path(queue_id))
+        except (FileNotFoundError, NoSuchEntry):
+            return 0.0
+        return st.st_mtime if st.st_mtime_ns > st.st_ctime_ns else 0.0
 
     def remove(self, queue_id: str, sync: bool = True) -> bool:
         """Drop an entry: envelope first, then the message.

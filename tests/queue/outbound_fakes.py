@@ -40,6 +40,7 @@ class FakeStore:
         self.removals: list[tuple[str, bool]] = []  # (id, sync)
         self.flush = False
         self.recovered = 0
+        self.marks: dict[str, float] = {}  # attempt marks (a real store: the envelope's mtime)
         self._n = 0
 
     def new_id(self) -> str:
@@ -58,6 +59,7 @@ class FakeStore:
     def save(self, entry: QueueEntry, durable: bool = True) -> None:
         data = json.loads(json.dumps(entry.to_json()))
         self.envelopes[entry.id] = data
+        self.marks.pop(entry.id, None)  # a new envelope
         self.saves.append(data)
         self.durable.append(durable)
 
@@ -70,10 +72,19 @@ class FakeStore:
     def remove(self, queue_id: str, sync: bool = True) -> None:
         self.removals.append((queue_id, sync))
         self.envelopes.pop(queue_id, None)
+        self.marks.pop(queue_id, None)
         try:
             os.unlink(self.message_path(queue_id))
         except FileNotFoundError:
             pass
+
+    def mark_attempt(self, queue_id: str, not_before: float) -> None:
+        if queue_id not in self.envelopes:
+            raise KeyError(queue_id)
+        self.marks[queue_id] = not_before
+
+    def attempt_mark(self, queue_id: str) -> float:
+        return self.marks.get(queue_id, 0.0)
 
     def scan(self):
         for qid in sorted(self.envelopes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import os
 import random
+import time
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -15,6 +16,7 @@ from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueKicker
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING
 from mailstack.queue.manager import QueueManager, entry_due, remove_entry
+from mailstack.queue.store import NoSuchEntry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,
@@ -79,15 +81,13 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(m.scheduled(), {})
 
     def test_attemptPersistedBeforeConnecting(self) -> None:
-        """Before the remote agent is called the attempt marker holds the next retry
+        """Before the remote agent is called the attempt mark holds the next retry
         time; afterwards attempts, next_attempt and the reply are in the envelope
-        and the marker is gone."""
-        from mailstack.queue.manager import read_markers
-
+        and the mark went with the old envelope."""
         seen = []
 
         def script(e, rs):
-            seen.append(read_markers(self.store))
+            seen.append(dict(self.store.marks))
             return {r.address: TEMP for r in rs}
 
         self.remote.script = script
@@ -101,38 +101,18 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual((saved["status"], saved["attempts"]), (PENDING, 1))
         self.assertEqual(saved["next_attempt"], seen[0]["R"])
         self.assertEqual(saved["last_reply"], "451 4.7.1 greylisted")
-        self.assertEqual(read_markers(self.store), {})
+        self.assertEqual(self.store.marks, {})
 
-    def test_crashKeepsMarkerNotBefore(self) -> None:
-        """After a crash during the attempt the marker keeps the entry from being
-        retried at start; a garbled marker (system crash) only means an earlier retry,
-        and markers of entries that are gone are dropped."""
-        from mailstack.queue.manager import mark_attempt, read_markers
-
+    def test_crashKeepsMarkNotBefore(self) -> None:
+        """After a crash during the attempt the mark keeps the entry from being
+        retried at start; an entry without a mark is tried at once."""
         entry(self.store, "A", "s@x.test", ["r@remote.test"], arrival=START)
         entry(self.store, "B", "s@x.test", ["r@remote.test"], arrival=START)
-        mark_attempt(self.store, "A", START + 300)
-        mark_attempt(self.store, "B", START + 300)
-        mark_attempt(self.store, "GONE", START + 300)
-        os.unlink(os.path.join(self.store.root, "attempts", "B"))
-        os.symlink("garbage", os.path.join(self.store.root, "attempts", "B"))
-        with open(os.path.join(self.store.root, "attempts", "C"), "wb") as f:
-            f.write(b"")  # not a marker: dropped too
+        self.store.mark_attempt("A", START + 300)
         self.remote.script = reply_all(TEMP)
         m = self.manager()
         self.assertEqual([c[0] for c in self.remote.calls], ["B"])
         self.assertEqual(m.scheduled()["A"], START + 300)
-        self.assertEqual(read_markers(self.store), {"A": START + 300})
-
-    def test_markerIsSymlinkReplaced(self) -> None:
-        """A marker is a symlink to the time (one system call, never half-written);
-        one left over by an earlier attempt is replaced."""
-        from mailstack.queue.manager import mark_attempt, read_markers
-
-        mark_attempt(self.store, "A", START + 60)
-        mark_attempt(self.store, "A", START + 300)
-        self.assertTrue(os.path.islink(os.path.join(self.store.root, "attempts", "A")))
-        self.assertEqual(read_markers(self.store), {"A": START + 300})
 
     def test_deferredRetriedOnSchedule(self) -> None:
         """A 4xx is retried after each interval (the last repeats) and delivered once it works."""
@@ -597,33 +577,49 @@ class FastPathTests(SynchronousTestCase):
         self.addCleanup(lambda: m.running and m.stopService())
         return m
 
-    def test_preAttemptMarkerNoFsync(self) -> None:
-        """The attempt is recorded with a marker and no fsync at all; a delivered entry
-        is removed, with its marker, without an env/ fsync (a crash can only cause a
-        second delivery)."""
-        from mailstack.queue.manager import read_markers
+    def test_preAttemptMarkNoFsync(self) -> None:
+        """The attempt is recorded in the envelope's mtime, with no fsync and no file
+        created; a delivered entry is removed without an env/ fsync (a crash can only
+        cause a second delivery)."""
         from mailstack.storage import fsutil
 
         qid = self.commit()
         synced: list[str] = []
-        fsyncs: list[int] = []
         real = fsutil.fsync_dir
         self.patch(fsutil, "fsync_dir", lambda p: (synced.append(os.path.basename(p)), real(p))[1])
         seen = []
 
         def script(e, rs):
-            fsyncs.append(len(synced))
-            seen.append(read_markers(self.store))
+            mtime = os.stat(self.store.envelope_path(qid)).st_mtime
+            seen.append((len(synced), mtime, sorted(os.listdir(self.store.root))))
             return {r.address: OK for r in rs}
 
         self.remote.script = script
+        before = sorted(os.listdir(self.store.root))
         m = self.manager()
-        self.assertEqual(list(seen[0]), [qid])  # on disk before the agent was called
-        self.assertEqual(synced.count("env"), 1)  # recover()'s at start, none for the marker or removal
+        synced_then, mark, listing = seen[0]
+        self.assertGreater(mark, self.clock.seconds() + 30)  # the next retry time, on disk before the agent ran
+        self.assertEqual(listing, before)  # no marker file anywhere
+        self.assertEqual(synced.count("env"), 1)  # recover()'s at start, none for the mark or removal
         self.assertEqual(self.store.ids(), [])
         self.assertFalse(os.path.exists(self.store.message_path(qid)))
-        self.assertEqual(read_markers(self.store), {})
         self.assertEqual(m.scheduled(), {})
+
+    def test_markSurvivesRestartUntilSaved(self) -> None:
+        """A real store: mark_attempt sets the envelope's mtime, a new manager honours
+        it, and a save (a new envelope) drops it."""
+        qid = self.commit()
+        self.assertEqual(self.store.attempt_mark(qid), 0.0)  # a freshly written envelope is no mark
+        later = float(int(time.time()) + 600)
+        self.store.mark_attempt(qid, later)
+        self.assertEqual(self.store.attempt_mark(qid), later)
+        self.clock.advance(later - 300 - self.clock.seconds())  # a process restart well before the mark
+        m = self.manager()
+        self.assertEqual(self.remote.calls, [])
+        self.assertEqual(m.scheduled(), {qid: later})
+        self.store.save(self.store.load(qid))
+        self.assertEqual(self.store.attempt_mark(qid), 0.0)
+        self.assertRaises(NoSuchEntry, self.store.mark_attempt, "f" * 24, later)
 
     def test_bouncedRemovalDurable(self) -> None:
         """An entry whose DSN was sent is removed with an env/ fsync (no second DSN)."""
