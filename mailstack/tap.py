@@ -57,13 +57,21 @@ class Options(usage.Options):
 
 
 def install_sigterm(reactor: Any) -> None:
-    """Replace the reactor's SIGTERM handler by one that stops without the signal."""
+    """Make SIGTERM stop the reactor without recording the signal, from now on.
+
+    Installed at once (twistd starts the listeners before the reactor runs),
+    and as the reactor's own ``sigTerm``, which is what the reactor installs
+    when it starts: re-installing it after start-up left a window in which
+    the reactor's handler recorded the signal and twistd then killed itself
+    with it.
+    """
 
     def handler(signum: int, frame: Any) -> None:
         log.info("SIGTERM: stopping gracefully")
         reactor.callFromThread(reactor.stop)
 
     signal.signal(signal.SIGTERM, handler)
+    reactor.sigTerm = handler
 
 
 # glibc mallopt parameter: allocations at least this big are mmapped.
@@ -94,10 +102,5 @@ def makeService(options: Options) -> Any:
 
     tls, users, aliases = options.parts
     service = make_service(options.config, reactor, tls, users, aliases)
-    # Now: twistd starts the services (the listeners accept) before the reactor
-    # runs and installs any handler, and a SIGTERM in that window would kill the
-    # process by the signal; the stop it queues runs as soon as the reactor does.
     install_sigterm(reactor)
-    # Again after the reactor installed its own handlers (during startup).
-    reactor.callWhenRunning(install_sigterm, reactor)
     return service

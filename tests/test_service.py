@@ -128,3 +128,29 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         self.assertEqual(options.config.data_dir, os.path.join(folder, "d"))
         self.assertTrue(os.path.exists(os.path.join(folder, "d", "tls", "selfsigned.pem")))
+
+
+class SigtermTests(SynchronousTestCase):
+    def test_sigtermIsGracefulBeforeAndAfterTheReactorStarts(self) -> None:
+        """The handler is installed at once and is the one the reactor installs when it
+        starts; it stops the reactor without recording the signal (twistd exits 0)."""
+        import signal
+
+        from twisted.internet.selectreactor import SelectReactor
+
+        previous = signal.getsignal(signal.SIGTERM)
+        self.addCleanup(signal.signal, signal.SIGTERM, previous)
+        reactor = SelectReactor()
+        tap.install_sigterm(reactor)
+        handler = signal.getsignal(signal.SIGTERM)
+        self.assertIs(reactor.sigTerm, handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        starting = reactor._signalsFactory()  # what startRunning installs
+        starting.install()
+        self.addCleanup(starting.uninstall)
+        self.assertIs(signal.getsignal(signal.SIGTERM), handler)
+        stops = []
+        reactor.callFromThread = lambda f, *a: stops.append(f)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(stops, [reactor.stop])
+        self.assertIsNone(reactor._exitSignal)
