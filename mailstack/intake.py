@@ -152,6 +152,11 @@ def _fold(clauses: list[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+def _entries_or_errors(entries: list[QueueEntry], errors: list[BaseException | None]) -> list[Any]:
+    """A GroupCommit result: per entry the entry itself, or the error that failed it."""
+    return [entry if error is None else error for entry, error in zip(entries, errors)]
+
+
 def _local_agent(kicker: Any) -> Any:
     """The kicker's local delivery agent if it can deliver directly (the QueueManager's)."""
     agent = getattr(kicker, "local", None)
@@ -305,13 +310,11 @@ class Intake:
 
     def _publish_messages(self, entries: list[QueueEntry]) -> list[Any]:
         """Blocking: commit step 3 for a batch; per entry the entry itself, or its error."""
-        errors = self._store.publish_messages(entries)
-        return [entry if error is None else error for entry, error in zip(entries, errors)]
+        return _entries_or_errors(entries, self._store.publish_messages(entries))
 
     def _publish_envelopes(self, entries: list[QueueEntry]) -> list[Any]:
         """Blocking: commit step 4 (the commit record) for a batch."""
-        errors = self._store.publish_envelopes(entries)
-        return [entry if error is None else error for entry, error in zip(entries, errors)]
+        return _entries_or_errors(entries, self._store.publish_envelopes(entries))
 
     def _queued(self, entry: QueueEntry) -> str:
         self._log_accepted(entry, "queued")

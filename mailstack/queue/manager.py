@@ -65,6 +65,7 @@ from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IQueueKicker
 from mailstack.queue import schedule
 from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, PENDING, QueueEntry, RecipientState
+from mailstack.queue.store import attempt_mark_of
 from mailstack.storage import fsutil
 
 # Our own replies recorded in RecipientState.last_reply (never sent to a peer).
@@ -211,8 +212,11 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
     folder = os.path.dirname(store.envelope_path(ids[0]))  # ids come from store.ids(): checked
     for qid in ids:
         due = None
+        mark = 0.0
         try:
-            due = _due_from_json(loads(fsutil.read_small(f"{folder}/{qid}.json").decode("utf-8")), qid, now, warning_after)
+            data, st = fsutil.read_small_stat(f"{folder}/{qid}.json")
+            mark = attempt_mark_of(st)
+            due = _due_from_json(loads(data.decode("utf-8")), qid, now, warning_after)
         except FileNotFoundError:
             continue  # delivered or deleted since the listing
         except Exception:  # unreadable: store.load below decides (and moves it aside)
@@ -223,7 +227,7 @@ def scan_schedule(store: Any, ids: list[str], now: float, warning_after: float |
             except KeyError:  # NoSuchEntry / CorruptEntry: gone or moved aside
                 continue
         # Tried when the last process stopped (crashed): not before its mark.
-        out.append((max(due, store.attempt_mark(qid)), qid))
+        out.append((max(due, mark), qid))
     return out
 
 

@@ -301,10 +301,9 @@ class QueueStore:
         no clock, and a file written by a clock set ahead is no mark.
         """
         try:
-            st = os.stat(self.envelope_path(queue_id))
+            return attempt_mark_of(os.stat(self.envelope_path(queue_id)))
         except (FileNotFoundError, NoSuchEntry):
             return 0.0
-        return st.st_mtime if st.st_mtime_ns > st.st_ctime_ns else 0.0
 
     def remove(self, queue_id: str, sync: bool = True) -> bool:
         """Drop an entry: envelope first, then the message.
@@ -440,6 +439,11 @@ class QueueStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def attempt_mark_of(st: os.stat_result) -> float:
+    """The attempt mark in an envelope's stat (see ``QueueStore.attempt_mark``), or 0.0."""
+    return st.st_mtime if st.st_mtime_ns > st.st_ctime_ns else 0.0
 
 
 def _checked(queue_id: str) -> str:

@@ -110,14 +110,27 @@ def read_small(path: str) -> bytes:
     thousands of envelopes are read at start-up or by ``queue list``)."""
     fd = _open(path, os.O_RDONLY)
     try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return _read_all(fd)
     finally:
         os.close(fd)
+
+
+def read_small_stat(path: str) -> tuple[bytes, os.stat_result]:
+    """``read_small`` plus the file's stat, from the same open (no second path lookup)."""
+    fd = _open(path, os.O_RDONLY)
+    try:
+        return _read_all(fd), os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

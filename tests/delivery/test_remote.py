@@ -33,7 +33,9 @@ from tests.queue.outbound_fakes import (
 START = 1_000_000.0
 
 
-class RemoteAgentTests(SynchronousTestCase):
+class OutboundFixture:
+    """A fake network, store and resolver (remote.test has two MXs), port 25."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -42,6 +44,8 @@ class RemoteAgentTests(SynchronousTestCase):
         self.resolver = FakeMXResolver({"remote.test": two_mx()})
         self.config = make_config(port=25)
 
+
+class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def agent(self, **kw) -> RemoteAgent:
         kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
         return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
@@ -472,16 +476,8 @@ class OutboundTests(SynchronousTestCase):
         self.assertNotIn("Q1", self.store.envelopes)
 
 
-class MessageBytesTests(SynchronousTestCase):
+class MessageBytesTests(OutboundFixture, SynchronousTestCase):
     """The manager reads small messages in its thread call and hands the bytes over."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.net = FakeNet(self.clock)
-        self.store = FakeStore(self.mktemp())
-        self.resolver = FakeMXResolver({"remote.test": two_mx()})
-        self.config = make_config(port=25)
 
     def test_agentRelaysBytes(self) -> None:
         """deliver(..., message=bytes) relays those bytes and opens no file."""
