@@ -103,7 +103,7 @@ class ILoginThrottle(Interface):
     def begin(peer: str, account: str) -> ILoginTicket | None:
         """Reserve one login attempt, before the password check.
 
-        None: refused for now (reply 454 4.7.0 / ``-ERR [SYS/TEMP]``-style;
+        None: refused for now (SMTP replies 454 4.7.0, POP3 ``-ERR [AUTH]``;
         the password is not checked).  Otherwise a ticket: wait
         ``ticket.delay`` seconds, check the password, then call exactly one of
         ``succeeded()``, ``failed()`` or ``abandoned()``.

@@ -86,7 +86,8 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         private_key = serialization.load_pem_private_key(key.group(0), password=None)
     except (ValueError, TypeError) as e:
         raise TLSError(f"{cert_path}: cannot load certificate or key: {e}") from None
-    if private_key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
         raise TLSError(f"{key_path}: private key does not match the certificate in {cert_path}")
     return CertificateOptions(
         # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated).
