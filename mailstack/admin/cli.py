@@ -31,6 +31,7 @@ from mailstack.address import AddressError, mailbox_components, parse_address
 from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.userdb import NoSuchUser, UserDB, UserExists
+from mailstack.logsafe import escape
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.tls import TLSError, load_options
@@ -306,8 +307,7 @@ def main(
     except (Refused, configmod.ConfigError, FileFormatError) as e:
         # One line, whatever the user typed: control characters (a newline, a
         # terminal escape) in an argument are shown escaped.
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
-        print(f"{PROG}: {text}", file=stderr)
+        print(f"{PROG}: {escape(str(e))}", file=stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""

@@ -92,3 +92,13 @@ class CheckConfigPostmasterTests(AdminTestCase):
         status, out, _ = self.run_cli("check-config")
         self.assertEqual(status, 0)
         self.assertNotIn("warning:", out)
+
+
+class RefusalEscapedTests(AdminTestCase):
+    def test_controlCharactersInArgumentShownEscaped(self):
+        """A refused argument with a newline and a terminal escape is echoed as one escaped line."""
+        status, _, err = self.run_cli("user", "del", "a\n\x1b[2J@localhost")
+        self.assertEqual(status, 1)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertNotIn("\x1b", err)
+        self.assertIn("\\n\\x1b[2J", err)
