@@ -1,5 +1,9 @@
 """Tests for mailstack.logsafe: control characters escaped, length bounded."""
 
+import unicodedata
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.logsafe import escape
@@ -31,3 +35,13 @@ class EscapeTests(SynchronousTestCase):
         """Input beyond the limit is cut and the cut is marked with how much was left out."""
         self.assertEqual(escape("a" * 10 + "\n" * 5, limit=12), "a" * 10 + "\\n\\n...(3 more)")
         self.assertLessEqual(len(escape("\x00" * 100_000)), 4 * 1000 + 20)
+
+
+class EscapePropertyTests(SynchronousTestCase):
+    @given(st.one_of(st.text(), st.binary()), st.integers(min_value=1, max_value=300))
+    @settings(max_examples=300, deadline=None)
+    def test_neverAControlCharacter(self, text, limit) -> None:
+        """Whatever the input, the output has no C0/C1 control, DEL, line or paragraph separator."""
+        out = escape(text, limit=limit)
+        self.assertFalse([c for c in out if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cf", "Cs")], out)
+        self.assertLessEqual(len(out), 10 * limit + 20)

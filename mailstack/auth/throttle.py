@@ -199,7 +199,8 @@ class LoginThrottle:
         return count is not None and 0 < self.limit <= count.failures + count.pending
 
     def _refusal(self, peer: str, account: str, now: float) -> str | None:
-        p, pair = peer_key(peer), (peer_key(peer), account_key(account))
+        p = peer_key(peer)
+        pair = (p, account_key(account))
         if self._over(self._pairs.get(pair, now)):
             return "too many failures for this account from this address"
         if self._known.get(pair, now) is None and self._over(self._peers.get(p, now)):
