@@ -44,6 +44,19 @@ class UserDelTests(AdminTestCase):
         MaildirStore(self.mail, hostname="h").deliver("bob@example.org", [b"Subject: new\r\n\r\nnew\r\n"])
         self.assertEqual(len(os.listdir(os.path.join(self.mail, "example.org", "bob", "new"))), 1)
 
+    def test_runningServerRecreatesMovedMaildir(self):
+        """A store that already delivered to the user (as a running server has) delivers into a
+        fresh Maildir after the deletion, not into the moved one."""
+        store = MaildirStore(self.mail, hostname="h")
+        self.run_cli("user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
+        store.deliver("bob@example.org", [b"old\r\n"])
+        self.run_cli("user", "del", "bob@example.org")
+        self.run_cli("user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
+        store.deliver("bob@example.org", [b"new\r\n"])
+        (name,) = os.listdir(os.path.join(self.mail, "example.org", "bob", "new"))
+        with open(os.path.join(self.mail, "example.org", "bob", "new", name), "rb") as f:
+            self.assertEqual(f.read(), b"new\r\n")
+
     def test_renameDurable(self):
         """The move is a rename followed by an fsync of the old and the new parent directory."""
         self.run_cli("user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
