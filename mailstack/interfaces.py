@@ -92,16 +92,56 @@ class IMXResolver(Interface):
 
 
 class ILoginThrottle(Interface):
-    """Brute-force slowdown and lockout shared by SMTP AUTH and POP3."""
+    """Brute-force slowdown and lockout shared by SMTP AUTH and POP3.
+
+    Locks out a client address, or a (client address, account) pair; never an
+    account for everyone (that account is slowed down instead).  A login
+    attempt is reserved before its password is checked, so attempts in flight
+    count against the limits.
+    """
+
+    def begin(peer: str, account: str) -> ILoginTicket | None:
+        """Reserve one login attempt, before the password check.
+
+        None: refused for now (SMTP replies 454 4.7.0, POP3 ``-ERR [AUTH]``;
+        the password is not checked).  Otherwise a ticket: wait
+        ``ticket.delay`` seconds, check the password, then call exactly one of
+        ``succeeded()``, ``failed()`` or ``abandoned()``.
+        """
+
+
+class ILoginTicket(Interface):
+    """One reserved login attempt, from ``ILoginThrottle.begin``."""
+
+    delay = Attribute(
+        "seconds to wait before checking the password (an account under a spread "
+        "guessing attack is slowed); 0.0 usually"
+    )
+
+    def succeeded() -> None:
+        """The password was right: release the reservation and record the success."""
+
+    def failed() -> float:
+        """The password was wrong: record the failure; the seconds to wait before replying."""
+
+    def abandoned() -> None:
+        """No verdict (the check errored): release the reservation, record nothing."""
+
+
+class ILoginThrottleCompat(Interface):
+    """The check-then-record calls the SMTP and POP3 servers make until they use ``begin``.
+
+    These count nothing in flight; ``ILoginThrottle.begin`` replaces all three.
+    """
 
     def locked(peer: str, account: str) -> bool:
-        """Whether logins from ``peer`` or to ``account`` are refused for now."""
+        """Whether ``begin(peer, account)`` would refuse now."""
 
     def failed(peer: str, account: str) -> float:
         """Record a failure; returns the seconds to wait before replying."""
 
     def succeeded(peer: str, account: str) -> None:
-        """Forget the peer's failures."""
+        """Record a success (forgets the pair's failures, not the peer's)."""
 
 
 class IRuntime(Interface):

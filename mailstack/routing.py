@@ -16,8 +16,11 @@ Rules
   user of the same name, as in Postfix's virtual alias maps.
 * Otherwise a local address that is a user is its own mailbox.
 * ``postmaster@<local domain>`` always exists (RFC 5321 section 4.5.1): its
-  alias if that yields anything, else the first user of that domain, else the
-  first user at all, else a ``postmaster`` Maildir of that domain.
+  alias (or a user of that name) if that yields anything, else the dedicated
+  Maildir ``mail/<domain>/postmaster/``.  Never some other user's mailbox:
+  reports to the postmaster (abuse complaints, bounces) are not meant for
+  whichever user happens to sort first.  ``mailstack check-config`` warns
+  about a local domain with neither alias nor user, so that Maildir is read.
 * Any other local address is unknown: 550 5.1.1.
 
 Loops (RFC 3463 X.4.6)
@@ -76,12 +79,8 @@ class Router:
         return list(dict.fromkeys(found))
 
     def _postmaster(self, address: Address, original: Address) -> Destination:
-        """The mailbox behind a postmaster address that has no alias and no user."""
-        keys = self._users.keys()
-        same_domain = [k for k in keys if k.rpartition("@")[2] == address.domain]
-        chosen = (same_domain or keys or [None])[0]
-        mailbox = parse_address(chosen) if chosen else Address("postmaster", address.domain)
-        return Destination(mailbox, original, True)
+        """The mailbox behind a postmaster address that has no alias and no user: its own."""
+        return Destination(Address("postmaster", address.domain), original, True)
 
 
 class _Walk:

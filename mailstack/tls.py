@@ -10,6 +10,12 @@ Without it, a self-signed certificate for ``hostname`` is generated with
 
 ``context_factory()`` returns a ``CertificateOptions`` with TLS 1.2 as the
 minimum (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 section 4.1 for submission).
+TLS 1.2 is limited to the suites of Mozilla's "intermediate" server profile
+without finite-field DHE: ECDHE key exchange (forward secrecy) with AES-GCM or
+ChaCha20-Poly1305 (AEAD), the choice of RFC 9325 section 4.2; static-RSA key
+exchange and CBC with SHA-1 are refused.  TLS 1.3 suites are OpenSSL's (all
+AEAD with forward secrecy).  A sender on port 25 that offers nothing better
+fails STARTTLS and, as RFC 7435 opportunistic senders do, retries in clear.
 The same object is reused while the files are unchanged, because it caches the
 OpenSSL context; when the files change (an ACME renewal), the next call loads
 them again, so new connections get the new certificate without a restart.  A
@@ -29,11 +35,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailstack.storage import fsutil
+
+#: OpenSSL names of the TLS 1.2 suites we accept (see the module docstring).
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 _PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.S)
@@ -73,7 +86,8 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         private_key = serialization.load_pem_private_key(key.group(0), password=None)
     except (ValueError, TypeError) as e:
         raise TLSError(f"{cert_path}: cannot load certificate or key: {e}") from None
-    if private_key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
         raise TLSError(f"{key_path}: private key does not match the certificate in {cert_path}")
     return CertificateOptions(
         # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated).
@@ -81,6 +95,7 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )
 
 

@@ -109,8 +109,8 @@ class RouterTests(SynchronousTestCase):
             ("Case@Remote.Example", True, [("Case@remote.example", False)]),
             ("x@[192.0.2.1]", True, [("x@[192.0.2.1]", False)]),
             ("postmaster@example.net", False, [("zed@example.net", True), ("ops@remote.example", False)]),
-            ("POSTMASTER@example.org", False, [("alice@example.org", True)]),
-            ("abuse@example.org", False, [("alice@example.org", True)]),
+            ("POSTMASTER@example.org", False, [("postmaster@example.org", True)]),
+            ("abuse@example.org", False, [("postmaster@example.org", True)]),
         ]
         r = router()
         for text, authenticated, expected in table:
@@ -146,22 +146,19 @@ class RouterTests(SynchronousTestCase):
         failure = self.assertRaises(PermanentFailure, router().resolve, parse_address("bob2@example.org"), False)
         self.assertEqual(failure.reply.enhanced, "5.4.6")
 
-    def test_postmasterFallbacks(self) -> None:
-        """postmaster@ resolves to the domain's first user, else the first user, else its own Maildir."""
-        address = parse_address("postmaster@example.net")
-        table = [
-            (["b@example.net", "a@example.net", "a@example.org"], [("a@example.net", True)]),
-            (["b@example.org", "a@example.org"], [("a@example.org", True)]),
-            ([], [("postmaster@example.net", True)]),
-        ]
-        for users, expected in table:
-            self.assertEqual(finals(router(users=users, aliases={}).resolve(address, False)), expected, users)
+    def test_postmasterWithoutAliasKeptApart(self) -> None:
+        """Without alias or user, postmaster@ goes to its own Maildir, never to another user's."""
+        address = parse_address("PostMaster@example.net")
+        for users in (["b@example.net", "a@example.net", "a@example.org"], ["a@example.org"], []):
+            self.assertEqual(
+                finals(router(users=users, aliases={}).resolve(address, False)), [("postmaster@example.net", True)], users
+            )
 
     def test_postmasterAliasYieldingNothingFallsBack(self) -> None:
-        """A postmaster alias that leads nowhere still lets postmaster@ resolve."""
+        """A postmaster alias that leads nowhere still lets postmaster@ resolve, to its own Maildir."""
         aliases = {"postmaster@example.org": ["nobody@example.org"]}
         resolved = router(users=["bob@example.org"], aliases=aliases).resolve(parse_address("postmaster@example.org"), False)
-        self.assertEqual(finals(resolved), [("bob@example.org", True)])
+        self.assertEqual(finals(resolved), [("postmaster@example.org", True)])
 
     def test_postmasterUserIsItself(self) -> None:
         """A real postmaster user gets its own mail."""

@@ -42,14 +42,14 @@ class TLSTests(SynchronousTestCase):
         with open(first.cert_path, "rb") as f:
             self.assertEqual(f.read(), before)
 
-    def handshake(self, tls, version):
-        """An in-memory handshake with a client capped at ``version``."""
+    def handshake(self, tls, version, ciphers=b"DEFAULT:@SECLEVEL=0"):
+        """An in-memory handshake with a client capped at ``version`` offering ``ciphers`` (TLS 1.2)."""
         server = SSL.Connection(tls.context_factory().getContext(), None)
         server.set_accept_state()
         client_ctx = SSL.Context(SSL.TLS_METHOD)
         client_ctx.set_min_proto_version(0)
         client_ctx.set_max_proto_version(version)
-        client_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        client_ctx.set_cipher_list(ciphers)
         client = SSL.Connection(client_ctx, None)
         client.set_connect_state()
         for _ in range(10):
@@ -62,6 +62,7 @@ class TLSTests(SynchronousTestCase):
                     b.bio_write(a.bio_read(65536))
                 except SSL.WantReadError:
                     pass
+        self.last_cipher = client.get_cipher_name()
         return client.get_protocol_version_name()
 
     def test_tls12Minimum(self):
@@ -69,6 +70,17 @@ class TLSTests(SynchronousTestCase):
         tls = TLSConfig.from_config(self.cfg())
         self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION), "TLSv1.2")
         self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_1_VERSION)
+
+    def test_tls12OnlyForwardSecretAEAD(self):
+        """TLS 1.2 with static-RSA key exchange or CBC with SHA-1 is refused; ECDHE with
+        AES-GCM or ChaCha20-Poly1305 gets through; TLS 1.3 is unaffected."""
+        tls = TLSConfig.from_config(self.cfg())
+        for weak in (b"AES128-SHA", b"AES256-GCM-SHA384", b"ECDHE-RSA-AES128-SHA", b"ECDHE-RSA-AES256-SHA384"):
+            self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_2_VERSION, weak + b":@SECLEVEL=0")
+        for good in (b"ECDHE-RSA-AES128-GCM-SHA256", b"ECDHE-RSA-CHACHA20-POLY1305"):
+            self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION, good), "TLSv1.2")
+            self.assertEqual(self.last_cipher, good.decode())
+        self.assertEqual(self.handshake(tls, SSL.TLS1_3_VERSION, b"AES128-SHA"), "TLSv1.3")
 
     def test_configuredChainInOneFile(self):
         """[tls] certificate may hold cert, chain and key in one file."""

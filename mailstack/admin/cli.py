@@ -23,6 +23,7 @@ import getpass
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence, TextIO
 
 from mailstack import config as configmod
@@ -30,6 +31,9 @@ from mailstack.address import AddressError, mailbox_components, parse_address
 from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.userdb import NoSuchUser, UserDB, UserExists
+from mailstack.logsafe import escape
+from mailstack.storage import fsutil
+from mailstack.storage.maildir import MaildirStore
 from mailstack.tls import TLSError, load_options
 
 PROG = "mailstack"
@@ -112,13 +116,42 @@ def user_passwd(config: Any, args: Any) -> int:
     return 0
 
 
+def retire_maildir(mail_root: str, key: str, now: float) -> str | None:
+    """Move the Maildir of ``key`` to ``.deleted/<domain>/<localpart>-<UTC time>/``.
+
+    So an address created again later starts with an empty mailbox instead of
+    the deleted user's mail, which stays on disk for the administrator.  One
+    rename, durable once both parent directories are fsynced.  The new path,
+    or None if the user never had a Maildir.  ``.deleted`` cannot be a domain
+    (``address.mailbox_components`` refuses a leading dot).
+    """
+    source = MaildirStore(mail_root).path_for(key)
+    if not os.path.isdir(source):
+        return None
+    parent, local = os.path.split(source)
+    folder = os.path.join(os.path.dirname(parent), ".deleted", os.path.basename(parent))
+    fsutil.ensure_dir(folder)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = os.path.join(folder, f"{local}-{stamp}")
+    serial = 1
+    while os.path.lexists(target):  # deleted twice within a second
+        serial += 1
+        target = os.path.join(folder, f"{local}-{stamp}-{serial}")
+    os.rename(source, target)
+    fsutil.fsync_dir(parent)
+    fsutil.fsync_dir(folder)
+    return target
+
+
 def user_del(config: Any, args: Any) -> int:
     key = address_key(args.address)
     try:
         users_of(config).delete(key)
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
-    print(f"deleted {key} (its Maildir stays on disk)", file=args.stdout)
+    # After the user is gone, so the server accepts no new mail for it meanwhile.
+    kept = retire_maildir(os.path.join(config.data_dir, "mail"), key, time.time())
+    print(f"deleted {key}" + (f" (its Maildir was moved to {kept})" if kept else ""), file=args.stdout)
     return 0
 
 
@@ -168,8 +201,26 @@ def alias_list(config: Any, args: Any) -> int:
     return 0
 
 
+def postmaster_warnings(config: Any, users: UserDB, aliases: AliasDB) -> list[str]:
+    """One line per local domain whose postmaster is neither an alias nor a user.
+
+    Its mail is then kept in that domain's ``postmaster`` Maildir (``routing.py``),
+    which nobody may be reading; RFC 5321 section 4.5.1 wants it read.
+    """
+    return [
+        f"warning: postmaster@{domain} is neither an alias nor a user; its mail is kept in "
+        f"{os.path.join(config.data_dir, 'mail', domain, 'postmaster')}/ "
+        f"(mailstack alias add postmaster@{domain} ADDRESS)"
+        for domain in config.domains.local
+        if aliases.targets(f"postmaster@{domain}") is None and not users.exists(f"postmaster@{domain}")
+    ]
+
+
 def check_config(config: Any, args: Any) -> int:
-    """The config already loaded; also check a configured certificate loads."""
+    """The config already loaded; also check a configured certificate loads.
+
+    Warnings (exit status still 0) for anything that works but needs attention.
+    """
     if config.tls.certificate:
         try:
             load_options(config.tls.certificate, config.tls.private_key)
@@ -178,6 +229,8 @@ def check_config(config: Any, args: Any) -> int:
     secret = config.relay.smarthost_password_file
     if secret and not os.access(secret, os.R_OK):
         raise Refused(f"{secret}: relay.smarthost_password_file cannot be read")
+    for line in postmaster_warnings(config, users_of(config), aliases_of(config)):
+        print(line, file=args.stdout)
     print(f"{config.source or '<embedded defaults>'}: ok", file=args.stdout)
     return 0
 
@@ -203,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address")
     p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
     p.set_defaults(func=user_passwd)
-    p = user.add_parser("del", help="delete a user (the Maildir stays)")
+    p = user.add_parser("del", help="delete a user (the Maildir is moved to mail/.deleted/)")
     p.add_argument("address")
     p.set_defaults(func=user_del)
     p = user.add_parser("list", help="list users")
@@ -254,8 +307,7 @@ def main(
     except (Refused, configmod.ConfigError, FileFormatError) as e:
         # One line, whatever the user typed: control characters (a newline, a
         # terminal escape) in an argument are shown escaped.
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
-        print(f"{PROG}: {text}", file=stderr)
+        print(f"{PROG}: {escape(str(e))}", file=stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""

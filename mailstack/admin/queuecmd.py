@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mailstack.logsafe import escape
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
 from mailstack.storage import fsutil
 
@@ -159,13 +160,13 @@ def queue_list(config: Any, args: Any) -> int:
         pending = [r["next_attempt"] for r in recipients if r["status"] not in FINAL]
         attempts = max((r["attempts"] for r in recipients), default=0)
         lines.append(
-            f"{d['id']}  {_age(now - d['arrival']):>4}  {d['size']:>8}  <{d['sender']}>"
+            f"{d['id']}  {_age(now - d['arrival']):>4}  {d['size']:>8}  <{escape(d['sender'])}>"
             f"  attempts={attempts}  next={_iso(min(pending)) if pending else '-'}"
         )
         for r in recipients:
-            line = f"    {r['status']:<9} <{r['address']}>"
+            line = f"    {r['status']:<9} <{escape(r['address'])}>"
             if r["last_reply"]:
-                line += f"  ({r['last_host'] + ': ' if r['last_host'] else ''}{r['last_reply']})"
+                line += f"  ({escape(r['last_host']) + ': ' if r['last_host'] else ''}{escape(r['last_reply'])})"
             lines.append(line)
         if len(lines) >= 10_000:
             out.write("\n".join(lines) + "\n")
@@ -196,24 +197,25 @@ def queue_show(config: Any, args: Any) -> int:
         return 0
     print(f"id:        {entry.id}", file=out)
     print(f"arrival:   {row['arrival']} ({_age(row['age'])} ago)", file=out)
-    print(f"sender:    <{entry.sender}>", file=out)
+    print(f"sender:    <{escape(entry.sender)}>", file=out)
     print(f"size:      {entry.size}", file=out)
     if entry.user:
-        print(f"user:      {entry.user}", file=out)
+        print(f"user:      {escape(entry.user)}", file=out)
     if entry.peer:
-        print(f"peer:      {entry.peer}", file=out)
+        print(f"peer:      {escape(entry.peer)}", file=out)
     print(f"delay DSN: {'sent' if entry.delay_warned else 'no'}", file=out)
     for r in entry.recipients:
-        print(f"recipient: <{r.address}>" + (f" (was <{r.original}>)" if r.original != r.address else ""), file=out)
+        was = f" (was <{escape(r.original)}>)" if r.original != r.address else ""
+        print(f"recipient: <{escape(r.address)}>{was}", file=out)
         print(f"    status {r.status}, {'local' if r.local else 'remote'}, attempts {r.attempts}", file=out)
         if not r.final:
             print(f"    next attempt {_iso(r.next_attempt) or 'now'}", file=out)
         for h in r.history:
-            print(f"    {_iso(h.get('time', 0))}  {h.get('host', '')}  {h.get('reply', '')}", file=out)
+            print(f"    {_iso(h.get('time', 0))}  {escape(h.get('host', ''))}  {escape(h.get('reply', ''))}", file=out)
     print("headers:", file=out)
     headers = read_headers(store.message_path(entry.id)).decode("utf-8", "replace")
-    for line in headers.splitlines():
-        print(f"    {line}", file=out)
+    for line in headers.rstrip("\r\n").split("\n"):  # only LF ends a line; a stray CR is shown
+        print(f"    {escape(line.removesuffix(chr(13)))}", file=out)
     return 0
 
 

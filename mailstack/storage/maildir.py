@@ -122,9 +122,10 @@ class MaildirStore:
         self.root = os.path.abspath(root)
         self._host = escape_host(hostname or socket.gethostname())
         self._clock = clock
-        # Maildirs known to have tmp/ new/ cur/: a Maildir is never removed
-        # while the server runs (user deletion keeps the mail), so one check
-        # per process is enough.  set.add is atomic under the GIL.
+        # Maildirs known to have tmp/ new/ cur/, checked once per process.  One
+        # can vanish while the server runs (``mailstack user del`` moves it to
+        # mail/.deleted/): ``prepare`` then creates it again.  set.add is
+        # atomic under the GIL.
         self._known: set[str] = set()
 
     def path_for(self, address: Address | str) -> str:

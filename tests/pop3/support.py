@@ -21,7 +21,7 @@ from zope.interface import directlyProvides, implementer
 
 from mailstack import config as configmod
 from mailstack.address import Address, mailbox_components
-from mailstack.interfaces import ILoginThrottle
+from mailstack.interfaces import ILoginThrottleCompat
 
 
 @implementer(ITLSTransport)
@@ -80,7 +80,7 @@ class FakeChecker:
         return defer.fail(UnauthorizedLogin())
 
 
-@implementer(ILoginThrottle)
+@implementer(ILoginThrottleCompat)
 class FakeThrottle:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

@@ -826,14 +826,14 @@ class RepliesTests(SynchronousTestCase):
 
 class FakesTests(SynchronousTestCase):
     def test_fakeThrottleProvidesInterface(self) -> None:
-        """The fake throttle used here provides ILoginThrottle like auth/throttle.py."""
+        """The fake throttle used here provides ILoginThrottleCompat like auth/throttle.py."""
         from zope.interface.verify import verifyObject
 
-        from mailstack.interfaces import ILoginThrottle
+        from mailstack.interfaces import ILoginThrottleCompat
 
         from .support import FakeThrottle
 
-        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
+        self.assertTrue(verifyObject(ILoginThrottleCompat, FakeThrottle()))
 
 
 class DrainTests(Base):

@@ -19,7 +19,7 @@ from mailstack import config as configmod
 from mailstack.address import Address
 from mailstack.envelope import Destination
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
-from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
+from mailstack.interfaces import IIncoming, IIntake, ILoginThrottleCompat, IRouter
 from mailstack.smtp.server import make_factory
 
 
@@ -143,7 +143,7 @@ class FakeChecker:
         return fail(UnauthorizedLogin())
 
 
-@implementer(ILoginThrottle)
+@implementer(ILoginThrottleCompat)
 class FakeThrottle:
     def __init__(self, delay: float = 2.0) -> None:
         self.delay = delay

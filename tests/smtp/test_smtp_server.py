@@ -17,7 +17,7 @@ from mailstack.smtp.server import SMTPFactory, make_factory
 from twisted.cred.checkers import ICredentialsChecker
 from zope.interface.verify import verifyObject
 
-from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
+from mailstack.interfaces import IIncoming, IIntake, ILoginThrottleCompat, IRouter
 
 from .support import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle, Session, make_runtime
 
@@ -769,7 +769,7 @@ class FakesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IIntake, intake))
         self.assertTrue(verifyObject(IIncoming, FakeIncoming(intake, None)))
         self.assertTrue(verifyObject(IRouter, FakeRouter()))
-        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
+        self.assertTrue(verifyObject(ILoginThrottleCompat, FakeThrottle()))
         self.assertTrue(verifyObject(ICredentialsChecker, FakeChecker()))
 
 
