@@ -13,7 +13,9 @@ Each line is ``user:{ARGON2ID}$argon2id$...:::::`` (passwd(5) fields: the
 uid, gid, gecos, home and shell are empty; the Dovecot config gives the uid,
 gid and home of every user with a static userdb).  User keys never contain
 ``:`` or control characters (``address.mailbox_components``); a key that did
-would be left out rather than corrupt the file.
+would be left out rather than corrupt the file.  Dovecot notices a new file by
+its mtime and size, so each rewrite gets an mtime in a later second than the
+file it replaces.
 
 ``sync(users, path)`` rewrites the whole file from ``users.json`` after every
 ``user add|passwd|del``: temporary file with the final mode (not subject to
@@ -60,11 +62,28 @@ def write_passwd_file(path: str, hashes: Mapping[str, str], mode: int = MODE) ->
     fsutil.write_new(tmp, render(hashes), mode)
     try:
         os.chmod(tmp, mode)  # write_new's mode went through the umask
+        _newer_than(path, tmp)
         os.rename(tmp, path)
     except BaseException:
         fsutil.unlink_durable(tmp, sync_dir=False)
         raise
     fsutil.fsync_dir(folder)
+
+
+def _newer_than(old: str, new: str) -> None:
+    """Give ``new`` an mtime in a later second than ``old``'s.
+
+    Dovecot re-reads a passwd-file when its mtime (in whole seconds) or its
+    size changed; a password change within the same second keeps the size
+    (same hash parameters), so without this Dovecot would go on accepting the
+    old password until the next change.
+    """
+    try:
+        before = int(os.stat(old).st_mtime)
+    except FileNotFoundError:
+        return
+    if int(os.stat(new).st_mtime) <= before:
+        os.utime(new, (before + 1, before + 1))
 
 
 def sync(users: UserDB, path: str, mode: int = MODE) -> int:

@@ -65,6 +65,18 @@ class SyncTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
         self.assertEqual([n for n in os.listdir(self.dir) if n.startswith(".tmp")], [])
 
+    def test_everyRewriteNewerBySeconds(self):
+        """Each rewrite has an mtime in a later whole second, so Dovecot re-reads it
+        even when the size stays the same (a password change)."""
+        self.users.add("a@example.org", "pw")
+        stamps = []
+        for password in ("pw1", "pw2", "pw3"):
+            self.users.set_password("a@example.org", password)
+            dovecotpw.sync(self.users, self.path)
+            stamps.append((int(os.stat(self.path).st_mtime), os.stat(self.path).st_size))
+        self.assertEqual(len({size for _, size in stamps}), 1)
+        self.assertTrue(stamps[0][0] < stamps[1][0] < stamps[2][0], stamps)
+
     def test_failedWriteKeepsOldFile(self):
         """A write that fails leaves the previous file whole and no temporary file."""
         self.users.add("a@example.org", "pw")
