@@ -25,8 +25,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from mailstack import config as configmod
 from mailstack.address import AddressError, mailbox_components, parse_address
@@ -166,7 +165,8 @@ def user_limit(config: Any, args: Any) -> int:
     if not users_of(config).exists(key):
         raise Refused(f"{key}: no such user")
     limits = LimitsFile(config.data_dir)
-    changes = {name: getattr(args, name) for name in ("per_hour", "per_day") if getattr(args, name) is not _UNSET}
+    given = {"per_hour": args.per_hour, "per_day": args.per_day}
+    changes = {name: value for name, value in given.items() if value is not _UNSET}
     if changes:
         limits.set(key, **changes)
     override = limits.override(key)
