@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, cast
 
+from twisted.application import app
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEvent
@@ -154,13 +155,16 @@ class JSONLogApplication(MultiService):
         super().setServiceParent(parent)
 
 
-def for_twistd(service: IService, server_options: Mapping[str, Any]) -> IService:
+def for_twistd(service: IService, server_options: object) -> IService:
     """``service`` as twistd should get it from ``makeService`` for JSON logs.
 
-    ``server_options`` is twistd's own options (the plugin's
+    ``server_options`` is the runner's options (the plugin's
     ``Options.parent``).  Unchanged when twistd logs elsewhere by the
-    operator's choice (``--logger``, ``--syslog``).
+    operator's choice (``--logger``, ``--syslog``), and under ``twist``,
+    which has its own ``--log-format`` and ignores the application's observer.
     """
+    if not isinstance(server_options, app.ServerOptions):
+        return service
     out = twistd_output(server_options)
     if out is None:
         return service

@@ -16,7 +16,9 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python import log as legacylog
+from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -130,12 +132,23 @@ class TwistdTests(SynchronousTestCase):
     def test_applicationComponent(self):
         """Attached to twistd's Application, the wrapper sets its ILogObserver."""
         inner = Service()
-        outer = jsonlog.for_twistd(inner, {"nodaemon": True})
+        options = ServerOptions()
+        options["nodaemon"] = True
+        outer = jsonlog.for_twistd(inner, options)
         application = Application("mailstack")
         IService(outer).setServiceParent(application)
         observer = application.getComponent(ILogObserver)
         verifyObject(ILogObserver, observer)
         self.assertIs(inner.parent, outer)
+
+    def test_notTwistd(self):
+        """Under another runner (``twist``, with its own --log-format) nothing changes."""
+        inner = Service()
+        self.assertIs(jsonlog.for_twistd(inner, usage.Options()), inner)
+        self.assertIs(jsonlog.for_twistd(inner, {"nodaemon": True}), inner)
+        options = ServerOptions()
+        options["syslog"] = True
+        self.assertIs(jsonlog.for_twistd(inner, options), inner)
 
     def test_realTwistdLogfile(self):
         """Under a real ``twistd -n --logfile``, every line of the file is JSON, twistd's own included."""
@@ -148,6 +161,7 @@ class TwistdTests(SynchronousTestCase):
                 from twisted.application.service import Application, IService, Service
                 from twisted.internet import reactor
                 from twisted.logger import Logger
+                from twisted.scripts.twistd import ServerOptions
                 from mailstack import jsonlog
 
                 class Once(Service):
@@ -156,8 +170,10 @@ class TwistdTests(SynchronousTestCase):
                         self.log.info("EHLO from {{peer}}", peer="1.2.3.4\\r\\nforged", queue_id="q9")
                         reactor.callLater(0, reactor.stop)
 
+                options = ServerOptions()
+                options.update(nodaemon=True, logfile={logfile!r})
                 application = Application("test")
-                IService(jsonlog.for_twistd(Once(), {{"nodaemon": True, "logfile": {logfile!r}}})).setServiceParent(application)
+                IService(jsonlog.for_twistd(Once(), options)).setServiceParent(application)
                 """))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         subprocess.run(
