@@ -38,8 +38,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import serverFromString
 from twisted.web import http, pages
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -229,7 +227,11 @@ class _Root(Resource):
 
 class MetricsSite(Site):
     """The HTTP site: ``/metrics`` only (anything else is 404), no access log
-    (a scrape every few seconds would fill the mail log)."""
+    (a scrape every few seconds would fill the mail log).
+
+    The factory for each ``listen.metrics`` endpoint string: the service tree
+    listens on them like on the mail listeners (``ssl:`` included).
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         root = _Root()
@@ -245,8 +247,3 @@ def make_metrics(descriptions: list[str]) -> Metrics | NoMetrics:
     """``Metrics`` when there is a metrics listener, else ``NoMetrics``."""
     return Metrics() if descriptions else NoMetrics()
 
-
-def listeners(reactor: Any, descriptions: list[str], metrics: Metrics) -> list[StreamServerEndpointService]:
-    """One service per ``listen.metrics`` endpoint string, all serving one site."""
-    site = MetricsSite(metrics)
-    return [StreamServerEndpointService(serverFromString(reactor, d), site) for d in descriptions]

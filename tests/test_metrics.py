@@ -6,7 +6,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -143,15 +143,6 @@ class HTTPTests(SynchronousTestCase):
         """Only /metrics is served."""
         head, _ = self.get(metrics.MetricsSite(metrics.Metrics()), b"/")
         self.assertTrue(head.startswith("HTTP/1.1 404"), head)
-
-    def test_listenersFromEndpointStrings(self):
-        """One listening service per listen.metrics string, on the given interface."""
-        reactor = MemoryReactor()
-        services = metrics.listeners(reactor, ["tcp:9125:interface=127.0.0.1", r"tcp:9126:interface=\:\:1"], metrics.Metrics())
-        for s in services:
-            s.privilegedStartService()
-        self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(9125, "127.0.0.1"), (9126, "::1")])
-        self.assertIsInstance(reactor.tcpServers[0][1], metrics.MetricsSite)
 
 
 class DashboardTests(SynchronousTestCase):
