@@ -30,6 +30,9 @@ from tests.e2e.harness import free_ports
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "dovecot-imap.conf")
 MAIL_UID = 5000  # the account mailstack runs as (numeric: no passwd entry needed)
+# The group of the passwd-file, as the admin command leaves it (the primary
+# group of the account that runs it); Dovecot's auth process reads through it.
+PASSWD_GROUP = "users"
 USER = "alice@example.org"
 MESSAGE = (
     b"From: Bob <bob@example.net>\r\nTo: alice@example.org\r\nSubject: over IMAP\r\n"
@@ -84,6 +87,7 @@ class Dovecot:
             ("/var/lib/mailstack", data_dir),
             ("/etc/mailstack/dovecot/passwd", passwd),
             ("uid=mailstack gid=mailstack", f"uid={MAIL_UID} gid={MAIL_UID}"),
+            ("extra_groups = mailstack", f"extra_groups = {PASSWD_GROUP}"),
             ("listen = *, ::", "listen = 127.0.0.1"),
             ("port = 143", f"port = {self.imap}"),
             ("port = 993", f"port = {self.imaps}"),
@@ -146,9 +150,7 @@ def setup():
     os.makedirs(etc, mode=0o755)
     passwd = os.path.join(etc, "passwd")
     dovecotpw.sync(users, passwd)
-    # Readable by Dovecot's auth process through the group (README: the
-    # dovecot user joins mailstack's group).
-    os.chown(passwd, 0, grp.getgrnam("dovecot").gr_gid)
+    os.chown(passwd, MAIL_UID, grp.getgrnam(PASSWD_GROUP).gr_gid)
     for folder, dirs, files in os.walk(data_dir):
         for entry in [folder] + [os.path.join(folder, n) for n in dirs + files]:
             os.chown(entry, MAIL_UID, MAIL_UID)
@@ -190,7 +192,7 @@ def test_passwordChangeTakesEffect(setup):
     dovecot, users, passwd, _ = setup
     users.set_password(USER, "battery staple")
     dovecotpw.sync(users, passwd)
-    os.chown(passwd, 0, grp.getgrnam("dovecot").gr_gid)
+    os.chown(passwd, MAIL_UID, grp.getgrnam(PASSWD_GROUP).gr_gid)
     with imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps, ssl_context=tls_context()) as client, pytest.raises(imaplib.IMAP4.error):
         client.login(USER, "correct horse")
     with imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps, ssl_context=tls_context()) as client:
