@@ -144,6 +144,44 @@ class ILoginThrottleCompat(Interface):
         """Record a success (forgets the pair's failures, not the peer's)."""
 
 
+class IMetrics(Interface):
+    """Counters the server keeps for Prometheus (``metrics.Metrics``), or nothing
+    (``metrics.NoMetrics``).  Every call is cheap and reactor-safe."""
+
+    def watch_queue(stats) -> None:
+        """Read the queue gauges from ``stats() -> metrics.QueueStats`` at each scrape."""
+
+    def accepted(listener: str) -> None:
+        """One message got 250 after DATA on ``listener`` (smtp, submission, submissions)."""
+
+    def refused(reason: str) -> None:
+        """A command or message was refused; ``reason`` one of ``metrics.REASONS``."""
+
+    def delivered(agent: str, latency: float) -> None:
+        """One recipient delivered by ``agent`` (local, remote), ``latency`` s after acceptance."""
+
+    def deferred(agent: str) -> None:
+        """One recipient will be retried."""
+
+    def bounced(agent: str) -> None:
+        """One recipient failed for good."""
+
+    def session_opened(protocol: str) -> None:
+        """A connection of ``protocol`` (smtp, pop3) began."""
+
+    def session_closed(protocol: str) -> None:
+        """That connection ended (exactly once per ``session_opened``)."""
+
+    def tls_established(version: str) -> None:
+        """A TLS handshake completed with ``version`` (``TLSv1.3``)."""
+
+    def auth_failed(protocol: str) -> None:
+        """A login failed (SMTP AUTH or POP3)."""
+
+    def dns_lookup(seconds: float) -> None:
+        """A DNS lookup took ``seconds``."""
+
+
 class IRuntime(Interface):
     """What ``tap.makeService`` builds once and hands to every listener factory."""
 

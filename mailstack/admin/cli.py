@@ -19,6 +19,7 @@ returns the exit status, raising ``Refused(message)`` for a refused request.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
@@ -32,11 +33,15 @@ from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.userdb import NoSuchUser, UserDB, UserExists
 from mailstack.logsafe import escape
+from mailstack.sendlimits import LimitsFile, usage_report
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.tls import TLSError, load_options
 
 PROG = "mailstack"
+
+
+_UNSET = object()  # an option not given (None means "default")
 
 
 class Refused(Exception):
@@ -149,21 +154,60 @@ def user_del(config: Any, args: Any) -> int:
         users_of(config).delete(key)
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
+    limits = LimitsFile(config.data_dir)
+    if limits.override(key):  # a new user of that name starts with the defaults
+        limits.set(key, per_hour=None, per_day=None)
     # After the user is gone, so the server accepts no new mail for it meanwhile.
     kept = retire_maildir(os.path.join(config.data_dir, "mail"), key, time.time())
     print(f"deleted {key}" + (f" (its Maildir was moved to {kept})" if kept else ""), file=args.stdout)
     return 0
 
 
+def configured_limits(config: Any) -> tuple[int, int]:
+    """``(limits.messages_per_hour, limits.messages_per_day)``; 0 is no limit."""
+    # messages_per_day is read leniently until the config declares it.
+    return config.limits.messages_per_hour, getattr(config.limits, "messages_per_day", 0)
+
+
 def user_list(config: Any, args: Any) -> int:
     users = users_of(config)
     keys = users.keys()
     if args.json:
-        rows = [{"address": k, **users.info(k)} for k in keys]
+        usage = usage_report(config.data_dir, keys, *configured_limits(config), time.time())
+        rows = [{"address": k, **users.info(k), **dataclasses.asdict(usage[k])} for k in keys]
         print(json.dumps(rows, indent=2), file=args.stdout)
     else:
         for k in keys:
             print(k, file=args.stdout)
+    return 0
+
+
+def limit_value(text: str) -> int | None:
+    """``--per-hour``/``--per-day``: a count (0: no limit) or ``default`` (None)."""
+    if text == "default":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of messages (0: no limit) or 'default'")
+    return int(text)
+
+
+def user_limit(config: Any, args: Any) -> int:
+    """Override (or reset) one user's sending limits; with no option, show them."""
+    key = address_key(args.address)
+    if not users_of(config).exists(key):
+        raise Refused(f"{key}: no such user")
+    limits = LimitsFile(config.data_dir)
+    given = {"per_hour": args.per_hour, "per_day": args.per_day}
+    changes = {name: value for name, value in given.items() if value is not _UNSET}
+    if changes:
+        limits.set(key, **changes)
+    override = limits.override(key)
+    hourly, daily = limits.effective(key, *configured_limits(config))
+
+    def shown(value: int, name: str) -> str:
+        return f"{value or 'no limit'}{'' if name in override else ' (default)'}"
+
+    print(f"{key}: per hour {shown(hourly, 'per_hour')}, per day {shown(daily, 'per_day')}", file=args.stdout)
     return 0
 
 
@@ -259,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = user.add_parser("del", help="delete a user (the Maildir is moved to mail/.deleted/)")
     p.add_argument("address")
     p.set_defaults(func=user_del)
+    p = user.add_parser("limit", help="override a user's sending limits ('default' resets)")
+    p.add_argument("address")
+    for flag in ("--per-hour", "--per-day"):
+        p.add_argument(flag, type=limit_value, default=_UNSET, metavar="N|default", help="messages (0: no limit)")
+    p.set_defaults(func=user_limit)
     p = user.add_parser("list", help="list users")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=user_list)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -85,6 +87,14 @@ class JSONFile:
                 self.log.error("keeping previous contents: {error}", error=str(e))
                 self._stamp = stamp
         return self._data
+
+    @contextmanager
+    def locked_view(self) -> Iterator[dict[str, Any]]:
+        """The table as on disk, with the lock held for the block: a snapshot that
+        no change interleaves with (an export written in step with the file)."""
+        fsutil.ensure_dir(os.path.dirname(os.path.abspath(self.path)))
+        with fsutil.locked(self.lock_path):
+            yield self._read()[1]
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Apply ``change`` to a fresh copy under the lock and write it durably."""

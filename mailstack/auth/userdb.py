@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -102,6 +104,13 @@ class UserDB:
             return self._hasher.verify(stored or self._dummy, _as_bytes(password)) and stored is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
+
+    @contextmanager
+    def hashes_locked(self) -> Iterator[dict[str, str]]:
+        """``{key: PHC string}`` as on disk, the users lock held for the block, so
+        that a copy made from it (``dovecotpw``) follows the changes in order."""
+        with self._file.locked_view() as users:
+            yield {k: r["password"] for k, r in users.items() if isinstance(r, dict) and r.get("password")}
 
     # -- writing (admin command) -----------------------------------------------
 

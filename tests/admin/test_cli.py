@@ -3,12 +3,16 @@
 import io
 import json
 import os
+import time
 from unittest import mock
 
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin import cli
 from mailstack.auth.userdb import UserDB
+from mailstack.sendlimits import SendLimits
 
 
 class CLITests(SynchronousTestCase):
@@ -105,3 +109,67 @@ class CLITests(SynchronousTestCase):
         status = cli.main(["check-config"], stdout=out, stderr=err, environ={"MAILSTACK_CONFIG": self.cfg})
         self.assertEqual(status, 0)
         self.assertIn(self.cfg, out.getvalue())
+
+
+class LimitCommandTests(SynchronousTestCase):
+    """``user limit`` and the sending counts in ``user list --json``."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.cfg = os.path.join(self.dir, "m.toml")
+        with open(self.cfg, "w") as f:
+            f.write('data_dir = "data"\n[domains]\nlocal = ["example.org"]\n[limits]\nmessages_per_hour = 20\n')
+        self.data = os.path.join(self.dir, "data")
+        CLITests.run_cli(self, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+
+    run_cli = CLITests.run_cli
+
+    def listed(self):
+        status, out, _ = self.run_cli("user", "list", "--json")
+        self.assertEqual(status, 0)
+        (row,) = json.loads(out)
+        return row
+
+    def test_listShowsCountsAndLimits(self):
+        """list --json has the persisted counts and the effective limits."""
+        clock = Clock()
+        clock.advance(time.time() - 2 * 3600)
+        limits = SendLimits(clock, lambda f, *a, **kw: maybeDeferred(f, *a, **kw), self.data, 20, 0)
+        limits.reserve("alice@example.org").commit()
+        clock.advance(2 * 3600)
+        for _ in range(2):
+            limits.reserve("alice@example.org").commit()
+        self.successResultOf(limits.flush())
+        row = self.listed()
+        self.assertEqual(
+            {k: row[k] for k in ("sent_last_hour", "sent_today", "limit_per_hour", "limit_per_day")},
+            {"sent_last_hour": 2, "sent_today": 3, "limit_per_hour": 20, "limit_per_day": 0},
+        )
+
+    def test_overrideAndReset(self):
+        """--per-hour/--per-day set overrides; 'default' resets one of them."""
+        status, out, _ = self.run_cli("user", "limit", "Alice@example.org", "--per-hour", "5", "--per-day", "50")
+        self.assertEqual(status, 0)
+        self.assertEqual(out, "alice@example.org: per hour 5, per day 50\n")
+        self.assertEqual((self.listed()["limit_per_hour"], self.listed()["limit_per_day"]), (5, 50))
+        status, out, _ = self.run_cli("user", "limit", "alice@example.org", "--per-hour", "default")
+        self.assertEqual(out, "alice@example.org: per hour 20 (default), per day 50\n")
+        status, out, _ = self.run_cli("user", "limit", "alice@example.org", "--per-day", "0")
+        self.assertEqual(out, "alice@example.org: per hour 20 (default), per day no limit\n")
+        self.assertEqual(self.listed()["limit_per_day"], 0)
+
+    def test_unknownUserAndBadValue(self):
+        """An unknown user exits 1; a value that is neither a count nor 'default' exits 2."""
+        status, _, err = self.run_cli("user", "limit", "bob@example.org", "--per-hour", "5")
+        self.assertEqual((status, err), (1, "mailstack: bob@example.org: no such user\n"))
+        with self.assertRaises(SystemExit) as e:
+            self.run_cli("user", "limit", "alice@example.org", "--per-hour", "-3")
+        self.assertEqual(e.exception.code, 2)
+
+    def test_deleteDropsOverride(self):
+        """Deleting a user drops its override, so a new user of that name has the defaults."""
+        self.run_cli("user", "limit", "alice@example.org", "--per-hour", "5")
+        self.run_cli("user", "del", "alice@example.org")
+        CLITests.run_cli(self, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+        self.assertEqual(self.listed()["limit_per_hour"], 20)
