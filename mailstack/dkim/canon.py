@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.dkim.test_canon -*-
+# -*- test-case-name: tests.dkimsign.test_canon -*-
 """RFC 6376 section 3.4 "relaxed" canonicalization of header fields and body.
 
 Header fields are handled as ``(name, raw)`` pairs, where ``raw`` is the whole
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 # RFC 6376 section 2.8: WSP is SP or HTAB.
 _WSP_RUN = re.compile(rb"[ \t]+")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.dkim.test_sign -*-
+# -*- test-case-name: tests.dkimsign.test_sign -*-
 """DKIM-Signature header fields (RFC 6376) for a message, with ``cryptography``.
 
 A pipeline stage hashes the body while it streams (``canon.BodyHash``), then
@@ -25,8 +25,8 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -56,7 +56,7 @@ OVERSIGNED = ("from",)
 
 ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
 
-PrivateKey = Union[RSAPrivateKey, Ed25519PrivateKey]
+PrivateKey = RSAPrivateKey | Ed25519PrivateKey
 
 
 @dataclass(frozen=True)
