@@ -42,13 +42,13 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
@@ -239,7 +239,10 @@ class _ResolvingTLSEndpoint:
         else:
             tcp = TCP4ClientEndpoint(self.reactor, address, self.port, timeout=int(FETCH_TIMEOUT))
         creator = self.policy.creatorForNetloc(self.host.encode("ascii"), self.port)
-        return await wrapClientTLS(creator, tcp).connect(factory)
+        # As endpoints.wrapClientTLS, but on our reactor's clock (TLS write
+        # batching schedules on it), not the global reactor's.
+        tls = await tcp.connect(TLSMemoryBIOFactory(creator, True, factory, clock=self.reactor))
+        return tls.wrappedProtocol
 
 
 @implementer(IAgentEndpointFactory)
