@@ -114,6 +114,8 @@ class BodyHash:
 
     def _lines(self, block: bytes) -> None:
         """Hash complete lines (``block`` ends with LF)."""
+        if not self._open and self._plain(block):
+            return
         text = _WSP_RUN.sub(b" ", _LINE_END.sub(b"\n", block))
         if self._open:
             # The rest of a line whose start is hashed: non-empty however it ends.
@@ -128,3 +130,23 @@ class BodyHash:
             self._empty = len(text) - len(body) - 1
         else:
             self._empty += len(text)
+
+    def _plain(self, block: bytes) -> bool:
+        """The fast path for lines without WSP and with CRLF endings (base64
+        attachments, most of a big message): already canonical, so hashed as
+        they are.  False (nothing done) when the block needs the general path."""
+        if b" " in block or b"\t" in block or block.count(b"\n") != block.count(b"\r\n"):
+            return False
+        body = block.rstrip(b"\r\n")
+        tail = block[len(body) :]
+        empty = tail.count(b"\n")
+        if tail != b"\r\n" * empty:
+            return False  # a line ending in CR next to the trailing CRLFs
+        if body:
+            if self._empty:
+                self._hash.update(b"\r\n" * self._empty)
+            self._hash.update(body + b"\r\n")
+            self._empty = empty - 1
+        else:
+            self._empty += empty
+        return True

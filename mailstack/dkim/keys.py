@@ -158,8 +158,9 @@ class KeyStore:
         if cached is None or cached[0] != stamp:
             with open(path, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)
-            if not isinstance(key, (RSAPrivateKey, Ed25519PrivateKey)):
-                raise KeyStoreError(f"{path}: not an RSA or Ed25519 private key")
+            expected = RSAPrivateKey if info.algorithm == "rsa" else Ed25519PrivateKey
+            if not isinstance(key, expected):
+                raise KeyStoreError(f"{path}: not an {info.algorithm} private key")
             cached = (stamp, key)
             self._loaded[path] = cached
         return SigningKey(info.domain, info.selector, info.algorithm, cached[1])
