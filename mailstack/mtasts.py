@@ -43,8 +43,8 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime, IResolver, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
@@ -180,8 +180,8 @@ def mx_allowed(policy: Policy, mx_host: str) -> bool:
 class _LimitedBody(Protocol):
     """Collects a response body up to ``limit`` bytes, else abandons the connection."""
 
-    def __init__(self, finished: Deferred, limit: int) -> None:
-        self.finished = finished
+    def __init__(self, limit: int) -> None:
+        self.finished: Deferred = Deferred(self.abandon)
         self.limit = limit
         self.chunks: list[bytes] = []
         self.size = 0
@@ -192,24 +192,31 @@ class _LimitedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.finished.errback(PolicyError(f"policy larger than {self.limit} bytes"))
-            self.transport.stopProducing()  # type: ignore[union-attr]
+            self.abandon()
             return
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def abandon(self, _: Deferred | None = None) -> None:
+        """Stop the transfer (also the canceller of ``finished``: a timeout)."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.finished.called:
             # A body ends with ResponseDone; anything else is a broken transfer.
-            if reason is not None and reason.check(ResponseDone):
+            if reason.check(ResponseDone):
                 self.finished.callback(b"".join(self.chunks))
             else:
-                self.finished.errback(PolicyError(f"policy transfer failed: {reason.value if reason else ''}"))
+                self.finished.errback(PolicyError(f"policy transfer failed: {reason.value}"))
 
 
 @implementer(IStreamClientEndpoint)
 class _ResolvingTLSEndpoint:
     """TLS to ``host:port`` with the address from ``twisted.names`` (A, then AAAA)."""
 
-    def __init__(self, reactor: Any, resolver: Any, policy: BrowserLikePolicyForHTTPS, host: str, port: int) -> None:
+    def __init__(
+        self, reactor: Any, resolver: IResolver, policy: BrowserLikePolicyForHTTPS, host: str, port: int
+    ) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.policy = policy
@@ -220,7 +227,8 @@ class _ResolvingTLSEndpoint:
         return Deferred.fromCoroutine(self._connect(factory))
 
     async def _connect(self, factory: Any) -> Any:
-        results = await DeferredList(
+        # (IResolver's annotations say RRHeader where lists of them come back.)
+        results: Any = await DeferredList(
             [self.resolver.lookupAddress(self.host, DNS_TIMEOUT), self.resolver.lookupIPV6Address(self.host, DNS_TIMEOUT)],
             consumeErrors=True,
         )
@@ -247,7 +255,7 @@ class _ResolvingTLSEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, reactor: Any, resolver: Any, trust: IOpenSSLTrustRoot, port: int | None) -> None:
+    def __init__(self, reactor: Any, resolver: IResolver, trust: IOpenSSLTrustRoot, port: int | None) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
@@ -260,7 +268,7 @@ class _EndpointFactory:
         return _ResolvingTLSEndpoint(self.reactor, self.resolver, self.policy, host, self.port or uri.port)
 
 
-def https_agent(reactor: Any, resolver: Any, trust: IOpenSSLTrustRoot, port: int | None = None) -> IAgent:
+def https_agent(reactor: Any, resolver: IResolver, trust: IOpenSSLTrustRoot, port: int | None = None) -> IAgent:
     """An Agent whose https connections resolve through ``resolver`` (twisted.names)
     and verify the server's certificate for the URL's host name against
     ``trust``.  ``port`` replaces the URL's port (tests serve on loopback)."""
@@ -292,12 +300,12 @@ class PolicyFetcher:
         if ctype.split(b";")[0].strip().lower() != b"text/plain":
             response.deliverBody(_Discard())
             raise PolicyError("policy is not served as text/plain")
-        if response.length is not None and isinstance(response.length, int) and response.length > MAX_POLICY_SIZE:
+        if isinstance(response.length, int) and response.length > MAX_POLICY_SIZE:
             response.deliverBody(_Discard())
             raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} bytes")
-        finished: Deferred = Deferred()
-        response.deliverBody(_LimitedBody(finished, MAX_POLICY_SIZE))
-        return await finished
+        body = _LimitedBody(MAX_POLICY_SIZE)
+        response.deliverBody(body)
+        return await body.finished
 
 
 class _Discard(Protocol):
@@ -344,7 +352,7 @@ class MTASTS:
 
     def __init__(
         self,
-        resolver: Any,
+        resolver: IResolver,
         fetcher: IPolicyFetcher,
         cache_dir: str,
         run_blocking: Callable[..., Deferred],
@@ -388,7 +396,8 @@ class MTASTS:
         cached = await self._cached(domain)
         valid = cached if cached is not None and cached.valid_at(now) else None
         try:
-            answers, _, _ = await self.resolver.lookupText(f"_mta-sts.{domain}", DNS_TIMEOUT)
+            answer: Any = await self.resolver.lookupText(f"_mta-sts.{domain}", DNS_TIMEOUT)
+            answers = answer[0]  # (answers, authority, additional): lists of RRHeader
             policy_id = parse_txt([b"".join(rr.payload.data) for rr in answers if rr.type == dns.TXT])
         except DNSNameError:
             policy_id = None

@@ -24,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -367,6 +367,22 @@ class FetchTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.reactor.advance(mtasts.FETCH_TIMEOUT)
         self.failureResultOf(d)
+
+    def test_stalledBody(self):
+        """A server that starts the body and stalls fails the fetch after FETCH_TIMEOUT."""
+
+        class Stalling(PolicyResource):
+            def render_GET(self, request):
+                request.setHeader(b"content-type", b"text/plain")
+                request.write(b"version: STSv1\n")
+                self.request = request
+                return NOT_DONE_YET
+
+        resource = Stalling()
+        d = self.fetch(resource)
+        self.assertNoResult(d)
+        self.reactor.advance(mtasts.FETCH_TIMEOUT)
+        self.failureResultOf(d, defer.TimeoutError)
 
     def test_noAddress(self):
         """A policy host without an address fails the fetch."""
