@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from mailstack.address import AddressError, normalize_domain
-from mailstack.auth.jsonfile import JSONFile
+from mailstack.auth.jsonfile import FileFormatError, JSONFile
 from mailstack.dkim.sign import PrivateKey, SigningKey
 from mailstack.storage import fsutil
 
@@ -133,7 +133,12 @@ class KeyStore:
 
     def list(self, include_retired: bool = False) -> KeyList:
         """Keys by domain, then creation, then selector; active ones only unless asked."""
-        infos = [KeyInfo(**entry) for entry in self._file.current().values()]
+        infos = []
+        for name, entry in self._file.current().items():
+            try:
+                infos.append(KeyInfo(**entry))
+            except TypeError:
+                raise FileFormatError(f"{self._file.path}: entry {name!r} is not a key record") from None
         if not include_retired:
             infos = [i for i in infos if i.state == ACTIVE]
         return sorted(infos, key=lambda i: (i.domain, i.created, i.selector))

@@ -6,6 +6,7 @@ import stat
 import dkim
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack.auth.jsonfile import FileFormatError
 from mailstack.dkim import canon, keys, sign
 
 NOW = 1796378400  # 2026-12-04
@@ -90,6 +91,15 @@ class KeyStoreTests(SynchronousTestCase):
         self.assertEqual([(i.domain, i.algorithm) for i in made], [("example.org", "rsa"), ("localhost", "rsa")])
         self.assertEqual(self.store.ensure_keys(["example.org", "example.net", "localhost"], now=NOW), [])
         self.assertEqual(len(self.store.list()), 3)
+
+    def test_damagedIndex(self):
+        """A hand-edited index entry that is no key record is a FileFormatError naming the file."""
+        self.store.keygen("example.org", now=NOW)
+        path = os.path.join(self.data, "dkim", "keys.json")
+        with open(path, "w") as f:
+            f.write('{"version": 1, "keys": {"x": {"domain": "example.org"}}}')
+        error = self.assertRaises(FileFormatError, keys.KeyStore(self.data).list)
+        self.assertIn(path, str(error))
 
     def test_selectorSequence(self):
         """Default selectors run 2026a..2026z, then 2026aa."""
