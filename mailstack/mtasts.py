@@ -57,7 +57,7 @@ from zope.interface import Interface, implementer
 
 from mailstack.address import AddressError, normalize_domain
 from mailstack.storage import fsutil
-from mailstack.trust import IOpenSSLTrustRoot
+from mailstack.trust import IOpenSSLTrustRoot, trust_root
 
 MAX_POLICY_SIZE = 65536  # RFC 8461 section 3.3: senders may limit the body to 64 KB
 MEMORY_ENTRIES = 10000  # domains kept in memory (and failures remembered) before a reset
@@ -442,3 +442,11 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def build(reactor: Any, resolver: IResolver, data_dir: str, ca_file: str, run_blocking: Callable[..., Deferred]) -> MTASTS:
+    """The relay's MTA-STS lookup: cache in ``data_dir/mta-sts``, fetches verified
+    against the system store plus ``ca_file`` (``relay.tls_ca_file``; TrustError
+    if it is unusable)."""
+    agent = https_agent(reactor, resolver, trust_root(ca_file))
+    return MTASTS(resolver, PolicyFetcher(agent, reactor), os.path.join(data_dir, "mta-sts"), run_blocking, reactor)

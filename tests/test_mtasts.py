@@ -393,6 +393,18 @@ class FetchTests(SynchronousTestCase):
         self.failureResultOf(fetcher.fetch("example.org"), mtasts.PolicyError)
 
 
+class BuildTests(SynchronousTestCase):
+    def test_build(self):
+        """build() wires resolver, verified fetcher and the cache folder under data_dir."""
+        resolver = FakeResolver({})
+        data = os.path.abspath(self.mktemp())
+        sts = mtasts.build(MemoryReactorClock(), resolver, data, "", blocking)
+        verifyObject(mtasts.IMTASTS, sts)
+        self.assertEqual(sts.disk.folder, os.path.join(data, "mta-sts"))
+        self.assertIsNone(self.successResultOf(sts.policy("example.org")))
+        self.assertRaises(trust.TrustError, mtasts.build, MemoryReactorClock(), resolver, data, "/nonexistent", blocking)
+
+
 class TrustTests(SynchronousTestCase):
     def test_badCAFile(self):
         """A missing or non-PEM CA file is a TrustError naming it."""
