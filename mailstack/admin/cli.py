@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.admin.test_cli -*-
-"""``mailstack``: the admin command (users, aliases, config check, queue).
+"""``mailstack``: the admin command (users, aliases, config check, queue, DKIM keys).
 
 Works whether or not the server runs: it edits the same files the server
 reads (``auth/userdb.py``, ``auth/aliases.py``), under the same locks, and the
@@ -14,6 +14,7 @@ owner).  Its ``add_parser(subparsers)`` adds the ``queue`` parser and sets
 ``func`` on each subcommand with ``set_defaults(func=handler)``; a handler is
 called as ``handler(config, args)`` with the loaded ``config.Config`` and
 returns the exit status, raising ``Refused(message)`` for a refused request.
+``dkim`` and ``dns-records`` live in ``admin/dkimcmd.py`` the same way.
 """
 
 from __future__ import annotations
@@ -333,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     from mailstack.admin import queuecmd
 
     queuecmd.add_parser(commands)
+
+    # dkim keygen|list|retire and dns-records (imports Refused too).
+    from mailstack.admin import dkimcmd
+
+    dkimcmd.add_parser(commands)
     return parser
 
 

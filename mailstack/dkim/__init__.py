@@ -1,0 +1,1 @@
+"""DKIM signing of outbound mail: canonicalization, signatures, the key store."""
