@@ -7,6 +7,7 @@ IDeliveryAgent (local maildir, or remote via IMXResolver and the SMTP client)
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import Attribute, Interface
 
 
@@ -64,6 +65,9 @@ class IIntake(Interface):
     def begin(envelope) -> IIncoming:
         """Start a message for ``envelope.Envelope``; the intake adds Received:."""
 
+    def wait_idle():
+        """Deferred firing once no commit is in progress (graceful shutdown)."""
+
 
 class IQueueKicker(Interface):
     """The queue manager as the intake and the admin command see it."""
@@ -104,6 +108,13 @@ class ILoginThrottle(Interface):
         """Forget the peer's failures."""
 
 
+class ITLSSettings(IOpenSSLContextFactory):
+    """The server's certificate; as an ``IOpenSSLContextFactory`` it serves ``ssl:`` listeners."""
+
+    def context_factory():
+        """A context factory for ``startTLS`` (STARTTLS, STLS), with the current certificate."""
+
+
 class IRuntime(Interface):
     """What ``tap.makeService`` builds once and hands to every listener factory."""
 
@@ -114,9 +125,20 @@ class IRuntime(Interface):
     aliases = Attribute("IAliasDB")
     checker = Attribute("twisted.cred ICredentialsChecker for IUsernamePassword; avatarId = user key (str)")
     throttle = Attribute("ILoginThrottle")
-    tls = Attribute("tls.TLSConfig: .context_factory() for STARTTLS, STLS and ssl: listeners")
+    tls = Attribute("ITLSSettings (tls.TLSConfig): .context_factory() for STARTTLS, STLS and ssl: listeners")
     router = Attribute("IRouter")
     store = Attribute("queue.store.QueueStore")
     intake = Attribute("IIntake")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
+    smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
+    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections)")
+    smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
+
+
+class IDrainable(Interface):
+    """A listener factory whose sessions can be wound down (graceful shutdown)."""
+
+    def drain(timeout: float):
+        """Refuse new sessions, let the ones in flight finish, drop what is left
+        after ``timeout`` seconds; Deferred firing (None) when all are gone."""

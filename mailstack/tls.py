@@ -28,11 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack.interfaces import ITLSSettings
 from mailstack.storage import fsutil
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -116,7 +116,7 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: date
     fsutil.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(ITLSSettings)
 class TLSConfig:
     """The certificate in use; ``context_factory()`` for every TLS handshake."""
 

@@ -18,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.hostile.support import FAST, SLOW, LogFailures, check_smtp_output
-from tests.smtp.support import FakeThrottle, Session, make_runtime
+from tests.smtp.support import Session, make_runtime
+from tests.support.fakes import FakeThrottle
 
 MESSAGE = b"Subject: ok\r\n\r\nnormal body\r\n"
 

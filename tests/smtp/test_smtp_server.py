@@ -12,14 +12,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address
 from mailstack.errors import TemporaryFailure, Reply
-from mailstack.smtp.server import SMTPFactory, make_factory
+from mailstack.smtp.factory import SMTPFactory, make_factory
 
 from twisted.cred.checkers import ICredentialsChecker
 from zope.interface.verify import verifyObject
 
 from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
 
-from .support import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle, Session, make_runtime
+from tests.support.fakes import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle
+
+from .support import Session, make_runtime
 
 B64 = base64.b64encode
 
@@ -443,7 +445,7 @@ class SubmissionTests(SynchronousTestCase):
         s.talk(b"EHLO c")
         self.assertEqual(s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")),
                          [b"530 5.7.0 Must issue a STARTTLS command first"])
-        self.assertEqual(s.runtime.checker.seen, [])
+        self.assertEqual(s.runtime.checker.calls, [])
 
     def test_mailBeforeAuth(self) -> None:
         """Submission: MAIL before AUTH is 530 5.7.0 Authentication required (also after TLS)."""
@@ -523,10 +525,10 @@ class SubmissionTests(SynchronousTestCase):
     def test_lockedOut(self) -> None:
         """While the throttle locks the account: 454 4.7.0 and the checker is not asked."""
         s = Session("submissions")
-        s.runtime.throttle.locked_accounts.add("alice@example.org")
+        s.runtime.throttle.locked_out.add("alice@example.org")
         s.talk(b"EHLO c")
         self.assertEqual(s.codes(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")), [b"454 4.7.0"])
-        self.assertEqual(s.runtime.checker.seen, [])
+        self.assertEqual(s.runtime.checker.calls, [])
 
     def test_authzidMismatch(self) -> None:
         """PLAIN with an authorization identity other than the user: 535 5.7.8."""

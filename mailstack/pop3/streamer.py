@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.pop3.test_server -*-
+"""The rest of a big message, streamed to the client (RETR and TOP, RFC 1939 section 7).
+
+The server sends the first ``CHUNK`` of a message itself; a larger one goes on
+through ``MessageSender``, a push producer that reads ``CHUNK`` bytes at a
+time through ``run_blocking`` (the thread pool) while the transport wants
+more, so memory per session does not grow with message size and a slow disk
+does not stall the reactor.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailstack.pop3.mailbox import WireEncoder
+
+CHUNK = 64 * 1024  # read size for RETR/TOP
+
+
+@implementer(IPushProducer)
+class MessageSender:
+    """Streams the rest of a message file to the transport (RETR/TOP).
+
+    Reads ``CHUNK`` bytes at a time through ``run_blocking`` while the transport
+    wants more; ``pauseProducing`` from the transport stops the reads, so at most
+    one chunk plus the transport's buffer is in memory.
+    """
+
+    def __init__(self, transport: IConsumer, fileobj: BinaryIO, encoder: WireEncoder, run_blocking: Callable[..., Deferred]) -> None:
+        self._transport = transport
+        self._file = fileobj
+        self._encoder = encoder
+        self._run_blocking = run_blocking
+        self._paused = False
+        self._reading = False
+        self._finished = False
+        self._in_next = False
+        self.chunks = 0  # read so far (progress, for the autologout timer)
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> "Deferred[None]":
+        self._transport.registerProducer(self, True)
+        self._next()
+        return self.done
+
+    def _next(self) -> None:
+        while not (self._paused or self._reading or self._finished):
+            self._reading = True
+            self._in_next = True
+            self._run_blocking(self._file.read, CHUNK).addBoth(self._got)
+            self._in_next = False
+            if self._reading:
+                return  # the read is in a thread; _got continues
+
+    def _got(self, data: bytes | Failure) -> None:
+        self._reading = False
+        if self._finished:
+            self._close_file()  # stopProducing left the close to us
+            return
+        if isinstance(data, Failure):
+            self._finish(data)
+            return
+        if not data:
+            self._transport.write(self._encoder.end())
+            self._finish(None)
+            return
+        self.chunks += 1
+        out = self._encoder.feed(data)
+        if self._encoder.done:
+            self._transport.write(out + self._encoder.end())
+            self._finish(None)
+            return
+        if out:
+            self._transport.write(out)
+        if not self._in_next:
+            self._next()
+
+    def _close_file(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    def _finish(self, result: Failure | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._close_file()
+        self._transport.unregisterProducer()
+        if result is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(result)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._next()
+
+    def stopProducing(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if not self._reading:
+                self._close_file()
+            self.done.errback(Failure(ConnectionDone("stopped while sending a message")))
