@@ -35,6 +35,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -61,7 +62,7 @@ from mailstack.tls import TLSConfig, TLSError
 THREADS = 32
 
 # Listener kind -> make_factory(kind, runtime) of the protocol that serves it.
-FACTORIES: dict[str, Callable[[str, Any], IDrainable]] = {
+FACTORIES: dict[str, Callable[[str, Any], ServerFactory]] = {
     "smtp": smtp_factory.make_factory,
     "submission": smtp_factory.make_factory,
     "submissions": smtp_factory.make_factory,
@@ -138,7 +139,9 @@ class MailService(MultiService):
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
 
-    def add_listener(self, kind: str, description: str, factory: IDrainable) -> None:
+    def add_listener(self, kind: str, description: str, factory: ServerFactory) -> None:
+        """Listen on ``description`` with ``factory``, which must provide ``IDrainable``."""
+        drainable = IDrainable(factory)
         endpoint_string, wrap = listen_description(description)
         endpoint = serverFromString(self.runtime.reactor, endpoint_string)
         served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
@@ -149,8 +152,8 @@ class MailService(MultiService):
         svc.setServiceParent(self)
         self.described.append((kind, description))
         self.listeners.append(svc)
-        if factory not in self.factories:
-            self.factories.append(factory)
+        if drainable not in self.factories:
+            self.factories.append(drainable)
 
     def privilegedStartService(self) -> None:
         # Listeners bind here (before twistd drops privileges).  A port in use

@@ -40,12 +40,17 @@ RFC 2449 section 6.6).  Fixing that is replacing its receive loop, so this is a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -66,10 +71,10 @@ class SessionGroup:
         self.draining = False
         self._waiters: list[Deferred] = []
 
-    def add(self, session: "CommandSession") -> None:
+    def add(self, session: CommandSession) -> None:
         self.sessions.add(session)
 
-    def discard(self, session: "CommandSession") -> None:
+    def discard(self, session: CommandSession) -> None:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
@@ -78,7 +83,7 @@ class SessionGroup:
             for d in waiters:
                 d.callback(None)
 
-    def drain(self, timeout: float) -> "Deferred[None]":
+    def drain(self, timeout: float) -> Deferred[None]:
         """Stop taking sessions; close each once it is idle; fire when all are gone.
 
         Sessions still there after ``timeout`` seconds are dropped
@@ -121,12 +126,21 @@ class CommandSession(Protocol):
     """
 
     log = Logger()
+    # ITCPTransport (or Twisted's TLS wrapper of one) that is also an IConsumer
+    # and, on STARTTLS/STLS listeners, an ITLSTransport; set by makeConnection.
+    transport: Any
 
     delimiter = b"\r\n"
     pause_input_at = 256 * 1024
     stop_reading_when_write_full = True
     # Failures that may reach a session whose client already left without being worth a log entry.
     quiet_after_close: tuple[type[BaseException], ...] = ()
+    # Replies: to a connection beyond a cap (by ``connlimit.TOTAL``/``PER_IP``),
+    # to a session closed by a drain (and to connections during it), and what a
+    # session dropped at the end of the shutdown grace is told (None: nothing).
+    limit_replies: ClassVar[dict[str, bytes]] = {}
+    shutdown_reply = b""
+    forced_close_reply: bytes | None = None
 
     def __init__(self, clock: IReactorTime, group: SessionGroup, limiter: ConnectionLimiter) -> None:
         self.clock = clock
@@ -155,15 +169,12 @@ class CommandSession(Protocol):
 
     # -- hooks ------------------------------------------------------------------
 
-    def over_limit_reply(self, which: str) -> bytes:
-        """The reply refusing a connection beyond a cap (``connlimit.TOTAL`` or ``PER_IP``)."""
-        raise NotImplementedError
-
     def refused(self, reply: bytes) -> None:
         """A connection was refused with ``reply`` (caps, shutdown): log it if wanted."""
 
     def max_line_length(self) -> int:
-        """Longest unterminated line kept (with its delimiter); 0: no limit."""
+        """Longest line (with its delimiter) passed on; 0: no limit.  Longer
+        ones go to ``line_too_long`` instead and are skipped to their end."""
         return 0
 
     def line_received(self, line: bytes) -> None:
@@ -184,17 +195,6 @@ class CommandSession(Protocol):
     def idle(self) -> bool:
         """Whether a draining session may be closed now (between transactions)."""
         return True
-
-    def shutdown_reply(self) -> bytes:
-        raise NotImplementedError
-
-    def say_shutting_down(self) -> None:
-        """Queue the reply that tells a drained session's client why it is closed."""
-        self._queue(self.shutdown_reply())
-
-    def forced_close_reply(self) -> bytes | None:
-        """What a session dropped at the end of the shutdown grace is told, if anything."""
-        return None
 
     def handler_failed(self) -> None:
         """A ``_wait`` handler raised (in an ``except`` block): log and answer."""
@@ -220,12 +220,11 @@ class CommandSession(Protocol):
         the transport's producer, or refuse the connection (False)."""
         self.peer = getattr(self.transport.getPeer(), "host", "") or ""  # UNIX sockets have none
         if self._group.draining:
-            refusal: bytes | None = self.shutdown_reply()
+            refusal: bytes | None = self.shutdown_reply
         else:
             over = self._limiter.acquire(self.peer)
-            refusal = self.over_limit_reply(over) if over is not None else None
-        if refusal is not None:
-            # RFC 5321 section 3.1 / RFC 2449 section 8: say why, then hang up.
+            refusal = self.limit_replies[over] if over is not None else None
+        if refusal is not None:  # RFC 5321 section 3.1, RFC 2449 section 8: say why, hang up
             self.refused(refusal)
             self._closed = True
             send(self.transport, refusal)
@@ -249,7 +248,7 @@ class CommandSession(Protocol):
                     pass
                 return
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         was_closed = self._closed
         self._closed = True
         self._lost = True
@@ -306,9 +305,8 @@ class CommandSession(Protocol):
     def force_close(self) -> None:
         """The shutdown grace expired: drop the connection."""
         if not self._closed:
-            last = self.forced_close_reply()
-            if last is not None:
-                self._queue(last)
+            if self.forced_close_reply is not None:
+                self._queue(self.forced_close_reply)
             self._close()
         self.transport.abortConnection()
 
@@ -414,7 +412,7 @@ class CommandSession(Protocol):
                 self._raw(chunk)  # hands back what follows its end through _unread
                 continue
             if self._draining and self.idle():
-                self.say_shutting_down()
+                self._queue(self.shutdown_reply)
                 self._close()
                 return
             if self._write_full and not self.stop_reading_when_write_full:
@@ -456,6 +454,9 @@ class CommandSession(Protocol):
                     continue
                 return None
             self._pos = end + len(delimiter)
+            if limit and end - start + len(delimiter) > limit:
+                self.line_too_long()
+                continue
             return self._buf[start:end]
 
     # -- output -----------------------------------------------------------------
@@ -485,14 +486,14 @@ class CommandSession(Protocol):
             if self._closed:
                 if isinstance(result, Failure) and not result.check(*self.quiet_after_close):
                     self.log.failure("failure after the client left", result, peer=self.peer)
-                return None
+                return
             try:
                 handler(result)
             except Exception:
                 self.handler_failed()
             if not sync[0]:
                 self._resume()
-            return None
+            return
 
         d.addBoth(fire)
         sync[0] = False

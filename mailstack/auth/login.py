@@ -51,7 +51,7 @@ class Authenticator:
         self.portal = cred.login_portal(checker)
         self.throttle = throttle
 
-    def login(self, peer: str, username: bytes, password: bytes | None) -> "Deferred[LoginResult]":
+    def login(self, peer: str, username: bytes, password: bytes | None) -> Deferred[LoginResult]:
         """Try ``username``/``password`` from ``peer``; ``password`` None is a refused
         attempt that still counts (PLAIN with a foreign authorization identity)."""
         account = account_key(username)

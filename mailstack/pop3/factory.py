@@ -39,7 +39,7 @@ class POP3Factory(ServerFactory):
     def buildProtocol(self, addr: Any) -> POP3Server:
         return POP3Server(self, implicit_tls=self.kind == "pop3s")
 
-    def drain(self, timeout: float) -> "Deferred[None]":
+    def drain(self, timeout: float) -> Deferred[None]:
         """Called by service.py on SIGTERM after the listeners closed.
 
         Idle sessions get ``-ERR [SYS/TEMP]`` and are closed at once; a command in

@@ -42,19 +42,28 @@ section 3) on the runtime's clock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailstack import connlimit
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import sasl
 from mailstack.auth.login import LoginResult
 from mailstack.net import is_loopback
 from mailstack.pop3 import replies as R
-from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder, encode_message, plain_message
+from mailstack.pop3.mailbox import (
+    MailboxInUse,
+    Maildrop,
+    MessageGone,
+    WireEncoder,
+    encode_message,
+    plain_message,
+)
 from mailstack.pop3.streamer import CHUNK, MessageSender
 from mailstack.session import CommandSession
 
@@ -81,8 +90,10 @@ class POP3Server(CommandSession):
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
     quiet_after_close = (Exception,)  # every command handles its own failures
+    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS}
+    shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
-    def __init__(self, factory: "POP3Factory", implicit_tls: bool) -> None:
+    def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
         rt = factory.runtime
         CommandSession.__init__(self, rt.reactor, factory.group, rt.pop3_connections)
         self.factory = factory
@@ -113,13 +124,6 @@ class POP3Server(CommandSession):
         self._send(R.GREETING)
         self._flush()
         self._arm_timer()
-
-    def over_limit_reply(self, which: str) -> bytes:
-        return R.TOO_MANY_CONNECTIONS
-
-    def shutdown_reply(self) -> bytes:
-        # Like a drop, a shutdown never enters UPDATE: no DELE is carried out.
-        return R.SHUTTING_DOWN
 
     def _produce_again(self, result: Any) -> Any:
         """A MessageSender finished (and unregistered): be the transport's producer again.
@@ -200,7 +204,7 @@ class POP3Server(CommandSession):
         """
         i, self._prefetch = self._prefetch, None
         drop = self.maildrop
-        if drop is None or self._closed or i >= len(drop) or drop.deleted[i]:
+        if i is None or drop is None or self._closed or i >= len(drop) or drop.deleted[i]:
             return
         try:
             fileobj, data = drop.read_start(i, CHUNK, relocate=False)
@@ -551,7 +555,7 @@ class POP3Server(CommandSession):
             return None
         return self._send_message(i, R.TOP_HEADER, int(lines))
 
-    def _send_message(self, i: int, header: bytes, body_lines: int | None) -> "defer.Deferred[None]":
+    def _send_message(self, i: int, header: bytes, body_lines: int | None) -> defer.Deferred[None] | None:
         drop = self.maildrop
         assert drop is not None
 
@@ -626,7 +630,7 @@ class POP3Server(CommandSession):
 
     # -- dispatch ----------------------------------------------------------
 
-    _COMMANDS: dict[bytes, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    _COMMANDS: ClassVar[dict[bytes, tuple[Callable[..., Any], tuple[str, ...]]]] = {
         b"CAPA": (do_CAPA, (AUTHORIZATION, TRANSACTION)),
         b"QUIT": (do_QUIT, (AUTHORIZATION, TRANSACTION)),
         b"NOOP": (do_NOOP, (TRANSACTION,)),  # RFC 1939 section 5

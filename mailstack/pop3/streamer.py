@@ -10,7 +10,8 @@ does not stall the reactor.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -44,7 +45,7 @@ class MessageSender:
         self.chunks = 0  # read so far (progress, for the autologout timer)
         self.done: Deferred[None] = Deferred()
 
-    def start(self) -> "Deferred[None]":
+    def start(self) -> Deferred[None]:
         self._transport.registerProducer(self, True)
         self._next()
         return self.done

@@ -41,7 +41,7 @@ class SMTPFactory(ServerFactory):
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)
 
-    def drain(self, timeout: float) -> "Deferred[None]":
+    def drain(self, timeout: float) -> Deferred[None]:
         """Graceful shutdown (SIGTERM): stop taking new sessions, finish what is in flight.
 
         New connections get 421 4.3.2.  Idle sessions get 421 4.3.2 at once;
@@ -53,7 +53,7 @@ class SMTPFactory(ServerFactory):
         """
         return self._intake_idle(self.group.drain(timeout), timeout)
 
-    def _intake_idle(self, sessions_gone: Deferred, timeout: float) -> "Deferred[None]":
+    def _intake_idle(self, sessions_gone: Deferred, timeout: float) -> Deferred[None]:
         """After the sessions: wait (at most ``timeout``) for the intake's commits in flight.
 
         A commit whose client already left then still finishes before the
@@ -62,14 +62,17 @@ class SMTPFactory(ServerFactory):
         out: Deferred[None] = Deferred()
         clock = self.runtime.reactor
 
+        def fire(_: Any = None) -> None:
+            if not out.called:
+                out.callback(None)
+
         def then(_: Any) -> None:
-            call = clock.callLater(timeout, lambda: out.called or out.callback(None))
+            call = clock.callLater(timeout, fire)
 
             def idle(_: Any) -> None:
                 if call.active():
                     call.cancel()
-                if not out.called:
-                    out.callback(None)
+                fire()
 
             self.runtime.intake.wait_idle().addBoth(idle)
 

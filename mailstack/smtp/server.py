@@ -27,9 +27,9 @@ MAIL/RCPT argument syntax is ``smtp.syntax``; the login policy is
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from twisted.cred.error import LoginFailed
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
@@ -64,9 +64,12 @@ class SMTPServer(CommandSession):
     """One ESMTP session.  Built by ``smtp.factory.SMTPFactory``."""
 
     log = Logger()
-    quiet_after_close = (MailError, LoginFailed)
+    quiet_after_close = (MailError,)
+    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: _WIRE[R.TOO_MANY_CONNECTIONS], connlimit.PER_IP: _WIRE[R.TOO_MANY_CONNECTIONS_IP]}
+    shutdown_reply = _WIRE[R.SHUTTING_DOWN]  # RFC 5321 section 3.8
+    forced_close_reply = shutdown_reply  # an unacknowledged message is aborted (closing)
 
-    def __init__(self, factory: "SMTPFactory") -> None:
+    def __init__(self, factory: SMTPFactory) -> None:
         rt = factory.runtime
         CommandSession.__init__(self, rt.reactor, factory.group, rt.smtp_connections)
         self.factory = factory
@@ -107,8 +110,6 @@ class SMTPServer(CommandSession):
         self._flush()
         self._arm_timer()
 
-    def over_limit_reply(self, which: str) -> bytes:
-        return _WIRE[R.TOO_MANY_CONNECTIONS_IP if which == connlimit.PER_IP else R.TOO_MANY_CONNECTIONS]
 
     def refused(self, reply: bytes) -> None:
         self.log.info("smtp connection refused peer={peer}: {reply}", peer=self.peer,
@@ -164,17 +165,9 @@ class SMTPServer(CommandSession):
         self._reply(R.TIMEOUT)
         self._close()
 
-    # -- graceful shutdown (smtp.factory.SMTPFactory.drain) ---------------------
-
     def idle(self) -> bool:
         """Between transactions: a draining session closes now, else after its final reply."""
         return not self.in_transaction and self.mode == _COMMAND
-
-    def shutdown_reply(self) -> bytes:
-        return _WIRE[R.SHUTTING_DOWN]
-
-    def forced_close_reply(self) -> bytes:
-        return _WIRE[R.SHUTTING_DOWN]  # an unacknowledged message is aborted (closing)
 
     # -- input ----------------------------------------------------------------
 
@@ -182,10 +175,6 @@ class SMTPServer(CommandSession):
         return self.config.smtp.max_line_length
 
     def line_received(self, line: bytes) -> None:
-        limit = self.config.smtp.max_line_length
-        if limit and len(line) + 2 > limit:
-            self.line_too_long()
-            return
         if self.mode == _AUTH:
             self._auth_response(line)
         else:
@@ -596,7 +585,7 @@ class SMTPServer(CommandSession):
             return ""
         return " ".join(str(p) for p in (version, cipher) if p)
 
-    _COMMANDS: dict[str, Callable[["SMTPServer", str], None]] = {}
+    _COMMANDS: dict[str, Callable[[SMTPServer, str], None]] = {}
 
 
 SMTPServer._COMMANDS = {

@@ -16,7 +16,7 @@ from mailstack.errors import Reply
 from mailstack.smtp import replies as R
 
 # RFC 5321 4.1.2: Path, then space-separated Mail-parameters.
-_PATH_ARGS = re.compile(r'\s*(<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>)(.*)\Z', re.S)
+_PATH_ARGS = re.compile(r'\s*(<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>)(.*)\Z', re.DOTALL)
 _ESMTP_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?\Z")
 
 

@@ -4,7 +4,8 @@ against the interface it stands for."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -150,7 +151,7 @@ class FakeAliases:
 class FakeIncoming:
     """One message given to ``FakeIntake``; ``commit()`` fires a manual ``finish()``."""
 
-    def __init__(self, intake: "FakeIntake", envelope: Any) -> None:
+    def __init__(self, intake: FakeIntake, envelope: Any) -> None:
         self.intake = intake
         self.envelope = envelope
         self.chunks: list[bytes] = []
