@@ -139,6 +139,7 @@ class CommandSession(Protocol):
     # to a session closed by a drain (and to connections during it), and what a
     # session dropped at the end of the shutdown grace is told (None: nothing).
     limit_replies: ClassVar[dict[str, bytes]] = {}
+    too_many_errors_reply = b""
     shutdown_reply = b""
     forced_close_reply: bytes | None = None
 
@@ -166,6 +167,7 @@ class CommandSession(Protocol):
         self._timer: IDelayedCall | None = None
         self._delayed: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
+        self.errors = 0  # client errors so far (_count_error)
 
     # -- hooks ------------------------------------------------------------------
 
@@ -179,6 +181,10 @@ class CommandSession(Protocol):
 
     def line_received(self, line: bytes) -> None:
         raise NotImplementedError
+
+    def max_errors(self) -> int:
+        """Client errors after which the session is closed; 0: no limit."""
+        return 0
 
     def line_too_long(self) -> None:
         """An overlong line is being skipped: answer it."""
@@ -460,6 +466,14 @@ class CommandSession(Protocol):
             return self._buf[start:end]
 
     # -- output -----------------------------------------------------------------
+
+    def _count_error(self) -> None:
+        """One more client error; at ``max_errors()`` say ``too_many_errors_reply`` and close."""
+        self.errors += 1
+        limit = self.max_errors()
+        if limit and self.errors >= limit:
+            self._queue(self.too_many_errors_reply)
+            self._close()
 
     def _queue(self, data: bytes) -> None:
         if not self._closed:

@@ -2,29 +2,23 @@
 """The POP3 protocol (RFC 1939, 2449, 2595, 3206, 5034) over ``pop3.mailbox``.
 
 Why not ``twisted.mail.pop3.POP3``: nearly all of it would have to be
-overridden (STLS with a buffer flush, CAPA, state handling on connection loss,
-the Maildir mailbox, blocking size/UIDL calls, line limits), and its
-``LineOnlyReceiver`` base can neither discard input after STLS nor batch
-replies.  So this session runs on ``mailstack.session.CommandSession`` (line
-framing, strict order, batched output, back-pressure, idle timer, drain):
+overridden (STLS, CAPA, connection loss, the Maildir mailbox, blocking
+size/UIDL calls, line limits), and its ``LineOnlyReceiver`` base can neither
+discard input after STLS nor batch replies.  The session runs on
+``session.CommandSession`` (framing, strict order, batched output,
+back-pressure, idle timer, drain):
 
-* Lines end with LF (CR before it is dropped).  A command line may have 255
-  octets with its CRLF (RFC 2449 section 4); AUTH lines and SASL responses up to
-  ``MAX_AUTH_LINE`` (RFC 5034 section 4 lets an initial response exceed 255).  A
-  longer line gets one ``-ERR`` and is skipped up to its end, so the session
-  stays in step.
-* Commands are handled one at a time in order.  A command whose work is
-  asynchronous (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the queue until it
-  is done, so pipelined replies (RFC 2449 section 6.6) come out in order.
-* While the client leaves replies unread (the transport's buffer is full) no
-  further command is processed, and reading stops once ``PAUSE_INPUT_AT`` of
-  input waits; a client that reads nothing for a whole ``pop3.idle_timeout``
-  (also in the middle of a RETR) is aborted and its mailbox lock released.
-* After a RETR of a small message, the next message is read ahead between
-  commands (``_read_ahead``), so the next RETR's reply needs no file access.
-* RETR/TOP read the first ``CHUNK`` on the reactor thread (an open and a read
-  from the page cache are cheaper than a thread hop); the rest of a large
-  message streams through ``pop3.streamer.MessageSender`` in the thread pool.
+* Lines end with LF (a CR before it is dropped).  A command line may have 255
+  octets with its CRLF (RFC 2449 section 4), AUTH lines and SASL responses
+  ``MAX_AUTH_LINE`` (RFC 5034 section 4); a longer one gets one ``-ERR``.
+* An asynchronous command (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the
+  ones pipelined behind it (RFC 2449 section 6.6).
+* While the client leaves replies unread no command is processed, and reading
+  stops once ``PAUSE_INPUT_AT`` of input waits; a client that reads nothing
+  for a whole ``pop3.idle_timeout`` (also during a RETR) is aborted and its
+  mailbox lock released.
+* RETR/TOP: ``pop3.streamer`` (first chunk and read-ahead on the reactor
+  thread, the rest of a big message streamed from the thread pool).
 
 States (RFC 1939 section 3): ``AUTHORIZATION`` -> (login and lock) ->
 ``TRANSACTION`` -> QUIT -> ``UPDATE`` (deletions) -> closed.  Anything else that
@@ -64,7 +58,7 @@ from mailstack.pop3.mailbox import (
     encode_message,
     plain_message,
 )
-from mailstack.pop3.streamer import CHUNK, MessageSender
+from mailstack.pop3.streamer import MessageSender, read_ahead, read_first
 from mailstack.session import CommandSession
 
 if TYPE_CHECKING:
@@ -91,6 +85,7 @@ class POP3Server(CommandSession):
     stop_reading_when_write_full = False
     quiet_after_close = (Exception,)  # every command handles its own failures
     limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS}
+    too_many_errors_reply = R.TOO_MANY_ERRORS
     shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
     def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
@@ -106,7 +101,6 @@ class POP3Server(CommandSession):
         self.user: str | None = None  # the key after login
         self.maildrop: Maildrop | None = None
         self._tls = implicit_tls
-        self._errors = 0
         self._user_arg: bytes | None = None  # after USER, before PASS
         self._sasl_pending = False  # waiting for the AUTH PLAIN response line
         self._sender: MessageSender | None = None  # a RETR/TOP being streamed
@@ -195,25 +189,15 @@ class POP3Server(CommandSession):
             self._read_ahead()
 
     def _read_ahead(self) -> None:
-        """After RETR n went out, read message n+1 while the client reads n.
-
-        Clients download in order, so the next RETR is answered from memory:
-        its open/read/close happen here, between two commands, not between a
-        command and its reply.  Only a message that fits in one ``CHUNK`` is
-        kept (one per session); any error is left for the RETR itself.
-        """
+        """After RETR n went out, read message n+1 while the client reads n
+        (clients download in order); one message per session is kept."""
         i, self._prefetch = self._prefetch, None
         drop = self.maildrop
-        if i is None or drop is None or self._closed or i >= len(drop) or drop.deleted[i]:
+        if i is None or drop is None or self._closed:
             return
-        try:
-            fileobj, data = drop.read_start(i, CHUNK, relocate=False)
-        except Exception:
-            return
-        if fileobj is not None:
-            fileobj.close()
-            return
-        self._ahead = (i, data)
+        data = read_ahead(drop, i)
+        if data is not None:
+            self._ahead = (i, data)
 
     def max_line_length(self) -> int:
         return MAX_AUTH_LINE
@@ -222,13 +206,10 @@ class POP3Server(CommandSession):
         # RFC 2449 section 4: limit 255 octets; answer and keep in step.
         self._sasl_pending = False
         self._send(R.LINE_TOO_LONG)
-        self._error()
+        self._count_error()
 
-    def _error(self) -> None:
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self._send(R.TOO_MANY_ERRORS)
-            self._close()
+    def max_errors(self) -> int:
+        return MAX_ERRORS
 
     def line_received(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -250,14 +231,14 @@ class POP3Server(CommandSession):
         if entry is None:
             self._user_arg = None
             self._send(R.UNKNOWN_COMMAND)
-            self._error()
+            self._count_error()
             return
         if keyword != b"PASS":
             self._user_arg = None  # RFC 1939: PASS only right after USER
         handler, states = entry
         if self.state not in states:
             self._send(R.BAD_STATE)
-            self._error()
+            self._count_error()
             return
         try:
             result = handler(self, arg)
@@ -349,7 +330,7 @@ class POP3Server(CommandSession):
         # pipelined after STLS was sent in the clear and is discarded (the
         # CVE-2011-0411 class of injection); USER is forgotten (section 4).
         self._user_arg = None
-        self._errors = 0
+        self.errors = 0
         self._start_tls(self.tls_config.context_factory())
         self._tls = True
 
@@ -419,11 +400,12 @@ class POP3Server(CommandSession):
                 self._send(R.AUTH_SERVICE_FAILED)
                 return
             if result.locked:
-                self.log.warn("POP3 login refused (locked out) for {user} from {peer}", user=result.account, peer=self.peer)
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "POP3 login refused (locked out) for {user} from {peer}", user=result.account, peer=self.peer)
                 self._send(R.LOCKED_OUT)
                 return
             if result.key is None:
-                self.log.warn(
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
                     "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
                     method=method, user=result.account, peer=self.peer, delay=result.delay,
                 )
@@ -590,33 +572,21 @@ class POP3Server(CommandSession):
                 )
                 self._send(R.READ_FAILED)
 
-        # The first chunk is read here, on the reactor thread: one open() and one
-        # read() of at most CHUNK bytes, almost always from the page cache, cost
-        # less than a thread hop, and most messages are that small.  Listing
-        # cur/ to find a renamed file, and the rest of a big message, go to
-        # the thread pool.
         ahead, self._ahead = self._ahead, None
-        try:
-            if ahead is not None and ahead[0] == i:
-                fileobj, data = None, ahead[1]
-            else:
-                fileobj, data = drop.read_start(i, CHUNK, relocate=False)
-        except FileNotFoundError:
-            d = self.run_blocking(drop.read_start, i, CHUNK)
-        except Exception:
-            d = defer.fail()
+        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
+        if isinstance(first, defer.Deferred):
+            return first.addCallbacks(started, failed)
+        fileobj, data = first
+        if fileobj is not None:
+            return defer.succeed(first).addCallbacks(started, failed)
+        # The common case, a message under CHUNK: the whole reply is queued
+        # now, no Deferred and no callbacks.
+        if body_lines is None and plain_message(data):
+            self._send(b"".join((header, data, R.TERMINATOR)))
+            self._prefetch = i + 1
         else:
-            if fileobj is None:
-                # The common case, a message under CHUNK: the whole reply is
-                # queued now, no Deferred and no callbacks.
-                if body_lines is None and plain_message(data):
-                    self._send(b"".join((header, data, R.TERMINATOR)))
-                    self._prefetch = i + 1
-                else:
-                    self._send(header + encode_message(data, body_lines))
-                return None
-            d = defer.succeed((fileobj, data))
-        return d.addCallbacks(started, failed)
+            self._send(header + encode_message(data, body_lines))
+        return None
 
     def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):

@@ -1,24 +1,22 @@
 # -*- test-case-name: tests.smtp.test_smtp_server -*-
 """The ESMTP server protocol (RFC 5321) behind the MX, submission and submissions listeners.
 
-Why not ``twisted.mail.smtp.ESMTP``: it is built on ``LineOnlyReceiver``, whose
-receive loop keeps splitting already-received plaintext after ``STARTTLS``
-(CVE-2011-0411 class), drops back to command mode and executes the body when a
-line inside DATA is overlong, and keeps reading commands while a validation
-Deferred is pending, so pipelined replies come out of order (twisted#8126).
-Those defects live in the base, not in methods a subclass could override, so
-this session runs on ``mailstack.session.CommandSession`` (line framing, strict
-order, batched output, back-pressure, idle timer, drain):
+Why not ``twisted.mail.smtp.ESMTP``: its ``LineOnlyReceiver`` base keeps
+splitting already-received plaintext after ``STARTTLS`` (CVE-2011-0411 class),
+drops back to command mode and executes the body when a line inside DATA is
+overlong, and keeps reading commands while a Deferred is pending, so pipelined
+replies come out of order (twisted#8126).  The session runs on
+``session.CommandSession`` (framing, strict order, batched output,
+back-pressure, idle timer, drain); here are the ESMTP semantics:
 
-* Commands are processed strictly in order (RFC 2920 section 3).  While a
-  command waits on a Deferred (AUTH check, the DATA commit) nothing after it is
-  looked at; input is buffered and the transport paused if the buffer grows.
+* Commands are processed strictly in order (RFC 2920 section 3); one waiting
+  on a Deferred (AUTH check, DATA commit) holds the ones behind it.
 * DATA is decoded by ``smtp.data.DataDecoder`` in chunks (only ``CRLF.CRLF``
   ends it; no content byte is ever read as a command; bare CR/LF is refused
-  after the terminator; long lines are fine), streamed to ``IIntake`` and
-  answered 250 only from the commit Deferred's callback.
-* ``STARTTLS`` discards whatever the client sent behind it before the
-  handshake (RFC 3207 section 4.2) and resets the session.
+  after the terminator), streamed to ``IIntake`` and answered 250 only from
+  the commit Deferred's callback.
+* ``STARTTLS`` discards whatever the client sent behind it (RFC 3207 section
+  4.2) and resets the session.
 
 MAIL/RCPT argument syntax is ``smtp.syntax``; the login policy is
 ``auth.login``; the listener factory, its caps and drain are ``smtp.factory``.
@@ -66,6 +64,7 @@ class SMTPServer(CommandSession):
     log = Logger()
     quiet_after_close = (MailError,)
     limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: _WIRE[R.TOO_MANY_CONNECTIONS], connlimit.PER_IP: _WIRE[R.TOO_MANY_CONNECTIONS_IP]}
+    too_many_errors_reply = _WIRE[R.TOO_MANY_ERRORS]
     shutdown_reply = _WIRE[R.SHUTTING_DOWN]  # RFC 5321 section 3.8
     forced_close_reply = shutdown_reply  # an unacknowledged message is aborted (closing)
 
@@ -78,7 +77,6 @@ class SMTPServer(CommandSession):
         self.policy = factory.policy
         self.mode = _COMMAND
         self._write_failed = False  # the intake refused message bytes; answered at the end of DATA
-        self.errors = 0
         self.messages = 0
         self._reset_session()
 
@@ -174,6 +172,9 @@ class SMTPServer(CommandSession):
     def max_line_length(self) -> int:
         return self.config.smtp.max_line_length
 
+    def max_errors(self) -> int:
+        return self.config.smtp.max_errors
+
     def line_received(self, line: bytes) -> None:
         if self.mode == _AUTH:
             self._auth_response(line)
@@ -196,7 +197,6 @@ class SMTPServer(CommandSession):
         wire = _WIRE.get(reply)
         self._queue(wire if wire is not None else reply.encode())
         if error:
-            self.errors += 1
             self.log.info(
                 "smtp rejected {command} peer={peer} user={user}: {reply}",
                 command=error,
@@ -204,10 +204,7 @@ class SMTPServer(CommandSession):
                 user=self.user,
                 reply=str(reply),
             )
-            limit = self.config.smtp.max_errors
-            if limit and self.errors >= limit:
-                self._queue(_WIRE[R.TOO_MANY_ERRORS])
-                self._close()
+            self._count_error()
 
     def _write_raw(self, data: bytes) -> None:
         self._queue(data)

@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack import session
 from mailstack.net import is_loopback
-from mailstack.pop3 import mailbox, replies as R, server, streamer
+from mailstack.pop3 import mailbox, server, streamer
+from mailstack.pop3 import replies as R
 from mailstack.pop3.factory import make_factory
 from mailstack.pop3.server import AUTHORIZATION, TRANSACTION
 from tests.support.transports import ImplicitTLSTransport, TLSStringTransport
@@ -834,7 +835,6 @@ class FakesTests(SynchronousTestCase):
         from zope.interface.verify import verifyObject
 
         from mailstack.interfaces import ILoginThrottle
-
         from tests.support.fakes import FakeThrottle
 
         self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
