@@ -119,7 +119,7 @@ class POP3Server(CommandSession):
         self._flush()
         self._arm_timer()
 
-    def _produce_again(self, result: Any) -> Any:
+    def _produce_again(self, result: Failure | None) -> Failure | None:
         """A MessageSender finished (and unregistered): be the transport's producer again.
 
         After a failure the connection is being dropped (``_stream_failed``)."""
@@ -251,7 +251,7 @@ class POP3Server(CommandSession):
         if isinstance(result, defer.Deferred):
             self._wait(result, self._command_done)
 
-    def _command_done(self, result: Any) -> None:
+    def _command_done(self, result: object) -> None:
         """An asynchronous command finished; its callbacks answered unless it failed."""
         if isinstance(result, Failure):
             self.log.failure("POP3 command failed", result, peer=self.peer, user=self.user)
@@ -285,7 +285,7 @@ class POP3Server(CommandSession):
         out.append(R.TERMINATOR)
         self._send(b"".join(out))
 
-    def do_QUIT(self, arg: bytes) -> Any:
+    def do_QUIT(self, arg: bytes) -> defer.Deferred[None] | None:
         if self.state == AUTHORIZATION:
             self._send(R.BYE)
             self._close()
@@ -344,7 +344,7 @@ class POP3Server(CommandSession):
         self._user_arg = arg
         self._send(R.USER_OK)
 
-    def do_PASS(self, arg: bytes) -> Any:
+    def do_PASS(self, arg: bytes) -> None:
         user, self._user_arg = self._user_arg, None
         if not self._login_allowed():
             self._send(R.TLS_REQUIRED)
@@ -355,7 +355,7 @@ class POP3Server(CommandSession):
         # RFC 1939 section 7: the password is the rest of the line, spaces included.
         return self._login(user, arg, "USER")
 
-    def do_AUTH(self, arg: bytes) -> Any:
+    def do_AUTH(self, arg: bytes) -> None:
         """RFC 5034 section 4, PLAIN (RFC 4616) only."""
         if not arg:
             self._send(b"".join(R.AUTH_MECHANISMS))
@@ -519,14 +519,14 @@ class POP3Server(CommandSession):
         self._octets = sum(drop.sizes)
         self._send(R.rset(self._count, self._octets))
 
-    def do_RETR(self, arg: bytes) -> Any:
+    def do_RETR(self, arg: bytes) -> defer.Deferred[None] | None:
         i = self._message(arg)
         if i is None:
             return None
         assert self.maildrop is not None
         return self._send_message(i, R.retr_header(self.maildrop.sizes[i]), None)
 
-    def do_TOP(self, arg: bytes) -> Any:
+    def do_TOP(self, arg: bytes) -> defer.Deferred[None] | None:
         """RFC 1939 section 7: TOP msg n -- header, blank line, n body lines."""
         number, _, lines = arg.partition(b" ")
         if not lines.isdigit() or len(lines) > 10:

@@ -365,7 +365,7 @@ class SmugglingTests(SynchronousTestCase):
         return s, out
 
     def test_smugglingSequences(self) -> None:
-        """Every scanner sequence (anchors 5.1/5.2), in one write and byte by byte: never two messages."""
+        """Every scanner sequence (the SMTP smuggling end-of-data lookalikes, see smtp/data.py), in one write and byte by byte: never two messages."""
         for seq in SMUGGLING:
             for bytewise in (False, True):
                 s, out = self.probe(seq, bytewise)
