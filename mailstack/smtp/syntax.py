@@ -9,7 +9,7 @@ session's job.  No I/O, so every case is a table test.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.errors import Reply
@@ -25,6 +25,7 @@ class MailFrom:
     sender: Address | None  # None: the null reverse-path <>
     size: int | None = None  # RFC 1870 SIZE=
     body: str | None = None  # RFC 6152 BODY=, upper case
+    params: dict[str, str] = field(default_factory=dict)  # every Mail-parameter given, NAME -> value
 
 
 def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
@@ -43,11 +44,13 @@ def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
         return R.UNKNOWN_PARAMETER
     size: int | None = None
     body: str | None = None
+    given: dict[str, str] = {}
     for param in params:
         if not _ESMTP_PARAM.match(param):
             return R.SYNTAX
         name, _, value = param.partition("=")
         name = name.upper()
+        given[name] = value
         if name == "SIZE":
             # RFC 1870 section 6
             if not value.isdigit() or len(value) > 20:
@@ -64,7 +67,7 @@ def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
             pass  # RFC 4954 section 5: accepted, not trusted
         else:
             return R.UNKNOWN_PARAMETER
-    return MailFrom(sender, size, body)
+    return MailFrom(sender, size, body, given)
 
 
 def rcpt_path(arg: str) -> str | Reply:

@@ -17,9 +17,9 @@ class MailFromTests(SynchronousTestCase):
             ("from:<alice@example.org>", False, MailFrom(ALICE)),
             ("FROM: <alice@example.org>", False, MailFrom(ALICE)),
             ("FROM:<>", False, MailFrom(None)),
-            ("FROM:<alice@example.org> SIZE=1000", True, MailFrom(ALICE, size=1000)),
-            ("FROM:<alice@example.org> BODY=8bitmime", True, MailFrom(ALICE, body="8BITMIME")),
-            ("FROM:<alice@example.org> AUTH=<>", True, MailFrom(ALICE)),
+            ("FROM:<alice@example.org> SIZE=1000", True, MailFrom(ALICE, size=1000, params={"SIZE": "1000"})),
+            ("FROM:<alice@example.org> BODY=8bitmime", True, MailFrom(ALICE, body="8BITMIME", params={"BODY": "8bitmime"})),
+            ("FROM:<alice@example.org> AUTH=<>", True, MailFrom(ALICE, params={"AUTH": "<>"})),
             ('FROM:<"a b"@example.org>', False, MailFrom(Address("a b", "example.org"))),
         ]
         for arg, esmtp, expected in table:
@@ -45,7 +45,7 @@ class MailFromTests(SynchronousTestCase):
 
     def test_noSizeLimit(self) -> None:
         """max_size 0 accepts any SIZE."""
-        self.assertEqual(parse_mail_from("FROM:<> SIZE=99999999999", True, 0), MailFrom(None, size=99999999999))
+        self.assertEqual(parse_mail_from("FROM:<> SIZE=99999999999", True, 0), MailFrom(None, size=99999999999, params={"SIZE": "99999999999"}))
 
 
 class RcptToTests(SynchronousTestCase):
