@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_directsend -*-
+# -*- test-case-name: tests.smtp.test_smtp_directsend -*-
 """Replies straight to the socket when nothing is queued ahead of them.
 
 Why: ``FileDescriptor.write`` only buffers.  The bytes leave on the next

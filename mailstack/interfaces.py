@@ -7,6 +7,7 @@ IDeliveryAgent (local maildir, or remote via IMXResolver and the SMTP client)
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import Attribute, Interface
 
 
@@ -63,6 +64,9 @@ class IIntake(Interface):
 
     def begin(envelope) -> IIncoming:
         """Start a message for ``envelope.Envelope``; the intake adds Received:."""
+
+    def wait_idle():
+        """Deferred firing once no commit is in progress (graceful shutdown)."""
 
 
 class IQueueKicker(Interface):
@@ -128,22 +132,6 @@ class ILoginTicket(Interface):
         """No verdict (the check errored): release the reservation, record nothing."""
 
 
-class ILoginThrottleCompat(Interface):
-    """The check-then-record calls the SMTP and POP3 servers make until they use ``begin``.
-
-    These count nothing in flight; ``ILoginThrottle.begin`` replaces all three.
-    """
-
-    def locked(peer: str, account: str) -> bool:
-        """Whether ``begin(peer, account)`` would refuse now."""
-
-    def failed(peer: str, account: str) -> float:
-        """Record a failure; returns the seconds to wait before replying."""
-
-    def succeeded(peer: str, account: str) -> None:
-        """Record a success (forgets the pair's failures, not the peer's)."""
-
-
 class IMetrics(Interface):
     """Counters the server keeps for Prometheus (``metrics.Metrics``), or nothing
     (``metrics.NoMetrics``).  Every call is cheap and reactor-safe."""
@@ -182,6 +170,13 @@ class IMetrics(Interface):
         """A DNS lookup took ``seconds``."""
 
 
+class ITLSSettings(IOpenSSLContextFactory):
+    """The server's certificate; as an ``IOpenSSLContextFactory`` it serves ``ssl:`` listeners."""
+
+    def context_factory():
+        """A context factory for ``startTLS`` (STARTTLS, STLS), with the current certificate."""
+
+
 class IRuntime(Interface):
     """What ``tap.makeService`` builds once and hands to every listener factory."""
 
@@ -192,9 +187,20 @@ class IRuntime(Interface):
     aliases = Attribute("IAliasDB")
     checker = Attribute("twisted.cred ICredentialsChecker for IUsernamePassword; avatarId = user key (str)")
     throttle = Attribute("ILoginThrottle")
-    tls = Attribute("tls.TLSConfig: .context_factory() for STARTTLS, STLS and ssl: listeners")
+    tls = Attribute("ITLSSettings (tls.TLSConfig): .context_factory() for STARTTLS, STLS and ssl: listeners")
     router = Attribute("IRouter")
     store = Attribute("queue.store.QueueStore")
     intake = Attribute("IIntake")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
+    smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
+    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections)")
+    smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
+
+
+class IDrainable(Interface):
+    """A listener factory whose sessions can be wound down (graceful shutdown)."""
+
+    def drain(timeout: float):
+        """Refuse new sessions, let the ones in flight finish, drop what is left
+        after ``timeout`` seconds; Deferred firing (None) when all are gone."""

@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_service -*-
 """The one object that ties the server's parts together.
 
-``service.build_runtime`` creates it once per process (``tap.makeService``) and
+``service.make_service`` creates it once per process (``tap.makeService``) and
 hands it to every listener factory, so protocols reach the user database, the
 router, the intake and the TLS settings through one argument instead of a
-dozen.  It holds references only; it does no work of its own.
+dozen.  It holds references, plus the state every listener of a protocol
+shares (connection caps, the sending rate); it does no work of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from mailstack.connlimit import ConnectionLimiter
 from mailstack.interfaces import IRuntime
+from mailstack.smtp.ratelimit import RateLimiter
 
 
 @implementer(IRuntime)
@@ -37,6 +40,7 @@ class Runtime:
         manager: Any = None,
         maildirs: Any = None,
     ) -> None:
+        smtp = config.smtp
         self.config = config
         self.reactor = reactor
         self.run_blocking = run_blocking
@@ -50,3 +54,7 @@ class Runtime:
         self.intake = intake
         self.manager = manager
         self.maildirs = maildirs
+        # Shared by every listener of a protocol, so built here, once.
+        self.smtp_connections = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip)
+        self.pop3_connections = ConnectionLimiter(config.pop3.max_connections)
+        self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)

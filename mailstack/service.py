@@ -14,14 +14,14 @@
 
 Stopping (SIGTERM, see ``tap.py``) is ordered rather than MultiService's
 reverse order: stop listening; then let sessions in flight finish, by calling
-``drain(timeout)`` on every listener factory that has one (the SMTP factory
-does: idle sessions get 421 4.3.2, transactions finish, all bounded by
-``smtp.shutdown_grace``); then stop the queue manager (it waits for deliveries
+``drain(timeout)`` on every listener factory (each provides ``IDrainable``:
+idle sessions are told and closed, transactions and commands in progress
+finish, all bounded by ``smtp.shutdown_grace``); then stop the queue manager (it waits for deliveries
 in progress, bounded likewise); last the thread pool, which finishes the
 blocking calls it has (an fsync in progress completes).
 
-TCP_NODELAY is set by the protocols themselves (``smtp/server.py``,
-``pop3/server.py`` in ``connectionMade``); a wrapping protocol here would hide
+TCP_NODELAY is set by the protocols themselves (``session.CommandSession``
+when a connection is admitted); a wrapping protocol here would hide
 ``ISSLTransport`` after STARTTLS from them.
 """
 
@@ -35,6 +35,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -46,12 +47,13 @@ from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
 from mailstack.intake import Intake
-from mailstack.pop3 import server as pop3_server
+from mailstack.interfaces import IDrainable
+from mailstack.pop3 import factory as pop3_factory
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.store import QueueStore
 from mailstack.routing import Router
 from mailstack.runtime import Runtime
-from mailstack.smtp import server as smtp_server
+from mailstack.smtp import factory as smtp_factory
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.threadpool import ThreadPool
@@ -60,12 +62,12 @@ from mailstack.tls import TLSConfig, TLSError
 THREADS = 32
 
 # Listener kind -> make_factory(kind, runtime) of the protocol that serves it.
-FACTORIES: dict[str, Callable[[str, Any], Any]] = {
-    "smtp": smtp_server.make_factory,
-    "submission": smtp_server.make_factory,
-    "submissions": smtp_server.make_factory,
-    "pop3": pop3_server.make_factory,
-    "pop3s": pop3_server.make_factory,
+FACTORIES: dict[str, Callable[[str, Any], ServerFactory]] = {
+    "smtp": smtp_factory.make_factory,
+    "submission": smtp_factory.make_factory,
+    "submissions": smtp_factory.make_factory,
+    "pop3": pop3_factory.make_factory,
+    "pop3s": pop3_factory.make_factory,
 }
 
 
@@ -132,12 +134,14 @@ class MailService(MultiService):
         self.runtime = runtime
         self.pool = pool
         self.listeners: list[StreamServerEndpointService] = []
-        self.factories: list[Any] = []  # the unwrapped protocol factories, for drain()
+        self.factories: list[IDrainable] = []  # the unwrapped protocol factories, for drain()
         self.described: list[tuple[str, str]] = []  # (kind, listener string)
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
 
-    def add_listener(self, kind: str, description: str, factory: Any) -> None:
+    def add_listener(self, kind: str, description: str, factory: ServerFactory) -> None:
+        """Listen on ``description`` with ``factory``, which must provide ``IDrainable``."""
+        drainable = IDrainable(factory)
         endpoint_string, wrap = listen_description(description)
         endpoint = serverFromString(self.runtime.reactor, endpoint_string)
         served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
@@ -148,8 +152,8 @@ class MailService(MultiService):
         svc.setServiceParent(self)
         self.described.append((kind, description))
         self.listeners.append(svc)
-        if factory not in self.factories:
-            self.factories.append(factory)
+        if drainable not in self.factories:
+            self.factories.append(drainable)
 
     def privilegedStartService(self) -> None:
         # Listeners bind here (before twistd drops privileges).  A port in use
@@ -173,7 +177,7 @@ class MailService(MultiService):
         grace = float(self.runtime.config.smtp.shutdown_grace)
         await gatherResults([maybeDeferred(s.stopService) for s in self.listeners if s.running])
         self.log.info("stopped listening; draining sessions for up to {grace}s", grace=grace)
-        drains = [f.drain(grace) for f in self.factories if callable(getattr(f, "drain", None))]
+        drains = [f.drain(grace) for f in self.factories]
         await gatherResults(drains)
         manager = self.runtime.manager
         if manager.running:

@@ -39,6 +39,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack.interfaces import ITLSSettings
 from mailstack.storage import fsutil
 
 #: OpenSSL names of the TLS 1.2 suites we accept (see the module docstring).
@@ -131,7 +132,7 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: date
     fsutil.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(ITLSSettings)
 class TLSConfig:
     """The certificate in use; ``context_factory()`` for every TLS handshake."""
 

@@ -4,7 +4,6 @@ import os
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.application.service import Service
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
@@ -14,7 +13,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailstack import config, service, tap
-from mailstack.interfaces import IRuntime
+from mailstack.interfaces import IDrainable, IRuntime
+from tests.support.fakes import FakeChecker, FakeThrottle, FakeTLS
 
 
 class HelperTests(SynchronousTestCase):
@@ -26,6 +26,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(service.listen_description("tcp:25"), ("tcp:25", False))
 
 
+@implementer(IDrainable)
 class DrainingFactory(ServerFactory):
     def __init__(self, log):
         self.log = log
@@ -45,12 +46,6 @@ class FakeManager(Service):
         self.log.append("manager stopped")
 
 
-@implementer(IOpenSSLContextFactory)
-class FakeTLS:
-    def getContext(self):
-        raise AssertionError("not used without connections")
-
-
 class MailServiceTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
@@ -58,7 +53,7 @@ class MailServiceTests(SynchronousTestCase):
         self.log = []
         runtime = service.Runtime(
             config=self.config, reactor=self.reactor, run_blocking=None, users=None, aliases=None,
-            checker=None, throttle=None, tls=FakeTLS(), manager=FakeManager(self.log),
+            checker=FakeChecker(), throttle=FakeThrottle(), tls=FakeTLS(), manager=FakeManager(self.log),
         )
         self.pool = service.ThreadPoolService(self.reactor, threads=2)
         self.svc = service.MailService(runtime, self.pool)

@@ -46,7 +46,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailstack.interfaces import ILoginThrottle, ILoginThrottleCompat, ILoginTicket
+from mailstack.interfaces import ILoginThrottle, ILoginTicket
 from mailstack.logsafe import escape
 
 #: Entries per table; the oldest is dropped beyond this (about 100 bytes each).
@@ -151,7 +151,7 @@ class _Ticket:
         self._release()
 
 
-@implementer(ILoginThrottle, ILoginThrottleCompat)
+@implementer(ILoginThrottle)
 class LoginThrottle:
     """Peer and pair lockouts, account slowdown, known peers; on an injected clock."""
 
@@ -181,17 +181,6 @@ class LoginThrottle:
             )
             return None
         return self._reserve(peer, account, now)
-
-    # -- ILoginThrottleCompat ------------------------------------------------------
-
-    def locked(self, peer: str, account: str) -> bool:
-        return self._refusal(peer, account, self.clock.seconds()) is not None
-
-    def failed(self, peer: str, account: str) -> float:
-        return self._reserve(peer, account, self.clock.seconds()).failed()
-
-    def succeeded(self, peer: str, account: str) -> None:
-        self._reserve(peer, account, self.clock.seconds()).succeeded()
 
     # -- the rules -----------------------------------------------------------------
 

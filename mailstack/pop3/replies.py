@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.pop3.test_replies -*-
+# -*- test-case-name: tests.pop3.test_server -*-
 """Every POP3 reply line the server sends, as bytes constants and small formatters.
 
 Status indicators are RFC 1939 section 3 (``+OK`` / ``-ERR``).  Extended response

@@ -1,37 +1,24 @@
 # -*- test-case-name: tests.pop3.test_server -*-
 """The POP3 protocol (RFC 1939, 2449, 2595, 3206, 5034) over ``pop3.mailbox``.
 
-Why not ``twisted.mail.pop3.POP3``: anchors 4.3 lists what would have to be
-overridden (STLS with buffer flush, CAPA, state handling on connection loss, the
-Maildir mailbox, blocking size/UIDL calls, line limits); that is nearly all of it,
-and its ``LineOnlyReceiver`` base cannot discard input after STLS nor batch
-replies.  So this is a small ``Protocol`` with its own line buffer:
+Why not ``twisted.mail.pop3.POP3``: nearly all of it would have to be
+overridden (STLS, CAPA, connection loss, the Maildir mailbox, blocking
+size/UIDL calls, line limits), and its ``LineOnlyReceiver`` base can neither
+discard input after STLS nor batch replies.  The session runs on
+``session.CommandSession`` (framing, strict order, batched output,
+back-pressure, idle timer, drain):
 
-* Lines end with LF (CR before it is dropped).  A command line may have 255
-  octets with its CRLF (RFC 2449 section 4); AUTH lines and SASL responses up to
-  ``MAX_AUTH_LINE`` (RFC 5034 section 4 lets an initial response exceed 255).  A
-  longer line gets one ``-ERR`` and is skipped up to its end, so the session
-  stays in step.
-* Commands are handled one at a time in order.  A command whose work is
-  asynchronous (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the queue until it
-  is done, so pipelined replies (RFC 2449 section 6.6) come out in order.
-* All replies produced by one read go out in one ``transport.write`` (up to
-  ``FLUSH_AT``).  The session is the transport's push producer: while the
-  client leaves replies unread (buffer full) no further command is processed,
-  and reading stops once ``PAUSE_INPUT_AT`` of input waits; a client that reads
-  nothing for a whole ``pop3.idle_timeout`` (also in the middle of a RETR) is
-  aborted and its mailbox lock released.
-* On a plain TCP connection a reply goes straight to the socket when nothing
-  is waiting in the transport's buffer (``mailstack.directsend``): one send()
-  instead of Twisted's queue, poll-set registration and send on the next loop
-  turn.
-* After a RETR of a small message, the next message is read ahead between
-  commands (``_read_ahead``), so the next RETR's reply needs no file access.
-* RETR/TOP read the first 64 KiB on the reactor thread (an open and a read
-  from the page cache are cheaper than a thread hop); the rest of a large
-  message streams through ``_MessageSender``, a push producer reading 64 KiB
-  chunks in the thread pool.  Memory per session does not grow with message
-  size.
+* Lines end with LF (a CR before it is dropped).  A command line may have 255
+  octets with its CRLF (RFC 2449 section 4), AUTH lines and SASL responses
+  ``MAX_AUTH_LINE`` (RFC 5034 section 4); a longer one gets one ``-ERR``.
+* An asynchronous command (PASS, AUTH, RETR, TOP, QUIT in UPDATE) holds the
+  ones pipelined behind it (RFC 2449 section 6.6).
+* While the client leaves replies unread no command is processed, and reading
+  stops once ``PAUSE_INPUT_AT`` of input waits; a client that reads nothing
+  for a whole ``pop3.idle_timeout`` (also during a RETR) is aborted and its
+  mailbox lock released.
+* RETR/TOP: ``pop3.streamer`` (first chunk and read-ahead on the reactor
+  thread, the rest of a big message streamed from the thread pool).
 
 States (RFC 1939 section 3): ``AUTHORIZATION`` -> (login and lock) ->
 ``TRANSACTION`` -> QUIT -> ``UPDATE`` (deletions) -> closed.  Anything else that
@@ -40,38 +27,42 @@ ends the connection (drop, autologout, error) never enters UPDATE.
 Login policy: USER/PASS and AUTH PLAIN only under TLS (pop3s, or after STLS),
 or from loopback with ``auth.plaintext_on_loopback``; otherwise ``-ERR [AUTH]``
 (RFC 3206: authenticating "in violation of policy"), and CAPA then hides USER and
-SASL (RFC 2595 section 4).  Every failure goes to ``runtime.throttle``; its delay
-holds the ``-ERR [AUTH]`` reply (and the session's later commands) back, a locked
-out peer or account is refused before the password is checked.  Logs carry
-``peer`` and ``user``, never passwords or AUTH payloads.  The autologout timer is
-``pop3.idle_timeout`` (RFC 1939 section 3) on the runtime's clock.
-
-File work lives in ``pop3.mailbox`` and runs through ``run_blocking``, except
-the first RETR/TOP chunk (above).
+SASL (RFC 2595 section 4).  Lockout, portal login and the failure delay are
+``auth.login``; the delay holds the ``-ERR [AUTH]`` reply (and the session's
+later commands) back.  Logs carry ``peer`` and ``user``, never passwords or
+AUTH payloads.  The autologout timer is ``pop3.idle_timeout`` (RFC 1939
+section 3) on the runtime's clock.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
-import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
-from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from mailstack import connlimit
 from mailstack.address import AddressError, parse_address
-from mailstack.auth import cred
-from mailstack.directsend import send
+from mailstack.auth import sasl
+from mailstack.auth.login import LoginResult
+from mailstack.net import is_loopback
 from mailstack.pop3 import replies as R
-from mailstack.pop3.mailbox import Maildrop, MailboxInUse, MessageGone, WireEncoder, encode_message, plain_message
+from mailstack.pop3.mailbox import (
+    MailboxInUse,
+    Maildrop,
+    MessageGone,
+    WireEncoder,
+    encode_message,
+    plain_message,
+)
+from mailstack.pop3.streamer import MessageSender, read_ahead, read_first
+from mailstack.session import CommandSession
+
+if TYPE_CHECKING:
+    from mailstack.pop3.factory import POP3Factory
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -80,151 +71,39 @@ UPDATE = "UPDATE"
 MAX_COMMAND_LINE = 255  # RFC 2449 section 4, CRLF included
 MAX_AUTH_LINE = 2048  # AUTH PLAIN with initial response, SASL responses
 MAX_ERRORS = 20
-CHUNK = 64 * 1024  # read size for RETR/TOP
-PAUSE_INPUT_AT = 64 * 1024
-FLUSH_AT = 64 * 1024  # replies of one read are written in one go up to this size
-CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is aborted  # unprocessed pipelined input before we stop reading
+PAUSE_INPUT_AT = 64 * 1024  # unprocessed pipelined input before we stop reading
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or bool(mapped and mapped.is_loopback)
-
-
-@implementer(IPushProducer)
-class _MessageSender:
-    """Streams the rest of a message file to the transport (RETR/TOP).
-
-    Reads ``CHUNK`` bytes at a time through ``run_blocking`` while the transport
-    wants more; ``pauseProducing`` from the transport stops the reads, so at most
-    one chunk plus the transport's buffer is in memory.
-    """
-
-    def __init__(self, transport: Any, fileobj: Any, encoder: WireEncoder, run_blocking: Callable[..., Any]) -> None:
-        self._transport = transport
-        self._file = fileobj
-        self._encoder = encoder
-        self._run_blocking = run_blocking
-        self._paused = False
-        self._reading = False
-        self._finished = False
-        self._in_next = False
-        self.chunks = 0  # read so far (progress, for the autologout timer)
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def start(self) -> "defer.Deferred[None]":
-        self._transport.registerProducer(self, True)
-        self._next()
-        return self.done
-
-    def _next(self) -> None:
-        while not (self._paused or self._reading or self._finished):
-            self._reading = True
-            self._in_next = True
-            self._run_blocking(self._file.read, CHUNK).addBoth(self._got)
-            self._in_next = False
-            if self._reading:
-                return  # the read is in a thread; _got continues
-
-    def _got(self, data: Any) -> None:
-        self._reading = False
-        if self._finished:
-            self._close_file()  # stopProducing left the close to us
-            return
-        if isinstance(data, Failure):
-            self._finish(data)
-            return
-        if not data:
-            self._transport.write(self._encoder.end())
-            self._finish(None)
-            return
-        self.chunks += 1
-        out = self._encoder.feed(data)
-        if self._encoder.done:
-            self._transport.write(out + self._encoder.end())
-            self._finish(None)
-            return
-        if out:
-            self._transport.write(out)
-        if not self._in_next:
-            self._next()
-
-    def _close_file(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
-
-    def _finish(self, result: Failure | None) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._close_file()
-        self._transport.unregisterProducer()
-        if result is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(result)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._next()
-
-    def stopProducing(self) -> None:
-        if not self._finished:
-            self._finished = True
-            if not self._reading:
-                self._close_file()
-            self.done.errback(Failure(ConnectionDone("stopped while sending a message")))
-
-
-class POP3Server(Protocol):
-    """One POP3 session.  Built by ``POP3Factory``; see the module docstring."""
+class POP3Server(CommandSession):
+    """One POP3 session.  Built by ``pop3.factory.POP3Factory``; see the module docstring."""
 
     log = Logger()
+    delimiter = b"\n"
+    pause_input_at = PAUSE_INPUT_AT
+    # Reading goes on while the client leaves replies unread (only command
+    # processing stops), so a TLS handshake gets the reads it needs.
+    stop_reading_when_write_full = False
+    quiet_after_close = (Exception,)  # every command handles its own failures
+    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS}
+    too_many_errors_reply = R.TOO_MANY_ERRORS
+    shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
-    def __init__(self, factory: "POP3Factory", implicit_tls: bool) -> None:
-        self.factory = factory
+    def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
         rt = factory.runtime
-        self.clock = rt.reactor
+        CommandSession.__init__(self, rt.reactor, factory.group, rt.pop3_connections)
+        self.factory = factory
         self.run_blocking = rt.run_blocking
-        self.portal = factory.portal
-        self.throttle = rt.throttle
         self.maildirs = rt.maildirs
         self.tls_config = rt.tls
         self.config = rt.config
-        self.idle_timeout = rt.config.pop3.idle_timeout
         self.implicit_tls = implicit_tls
         self.state = AUTHORIZATION
-        self.peer = ""
         self.user: str | None = None  # the key after login
         self.maildrop: Maildrop | None = None
         self._tls = implicit_tls
-        self._buf = bytearray()
-        self._discarding = False  # skipping the rest of an overlong line
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._busy = False
-        self._processing = False
-        self._closed = False
-        self._lost = False
-        self._input_paused = False
-        self._write_full = False  # the transport's write buffer is full (we are its producer)
-        self._registered = False  # we are the transport's registered producer
-        self._errors = 0
         self._user_arg: bytes | None = None  # after USER, before PASS
         self._sasl_pending = False  # waiting for the AUTH PLAIN response line
-        self._idle_call: Any = None
-        self._delayed: Any = None  # a slowed failure reply
-        self._abort_call: Any = None  # hard close if a polite one does not finish
-        self._sender: _MessageSender | None = None  # a RETR/TOP being streamed
+        self._sender: MessageSender | None = None  # a RETR/TOP being streamed
         self._idle_chunks = -1  # the sender's progress when the idle timer last fired
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
@@ -234,69 +113,23 @@ class POP3Server(Protocol):
     # -- connection ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer = getattr(self.transport.getPeer(), "host", "") or ""
-        self._tcp_nodelay()
-        if not self.factory.admit(self):
-            send(self.transport, R.TOO_MANY_CONNECTIONS)
-            self._closed = True
-            self.transport.loseConnection()
+        if not self._admit():
             return
-        # Back-pressure on output: pipelined commands whose responses the client
-        # never reads must not grow our write buffer without bound, so the session
-        # is the transport's producer and stops reading while the buffer is full
-        # (except while a _MessageSender streams a message: it is the producer then).
-        self.transport.registerProducer(self, True)
-        self._registered = True
-        send(self.transport, R.GREETING)
-        self._reset_idle()
+        self._send(R.GREETING)
+        self._flush()
+        self._arm_timer()
 
-    # IPushProducer, for the transport (see connectionMade).
-    def pauseProducing(self) -> None:
-        self._write_full = True
-        self._throttle_input()
-
-    def resumeProducing(self) -> None:
-        self._write_full = False
-        self._throttle_input()
-        if not self._busy and not self._processing and not self._closed:
-            self._process()  # commands that arrived while the client was not reading
-            self._flush()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def _produce_again(self, result: Any) -> Any:
-        """A _MessageSender finished (and unregistered): be the transport's producer again.
+    def _produce_again(self, result: Failure | None) -> Failure | None:
+        """A MessageSender finished (and unregistered): be the transport's producer again.
 
         After a failure the connection is being dropped (``_stream_failed``)."""
         self._sender = None
         if not isinstance(result, Failure) and not self._lost:
-            self._write_full = False
-            self.transport.registerProducer(self, True)
-            self._registered = True
-            self._throttle_input()
+            self._register_producer()
+            self._update_reading()
         return result
 
-    def _tcp_nodelay(self) -> None:
-        t = self.transport
-        for candidate in (t, getattr(t, "transport", None)):
-            setter = getattr(candidate, "setTcpNoDelay", None)
-            if setter is not None:
-                try:
-                    setter(True)
-                except Exception:  # not a TCP socket after all
-                    pass
-                return
-
-    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
-        was_closed = self._closed
-        self._closed = True
-        self._lost = True
-        self.factory.release(self)
-        for call in (self._idle_call, self._delayed, self._abort_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._idle_call = self._delayed = self._abort_call = None
+    def ended(self, was_closed: bool) -> None:
         if self.maildrop is not None:
             # RFC 1939 section 6: no QUIT, no UPDATE: nothing is deleted.
             if self.state == TRANSACTION and not was_closed:
@@ -308,48 +141,22 @@ class POP3Server(Protocol):
         if drop is not None:
             drop.close()
 
-    def _close(self) -> None:
-        """End the session from our side: no command will run any more."""
-        self._flush()
-        self._closed = True
-        if self.maildrop is not None:
-            # Release the mailbox now, not at connectionLost: a TLS close waits
-            # for the client's close_notify, which a stuck client never sends.
-            self._release_maildrop()
-        if self._registered:
-            # A paused producer would keep a closing TCP transport waiting for
-            # it instead of closing once the buffer is written.
-            self._registered = False
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
-        self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
+    def closing(self) -> None:
+        # Release the mailbox now, not at connectionLost: a TLS close waits
+        # for the client's close_notify, which a stuck client never sends.
+        self._release_maildrop()
 
-    def _abort(self) -> None:
-        self._abort_call = None
-        if not self._lost:
-            self.transport.abortConnection()
-
-    def shutdown(self) -> None:
-        """Server stopping: end the session now unless a command is in progress
-        (that one finishes first).  Like a drop, this never enters UPDATE."""
-        if self._closed or self._busy:
-            return
-        self._send(R.SHUTTING_DOWN)
-        self._close()
+    def handler_failed(self) -> None:
+        self.log.failure("POP3 command failed", peer=self.peer, user=self.user)
+        self._send(R.INTERNAL_ERROR)
 
     # -- idle timer (RFC 1939 section 3: autologout, at least 10 minutes) --
 
-    def _reset_idle(self) -> None:
-        if not self.idle_timeout or self._closed:
-            return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self.idle_timeout)
-        else:
-            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_expired)
+    def idle_timeout(self) -> float:
+        return self.config.pop3.idle_timeout
 
-    def _idle_expired(self) -> None:
-        self._idle_call = None
-        if self._busy:
+    def timed_out(self) -> None:
+        if self._blocked:
             sender = self._sender
             if sender is not None and sender.chunks == self._idle_chunks:
                 # A RETR/TOP made no progress for a whole idle period: the client
@@ -359,7 +166,7 @@ class POP3Server(Protocol):
             # Otherwise we are the slow side (a long RETR, a slow password
             # check): not the client's idle time.
             self._idle_chunks = sender.chunks if sender is not None else -1
-            self._reset_idle()
+            self._arm_timer()
             return
         if self._write_full:
             self._stalled()  # replies wait for a client that does not read them
@@ -377,145 +184,61 @@ class POP3Server(Protocol):
 
     # -- input -------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closed:
-            return
-        if (
-            not self._buf
-            and data[-1:] == b"\n"
-            and data.find(b"\n") == len(data) - 1
-            and not (self._busy or self._processing or self._write_full or self._discarding)
-        ):
-            # The usual case (a client that waits for each reply): exactly one
-            # whole line and nothing buffered.  What _process would do for it,
-            # minus the buffer copies.
-            self._processing = True
-            try:
-                self._line(data[:-2] if data[-2:-1] == b"\r" else data[:-1])
-            finally:
-                self._processing = False
-            if self._input_paused:
-                self._throttle_input()
-            self._flush()
-            # Off the critical path: the reply is on its way, the client is busy.
-            self._reset_idle()
-            if self._prefetch is not None:
-                self._read_ahead()
-            return
-        self._reset_idle()
-        self._buf += data
-        self._process()
-        self._flush()
+    def after_flush(self) -> None:
+        if self._prefetch is not None:
+            self._read_ahead()
 
     def _read_ahead(self) -> None:
-        """After RETR n went out, read message n+1 while the client reads n.
-
-        Clients download in order, so the next RETR is answered from memory:
-        its open/read/close happen here, between two commands, not between a
-        command and its reply.  Only a message that fits in one ``CHUNK`` is
-        kept (one per session); any error is left for the RETR itself.
-        """
+        """After RETR n went out, read message n+1 while the client reads n
+        (clients download in order); one message per session is kept."""
         i, self._prefetch = self._prefetch, None
         drop = self.maildrop
-        if drop is None or self._closed or i >= len(drop) or drop.deleted[i]:
+        if i is None or drop is None or self._closed:
             return
-        try:
-            fileobj, data = drop.read_start(i, CHUNK, relocate=False)
-        except Exception:
-            return
-        if fileobj is not None:
-            fileobj.close()
-            return
-        self._ahead = (i, data)
+        data = read_ahead(drop, i)
+        if data is not None:
+            self._ahead = (i, data)
 
-    def _process(self) -> None:
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            buf = self._buf
-            while not (self._busy or self._closed or self._write_full):
-                i = buf.find(b"\n")
-                if self._discarding:
-                    if i < 0:
-                        del buf[:]
-                        break
-                    del buf[: i + 1]
-                    self._discarding = False
-                    continue
-                if i < 0:
-                    if len(buf) > MAX_AUTH_LINE:
-                        del buf[:]
-                        self._discarding = True
-                        self._line_too_long()
-                    break
-                line = bytes(buf[:i])
-                del buf[: i + 1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                self._line(line)
-                if self._out_size > FLUSH_AT:
-                    # Big answers (LIST/UIDL of a large mailbox, pipelined): hand
-                    # them over now; a full transport buffer then calls
-                    # pauseProducing and the loop stops until resumeProducing.
-                    self._flush()
-        finally:
-            self._processing = False
-        self._throttle_input()
+    def max_line_length(self) -> int:
+        return MAX_AUTH_LINE
 
-    def _throttle_input(self) -> None:
-        # Pipelined input waiting behind a slow command, or behind replies the
-        # client does not read, is bounded.  Reading is not stopped merely
-        # because the write buffer is full: under TLS the handshake itself
-        # needs reads while writes wait (TLSMemoryBIOProtocol pauses its
-        # producer until then), so only a flood of unprocessed input stops it.
-        # A client that stops reading altogether meets the autologout timer.
-        want_pause = (self._busy or self._write_full) and len(self._buf) > PAUSE_INPUT_AT
-        if want_pause != self._input_paused and not self._closed:
-            self._input_paused = want_pause
-            (self.transport.pauseProducing if want_pause else self.transport.resumeProducing)()
-
-    def _line_too_long(self) -> None:
+    def line_too_long(self) -> None:
         # RFC 2449 section 4: limit 255 octets; answer and keep in step.
-        if self._sasl_pending:
-            self._sasl_pending = False
+        self._sasl_pending = False
         self._send(R.LINE_TOO_LONG)
-        self._error()
+        self._count_error()
 
-    def _error(self) -> None:
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self._send(R.TOO_MANY_ERRORS)
-            self._close()
+    def max_errors(self) -> int:
+        return MAX_ERRORS
 
-    def _line(self, line: bytes) -> None:
+    def line_received(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
         if self._sasl_pending:
             if len(line) + 2 > MAX_AUTH_LINE:
-                self._line_too_long()
+                self.line_too_long()
                 return
             self._sasl_pending = False
-            result = self._sasl_response(line)
-            if isinstance(result, defer.Deferred):
-                self._run(result)
+            self._sasl_response(line)
             return
         keyword, _, arg = line.partition(b" ")
         keyword = keyword.upper()
         limit = MAX_AUTH_LINE if keyword == b"AUTH" else MAX_COMMAND_LINE
         if len(line) + 2 > limit:
-            self._line_too_long()
+            self.line_too_long()
             return
-        handler = self._handlers.get(keyword)
-        if handler is None:
+        entry = self._COMMANDS.get(keyword)
+        if entry is None:
             self._user_arg = None
             self._send(R.UNKNOWN_COMMAND)
-            self._error()
+            self._count_error()
             return
         if keyword != b"PASS":
             self._user_arg = None  # RFC 1939: PASS only right after USER
-        states = self._states[keyword]
+        handler, states = entry
         if self.state not in states:
             self._send(R.BAD_STATE)
-            self._error()
+            self._count_error()
             return
         try:
             result = handler(self, arg)
@@ -526,56 +249,27 @@ class POP3Server(Protocol):
             self._send(R.INTERNAL_ERROR)
             return
         if isinstance(result, defer.Deferred):
-            self._run(result)
+            self._wait(result, self._command_done)
 
-    def _run(self, d: "defer.Deferred[Any]") -> None:
-        """Hold the command queue until ``d`` fires."""
-        self._busy = True
-
-        def failed(f: Failure) -> None:
-            if not self._closed:
-                self.log.failure("POP3 command failed", f, peer=self.peer, user=self.user)
-                self._send(R.INTERNAL_ERROR)
-
-        def done(_: Any) -> None:
-            self._busy = False
-            if self._closed:
-                return
-            if self.factory.draining:
-                self.shutdown()
-                return
-            self._reset_idle()
-            if not self._processing:
-                self._process()
-                self._flush()
-
-        d.addErrback(failed)
-        d.addBoth(done)
-
-    # -- output ----------------------------------------------------------
+    def _command_done(self, result: object) -> None:
+        """An asynchronous command finished; its callbacks answered unless it failed."""
+        if isinstance(result, Failure):
+            self.log.failure("POP3 command failed", result, peer=self.peer, user=self.user)
+            self._send(R.INTERNAL_ERROR)
 
     def _send(self, data: bytes) -> None:
-        self._out.append(data)
-        self._out_size += len(data)
-
-    def _flush(self) -> None:
-        if self._out:
-            data = b"".join(self._out)
-            self._out = []
-            self._out_size = 0
-            if not self._lost:
-                send(self.transport, data)
+        self._queue(data)
 
     # -- policy ------------------------------------------------------------
 
     def _login_allowed(self) -> bool:
         """RFC 2595 section 4: no cleartext passwords before TLS (loopback by config)."""
-        if self._tls or ISSLTransport.providedBy(self.transport):
+        if self._tls or self.tls:
             return True
-        return bool(self.config.auth.plaintext_on_loopback and _is_loopback(self.peer))
+        return bool(self.config.auth.plaintext_on_loopback and is_loopback(self.peer))
 
     def _can_stls(self) -> bool:
-        return not self._tls and not ISSLTransport.providedBy(self.transport) and self.tls_config is not None
+        return not self._tls and not self.tls
 
     # -- commands: any state -----------------------------------------------
 
@@ -591,7 +285,7 @@ class POP3Server(Protocol):
         out.append(R.TERMINATOR)
         self._send(b"".join(out))
 
-    def do_QUIT(self, arg: bytes) -> Any:
+    def do_QUIT(self, arg: bytes) -> defer.Deferred[None] | None:
         if self.state == AUTHORIZATION:
             self._send(R.BYE)
             self._close()
@@ -632,14 +326,12 @@ class POP3Server(Protocol):
             self._send(R.STLS_ALREADY if self._tls else R.STLS_UNAVAILABLE)
             return
         self._send(R.STLS_BEGIN)
-        self._flush()  # the +OK goes out in the clear, before the handshake
-        # Anything pipelined after STLS was sent in the clear: discard it
-        # (the CVE-2011-0411 class of injection), and forget USER (section 4).
-        del self._buf[:]
-        self._discarding = False
+        # The +OK goes out in the clear, before the handshake; anything
+        # pipelined after STLS was sent in the clear and is discarded (the
+        # CVE-2011-0411 class of injection); USER is forgotten (section 4).
         self._user_arg = None
-        self._errors = 0
-        self.transport.startTLS(self.tls_config.context_factory())
+        self.errors = 0
+        self._start_tls(self.tls_config.context_factory())
         self._tls = True
 
     def do_USER(self, arg: bytes) -> None:
@@ -652,7 +344,7 @@ class POP3Server(Protocol):
         self._user_arg = arg
         self._send(R.USER_OK)
 
-    def do_PASS(self, arg: bytes) -> Any:
+    def do_PASS(self, arg: bytes) -> None:
         user, self._user_arg = self._user_arg, None
         if not self._login_allowed():
             self._send(R.TLS_REQUIRED)
@@ -663,7 +355,7 @@ class POP3Server(Protocol):
         # RFC 1939 section 7: the password is the rest of the line, spaces included.
         return self._login(user, arg, "USER")
 
-    def do_AUTH(self, arg: bytes) -> Any:
+    def do_AUTH(self, arg: bytes) -> None:
         """RFC 5034 section 4, PLAIN (RFC 4616) only."""
         if not arg:
             self._send(b"".join(R.AUTH_MECHANISMS))
@@ -682,93 +374,68 @@ class POP3Server(Protocol):
             return None
         return self._sasl_response(initial, initial=True)
 
-    def _sasl_response(self, line: bytes, initial: bool = False) -> Any:
+    def _sasl_response(self, line: bytes, initial: bool = False) -> None:
         line = line.strip()
-        if line == b"*" and not initial:
+        try:
+            # RFC 5034 section 4: "*" cancels a continuation; "=" is an empty initial response.
+            username, password = sasl.plain_credentials(
+                sasl.decode_response(line, cancel_ok=not initial, empty_ok=initial)
+            )
+        except sasl.Cancelled:
             self._send(R.AUTH_CANCELLED)
-            return None
-        if line == b"=" and initial:  # RFC 5034 section 4: empty initial response
-            line = b""
-        try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
+            return
+        except sasl.BadBase64:
             self._send(R.AUTH_BAD_BASE64)
-            return None
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
+            return
+        except sasl.Malformed:
             self._send(R.AUTH_MALFORMED)
-            return None
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            # No proxy authorization: acting as another user is refused.
-            return self._login(authcid, None, "AUTH PLAIN")
-        return self._login(authcid, password, "AUTH PLAIN")
+            return
+        # A foreign authorization identity (no proxy login) comes back as password None: refused.
+        self._login(username, password, "AUTH PLAIN")
 
-    def _account(self, user: bytes) -> str:
-        text = user.decode("utf-8", "replace")
-        try:
-            return parse_address(text).key
-        except AddressError:
-            return text.lower()
+    def _login(self, user: bytes, password: bytes | None, method: str) -> None:
+        def done(result: LoginResult | Failure) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("POP3 credential check failed for {user}", result, user=user, peer=self.peer)
+                self._send(R.AUTH_SERVICE_FAILED)
+                return
+            if result.locked:
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "POP3 login refused (locked out) for {user} from {peer}", user=result.account, peer=self.peer)
+                self._send(R.LOCKED_OUT)
+                return
+            if result.key is None:
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
+                    method=method, user=result.account, peer=self.peer, delay=result.delay,
+                )
+                if result.delay:
+                    self._delay(result.delay, lambda: self._send(R.LOGIN_FAILED))
+                else:
+                    self._send(R.LOGIN_FAILED)
+                return
+            self._authenticated(result.key, method)
 
-    def _login(self, user: bytes, password: bytes | None, method: str) -> "defer.Deferred[None] | None":
-        account = self._account(user)
-        if self.throttle.locked(self.peer, account):
-            self.log.warn("POP3 login refused (locked out) for {user} from {peer}", user=account, peer=self.peer)
-            self._send(R.LOCKED_OUT)
-            return None
-        if password is None:
-            d: defer.Deferred[Any] = defer.fail(UnauthorizedLogin("authorization identity differs"))
-        else:
-            d = cred.login(self.portal, user, password)
-        return d.addCallbacks(
-            self._authenticated, self._login_failed, callbackArgs=(method,), errbackArgs=(account, method)
-        )
+        self._wait(self.factory.authenticator.login(self.peer, user, password), done)
 
-    def _login_failed(self, f: Failure, account: str, method: str) -> Any:
-        if not f.check(UnauthorizedLogin, UnhandledCredentials):
-            self.log.failure("POP3 credential check failed for {user}", f, user=account, peer=self.peer)
-            self._send(R.AUTH_SERVICE_FAILED)
-            return None
-        # Counted even if the client has already gone: hanging up right after
-        # PASS must not dodge the lockout.
-        delay = self.throttle.failed(self.peer, account)
-        self.log.warn(
-            "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
-            method=method, user=account, peer=self.peer, delay=delay,
-        )
-        if self._closed:
-            return None
-        if not delay:
-            self._send(R.LOGIN_FAILED)
-            return None
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def reply() -> None:
-            self._delayed = None
-            self._send(R.LOGIN_FAILED)
-            d.callback(None)
-
-        self._delayed = self.clock.callLater(delay, reply)
-        return d
-
-    def _authenticated(self, key: Any, method: str) -> Any:
-        if isinstance(key, bytes):
-            key = key.decode("utf-8")
-        self.throttle.succeeded(self.peer, key)
-        if self._closed:
-            return None
+    def _authenticated(self, key: str, method: str) -> None:
         try:
             path = self.maildirs.path_for(parse_address(key))
         except (AddressError, ValueError):
             self.log.error("POP3 user {user} has no usable maildir path", user=key, peer=self.peer)
             self._send(R.MAILDROP_INVALID)
-            return None
+            return
 
-        def opened(drop: Maildrop) -> None:
-            if self._closed:  # the client left while we were locking
-                drop.close()
+        def opened(result: Maildrop | Failure) -> None:
+            if isinstance(result, Failure):
+                if result.check(MailboxInUse):
+                    self.log.info("POP3 mailbox of {user} in use; refused {peer}", user=key, peer=self.peer)
+                    self._send(R.IN_USE)
+                else:
+                    self.log.failure("POP3 cannot open the mailbox of {user}", result, user=key, peer=self.peer)
+                    self._send(R.MAILDROP_UNAVAILABLE)
                 return
+            drop = result
             self.maildrop = drop
             self.user = key
             self.state = TRANSACTION
@@ -780,15 +447,7 @@ class POP3Server(Protocol):
             )
             self._send(R.login_ok(self._count, self._octets))
 
-        def failed(f: Failure) -> None:
-            if f.check(MailboxInUse):
-                self.log.info("POP3 mailbox of {user} in use; refused {peer}", user=key, peer=self.peer)
-                self._send(R.IN_USE)
-            else:
-                self.log.failure("POP3 cannot open the mailbox of {user}", f, user=key, peer=self.peer)
-                self._send(R.MAILDROP_UNAVAILABLE)
-
-        return self.run_blocking(Maildrop.open, path).addCallbacks(opened, failed)
+        self._wait(self.run_blocking(Maildrop.open, path), opened)
 
     # -- commands: TRANSACTION -----------------------------------------------
 
@@ -860,14 +519,14 @@ class POP3Server(Protocol):
         self._octets = sum(drop.sizes)
         self._send(R.rset(self._count, self._octets))
 
-    def do_RETR(self, arg: bytes) -> Any:
+    def do_RETR(self, arg: bytes) -> defer.Deferred[None] | None:
         i = self._message(arg)
         if i is None:
             return None
         assert self.maildrop is not None
         return self._send_message(i, R.retr_header(self.maildrop.sizes[i]), None)
 
-    def do_TOP(self, arg: bytes) -> Any:
+    def do_TOP(self, arg: bytes) -> defer.Deferred[None] | None:
         """RFC 1939 section 7: TOP msg n -- header, blank line, n body lines."""
         number, _, lines = arg.partition(b" ")
         if not lines.isdigit() or len(lines) > 10:
@@ -878,7 +537,7 @@ class POP3Server(Protocol):
             return None
         return self._send_message(i, R.TOP_HEADER, int(lines))
 
-    def _send_message(self, i: int, header: bytes, body_lines: int | None) -> "defer.Deferred[None]":
+    def _send_message(self, i: int, header: bytes, body_lines: int | None) -> defer.Deferred[None] | None:
         drop = self.maildrop
         assert drop is not None
 
@@ -899,11 +558,9 @@ class POP3Server(Protocol):
                 return None
             self._send(header + first)
             self._flush()
-            sender = self._sender = _MessageSender(self.transport, fileobj, encoder, self.run_blocking)
+            sender = self._sender = MessageSender(self.transport, fileobj, encoder, self.run_blocking)
             self._idle_chunks = -1
-            self.transport.unregisterProducer()
-            self._registered = False
-            self._write_full = False
+            self._unregister_producer()  # the sender is the producer until it is done
             return sender.start().addBoth(self._produce_again).addErrback(self._stream_failed, i + 1)
 
         def failed(f: Failure) -> None:
@@ -915,33 +572,21 @@ class POP3Server(Protocol):
                 )
                 self._send(R.READ_FAILED)
 
-        # The first chunk is read here, on the reactor thread: one open() and one
-        # read() of at most CHUNK bytes, almost always from the page cache, cost
-        # less than a thread hop, and most messages are that small.  Listing
-        # cur/ to find a renamed file, and the rest of a big message, go to
-        # the thread pool.
         ahead, self._ahead = self._ahead, None
-        try:
-            if ahead is not None and ahead[0] == i:
-                fileobj, data = None, ahead[1]
-            else:
-                fileobj, data = drop.read_start(i, CHUNK, relocate=False)
-        except FileNotFoundError:
-            d = self.run_blocking(drop.read_start, i, CHUNK)
-        except Exception:
-            d = defer.fail()
+        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
+        if isinstance(first, defer.Deferred):
+            return first.addCallbacks(started, failed)
+        fileobj, data = first
+        if fileobj is not None:
+            return defer.succeed(first).addCallbacks(started, failed)
+        # The common case, a message under CHUNK: the whole reply is queued
+        # now, no Deferred and no callbacks.
+        if body_lines is None and plain_message(data):
+            self._send(b"".join((header, data, R.TERMINATOR)))
+            self._prefetch = i + 1
         else:
-            if fileobj is None:
-                # The common case, a message under CHUNK: the whole reply is
-                # queued now, no Deferred and no callbacks.
-                if body_lines is None and plain_message(data):
-                    self._send(b"".join((header, data, R.TERMINATOR)))
-                    self._prefetch = i + 1
-                else:
-                    self._send(header + encode_message(data, body_lines))
-                return None
-            d = defer.succeed((fileobj, data))
-        return d.addCallbacks(started, failed)
+            self._send(header + encode_message(data, body_lines))
+        return None
 
     def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):
@@ -955,116 +600,19 @@ class POP3Server(Protocol):
 
     # -- dispatch ----------------------------------------------------------
 
-    _handlers: dict[bytes, Callable[..., Any]] = {
-        b"CAPA": do_CAPA,
-        b"QUIT": do_QUIT,
-        b"NOOP": do_NOOP,
-        b"STLS": do_STLS,
-        b"USER": do_USER,
-        b"PASS": do_PASS,
-        b"AUTH": do_AUTH,
-        b"STAT": do_STAT,
-        b"LIST": do_LIST,
-        b"UIDL": do_UIDL,
-        b"DELE": do_DELE,
-        b"RSET": do_RSET,
-        b"RETR": do_RETR,
-        b"TOP": do_TOP,
+    _COMMANDS: ClassVar[dict[bytes, tuple[Callable[..., Any], tuple[str, ...]]]] = {
+        b"CAPA": (do_CAPA, (AUTHORIZATION, TRANSACTION)),
+        b"QUIT": (do_QUIT, (AUTHORIZATION, TRANSACTION)),
+        b"NOOP": (do_NOOP, (TRANSACTION,)),  # RFC 1939 section 5
+        b"STLS": (do_STLS, (AUTHORIZATION,)),
+        b"USER": (do_USER, (AUTHORIZATION,)),
+        b"PASS": (do_PASS, (AUTHORIZATION,)),
+        b"AUTH": (do_AUTH, (AUTHORIZATION,)),
+        b"STAT": (do_STAT, (TRANSACTION,)),
+        b"LIST": (do_LIST, (TRANSACTION,)),
+        b"UIDL": (do_UIDL, (TRANSACTION,)),
+        b"DELE": (do_DELE, (TRANSACTION,)),
+        b"RSET": (do_RSET, (TRANSACTION,)),
+        b"RETR": (do_RETR, (TRANSACTION,)),
+        b"TOP": (do_TOP, (TRANSACTION,)),
     }
-    _auth = (AUTHORIZATION,)
-    _trans = (TRANSACTION,)
-    _states: dict[bytes, tuple[str, ...]] = {
-        b"CAPA": (AUTHORIZATION, TRANSACTION),
-        b"QUIT": (AUTHORIZATION, TRANSACTION),
-        b"NOOP": _trans,  # RFC 1939 section 5
-        b"STLS": _auth,
-        b"USER": _auth,
-        b"PASS": _auth,
-        b"AUTH": _auth,
-        b"STAT": _trans,
-        b"LIST": _trans,
-        b"UIDL": _trans,
-        b"DELE": _trans,
-        b"RSET": _trans,
-        b"RETR": _trans,
-        b"TOP": _trans,
-    }
-
-
-class POP3Factory(ServerFactory):
-    """Builds ``POP3Server`` sessions; counts them against ``pop3.max_connections``."""
-
-    noisy = False
-
-    def __init__(self, kind: str, runtime: Any) -> None:
-        if kind not in ("pop3", "pop3s"):
-            raise ValueError(f"unknown POP3 listener kind {kind!r}")
-        self.kind = kind
-        self.runtime = runtime
-        self.portal = cred.login_portal(runtime.checker)
-        self.max_connections = runtime.config.pop3.max_connections
-        self.sessions: set[POP3Server] = set()
-        # pop3.max_connections counts the pop3 and pop3s listeners together.
-        self._all = _all_sessions(runtime)
-
-    draining = False
-
-    def drain(self, timeout: float) -> "defer.Deferred[None]":
-        """Called by service.py on SIGTERM after the listeners closed.
-
-        Idle sessions get ``-ERR [SYS/TEMP]`` and are closed at once; a command in
-        progress (a RETR being sent, the deletions of QUIT) may finish for up to
-        ``timeout`` seconds, then the rest are aborted.  Nothing enters UPDATE
-        that the client did not QUIT, so no DELE is carried out by a shutdown.
-        """
-        self.draining = True
-        done: defer.Deferred[None] = defer.Deferred()
-        clock = self.runtime.reactor
-        for proto in list(self.sessions):
-            proto.shutdown()
-
-        def check(deadline: float) -> None:
-            if not self.sessions:
-                done.callback(None)
-            elif clock.seconds() >= deadline:
-                for proto in list(self.sessions):
-                    proto.transport.abortConnection()
-                done.callback(None)
-            else:
-                clock.callLater(0.05, check, deadline)
-
-        check(clock.seconds() + timeout)
-        return done
-
-    def buildProtocol(self, addr: Any) -> POP3Server:
-        return POP3Server(self, implicit_tls=self.kind == "pop3s")
-
-    def admit(self, proto: POP3Server) -> bool:
-        if self.max_connections and len(self._all) >= self.max_connections:
-            return False
-        self.sessions.add(proto)
-        self._all.add(proto)
-        return True
-
-    def release(self, proto: POP3Server) -> None:
-        self.sessions.discard(proto)
-        self._all.discard(proto)
-
-
-_SESSIONS: "weakref.WeakKeyDictionary[Any, set[POP3Server]]" = weakref.WeakKeyDictionary()
-
-
-def _all_sessions(runtime: Any) -> set[POP3Server]:
-    """The one set of POP3 sessions of a runtime, shared by its factories."""
-    try:
-        return _SESSIONS.setdefault(runtime, set())
-    except TypeError:  # not weakly referenceable: count per factory
-        return set()
-
-
-def make_factory(kind: str, runtime: Any) -> POP3Factory:
-    """The factory for a ``pop3`` (STLS offered) or ``pop3s`` (implicit TLS) listener.
-
-    For ``pop3s``, ``service.py`` wraps it in ``TLSMemoryBIOFactory``.
-    """
-    return POP3Factory(kind, runtime)

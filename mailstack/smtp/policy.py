@@ -14,12 +14,11 @@ loopback address (local scripts and tests).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from mailstack.address import Address
+from mailstack.net import is_loopback
 
 KINDS = ("smtp", "submission", "submissions")
 
@@ -43,18 +42,6 @@ class ListenerPolicy:
         if kind == "submissions":
             return cls(kind, offers_starttls=False, auth_required=True, implicit_tls=True)
         raise ValueError(f"unknown SMTP listener kind {kind!r}")
-
-
-@lru_cache(maxsize=4096)  # asked per EHLO and AUTH; parsing the address each time showed in profiles
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and IPv4-mapped loopback; anything unparsable is not."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def auth_allowed(tls: bool, peer: str, plaintext_on_loopback: bool) -> bool:

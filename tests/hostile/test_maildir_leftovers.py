@@ -9,21 +9,19 @@ up forever.  The POP3 maildrop does it when it lists the mailbox.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.pop3.mailbox import Maildrop
+from tests.support.dirs import scratch_dir
 
 
 class TmpLeftoverTests(SynchronousTestCase):
     def test_oldTmpFilesRemovedAtLogin(self) -> None:
         """Files in tmp/ older than 36 h go at login; younger ones (a delivery in progress) and the
         messages in new/ and cur/ stay."""
-        root = tempfile.mkdtemp(prefix="mailstack-tmpclean-")
-        self.addCleanup(shutil.rmtree, root, True)
+        root = scratch_dir(self, "mailstack-tmpclean-")
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(root, sub))
         old = os.path.join(root, "tmp", "1000.M1P1Q1.crashed")

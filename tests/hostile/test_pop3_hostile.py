@@ -17,11 +17,12 @@ import re
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.pop3.server import make_factory
+from mailstack.pop3.factory import make_factory
 from hypothesis import settings
 
 from tests.hostile.support import FAST, LEAKS, SLOW, POP3_STATUS, LogFailures
-from tests.pop3.support import SSLStringTransport, make_runtime, temp_dir, write_message
+from tests.pop3.support import make_runtime, temp_dir, write_message
+from tests.support.transports import ImplicitTLSTransport
 
 # Each example builds a fresh Maildir on disk: fewer examples than the in-memory SMTP tests.
 FAST = settings(FAST, max_examples=35)
@@ -89,7 +90,7 @@ class Pop3Hostile(SynchronousTestCase):
 
     def connect(self):
         proto = make_factory("pop3s", self.rt).buildProtocol(None)
-        proto.makeConnection(SSLStringTransport())
+        proto.makeConnection(ImplicitTLSTransport())
         proto.transport.clear()
         self.addCleanup(self.lose, proto)
         return proto

@@ -18,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.hostile.support import FAST, SLOW, LogFailures, check_smtp_output
-from tests.smtp.support import FakeThrottle, Session, make_runtime
+from tests.smtp.support import Session, make_runtime
+from tests.support.fakes import FakeThrottle
 
 MESSAGE = b"Subject: ok\r\n\r\nnormal body\r\n"
 
@@ -215,7 +216,7 @@ class FixedVectorTests(SynchronousTestCase):
         self.assertTrue(s.closed)
 
     def test_smugglingSequencesInData(self) -> None:
-        """Each scanner end-of-data sequence (anchors 5.1/5.2) followed by pipelined commands, in one
+        """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by pipelined commands, in one
         read and bytewise: at most one message (the real one), or a rejection; never a smuggled one."""
         seqs = [b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n", b"\r\n.\r",
                 b"\r\n\x00.\r", b"\r\n\x00.\n", b"\r\n.\x00\r\n", b"\n\n.\r\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n"]

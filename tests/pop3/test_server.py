@@ -11,10 +11,15 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.pop3 import mailbox, replies as R, server
-from mailstack.pop3.server import AUTHORIZATION, TRANSACTION, make_factory
+from mailstack import session
+from mailstack.net import is_loopback
+from mailstack.pop3 import mailbox, server, streamer
+from mailstack.pop3 import replies as R
+from mailstack.pop3.factory import make_factory
+from mailstack.pop3.server import AUTHORIZATION, TRANSACTION
+from tests.support.transports import ImplicitTLSTransport, TLSStringTransport
 
-from .support import SSLStringTransport, TLSStringTransport, make_runtime, temp_dir, write_message
+from .support import make_runtime, temp_dir, write_message
 
 
 def plain(authz: bytes, user: bytes, pw: bytes) -> bytes:
@@ -39,7 +44,7 @@ class Base(SynchronousTestCase):
         factory = getattr(self, "factory", None) or make_factory(self.kind, self.rt)
         self.factory = factory
         proto = factory.buildProtocol(None)
-        t = transport or (SSLStringTransport if self.kind == "pop3s" else TLSStringTransport)(host or self.host)
+        t = transport or (ImplicitTLSTransport if self.kind == "pop3s" else TLSStringTransport)(host or self.host)
         proto.makeConnection(t)
         self.sessions.append(proto)
         self.addCleanup(self.drop, proto)
@@ -143,7 +148,7 @@ class GreetingAndCapaTests(Base):
         self.rt = make_runtime(self.root, pop3__max_connections=1)
         self.connect(tls=False)
         proto = make_factory("pop3s", self.rt).buildProtocol(None)
-        t = SSLStringTransport()
+        t = ImplicitTLSTransport()
         proto.makeConnection(t)
         self.assertEqual(t.value(), R.TOO_MANY_CONNECTIONS)
         proto.connectionLost()
@@ -177,9 +182,9 @@ class TLSPolicyTests(Base):
         self.assertIn(b"+OK Logged in", self.login(proto))
         proto2 = self.connect(host="192.0.2.1")
         self.assertEqual(self.talk(proto2, b"USER alice@localhost"), R.TLS_REQUIRED)
-        self.assertTrue(server._is_loopback("::1"))
-        self.assertTrue(server._is_loopback("::ffff:127.0.0.1"))
-        self.assertFalse(server._is_loopback("10.0.0.1"))
+        self.assertTrue(is_loopback("::1"))
+        self.assertTrue(is_loopback("::ffff:127.0.0.1"))
+        self.assertFalse(is_loopback("10.0.0.1"))
 
     def test_stls(self) -> None:
         """STLS answers +OK in the clear, then starts TLS with the runtime's context."""
@@ -493,7 +498,7 @@ class TransactionTests(Base):
 
     def test_retrPausedProducer(self) -> None:
         """While the transport pauses the producer nothing is read; resume continues."""
-        body = b"x" * (server.CHUNK * 3)
+        body = b"x" * (streamer.CHUNK * 3)
         write_message(self.maildir, body, when=1900000000)
         proto = self.session()
         t = proto.transport
@@ -502,21 +507,21 @@ class TransactionTests(Base):
 
         def write(data: bytes) -> None:
             orig_write(data)
-            if isinstance(t.producer, server._MessageSender) and not paused:
+            if isinstance(t.producer, streamer.MessageSender) and not paused:
                 paused.append(True)
                 t.producer.pauseProducing()
 
         t.write = write
         self.talk(proto, b"RETR 4", b"NOOP")
         self.assertIsNotNone(t.producer)
-        self.assertLess(len(t.value()), server.CHUNK * 3)
+        self.assertLess(len(t.value()), streamer.CHUNK * 3)
         t.producer.resumeProducing()
         self.assertIs(t.producer, proto)  # the session is the producer again
         self.assertTrue(t.value().endswith(b"\r\n.\r\n" + R.NOOP))
 
     def test_dropDuringStream(self) -> None:
         """A connection lost in the middle of a RETR stops the producer and keeps everything."""
-        body = b"x" * (server.CHUNK * 3)
+        body = b"x" * (streamer.CHUNK * 3)
         write_message(self.maildir, body, when=1900000000)
         proto = self.session()
         t = proto.transport
@@ -557,7 +562,7 @@ class TransactionTests(Base):
 
     def test_topLargeMessage(self) -> None:
         """TOP of a big message stops early and never sends the whole file."""
-        body = b"Subject: big\n\n" + b"y" * (server.CHUNK * 4)
+        body = b"Subject: big\n\n" + b"y" * (streamer.CHUNK * 4)
         write_message(self.maildir, body, when=1900000000)
         proto = self.session()
         out = self.talk(proto, b"TOP 4 0")
@@ -742,19 +747,19 @@ class IdleTests(Base):
         self.assertTrue(proto.transport.disconnecting)
         self.assertIn(b"+OK Logged in", self.login(self.connect()))
         self.assertFalse(proto.transport.aborted)
-        self.clock.advance(server.CLOSE_GRACE)
+        self.clock.advance(session.CLOSE_GRACE)
         self.assertTrue(proto.transport.aborted)
 
     def test_stalledRetrAborted(self) -> None:
         """A client that stops reading in the middle of a RETR is aborted after a whole
         idle period without progress, and its lock is released; a slow one is not."""
-        write_message(self.maildir, b"x" * (server.CHUNK * 4))
+        write_message(self.maildir, b"x" * (streamer.CHUNK * 4))
         proto = self.session()
         t = proto.transport
         t.write = lambda data, orig=t.write: (
-            orig(data), isinstance(t.producer, server._MessageSender) and t.producer.pauseProducing())
+            orig(data), isinstance(t.producer, streamer.MessageSender) and t.producer.pauseProducing())
         self.talk(proto, b"RETR 1")
-        self.assertIsInstance(t.producer, server._MessageSender)
+        self.assertIsInstance(t.producer, streamer.MessageSender)
         self.clock.advance(600)
         t.producer.resumeProducing()  # some progress: the client is slow, not gone
         self.clock.advance(600)
@@ -776,7 +781,7 @@ class IdleTests(Base):
         t.clear()
         proto.dataReceived(b"UIDL\r\n" * 100)
         first = len(t.value())
-        self.assertLess(first, 4 * server.FLUSH_AT)
+        self.assertLess(first, 4 * session.FLUSH_AT)
         self.assertEqual(t.producerState, "producing")  # small input: reading goes on
         flood = server.PAUSE_INPUT_AT // 6 + 1
         proto.dataReceived(b"NOOP\r\n" * flood)
@@ -826,14 +831,13 @@ class RepliesTests(SynchronousTestCase):
 
 class FakesTests(SynchronousTestCase):
     def test_fakeThrottleProvidesInterface(self) -> None:
-        """The fake throttle used here provides ILoginThrottleCompat like auth/throttle.py."""
+        """The fake throttle used here provides ILoginThrottle like auth/throttle.py."""
         from zope.interface.verify import verifyObject
 
-        from mailstack.interfaces import ILoginThrottleCompat
+        from mailstack.interfaces import ILoginThrottle
+        from tests.support.fakes import FakeThrottle
 
-        from .support import FakeThrottle
-
-        self.assertTrue(verifyObject(ILoginThrottleCompat, FakeThrottle()))
+        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
 
 
 class DrainTests(Base):

@@ -7,17 +7,14 @@ import json
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from mailstack import config as configmod
 from mailstack.errors import Reply, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake
 from mailstack.queue.entry import QueueEntry, RecipientState
-
-
-def run_blocking(f: Callable[..., Any], *a: Any, **kw: Any) -> Deferred:
-    return maybeDeferred(f, *a, **kw)
+from tests.support.fakes import FakeTLS, run_blocking  # noqa: F401 (the outbound tests import them from here)
 
 
 def make_config(**relay: Any) -> configmod.Config:
@@ -165,6 +162,9 @@ class FakeIntake:
     def begin(self, envelope: Any) -> FakeIncoming:
         return FakeIncoming(self, envelope)
 
+    def wait_idle(self) -> Deferred:
+        return succeed(None)
+
 
 # -- SMTP on the other end: a scriptable sink, and an in-memory network ------
 
@@ -172,17 +172,6 @@ from twisted.internet.error import ConnectionRefusedError as _Refused, TCPTimedO
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
-
-
-class FakeTLS:
-    """A stand-in TLS context for iosim: both ends 'verify' unless told not to."""
-
-    def __init__(self, ok: bool = True, name: str = "") -> None:
-        self.ok = ok
-        self.name = name
-
-    def iosimVerify(self, other: Any) -> bool:
-        return self.ok and getattr(other, "ok", True)
 
 
 class FakeSMTPServer(LineReceiver):

@@ -3,9 +3,10 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address
-from mailstack.smtp.policy import ListenerPolicy, auth_allowed, is_loopback, sender_owned
+from mailstack.net import is_loopback
+from mailstack.smtp.policy import ListenerPolicy, auth_allowed, sender_owned
 
-from .support import FakeAliases
+from tests.support.fakes import FakeAliases
 
 
 class PolicyTests(SynchronousTestCase):

@@ -12,14 +12,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address
 from mailstack.errors import TemporaryFailure, Reply
-from mailstack.smtp.server import SMTPFactory, make_factory
+from mailstack.smtp.factory import SMTPFactory, make_factory
 
 from twisted.cred.checkers import ICredentialsChecker
 from zope.interface.verify import verifyObject
 
-from mailstack.interfaces import IIncoming, IIntake, ILoginThrottleCompat, IRouter
+from mailstack.interfaces import IIncoming, IIntake, IRouter, ILoginThrottle
 
-from .support import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle, Session, make_runtime
+from tests.support.fakes import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle
+
+from .support import Session, make_runtime
 
 B64 = base64.b64encode
 
@@ -363,7 +365,7 @@ class SmugglingTests(SynchronousTestCase):
         return s, out
 
     def test_smugglingSequences(self) -> None:
-        """Every scanner sequence (anchors 5.1/5.2), in one write and byte by byte: never two messages."""
+        """Every scanner sequence (the SMTP smuggling end-of-data lookalikes, see smtp/data.py), in one write and byte by byte: never two messages."""
         for seq in SMUGGLING:
             for bytewise in (False, True):
                 s, out = self.probe(seq, bytewise)
@@ -443,7 +445,7 @@ class SubmissionTests(SynchronousTestCase):
         s.talk(b"EHLO c")
         self.assertEqual(s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")),
                          [b"530 5.7.0 Must issue a STARTTLS command first"])
-        self.assertEqual(s.runtime.checker.seen, [])
+        self.assertEqual(s.runtime.checker.calls, [])
 
     def test_mailBeforeAuth(self) -> None:
         """Submission: MAIL before AUTH is 530 5.7.0 Authentication required (also after TLS)."""
@@ -523,10 +525,10 @@ class SubmissionTests(SynchronousTestCase):
     def test_lockedOut(self) -> None:
         """While the throttle locks the account: 454 4.7.0 and the checker is not asked."""
         s = Session("submissions")
-        s.runtime.throttle.locked_accounts.add("alice@example.org")
+        s.runtime.throttle.locked_out.add("alice@example.org")
         s.talk(b"EHLO c")
         self.assertEqual(s.codes(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")), [b"454 4.7.0"])
-        self.assertEqual(s.runtime.checker.seen, [])
+        self.assertEqual(s.runtime.checker.calls, [])
 
     def test_authzidMismatch(self) -> None:
         """PLAIN with an authorization identity other than the user: 535 5.7.8."""
@@ -769,7 +771,7 @@ class FakesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IIntake, intake))
         self.assertTrue(verifyObject(IIncoming, FakeIncoming(intake, None)))
         self.assertTrue(verifyObject(IRouter, FakeRouter()))
-        self.assertTrue(verifyObject(ILoginThrottleCompat, FakeThrottle()))
+        self.assertTrue(verifyObject(ILoginThrottle, FakeThrottle()))
         self.assertTrue(verifyObject(ICredentialsChecker, FakeChecker()))
 
 

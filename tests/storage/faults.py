@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 
 from mailstack.storage import fsutil
+from tests.support.dirs import scratch_path  # noqa: F401 (the storage, queue and intake tests import it from here)
 
 CALLS = ("_open", "_write", "_fsync", "_rename", "_unlink")
 
@@ -61,13 +60,3 @@ def count_steps(testcase, action) -> list[str]:
     finally:
         faults.restore()
     return faults.calls
-
-
-def scratch_path(testcase) -> str:
-    """A fresh, not yet existing path in a private temporary folder (removed after the test).
-
-    Unlike ``TestCase.mktemp`` under pytest, nothing is created in the source tree.
-    """
-    folder = tempfile.mkdtemp(prefix="mailstack-test-")
-    testcase.addCleanup(shutil.rmtree, folder, True)
-    return os.path.join(folder, "t")

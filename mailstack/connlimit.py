@@ -1,0 +1,45 @@
+# -*- test-case-name: tests.test_connlimit -*-
+"""Connection caps over every listener of one protocol.
+
+The runtime builds one ``ConnectionLimiter`` per protocol (``smtp.max_connections``
+and ``smtp.max_connections_per_ip`` for the smtp, submission and submissions
+listeners together; ``pop3.max_connections`` for pop3 and pop3s), so a client
+cannot double its share by using a second port.  A session takes a slot when it
+starts (``CommandSession.connectionMade``) and gives it back when the
+connection is gone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+# Why acquire() refused.
+TOTAL = "total"
+PER_IP = "per-ip"
+
+
+class ConnectionLimiter:
+    """At most ``max_total`` sessions, and ``max_per_ip`` from one address; 0 means no cap."""
+
+    def __init__(self, max_total: int, max_per_ip: int = 0) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def acquire(self, host: str) -> str | None:
+        """Take a slot for a session from ``host``: None, or ``TOTAL``/``PER_IP`` if a cap is reached."""
+        if self.max_total and self.total >= self.max_total:
+            return TOTAL
+        if self.max_per_ip and self.per_ip[host] >= self.max_per_ip:
+            return PER_IP
+        self.total += 1
+        self.per_ip[host] += 1
+        return None
+
+    def release(self, host: str) -> None:
+        """Give back the slot a successful ``acquire(host)`` took."""
+        self.total -= 1
+        self.per_ip[host] -= 1
+        if self.per_ip[host] <= 0:
+            del self.per_ip[host]

@@ -1,0 +1,45 @@
+"""A runtime for unit tests: the real ``Runtime`` class over fakes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from mailstack.runtime import Runtime
+from tests.support.fakes import (
+    FakeAliases,
+    FakeChecker,
+    FakeIntake,
+    FakeMaildirs,
+    FakeRouter,
+    FakeThrottle,
+    FakeTLS,
+    run_blocking,
+)
+
+
+def fake_runtime(config: Any, root: str = "", **parts: Any) -> Runtime:
+    """A ``Runtime`` (so ``IRuntime`` holds) on a ``Clock``, with a fake for every part.
+
+    ``parts`` replace single fakes (``throttle=FakeThrottle(delay=2.0)``);
+    ``root`` is where ``FakeMaildirs`` puts mailboxes.
+    """
+    fields: dict[str, Any] = {
+        "config": config,
+        "reactor": Clock(),
+        "run_blocking": run_blocking,
+        "users": None,
+        "aliases": FakeAliases(),
+        "checker": FakeChecker(),
+        "throttle": FakeThrottle(),
+        "tls": FakeTLS(),
+        "router": FakeRouter(),
+        "store": None,
+        "intake": FakeIntake(),
+        "manager": None,
+        "maildirs": FakeMaildirs(os.path.join(root, "mail")),
+    }
+    fields.update(parts)
+    return Runtime(**fields)
