@@ -10,8 +10,9 @@
   (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  Every host's
   A and AAAA records are looked up, so the caller can try each address.
 
-The smarthost (``relay.smarthost``) bypasses MX lookups; ``delivery/remote.py``
-handles it with ``smarthost_host``.
+The smarthost (``relay.smarthost``) bypasses MX lookups: ``delivery/remote.py``
+connects to it directly, asking ``Resolver.addresses`` for its A/AAAA records
+unless it is given as an address.
 """
 
 from __future__ import annotations
@@ -28,15 +29,9 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.delivery import replies as OR
+from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
-
-R_NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
-R_NO_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")
-R_NO_HOST = Reply(550, "5.4.4", "Recipient domain has no mail server")
-R_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure looking up the recipient domain")
-R_NO_ADDRESS = Reply(451, "4.4.3", "No address found for any mail server of the recipient domain")
-R_LOOP = Reply(554, "5.4.6", "Mail for the recipient domain loops back to this server")
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
@@ -80,13 +75,13 @@ def order_hosts(
     cleaned = [(int(p), _norm(n)) for p, n in records]
     real = [(p, n) for p, n in cleaned if n not in ("", ".")]
     if not real:
-        raise PermanentFailure(R_NULL_MX)
+        raise PermanentFailure(OR.NULL_MX)
     local = {_norm(n) for n in local_names}
     mine = [p for p, n in real if n in local]
     if mine:
         real = [(p, n) for p, n in real if p < min(mine)]
         if not real:
-            raise PermanentFailure(R_LOOP)
+            raise PermanentFailure(OR.MAIL_LOOP)
     by_pref: dict[int, list[str]] = {}
     for p, n in real:
         if n not in by_pref.setdefault(p, []):
@@ -190,10 +185,10 @@ class Resolver:
             try:
                 answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
             except DNSNameError:
-                raise PermanentFailure(R_NO_DOMAIN) from None
+                raise PermanentFailure(OR.NO_DOMAIN) from None
             except Exception as e:
                 self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
-                raise TemporaryFailure(R_DNS_TEMP) from None
+                raise TemporaryFailure(OR.DNS_TEMPORARY) from None
             records = [
                 (rr.payload.preference, _norm(rr.payload.name.name))
                 for rr in answers
@@ -211,8 +206,8 @@ class Resolver:
         if not any(h.addresses for h in resolved):
             if implicit and not temporary:
                 # RFC 5321 5.1: the domain exists but has neither MX nor address.
-                raise PermanentFailure(R_NO_HOST)
-            raise TemporaryFailure(R_NO_ADDRESS if not temporary else R_DNS_TEMP)
+                raise PermanentFailure(OR.NO_MAIL_HOST)
+            raise TemporaryFailure(OR.NO_ADDRESS if not temporary else OR.DNS_TEMPORARY)
         return resolved
 
     def addresses(self, name: str) -> Deferred:
@@ -225,7 +220,7 @@ class Resolver:
         async def lookup() -> list[str]:
             found, _ = await self._addresses(name)
             if not found:
-                raise TemporaryFailure(R_NO_ADDRESS)
+                raise TemporaryFailure(OR.NO_ADDRESS)
             return found
 
         return Deferred.fromCoroutine(lookup())

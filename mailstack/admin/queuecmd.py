@@ -3,9 +3,9 @@
 
 Works beside a running server: it reads the envelopes the server writes
 (``queue/store.py``), ``flush`` creates the trigger file the manager polls
-about once a second, and ``delete`` removes an entry under ``queue/lock``, the
-lock the manager holds while saving, so a deleted entry is never written back
-(``queue/manager.py``).
+about once a second, and ``delete`` removes an entry under its entry lock (a
+``flock`` on the message file, ``store.entry_lock``), the lock the manager
+holds while saving, so a deleted entry is never written back.
 
 Handlers follow ``admin/cli.py``: ``handler(config, args) -> exit status``,
 output to ``args.stdout``, ``Refused`` for a refused request (exit 1).
@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
+from mailstack.queue.store import QueueStore, read_headers, remove_entry
 from mailstack.storage import fsutil
 
 FINAL = (DELIVERED, FAILED)
@@ -31,9 +32,7 @@ def _refused(message: str) -> Exception:
     return Refused(message)
 
 
-def store_of(config: Any) -> Any:
-    from mailstack.queue.store import QueueStore
-
+def store_of(config: Any) -> QueueStore:
     return QueueStore(os.path.join(config.data_dir, "queue"))
 
 
@@ -183,8 +182,6 @@ def _load(store: Any, queue_id: str) -> QueueEntry:
 
 
 def queue_show(config: Any, args: Any) -> int:
-    from mailstack.queue.manager import read_headers
-
     store = store_of(config)
     entry = _load(store, args.id)
     out = args.stdout
@@ -224,8 +221,6 @@ def queue_flush(config: Any, args: Any) -> int:
 
 
 def queue_delete(config: Any, args: Any) -> int:
-    from mailstack.queue.manager import remove_entry
-
     store = store_of(config)
     _load(store, args.id)
     if not remove_entry(store, args.id):

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -47,8 +45,11 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack.config import Config
+from mailstack.delivery import replies as OR
+from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IQueueStore
 from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol, client_tls
 
@@ -66,30 +67,6 @@ MAX_POOLED_PER_ADDRESS = 32
 RIDE_MAX_DATA_TIME = 0.25
 
 
-@dataclass(frozen=True)
-class RemoteReply(Reply):
-    """A reply plus the MX host and IP it came from (or that we failed to reach)."""
-
-    host: str = ""
-    ip: str = ""
-
-
-R_CONNECT = Reply(451, "4.4.1", "Connection to the remote server failed")
-R_NO_HOSTS = Reply(451, "4.4.4", "No mail server could be reached")
-R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error opening the message")
-
-
-def _with(reply: Reply, host: str, ip: str) -> RemoteReply:
-    return RemoteReply(reply.code, reply.enhanced, reply.text, host=host, ip=ip)
-
-
-def _temporary(reply: Reply) -> Reply:
-    """A host-level 5xx (greeting, EHLO, AUTH) as a 4xx: worth retrying later."""
-    if reply.temporary:
-        return reply
-    return Reply(451, "4.4.0", f"Remote server refused the session: {reply}")
-
-
 @implementer(IDeliveryAgent)
 class RemoteAgent:
     """See the module docstring."""
@@ -104,9 +81,9 @@ class RemoteAgent:
         clock: Any,
         message_path: Callable[[str], str],
         *,
+        run_blocking: Callable[..., Deferred],
         tls_factory: Callable[[str], Any] | None = None,
         smarthost_password: str = "",
-        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
@@ -116,7 +93,7 @@ class RemoteAgent:
         verify = config.relay.tls_verify
         self.tls_factory = tls_factory if tls_factory is not None else (lambda name: client_tls(name, verify))
         self.smarthost_password = smarthost_password
-        self.rng = rng if rng is not None else random.Random()
+        self.run_blocking = run_blocking
         self._clients: set[SMTPClientProtocol] = set()
         self._pool: dict[tuple, list[SMTPClientProtocol]] = {}  # reusable connections per address, idle or busy
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
@@ -179,12 +156,12 @@ class RemoteAgent:
             self.log.info(
                 "{queue_id}: no mail server for {domain}: {reply}", queue_id=entry.id, domain=domain, reply=str(e.reply)
             )
-            return {r: _with(e.reply, "", "") for r in rcpts}
+            return {r: at_host(e.reply, "", "") for r in rcpts}
         path: str | bytes = self.message_path(entry.id) if message is None else message
         size = entry.size if message is None else len(message)
         targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
         if not targets:
-            return {r: _with(R_NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
+            return {r: at_host(OR.NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
         last: RemoteReply | None = None
         spoken: RemoteReply | None = None  # the last failure a server actually replied with
         mail_refusals = 0
@@ -203,12 +180,12 @@ class RemoteAgent:
             if stage == "dot":
                 # The data went out; the remote may have the message.  Do not send it
                 # to another host now (that could duplicate it); retry later.
-                return {r: _with(reply, name, ip) for r in rcpts}
+                return {r: at_host(reply, name, ip) for r in rcpts}
             if stage != "connect":
                 answered += 1
             if stage == "mail" and reply.permanent:
                 mail_refusals += 1
-            last = _with(reply, name, ip)
+            last = at_host(reply, name, ip)
             if stage != "connect":
                 spoken = last
         assert last is not None
@@ -216,10 +193,10 @@ class RemoteAgent:
         if answered and mail_refusals == answered:
             final: Reply = last  # every server refused the sender for good
         elif smarthost and last.code >= 500:
-            final = Reply(451, "4.7.0", f"Smarthost refused the session: {Reply(last.code, last.enhanced, last.text)}")
+            final = OR.smarthost_refused(Reply(last.code, last.enhanced, last.text))
         else:
-            final = _temporary(Reply(last.code, last.enhanced, last.text))
-        return {r: _with(final, last.host, last.ip) for r in rcpts}
+            final = OR.session_refused(Reply(last.code, last.enhanced, last.text))
+        return {r: at_host(final, last.host, last.ip) for r in rcpts}
 
     async def _attempt(
         self,
@@ -271,14 +248,14 @@ class RemoteAgent:
                 port=port,
                 error=e.__class__.__name__,
             )
-            return "connect", R_CONNECT
+            return "connect", OR.CONNECT_FAILED
         self._clients.add(client)
         try:
             await client.handshake()
         except HostFailure as e:
             self._clients.discard(client)
             if e.stage == "auth":
-                e = HostFailure("auth", Reply(451, "4.7.0", f"Authentication at the smarthost failed: {e.reply}"))
+                e = HostFailure("auth", OR.smarthost_auth_failed(e.reply))
             self._host_failed(entry, name, ip, e)
             return e.stage, e.reply
         pool = self._pool.setdefault(key, [])
@@ -308,7 +285,7 @@ class RemoteAgent:
         except OSError:
             self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
             self._release(key, client)
-            return {r: _with(R_LOCAL_ERROR, name, ip) for r in rcpts}
+            return {r: at_host(OR.OPEN_ERROR, name, ip) for r in rcpts}
         try:
             if not size:
                 size = os.fstat(source.fileno()).st_size
@@ -323,7 +300,7 @@ class RemoteAgent:
         finally:
             source.close()
         self._release(key, client)
-        return {r: _with(replies[r], name, ip) for r in rcpts}
+        return {r: at_host(replies[r], name, ip) for r in rcpts}
 
     # -- connection reuse ---------------------------------------------------
 
@@ -418,17 +395,16 @@ def tcp_endpoint_factory(reactor: Any, config: Any) -> Callable[[str, int], Any]
     return factory
 
 
-def build(config: Any, reactor: Any, run_blocking: Any = None) -> RemoteAgent:
+def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
     """The production agent (called by ``service.py``)."""
     from mailstack.mx import Resolver
-    from mailstack.queue.store import QueueStore
 
-    store = QueueStore(os.path.join(config.data_dir, "queue"))
     return RemoteAgent(
         config,
-        Resolver(config, reactor=reactor),
+        Resolver(config, reactor),
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,
+        run_blocking=run_blocking,
         smarthost_password=read_password(config.relay.smarthost_password_file),
     )

@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.delivery.local import LocalAgent
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IDirectDelivery
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
@@ -64,6 +64,7 @@ class LocalAgentTests(SynchronousTestCase):
     def test_interface(self) -> None:
         """LocalAgent provides IDeliveryAgent."""
         verifyObject(IDeliveryAgent, self.agent)
+        verifyObject(IDirectDelivery, self.agent)
 
     def test_deliversEachRecipient(self) -> None:
         """Each recipient gets Return-Path:, Delivered-To: and the queued bytes unchanged; 250 2.0.0."""

@@ -11,10 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack.delivery import remote
-from mailstack.delivery.remote import RemoteAgent, RemoteReply, tcp_endpoint_factory
+from mailstack.delivery.remote import RemoteAgent, tcp_endpoint_factory
+from mailstack.delivery.replies import DNS_TEMPORARY, NULL_MX, RemoteReply
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent
-from mailstack.mx import R_DNS_TEMP, R_NULL_MX, Host
+from mailstack.mx import Host
 from mailstack.queue.manager import QueueManager
 from tests.queue.outbound_fakes import (
     FakeAgent,
@@ -48,7 +49,9 @@ class OutboundFixture:
 class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def agent(self, **kw) -> RemoteAgent:
         kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
-        return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
+        return RemoteAgent(
+            self.config, self.resolver, self.net, self.clock, self.store.message_path, run_blocking=run_blocking, **kw
+        )
 
     def deliver(self, rcpts=("a@remote.test",), sender="s@here.test", agent=None):
         e = entry(self.store, "Q1", sender, list(rcpts), arrival=START)
@@ -144,8 +147,8 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
 
     def test_dnsFailures(self) -> None:
         """Null MX / NXDOMAIN answer permanently, SERVFAIL temporarily."""
-        self.resolver.hosts["null.test"] = PermanentFailure(R_NULL_MX)
-        self.resolver.hosts["servfail.test"] = TemporaryFailure(R_DNS_TEMP)
+        self.resolver.hosts["null.test"] = PermanentFailure(NULL_MX)
+        self.resolver.hosts["servfail.test"] = TemporaryFailure(DNS_TEMPORARY)
         r = self.deliver(rcpts=("a@null.test",))["a@null.test"]
         self.assertEqual((r.code, r.enhanced), (556, "5.1.10"))
         self.store.remove("Q1")
@@ -421,7 +424,7 @@ class OutboundTests(SynchronousTestCase):
         self.intake = FakeIntake()
         remote = RemoteAgent(
             self.config, self.resolver, self.net, self.clock, self.store.message_path,
-            tls_factory=lambda n: FakeTLS(),
+            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(),
         )
         self.manager = QueueManager(
             self.store, FakeAgent(), remote, self.clock, self.config, run_blocking, self.intake,
@@ -484,7 +487,7 @@ class MessageBytesTests(OutboundFixture, SynchronousTestCase):
         servers: list = []
         self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
         agent = RemoteAgent(self.config, self.resolver, self.net, self.clock, lambda qid: "/nonexistent/" + qid,
-                            tls_factory=lambda n: FakeTLS())
+                            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS())
         e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
         d = agent.deliver(e, e.recipients, message=b"Subject: mem\r\n\r\n.dot\r\n")
         self.net.drive(d)

@@ -13,10 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueKicker
+from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING
-from mailstack.queue.manager import QueueManager, entry_due, remove_entry
-from mailstack.queue.store import NoSuchEntry
+from mailstack.queue.manager import QueueManager
+from mailstack.queue.schedule import entry_due
+from mailstack.queue.store import NoSuchEntry, remove_entry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,
@@ -60,6 +61,15 @@ class ManagerTests(SynchronousTestCase):
         verifyObject(IDeliveryAgent, self.local)
         verifyObject(IIntake, self.intake)
         verifyObject(IIncoming, self.intake.begin(None))
+        verifyObject(IQueueStore, self.store)
+
+    def test_realStoreProvidesBothSides(self) -> None:
+        """QueueStore provides IQueueStore (manager, CLI) and IQueueCommit (intake)."""
+        from mailstack.queue.store import QueueStore
+
+        store = QueueStore(self.mktemp())
+        verifyObject(IQueueStore, store)
+        verifyObject(IQueueCommit, store)
 
     def test_startRecovers(self) -> None:
         """startService runs recover() and schedules what scan() finds."""
@@ -481,7 +491,7 @@ class LogTests(SynchronousTestCase):
         """Each attempt logs one event per recipient with queue_id, rcpt, mx, ip, reply, delay, status."""
         from twisted.logger import capturedLogs
 
-        from mailstack.delivery.remote import RemoteReply
+        from mailstack.delivery.replies import RemoteReply
 
         clock = Clock()
         clock.advance(START)
@@ -660,7 +670,7 @@ class FastPathTests(SynchronousTestCase):
 
     def test_scanScheduleMatchesEntryDue(self) -> None:
         """scan_schedule (dict fast path) gives entry_due's answer for each state."""
-        from mailstack.queue.manager import scan_schedule
+        from mailstack.queue.scan import scan_schedule
 
         qids = [
             self.commit(attempts=1, next_attempt=START + 60),
