@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
+from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
@@ -133,10 +134,10 @@ class Resolver:
 
     def __init__(
         self,
-        config: Any,
-        resolver: Any = None,
+        config: Config,
+        clock: IReactorTime,
+        resolver: IResolver | None = None,
         rng: random.Random | None = None,
-        reactor: Any = None,
     ) -> None:
         self.config = config
         if resolver is None:
@@ -144,14 +145,19 @@ class Resolver:
 
             servers = list(config.relay.nameservers)
             if servers:
-                resolver = client.Resolver(servers=servers, reactor=reactor)
+                resolver = client.Resolver(servers=servers, reactor=clock)
             else:
                 resolver = client.createResolver()
         self.resolver = resolver
         self.rng = rng if rng is not None else random.Random()
-        self._now = reactor.seconds if reactor is not None else time.time
+        self._now = clock.seconds
         # Answers by (kind, name) until their TTL (at most CACHE_TTL) runs out, so a
         # burst of mail to one domain costs one set of lookups.  Failures are not kept.
+        # twisted.names' CacheResolver does not do this job: a resolver chain
+        # never fills it (only twisted.names.server does), it keeps no
+        # "no data" answer (an IPv4-only host's empty AAAA would be asked
+        # again for every message), and it keeps one query, not the A and
+        # AAAA pair that makes up a host's addresses.
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def _cached(self, key: tuple[str, str]) -> Any:

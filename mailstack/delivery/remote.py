@@ -36,9 +36,8 @@ manager can log and record where the answer came from.
 
 from __future__ import annotations
 
-import io
 import os
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
@@ -49,9 +48,11 @@ from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IQueueStore
 from mailstack.mx import Host, literal_address, split_hostport
-from mailstack.smtp.client import HostFailure, SMTPClientProtocol, client_tls
+from mailstack.smtp.client import HostFailure, SMTPClientProtocol
+from mailstack.smtp.data import FileSource, MemorySource
+from mailstack.tls import ClientTLS
 
 MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit is 5)
 # Connection reuse (Postfix's connection cache): an idle session waits this long
@@ -90,8 +91,7 @@ class RemoteAgent:
         self.endpoint_factory = endpoint_factory
         self.clock = clock
         self.message_path = message_path
-        verify = config.relay.tls_verify
-        self.tls_factory = tls_factory if tls_factory is not None else (lambda name: client_tls(name, verify))
+        self.tls_factory = tls_factory if tls_factory is not None else ClientTLS(config.relay.tls_verify)
         self.smarthost_password = smarthost_password
         self.run_blocking = run_blocking
         self._clients: set[SMTPClientProtocol] = set()
@@ -281,14 +281,12 @@ class RemoteAgent:
 
         ``path``: the queued message's file, or its bytes."""
         try:
-            source: Any = io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")
+            source, size = await self._open(path, size)
         except OSError:
             self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
             self._release(key, client)
             return {r: at_host(OR.OPEN_ERROR, name, ip) for r in rcpts}
         try:
-            if not size:
-                size = os.fstat(source.fileno()).st_size
             try:
                 replies = await client.send(entry.sender, rcpts, source, size)
             except HostFailure as e:
@@ -301,6 +299,16 @@ class RemoteAgent:
             source.close()
         self._release(key, client)
         return {r: at_host(replies[r], name, ip) for r in rcpts}
+
+    async def _open(self, path: str | bytes, size: int) -> tuple[IMessageSource, int]:
+        """The message as a source, and its size (from the file if unknown).
+
+        A file is opened and read in the thread pool: a message retried
+        hours later is rarely in the page cache."""
+        if isinstance(path, bytes):
+            return MemorySource(path), size
+        file, size = await self.run_blocking(_open_message, path, size)
+        return FileSource(file, self.run_blocking), size
 
     # -- connection reuse ---------------------------------------------------
 
@@ -370,6 +378,16 @@ class RemoteAgent:
             stage=e.stage,
             reply=str(e.reply),
         )
+
+
+def _open_message(path: str, size: int) -> tuple[IO[bytes], int]:
+    """Open a queued message (blocking); its size from the file when ``size`` is 0."""
+    file = open(path, "rb")
+    try:
+        return file, size or os.fstat(file.fileno()).st_size
+    except BaseException:
+        file.close()
+        raise
 
 
 def read_password(path: str) -> str:

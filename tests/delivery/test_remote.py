@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 import random
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -16,6 +16,7 @@ from mailstack.delivery.replies import DNS_TEMPORARY, NULL_MX, RemoteReply
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent
 from mailstack.mx import Host
+from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
 from tests.queue.outbound_fakes import (
     FakeAgent,
@@ -49,9 +50,8 @@ class OutboundFixture:
 class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def agent(self, **kw) -> RemoteAgent:
         kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
-        return RemoteAgent(
-            self.config, self.resolver, self.net, self.clock, self.store.message_path, run_blocking=run_blocking, **kw
-        )
+        kw.setdefault("run_blocking", run_blocking)
+        return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
 
     def deliver(self, rcpts=("a@remote.test",), sender="s@here.test", agent=None):
         e = entry(self.store, "Q1", sender, list(rcpts), arrival=START)
@@ -73,6 +73,52 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def test_interface(self) -> None:
         """RemoteAgent provides IDeliveryAgent."""
         verifyObject(IDeliveryAgent, self.agent())
+
+    def test_largeMessageReadOnlyInThreads(self) -> None:
+        """A message relayed from its file is opened and read only inside
+        run_blocking, chunk by chunk, never on the reactor thread."""
+        in_thread = [False]
+        reads: list[tuple[int, bool]] = []
+        opened: list[bool] = []
+
+        def threads(f, *a, **kw):
+            in_thread[0] = True
+            try:
+                return maybeDeferred(f, *a, **kw)
+            finally:
+                in_thread[0] = False
+
+        class Watched:
+            def __init__(self, file) -> None:
+                self.file = file
+
+            def read(self, n: int) -> bytes:
+                reads.append((n, in_thread[0]))
+                return self.file.read(n)
+
+            def close(self) -> None:
+                self.file.close()
+
+        real_open = remote._open_message
+
+        def watched_open(path: str, size: int):
+            opened.append(in_thread[0])
+            file, size = real_open(path, size)
+            return Watched(file), size
+
+        self.patch(remote, "_open_message", watched_open)
+        servers = self.sink("192.0.2.1")
+        body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 300
+        e = self.store.add(QueueEntry(id="Q1", sender="s@here.test", arrival=START,
+                                      recipients=[RecipientState(address="a@remote.test", original="a@remote.test", local=False)]),
+                           body)
+        d = self.agent(run_blocking=threads).deliver(e, e.recipients)
+        self.net.drive(d)
+        self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)
+        self.assertEqual(servers[0].messages[0][2], body)
+        self.assertEqual(opened, [True])
+        self.assertGreater(len(reads), 4)  # 300 kB in 64 KiB chunks, plus the empty read at the end
+        self.assertEqual([inside for _, inside in reads], [True] * len(reads))
 
     def test_primaryGetsIt(self) -> None:
         """The lowest-preference MX gets the mail; the reply says where it went."""
