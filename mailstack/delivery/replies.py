@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.delivery.test_replies -*-
+# -*- test-case-name: tests.delivery.test_remote -*-
 """The outbound reply vocabulary: what we record when no server answered, or answered badly.
 
 These replies are never sent to an SMTP client.  They go into the queue

@@ -369,20 +369,27 @@ class ManagerTests(SynchronousTestCase):
         m.kick("R")
         d = m.stopService()
         self.assertNoResult(d)
+        self.assertEqual((self.remote.closed, self.remote.aborted), (1, 0))  # idle ones closed, none aborted
         hold.callback({"r@remote.test": OK})
         self.successResultOf(d)
         self.assertNotIn("R", self.store.envelopes)
+        self.clock.advance(5)
+        self.assertEqual(self.remote.aborted, 0)
 
     def test_stopTimeout(self) -> None:
-        """A stuck attempt does not hold shutdown beyond stop_timeout."""
+        """A stuck attempt does not hold shutdown beyond stop_timeout; then every
+        agent aborts its connections (in-flight relays are dropped, not left open)."""
         self.remote.script = lambda e, rs: Deferred()
         m = self.manager(stop_timeout=5)
         entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
         m.kick("R")
         d = m.stopService()
         self.assertNoResult(d)
-        self.clock.advance(5)
+        self.clock.advance(4.9)
+        self.assertEqual((self.remote.aborted, self.local.aborted), (0, 0))
+        self.clock.advance(0.1)
         self.successResultOf(d)
+        self.assertEqual((self.remote.aborted, self.local.aborted), (1, 1))
 
     def test_agentErrorIsTemporary(self) -> None:
         """An exception from an agent counts as a temporary failure."""
