@@ -41,6 +41,12 @@ from typing import IO, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -48,8 +54,9 @@ from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IMessageSource, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
 from mailstack.mx import Host, literal_address, split_hostport
+from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
 from mailstack.smtp.data import FileSource, MemorySource
 from mailstack.tls import ClientTLS
@@ -76,14 +83,14 @@ class RemoteAgent:
 
     def __init__(
         self,
-        config: Any,
-        resolver: Any,
-        endpoint_factory: Callable[[str, int], Any],
-        clock: Any,
+        config: Config,
+        resolver: IMXResolver,
+        endpoint_factory: Callable[[str, int], IStreamClientEndpoint],
+        clock: IReactorTime,
         message_path: Callable[[str], str],
         *,
         run_blocking: Callable[..., Deferred],
-        tls_factory: Callable[[str], Any] | None = None,
+        tls_factory: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
         smarthost_password: str = "",
     ) -> None:
         self.config = config
@@ -96,7 +103,7 @@ class RemoteAgent:
         self.run_blocking = run_blocking
         self._clients: set[SMTPClientProtocol] = set()
         self._pool: dict[tuple, list[SMTPClientProtocol]] = {}  # reusable connections per address, idle or busy
-        self._idle_timers: dict[SMTPClientProtocol, Any] = {}
+        self._idle_timers: dict[SMTPClientProtocol, IDelayedCall] = {}
         self._closing = False
         self._smarthost_literal: tuple | None = None  # ((Host,), port) of a smarthost given as an address
 
@@ -106,10 +113,10 @@ class RemoteAgent:
     # call (small messages), so the reactor thread opens no file.
     takes_message = True
 
-    def deliver(self, entry: Any, recipients: list, message: bytes | None = None) -> Deferred:
+    def deliver(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> Deferred:
         return Deferred.fromCoroutine(self._deliver_all(entry, recipients, message))
 
-    async def _deliver_all(self, entry: Any, recipients: list, message: bytes | None = None) -> dict[str, Reply]:
+    async def _deliver_all(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> dict[str, Reply]:
         by_domain: dict[str, list] = {}
         for r in recipients:
             by_domain.setdefault(r.domain, []).append(r)
@@ -148,7 +155,7 @@ class RemoteAgent:
         return (":" in source) == (":" in ip)  # bind needs the same address family
 
     async def _deliver_domain(
-        self, entry: Any, domain: str, rcpts: list[str], message: bytes | None = None
+        self, entry: QueueEntry, domain: str, rcpts: list[str], message: bytes | None = None
     ) -> dict[str, Reply]:
         try:
             hosts, port, smarthost = await self._hosts(domain)
@@ -200,7 +207,7 @@ class RemoteAgent:
 
     async def _attempt(
         self,
-        entry: Any,
+        entry: QueueEntry,
         name: str,
         ip: str,
         port: int,
@@ -267,7 +274,7 @@ class RemoteAgent:
 
     async def _transaction(
         self,
-        entry: Any,
+        entry: QueueEntry,
         client: SMTPClientProtocol,
         key: tuple,
         name: str,
@@ -369,7 +376,7 @@ class RemoteAgent:
                 if not client.pending:
                     self._drop(key, client)
 
-    def _host_failed(self, entry: Any, name: str, ip: str, e: HostFailure) -> None:
+    def _host_failed(self, entry: QueueEntry, name: str, ip: str, e: HostFailure) -> None:
         self.log.info(
             "{queue_id}: {mx}[{ip}] failed at {stage}: {reply}",
             queue_id=entry.id,
@@ -398,14 +405,14 @@ def read_password(path: str) -> str:
         return f.readline().rstrip("\r\n")
 
 
-def tcp_endpoint_factory(reactor: Any, config: Any) -> Callable[[str, int], Any]:
+def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], IStreamClientEndpoint]:
     """Production ``endpoint_factory``: TCP4/TCP6 client endpoints with the
     connect timeout and ``relay.source_address`` binding."""
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
     relay = config.relay
 
-    def factory(ip: str, port: int) -> Any:
+    def factory(ip: str, port: int) -> IStreamClientEndpoint:
         bind = (relay.source_address, 0) if relay.source_address else None
         cls = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         return cls(reactor, ip, port, timeout=relay.connect_timeout, bindAddress=bind)

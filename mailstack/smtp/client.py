@@ -3,7 +3,7 @@
 
 Written on ``Protocol`` rather than twisted's ``SMTPClient``, which gives no
 per-recipient results, treats 4xx like 5xx, has no PIPELINING and no
-timeouts by default (``docs/design.rst``).
+timeouts by default.
 
 ``SMTPClientProtocol`` offers three coroutines-as-Deferreds:
 
@@ -306,8 +306,9 @@ class SMTPClientProtocol(Protocol):
 
     def _start_tls(self) -> None:
         assert self.tls is not None
-        # RFC 3207 4.2 (and anchors 4.4.1 the other way round): nothing the server
-        # sent in plaintext after its 220 may count once TLS is up.
+        # RFC 3207 4.2: nothing the server sent in plaintext after its 220 may
+        # count once TLS is up (the client side of the STARTTLS injection bug,
+        # CVE-2011-0411).
         self._buffer = b""
         self._lines = []
         self.transport.startTLS(self.tls())

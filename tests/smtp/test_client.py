@@ -26,7 +26,7 @@ class EncoderTests(SynchronousTestCase):
             (b"a\nb", b"a\r\nb\r\n.\r\n"),
             (b".x\r\n", b"..x\r\n.\r\n"),
             (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
-            # smuggling sequences (anchors 5): none may end DATA early at the remote
+            # SMTP smuggling sequences: none may end DATA early at the remote
             (b"a\n.\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
             (b"a\r.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
             (b"a\r\n.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
