@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.names.cache import CacheResolver
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
@@ -36,9 +37,6 @@ from mailstack.interfaces import IMXResolver
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
-CACHE_TTL = 300.0  # seconds an answer is kept at most (its own TTL if shorter)
-NEGATIVE_TTL = 60.0  # "no MX records" (implicit MX) is kept this long
-CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True)
@@ -150,33 +148,24 @@ class Resolver:
                 resolver = client.createResolver()
         self.resolver = resolver
         self.rng = rng if rng is not None else random.Random()
-        self._now = clock.seconds
-        # Answers by (kind, name) until their TTL (at most CACHE_TTL) runs out, so a
-        # burst of mail to one domain costs one set of lookups.  Failures are not kept.
-        # twisted.names' CacheResolver does not do this job: a resolver chain
-        # never fills it (only twisted.names.server does), it keeps no
-        # "no data" answer (an IPv4-only host's empty AAAA would be asked
-        # again for every message), and it keeps one query, not the A and
-        # AAAA pair that makes up a host's addresses.
-        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        # Answers are kept for their TTL in twisted.names' own CacheResolver
+        # (on our clock), so a burst of mail to one domain costs one set of
+        # lookups.  A resolver chain never fills its CacheResolver (only
+        # twisted.names.server does), so this one is filled here.  A "no
+        # data" answer is kept for the TTL of the SOA that comes with it
+        # (RFC 2308 section 5); failures are not kept.
+        self._cache = CacheResolver(reactor=clock)
 
-    def _cached(self, key: tuple[str, str]) -> Any:
-        found = self._cache.get(key)
-        if found is None:
-            return None
-        if found[0] <= self._now():
-            del self._cache[key]
-            return None
-        return found[1]
-
-    def _keep(self, key: tuple[str, str], value: Any, answers: Sequence[Any], default_ttl: float) -> None:
-        ttls = [rr.ttl for rr in answers]
-        ttl = min(min(ttls) if ttls else default_ttl, CACHE_TTL)
-        if ttl <= 0:
-            return
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-        self._cache[key] = (self._now() + ttl, value)
+    async def _query(self, name: str, qtype: int) -> tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]:
+        """``(answers, authority, additional)`` for ``name``/``qtype``, from the cache or the DNS."""
+        query = dns.Query(name, qtype)
+        try:
+            return await self._cache.query(query)
+        except dns.DomainError:
+            pass  # not cached
+        result = await self.resolver.query(query, DNS_TIMEOUT)
+        self._cache.cacheResult(query, result)
+        return result
 
     def hosts_for(self, domain: str) -> Deferred:
         """Deferred firing with the ordered ``Host`` list; addresses filled in."""
@@ -186,21 +175,14 @@ class Resolver:
         literal = literal_address(domain)
         if literal is not None:
             return [Host(domain, (literal,), 0)]
-        records = self._cached(("mx", domain))
-        if records is None:
-            try:
-                answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
-            except DNSNameError:
-                raise PermanentFailure(OR.NO_DOMAIN) from None
-            except Exception as e:
-                self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
-                raise TemporaryFailure(OR.DNS_TEMPORARY) from None
-            records = [
-                (rr.payload.preference, _norm(rr.payload.name.name))
-                for rr in answers
-                if rr.type == dns.MX
-            ]
-            self._keep(("mx", domain), records, [rr for rr in answers if rr.type == dns.MX], NEGATIVE_TTL)
+        try:
+            answers, _, _ = await self._query(domain, dns.MX)
+        except DNSNameError:
+            raise PermanentFailure(OR.NO_DOMAIN) from None
+        except Exception as e:
+            self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
+            raise TemporaryFailure(OR.DNS_TEMPORARY) from None
+        records = [(rr.payload.preference, _norm(rr.payload.name.name)) for rr in answers if rr.type == dns.MX]
         implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
         resolved: list[Host] = []
@@ -241,18 +223,11 @@ class Resolver:
             return [name], False
         except ValueError:
             pass
-        cached = self._cached(("addr", name))
-        if cached is not None:
-            return list(cached), False
         results = await DeferredList(
-            [
-                self.resolver.lookupAddress(name, DNS_TIMEOUT),
-                self.resolver.lookupIPV6Address(name, DNS_TIMEOUT),
-            ],
+            [Deferred.fromCoroutine(self._query(name, dns.A)), Deferred.fromCoroutine(self._query(name, dns.AAAA))],
             consumeErrors=True,
         )
         out: list[str] = []
-        used: list[Any] = []
         temporary = False
         for ok, value in results:
             if not ok:
@@ -261,11 +236,6 @@ class Resolver:
             for rr in value[0]:
                 if rr.type == dns.A:
                     out.append(rr.payload.dottedQuad())
-                    used.append(rr)
                 elif rr.type == dns.AAAA:
                     out.append(ipaddress.ip_address(rr.payload.address).compressed)
-                    used.append(rr)
-        found = list(dict.fromkeys(out))
-        if found and not temporary:
-            self._keep(("addr", name), tuple(found), used, NEGATIVE_TTL)
-        return found, temporary
+        return list(dict.fromkeys(out)), temporary
