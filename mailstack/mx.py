@@ -20,11 +20,12 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.names import dns
 from twisted.names.cache import CacheResolver
 from twisted.names.error import DNSNameError
@@ -120,7 +121,7 @@ def split_hostport(value: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-def _is_temporary(failure: Any) -> bool:
+def _is_temporary(failure: Failure) -> bool:
     return not failure.check(DNSNameError)
 
 
@@ -156,16 +157,17 @@ class Resolver:
         # (RFC 2308 section 5); failures are not kept.
         self._cache = CacheResolver(reactor=clock)
 
-    async def _query(self, name: str, qtype: int) -> tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]:
-        """``(answers, authority, additional)`` for ``name``/``qtype``, from the cache or the DNS."""
+    async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
+        """The answer records for ``name``/``qtype``, from the cache or the DNS."""
         query = dns.Query(name, qtype)
         try:
-            return await self._cache.query(query)
+            cached = await self._cache.query(query)
+            return list(cast(list[dns.RRHeader], cached[0]))
         except dns.DomainError:
             pass  # not cached
         result = await self.resolver.query(query, DNS_TIMEOUT)
         self._cache.cacheResult(query, result)
-        return result
+        return list(cast(list[dns.RRHeader], result[0]))
 
     def hosts_for(self, domain: str) -> Deferred:
         """Deferred firing with the ordered ``Host`` list; addresses filled in."""
@@ -176,13 +178,16 @@ class Resolver:
         if literal is not None:
             return [Host(domain, (literal,), 0)]
         try:
-            answers, _, _ = await self._query(domain, dns.MX)
+            answers = await self._query(domain, dns.MX)
         except DNSNameError:
             raise PermanentFailure(OR.NO_DOMAIN) from None
         except Exception as e:
             self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
             raise TemporaryFailure(OR.DNS_TEMPORARY) from None
-        records = [(rr.payload.preference, _norm(rr.payload.name.name)) for rr in answers if rr.type == dns.MX]
+        records = [
+            (payload.preference, _norm(payload.name.name))
+            for payload in (cast(dns.Record_MX, rr.payload) for rr in answers if rr.type == dns.MX)
+        ]
         implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
         resolved: list[Host] = []
@@ -231,11 +236,11 @@ class Resolver:
         temporary = False
         for ok, value in results:
             if not ok:
-                temporary |= _is_temporary(value)
+                temporary |= _is_temporary(cast(Failure, value))
                 continue
-            for rr in value[0]:
+            for rr in cast(list[dns.RRHeader], value):
                 if rr.type == dns.A:
-                    out.append(rr.payload.dottedQuad())
+                    out.append(cast(dns.Record_A, rr.payload).dottedQuad())
                 elif rr.type == dns.AAAA:
-                    out.append(ipaddress.ip_address(rr.payload.address).compressed)
+                    out.append(ipaddress.ip_address(cast(dns.Record_AAAA, rr.payload).address).compressed)
         return list(dict.fromkeys(out)), temporary

@@ -84,7 +84,7 @@ class QueueManager(Service):
     """A Service on the shared reactor; see the module docstring."""
 
     log = Logger()
-    name = "queue-manager"
+    name = "queue-manager"  # type: ignore[assignment]  # Service declares None
 
     def __init__(
         self,

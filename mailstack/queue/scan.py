@@ -32,7 +32,7 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
     recipients = data.get("recipients")
     if type(sender) is not str or type(recipients) is not list or not recipients:
         return None
-    times = []
+    times: list[float] = []
     owed_bounce = False
     pending = False
     for r in recipients:
@@ -41,7 +41,7 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
         status = r.get("status")
         if status == PENDING:
             t = r.get("next_attempt")
-            if type(t) not in (int, float):
+            if not isinstance(t, (int, float)) or isinstance(t, bool):
                 return None
             times.append(t)
             pending = True
@@ -58,7 +58,7 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
     if sender and pending:
         arrival = data.get("arrival")
         warned = data.get("delay_warned")
-        if type(arrival) not in (int, float) or type(warned) is not bool:
+        if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or type(warned) is not bool:
             return None
         warn = schedule.delay_warning_time(arrival, warning_after, warned)
         if warn is not None:

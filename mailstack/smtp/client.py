@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, ITCPTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -99,6 +99,7 @@ class SMTPClientProtocol(Protocol):
     """One outbound SMTP connection (see the module docstring)."""
 
     log = Logger()
+    transport: ITCPTransport  # set by makeConnection, before any method here runs
 
     def __init__(
         self,
@@ -311,7 +312,7 @@ class SMTPClientProtocol(Protocol):
         # CVE-2011-0411).
         self._buffer = b""
         self._lines = []
-        self.transport.startTLS(self.tls())
+        cast(ITLSTransport, self.transport).startTLS(self.tls())
         self.secure = True
 
     async def _auth(self) -> None:
@@ -432,10 +433,10 @@ class SMTPClientProtocol(Protocol):
                 if data_reply is not None and data_reply.code == 354:
                     self._abort_data()
                 raise HostFailure("mail", mail_reply)
-            for r, reply in zip(recipients, rcpt_replies):
-                if reply is None:
+            for r, rcpt_reply in zip(recipients, rcpt_replies):
+                if rcpt_reply is None:
                     raise HostFailure("rcpt", lost.reply if lost else OR.CONNECTION_LOST)
-                results[r] = reply
+                results[r] = rcpt_reply
             accepted = [r for r in recipients if results[r].code // 100 == 2]
             if data_reply is None:
                 raise HostFailure("data", lost.reply if lost else OR.CONNECTION_LOST) if accepted else HostFailure(
@@ -448,9 +449,9 @@ class SMTPClientProtocol(Protocol):
                     await self._rset()
                 return results
         else:
-            mail_reply = await self._await(self.command(mail), "mail")
-            if mail_reply.code != 250:
-                raise HostFailure("mail", mail_reply)
+            answer = await self._await(self.command(mail), "mail")
+            if answer.code != 250:
+                raise HostFailure("mail", answer)
             for r, c in zip(recipients, rcpts):
                 results[r] = await self._await(self.command(c), "rcpt")
             accepted = [r for r in recipients if results[r].code // 100 == 2]

@@ -120,7 +120,7 @@ class DataDecoder:
 def decode_reference(raw: bytes) -> tuple[bytes, bytes] | None:
     """Slow line-by-line reference decoder for tests: ``(content, rest)`` or None."""
     lines = (b"\r\n" + raw).split(b"\r\n")[1:]
-    out = []
+    out: list[bytes] = []
     for i, line in enumerate(lines):
         if line == b"." and i < len(lines) - 1:
             rest = b"\r\n".join(lines[i + 1 :])
