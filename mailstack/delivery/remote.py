@@ -104,7 +104,8 @@ class RemoteAgent:
         self._clients: set[SMTPClientProtocol] = set()
         self._pool: dict[tuple, list[SMTPClientProtocol]] = {}  # reusable connections per address, idle or busy
         self._idle_timers: dict[SMTPClientProtocol, IDelayedCall] = {}
-        self._closing = False
+        self._closing = False  # close_idle: keep no connection for reuse
+        self._aborted = False  # abort_all: make no new connection
         self._smarthost_literal: tuple | None = None  # ((Host,), port) of a smarthost given as an address
 
     # -- IDeliveryAgent -----------------------------------------------------
@@ -126,7 +127,12 @@ class RemoteAgent:
         return results
 
     def abort_all(self) -> None:
-        """Drop every connection (shutdown after the grace period)."""
+        """Drop every connection and make no new one (shutdown after the grace period).
+
+        The attempts in progress end with a temporary reply; their recipients
+        stay queued (the attempt mark is on disk) and are tried after the restart.
+        """
+        self._aborted = True
         self.close_idle()
         for client in list(self._clients):
             client.abort()
@@ -223,6 +229,8 @@ class RemoteAgent:
         there is one (``_take``); if it turns out to be gone, a new connection
         is made.
         """
+        if self._aborted:
+            return "connect", OR.SHUTTING_DOWN
         key = (ip, port, smarthost, plaintext)
         client = self._take(key)
         if client is not None:

@@ -61,6 +61,7 @@ def too_big_for_remote(limit: str) -> Reply:
 CONNECT_FAILED = Reply(451, "4.4.1", "Connection to the remote server failed")
 NO_HOSTS = Reply(451, "4.4.4", "No mail server could be reached")
 OPEN_ERROR = Reply(451, "4.3.0", "Local error opening the message")
+SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery interrupted: the mail system is shutting down")
 
 
 def session_refused(reply: Reply) -> Reply:

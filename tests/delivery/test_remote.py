@@ -445,6 +445,24 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.assertEqual(len(self.net.attempts), 2)
         self.assertEqual(servers[1].commands[-1], b"QUIT")
 
+    def test_abortAllDropsAttemptsInProgress(self) -> None:
+        """abort_all() (shutdown after the grace period) drops a connection in the
+        middle of a transaction: its recipients get a temporary reply and no
+        other MX is tried."""
+        self.sink("192.0.2.1", hang_at=b"DATA")
+        self.sink("192.0.2.2")
+        agent = self.agent()
+        e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        d = agent.deliver(e, e.recipients)
+        self.net.drive(d)
+        self.assertNoResult(d)
+        agent.abort_all()
+        self.net.drive(d)
+        reply = self.successResultOf(d)["a@remote.test"]
+        self.assertTrue(reply.temporary, str(reply))
+        self.assertEqual(self.net.attempts, [("192.0.2.1", 25)])
+        self.assertTrue(self.net.pumps[0].clientIO.disconnected)
+
     def test_tcpEndpointFactory(self) -> None:
         """Production endpoints: TCP4/TCP6 with the connect timeout and source address."""
         from twisted.internet.testing import MemoryReactorClock
