@@ -14,7 +14,7 @@ from mailstack.delivery import remote
 from mailstack.delivery.remote import RemoteAgent, tcp_endpoint_factory
 from mailstack.delivery.replies import DNS_TEMPORARY, NULL_MX, RemoteReply
 from mailstack.errors import PermanentFailure, TemporaryFailure
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IMXResolver
 from mailstack.mx import Host
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
@@ -71,8 +71,9 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         return servers
 
     def test_interface(self) -> None:
-        """RemoteAgent provides IDeliveryAgent."""
+        """RemoteAgent provides IDeliveryAgent; the fake resolver provides IMXResolver."""
         verifyObject(IDeliveryAgent, self.agent())
+        verifyObject(IMXResolver, self.resolver)
 
     def test_largeMessageReadOnlyInThreads(self) -> None:
         """A message relayed from its file is opened and read only inside

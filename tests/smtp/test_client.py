@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from mailstack.delivery.replies import TIMEOUT
 from mailstack.errors import Reply
+from mailstack.interfaces import IMessageSource
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
-from mailstack.smtp.data import DataEncoder, MemorySource
+from mailstack.smtp.data import CHUNK, BodyProducer, DataEncoder, FileSource, MemorySource
 from mailstack.smtp.wire import make_reply
 from tests.queue.outbound_fakes import FakeSMTPServer, FakeTLS, connect_pair, drive
 
@@ -362,3 +367,37 @@ class OverlapTests(SynchronousTestCase):
             results.append(self.successResultOf(d)[rcpt])
         self.assertIs(results[0], results[1])
         self.assertEqual(results[0], make_reply(250, ["2.0.0 Ok: queued"]))
+
+
+class SourceTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """MemorySource and FileSource provide IMessageSource."""
+        verifyObject(IMessageSource, MemorySource(b"x"))
+        verifyObject(IMessageSource, FileSource(io.BytesIO(b"x"), lambda f, *a: succeed(f(*a))))
+
+    def test_producerWaitsForThreadReads(self) -> None:
+        """The body producer writes nothing until a read in the thread pool has
+        returned, keeps one read outstanding, and ends with CRLF.CRLF."""
+        pending: list[tuple] = []
+
+        def threads(f, *a):
+            d: Deferred = Deferred()
+            pending.append((f, a, d))
+            return d
+
+        def run_one() -> None:
+            f, a, d = pending.pop(0)
+            d.callback(f(*a))
+
+        transport = StringTransport()
+        body = b"a" * (CHUNK + 10) + b"\r\n.dot\r\n"
+        producer = BodyProducer(FileSource(io.BytesIO(body), threads), transport, lambda: None)
+        producer.start()
+        self.assertEqual((transport.value(), len(pending)), (b"", 1))
+        run_one()
+        self.assertEqual((len(transport.value()), len(pending)), (CHUNK, 1))
+        run_one()
+        run_one()  # the empty read: the end
+        self.assertEqual(pending, [])
+        self.assertEqual(transport.value(), b"a" * (CHUNK + 10) + b"\r\n..dot\r\n.\r\n")
+        self.successResultOf(producer.done)
