@@ -19,9 +19,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mailstack.interfaces import IQueueStore
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
-from mailstack.queue.store import QueueStore, read_headers, remove_entry
-from mailstack.storage import fsutil
+from mailstack.queue.store import NoSuchEntry, QueueStore, read_headers, remove_entry
 
 FINAL = (DELIVERED, FAILED)
 
@@ -94,26 +94,19 @@ def _summary(data: dict[str, Any], now: float) -> dict[str, Any]:
     }
 
 
-def _envelopes(store: Any) -> list[dict[str, Any]]:
+def _envelopes(store: IQueueStore) -> list[dict[str, Any]]:
     """Every entry's envelope as a checked dict, oldest first (blocking).
 
     Each envelope is read and parsed once; anything unusual goes through
     ``store.load``, which moves an unreadable envelope to ``corrupt/`` (as
     ``scan()`` does).  An entry removed while we read is skipped.
     """
-    if not os.path.isdir(store.root):
-        return []
     out = []
     loads = json.loads
-    ids = store.ids()
-    if not ids:
-        return []
-    # ids() returns checked ids only; build the paths without re-checking each.
-    folder = os.path.dirname(store.envelope_path(ids[0]))
-    for queue_id in ids:
+    for queue_id in store.ids():
         try:
-            raw = fsutil.read_small(f"{folder}/{queue_id}.json")
-        except FileNotFoundError:
+            raw, _ = store.read_envelope(queue_id)
+        except NoSuchEntry:
             continue
         except OSError:
             raw = b""
