@@ -114,6 +114,33 @@ class IDirectDelivery(Interface):
         None (delivered) or the error (that copy is taken back)."""
 
 
+class IMaildirStore(Interface):
+    """Every user's Maildir, as the local delivery agent writes to it.
+
+    All methods block.  Delivery is ``prepare`` (the copy written and
+    fsynced in ``tmp/``) then ``publish`` (renamed into ``new/``, one fsync
+    per folder), so many copies share a directory fsync.
+    """
+
+    def path_for(address) -> str:
+        """The Maildir of ``address``; AddressError for a name that is no safe path."""
+
+    def deliver(address, source, prefix: bytes = b"") -> str:
+        """``prepare`` and ``publish`` of one copy; returns its file name."""
+
+    def prepare(address, source, prefix: bytes = b""):
+        """Write ``prefix`` then ``source`` (bytes or a file path) into ``tmp/``
+        and fsync it; returns a ``storage.maildir.Pending``.  Raises OSError or
+        AddressError with nothing left behind."""
+
+    def publish(pending) -> list:
+        """Rename prepared copies into ``new/``; per copy None or its error
+        (a failed copy is taken back)."""
+
+    def discard(pending) -> None:
+        """Drop a prepared copy that will not be published."""
+
+
 class IMXResolver(Interface):
     """DNS for outbound mail."""
 

@@ -36,10 +36,10 @@ from zope.interface import implementer
 from mailstack.address import AddressError
 from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent, IDirectDelivery, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IDirectDelivery, IMaildirStore, IQueueStore
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.storage import fsutil
-from mailstack.storage.maildir import MaildirStore, Pending
+from mailstack.storage.maildir import Pending
 
 
 def delivery_prefix(sender: str, address: str) -> bytes:
@@ -49,14 +49,14 @@ def delivery_prefix(sender: str, address: str) -> bytes:
 
 @implementer(IDeliveryAgent, IDirectDelivery)
 class LocalAgent:
-    """Delivers local recipients of queue entries into a MaildirStore."""
+    """Delivers local recipients of queue entries into Maildirs (IMaildirStore)."""
 
     log = Logger()
 
     # Each copy is written in a thread straight from the queue file.
     takes_message = False
 
-    def __init__(self, maildirs: MaildirStore, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(self, maildirs: IMaildirStore, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> None:
         self._maildirs = maildirs
         self._store = store
         self._run_blocking = run_blocking
