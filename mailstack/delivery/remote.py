@@ -117,8 +117,10 @@ class RemoteAgent:
     def deliver(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> Deferred:
         return Deferred.fromCoroutine(self._deliver_all(entry, recipients, message))
 
-    async def _deliver_all(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> dict[str, Reply]:
-        by_domain: dict[str, list] = {}
+    async def _deliver_all(
+        self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None
+    ) -> dict[str, Reply]:
+        by_domain: dict[str, list[RecipientState]] = {}
         for r in recipients:
             by_domain.setdefault(r.domain, []).append(r)
         results: dict[str, Reply] = {}

@@ -66,7 +66,9 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
     return min(times)
 
 
-def scan_schedule(store: IQueueStore, ids: list[str], now: float, warning_after: float | None) -> list[tuple[float, str]]:
+def scan_schedule(
+    store: IQueueStore, ids: list[str], now: float, warning_after: float | None
+) -> list[tuple[float, str]]:
     """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan).
 
     Reads each envelope once and takes only what the schedule needs; an entry

@@ -110,9 +110,8 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.patch(remote, "_open_message", watched_open)
         servers = self.sink("192.0.2.1")
         body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 300
-        e = self.store.add(QueueEntry(id="Q1", sender="s@here.test", arrival=START,
-                                      recipients=[RecipientState(address="a@remote.test", original="a@remote.test", local=False)]),
-                           body)
+        rcpt = RecipientState(address="a@remote.test", original="a@remote.test", local=False)
+        e = self.store.add(QueueEntry(id="Q1", sender="s@here.test", arrival=START, recipients=[rcpt]), body)
         d = self.agent(run_blocking=threads).deliver(e, e.recipients)
         self.net.drive(d)
         self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)

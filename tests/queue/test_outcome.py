@@ -50,7 +50,9 @@ class RecordTests(SynchronousTestCase):
             r = rcpt(local, next_attempt=before)
             done = outcome.record(r, reply, at, ARRIVAL, INTERVALS, LIFETIME, random.Random(0))
             row = (local, str(reply), at)
-            self.assertEqual((r.status, done.status, done.expired, r.attempts), (status, logged, expired, attempts), row)
+            self.assertEqual(
+                (r.status, done.status, done.expired, r.attempts), (status, logged, expired, attempts), row
+            )
             if after is not None:
                 self.assertEqual(r.next_attempt, after, row)
             self.assertEqual(r.last_reply, str(reply), row)
