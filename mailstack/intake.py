@@ -65,7 +65,7 @@ from mailstack.address import AddressError
 from mailstack.batching import GroupCommit
 from mailstack.envelope import Envelope
 from mailstack.errors import Reply, TemporaryFailure
-from mailstack.interfaces import IIncoming, IIntake
+from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage import fsutil
@@ -157,19 +157,12 @@ def _entries_or_errors(entries: list[QueueEntry], errors: list[BaseException | N
     return [entry if error is None else error for entry, error in zip(entries, errors)]
 
 
-def _local_agent(kicker: Any) -> Any:
-    """The kicker's local delivery agent if it can deliver directly (the QueueManager's)."""
-    agent = getattr(kicker, "local", None)
-    return agent if callable(getattr(agent, "prepare_direct", None)) else None
-
-
 @implementer(IIntake)
 class Intake:
     """Accepts messages into Maildirs or a QueueStore, and kicks the queue manager.
 
-    ``local``: the LocalAgent for direct delivery; by default the kicker's
-    ``local`` attribute (the QueueManager's agent), if it has one.  Without
-    one, every message is queued.
+    ``local``: the IDirectDelivery agent for direct delivery (the LocalAgent);
+    without one, every message is queued.
     """
 
     log = Logger()
@@ -181,14 +174,14 @@ class Intake:
         kicker: Any,
         run_blocking: Callable[..., Deferred],
         clock: Any,
-        local: Any = None,
+        local: IDirectDelivery | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._kicker = kicker
         self._run_blocking = run_blocking
         self._clock = clock
-        self._local = local if local is not None else _local_agent(kicker)
+        self._local = local
         # Two pipelined stages: messages into msg/ (fsync msg/), then envelopes
         # into env/ (fsync env/); a batch in the second stage does not hold up
         # the next batch's first stage.

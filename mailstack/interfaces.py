@@ -7,7 +7,6 @@ IDeliveryAgent (local maildir, or remote via IMXResolver and the SMTP client)
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import Attribute, Interface
 
 
@@ -77,12 +76,72 @@ class IQueueKicker(Interface):
 
 
 class IDeliveryAgent(Interface):
-    """Delivers some recipients of one queue entry."""
+    """Delivers some recipients of one queue entry (the queue manager's view)."""
 
-    def deliver(entry, recipients):
+    takes_message = Attribute(
+        "bool: ``deliver`` accepts ``message=``, the bytes of a small message the "
+        "manager already read in its thread call (so the agent opens no file)"
+    )
+
+    def deliver(entry, recipients, message=None):
         """Deferred firing with ``{recipient.address: errors.Reply}``: 2xx
         delivered, 4xx try again later, 5xx failed for good.  Never errbacks
-        for a per-recipient problem."""
+        for a per-recipient problem.  ``message``: the message bytes, or None
+        to read ``entry``'s message file (only given when ``takes_message``)."""
+
+    def close_idle() -> None:
+        """Shutting down: keep no connection for reuse; idle ones are closed now."""
+
+    def abort_all() -> None:
+        """Shutting down after the grace period: drop every connection at once;
+        the attempts in progress end with a temporary failure."""
+
+
+class IDirectDelivery(Interface):
+    """Delivery into local Maildirs straight from the intake, before the 250.
+
+    ``prepare_direct`` and ``publish_direct`` block and run in the thread
+    pool; the intake queues whatever they could not deliver.
+    """
+
+    def direct_ok(entry) -> bool:
+        """Whether ``QueueEntry`` ``entry`` may take the direct path (every recipient local)."""
+
+    def prepare_direct(entry, source) -> list:
+        """Write and fsync every recipient's copy into its Maildir ``tmp/``;
+        ``source`` is the message bytes or the path of its file.  Returns the
+        prepared copies (``storage.maildir.Pending``); on error none is left."""
+
+    def publish_direct(pending) -> list:
+        """Rename prepared copies into ``new/``, one fsync per folder.  Per copy
+        None (delivered) or the error (that copy is taken back)."""
+
+
+class IMaildirStore(Interface):
+    """Every user's Maildir, as the local delivery agent writes to it.
+
+    All methods block.  Delivery is ``prepare`` (the copy written and
+    fsynced in ``tmp/``) then ``publish`` (renamed into ``new/``, one fsync
+    per folder), so many copies share a directory fsync.
+    """
+
+    def path_for(address) -> str:
+        """The Maildir of ``address``; AddressError for a name that is no safe path."""
+
+    def deliver(address, source, prefix: bytes = b"") -> str:
+        """``prepare`` and ``publish`` of one copy; returns its file name."""
+
+    def prepare(address, source, prefix: bytes = b""):
+        """Write ``prefix`` then ``source`` (bytes or a file path) into ``tmp/``
+        and fsync it; returns a ``storage.maildir.Pending``.  Raises OSError or
+        AddressError with nothing left behind."""
+
+    def publish(pending) -> list:
+        """Rename prepared copies into ``new/``; per copy None or its error
+        (a failed copy is taken back)."""
+
+    def discard(pending) -> None:
+        """Drop a prepared copy that will not be published."""
 
 
 class IMXResolver(Interface):
@@ -93,6 +152,104 @@ class IMXResolver(Interface):
         or None to resolve later, preference).  Errbacks PermanentFailure for
         NXDOMAIN or null MX (RFC 7505: 556 5.1.10), TemporaryFailure for
         SERVFAIL or timeouts."""
+
+    def addresses(name: str):
+        """Deferred firing with the A then AAAA addresses of host ``name`` (the
+        smarthost).  Errbacks TemporaryFailure when there is none: a smarthost
+        that cannot be found is never the sender's problem."""
+
+
+class IMessageSource(Interface):
+    """The bytes of a message being relayed, read chunk by chunk."""
+
+    def read(size: int):
+        """Deferred firing with up to ``size`` bytes, ``b""`` at the end.  A file
+        is read in the thread pool, so the reactor never waits for the disk."""
+
+    def close() -> None:
+        """Release the source (close its file)."""
+
+
+class IQueueStore(Interface):
+    """The committed queue on disk, as the manager and the admin command use it.
+
+    Every method blocks (from the reactor, call it in the thread pool).
+    Entries are ``queue.entry.QueueEntry``; an unknown id raises
+    ``queue.store.NoSuchEntry`` (a KeyError), an unreadable envelope
+    ``CorruptEntry`` (a NoSuchEntry) once it has been moved aside.
+    """
+
+    def message_path(queue_id: str) -> str:
+        """The file holding the message bytes (NoSuchEntry for a malformed id)."""
+
+    def envelope_path(queue_id: str) -> str:
+        """The file holding the envelope, the entry's commit record."""
+
+    def ids() -> list:
+        """Ids of all committed entries, oldest first; reads directory names only."""
+
+    def read_envelope(queue_id: str) -> tuple:
+        """``(raw envelope bytes, attempt mark)`` from one open; NoSuchEntry if gone."""
+
+    def load(queue_id: str):
+        """The entry; NoSuchEntry, or CorruptEntry after moving it aside."""
+
+    def scan():
+        """Every readable committed entry, oldest first."""
+
+    def save(entry) -> None:
+        """Replace the envelope durably (new attempt state); drops the attempt mark."""
+
+    def mark_attempt(queue_id: str, not_before: float) -> None:
+        """Record an attempt in progress: no retry before ``not_before``, even
+        after a process crash (a system crash may lose it: an earlier retry).
+        NoSuchEntry if the entry is gone."""
+
+    def attempt_mark(queue_id: str) -> float:
+        """The time ``mark_attempt`` set, or 0.0."""
+
+    def remove(queue_id: str, sync: bool = True) -> bool:
+        """Drop the entry, envelope first; False if there was no envelope.
+        ``sync`` makes the envelope removal durable."""
+
+    def recover(read_envelopes: bool = True):
+        """At start, before any commit: clean up what a crash left (``Recovery``)."""
+
+    def request_flush() -> None:
+        """Ask the running manager to retry everything now."""
+
+    def flush_requested() -> bool:
+        """True once per flush request (consumes it)."""
+
+
+class IQueueCommit(Interface):
+    """The intake's side of the queue store: new messages, committed in batches.
+
+    ``prepare`` per message (fsynced, not yet visible), then
+    ``publish_messages`` and ``publish_envelopes`` per batch (one directory
+    fsync each); the protocol is in ``queue/store.py``.  Every method blocks.
+    """
+
+    def new_id() -> str:
+        """A fresh queue id, sortable by arrival."""
+
+    def tmp_path(queue_id: str) -> str:
+        """Where a message being received is spilled."""
+
+    def open_tmp(queue_id: str):
+        """Create ``tmp_path(queue_id)`` exclusively, open for buffered writes."""
+
+    def prepare(entry, data=None) -> None:
+        """Message and envelope bytes on disk and fsynced, not yet visible."""
+
+    def publish_messages(entries) -> list:
+        """Rename a batch's messages into place; per entry None or its error."""
+
+    def publish_envelopes(entries) -> list:
+        """Rename a batch's envelopes into place (the commit); per entry None or its error."""
+
+    def discard(queue_id: str) -> None:
+        """Remove every file of an entry that was not accepted (best effort)."""
 
 
 class ILoginThrottle(Interface):
@@ -170,8 +327,13 @@ class IMetrics(Interface):
         """A DNS lookup took ``seconds``."""
 
 
-class ITLSSettings(IOpenSSLContextFactory):
-    """The server's certificate; as an ``IOpenSSLContextFactory`` it serves ``ssl:`` listeners."""
+class ITLSSettings(Interface):
+    """The server's certificate.  Also an ``IOpenSSLContextFactory`` (that
+    interface's ``getContext``), so it serves ``ssl:`` listeners; declared
+    here without it so this module imports no Twisted."""
+
+    def getContext():
+        """The OpenSSL context of the current certificate (``ssl:`` listeners)."""
 
     def context_factory():
         """A context factory for ``startTLS`` (STARTTLS, STLS), with the current certificate."""
@@ -189,7 +351,7 @@ class IRuntime(Interface):
     throttle = Attribute("ILoginThrottle")
     tls = Attribute("ITLSSettings (tls.TLSConfig): .context_factory() for STARTTLS, STLS and ssl: listeners")
     router = Attribute("IRouter")
-    store = Attribute("queue.store.QueueStore")
+    store = Attribute("queue.store.QueueStore (IQueueStore, IQueueCommit)")
     intake = Attribute("IIntake")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")

@@ -10,39 +10,34 @@
   (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  Every host's
   A and AAAA records are looked up, so the caller can try each address.
 
-The smarthost (``relay.smarthost``) bypasses MX lookups; ``delivery/remote.py``
-handles it with ``smarthost_host``.
+The smarthost (``relay.smarthost``) bypasses MX lookups: ``delivery/remote.py``
+connects to it directly, asking ``Resolver.addresses`` for its A/AAAA records
+unless it is given as an address.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.names import dns
+from twisted.names.cache import CacheResolver
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.config import Config
+from mailstack.delivery import replies as OR
+from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
-
-R_NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
-R_NO_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist")
-R_NO_HOST = Reply(550, "5.4.4", "Recipient domain has no mail server")
-R_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure looking up the recipient domain")
-R_NO_ADDRESS = Reply(451, "4.4.3", "No address found for any mail server of the recipient domain")
-R_LOOP = Reply(554, "5.4.6", "Mail for the recipient domain loops back to this server")
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
-CACHE_TTL = 300.0  # seconds an answer is kept at most (its own TTL if shorter)
-NEGATIVE_TTL = 60.0  # "no MX records" (implicit MX) is kept this long
-CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True)
@@ -80,13 +75,13 @@ def order_hosts(
     cleaned = [(int(p), _norm(n)) for p, n in records]
     real = [(p, n) for p, n in cleaned if n not in ("", ".")]
     if not real:
-        raise PermanentFailure(R_NULL_MX)
+        raise PermanentFailure(OR.NULL_MX)
     local = {_norm(n) for n in local_names}
     mine = [p for p, n in real if n in local]
     if mine:
         real = [(p, n) for p, n in real if p < min(mine)]
         if not real:
-            raise PermanentFailure(R_LOOP)
+            raise PermanentFailure(OR.MAIL_LOOP)
     by_pref: dict[int, list[str]] = {}
     for p, n in real:
         if n not in by_pref.setdefault(p, []):
@@ -126,7 +121,7 @@ def split_hostport(value: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-def _is_temporary(failure: Any) -> bool:
+def _is_temporary(failure: Failure) -> bool:
     return not failure.check(DNSNameError)
 
 
@@ -138,10 +133,10 @@ class Resolver:
 
     def __init__(
         self,
-        config: Any,
-        resolver: Any = None,
+        config: Config,
+        clock: IReactorTime,
+        resolver: IResolver | None = None,
         rng: random.Random | None = None,
-        reactor: Any = None,
     ) -> None:
         self.config = config
         if resolver is None:
@@ -149,33 +144,30 @@ class Resolver:
 
             servers = list(config.relay.nameservers)
             if servers:
-                resolver = client.Resolver(servers=servers, reactor=reactor)
+                resolver = client.Resolver(servers=servers, reactor=clock)
             else:
                 resolver = client.createResolver()
         self.resolver = resolver
         self.rng = rng if rng is not None else random.Random()
-        self._now = reactor.seconds if reactor is not None else time.time
-        # Answers by (kind, name) until their TTL (at most CACHE_TTL) runs out, so a
-        # burst of mail to one domain costs one set of lookups.  Failures are not kept.
-        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        # Answers are kept for their TTL in twisted.names' own CacheResolver
+        # (on our clock), so a burst of mail to one domain costs one set of
+        # lookups.  A resolver chain never fills its CacheResolver (only
+        # twisted.names.server does), so this one is filled here.  A "no
+        # data" answer is kept for the TTL of the SOA that comes with it
+        # (RFC 2308 section 5); failures are not kept.
+        self._cache = CacheResolver(reactor=clock)
 
-    def _cached(self, key: tuple[str, str]) -> Any:
-        found = self._cache.get(key)
-        if found is None:
-            return None
-        if found[0] <= self._now():
-            del self._cache[key]
-            return None
-        return found[1]
-
-    def _keep(self, key: tuple[str, str], value: Any, answers: Sequence[Any], default_ttl: float) -> None:
-        ttls = [rr.ttl for rr in answers]
-        ttl = min(min(ttls) if ttls else default_ttl, CACHE_TTL)
-        if ttl <= 0:
-            return
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-        self._cache[key] = (self._now() + ttl, value)
+    async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
+        """The answer records for ``name``/``qtype``, from the cache or the DNS."""
+        query = dns.Query(name, qtype)
+        try:
+            cached = await self._cache.query(query)
+            return list(cast(list[dns.RRHeader], cached[0]))
+        except dns.DomainError:
+            pass  # not cached
+        result = await self.resolver.query(query, DNS_TIMEOUT)
+        self._cache.cacheResult(query, result)
+        return list(cast(list[dns.RRHeader], result[0]))
 
     def hosts_for(self, domain: str) -> Deferred:
         """Deferred firing with the ordered ``Host`` list; addresses filled in."""
@@ -185,21 +177,17 @@ class Resolver:
         literal = literal_address(domain)
         if literal is not None:
             return [Host(domain, (literal,), 0)]
-        records = self._cached(("mx", domain))
-        if records is None:
-            try:
-                answers, _, _ = await self.resolver.lookupMailExchange(domain, DNS_TIMEOUT)
-            except DNSNameError:
-                raise PermanentFailure(R_NO_DOMAIN) from None
-            except Exception as e:
-                self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
-                raise TemporaryFailure(R_DNS_TEMP) from None
-            records = [
-                (rr.payload.preference, _norm(rr.payload.name.name))
-                for rr in answers
-                if rr.type == dns.MX
-            ]
-            self._keep(("mx", domain), records, [rr for rr in answers if rr.type == dns.MX], NEGATIVE_TTL)
+        try:
+            answers = await self._query(domain, dns.MX)
+        except DNSNameError:
+            raise PermanentFailure(OR.NO_DOMAIN) from None
+        except Exception as e:
+            self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
+            raise TemporaryFailure(OR.DNS_TEMPORARY) from None
+        records = [
+            (payload.preference, _norm(payload.name.name))
+            for payload in (cast(dns.Record_MX, rr.payload) for rr in answers if rr.type == dns.MX)
+        ]
         implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
         resolved: list[Host] = []
@@ -211,8 +199,8 @@ class Resolver:
         if not any(h.addresses for h in resolved):
             if implicit and not temporary:
                 # RFC 5321 5.1: the domain exists but has neither MX nor address.
-                raise PermanentFailure(R_NO_HOST)
-            raise TemporaryFailure(R_NO_ADDRESS if not temporary else R_DNS_TEMP)
+                raise PermanentFailure(OR.NO_MAIL_HOST)
+            raise TemporaryFailure(OR.NO_ADDRESS if not temporary else OR.DNS_TEMPORARY)
         return resolved
 
     def addresses(self, name: str) -> Deferred:
@@ -225,7 +213,7 @@ class Resolver:
         async def lookup() -> list[str]:
             found, _ = await self._addresses(name)
             if not found:
-                raise TemporaryFailure(R_NO_ADDRESS)
+                raise TemporaryFailure(OR.NO_ADDRESS)
             return found
 
         return Deferred.fromCoroutine(lookup())
@@ -240,31 +228,19 @@ class Resolver:
             return [name], False
         except ValueError:
             pass
-        cached = self._cached(("addr", name))
-        if cached is not None:
-            return list(cached), False
         results = await DeferredList(
-            [
-                self.resolver.lookupAddress(name, DNS_TIMEOUT),
-                self.resolver.lookupIPV6Address(name, DNS_TIMEOUT),
-            ],
+            [Deferred.fromCoroutine(self._query(name, dns.A)), Deferred.fromCoroutine(self._query(name, dns.AAAA))],
             consumeErrors=True,
         )
         out: list[str] = []
-        used: list[Any] = []
         temporary = False
         for ok, value in results:
             if not ok:
-                temporary |= _is_temporary(value)
+                temporary |= _is_temporary(cast(Failure, value))
                 continue
-            for rr in value[0]:
+            for rr in cast(list[dns.RRHeader], value):
                 if rr.type == dns.A:
-                    out.append(rr.payload.dottedQuad())
-                    used.append(rr)
+                    out.append(cast(dns.Record_A, rr.payload).dottedQuad())
                 elif rr.type == dns.AAAA:
-                    out.append(ipaddress.ip_address(rr.payload.address).compressed)
-                    used.append(rr)
-        found = list(dict.fromkeys(out))
-        if found and not temporary:
-            self._keep(("addr", name), tuple(found), used, NEGATIVE_TTL)
-        return found, temporary
+                    out.append(ipaddress.ip_address(cast(dns.Record_AAAA, rr.payload).address).compressed)
+        return list(dict.fromkeys(out)), temporary

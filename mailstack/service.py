@@ -199,8 +199,9 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
-    manager = QueueManager(store, local, remote.build(config, reactor, run_blocking), reactor, config, run_blocking, router=router)
-    intake = Intake(config, store, manager, run_blocking, reactor)
+    relay = remote.build(config, reactor, store, run_blocking)
+    manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router)
+    intake = Intake(config, store, manager, run_blocking, reactor, local=local)
     manager.intake = intake
     runtime = Runtime(
         config=config,

@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_tls -*-
-"""The server certificate: loaded from ``[tls]`` or generated once, served with TLS 1.2+.
+"""The server certificate: loaded from ``[tls]`` or generated once, served with TLS 1.2+;
+and the relay's client TLS policy (``ClientTLS``).
 
 With ``tls.certificate`` set, that PEM file is the certificate, optionally
 followed by its chain (leaf first, as ``fullchain.pem`` from ACME clients has
@@ -34,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -132,7 +133,7 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: date
     fsutil.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
-@implementer(ITLSSettings)
+@implementer(ITLSSettings, IOpenSSLContextFactory)
 class TLSConfig:
     """The certificate in use; ``context_factory()`` for every TLS handshake."""
 
@@ -186,3 +187,65 @@ class TLSConfig:
         is built once with this object and asks it for every connection, so a
         renewed certificate is used without rebuilding the listener."""
         return self.context_factory().getContext()
+
+
+# -- outbound (the SMTP client's STARTTLS) -------------------------------------
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Opportunistic:
+    """Opportunistic TLS (RFC 7435): encrypt, send SNI, accept any certificate.
+
+    ``optionsForClientTLS`` always verifies, hence this small connection creator.
+    """
+
+    def __init__(self, context: Any, server_name: str) -> None:
+        self._context = context
+        self._server_name = server_name
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        name = self._server_name
+        if name and not re.fullmatch(r"[0-9.]+|.*:.*", name):  # RFC 6066 3: no IP literals in SNI
+            try:
+                connection.set_tlsext_host_name(name.encode("idna"))
+            except Exception:
+                pass
+        connection.set_connect_state()
+        return connection
+
+
+class ClientTLS:
+    """The relay's STARTTLS policy: a connection creator per server name.
+
+    ``verify`` (``relay.tls_verify``): the certificate must chain to the
+    system trust roots and match the name (``optionsForClientTLS``).
+    Otherwise opportunistic TLS (RFC 7435).  Building an OpenSSL context is
+    costly, so one is kept per verified name (at most ``MAX_CACHED``) and one
+    for all opportunistic connections; the owner (``RemoteAgent``) holds
+    this object for the life of the process.
+    """
+
+    MAX_CACHED = 1000
+
+    def __init__(self, verify: bool) -> None:
+        self.verify = verify
+        self._verified: dict[str, IOpenSSLClientConnectionCreator] = {}
+        self._opportunistic: Any = None
+
+    def __call__(self, server_name: str) -> IOpenSSLClientConnectionCreator:
+        from twisted.internet import ssl
+
+        if self.verify:
+            creator = self._verified.get(server_name)
+            if creator is None:
+                if len(self._verified) >= self.MAX_CACHED:
+                    self._verified.clear()
+                creator = self._verified[server_name] = ssl.optionsForClientTLS(server_name)
+            return creator
+        if self._opportunistic is None:
+            self._opportunistic = ssl.CertificateOptions(verify=False).getContext()
+        return _Opportunistic(self._opportunistic, server_name)

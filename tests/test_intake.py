@@ -528,8 +528,8 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.maildirs = MaildirStore(scratch_path(self), hostname="mx.example.org")
-        self.kicker.local = LocalAgent(self.maildirs, self.store, run_blocking)
-        self.intake = Intake(self.config, self.store, self.kicker, run_blocking, self.clock)
+        self.local = LocalAgent(self.maildirs, self.store, run_blocking)
+        self.intake = Intake(self.config, self.store, self.kicker, run_blocking, self.clock, local=self.local)
         self.dave = parse_address("dave@example.org")
 
     def mailbox(self, address, sub: str = "new") -> list[bytes]:
@@ -564,7 +564,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
     def test_acknowledgedOnlyOnceInNew(self) -> None:
         """One thread call writes the copy into tmp/; the reply waits until it is in new/, fsynced."""
         threads = ManualThreads()
-        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
@@ -582,7 +582,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
     def test_oneFsyncPerMaildirBatchFoldersSideBySide(self) -> None:
         """Copies for one Maildir prepared while its batch is in flight share the next fsync; mailboxes do not wait for each other."""
         threads = ManualThreads()
-        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
         sent = []
         for i in range(6):
             incoming = intake.begin(envelope(local(BOB if i % 2 else self.dave)))
@@ -691,8 +691,8 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
                 store.recover()
                 maildirs = MaildirStore(scratch_path(self), hostname="mx.example.org")
                 kicker = Kicker()
-                kicker.local = LocalAgent(maildirs, store, run_blocking)
-                intake = Intake(self.config, store, kicker, run_blocking, self.clock)
+                local = LocalAgent(maildirs, store, run_blocking)
+                intake = Intake(self.config, store, kicker, run_blocking, self.clock, local=local)
                 faults = Faults(self, fail_at=k)
                 incoming = intake.begin(envelope())
                 incoming.write(message)
@@ -722,7 +722,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         """wait_idle() fires at once with nothing in flight, else only once the commit ended."""
         self.successResultOf(self.intake.wait_idle())
         threads = ManualThreads()
-        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
@@ -108,7 +109,7 @@ class ResolverTests(SynchronousTestCase):
     def resolver(self, records) -> Resolver:
         config = configmod.from_mapping({"hostname": "me.test"})
         self.fake = FakeResolver(records)
-        return Resolver(config, resolver=self.fake, rng=random.Random(0))
+        return Resolver(config, Clock(), resolver=self.fake, rng=random.Random(0))
 
     def test_interface(self) -> None:
         """Resolver provides IMXResolver."""
@@ -190,15 +191,13 @@ class ResolverTests(SynchronousTestCase):
 class CacheTests(SynchronousTestCase):
     def test_answersCachedForTTL(self) -> None:
         """A second lookup within the TTL asks no DNS; after it, DNS again; shuffling still happens."""
-        from twisted.internet.task import Clock
-
         clock = Clock()
         fake = FakeResolver({
             ("d.test", dns.MX): [mx(10, "a.d.test"), mx(10, "b.d.test")],
             ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
             ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
         })
-        r = Resolver(configmod.from_mapping({}), resolver=fake, rng=random.Random(0), reactor=clock)
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
         orders = set()
         for _ in range(10):
             hosts = self.successResultOf(r.hosts_for("d.test"))
@@ -212,7 +211,7 @@ class CacheTests(SynchronousTestCase):
     def test_failuresNotCached(self) -> None:
         """A SERVFAIL is asked again next time."""
         fake = FakeResolver({("d.test", dns.MX): DNSServerError})
-        r = Resolver(configmod.from_mapping({}), resolver=fake, rng=random.Random(0))
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.assertEqual(len(fake.queries), 2)

@@ -3,9 +3,9 @@
 
 Works beside a running server: it reads the envelopes the server writes
 (``queue/store.py``), ``flush`` creates the trigger file the manager polls
-about once a second, and ``delete`` removes an entry under ``queue/lock``, the
-lock the manager holds while saving, so a deleted entry is never written back
-(``queue/manager.py``).
+about once a second, and ``delete`` removes an entry under its entry lock (a
+``flock`` on the message file, ``store.entry_lock``), the lock the manager
+holds while saving, so a deleted entry is never written back.
 
 Handlers follow ``admin/cli.py``: ``handler(config, args) -> exit status``,
 output to ``args.stdout``, ``Refused`` for a refused request (exit 1).
@@ -19,9 +19,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mailstack.interfaces import IQueueStore
 from mailstack.logsafe import escape
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
-from mailstack.storage import fsutil
+from mailstack.queue.store import NoSuchEntry, QueueStore, read_headers, remove_entry
 
 FINAL = (DELIVERED, FAILED)
 
@@ -32,9 +33,7 @@ def _refused(message: str) -> Exception:
     return Refused(message)
 
 
-def store_of(config: Any) -> Any:
-    from mailstack.queue.store import QueueStore
-
+def store_of(config: Any) -> QueueStore:
     return QueueStore(os.path.join(config.data_dir, "queue"))
 
 
@@ -96,26 +95,19 @@ def _summary(data: dict[str, Any], now: float) -> dict[str, Any]:
     }
 
 
-def _envelopes(store: Any) -> list[dict[str, Any]]:
+def _envelopes(store: IQueueStore) -> list[dict[str, Any]]:
     """Every entry's envelope as a checked dict, oldest first (blocking).
 
     Each envelope is read and parsed once; anything unusual goes through
     ``store.load``, which moves an unreadable envelope to ``corrupt/`` (as
     ``scan()`` does).  An entry removed while we read is skipped.
     """
-    if not os.path.isdir(store.root):
-        return []
     out = []
     loads = json.loads
-    ids = store.ids()
-    if not ids:
-        return []
-    # ids() returns checked ids only; build the paths without re-checking each.
-    folder = os.path.dirname(store.envelope_path(ids[0]))
-    for queue_id in ids:
+    for queue_id in store.ids():
         try:
-            raw = fsutil.read_small(f"{folder}/{queue_id}.json")
-        except FileNotFoundError:
+            raw, _ = store.read_envelope(queue_id)
+        except NoSuchEntry:
             continue
         except OSError:
             raw = b""
@@ -184,8 +176,6 @@ def _load(store: Any, queue_id: str) -> QueueEntry:
 
 
 def queue_show(config: Any, args: Any) -> int:
-    from mailstack.queue.manager import read_headers
-
     store = store_of(config)
     entry = _load(store, args.id)
     out = args.stdout
@@ -226,8 +216,6 @@ def queue_flush(config: Any, args: Any) -> int:
 
 
 def queue_delete(config: Any, args: Any) -> int:
-    from mailstack.queue.manager import remove_entry
-
     store = store_of(config)
     _load(store, args.id)
     if not remove_entry(store, args.id):

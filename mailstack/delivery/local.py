@@ -34,18 +34,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.address import AddressError
+from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IDirectDelivery, IMaildirStore, IQueueStore
 from mailstack.queue.entry import QueueEntry, RecipientState
-from mailstack.queue.store import QueueStore
 from mailstack.storage import fsutil
-from mailstack.storage.maildir import MaildirStore, Pending
-
-DELIVERED = Reply(250, "2.0.0", "Delivered")
-# RFC 3463: 4.3.0 other mail system problem; 4.2.2 mailbox full (retried, not bounced).
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery")
-MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
-BAD_MAILBOX = Reply(550, "5.1.3", "Bad destination mailbox address")
+from mailstack.storage.maildir import Pending
 
 
 def delivery_prefix(sender: str, address: str) -> bytes:
@@ -53,21 +47,25 @@ def delivery_prefix(sender: str, address: str) -> bytes:
     return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode("utf-8")
 
 
-@implementer(IDeliveryAgent)
+@implementer(IDeliveryAgent, IDirectDelivery)
 class LocalAgent:
-    """Delivers local recipients of queue entries into a MaildirStore."""
+    """Delivers local recipients of queue entries into Maildirs (IMaildirStore)."""
 
     log = Logger()
 
-    def __init__(self, maildirs: MaildirStore, store: QueueStore, run_blocking: Callable[..., Deferred]) -> None:
+    # Each copy is written in a thread straight from the queue file.
+    takes_message = False
+
+    def __init__(self, maildirs: IMaildirStore, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> None:
         self._maildirs = maildirs
         self._store = store
         self._run_blocking = run_blocking
 
-    def deliver(self, entry: QueueEntry, recipients: list[RecipientState]) -> Deferred:
+    def deliver(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> Deferred:
         """Deferred of ``{recipient.address: Reply}``; never errbacks.
 
-        ``recipients`` are local ones of ``entry``; the manager records the replies.
+        ``recipients`` are local ones of ``entry``; the manager records the
+        replies.  ``message`` is never given (``takes_message`` is False).
         """
         source = self._store.message_path(entry.id)
         pending = [self._deliver_one(entry, rcpt, source) for rcpt in recipients]
@@ -76,14 +74,14 @@ class LocalAgent:
     def _deliver_one(self, entry: QueueEntry, rcpt: RecipientState, source: str) -> Deferred:
         prefix = delivery_prefix(entry.sender, rcpt.address)
         d = self._run_blocking(self._maildirs.deliver, rcpt.address, source, prefix)
-        d.addCallbacks(lambda name: DELIVERED, self._classify, errbackArgs=(entry, rcpt))
+        d.addCallbacks(lambda name: OR.DELIVERED, self._classify, errbackArgs=(entry, rcpt))
         d.addCallback(self._logged, entry, rcpt)
         return d
 
     def _classify(self, failure: Failure, entry: QueueEntry, rcpt: RecipientState) -> Reply:
         """Turn a delivery error into the Reply the manager acts on (4xx: retry)."""
         if failure.check(AddressError):
-            return BAD_MAILBOX
+            return OR.BAD_MAILBOX
         if failure.check(OSError):
             self.log.error(
                 "maildir write for {queue_id} to {recipient} failed: {error}",
@@ -91,9 +89,10 @@ class LocalAgent:
                 recipient=rcpt.address,
                 error=str(failure.value),
             )
-            return MAILBOX_FULL if fsutil.is_disk_full(failure.value) else LOCAL_ERROR
+            # RFC 3463: 4.2.2 mailbox full is retried, not bounced.
+            return OR.MAILBOX_FULL if fsutil.is_disk_full(failure.value) else OR.LOCAL_ERROR
         self.log.failure("delivering {queue_id} to {recipient}", failure=failure, queue_id=entry.id, recipient=rcpt.address)
-        return LOCAL_ERROR
+        return OR.LOCAL_ERROR
 
     def _logged(self, reply: Reply, entry: QueueEntry, rcpt: RecipientState) -> tuple[str, Reply]:
         """One event per delivery attempt: queue id, recipient, result."""
@@ -104,6 +103,12 @@ class LocalAgent:
             reply=str(reply),
         )
         return rcpt.address, reply
+
+    def close_idle(self) -> None:
+        """Nothing to close: Maildir writes hold no connection."""
+
+    def abort_all(self) -> None:
+        """Nothing to abort: a Maildir write in a thread finishes (it is fsynced)."""
 
     # -- direct delivery (blocking; see the module doc) ------------------------
 

@@ -36,21 +36,30 @@ manager can log and record where the answer came from.
 
 from __future__ import annotations
 
-import io
 import os
-import random
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack.config import Config
+from mailstack.delivery import replies as OR
+from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
 from mailstack.mx import Host, literal_address, split_hostport
-from mailstack.smtp.client import HostFailure, SMTPClientProtocol, client_tls
+from mailstack.queue.entry import QueueEntry, RecipientState
+from mailstack.smtp.client import HostFailure, SMTPClientProtocol
+from mailstack.smtp.data import FileSource, MemorySource
+from mailstack.tls import ClientTLS
 
 MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit is 5)
 # Connection reuse (Postfix's connection cache): an idle session waits this long
@@ -66,30 +75,6 @@ MAX_POOLED_PER_ADDRESS = 32
 RIDE_MAX_DATA_TIME = 0.25
 
 
-@dataclass(frozen=True)
-class RemoteReply(Reply):
-    """A reply plus the MX host and IP it came from (or that we failed to reach)."""
-
-    host: str = ""
-    ip: str = ""
-
-
-R_CONNECT = Reply(451, "4.4.1", "Connection to the remote server failed")
-R_NO_HOSTS = Reply(451, "4.4.4", "No mail server could be reached")
-R_LOCAL_ERROR = Reply(451, "4.3.0", "Local error opening the message")
-
-
-def _with(reply: Reply, host: str, ip: str) -> RemoteReply:
-    return RemoteReply(reply.code, reply.enhanced, reply.text, host=host, ip=ip)
-
-
-def _temporary(reply: Reply) -> Reply:
-    """A host-level 5xx (greeting, EHLO, AUTH) as a 4xx: worth retrying later."""
-    if reply.temporary:
-        return reply
-    return Reply(451, "4.4.0", f"Remote server refused the session: {reply}")
-
-
 @implementer(IDeliveryAgent)
 class RemoteAgent:
     """See the module docstring."""
@@ -98,29 +83,29 @@ class RemoteAgent:
 
     def __init__(
         self,
-        config: Any,
-        resolver: Any,
-        endpoint_factory: Callable[[str, int], Any],
-        clock: Any,
+        config: Config,
+        resolver: IMXResolver,
+        endpoint_factory: Callable[[str, int], IStreamClientEndpoint],
+        clock: IReactorTime,
         message_path: Callable[[str], str],
         *,
-        tls_factory: Callable[[str], Any] | None = None,
+        run_blocking: Callable[..., Deferred],
+        tls_factory: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
         smarthost_password: str = "",
-        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.endpoint_factory = endpoint_factory
         self.clock = clock
         self.message_path = message_path
-        verify = config.relay.tls_verify
-        self.tls_factory = tls_factory if tls_factory is not None else (lambda name: client_tls(name, verify))
+        self.tls_factory = tls_factory if tls_factory is not None else ClientTLS(config.relay.tls_verify)
         self.smarthost_password = smarthost_password
-        self.rng = rng if rng is not None else random.Random()
+        self.run_blocking = run_blocking
         self._clients: set[SMTPClientProtocol] = set()
         self._pool: dict[tuple, list[SMTPClientProtocol]] = {}  # reusable connections per address, idle or busy
-        self._idle_timers: dict[SMTPClientProtocol, Any] = {}
-        self._closing = False
+        self._idle_timers: dict[SMTPClientProtocol, IDelayedCall] = {}
+        self._closing = False  # close_idle: keep no connection for reuse
+        self._aborted = False  # abort_all: make no new connection
         self._smarthost_literal: tuple | None = None  # ((Host,), port) of a smarthost given as an address
 
     # -- IDeliveryAgent -----------------------------------------------------
@@ -129,11 +114,13 @@ class RemoteAgent:
     # call (small messages), so the reactor thread opens no file.
     takes_message = True
 
-    def deliver(self, entry: Any, recipients: list, message: bytes | None = None) -> Deferred:
+    def deliver(self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> Deferred:
         return Deferred.fromCoroutine(self._deliver_all(entry, recipients, message))
 
-    async def _deliver_all(self, entry: Any, recipients: list, message: bytes | None = None) -> dict[str, Reply]:
-        by_domain: dict[str, list] = {}
+    async def _deliver_all(
+        self, entry: QueueEntry, recipients: list[RecipientState], message: bytes | None
+    ) -> dict[str, Reply]:
+        by_domain: dict[str, list[RecipientState]] = {}
         for r in recipients:
             by_domain.setdefault(r.domain, []).append(r)
         results: dict[str, Reply] = {}
@@ -142,7 +129,12 @@ class RemoteAgent:
         return results
 
     def abort_all(self) -> None:
-        """Drop every connection (shutdown after the grace period)."""
+        """Drop every connection and make no new one (shutdown after the grace period).
+
+        The attempts in progress end with a temporary reply; their recipients
+        stay queued (the attempt mark is on disk) and are tried after the restart.
+        """
+        self._aborted = True
         self.close_idle()
         for client in list(self._clients):
             client.abort()
@@ -171,7 +163,7 @@ class RemoteAgent:
         return (":" in source) == (":" in ip)  # bind needs the same address family
 
     async def _deliver_domain(
-        self, entry: Any, domain: str, rcpts: list[str], message: bytes | None = None
+        self, entry: QueueEntry, domain: str, rcpts: list[str], message: bytes | None = None
     ) -> dict[str, Reply]:
         try:
             hosts, port, smarthost = await self._hosts(domain)
@@ -179,12 +171,12 @@ class RemoteAgent:
             self.log.info(
                 "{queue_id}: no mail server for {domain}: {reply}", queue_id=entry.id, domain=domain, reply=str(e.reply)
             )
-            return {r: _with(e.reply, "", "") for r in rcpts}
+            return {r: at_host(e.reply, "", "") for r in rcpts}
         path: str | bytes = self.message_path(entry.id) if message is None else message
         size = entry.size if message is None else len(message)
         targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
         if not targets:
-            return {r: _with(R_NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
+            return {r: at_host(OR.NO_HOSTS, hosts[0].name if hosts else "", "") for r in rcpts}
         last: RemoteReply | None = None
         spoken: RemoteReply | None = None  # the last failure a server actually replied with
         mail_refusals = 0
@@ -203,12 +195,12 @@ class RemoteAgent:
             if stage == "dot":
                 # The data went out; the remote may have the message.  Do not send it
                 # to another host now (that could duplicate it); retry later.
-                return {r: _with(reply, name, ip) for r in rcpts}
+                return {r: at_host(reply, name, ip) for r in rcpts}
             if stage != "connect":
                 answered += 1
             if stage == "mail" and reply.permanent:
                 mail_refusals += 1
-            last = _with(reply, name, ip)
+            last = at_host(reply, name, ip)
             if stage != "connect":
                 spoken = last
         assert last is not None
@@ -216,14 +208,14 @@ class RemoteAgent:
         if answered and mail_refusals == answered:
             final: Reply = last  # every server refused the sender for good
         elif smarthost and last.code >= 500:
-            final = Reply(451, "4.7.0", f"Smarthost refused the session: {Reply(last.code, last.enhanced, last.text)}")
+            final = OR.smarthost_refused(Reply(last.code, last.enhanced, last.text))
         else:
-            final = _temporary(Reply(last.code, last.enhanced, last.text))
-        return {r: _with(final, last.host, last.ip) for r in rcpts}
+            final = OR.session_refused(Reply(last.code, last.enhanced, last.text))
+        return {r: at_host(final, last.host, last.ip) for r in rcpts}
 
     async def _attempt(
         self,
-        entry: Any,
+        entry: QueueEntry,
         name: str,
         ip: str,
         port: int,
@@ -239,6 +231,8 @@ class RemoteAgent:
         there is one (``_take``); if it turns out to be gone, a new connection
         is made.
         """
+        if self._aborted:
+            return "connect", OR.SHUTTING_DOWN
         key = (ip, port, smarthost, plaintext)
         client = self._take(key)
         if client is not None:
@@ -271,14 +265,14 @@ class RemoteAgent:
                 port=port,
                 error=e.__class__.__name__,
             )
-            return "connect", R_CONNECT
+            return "connect", OR.CONNECT_FAILED
         self._clients.add(client)
         try:
             await client.handshake()
         except HostFailure as e:
             self._clients.discard(client)
             if e.stage == "auth":
-                e = HostFailure("auth", Reply(451, "4.7.0", f"Authentication at the smarthost failed: {e.reply}"))
+                e = HostFailure("auth", OR.smarthost_auth_failed(e.reply))
             self._host_failed(entry, name, ip, e)
             return e.stage, e.reply
         pool = self._pool.setdefault(key, [])
@@ -290,7 +284,7 @@ class RemoteAgent:
 
     async def _transaction(
         self,
-        entry: Any,
+        entry: QueueEntry,
         client: SMTPClientProtocol,
         key: tuple,
         name: str,
@@ -304,14 +298,12 @@ class RemoteAgent:
 
         ``path``: the queued message's file, or its bytes."""
         try:
-            source: Any = io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")
+            source, size = await self._open(path, size)
         except OSError:
             self.log.failure("{queue_id}: cannot open the queued message", queue_id=entry.id)
             self._release(key, client)
-            return {r: _with(R_LOCAL_ERROR, name, ip) for r in rcpts}
+            return {r: at_host(OR.OPEN_ERROR, name, ip) for r in rcpts}
         try:
-            if not size:
-                size = os.fstat(source.fileno()).st_size
             try:
                 replies = await client.send(entry.sender, rcpts, source, size)
             except HostFailure as e:
@@ -323,7 +315,17 @@ class RemoteAgent:
         finally:
             source.close()
         self._release(key, client)
-        return {r: _with(replies[r], name, ip) for r in rcpts}
+        return {r: at_host(replies[r], name, ip) for r in rcpts}
+
+    async def _open(self, path: str | bytes, size: int) -> tuple[IMessageSource, int]:
+        """The message as a source, and its size (from the file if unknown).
+
+        A file is opened and read in the thread pool: a message retried
+        hours later is rarely in the page cache."""
+        if isinstance(path, bytes):
+            return MemorySource(path), size
+        file, size = await self.run_blocking(_open_message, path, size)
+        return FileSource(file, self.run_blocking), size
 
     # -- connection reuse ---------------------------------------------------
 
@@ -384,7 +386,7 @@ class RemoteAgent:
                 if not client.pending:
                     self._drop(key, client)
 
-    def _host_failed(self, entry: Any, name: str, ip: str, e: HostFailure) -> None:
+    def _host_failed(self, entry: QueueEntry, name: str, ip: str, e: HostFailure) -> None:
         self.log.info(
             "{queue_id}: {mx}[{ip}] failed at {stage}: {reply}",
             queue_id=entry.id,
@@ -395,6 +397,16 @@ class RemoteAgent:
         )
 
 
+def _open_message(path: str, size: int) -> tuple[IO[bytes], int]:
+    """Open a queued message (blocking); its size from the file when ``size`` is 0."""
+    file = open(path, "rb")
+    try:
+        return file, size or os.fstat(file.fileno()).st_size
+    except BaseException:
+        file.close()
+        raise
+
+
 def read_password(path: str) -> str:
     """The smarthost password: the file's first line (blocking, once at start)."""
     if not path:
@@ -403,14 +415,14 @@ def read_password(path: str) -> str:
         return f.readline().rstrip("\r\n")
 
 
-def tcp_endpoint_factory(reactor: Any, config: Any) -> Callable[[str, int], Any]:
+def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], IStreamClientEndpoint]:
     """Production ``endpoint_factory``: TCP4/TCP6 client endpoints with the
     connect timeout and ``relay.source_address`` binding."""
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
     relay = config.relay
 
-    def factory(ip: str, port: int) -> Any:
+    def factory(ip: str, port: int) -> IStreamClientEndpoint:
         bind = (relay.source_address, 0) if relay.source_address else None
         cls = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         return cls(reactor, ip, port, timeout=relay.connect_timeout, bindAddress=bind)
@@ -418,17 +430,16 @@ def tcp_endpoint_factory(reactor: Any, config: Any) -> Callable[[str, int], Any]
     return factory
 
 
-def build(config: Any, reactor: Any, run_blocking: Any = None) -> RemoteAgent:
+def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
     """The production agent (called by ``service.py``)."""
     from mailstack.mx import Resolver
-    from mailstack.queue.store import QueueStore
 
-    store = QueueStore(os.path.join(config.data_dir, "queue"))
     return RemoteAgent(
         config,
-        Resolver(config, reactor=reactor),
+        Resolver(config, reactor),
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,
+        run_blocking=run_blocking,
         smarthost_password=read_password(config.relay.smarthost_password_file),
     )

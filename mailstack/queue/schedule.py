@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from mailstack.queue.entry import FAILED, QueueEntry
+
 # Jitter spreads retries of many messages deferred at the same moment (a remote
 # outage) so they do not all reconnect in the same second.  Small and positive:
 # a retry never happens before its nominal interval.
@@ -72,3 +74,21 @@ def delay_warning_time(arrival: float, warning_after: float | None, already_warn
     if warning_after is None or already_warned:
         return None
     return arrival + warning_after
+
+
+def entry_due(entry: QueueEntry, now: float, warning_after: float | None) -> float:
+    """When the manager should next look at ``entry`` (used at scan time too).
+
+    The earliest ``next_attempt`` of its unfinished recipients, the delay warning
+    time if one is owed, or ``now`` if only a bounce or the removal is left.
+    """
+    times = [r.next_attempt for r in entry.recipients if not r.final]
+    if entry.sender and any(r.status == FAILED and not r.notified for r in entry.recipients):
+        times.append(now)
+    if not times:
+        return now  # done: remove it
+    if entry.sender:
+        warn = delay_warning_time(entry.arrival, warning_after, entry.delay_warned)
+        if warn is not None and any(not r.final for r in entry.recipients):
+            times.append(warn)
+    return min(times)

@@ -3,6 +3,9 @@
 
 Blocking and free of Twisted imports, so that the admin command can use it on
 the same directory while the server runs; the server calls it in threads.
+The per-entry lock (``entry_lock``) keeps the two apart: the manager saves
+with ``save_unless_deleted`` and ``queue delete`` removes with
+``remove_entry``, so a deleted entry is never written back.
 
 Layout under ``root`` (``data_dir/queue``)
 ------------------------------------------
@@ -73,14 +76,19 @@ that ``recover()`` deletes.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Iterator
 
+from zope.interface import implementer
+
+from mailstack.interfaces import IQueueCommit, IQueueStore
 from mailstack.queue.entry import QueueEntry, RecipientState, well_formed
 from mailstack.storage import fsutil
 
@@ -90,6 +98,7 @@ ENV = "env"
 CORRUPT = "corrupt"
 FLUSH = "flush"
 CHUNK = 64 * 1024  # write buffer of a message being received
+HEADER_LIMIT = 65536  # bytes of original headers read for a DSN or ``queue show``
 
 _ID = re.compile(r"[0-9a-f]{24}\Z")
 _ENV_SUFFIX = ".json"
@@ -112,6 +121,7 @@ class Recovery:
     corrupt: tuple[str, ...] = ()  # ids moved to corrupt/
 
 
+@implementer(IQueueStore, IQueueCommit)
 class QueueStore:
     """The queue directory ``root``; every method blocks."""
 
@@ -333,6 +343,17 @@ class QueueStore:
             self._move_to_corrupt(queue_id)
             raise CorruptEntry(queue_id) from None
 
+    def read_envelope(self, queue_id: str) -> tuple[bytes, float]:
+        """The envelope's raw bytes and its attempt mark, from one open (the start-up scan).
+
+        NoSuchEntry if there is none; the bytes are not checked (``load`` does that).
+        """
+        try:
+            data, st = fsutil.read_small_stat(self.envelope_path(queue_id))
+        except FileNotFoundError:
+            raise NoSuchEntry(queue_id) from None
+        return data, attempt_mark_of(st)
+
     def ids(self) -> list[str]:
         """Ids of all committed entries, oldest first.  Reads directory names only."""
         try:
@@ -439,6 +460,64 @@ class QueueStore:
         except FileNotFoundError:
             return False
         return True
+
+
+# -- entry locks: saves of the running manager against ``queue delete`` ------
+
+
+@contextmanager
+def entry_lock(store: IQueueStore, queue_id: str) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the entry's message file (blocking).
+
+    Yields whether the entry still exists.  ``remove`` unlinks the envelope
+    and then the message; done under this lock (``remove_entry``), "message
+    file present" inside the lock means "not deleted".  A lock per entry, so
+    saves of different entries never wait for each other.
+    """
+    path = store.message_path(queue_id)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield os.path.exists(path)
+    finally:
+        os.close(fd)
+
+
+def save_unless_deleted(store: IQueueStore, entry: QueueEntry) -> bool:
+    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking)."""
+    with entry_lock(store, entry.id) as present:
+        if not present:
+            return False
+        store.save(entry)
+        return True
+
+
+def remove_entry(store: IQueueStore, queue_id: str) -> bool:
+    """Remove an entry under its lock (blocking; ``queue delete``).
+
+    False if there was no envelope."""
+    with entry_lock(store, queue_id):
+        return store.remove(queue_id)
+
+
+def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:
+    """The header section of a stored message, up to ``limit`` bytes (blocking)."""
+    out = bytearray()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line in (b"\r\n", b"\n"):
+                    break
+                if len(out) + len(line) > limit:
+                    break
+                out += line
+    except OSError:
+        pass
+    return bytes(out)
 
 
 def attempt_mark_of(st: os.stat_result) -> float:

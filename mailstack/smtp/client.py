@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.smtp.test_client -*-
 """Outbound SMTP client protocol: one connection, one or more transactions.
 
-Written on ``Protocol`` rather than twisted's ``SMTPClient`` (anchors.md 4.1:
-no per-recipient results, 4xx treated as 5xx, no timeouts by default).
+Written on ``Protocol`` rather than twisted's ``SMTPClient``, which gives no
+per-recipient results, treats 4xx like 5xx, has no PIPELINING and no
+timeouts by default.
 
 ``SMTPClientProtocol`` offers three coroutines-as-Deferreds:
 
@@ -14,10 +15,10 @@ no per-recipient results, 4xx treated as 5xx, no timeouts by default).
 * ``send(sender, recipients, source, size)``: ``MAIL FROM`` (with ``SIZE=``,
   RFC 1870, and ``BODY=8BITMIME``, RFC 6152, when offered), ``RCPT TO`` for
   each recipient and ``DATA``, pipelined when the server offers PIPELINING
-  (RFC 2920).  The body is streamed from the ``source`` file with a pull
-  producer, every bare CR or LF turned into CRLF (anchors 4.4 item 3: never
-  relay a bare CR or LF, the SMTP smuggling defence), NULs removed, and lines
-  starting with "." dot-stuffed (RFC 5321 4.5.2).  Fires with
+  (RFC 2920).  The body is streamed from the ``source`` (``IMessageSource``)
+  with a push producer (``smtp/data.py``): every bare CR or LF turned into
+  CRLF (never relay a bare CR or LF, the SMTP smuggling defence), NULs
+  removed, and lines starting with "." dot-stuffed (RFC 5321 4.5.2).  Fires with
   ``{recipient: Reply}``; errbacks ``HostFailure`` when the transaction as a
   whole failed before any recipient had an answer (``MAIL`` refused, lost
   connection, timeout), with ``.stage`` telling where.  Calls may overlap:
@@ -34,35 +35,24 @@ protocol is command/response.
 from __future__ import annotations
 
 import base64
-import functools
-import re
 from collections import deque
-from typing import IO, Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, ITCPTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
+from mailstack.interfaces import IMessageSource
+from mailstack.smtp.data import BodyProducer, BodyStopped
+from mailstack.smtp.wire import make_reply, one_line_reply
 
 MAX_LINE = 4096  # RFC 5321 4.5.3.1.5: reply lines are at most 512; be lenient
 MAX_REPLY_LINES = 200
-CHUNK = 64 * 1024
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-
-# Our own replies for failures that have no server reply.
-R_CONNECTION_LOST = Reply(451, "4.4.2", "Connection lost during the SMTP session")
-R_TIMEOUT = Reply(451, "4.4.2", "Timeout waiting for the remote server")
-R_PROTOCOL = Reply(451, "4.5.0", "Remote server violated the SMTP protocol")
-R_TLS_UNAVAILABLE = Reply(451, "4.7.4", "STARTTLS required but not offered by the remote server")
-R_TLS_FAILED = Reply(451, "4.7.5", "TLS negotiation with the remote server failed")
-R_AUTH_UNAVAILABLE = Reply(451, "4.7.0", "Authentication required but not offered by the remote server")
-R_NO_TRANSACTION = Reply(451, "4.5.0", "Transaction not attempted")
 
 
 class HostFailure(Exception):
@@ -87,158 +77,37 @@ class _Lost(Exception):
         self.reason = reason
 
 
-@functools.lru_cache(maxsize=256)
-def _one_line_reply(line: str) -> Reply:
-    """``make_reply`` for a one-line reply ("250 2.1.0 Ok"), cached: a server
-    sends the same few replies message after message (Reply is immutable)."""
-    return make_reply(int(line[:3]), [line[4:]])
+class _Turn:
+    """A transaction's hold on the connection's write side.
 
-
-def make_reply(code: int, lines: Sequence[str]) -> Reply:
-    """A Reply from a server's reply lines; the RFC 3463 code is taken from line 1."""
-    texts = []
-    enhanced = ""
-    for i, line in enumerate(lines):
-        m = _ENHANCED.match(line)
-        if m and m.group(1) == str(code)[0]:
-            if i == 0:
-                enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-            line = line[m.end():]
-        texts.append(line)
-    return Reply(code, enhanced, "\n".join(texts).strip())
-
-
-class DataEncoder:
-    """Bytes of a stored message -> the DATA stream (CRLF, dot-stuffed, terminated).
-
-    Every CR not followed by LF and every LF not preceded by CR becomes CRLF,
-    so no bare CR or LF ever reaches the remote (SMTP smuggling, anchors 4.4.3);
-    NUL bytes are dropped (RFC 5321 4.5.2 allows none in text).  Then lines
-    starting with "." get another "." (RFC 5321 4.5.2).  State carries across
-    chunk boundaries.
+    Released once: when its data has been written and the server pipelines
+    (the next transaction may then write behind it, RFC 2920 3.1), or else
+    when the transaction ends.
     """
 
-    def __init__(self) -> None:
-        self._pending_cr = False
-        self._line_start = True
-        self.written = 0
+    def __init__(self, give: Callable[[], None]) -> None:
+        self._give = give
+        self.held = True
 
-    def feed(self, chunk: bytes) -> bytes:
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._pending_cr = True
-        if not chunk:
-            return b""
-        if b"\x00" in chunk:
-            chunk = chunk.replace(b"\x00", b"")
-        if b"\r" in chunk or b"\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-            chunk = chunk.replace(b"\r\n.", b"\r\n..")
-        if self._line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        if chunk:
-            self._line_start = chunk.endswith(b"\r\n")
-        self.written += len(chunk)
-        return chunk
-
-    def end(self) -> bytes:
-        out = b""
-        if self._pending_cr:
-            self._pending_cr = False
-            out = b"\r\n"
-            self._line_start = True
-        if not self._line_start:
-            out += b"\r\n"
-        return out + b".\r\n"
-
-    def encode(self, data: bytes) -> bytes:
-        """Whole-message convenience (tests)."""
-        return self.feed(data) + self.end()
-
-
-@implementer(IPushProducer)
-class _BodyProducer:
-    """Streams the message file through a DataEncoder into the transport.
-
-    A streaming producer: it writes chunk after chunk until the transport's
-    buffer is full and it is paused, then continues when resumed.
-    """
-
-    def __init__(self, source: IO[bytes], transport: Any, on_chunk: Callable[[], None]) -> None:
-        self.source = source
-        self.transport = transport
-        self.encoder = DataEncoder()
-        self.on_chunk = on_chunk
-        self.done: Deferred = Deferred()
-        self._stopped = False
-        self._paused = False
-        self._producing = False
-
-    def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._produce()
-
-    def _produce(self) -> None:
-        if self._producing:
-            return
-        self._producing = True
-        try:
-            while not self._paused and not self._stopped:
-                self.on_chunk()
-                try:
-                    chunk = self.source.read(CHUNK)
-                except OSError as e:
-                    self._finish(Failure(e))
-                    return
-                if not chunk:
-                    self.transport.write(self.encoder.end())
-                    self._finish(None)
-                    return
-                data = self.encoder.feed(chunk)
-                if data:
-                    self.transport.write(data)
-        finally:
-            self._producing = False
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._produce()
-
-    def _finish(self, result: Any) -> None:
-        self._stopped = True
-        self.transport.unregisterProducer()
-        if self.done.called:
-            return
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(None)
-
-    def stopProducing(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            if not self.done.called:
-                self.done.errback(Failure(_Lost(R_CONNECTION_LOST)))
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._give()
 
 
 class SMTPClientProtocol(Protocol):
     """One outbound SMTP connection (see the module docstring)."""
 
     log = Logger()
+    transport: ITCPTransport  # set by makeConnection, before any method here runs
 
     def __init__(
         self,
         hostname: str,
-        clock: Any,
+        clock: IReactorTime,
         timeout: float = 300.0,
         *,
-        tls: Callable[[], Any] | None = None,
+        tls: Callable[[], IOpenSSLClientConnectionCreator] | None = None,
         require_tls: bool = False,
         credentials: tuple[str, str] | None = None,
         peer_name: str = "",
@@ -288,7 +157,7 @@ class SMTPClientProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         if self._lost is None:
-            self._lost = _Lost(R_CONNECTION_LOST, reason)
+            self._lost = _Lost(OR.CONNECTION_LOST, reason)
         waiting, self._waiting = self._waiting, deque()
         for d, _ in waiting:
             d.errback(Failure(self._lost))
@@ -315,10 +184,10 @@ class SMTPClientProtocol(Protocol):
         if not 200 <= code <= 599:
             self._violation("reply code out of range")
             return True
-        reply = _one_line_reply(lines[0]) if len(lines) == 1 else make_reply(code, [ln[4:] for ln in lines])
+        reply = one_line_reply(lines[0]) if len(lines) == 1 else make_reply(code, [ln[4:] for ln in lines])
         if not self._waiting:
             if code == 421:  # RFC 5321 3.8: the server closes an idle session
-                self._lost = _Lost(R_CONNECTION_LOST)
+                self._lost = _Lost(OR.CONNECTION_LOST)
                 self.transport.loseConnection()
             else:
                 self._violation("unexpected reply")
@@ -330,7 +199,7 @@ class SMTPClientProtocol(Protocol):
 
     def _violation(self, what: str) -> None:
         self.log.info("SMTP protocol violation by {mx}: {what}", mx=self.peer_name, what=what)
-        self._lost = _Lost(R_PROTOCOL)
+        self._lost = _Lost(OR.PROTOCOL_VIOLATION)
         self.transport.abortConnection()
 
     def _expect(self, timeout: float | None = None) -> Deferred:
@@ -367,7 +236,7 @@ class SMTPClientProtocol(Protocol):
         if not self._waiting:
             return  # armed for a reply that has come (see _rearm)
         self.log.info("SMTP timeout waiting for {mx}", mx=self.peer_name)
-        self._lost = _Lost(R_TIMEOUT)
+        self._lost = _Lost(OR.TIMEOUT)
         self.transport.abortConnection()
 
     def _send_line(self, line: str) -> None:
@@ -389,8 +258,8 @@ class SMTPClientProtocol(Protocol):
         try:
             return await d
         except _Lost as e:
-            if stage == "tls" and e.reply is R_CONNECTION_LOST:
-                raise HostFailure(stage, R_TLS_FAILED) from None
+            if stage == "tls" and e.reply is OR.CONNECTION_LOST:
+                raise HostFailure(stage, OR.TLS_FAILED) from None
             raise HostFailure(stage, e.reply) from None
 
     async def _handshake(self) -> dict[str, str]:
@@ -411,7 +280,7 @@ class SMTPClientProtocol(Protocol):
                 raise HostFailure("starttls", reply)
         elif self.require_tls:
             self._quietly_quit()
-            raise HostFailure("starttls", R_TLS_UNAVAILABLE)
+            raise HostFailure("starttls", OR.TLS_UNAVAILABLE)
         if self.credentials is not None:
             await self._auth()
         return dict(self.extensions)
@@ -438,11 +307,12 @@ class SMTPClientProtocol(Protocol):
 
     def _start_tls(self) -> None:
         assert self.tls is not None
-        # RFC 3207 4.2 (and anchors 4.4.1 the other way round): nothing the server
-        # sent in plaintext after its 220 may count once TLS is up.
+        # RFC 3207 4.2: nothing the server sent in plaintext after its 220 may
+        # count once TLS is up (the client side of the STARTTLS injection bug,
+        # CVE-2011-0411).
         self._buffer = b""
         self._lines = []
-        self.transport.startTLS(self.tls())
+        cast(ITLSTransport, self.transport).startTLS(self.tls())
         self.secure = True
 
     async def _auth(self) -> None:
@@ -462,7 +332,7 @@ class SMTPClientProtocol(Protocol):
                 reply = await self._await(self.command(base64.b64encode(password.encode()).decode()), "auth")
         else:
             self._quietly_quit()
-            raise HostFailure("auth", R_AUTH_UNAVAILABLE)
+            raise HostFailure("auth", OR.AUTH_UNAVAILABLE)
         if reply.code != 235:
             self._quietly_quit()
             raise HostFailure("auth", reply)
@@ -473,7 +343,7 @@ class SMTPClientProtocol(Protocol):
         before the transaction in progress has finished."""
         return "PIPELINING" in self.extensions
 
-    def send(self, sender: str, recipients: Sequence[str], source: IO[bytes], size: int = 0) -> Deferred:
+    def send(self, sender: str, recipients: Sequence[str], source: IMessageSource, size: int = 0) -> Deferred:
         """One transaction; Deferred firing with ``{recipient: Reply}``.
 
         Transactions may overlap when the server offers PIPELINING: the next
@@ -509,29 +379,28 @@ class SMTPClientProtocol(Protocol):
         else:
             self._writing = False
 
-    async def _send(self, sender: str, recipients: list[str], source: IO[bytes], size: int) -> dict[str, Reply]:
+    async def _send(self, sender: str, recipients: list[str], source: IMessageSource, size: int) -> dict[str, Reply]:
         await self._take_turn()
-        turn = [True]  # still ours; _send_body hands it on once the data is written
+        turn = _Turn(self._give_turn)
         try:
             return await self._transaction(sender, recipients, source, size, turn)
         finally:
-            if turn[0]:
-                self._give_turn()
+            turn.release()
 
     async def _transaction(
-        self, sender: str, recipients: list[str], source: IO[bytes], size: int, turn: list[bool]
+        self, sender: str, recipients: list[str], source: IMessageSource, size: int, turn: _Turn
     ) -> dict[str, Reply]:
         if not self.alive:
             # Closed by the transaction before this one (or the server): a reused
             # connection that is gone, which the caller treats as stale.
-            raise HostFailure("mail", self._lost.reply if self._lost is not None else R_CONNECTION_LOST)
+            raise HostFailure("mail", self._lost.reply if self._lost is not None else OR.CONNECTION_LOST)
         self.transactions += 1
         params = []
         if "SIZE" in self.extensions:
             limit = self.extensions["SIZE"]
             if limit.isdigit() and int(limit) and size > int(limit):
                 # RFC 1870 6: do not send what the server said it will not take.
-                reply = Reply(552, "5.3.4", f"Message size exceeds the remote server's limit of {limit} bytes")
+                reply = OR.too_big_for_remote(limit)
                 return {r: reply for r in recipients}
             if size:
                 params.append(f"SIZE={size}")
@@ -540,7 +409,7 @@ class SMTPClientProtocol(Protocol):
         if not (sender.isascii() and all(r.isascii() for r in recipients)):
             # RFC 6531 3.4: UTF-8 addresses only to a server that offers SMTPUTF8.
             if "SMTPUTF8" not in self.extensions:
-                reply = Reply(553, "5.6.7", "Remote server does not support SMTPUTF8 for this address")
+                reply = OR.NO_SMTPUTF8
                 return {r: reply for r in recipients}
             params.append("SMTPUTF8")
         mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
@@ -559,19 +428,19 @@ class SMTPClientProtocol(Protocol):
                     lost = lost or e
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
             if mail_reply is None:
-                raise HostFailure("mail", lost.reply if lost else R_CONNECTION_LOST)
+                raise HostFailure("mail", lost.reply if lost else OR.CONNECTION_LOST)
             if mail_reply.code != 250:
                 if data_reply is not None and data_reply.code == 354:
                     self._abort_data()
                 raise HostFailure("mail", mail_reply)
-            for r, reply in zip(recipients, rcpt_replies):
-                if reply is None:
-                    raise HostFailure("rcpt", lost.reply if lost else R_CONNECTION_LOST)
-                results[r] = reply
+            for r, rcpt_reply in zip(recipients, rcpt_replies):
+                if rcpt_reply is None:
+                    raise HostFailure("rcpt", lost.reply if lost else OR.CONNECTION_LOST)
+                results[r] = rcpt_reply
             accepted = [r for r in recipients if results[r].code // 100 == 2]
             if data_reply is None:
-                raise HostFailure("data", lost.reply if lost else R_CONNECTION_LOST) if accepted else HostFailure(
-                    "rcpt", lost.reply if lost else R_CONNECTION_LOST
+                raise HostFailure("data", lost.reply if lost else OR.CONNECTION_LOST) if accepted else HostFailure(
+                    "rcpt", lost.reply if lost else OR.CONNECTION_LOST
                 )
             if not accepted:
                 if data_reply.code == 354:
@@ -580,9 +449,9 @@ class SMTPClientProtocol(Protocol):
                     await self._rset()
                 return results
         else:
-            mail_reply = await self._await(self.command(mail), "mail")
-            if mail_reply.code != 250:
-                raise HostFailure("mail", mail_reply)
+            answer = await self._await(self.command(mail), "mail")
+            if answer.code != 250:
+                raise HostFailure("mail", answer)
             for r, c in zip(recipients, rcpts):
                 results[r] = await self._await(self.command(c), "rcpt")
             accepted = [r for r in recipients if results[r].code // 100 == 2]
@@ -602,7 +471,7 @@ class SMTPClientProtocol(Protocol):
             results[r] = final
         return results
 
-    def _send_body(self, source: IO[bytes], turn: list[bool]) -> Deferred:
+    def _send_body(self, source: IMessageSource, turn: _Turn) -> Deferred:
         """Stream the body; Deferred firing with the reply to the final ".".
 
         Once the "." is written the next transaction may write, if the server
@@ -611,19 +480,18 @@ class SMTPClientProtocol(Protocol):
 
         def written(result: Any) -> Any:
             if self.pipelining:
-                turn[0] = False
-                self._give_turn()
+                turn.release()
             return result
 
-        producer = _BodyProducer(source, self.transport, self._touch)
-        producer.done.addErrback(lambda f: None if f.check(_Lost) else self._body_failed(f))
+        producer = BodyProducer(source, self.transport, self._touch)
+        producer.done.addErrback(lambda f: None if f.check(BodyStopped) else self._body_failed(f))
         producer.done.addCallback(written)
         producer.start()
         return reply
 
     def _body_failed(self, failure: Failure) -> None:
         self.log.failure("reading the message to relay failed", failure)
-        self._lost = _Lost(Reply(451, "4.3.0", "Local error reading the message"))
+        self._lost = _Lost(OR.READ_ERROR)
         self.transport.abortConnection()
 
     def _abort_data(self) -> None:
@@ -687,52 +555,6 @@ class SMTPClientProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection at once (shutdown)."""
         if self._lost is None:
-            self._lost = _Lost(R_CONNECTION_LOST)
+            self._lost = _Lost(OR.CONNECTION_LOST)
         if self.transport is not None:
             self.transport.abortConnection()
-
-
-_contexts: dict[Any, Any] = {}  # one OpenSSL context per policy (building one is costly)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _Opportunistic:
-    """Opportunistic TLS (RFC 7435): encrypt, send SNI, accept any certificate."""
-
-    def __init__(self, context: Any, server_name: str) -> None:
-        self._context = context
-        self._server_name = server_name
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        from OpenSSL import SSL
-
-        connection = SSL.Connection(self._context, None)
-        connection.set_app_data(tlsProtocol)
-        name = self._server_name
-        if name and not re.fullmatch(r"[0-9.]+|.*:.*", name):  # RFC 6066 3: no IP literals in SNI
-            try:
-                connection.set_tlsext_host_name(name.encode("idna"))
-            except Exception:
-                pass
-        connection.set_connect_state()
-        return connection
-
-
-def client_tls(server_name: str, verify: bool) -> Any:
-    """A client TLS connection creator for STARTTLS to ``server_name``.
-
-    ``verify``: the certificate must chain to the system trust roots and match
-    the name (``optionsForClientTLS``).  Otherwise opportunistic TLS (RFC 7435).
-    """
-    from twisted.internet import ssl
-
-    if verify:
-        key = ("verify", server_name)
-        if key not in _contexts:
-            if len(_contexts) > 1000:
-                _contexts.clear()
-            _contexts[key] = ssl.optionsForClientTLS(server_name)
-        return _contexts[key]
-    if "opportunistic" not in _contexts:
-        _contexts["opportunistic"] = ssl.CertificateOptions(verify=False).getContext()
-    return _Opportunistic(_contexts["opportunistic"], server_name)

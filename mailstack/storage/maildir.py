@@ -35,7 +35,10 @@ import socket
 import time
 from typing import Callable, Iterable, Union
 
+from zope.interface import implementer
+
 from mailstack.address import Address, mailbox_components, parse_address
+from mailstack.interfaces import IMaildirStore
 from mailstack.storage import fsutil
 
 CHUNK = 64 * 1024
@@ -112,6 +115,7 @@ def wire_size_of(chunks: Iterable[bytes]) -> int:
     return wire.value
 
 
+@implementer(IMaildirStore)
 class MaildirStore:
     """All users' Maildirs under ``root`` (``data_dir/mail``).
 

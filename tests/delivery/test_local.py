@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.delivery.local import LocalAgent
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.interfaces import IDeliveryAgent, IDirectDelivery, IMaildirStore
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
@@ -62,8 +62,10 @@ class LocalAgentTests(SynchronousTestCase):
         return out
 
     def test_interface(self) -> None:
-        """LocalAgent provides IDeliveryAgent."""
+        """LocalAgent provides IDeliveryAgent and IDirectDelivery; MaildirStore provides IMaildirStore."""
         verifyObject(IDeliveryAgent, self.agent)
+        verifyObject(IDirectDelivery, self.agent)
+        verifyObject(IMaildirStore, self.agent._maildirs)
 
     def test_deliversEachRecipient(self) -> None:
         """Each recipient gets Return-Path:, Delivered-To: and the queued bytes unchanged; 250 2.0.0."""

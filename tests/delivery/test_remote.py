@@ -5,16 +5,18 @@ from __future__ import annotations
 import email
 import random
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack.delivery import remote
-from mailstack.delivery.remote import RemoteAgent, RemoteReply, tcp_endpoint_factory
+from mailstack.delivery.remote import RemoteAgent, tcp_endpoint_factory
+from mailstack.delivery.replies import DNS_TEMPORARY, NULL_MX, RemoteReply
 from mailstack.errors import PermanentFailure, TemporaryFailure
-from mailstack.interfaces import IDeliveryAgent
-from mailstack.mx import R_DNS_TEMP, R_NULL_MX, Host
+from mailstack.interfaces import IDeliveryAgent, IMXResolver
+from mailstack.mx import Host
+from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
 from tests.queue.outbound_fakes import (
     FakeAgent,
@@ -48,6 +50,7 @@ class OutboundFixture:
 class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def agent(self, **kw) -> RemoteAgent:
         kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
+        kw.setdefault("run_blocking", run_blocking)
         return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
 
     def deliver(self, rcpts=("a@remote.test",), sender="s@here.test", agent=None):
@@ -68,8 +71,54 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         return servers
 
     def test_interface(self) -> None:
-        """RemoteAgent provides IDeliveryAgent."""
+        """RemoteAgent provides IDeliveryAgent; the fake resolver provides IMXResolver."""
         verifyObject(IDeliveryAgent, self.agent())
+        verifyObject(IMXResolver, self.resolver)
+
+    def test_largeMessageReadOnlyInThreads(self) -> None:
+        """A message relayed from its file is opened and read only inside
+        run_blocking, chunk by chunk, never on the reactor thread."""
+        in_thread = [False]
+        reads: list[tuple[int, bool]] = []
+        opened: list[bool] = []
+
+        def threads(f, *a, **kw):
+            in_thread[0] = True
+            try:
+                return maybeDeferred(f, *a, **kw)
+            finally:
+                in_thread[0] = False
+
+        class Watched:
+            def __init__(self, file) -> None:
+                self.file = file
+
+            def read(self, n: int) -> bytes:
+                reads.append((n, in_thread[0]))
+                return self.file.read(n)
+
+            def close(self) -> None:
+                self.file.close()
+
+        real_open = remote._open_message
+
+        def watched_open(path: str, size: int):
+            opened.append(in_thread[0])
+            file, size = real_open(path, size)
+            return Watched(file), size
+
+        self.patch(remote, "_open_message", watched_open)
+        servers = self.sink("192.0.2.1")
+        body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 300
+        rcpt = RecipientState(address="a@remote.test", original="a@remote.test", local=False)
+        e = self.store.add(QueueEntry(id="Q1", sender="s@here.test", arrival=START, recipients=[rcpt]), body)
+        d = self.agent(run_blocking=threads).deliver(e, e.recipients)
+        self.net.drive(d)
+        self.assertEqual(self.successResultOf(d)["a@remote.test"].code, 250)
+        self.assertEqual(servers[0].messages[0][2], body)
+        self.assertEqual(opened, [True])
+        self.assertGreater(len(reads), 4)  # 300 kB in 64 KiB chunks, plus the empty read at the end
+        self.assertEqual([inside for _, inside in reads], [True] * len(reads))
 
     def test_primaryGetsIt(self) -> None:
         """The lowest-preference MX gets the mail; the reply says where it went."""
@@ -144,8 +193,8 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
 
     def test_dnsFailures(self) -> None:
         """Null MX / NXDOMAIN answer permanently, SERVFAIL temporarily."""
-        self.resolver.hosts["null.test"] = PermanentFailure(R_NULL_MX)
-        self.resolver.hosts["servfail.test"] = TemporaryFailure(R_DNS_TEMP)
+        self.resolver.hosts["null.test"] = PermanentFailure(NULL_MX)
+        self.resolver.hosts["servfail.test"] = TemporaryFailure(DNS_TEMPORARY)
         r = self.deliver(rcpts=("a@null.test",))["a@null.test"]
         self.assertEqual((r.code, r.enhanced), (556, "5.1.10"))
         self.store.remove("Q1")
@@ -396,6 +445,24 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.assertEqual(len(self.net.attempts), 2)
         self.assertEqual(servers[1].commands[-1], b"QUIT")
 
+    def test_abortAllDropsAttemptsInProgress(self) -> None:
+        """abort_all() (shutdown after the grace period) drops a connection in the
+        middle of a transaction: its recipients get a temporary reply and no
+        other MX is tried."""
+        self.sink("192.0.2.1", hang_at=b"DATA")
+        self.sink("192.0.2.2")
+        agent = self.agent()
+        e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
+        d = agent.deliver(e, e.recipients)
+        self.net.drive(d)
+        self.assertNoResult(d)
+        agent.abort_all()
+        self.net.drive(d)
+        reply = self.successResultOf(d)["a@remote.test"]
+        self.assertTrue(reply.temporary, str(reply))
+        self.assertEqual(self.net.attempts, [("192.0.2.1", 25)])
+        self.assertTrue(self.net.pumps[0].clientIO.disconnected)
+
     def test_tcpEndpointFactory(self) -> None:
         """Production endpoints: TCP4/TCP6 with the connect timeout and source address."""
         from twisted.internet.testing import MemoryReactorClock
@@ -421,7 +488,7 @@ class OutboundTests(SynchronousTestCase):
         self.intake = FakeIntake()
         remote = RemoteAgent(
             self.config, self.resolver, self.net, self.clock, self.store.message_path,
-            tls_factory=lambda n: FakeTLS(),
+            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(),
         )
         self.manager = QueueManager(
             self.store, FakeAgent(), remote, self.clock, self.config, run_blocking, self.intake,
@@ -484,7 +551,7 @@ class MessageBytesTests(OutboundFixture, SynchronousTestCase):
         servers: list = []
         self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
         agent = RemoteAgent(self.config, self.resolver, self.net, self.clock, lambda qid: "/nonexistent/" + qid,
-                            tls_factory=lambda n: FakeTLS())
+                            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS())
         e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
         d = agent.deliver(e, e.recipients, message=b"Subject: mem\r\n\r\n.dot\r\n")
         self.net.drive(d)

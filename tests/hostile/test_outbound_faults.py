@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.delivery.remote import RemoteAgent
 from mailstack.errors import TemporaryFailure
-from mailstack.mx import R_DNS_TEMP
+from mailstack.delivery.replies import DNS_TEMPORARY
 from mailstack.queue.manager import QueueManager
 from tests.queue.outbound_fakes import (
     FakeAgent,
@@ -50,7 +50,8 @@ class StalledMXTests(SynchronousTestCase):
         self.store = FakeStore(self.mktemp())
         self.config = make_config(command_timeout=f"{int(TIMEOUT)}s")
         self.agent = RemoteAgent(self.config, FakeMXResolver({"remote.test": two_mx()}), self.net, self.clock,
-                                 self.store.message_path, tls_factory=lambda name: FakeTLS(name=name))
+                                 self.store.message_path, run_blocking=run_blocking,
+                                 tls_factory=lambda name: FakeTLS(name=name))
 
     def run_until_done(self, d, limit: float = 20 * TIMEOUT) -> float:
         """Pump the in-memory network and advance the clock a second at a time until ``d`` fires."""
@@ -113,11 +114,11 @@ class DNSFailureTests(SynchronousTestCase):
         self.clock.advance(START)
         self.net = FakeNet(self.clock)
         self.store = FakeStore(self.mktemp())
-        self.resolver = FakeMXResolver({"remote.test": TemporaryFailure(R_DNS_TEMP)})
+        self.resolver = FakeMXResolver({"remote.test": TemporaryFailure(DNS_TEMPORARY)})
         self.config = make_config(retry_intervals=["1m", "5m"], max_queue_lifetime="1d", delay_warning_after="")
         self.intake = FakeIntake()
         remote = RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path,
-                             tls_factory=lambda n: FakeTLS())
+                             run_blocking=run_blocking, tls_factory=lambda n: FakeTLS())
         self.manager = QueueManager(self.store, FakeAgent(), remote, self.clock, self.config, run_blocking,
                                     self.intake, rng=random.Random(0))
         self.manager.startService()

@@ -18,7 +18,7 @@ from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin.queuecmd import summary
-from mailstack.queue.manager import entry_due
+from mailstack.queue.schedule import entry_due
 from mailstack.queue.store import CorruptEntry, QueueStore
 from tests.hostile.support import FAST
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from mailstack import config as configmod
 from mailstack.errors import Reply, TemporaryFailure
-from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake
+from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueStore
 from mailstack.queue.entry import QueueEntry, RecipientState
+from mailstack.queue.store import NoSuchEntry, Recovery
 from tests.support.fakes import FakeTLS, run_blocking  # noqa: F401 (the outbound tests import them from here)
 
 
@@ -25,27 +26,30 @@ def make_config(**relay: Any) -> configmod.Config:
     return configmod.from_mapping(raw)
 
 
+@implementer(IQueueStore)
 class FakeStore:
-    """QueueStore's contract; envelopes in a dict (as JSON), messages as files."""
+    """IQueueStore with envelopes in a dict (as JSON) and messages as files.
+
+    Ids need not be real queue ids ("A", "Q1"), attempt marks are kept
+    beside the envelopes rather than as mtimes (the fake clock is far in the
+    past), and every save and removal is recorded for the tests.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = root
         os.makedirs(os.path.join(root, "msg"), exist_ok=True)
         self.envelopes: dict[str, dict[str, Any]] = {}
         self.saves: list[dict[str, Any]] = []
-        self.durable: list[bool] = []  # per save: durable or not
         self.removals: list[tuple[str, bool]] = []  # (id, sync)
         self.flush = False
         self.recovered = 0
         self.marks: dict[str, float] = {}  # attempt marks (a real store: the envelope's mtime)
-        self._n = 0
-
-    def new_id(self) -> str:
-        self._n += 1
-        return f"Q{self._n:04d}"
 
     def message_path(self, queue_id: str) -> str:
         return os.path.join(self.root, "msg", queue_id)
+
+    def envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.root, "env", queue_id + ".json")  # never written
 
     def add(self, entry: QueueEntry, body: bytes = b"Subject: hi\r\nFrom: a@b\r\n\r\nbody\r\n") -> QueueEntry:
         with open(self.message_path(entry.id), "wb") as f:
@@ -53,42 +57,50 @@ class FakeStore:
         self.envelopes[entry.id] = json.loads(json.dumps(entry.to_json()))
         return entry
 
-    def save(self, entry: QueueEntry, durable: bool = True) -> None:
+    def save(self, entry: QueueEntry) -> None:
         data = json.loads(json.dumps(entry.to_json()))
         self.envelopes[entry.id] = data
         self.marks.pop(entry.id, None)  # a new envelope
         self.saves.append(data)
-        self.durable.append(durable)
+
+    def read_envelope(self, queue_id: str) -> tuple[bytes, float]:
+        try:
+            data = json.dumps(self.envelopes[queue_id]).encode("utf-8")
+        except KeyError:
+            raise NoSuchEntry(queue_id) from None
+        return data, self.marks.get(queue_id, 0.0)
 
     def load(self, queue_id: str) -> QueueEntry:
-        try:
-            return QueueEntry.from_json(json.loads(json.dumps(self.envelopes[queue_id])))
-        except KeyError:
-            raise FileNotFoundError(queue_id) from None
+        return QueueEntry.from_json(json.loads(self.read_envelope(queue_id)[0]))
 
-    def remove(self, queue_id: str, sync: bool = True) -> None:
+    def ids(self) -> list[str]:
+        return sorted(self.envelopes)
+
+    def remove(self, queue_id: str, sync: bool = True) -> bool:
         self.removals.append((queue_id, sync))
-        self.envelopes.pop(queue_id, None)
+        gone = self.envelopes.pop(queue_id, None) is not None
         self.marks.pop(queue_id, None)
         try:
             os.unlink(self.message_path(queue_id))
         except FileNotFoundError:
             pass
+        return gone
 
     def mark_attempt(self, queue_id: str, not_before: float) -> None:
         if queue_id not in self.envelopes:
-            raise KeyError(queue_id)
+            raise NoSuchEntry(queue_id)
         self.marks[queue_id] = not_before
 
     def attempt_mark(self, queue_id: str) -> float:
         return self.marks.get(queue_id, 0.0)
 
-    def scan(self):
-        for qid in sorted(self.envelopes):
+    def scan(self) -> Iterator[QueueEntry]:
+        for qid in self.ids():
             yield self.load(qid)
 
-    def recover(self, read_envelopes: bool = True) -> None:
+    def recover(self, read_envelopes: bool = True) -> Recovery:
         self.recovered += 1
+        return Recovery()
 
     def flush_requested(self) -> bool:
         requested, self.flush = self.flush, False
@@ -112,12 +124,16 @@ def entry(store: FakeStore, qid: str, sender: str, rcpts: list[str], arrival: fl
 class FakeAgent:
     """Answers from ``script(entry, rcpts)`` -> {address: Reply} (or a Deferred)."""
 
+    takes_message = False
+
     def __init__(self, script: Callable[[Any, list], Any] | None = None) -> None:
         self.script = script or (lambda e, rs: {r.address: Reply(250, "2.0.0", "ok") for r in rs})
         self.calls: list[tuple[str, list[str], list[dict]]] = []
         self.store: FakeStore | None = None
+        self.closed = 0  # close_idle calls
+        self.aborted = 0  # abort_all calls
 
-    def deliver(self, entry: QueueEntry, recipients: list) -> Deferred:
+    def deliver(self, entry: QueueEntry, recipients: list, message: bytes | None = None) -> Deferred:
         snapshot = []
         if self.store is not None and entry.id in self.store.envelopes:
             snapshot = [dict(r) for r in self.store.envelopes[entry.id]["recipients"]]
@@ -126,6 +142,12 @@ class FakeAgent:
         if isinstance(result, Deferred):
             return result
         return succeed(result)
+
+    def close_idle(self) -> None:
+        self.closed += 1
+
+    def abort_all(self) -> None:
+        self.aborted += 1
 
 
 def reply_all(reply: Reply) -> Callable[[Any, list], dict]:
@@ -370,10 +392,10 @@ class FakeMXResolver:
         if isinstance(found, _MailError):
             return fail(found)
         if found is None:
+            from mailstack.delivery.replies import NO_DOMAIN
             from mailstack.errors import PermanentFailure
-            from mailstack.mx import R_NO_DOMAIN
 
-            return fail(PermanentFailure(R_NO_DOMAIN))
+            return fail(PermanentFailure(NO_DOMAIN))
         return succeed(list(found))
 
     def addresses(self, name: str) -> Deferred:

@@ -13,10 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack.errors import Reply
-from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueKicker
+from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING
-from mailstack.queue.manager import QueueManager, entry_due, remove_entry
-from mailstack.queue.store import NoSuchEntry
+from mailstack.queue.manager import QueueManager
+from mailstack.queue.schedule import entry_due
+from mailstack.queue.store import NoSuchEntry, remove_entry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,
@@ -60,6 +61,15 @@ class ManagerTests(SynchronousTestCase):
         verifyObject(IDeliveryAgent, self.local)
         verifyObject(IIntake, self.intake)
         verifyObject(IIncoming, self.intake.begin(None))
+        verifyObject(IQueueStore, self.store)
+
+    def test_realStoreProvidesBothSides(self) -> None:
+        """QueueStore provides IQueueStore (manager, CLI) and IQueueCommit (intake)."""
+        from mailstack.queue.store import QueueStore
+
+        store = QueueStore(self.mktemp())
+        verifyObject(IQueueStore, store)
+        verifyObject(IQueueCommit, store)
 
     def test_startRecovers(self) -> None:
         """startService runs recover() and schedules what scan() finds."""
@@ -359,20 +369,27 @@ class ManagerTests(SynchronousTestCase):
         m.kick("R")
         d = m.stopService()
         self.assertNoResult(d)
+        self.assertEqual((self.remote.closed, self.remote.aborted), (1, 0))  # idle ones closed, none aborted
         hold.callback({"r@remote.test": OK})
         self.successResultOf(d)
         self.assertNotIn("R", self.store.envelopes)
+        self.clock.advance(5)
+        self.assertEqual(self.remote.aborted, 0)
 
     def test_stopTimeout(self) -> None:
-        """A stuck attempt does not hold shutdown beyond stop_timeout."""
+        """A stuck attempt does not hold shutdown beyond stop_timeout; then every
+        agent aborts its connections (in-flight relays are dropped, not left open)."""
         self.remote.script = lambda e, rs: Deferred()
         m = self.manager(stop_timeout=5)
         entry(self.store, "R", "s@here.test", ["r@remote.test"], arrival=START)
         m.kick("R")
         d = m.stopService()
         self.assertNoResult(d)
-        self.clock.advance(5)
+        self.clock.advance(4.9)
+        self.assertEqual((self.remote.aborted, self.local.aborted), (0, 0))
+        self.clock.advance(0.1)
         self.successResultOf(d)
+        self.assertEqual((self.remote.aborted, self.local.aborted), (1, 1))
 
     def test_agentErrorIsTemporary(self) -> None:
         """An exception from an agent counts as a temporary failure."""
@@ -481,7 +498,7 @@ class LogTests(SynchronousTestCase):
         """Each attempt logs one event per recipient with queue_id, rcpt, mx, ip, reply, delay, status."""
         from twisted.logger import capturedLogs
 
-        from mailstack.delivery.remote import RemoteReply
+        from mailstack.delivery.replies import RemoteReply
 
         clock = Clock()
         clock.advance(START)
@@ -660,7 +677,7 @@ class FastPathTests(SynchronousTestCase):
 
     def test_scanScheduleMatchesEntryDue(self) -> None:
         """scan_schedule (dict fast path) gives entry_due's answer for each state."""
-        from mailstack.queue.manager import scan_schedule
+        from mailstack.queue.scan import scan_schedule
 
         qids = [
             self.commit(attempts=1, next_attempt=START + 60),

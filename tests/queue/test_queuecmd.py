@@ -10,8 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin import cli
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
-from mailstack.queue.manager import save_unless_deleted
-from mailstack.queue.store import QueueStore
+from mailstack.queue.store import QueueStore, save_unless_deleted
 
 
 class QueueCommandTests(SynchronousTestCase):

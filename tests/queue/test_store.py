@@ -477,3 +477,72 @@ class EncodingTests(StoreTestMixin, SynchronousTestCase):
         entry.delay_warned = True
         self.assertEqual(json.loads(_encode(entry).decode("utf-8")), entry.to_json())
         self.assertEqual(QueueEntry.from_json(json.loads(_encode(entry))), entry)
+
+
+class SaveDurableTests(StoreTestMixin, SynchronousTestCase):
+    def test_saveFsyncsEnvDirectory(self) -> None:
+        """save() fsyncs env/ after the rename."""
+        entry = self.stage()
+        self.store.commit(entry)
+        dirs: list[str] = []
+        real_dir = fsutil.fsync_dir
+        self.patch(fsutil, "fsync_dir", lambda p: (dirs.append(p), real_dir(p))[1])
+        self.store.save(entry)
+        self.assertEqual(dirs, [os.path.join(self.store.root, "env")])
+
+
+class ListingOnlyRecoverTests(StoreTestMixin, SynchronousTestCase):
+    def opened_envelopes(self, **kw) -> tuple[list[str], Recovery]:
+        """Run recover(**kw), recording every envelope the store opens (it opens through fsutil._open)."""
+        opened: list[str] = []
+        real_open = fsutil._open
+        self.patch(fsutil, "_open", lambda p, *a: (opened.append(str(p)), real_open(p, *a))[1])
+        found = self.store.recover(**kw)
+        return [p for p in opened if p.endswith(".json")], found
+
+    def test_listingOnlyRecoverReadsNoEnvelope(self) -> None:
+        """recover(read_envelopes=False) opens no envelope, yet cleans tmp/,
+        orphans and envelopes without a message like the full recover."""
+        kept = self.stage()
+        self.store.commit(kept)
+        lonely = self.stage()
+        self.store.commit(lonely)
+        os.unlink(self.store.message_path(lonely.id))  # envelope without message
+        orphan = self.stage()
+        os.rename(self.store.tmp_path(orphan.id), self.store.message_path(orphan.id))  # message without envelope
+        self.stage()  # left in tmp/
+        bad = self.stage()
+        self.store.commit(bad)
+        with open(self.store.envelope_path(bad.id), "wb") as f:
+            f.write(b"{not json")
+        opened, found = self.opened_envelopes(read_envelopes=False)
+        self.assertEqual(opened, [])
+        self.assertEqual(found.tmp_removed, 1)
+        self.assertEqual(found.orphans_removed, 1)
+        self.assertEqual(found.corrupt, (lonely.id,))
+        self.assertEqual(self.store.ids(), sorted([kept.id, bad.id]))
+        # The unreadable envelope is moved aside when it is first read.
+        self.assertRaises(CorruptEntry, self.store.load, bad.id)
+        self.assertEqual(self.store.ids(), [kept.id])
+        self.assertEqual(self.store.load(kept.id).id, kept.id)
+
+    def test_fullRecoverReadsEnvelopes(self) -> None:
+        """The probe above can fail: the full recover() opens every envelope."""
+        kept = self.stage()
+        self.store.commit(kept)
+        opened, _ = self.opened_envelopes()
+        self.assertEqual(opened, [self.store.envelope_path(kept.id)])
+
+
+class ReadEnvelopeTests(StoreTestMixin, SynchronousTestCase):
+    def test_bytesAndMark(self) -> None:
+        """read_envelope gives the envelope's bytes and the attempt mark; NoSuchEntry once removed."""
+        entry = self.stage()
+        self.store.commit(entry)
+        data, mark = self.store.read_envelope(entry.id)
+        self.assertEqual((json.loads(data)["id"], mark), (entry.id, 0.0))
+        later = os.stat(self.store.envelope_path(entry.id)).st_ctime + 3600
+        self.store.mark_attempt(entry.id, later)
+        self.assertEqual(self.store.read_envelope(entry.id)[1], later)
+        self.store.remove(entry.id)
+        self.assertRaises(NoSuchEntry, self.store.read_envelope, entry.id)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from mailstack.delivery.replies import TIMEOUT
 from mailstack.errors import Reply
-from mailstack.smtp.client import (
-    R_TIMEOUT,
-    DataEncoder,
-    HostFailure,
-    SMTPClientProtocol,
-    make_reply,
-)
+from mailstack.interfaces import IMessageSource
+from mailstack.smtp.client import HostFailure, SMTPClientProtocol
+from mailstack.smtp.data import CHUNK, BodyProducer, DataEncoder, FileSource, MemorySource
+from mailstack.smtp.wire import make_reply
 from tests.queue.outbound_fakes import FakeSMTPServer, FakeTLS, connect_pair, drive
 
 MESSAGE = b"Subject: hi\r\nFrom: a@b.test\r\n\r\nHello\r\n.leading dot\r\nbye\r\n"
@@ -31,7 +31,7 @@ class EncoderTests(SynchronousTestCase):
             (b"a\nb", b"a\r\nb\r\n.\r\n"),
             (b".x\r\n", b"..x\r\n.\r\n"),
             (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
-            # smuggling sequences (anchors 5): none may end DATA early at the remote
+            # SMTP smuggling sequences: none may end DATA early at the remote
             (b"a\n.\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
             (b"a\r.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
             (b"a\r\n.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
@@ -82,7 +82,7 @@ class ClientTests(SynchronousTestCase):
     def session(self, server: FakeSMTPServer, rcpts=("a@r.test", "b@r.test"), message=MESSAGE, **kw):
         c = self.connect(server, **kw)
         self.successResultOf(self.run_(c.handshake()))
-        return self.run_(c.send("s@here.test", list(rcpts), io.BytesIO(message), len(message)))
+        return self.run_(c.send("s@here.test", list(rcpts), MemorySource(message), len(message)))
 
     def test_pipelinedTransaction(self) -> None:
         """EHLO, pipelined MAIL/RCPT/DATA, the body dot-stuffed, a reply per recipient."""
@@ -210,12 +210,12 @@ class ClientTests(SynchronousTestCase):
         server = FakeSMTPServer(hang_at=b"MAIL")
         c = self.connect(server, )
         self.successResultOf(self.run_(c.handshake()))
-        d = self.run_(c.send("s@here.test", ["a@r.test"], io.BytesIO(MESSAGE), len(MESSAGE)))
+        d = self.run_(c.send("s@here.test", ["a@r.test"], MemorySource(MESSAGE), len(MESSAGE)))
         self.assertNoResult(d)
         self.clock.advance(30)
         drive(self.pumps, self.clock, d)
         f = self.failureResultOf(d, HostFailure)
-        self.assertEqual(f.value.reply, R_TIMEOUT)
+        self.assertEqual(f.value.reply, TIMEOUT)
 
     def test_greetingTimeout(self) -> None:
         """A server that never greets times out too."""
@@ -253,7 +253,7 @@ class ClientTests(SynchronousTestCase):
         server = FakeSMTPServer(extensions=())
         c = self.connect(server)
         self.successResultOf(self.run_(c.handshake()))
-        self.successResultOf(self.run_(c.send("", ["a@r.test"], io.BytesIO(MESSAGE), len(MESSAGE))))
+        self.successResultOf(self.run_(c.send("", ["a@r.test"], MemorySource(MESSAGE), len(MESSAGE))))
         self.assertEqual(server.commands[1], b"MAIL FROM:<>")
 
     def test_utf8Addresses(self) -> None:
@@ -284,8 +284,8 @@ class OverlapTests(SynchronousTestCase):
         """With PIPELINING the second MAIL/RCPT/DATA go out right after the first
         message's "." (RFC 2920 3.1), before its final reply; replies pair in order."""
         c, t = self.client(b"250-PIPELINING\r\n")
-        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
-        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        first = c.send("s@here.test", ["a@r.test"], MemorySource(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], MemorySource(b"two\r\n"), 5)
         self.assertEqual(t.value(), b"MAIL FROM:<s@here.test> BODY=8BITMIME\r\nRCPT TO:<a@r.test>\r\nDATA\r\n")
         self.assertEqual(c.pending, 2)
         t.clear()
@@ -305,8 +305,8 @@ class OverlapTests(SynchronousTestCase):
     def test_withoutPipeliningWaits(self) -> None:
         """Without PIPELINING the second transaction starts after the first has finished."""
         c, t = self.client(b"")
-        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
-        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        first = c.send("s@here.test", ["a@r.test"], MemorySource(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], MemorySource(b"two\r\n"), 5)
         for reply in (b"250 ok", b"250 ok", b"354 go"):
             c.dataReceived(reply + b"\r\n")
         self.assertTrue(t.value().endswith(b"one\r\n.\r\n"))
@@ -319,7 +319,7 @@ class OverlapTests(SynchronousTestCase):
         """quit() during a transaction says QUIT only after it, never inside the data;
         the connection is no longer offered for reuse meanwhile."""
         c, t = self.client(b"250-PIPELINING\r\n")
-        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
+        first = c.send("s@here.test", ["a@r.test"], MemorySource(b"one\r\n"), 5)
         c.quit()
         self.assertFalse(c.alive)
         c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
@@ -332,8 +332,8 @@ class OverlapTests(SynchronousTestCase):
         """A connection lost after the first message's data fails it at "dot" and the
         transaction behind it at "mail" (nothing of it was accepted)."""
         c, _ = self.client(b"250-PIPELINING\r\n")
-        first = c.send("s@here.test", ["a@r.test"], io.BytesIO(b"one\r\n"), 5)
-        second = c.send("s@here.test", ["b@r.test"], io.BytesIO(b"two\r\n"), 5)
+        first = c.send("s@here.test", ["a@r.test"], MemorySource(b"one\r\n"), 5)
+        second = c.send("s@here.test", ["b@r.test"], MemorySource(b"two\r\n"), 5)
         c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         c.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.failureResultOf(first, HostFailure).value.stage, "dot")
@@ -348,7 +348,7 @@ class OverlapTests(SynchronousTestCase):
         call_later = c.clock.callLater
         c.clock.callLater = lambda *a, **kw: made.append(a[0]) or call_later(*a, **kw)  # type: ignore[method-assign]
         for rcpt in ("a@r.test", "b@r.test"):
-            d = c.send("s@here.test", [rcpt], io.BytesIO(b"one\r\n"), 5)
+            d = c.send("s@here.test", [rcpt], MemorySource(b"one\r\n"), 5)
             c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
             self.successResultOf(d)
         self.assertLessEqual(len(made), 1)
@@ -362,8 +362,42 @@ class OverlapTests(SynchronousTestCase):
         c, _ = self.client(b"250-PIPELINING\r\n")
         results = []
         for rcpt in ("a@r.test", "b@r.test"):
-            d = c.send("s@here.test", [rcpt], io.BytesIO(b"one\r\n"), 5)
+            d = c.send("s@here.test", [rcpt], MemorySource(b"one\r\n"), 5)
             c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 Ok: queued\r\n")
             results.append(self.successResultOf(d)[rcpt])
         self.assertIs(results[0], results[1])
         self.assertEqual(results[0], make_reply(250, ["2.0.0 Ok: queued"]))
+
+
+class SourceTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """MemorySource and FileSource provide IMessageSource."""
+        verifyObject(IMessageSource, MemorySource(b"x"))
+        verifyObject(IMessageSource, FileSource(io.BytesIO(b"x"), lambda f, *a: succeed(f(*a))))
+
+    def test_producerWaitsForThreadReads(self) -> None:
+        """The body producer writes nothing until a read in the thread pool has
+        returned, keeps one read outstanding, and ends with CRLF.CRLF."""
+        pending: list[tuple] = []
+
+        def threads(f, *a):
+            d: Deferred = Deferred()
+            pending.append((f, a, d))
+            return d
+
+        def run_one() -> None:
+            f, a, d = pending.pop(0)
+            d.callback(f(*a))
+
+        transport = StringTransport()
+        body = b"a" * (CHUNK + 10) + b"\r\n.dot\r\n"
+        producer = BodyProducer(FileSource(io.BytesIO(body), threads), transport, lambda: None)
+        producer.start()
+        self.assertEqual((transport.value(), len(pending)), (b"", 1))
+        run_one()
+        self.assertEqual((len(transport.value()), len(pending)), (CHUNK, 1))
+        run_one()
+        run_one()  # the empty read: the end
+        self.assertEqual(pending, [])
+        self.assertEqual(transport.value(), b"a" * (CHUNK + 10) + b"\r\n..dot\r\n.\r\n")
+        self.successResultOf(producer.done)

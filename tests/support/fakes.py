@@ -11,6 +11,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 from mailstack.address import Address, mailbox_components
@@ -32,7 +33,7 @@ def run_blocking(f: Callable[..., Any], *a: Any, **kw: Any) -> Deferred:
     return maybeDeferred(f, *a, **kw)
 
 
-@implementer(ITLSSettings)
+@implementer(ITLSSettings, IOpenSSLContextFactory)
 class FakeTLS:
     """TLS settings without certificates.
 

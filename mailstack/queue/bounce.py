@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.queue.test_manager -*-
+"""Delivery status notifications owed by a queue entry, submitted through the intake.
+
+After each round the queue manager asks ``Bouncer.notify(entry, now)``:
+
+* failed recipients not yet ``notified`` get one RFC 3464 DSN per entry and
+  round (``queue/dsn.py``); they are marked ``notified`` only once that DSN
+  is committed, so a DSN that cannot be submitted is tried again later;
+* pending recipients get one "delayed" DSN once ``relay.delay_warning_after``
+  has passed (RFC 3464 ``Action: delayed``);
+* never a DSN for a message from ``<>`` (RFC 5321 section 6.1: never bounce
+  a bounce);
+* the DSN re-enters through the normal door (``IIntake.begin`` with sender
+  ``<>``), so it is queued, retried and logged like any message.  A local
+  sender's DSN follows the router (aliases); an unknown local sender (a
+  forged MAIL FROM at the MX) gets nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mailstack.address import Address, AddressError, parse_address
+from mailstack.config import Config
+from mailstack.envelope import Destination, Envelope
+from mailstack.errors import MailError
+from mailstack.interfaces import IIntake, IQueueStore, IRouter
+from mailstack.queue import dsn, schedule
+from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
+from mailstack.queue.store import read_headers
+
+
+class Bouncer:
+    """Sends the DSNs a queue entry owes (see the module docstring).
+
+    ``intake`` may be set after construction: the intake needs the queue
+    manager as its kicker, and the manager needs the intake for DSNs.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IQueueStore,
+        config: Config,
+        run_blocking: Callable[..., Deferred],
+        rng: random.Random,
+        router: IRouter | None = None,
+        intake: IIntake | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.run_blocking = run_blocking
+        self.rng = rng
+        self.router = router
+        self.intake = intake
+
+    async def notify(self, entry: QueueEntry, now: float) -> bool:
+        """Send owed failure and delay DSNs; True if the entry changed."""
+        relay = self.config.relay
+        changed = False
+        failed = [r for r in entry.recipients if r.status == FAILED and not r.notified]
+        if failed:
+            if not entry.sender:
+                # RFC 5321 6.1 / RFC 3464: never bounce a bounce.
+                for r in failed:
+                    self.log.warn(
+                        "{queue_id}: no DSN for failed recipient <{rcpt}> of a message from <>",
+                        queue_id=entry.id,
+                        rcpt=r.address,
+                    )
+                    r.notified = True
+                changed = True
+            elif await self._send(entry, failed, "failed", now):
+                for r in failed:
+                    r.notified = True
+                changed = True
+        pending = [r for r in entry.recipients if not r.final]
+        if (
+            pending
+            and entry.sender
+            and schedule.delay_warning_due(entry.arrival, now, relay.delay_warning_after, entry.delay_warned)
+        ):
+            if await self._send(entry, pending, "delayed", now):
+                entry.delay_warned = True
+                changed = True
+        return changed
+
+    async def _send(self, entry: QueueEntry, rcpts: list[RecipientState], action: str, now: float) -> bool:
+        """Submit one DSN; True if it is committed or nobody can be told (do not retry)."""
+        if self.intake is None:
+            self.log.error("{queue_id}: no intake to send a DSN through", queue_id=entry.id)
+            return False
+        try:
+            sender = parse_address(entry.sender)
+        except AddressError:
+            self.log.warn("{queue_id}: sender <{sender}> cannot get a DSN", queue_id=entry.id, sender=entry.sender)
+            return True  # nobody to tell; do not retry forever
+        try:
+            headers = await self.run_blocking(read_headers, self.store.message_path(entry.id))
+            message = dsn.build(
+                hostname=self.config.hostname,
+                entry=entry,
+                recipients=rcpts,
+                action=action,
+                original_headers=headers,
+                now=now,
+                lifetime=self.config.relay.max_queue_lifetime,
+                message_id=dsn.make_message_id(self.config.hostname, entry.id, now, self.rng),
+            )
+            destinations = self._destinations(sender)
+            if not destinations:
+                self.log.warn(
+                    "{queue_id}: no DSN: sender <{sender}> is no local mailbox", queue_id=entry.id, sender=entry.sender
+                )
+                return True
+            incoming = self.intake.begin(Envelope(sender=None, recipients=destinations, protocol="ESMTP"))
+            incoming.write(message)
+            dsn_id = await incoming.finish()
+        except MailError as e:
+            self.log.warn("{queue_id}: cannot submit the DSN: {reply}", queue_id=entry.id, reply=str(e.reply))
+            return False
+        except Exception:
+            self.log.failure("{queue_id}: cannot submit the DSN", queue_id=entry.id)
+            return False
+        self.log.info(
+            "{queue_id}: sender non-delivery notification {dsn_id} ({action}) for {rcpts}",
+            queue_id=entry.id,
+            dsn_id=dsn_id,
+            action=action,
+            rcpts=[r.address for r in rcpts],
+        )
+        return True
+
+    def _destinations(self, sender: Address) -> tuple[Destination, ...]:
+        """Where the DSN goes: a local sender through the router (aliases), so an
+        unknown local sender (a forged MAIL FROM at the MX) gets nothing."""
+        local = self.config.is_local_domain(sender.domain)
+        if local and self.router is not None:
+            try:
+                return tuple(self.router.resolve(sender, True))
+            except MailError:
+                return ()
+        return (Destination(address=sender, original=sender, local=local),)
