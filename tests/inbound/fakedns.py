@@ -3,7 +3,7 @@
 ``ZoneResolver({"example.com": [("TXT", "v=spf1 -all"), ("A", "192.0.2.1")]})``:
 values are text (TXT: a str or a list of character-strings; MX: ``(pref,
 name)``), ``"TIMEOUT"`` as a record makes every type not listed before it time
-out, a name missing from the zone is NXDOMAIN and a name listed without
+out, ``"SERVFAIL"`` fails every query of the name, a name missing from the zone is NXDOMAIN and a name listed without
 records of the asked type answers NOERROR with no data.  A CNAME record is
 answered with the target's records of the asked type after it, as a recursive
 server does.
