@@ -6,8 +6,21 @@ through twisted.names, file reads and crypto through ``run_blocking``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+
+class AuthOutcome(Protocol):
+    """What DMARC reads of an SPF or DKIM result (``SPFResult``, ``DKIMResult``)."""
+
+    @property
+    def result(self) -> str: ...
+
+    @property
+    def domain(self) -> str: ...
 
 
 class ISPFVerifier(Interface):
@@ -27,7 +40,7 @@ class IDKIMVerifier(Interface):
 class IDMARCEvaluator(Interface):
     """RFC 7489 evaluation of the From domain against SPF and DKIM results."""
 
-    def evaluate(from_domain: str, spf: object, dkim: object) -> Deferred:
+    def evaluate(from_domain: str, spf: AuthOutcome, dkim: Sequence[AuthOutcome]) -> Deferred:
         """Deferred[dmarc.DMARCResult]."""
 
 
