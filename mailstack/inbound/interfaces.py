@@ -7,10 +7,13 @@ through twisted.names, file reads and crypto through ``run_blocking``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from mailstack.inbound.rspamd import Envelope
 
 
 class AuthOutcome(Protocol):
@@ -63,5 +66,6 @@ class IRspamdClient(Interface):
 
     url = Attribute("the base URL, e.g. http://127.0.0.1:11333")
 
-    def scan(message: object, envelope: object) -> Deferred:
-        """Deferred[rspamd.Verdict]; errbacks rspamd.RspamdUnavailable."""
+    def scan(message: str | bytes, envelope: Envelope) -> Deferred:
+        """Deferred[rspamd.Verdict] for a message file path (or small bytes);
+        errbacks rspamd.RspamdUnavailable."""
