@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.inbound.dkimverify import MAX_SIGNATURES, DKIMVerifier
 from mailstack.inbound.interfaces import IDKIMVerifier
-from tests.inbound.fakedns import ZoneResolver
+from tests.support.dnsserver import ZoneResolver
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"

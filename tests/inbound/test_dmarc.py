@@ -18,7 +18,7 @@ from mailstack.inbound.dmarc import (
 )
 from mailstack.inbound.interfaces import IDMARCEvaluator
 from mailstack.inbound.spf import SPFResult
-from tests.inbound.fakedns import ZoneResolver
+from tests.support.dnsserver import ZoneResolver
 
 
 def spf(result, domain):

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.inbound.dnsbl import DNSBLChecker
 from mailstack.inbound.interfaces import IDNSBLChecker
-from tests.inbound.fakedns import ZoneResolver
+from tests.support.dnsserver import ZoneResolver
 
 
 class DNSBLTests(SynchronousTestCase):

@@ -7,7 +7,7 @@ from zope.interface.verify import verifyObject
 
 from mailstack.inbound.interfaces import ISPFVerifier
 from mailstack.inbound.spf import SPFVerifier
-from tests.inbound.fakedns import ZoneResolver
+from tests.support.dnsserver import ZoneResolver
 
 
 def verifier(zone):

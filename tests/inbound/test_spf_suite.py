@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IResolver
 from zope.interface.verify import verifyObject
 
 from mailstack.inbound.spf import SPFVerifier
-from tests.inbound.fakedns import ZoneResolver
+from tests.support.dnsserver import ZoneResolver
 
 SUITE = os.path.join(os.path.dirname(__file__), "data", "rfc7208-tests.yml")
 
