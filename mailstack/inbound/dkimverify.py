@@ -33,7 +33,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.inbound.dnsutil import lookup, txt_strings, valid_name
+from mailstack.inbound.dnsutil import DNS_TIMEOUT, lookup, txt_strings, valid_name
 from mailstack.inbound.interfaces import IDKIMVerifier
 
 MAX_SIGNATURES = 10
@@ -166,7 +166,7 @@ class DKIMVerifier:
         self,
         resolver: IResolver,
         run_blocking: Callable[..., Deferred],
-        timeout: tuple[int, ...] = (2, 5, 10),
+        timeout: tuple[int, ...] = DNS_TIMEOUT,
     ) -> None:
         self.resolver = resolver
         self.run_blocking = run_blocking

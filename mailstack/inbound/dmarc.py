@@ -36,7 +36,13 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.inbound.dnsutil import TempDNSError, lookup, txt_strings, valid_name
+from mailstack.inbound.dnsutil import (
+    DNS_TIMEOUT,
+    TempDNSError,
+    lookup,
+    txt_strings,
+    valid_name,
+)
 from mailstack.inbound.interfaces import AuthOutcome, IDMARCEvaluator
 
 PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "permerror"
@@ -159,7 +165,7 @@ class DMARCEvaluator:
         resolver: IResolver,
         rng: random.Random,
         psl: PublicSuffixList | None = None,
-        timeout: tuple[int, ...] = (2, 5, 10),
+        timeout: tuple[int, ...] = DNS_TIMEOUT,
     ) -> None:
         self.resolver = resolver
         self.rng = rng

@@ -30,6 +30,7 @@ from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
 from mailstack.inbound.dnsutil import (
+    DNS_TIMEOUT,
     TempDNSError,
     addresses,
     lookup,
@@ -473,7 +474,7 @@ class SPFVerifier:
         resolver: IResolver,
         hostname: str,
         clock: Callable[[], float],
-        timeout: tuple[int, ...] = (2, 5, 10),
+        timeout: tuple[int, ...] = DNS_TIMEOUT,
         default_explanation: str = "",
     ) -> None:
         self.resolver = resolver
