@@ -1,4 +1,4 @@
-"""SPFVerifier behaviour beyond the RFC 7208 suite: identities, IPv6 macros, failures."""
+"""SPFVerifier behaviour outside the case table (spf_cases.py): identities, IPv6 macros, failures."""
 
 from __future__ import annotations
 
