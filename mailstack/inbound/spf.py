@@ -197,8 +197,8 @@ def _parse_term(text: str) -> _Term | tuple[str, str]:
     if name in ("ip4", "ip6"):
         if not rest.startswith(":"):
             raise _perm(f"{name} needs a network")
-        net, _, cidr = rest[1:].partition("/")
-        if cidr and not re.fullmatch(r"0|[1-9][0-9]{0,2}", cidr):
+        net, slash, cidr = rest[1:].partition("/")
+        if slash and not re.fullmatch(r"0|[1-9][0-9]{0,2}", cidr):  # "ip4:x/" is no length
             raise _perm(f"bad {name} cidr")
         try:
             addr = ipaddress.IPv4Address(net) if name == "ip4" else ipaddress.IPv6Address(net)
