@@ -257,8 +257,10 @@ class _Evaluation:
         self.dns_terms = 0
         self.voids = 0
 
-    # DNS helpers counting void lookups (section 4.6.4).
-    async def _query(self, name: str, qtype: int) -> list:
+    # DNS helpers counting void lookups (section 4.6.4).  The limit is on
+    # *terms* whose query finds nothing: the address lookups of an mx term's
+    # exchanges (void_counts=False) are not terms of their own.
+    async def _query(self, name: str, qtype: int, void_counts: bool = True) -> list:
         if not valid_name(name):
             return []  # a name no query can be made of matches nothing
         try:
@@ -267,7 +269,7 @@ class _Evaluation:
             found = []
         except TempDNSError as e:
             raise _Abort(TEMPERROR, str(e)) from None
-        if not found:
+        if not found and void_counts:
             self.voids += 1
             if self.voids > VOID_LIMIT:
                 raise _perm("too many void lookups")
@@ -278,8 +280,8 @@ class _Evaluation:
         if self.dns_terms > DNS_LIMIT:
             raise _perm("too many DNS-querying terms")
 
-    async def _addresses_of(self, name: str) -> list[IP]:
-        return addresses(await self._query(name, dns.A if self.ip.version == 4 else dns.AAAA))
+    async def _addresses_of(self, name: str, void_counts: bool = True) -> list[IP]:
+        return addresses(await self._query(name, dns.A if self.ip.version == 4 else dns.AAAA, void_counts))
 
     def _in(self, candidates: list[IP], c4: int, c6: int) -> bool:
         length = c4 if self.ip.version == 4 else c6
@@ -345,7 +347,7 @@ class _Evaluation:
             if len(exchanges) > NAMES_LIMIT:
                 raise _perm("more than 10 MX names")
             for exchange in exchanges:
-                if self._in(await self._addresses_of(exchange), term.cidr4, term.cidr6):
+                if self._in(await self._addresses_of(exchange, void_counts=False), term.cidr4, term.cidr6):
                     return True
             return False
         if name == "ptr":
@@ -362,21 +364,25 @@ class _Evaluation:
             raise _perm(f"include of {target}: no SPF record")
         raise _Abort(result, reason)
 
-    async def _validated(self, target: str | None) -> str | None:
+    async def _validated(self, target: str, for_macro: bool = False) -> str | None:
         """The client's validated domain name (section 5.5): a PTR name whose
         forward lookup gives the client address back, and that is ``target``
-        or one of its subdomains (any validated name when ``target`` is None).
-        A DNS error on the PTR lookup matches nothing."""
+        or one of its subdomains.  A DNS error on the PTR lookup matches nothing.
+        ``for_macro``: the ``%{p}`` value (section 7.3), which falls back to any
+        validated name; its lookups belong to no term, so they are not void
+        lookups (section 4.6.4)."""
         try:
-            names = await self._query(reverse_name(self.ip) + (".in-addr.arpa" if self.ip.version == 4 else ".ip6.arpa"), dns.PTR)
+            names = await self._query(
+                reverse_name(self.ip) + (".in-addr.arpa" if self.ip.version == 4 else ".ip6.arpa"), dns.PTR, void_counts=not for_macro
+            )
         except _Abort as e:
             if e.result == TEMPERROR:
                 return None
             raise
         hosts = [p.name.name.decode("ascii", "replace").rstrip(".") for p in names][:NAMES_LIMIT]
-        if target is not None:
-            t = target.lower().rstrip(".")
-            hosts = [h for h in hosts if h.lower() == t or h.lower().endswith("." + t)]
+        t = target.lower().rstrip(".")
+        inside = [h for h in hosts if h.lower() == t or h.lower().endswith("." + t)]
+        hosts = inside + [h for h in hosts if h not in inside] if for_macro else inside
         for host in hosts:
             try:
                 found = addresses(await lookup(self.v.resolver, host, dns.A if self.ip.version == 4 else dns.AAAA, self.v.timeout))
@@ -409,7 +415,7 @@ class _Evaluation:
         lookups, so they are made only when the text uses it (section 7.3)."""
         ptr = "unknown"
         if re.search(r"%\{p", text, re.IGNORECASE):
-            ptr = await self._validated(domain) or await self._validated(None) or "unknown"
+            ptr = await self._validated(domain, for_macro=True) or "unknown"
         out = _expand(text, self._macro_values(domain, ptr))
         if not explanation:
             while len(out) > 253 and "." in out:  # section 7.3: truncate from the left

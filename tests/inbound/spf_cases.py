@@ -103,6 +103,8 @@ case("version-needs-space", "4.5", "v=spf1 must be followed by a space or the en
 case("bare-version", "4.7", "'v=spf1' alone is a record with no terms: neutral.", rec("v=spf1"), "neutral")
 case("spf-among-others", "4.5", "The SPF record is picked out of other TXT records.",
      {DOMAIN: [("TXT", "token=abc"), ("TXT", "v=spf1 ip4:192.0.2.10 -all"), ("TXT", "other")]}, "pass")
+case("leading-space", "4.5", "A record must begin with v=spf1: one starting with a space is not an SPF record.",
+     rec(" v=spf1 -all"), "none")
 case("two-records", "4.5", "Two v=spf1 records at one name: permerror.",
      {DOMAIN: [("TXT", "v=spf1 +all"), ("TXT", "v=spf1 -all")]}, "permerror")
 case("two-identical-records", "4.5", "Even two identical records are permerror.",
@@ -235,6 +237,10 @@ case("a-cidr-order", "5.6", "The IPv6 length cannot come before the IPv4 one.", 
 case("a-empty-domain", "5.3", "'a:' with an empty domain-spec is permerror.", rec("v=spf1 a: -all"), "permerror")
 case("a-numeric-toplabel", "7.1", "A domain-spec whose last label is all digits is not a domain-end: permerror.",
      rec("v=spf1 a:host.example.123 -all"), "permerror")
+case("a-single-label", "7.1", "A domain-spec must end in '.' toplabel or a macro: 'a:localhost' is permerror.",
+     rec("v=spf1 a:localhost -all"), "permerror")
+case("include-single-label", "7.1", "'include:' of a single-label name is permerror.", rec("v=spf1 include:example +all"), "permerror")
+case("a-domain-trailing-dot", "7.1", "A domain-spec may end in a dot.", rec("v=spf1 a:yes.example.net. -all"), "pass")
 case("a-servfail", "5", "A server failure on the address lookup is temperror.", rec("v=spf1 a:temp.example.net -all"), "temperror")
 case("a-timeout", "5", "A timeout on the address lookup is temperror.", rec("v=spf1 a:slow.example.net -all"), "temperror")
 case("a-cname", "5.3", "An address reached through a CNAME counts.",
@@ -562,6 +568,13 @@ case("void-mx", "4.6.4", "An MX lookup with no answer is a void lookup too.",
      rec("v=spf1 mx:nowhere1.example.net mx:txtonly.example.net mx:nowhere2.example.net -all"), "permerror")
 case("void-answers-reset-nothing", "4.6.4", "Lookups with answers in between do not undo the void count.",
      rec("v=spf1 a:nowhere1.example.net a:no.example.net a:nowhere2.example.net a:no.example.net a:nowhere3.example.net -all"), "permerror")
+case("void-counts-terms", "4.6.4",
+     "The limit is on terms: MX hosts without an address for the client's family are not void lookups of their own.",
+     rec("v=spf1 mx:mx-v6hosts.example.net -all", {"mx-v6hosts.example.net": [("MX", (n, f"h{n}.example.net")) for n in range(4)],
+                                                   **{f"h{n}.example.net": [("AAAA", "2001:db8:ffff::1")] for n in range(4)}}), "fail")
+case("void-p-macro-not-term", "4.6.4",
+     "The PTR lookups behind %{p} belong to no term: with no PTR record, one void exists term stays within the limit.",
+     rec("v=spf1 exists:%{p}.chk.example.net -all"), "fail")
 case("void-match-before-third", "4.6.4", "A match before the third void lookup ends the evaluation first.",
      rec("v=spf1 a:nowhere1.example.net a:nowhere2.example.net ip4:192.0.2.10 a:nowhere3.example.net -all"), "pass")
 
