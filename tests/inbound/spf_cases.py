@@ -151,6 +151,11 @@ case("null-sender-helo", "2.4", "MAIL FROM <> checks postmaster@<HELO> against t
      {HELO: [("TXT", "v=spf1 exists:%{s}.chk.example.net -all")], "postmaster@mta.example.org.chk.example.net": [("A", "127.0.0.2")]},
      "pass", mail_from="")
 case("null-sender-helo-fail", "2.4", "With MAIL FROM <> the HELO domain's -all applies.", {HELO: [("TXT", "v=spf1 -all")]}, "fail", mail_from="")
+case("null-sender-bad-helo", "4.3", "With MAIL FROM <> a malformed HELO domain gives none.", {}, "none", mail_from="", helo="bad..helo.example")
+case("null-sender-single-label-helo", "4.3", "With MAIL FROM <> a single-label HELO gives none.",
+     {"localhost": [("TXT", "v=spf1 -all")]}, "none", mail_from="", helo="localhost")
+case("domain-case", "4.3", "Domain names are case-insensitive: an upper-case sender domain finds the record.",
+     rec("v=spf1 ip4:192.0.2.10 -all"), "pass", mail_from="First-Last@MAIL.Example.ORG")
 case("null-sender-helo-o", "7.3", "With MAIL FROM <> %{o} is the HELO domain and %{l} is postmaster.",
      {HELO: [("TXT", "v=spf1 -all exp=why.example.org")], "why.example.org": [("TXT", "%{l} at %{o}")]},
      "fail", mail_from="", explanation="postmaster at mta.example.org")
