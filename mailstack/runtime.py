@@ -36,6 +36,7 @@ class Runtime:
         intake: Any = None,
         manager: Any = None,
         maildirs: Any = None,
+        pipeline: Any = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -50,3 +51,4 @@ class Runtime:
         self.intake = intake
         self.manager = manager
         self.maildirs = maildirs
+        self.pipeline = pipeline

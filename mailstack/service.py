@@ -45,6 +45,7 @@ from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
+from mailstack import pipeline
 from mailstack.intake import Intake
 from mailstack.pop3 import server as pop3_server
 from mailstack.queue.manager import QueueManager
@@ -185,6 +186,8 @@ class MailService(MultiService):
 def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
     """Build the runtime and the service tree (nothing listens until started).
 
+    StartupError if the message checks of ``[pipeline]`` cannot be built.
+
     The constructors are those of docs/design.rst.  The intake needs the queue
     manager as its kicker and the manager needs the intake for DSNs, so the
     manager is built first and given the intake afterwards.
@@ -213,6 +216,10 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
         manager=manager,
         maildirs=maildirs,
     )
+    try:
+        runtime.pipeline = pipeline.build(runtime)
+    except pipeline.PipelineError as e:
+        raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     service = MailService(runtime, pool)
     for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)

@@ -22,6 +22,9 @@ its own ``Protocol`` with its own buffer:
   answered 250 only from the commit Deferred's callback.
 * ``STARTTLS`` discards whatever the client sent behind it before the
   handshake (RFC 3207 section 4.2) and resets the session.
+* Policy checks are not done here: the session calls ``runtime.pipeline``
+  (``mailstack.pipeline``) at connect, after MAIL, per RCPT after routing,
+  when DATA starts and at the end of data, and answers what it returns.
 
 ``make_factory(kind, runtime)`` returns the listener factory; see
 ``SMTPFactory.drain`` for graceful shutdown.
@@ -48,6 +51,7 @@ from mailstack.auth import cred
 from mailstack.directsend import send
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
+from mailstack.pipeline import Connection, Transaction
 from mailstack.smtp import replies as R
 from mailstack.smtp.data import DataDecoder
 from mailstack.smtp.policy import ListenerPolicy, auth_allowed, sender_owned
@@ -141,6 +145,7 @@ class SMTPServer(Protocol):
         self._draining = False
         self.errors = 0
         self.messages = 0
+        self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -161,6 +166,8 @@ class SMTPServer(Protocol):
         self._rcpt_tried = False
         self._decoder: DataDecoder | None = None
         self._incoming: Any = None
+        self._txn: Transaction | None = None
+        self._observer: Any = None
 
     @property
     def tls(self) -> bool:
@@ -185,9 +192,34 @@ class SMTPServer(Protocol):
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
             register(self, True)
-        self._write_raw(self.factory.banner)
-        self._flush()
+        self._conn = Connection(self.peer, self.policy.kind, self.config.hostname)
         self._arm_timer()
+        self._then(self._greet, self.factory.pipeline.connect, self._connection())
+        self._flush()
+
+    def _greet(self, result: Any) -> None:
+        """The banner, or the connect checks' refusal in its place (RFC 5321 section 3.1)."""
+        if result is None:
+            self._write_raw(self.factory.banner)
+            return
+        if isinstance(result, Failure):
+            self.log.failure("smtp: connect checks failed", result, peer=self.peer)
+            result = R.LOCAL_ERROR
+        if result.temporary:
+            self._reply(Reply(421, result.enhanced, result.text))
+            self._close()
+            return
+        # 554 instead of 220; the client may only QUIT now (503 to anything else).
+        self._refused = True
+        self._reply(Reply(554, result.enhanced, result.text))
+
+    def _connection(self) -> Connection:
+        """The connection facts the checks read, brought up to date."""
+        conn = self._conn
+        conn.helo = self.helo or ""
+        conn.user = self.user
+        conn.tls = self._tls_description()
+        return conn
 
     # IPushProducer, for the transport (see connectionMade).
     def pauseProducing(self) -> None:
@@ -220,8 +252,8 @@ class SMTPServer(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._delayed = None
-        if self._incoming is not None and (was == _DATA or self._decoder is not None):
-            # Connection lost mid-DATA: nothing was acknowledged, discard it.
+        if self._incoming is not None:
+            # Connection lost mid-DATA or in its checks: nothing was acknowledged, discard it.
             self._abort_incoming()
         self.factory._unregister(self)
         if self.messages and not self.errors:
@@ -471,6 +503,9 @@ class SMTPServer(Protocol):
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         handler = self._COMMANDS.get(verb)
+        if self._refused and verb != "QUIT":
+            self._reply(R.SESSION_REFUSED, error=verb)
+            return
         if handler is None:
             self._reply(R.UNKNOWN_COMMAND, error="unknown")
             return
@@ -722,6 +757,7 @@ class SMTPServer(Protocol):
             self._reply(R.BAD_SENDER, error="MAIL")
             return
         params = m.group(2).split()
+        given: dict[str, str] = {}
         if params and not self.esmtp:
             self._reply(R.UNKNOWN_PARAMETER, error="MAIL")
             return
@@ -731,6 +767,7 @@ class SMTPServer(Protocol):
                 return
             name, _, value = param.partition("=")
             name = name.upper()
+            given[name] = value
             if name == "SIZE":
                 # RFC 1870 section 6
                 if not value.isdigit() or len(value) > 20:
@@ -760,10 +797,20 @@ class SMTPServer(Protocol):
             if not self.factory.shared.rate.allowed(self.user):
                 self._reply(R.RATE_LIMITED, error="MAIL")
                 return
-        self._reset_transaction()
-        self.sender = sender
-        self.in_transaction = True
-        self._reply(R.SENDER_OK)
+        txn = Transaction(sender, given)
+
+        def checked(result: Any) -> None:
+            if result is not None:
+                self._reply(R.LOCAL_ERROR if isinstance(result, Failure) else result, error="MAIL")
+                return
+            self._reset_transaction()
+            self.sender = sender
+            self.in_transaction = True
+            self._txn = txn
+            self.recipients = txn.recipients
+            self._reply(R.SENDER_OK)
+
+        self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
 
     # RCPT, RFC 5321 4.1.1.3
     def do_RCPT(self, arg: str) -> None:
@@ -812,6 +859,15 @@ class SMTPServer(Protocol):
                 return
             if not self.in_transaction:  # RSET/EHLO cannot overtake us; defensive
                 return
+            self._then(lambda checked: accept(result, checked), self.factory.pipeline.rcpt,
+                       self._connection(), self._txn, address)
+
+        def accept(result: Any, checked: Any) -> None:
+            if checked is not None:
+                self._reply(R.LOCAL_ERROR if isinstance(checked, Failure) else checked, error="RCPT")
+                return
+            if not self.in_transaction:
+                return
             known = {(d.address.key, d.local) for d in self.recipients}
             for dest in result:
                 if (dest.address.key, dest.local) not in known:
@@ -855,11 +911,14 @@ class SMTPServer(Protocol):
             return
         self._envelope = envelope
         self._write_failed = False
+        self._observer = self.factory.pipeline.data_begin(self._connection(), self._txn)
         self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
         self.mode = _DATA
         self._reply(R.START_DATA)
 
     def _sink(self, chunk: bytes) -> None:
+        if self._observer is not None:
+            self._observer.write(chunk)
         if self._write_failed or self._incoming is None:
             return
         try:
@@ -885,7 +944,17 @@ class SMTPServer(Protocol):
             self._reset_transaction()
             self._reply(reply, error="DATA")
             return
-        d = maybeDeferred(incoming.finish)
+        self._then(lambda result: self._commit(incoming, result), self.factory.pipeline.data,
+                   self._connection(), self._txn, incoming.message())
+
+    def _commit(self, incoming: Any, changes: Any) -> None:
+        """The end-of-data checks answered: refuse, or commit with their header changes."""
+        if isinstance(changes, (Reply, Failure)):
+            self._abort_incoming()
+            self._reset_transaction()
+            self._reply(R.LOCAL_ERROR if isinstance(changes, Failure) else changes, error="DATA")
+            return
+        d = maybeDeferred(incoming.finish, changes)
 
         def done(result: Any) -> None:
             self._incoming = None
@@ -972,6 +1041,7 @@ class SMTPFactory(ServerFactory):
         checker = getattr(runtime, "checker", None)
         self.portal = cred.login_portal(checker) if checker is not None else None
         self.shared = _shared_for(runtime)
+        self.pipeline = runtime.pipeline
         self.banner = R.banner(runtime.config.hostname).encode()
         # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).
         self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")

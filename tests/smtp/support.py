@@ -19,7 +19,8 @@ from mailstack import config as configmod
 from mailstack.address import Address
 from mailstack.envelope import Destination
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
-from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
+from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IMessage, IRouter
+from mailstack.pipeline import Pipeline
 from mailstack.smtp.server import make_factory
 
 
@@ -89,7 +90,11 @@ class FakeIncoming:
         assert not self.aborted
         self.chunks.append(data)
 
-    def finish(self) -> Deferred:
+    def message(self) -> IMessage:
+        return FakeMessage(self.data)
+
+    def finish(self, changes: Any = None) -> Deferred:
+        self.changes = changes
         if self.intake.manual:
             self.finished = Deferred()
             return self.finished
@@ -106,6 +111,26 @@ class FakeIncoming:
 
     def abort(self) -> None:
         self.aborted = True
+
+
+@implementer(IMessage)
+class FakeMessage:
+    """The checks' view of a FakeIncoming's bytes: header fields, no thread pool."""
+
+    def __init__(self, data: bytes) -> None:
+        from mailstack.headers import HeaderReader
+
+        reader = HeaderReader()
+        reader.feed(data)
+        reader.end()
+        self.header = reader.fields
+        self.size = len(data)
+        self._data = data
+
+    def run_blocking(self, reader: Any) -> Deferred:
+        import io
+
+        return succeed(reader(io.BytesIO(self._data)))
 
 
 @implementer(IIntake)
@@ -204,6 +229,7 @@ def make_runtime(**sections: dict) -> SimpleNamespace:
         tls=FakeTLS(),
         router=FakeRouter(),
         intake=FakeIntake(),
+        pipeline=Pipeline([], clock),
     )
 
 
