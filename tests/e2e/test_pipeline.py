@@ -1,0 +1,126 @@
+"""End to end: message checks in the running server, a third-party plugin and the loop rule."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import textwrap
+
+import pytest
+
+from tests.e2e.harness import Server
+from tests.e2e.test_smtp import wait_for
+
+# The example of README.rst, "Writing a check", word for word.
+PLUGIN = textwrap.dedent(
+    '''
+    """Refuse mail whose Subject contains one of the configured words."""
+
+    from mailstack.errors import Reply
+    from mailstack.pipeline import Check, CheckFactory, Verdict
+
+    REFUSED = Reply(550, "5.7.1", "Message refused by content policy")
+
+
+    class SubjectWordCheck(Check):
+        name = "subjectword"
+        submission = False  # only for mail from unauthenticated MX clients
+
+        def __init__(self, words):
+            self.words = [w.lower() for w in words]
+
+        def data(self, conn, txn, message):
+            for name, raw in message.header:
+                if name.lower() == "subject":
+                    text = raw.split(b":", 1)[1].decode("utf-8", "replace").lower()
+                    if any(word in text for word in self.words):
+                        return Verdict(reply=REFUSED)
+            return Verdict(prepend=(b"X-Subject-Checked: yes\\r\\n",))
+
+
+    def build(runtime, options):
+        words = options.get("words", [])
+        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+            raise ValueError("words must be a list of non-empty strings")
+        return SubjectWordCheck(words)
+
+
+    subjectword = CheckFactory("subjectword", build)
+    '''
+)
+
+CONFIG = """
+[pipeline]
+checks = ["loop", "subjectword"]
+
+[pipeline.options.subjectword]
+words = ["lottery"]
+"""
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    """A server with the example plugin on its PYTHONPATH and enabled in the config; user alice."""
+    root = tmp_path_factory.mktemp("pipeline")
+    plugins = root / "site" / "mailstack" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "subjectword.py").write_text(PLUGIN)
+    (root / "server").mkdir()
+    server = Server(root / "server", CONFIG, python_path=(str(root / "site"),))
+    r = server.admin("user", "add", "alice@localhost", "--password-stdin", input="alice-pw\n")
+    assert r.returncode == 0, r.stderr
+    server.start()
+    yield server
+    try:
+        server.stop()
+    finally:
+        server.kill()
+
+
+def send(server: Server, message: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as c:
+        c.sendmail("someone@remote.test", ["alice@localhost"], message)
+
+
+def test_pluginRefusesMatchingSubject(srv):
+    """The plugin's check refuses a Subject with the word (550 5.7.1) and nothing is delivered."""
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(srv, b"Subject: You won the LOTTERY\r\n\r\nrefused-marker\r\n")
+    assert e.value.smtp_code == 550
+    assert e.value.smtp_error.startswith(b"5.7.1 Message refused by content policy")
+    assert "check subjectword refused data" in srv.log()
+
+
+def test_pluginLetsOtherMailThroughWithItsHeader(srv):
+    """Other mail is delivered, with the plugin's field right after our Received:."""
+    send(srv, b"Subject: lunch\r\n\r\ndelivered-marker\r\n")
+    [found] = wait_for(srv, "alice@localhost", b"delivered-marker")
+    head, _, body = found.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[2].startswith(b"Received: ")
+    assert b"\r\nX-Subject-Checked: yes\r\nSubject: lunch" in head
+    assert b"refused-marker" not in b"".join(
+        open(os.path.join(srv.maildir("alice@localhost"), "new", n), "rb").read()
+        for n in os.listdir(os.path.join(srv.maildir("alice@localhost"), "new"))
+    )
+
+
+def test_loopRefusesMoreThanFiftyReceived(srv):
+    """51 Received: fields are refused 554 5.4.6 (RFC 5321 section 6.3); 50 are delivered."""
+    hop = b"Received: from a.test by b.test; Mon, 1 Dec 2025 10:00:00 +0000\r\n"
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(srv, hop * 51 + b"Subject: loop\r\n\r\nloop-51\r\n")
+    assert (e.value.smtp_code, e.value.smtp_error[:5]) == (554, b"5.4.6")
+    send(srv, hop * 50 + b"Subject: fine\r\n\r\nloop-50\r\n")
+    assert len(wait_for(srv, "alice@localhost", b"loop-50")) == 1
+    assert wait_for(srv, "alice@localhost", b"loop-51", timeout=0.5) == []
+
+
+def test_unknownCheckStopsTheStart(tmp_path):
+    """A check name no plugin provides stops the start with one line naming the key."""
+    server = Server(tmp_path, '[pipeline]\nchecks = ["nosuch"]\n')
+    with pytest.raises(AssertionError):
+        server.start(timeout=30)
+    output = open(server.output_path, encoding="utf-8").read()
+    assert "pipeline.checks: no check named 'nosuch'" in output
+    assert "Traceback" not in output
