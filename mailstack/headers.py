@@ -38,7 +38,7 @@ Field = tuple[str, bytes]
 class HeaderReader:
     """Collects the header section of a message streamed through ``feed``."""
 
-    __slots__ = ("_buf", "_limit", "done", "overflow", "fields", "length")
+    __slots__ = ("_buf", "_limit", "done", "fields", "length", "overflow")
 
     def __init__(self, limit: int = HEADER_LIMIT) -> None:
         self._buf = b""

@@ -76,9 +76,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack import headers
 from mailstack.address import AddressError
 from mailstack.batching import GroupCommit
-from mailstack import headers
 from mailstack.envelope import Envelope, HeaderChanges
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
 from mailstack.interfaces import IIncoming, IIntake, IMessage

@@ -37,8 +37,9 @@ one without touching mailstack.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -50,7 +51,13 @@ from mailstack.address import Address
 from mailstack.envelope import Destination, HeaderChanges
 from mailstack.errors import Reply
 from mailstack.headers import Field, field_name
-from mailstack.interfaces import ICheckFactory, IMessage, IMessageCheck, IMessageObserver, IPipeline
+from mailstack.interfaces import (
+    ICheckFactory,
+    IMessage,
+    IMessageCheck,
+    IMessageObserver,
+    IPipeline,
+)
 from mailstack.smtp.replies import LOCAL_ERROR
 
 

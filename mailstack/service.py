@@ -38,6 +38,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailstack import pipeline
 from mailstack.auth.aliases import AliasDB
 from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
@@ -45,7 +46,6 @@ from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
-from mailstack import pipeline
 from mailstack.intake import Intake
 from mailstack.pop3 import server as pop3_server
 from mailstack.queue.manager import QueueManager

@@ -765,7 +765,7 @@ class HeaderChangeTests(IntakeTestMixin, SynchronousTestCase):
         return incoming, message, incoming.finish(changes)
 
     def assertEdited(self, body: bytes) -> None:
-        incoming, message, d = self.deliver(body)
+        _, _, d = self.deliver(body)
         queue_id = self.successResultOf(d)
         expected = self.received(queue_id) + b"".join(CHANGES.prepend) + KEPT + body
         self.assertEqual(self.stored(queue_id), expected)

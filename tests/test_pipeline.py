@@ -19,8 +19,24 @@ from mailstack.address import Address
 from mailstack.checks.loop import LoopCheck
 from mailstack.envelope import HeaderChanges
 from mailstack.errors import Reply
-from mailstack.interfaces import ICheckFactory, IMessage, IMessageCheck, IMessageObserver, IPipeline
-from mailstack.pipeline import Check, CheckFactory, Connection, Pipeline, PipelineError, Transaction, Verdict, build, factories
+from mailstack.interfaces import (
+    ICheckFactory,
+    IMessage,
+    IMessageCheck,
+    IMessageObserver,
+    IPipeline,
+)
+from mailstack.pipeline import (
+    Check,
+    CheckFactory,
+    Connection,
+    Pipeline,
+    PipelineError,
+    Transaction,
+    Verdict,
+    build,
+    factories,
+)
 from mailstack.smtp.replies import LOCAL_ERROR
 
 REFUSE = Reply(550, "5.7.1", "Refused")
@@ -198,7 +214,7 @@ class DataTests(SynchronousTestCase):
     def test_changesAccumulate(self):
         """Prepends in stage order, removals from every stage; a Reply with changes still refuses."""
         log: list = []
-        drop_subject = lambda name, raw: name.lower() == "subject"  # noqa: E731
+        drop_subject = lambda name, raw: name.lower() == "subject"
         third = Recorder("c", log)
         p = Pipeline(
             [

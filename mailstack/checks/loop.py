@@ -12,7 +12,8 @@ detected) at the end of data, in MX and submission sessions alike.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mailstack.errors import Reply
 from mailstack.interfaces import IMessage
@@ -39,7 +40,7 @@ def build(runtime: Any, options: Mapping[str, Any]) -> LoopCheck:
     """Options: ``max_received`` (a positive integer, default 50)."""
     unknown = set(options) - {"max_received"}
     if unknown:
-        raise ValueError(f"unknown option {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown option {min(unknown)!r}")
     limit = options.get("max_received", MAX_RECEIVED)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError("max_received must be a positive integer")

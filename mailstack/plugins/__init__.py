@@ -9,5 +9,5 @@ ICheckFactory in the modules of this package and of every other
 
 from twisted.plugin import pluginPackagePaths
 
-__path__.extend(pluginPackagePaths(__name__))  # noqa: F821 (the package's own __path__)
+__path__.extend(pluginPackagePaths(__name__))
 __all__: list[str] = []

@@ -246,7 +246,6 @@ class SMTPServer(Protocol):
             (self.transport.pauseProducing if want else self.transport.resumeProducing)()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        was = self.mode
         self.mode = _CLOSED
         for call in (self._timer, self._delayed):
             if call is not None and call.active():
