@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import textwrap
 
@@ -10,56 +11,30 @@ import pytest
 from tests.e2e.harness import Server
 from tests.e2e.test_smtp import wait_for
 
-# The example of README.rst, "Writing a check", word for word.
-PLUGIN = textwrap.dedent(
-    '''
-    """Refuse mail whose Subject contains one of the configured words."""
-
-    from mailstack.errors import Reply
-    from mailstack.pipeline import Check, CheckFactory, Verdict
-
-    REFUSED = Reply(550, "5.7.1", "Message refused by content policy")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-    class SubjectWordCheck(Check):
-        name = "subjectword"
-        submission = False  # only for mail from unauthenticated MX clients
-
-        def __init__(self, words):
-            self.words = [w.lower() for w in words]
-
-        def data(self, conn, txn, message):
-            for name, raw in message.header:
-                if name.lower() == "subject":
-                    text = raw.split(b":", 1)[1].decode("utf-8", "replace").lower()
-                    if any(word in text for word in self.words):
-                        return Verdict(reply=REFUSED)
-            return Verdict(prepend=(b"X-Subject-Checked: yes\\r\\n",))
-
-
-    def build(runtime, options):
-        words = options.get("words", [])
-        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
-            raise ValueError("words must be a list of non-empty strings")
-        return SubjectWordCheck(words)
+def readme_blocks() -> tuple[str, str]:
+    """The plugin module and the config lines of README.rst, "Writing a check"."""
+    with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:
+        section = f.read().split("Writing a check\n---------------\n", 1)[1]
+    blocks = []
+    for part in section.split("::\n\n")[1:3]:
+        lines = []
+        for line in part.splitlines():
+            if line and not line.startswith("    "):
+                break
+            lines.append(line)
+        blocks.append(textwrap.dedent("\n".join(lines)))
+    return blocks[0], blocks[1]
 
 
-    subjectword = CheckFactory("subjectword", build)
-    '''
-)
-
-CONFIG = """
-[pipeline]
-checks = ["loop", "subjectword"]
-
-[pipeline.options.subjectword]
-words = ["lottery"]
-"""
+PLUGIN, CONFIG = readme_blocks()
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    """A server with the example plugin on its PYTHONPATH and enabled in the config; user alice."""
+    """A server with README's example plugin on its PYTHONPATH, enabled as README says; user alice."""
     root = tmp_path_factory.mktemp("pipeline")
     plugins = root / "site" / "mailstack" / "plugins"
     plugins.mkdir(parents=True)
