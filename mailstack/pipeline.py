@@ -145,6 +145,14 @@ class CheckFactory:
         return self._build(runtime, options)
 
 
+_STAGES = ("connect", "mail", "rcpt", "data_begin", "data")
+
+
+def _implements(check: IMessageCheck, stage: str) -> bool:
+    """False for a ``Check`` subclass that inherits the base's no-op ``stage``."""
+    return not isinstance(check, Check) or getattr(type(check), stage) is not getattr(Check, stage)
+
+
 @implementer(IMessage)
 class _EditedMessage:
     """The message as a check sees it: the changes of the checks before applied."""
@@ -187,14 +195,23 @@ class Pipeline:
 
     def __init__(self, checks: Sequence[IMessageCheck], clock: Any, timeout: float = 60.0) -> None:
         self.checks = tuple(checks)
-        self._mx = tuple(c for c in self.checks if c.mx)
-        self._submission = tuple(c for c in self.checks if c.submission)
+        # Per (submission?, stage): the checks to call.  A ``Check`` subclass is
+        # skipped for the stages it leaves as they are, so a stage nobody
+        # implements costs nothing per command.
+        self._lists = {
+            (submission, stage): tuple(
+                c for c in self.checks
+                if (c.submission if submission else c.mx) and _implements(c, stage)
+            )
+            for submission in (False, True)
+            for stage in _STAGES
+        }
         self._clock = clock
         self._timeout = timeout
 
-    def stages(self, conn: Connection) -> tuple[IMessageCheck, ...]:
-        """The checks that apply to this session now (AUTH switches to the submission list)."""
-        return self._submission if conn.submission else self._mx
+    def stages(self, conn: Connection, stage: str) -> tuple[IMessageCheck, ...]:
+        """The checks that run ``stage`` for this session now (AUTH switches to the submission list)."""
+        return self._lists[conn.submission, stage]
 
     # -- IPipeline -------------------------------------------------------------
 
@@ -209,7 +226,7 @@ class Pipeline:
 
     def data_begin(self, conn: Connection, txn: Transaction) -> IMessageObserver | None:
         observers = []
-        for check in self.stages(conn):
+        for check in self.stages(conn, "data_begin"):
             try:
                 observer = check.data_begin(conn, txn)
             except Exception:
@@ -254,7 +271,7 @@ class Pipeline:
         done: Callable[[], Any] = lambda: None,
     ) -> Any:
         """Call ``call(check)`` for each stage in turn; synchronous until one returns a Deferred."""
-        return self._step(iter(self.stages(conn)), conn, stage, call, absorb, done)
+        return self._step(iter(self.stages(conn, stage)), conn, stage, call, absorb, done)
 
     def _step(self, checks: Iterator[IMessageCheck], conn: Connection, stage: str, call: Any, absorb: Any, done: Any) -> Any:
         for check in checks:

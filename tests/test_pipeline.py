@@ -288,6 +288,13 @@ class SessionKindTests(SynchronousTestCase):
         self.assertEqual([n for n, _ in log], ["outbound", "both"])
 
 
+    def test_unimplementedStagesAreSkipped(self):
+        """A Check subclass is called only for the stages it overrides (the loop check: data)."""
+        p = Pipeline([LoopCheck()], Clock())
+        self.assertEqual(p.stages(mx_conn(), "mail"), ())
+        self.assertEqual([c.name for c in p.stages(mx_conn(), "data")], ["loop"])
+
+
 def runtime(**pipeline: Any) -> SimpleNamespace:
     return SimpleNamespace(config=configmod.from_mapping({"pipeline": pipeline}), reactor=Clock())
 

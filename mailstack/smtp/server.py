@@ -218,7 +218,8 @@ class SMTPServer(Protocol):
         conn = self._conn
         conn.helo = self.helo or ""
         conn.user = self.user
-        conn.tls = self._tls_description()
+        if self.tls and not conn.tls:  # known once the handshake is done; it never changes
+            conn.tls = self._tls_description()
         return conn
 
     # IPushProducer, for the transport (see connectionMade).
