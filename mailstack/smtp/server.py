@@ -202,9 +202,7 @@ class SMTPServer(Protocol):
         if result is None:
             self._write_raw(self.factory.banner)
             return
-        if isinstance(result, Failure):
-            self.log.failure("smtp: connect checks failed", result, peer=self.peer)
-            result = R.LOCAL_ERROR
+        result = self._refusal(result)
         if result.temporary:
             self._reply(Reply(421, result.enhanced, result.text))
             self._close()
@@ -212,6 +210,13 @@ class SMTPServer(Protocol):
         # 554 instead of 220; the client may only QUIT now (503 to anything else).
         self._refused = True
         self._reply(Reply(554, result.enhanced, result.text))
+
+    def _refusal(self, result: Reply | Failure) -> Reply:
+        """The checks' refusal; a Failure (a bug in the pipeline itself) is logged, 451."""
+        if isinstance(result, Failure):
+            self.log.failure("smtp: message checks failed", result, peer=self.peer)
+            return R.LOCAL_ERROR
+        return result
 
     def _connection(self) -> Connection:
         """The connection facts the checks read, brought up to date."""
@@ -801,7 +806,7 @@ class SMTPServer(Protocol):
 
         def checked(result: Any) -> None:
             if result is not None:
-                self._reply(R.LOCAL_ERROR if isinstance(result, Failure) else result, error="MAIL")
+                self._reply(self._refusal(result), error="MAIL")
                 return
             self._reset_transaction()
             self.sender = sender
@@ -864,7 +869,7 @@ class SMTPServer(Protocol):
 
         def accept(result: Any, checked: Any) -> None:
             if checked is not None:
-                self._reply(R.LOCAL_ERROR if isinstance(checked, Failure) else checked, error="RCPT")
+                self._reply(self._refusal(checked), error="RCPT")
                 return
             if not self.in_transaction:
                 return
@@ -952,7 +957,7 @@ class SMTPServer(Protocol):
         if isinstance(changes, (Reply, Failure)):
             self._abort_incoming()
             self._reset_transaction()
-            self._reply(R.LOCAL_ERROR if isinstance(changes, Failure) else changes, error="DATA")
+            self._reply(self._refusal(changes), error="DATA")
             return
         d = maybeDeferred(incoming.finish, changes)
 

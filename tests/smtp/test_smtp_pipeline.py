@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailstack.address import Address
@@ -231,3 +232,34 @@ class SubmissionTests(SynchronousTestCase):
         )
         self.assertEqual(transaction_codes[-1], b"250 2.0.0")
         self.assertEqual(check.seen[-1], ("data", ("carol@remote.test",), "alice@example.org"))
+
+
+@implementer(IPipeline)
+class BrokenPipeline:
+    """A pipeline with a bug: every stage but connect raises."""
+
+    def connect(self, conn):
+        return None
+
+    def mail(self, conn, txn):
+        raise RuntimeError("pipeline bug")
+
+    def rcpt(self, conn, txn, recipient):
+        raise RuntimeError("pipeline bug")
+
+    def data_begin(self, conn, txn):
+        raise RuntimeError("pipeline bug")
+
+    def data(self, conn, txn, message):
+        raise RuntimeError("pipeline bug")
+
+
+class BrokenPipelineTests(SynchronousTestCase):
+    def test_pipelineBugIs451(self):
+        """Should the pipeline itself raise, MAIL gets 451 4.3.0 and the error is logged."""
+        rt = make_runtime()
+        rt.pipeline = BrokenPipeline()
+        verifyObject(IPipeline, rt.pipeline)
+        s = Session("smtp", rt)
+        self.assertEqual(s.codes(b"EHLO client.test", b"MAIL FROM:<carol@remote.test>")[-1], b"451 4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
