@@ -4,10 +4,12 @@
 Every SMTP server prepends a ``Received:`` field (section 4.4), so a message
 going round a loop of forwarders grows one per hop.  RFC 5321 section 6.3 calls
 the simple count "an effective, although rarely optimal, method of detecting
-loops"; Postfix refuses above 50 (``hopcount_limit``), and so does this check
-by default.  A message whose header section already holds more than
-``max_received`` of them is refused with 554 5.4.6 (RFC 3463: routing loop
-detected) at the end of data, in MX and submission sessions alike.
+loops" and suggests a large threshold, "normally at least 100"; Postfix
+refuses above 50 (``hopcount_limit``), and so does this check by default
+(``[pipeline.options.loop] max_received`` raises it).  A message whose header
+section already holds more than ``max_received`` of them is refused with 554
+5.4.6 (RFC 3463: routing loop detected) at the end of data, in MX and
+submission sessions alike.
 """
 
 from __future__ import annotations
