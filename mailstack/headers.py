@@ -41,7 +41,7 @@ class HeaderReader:
     __slots__ = ("_buf", "_limit", "done", "fields", "length", "overflow")
 
     def __init__(self, limit: int = HEADER_LIMIT) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # appended per chunk: a client sending byte by byte costs O(n)
         self._limit = limit
         self.done = False  # the header section is complete (or overflowed)
         self.overflow = False  # longer than the limit and still going: refuse
@@ -70,8 +70,8 @@ class HeaderReader:
 
     def _complete(self, end: int | None) -> None:
         """Split ``_buf[:end]`` into fields; ``end`` None: the limit was reached."""
-        buf = self._buf if end is None else self._buf[:end]
-        self._buf = b""
+        buf = bytes(self._buf if end is None else self._buf[:end])
+        self._buf = bytearray()
         self.done = True
         fields: list[Field] = []
         pos = 0

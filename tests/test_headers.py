@@ -69,6 +69,15 @@ class HeaderReaderTests(SynchronousTestCase):
         self.assertTrue(reader.overflow)
         self.assertLessEqual(sum(len(raw) for _, raw in reader.fields), 104)
 
+    def test_bytewiseFeedIsLinear(self):
+        """A header section sent one byte per read is collected without re-copying it each time."""
+        reader = HeaderReader(64 * 1024)
+        data = b"X-Long: " + b"a" * (64 * 1024)
+        for i in range(len(data)):
+            reader.feed(data[i : i + 1])
+        self.assertTrue(reader.overflow)
+        self.assertIsInstance(reader._buf, bytearray)
+
     def test_limitReachedInTheBody(self):
         """A non-header line before the limit ends the section: no overflow."""
         r = read(b"Subject: x\r\n" + b"body line\r\n" * 200, limit=100)
