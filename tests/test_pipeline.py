@@ -103,6 +103,8 @@ class InterfaceTests(SynchronousTestCase):
         verifyObject(IMessageCheck, Check())
         verifyObject(IMessageCheck, Recorder("r", log))
         verifyObject(IMessageCheck, LoopCheck())
+        verifyObject(IMessageCheck, Observing())
+        verifyObject(IMessageObserver, Observing())
         verifyObject(ICheckFactory, CheckFactory("x", lambda rt, opts: Check()))
         verifyObject(IMessage, FakeMessage(b"A: 1\r\n"))
         verifyObject(IMessageObserver, Pipeline([Observing()], Clock()).data_begin(mx_conn(), txn()))
@@ -255,6 +257,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(p.data(mx_conn(), t, FakeMessage()), LOCAL_ERROR)
 
 
+@implementer(IMessageObserver)
 class Observing(Check):
     """A check whose stream observer records the chunks (or raises)."""
 

@@ -7,7 +7,9 @@ import smtplib
 import textwrap
 
 import pytest
+from zope.interface.verify import verifyObject
 
+from mailstack.interfaces import ICheckFactory, IMessageCheck
 from tests.e2e.harness import Server
 from tests.e2e.test_smtp import wait_for
 
@@ -49,6 +51,17 @@ def srv(tmp_path_factory):
         server.stop()
     finally:
         server.kill()
+
+
+def test_readmePluginProvidesTheInterfaces():
+    """README's example factory and the check it builds verify against their interfaces."""
+    namespace: dict = {}
+    exec(compile(PLUGIN, "subjectword.py", "exec"), namespace)
+    factory = namespace["subjectword"]
+    verifyObject(ICheckFactory, factory)
+    verifyObject(IMessageCheck, factory.build(None, {"words": ["lottery"]}))
+    with pytest.raises(ValueError):
+        factory.build(None, {"words": "lottery"})
 
 
 def send(server: Server, message: bytes) -> None:

@@ -12,7 +12,13 @@ from zope.interface.verify import verifyObject
 from mailstack.address import Address
 from mailstack.envelope import HeaderChanges
 from mailstack.errors import Reply
-from mailstack.interfaces import IIncoming, IMessage, IPipeline
+from mailstack.interfaces import (
+    IIncoming,
+    IMessage,
+    IMessageCheck,
+    IMessageObserver,
+    IPipeline,
+)
 from mailstack.pipeline import Check, Pipeline, Verdict
 
 from .support import FakeMessage, Session, make_runtime
@@ -22,6 +28,7 @@ LATER = Reply(451, "4.7.1", "Greylisted, try again later")
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
 
 
+@implementer(IMessageObserver)
 class Scripted(Check):
     """Answers each stage from ``answers`` and records what it was shown."""
 
@@ -78,8 +85,11 @@ def transaction(s: Session, message: bytes = MESSAGE) -> list[bytes]:
 
 class ConnectTests(SynchronousTestCase):
     def test_fakesProvideTheirInterfaces(self):
-        """The fake runtime's pipeline, incoming and message views verify."""
-        s = session(Scripted())
+        """The scripted check, the fake runtime's pipeline, incoming and message views verify."""
+        check = Scripted()
+        verifyObject(IMessageCheck, check)
+        verifyObject(IMessageObserver, check)
+        s = session(check)
         verifyObject(IPipeline, s.runtime.pipeline)
         verifyObject(IMessage, FakeMessage(MESSAGE))
         s.codes(b"EHLO client.test", b"MAIL FROM:<carol@remote.test>", b"RCPT TO:<alice@example.org>", b"DATA")
