@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import smtplib
 import textwrap
@@ -53,15 +54,17 @@ def srv(tmp_path_factory):
         server.kill()
 
 
-def test_readmePluginProvidesTheInterfaces():
+def test_readmePluginProvidesTheInterfaces(tmp_path):
     """README's example factory and the check it builds verify against their interfaces."""
-    namespace: dict = {}
-    exec(compile(PLUGIN, "subjectword.py", "exec"), namespace)
-    factory = namespace["subjectword"]
-    verifyObject(ICheckFactory, factory)
-    verifyObject(IMessageCheck, factory.build(None, {"words": ["lottery"]}))
+    path = tmp_path / "subjectword.py"
+    path.write_text(PLUGIN)
+    spec = importlib.util.spec_from_file_location("subjectword_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    verifyObject(ICheckFactory, module.subjectword)
+    verifyObject(IMessageCheck, module.subjectword.build(None, {"words": ["lottery"]}))
     with pytest.raises(ValueError):
-        factory.build(None, {"words": "lottery"})
+        module.subjectword.build(None, {"words": "lottery"})
 
 
 def send(server: Server, message: bytes) -> None:
