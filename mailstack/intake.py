@@ -458,7 +458,11 @@ class Incoming:
         rewrite = None
         if changes:
             # The client's header section is replaced by the edited one.
-            head = headers.edited(self._header.fields, changes)
+            try:
+                head = headers.edited(self._header.fields, changes)
+            except Exception:  # a check's remove predicate failed
+                failure = Failure()
+                return self._discarded().addCallback(lambda _: self._refuse(failure))
             body_at = len(self._received) + self._header.length
             if data is None:
                 rewrite = (self._store.tmp_path(self.queue_id), self._received + head, body_at)

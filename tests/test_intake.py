@@ -852,3 +852,15 @@ class HeaderChangeTests(IntakeTestMixin, SynchronousTestCase):
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual(failure.value.reply.code, 451)
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_failingRemovePredicateIsTemporary(self) -> None:
+        """A check's remove predicate that raises at commit time: 451, logged, nothing left."""
+
+        def broken(name, raw):
+            raise RuntimeError("predicate bug")
+
+        _, _, d = self.deliver(b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n", HeaderChanges(remove=(broken,)))
+        failure = self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(failure.value.reply.code, 451)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
