@@ -336,3 +336,23 @@ class BuildTests(SynchronousTestCase):
         for bad in (["Loop!"], ["loop", "loop"], "loop"):
             self.assertRaises(configmod.ConfigError, configmod.from_mapping, {"pipeline": {"checks": bad}})
         self.assertRaises(configmod.ConfigError, configmod.from_mapping, {"pipeline": {"options": {"loop": 1}}})
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_runtimeCarriesThePipeline(self):
+        """make_service builds the configured pipeline into the runtime the listeners share."""
+        from mailstack import service
+
+        cfg = configmod.from_mapping({"listen": {"pop3": [], "pop3s": [], "submissions": []}}, base=self.mktemp())
+        svc = service.make_service(cfg, Clock(), None, None, None)
+        self.assertEqual([c.name for c in svc.runtime.pipeline.checks], ["loop"])
+        self.assertIs(svc.factories[0].pipeline, svc.runtime.pipeline)
+
+    def test_badPipelineIsAStartupError(self):
+        """A check that is not installed stops make_service with a one-line StartupError."""
+        from mailstack import service
+
+        cfg = configmod.from_mapping({"pipeline": {"checks": ["nosuch"]}}, base=self.mktemp())
+        with self.assertRaises(service.StartupError) as e:
+            service.make_service(cfg, Clock(), None, None, None)
+        self.assertIn("pipeline.checks: no check named 'nosuch'", str(e.exception))
