@@ -336,24 +336,33 @@ def factories() -> dict[str, ICheckFactory]:
     return found
 
 
-def build(runtime: Any) -> Pipeline:
-    """The pipeline of ``[pipeline]``: each check of ``checks`` built with its options.
+def configured(cfg: Any) -> list[ICheckFactory]:
+    """The factories of ``[pipeline] checks``, in order (``mailstack check-config`` asks too).
 
-    PipelineError (one line naming the key) for a check that is not installed,
-    options it refuses, or options of a check that is not enabled.
+    PipelineError (one line naming the key) for a check that is not installed
+    or options of a check that is not enabled.
     """
-    cfg = runtime.config.pipeline
     available = factories()
     for name in cfg.options:
         if name not in cfg.checks:
             raise PipelineError(f"pipeline.options.{name}: {name!r} is not in pipeline.checks")
-    checks = []
     for name in cfg.checks:
-        factory = available.get(name)
-        if factory is None:
+        if name not in available:
             raise PipelineError(
                 f"pipeline.checks: no check named {name!r} is installed (installed: {', '.join(sorted(available))})"
             )
+    return [available[name] for name in cfg.checks]
+
+
+def build(runtime: Any) -> Pipeline:
+    """The pipeline of ``[pipeline]``: each check of ``checks`` built with its options.
+
+    PipelineError as for ``configured``, or for options a check refuses.
+    """
+    cfg = runtime.config.pipeline
+    checks = []
+    for factory in configured(cfg):
+        name = factory.name
         try:
             check = factory.build(runtime, dict(cfg.options.get(name, {})))
         except ValueError as e:

@@ -356,3 +356,20 @@ class ServiceTests(SynchronousTestCase):
         with self.assertRaises(service.StartupError) as e:
             service.make_service(cfg, Clock(), None, None, None)
         self.assertIn("pipeline.checks: no check named 'nosuch'", str(e.exception))
+
+    def test_checkConfigNamesAMissingCheck(self):
+        """mailstack check-config (run before the start by systemd) refuses a check that is not installed."""
+        import io
+        import os
+
+        from mailstack.admin import cli
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "mailstack.toml")
+        with open(path, "w") as f:
+            f.write('[pipeline]\nchecks = ["loop", "nosuch"]\n')
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(cli.main(["--config", path, "check-config"], stdout=out, stderr=err, environ={}), 1)
+        self.assertIn(f"{path}: pipeline.checks: no check named 'nosuch'", err.getvalue())
+        self.assertEqual(err.getvalue().count("\n"), 1)
