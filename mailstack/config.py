@@ -143,6 +143,20 @@ def _listeners(value: Any, base: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _check_names(value: Any, base: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", v) for v in value):
+        raise ValueError('must be a list of check names such as ["loop"]')
+    if len(set(value)) != len(value):
+        raise ValueError("names a check twice")
+    return tuple(value)
+
+
+def _tables(value: Any, base: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError("must hold one table per check: [pipeline.options.<name>]")
+    return {name: dict(v) for name, v in value.items()}
+
+
 def validate_endpoint(description: str) -> None:
     """Parse a server endpoint string without listening; ValueError if bad.
 
@@ -221,6 +235,9 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
     Key("relay", "tls_verify", _bool, False, "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
+    Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
+    Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
+    Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
 )
 
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
@@ -251,6 +268,7 @@ class Config:
     pop3: Any
     relay: Any
     limits: Any
+    pipeline: Any
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:

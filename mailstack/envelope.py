@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailstack.address import Address
@@ -27,3 +28,23 @@ class Envelope:
     protocol: str = "ESMTP"  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", empty without TLS
     user: str = ""  # authenticated user key, empty if none
+
+
+@dataclass(frozen=True)
+class HeaderChanges:
+    """What the message checks change in the header section, applied by the intake.
+
+    ``prepend``: complete fields (``b"Name: value\\r\\n"``), placed right after
+    our ``Received:``, in this order.  ``remove``: predicates of a field's name
+    and raw bytes; a field of the client's header section is dropped if any
+    says so (fields in ``prepend`` are never removed).
+    """
+
+    prepend: tuple[bytes, ...] = ()
+    remove: tuple[Callable[[str, bytes], bool], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.prepend or self.remove)
+
+    def removes(self, name: str, raw: bytes) -> bool:
+        return any(predicate(name, raw) for predicate in self.remove)

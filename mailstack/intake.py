@@ -42,6 +42,20 @@ message's own step fails that message only; a failed directory fsync fails
 the whole batch (each is answered 451/452, and nothing of it is left behind).
 Once committed, the queue manager is kicked.
 
+Header changes
+--------------
+Before the commit the message checks (``pipeline``) read the header section
+(``message()``: the fields, parsed as they streamed past by
+``headers.HeaderReader``, bounded) and may ask for fields to be added and
+removed; ``finish(changes)`` applies them before anything is made durable, so
+a retry never repeats them.  Our ``Received:`` stays first, the added fields
+follow it, then the client's fields that are kept, then the body untouched.
+A message held in memory is simply rebuilt.  A spilled one keeps streaming
+whole to ``queue/tmp/<id>`` (nothing to hold back, and nothing to redo when no
+check changes the header); with changes its final file is written in a
+thread as the new header section plus the body copied inside the kernel
+(``headers.rewrite``), then committed as usual.
+
 Writes to a spilled file go to a buffered file in the reactor thread: they
 only reach the page cache.  Everything that waits for the disk (fsync,
 rename, directory fsync, creating files from memory) runs through
@@ -51,6 +65,7 @@ rename, directory fsync, creating files from memory) runs through
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from datetime import datetime, timezone
 from email.utils import format_datetime
@@ -61,11 +76,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack import headers
 from mailstack.address import AddressError
 from mailstack.batching import GroupCommit
-from mailstack.envelope import Envelope
-from mailstack.errors import Reply, TemporaryFailure
-from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake
+from mailstack.envelope import Envelope, HeaderChanges
+from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake, IMessage
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage import fsutil
@@ -73,6 +89,7 @@ from mailstack.storage import fsutil
 # RFC 5321 section 4.2.3 reply texts; the details go to the log only.
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
 DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too big")
 
 # Bytes of a message held in memory before it is streamed to queue/tmp/<id>:
 # the write buffer such a file would have anyway, so memory per session is bounded.
@@ -212,19 +229,30 @@ class Intake:
             d.callback(None)
         return d
 
-    def _commit(self, entry: QueueEntry, data: bytes | None) -> Deferred:
+    def _commit(self, entry: QueueEntry, data: bytes | None, rewrite: tuple | None = None) -> Deferred:
         """Fires with the queue id once the message is durable, in its Maildirs or the queue.
 
         ``data``: the whole message, or None if it was spilled to ``queue/tmp/<id>``.
+        ``rewrite``: arguments of ``headers.rewrite`` that first give the
+        spilled file its edited header section.
         """
         self._in_flight += 1
+        if rewrite is not None:
+            d = self._run_blocking(headers.rewrite, *rewrite)
+            d.addCallback(lambda _: self._deliver(entry, data))
+        else:
+            d = self._deliver(entry, data)
+        d.addBoth(self._commit_ended)
+        return d
+
+    def _deliver(self, entry: QueueEntry, data: bytes | None) -> Deferred:
+        """Into the recipients' Maildirs directly if possible, else into the queue."""
         if self._local is not None and self._local.direct_ok(entry):
             d = self._run_blocking(self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id))
             d.addCallback(self._publish_copies)
             d.addCallbacks(self._published, self._not_delivered, callbackArgs=(entry, data), errbackArgs=(entry, data))
         else:
             d = self._queue(entry, data)
-        d.addBoth(self._commit_ended)
         return d
 
     def _commit_ended(self, result: Any) -> Any:
@@ -357,9 +385,10 @@ class Incoming:
         self._file: IO[bytes] | None = None
         self._spilled = False
         self._arrival = intake._clock.seconds()
-        header = received_header(envelope, intake._config.hostname, self.queue_id, self._arrival)
-        self._held = [header]
-        self._written = len(header)
+        self._received = received_header(envelope, intake._config.hostname, self.queue_id, self._arrival)
+        self._held = [self._received]
+        self._written = len(self._received)
+        self._header = headers.HeaderReader()
 
     def write(self, data: bytes) -> None:
         """Append message bytes; an I/O error is kept and reported by finish()."""
@@ -367,6 +396,8 @@ class Incoming:
         if self._error is not None or self._ended:
             return
         self._written += len(data)
+        if not self._header.done:
+            self._header.feed(data)
         if not self._spilled:
             self._held.append(data)
             if self._written > SPILL_AT:
@@ -388,8 +419,20 @@ class Incoming:
         except OSError as e:
             self._fail(e)
 
-    def finish(self) -> Deferred:
-        """Commit in threads; fires with the queue id, or errbacks TemporaryFailure."""
+    def message(self) -> IMessage:
+        """The data is complete: the header section and a reader for the checks."""
+        self._header.end()
+        self._close()  # flushes the buffer, so a thread can read the file
+        if self._spilled:
+            source: bytes | str = self._store.tmp_path(self.queue_id)
+        else:
+            self._held = [b"".join(self._held)]
+            source = self._held[0]
+        return ReceivedMessage(self._header.fields, self.size, source, len(self._received), self._intake._run_blocking)
+
+    def finish(self, changes: HeaderChanges | None = None) -> Deferred:
+        """Commit in threads, ``changes`` applied first; fires with the queue id,
+        or errbacks TemporaryFailure (PermanentFailure: header section too big)."""
         if self._ended:
             return fail(TemporaryFailure(COMMIT_FAILED))
         self._ended = True
@@ -397,9 +440,29 @@ class Incoming:
         if self._error is not None:
             error = self._error
             return self._discarded().addCallback(lambda _: self._refuse(Failure(error)))
+        self._header.end()
+        if self._header.overflow:
+            self._held = []
+            if self._spilled:
+                self._discarded()
+            return fail(PermanentFailure(HEADER_TOO_BIG))
         data = None if self._spilled else b"".join(self._held)
         self._held = []
-        d = self._intake._commit(self._entry(), data)
+        rewrite = None
+        if changes:
+            # The client's header section is replaced by the edited one.
+            try:
+                head = headers.edited(self._header.fields, changes)
+            except Exception:  # a check's remove predicate failed
+                failure = Failure()
+                return self._discarded().addCallback(lambda _: self._refuse(failure))
+            body_at = len(self._received) + self._header.length
+            if data is None:
+                rewrite = (self._store.tmp_path(self.queue_id), self._received + head, body_at)
+            else:
+                data = self._received + head + data[body_at:]
+            self._written += len(head) - self._header.length
+        d = self._intake._commit(self._entry(), data, rewrite)
         # The store removes an entry's files when its commit fails; removing
         # them again covers an unexpected error before it got that far.
         d.addErrback(lambda f: self._discarded().addCallback(lambda _: self._refuse(f)))
@@ -477,3 +540,26 @@ class Incoming:
             lambda f: self._intake.log.failure("removing {queue_id} failed", failure=f, queue_id=self.queue_id)
         )
         return d
+
+
+@implementer(IMessage)
+class ReceivedMessage:
+    """A complete message as the checks see it before the commit."""
+
+    def __init__(self, header: tuple[headers.Field, ...], size: int, source: bytes | str, offset: int,
+                 run_blocking: Callable[..., Deferred]) -> None:
+        self.header = header
+        self.size = size
+        self._source = source  # the bytes in memory, or the path of the spill file
+        self._offset = offset  # where the client's message starts (after our Received:)
+        self._run_blocking = run_blocking
+
+    def run_blocking(self, reader: Callable[[IO[bytes]], Any]) -> Deferred:
+        return self._run_blocking(_read, self._source, self._offset, reader)
+
+
+def _read(source: bytes | str, offset: int, reader: Callable[[IO[bytes]], Any]) -> Any:
+    """Blocking: ``reader`` of the message from ``offset``, in memory or in its file."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
+        f.seek(offset)
+        return reader(f)

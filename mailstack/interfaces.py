@@ -1,6 +1,7 @@
 """The seams between packages; tests fake these.
 
-Data flows one way: SMTP session -> IIntake (durable commit) -> queue manager ->
+Data flows one way: SMTP session -> IPipeline (the message checks, each an
+IMessageCheck) -> IIntake (durable commit) -> queue manager ->
 IDeliveryAgent (local maildir, or remote via IMXResolver and the SMTP client)
 -> DSN back into IIntake.  POP3 reads what the local agent wrote.
 """
@@ -43,19 +44,41 @@ class IRouter(Interface):
         """
 
 
+class IMessage(Interface):
+    """A received message as the end-of-data checks see it (before the commit)."""
+
+    header = Attribute(
+        "tuple of (name, raw bytes) fields of the header section, in order: the client's "
+        "as received (our Received: excluded), at most headers.HEADER_LIMIT bytes, with "
+        "the changes of the checks that ran before.  Compare names case-insensitively."
+    )
+    size = Attribute("int: octets of the message as the client sent it (dot-unstuffed)")
+
+    def run_blocking(reader):
+        """Deferred firing with ``reader(f)`` run in the thread pool, ``f`` a binary
+        file at the start of the client's message (header section as received), for
+        checks that need the whole message without holding it in memory."""
+
+
 class IIncoming(Interface):
     """One message being received; the bytes stream to disk as they arrive."""
 
     def write(data: bytes) -> None:
         """Append message bytes (dot-unstuffed, CRLF line endings as received)."""
 
-    def finish():
-        """Commit durably.  Deferred firing with the queue id only after fsync of
-        file and directory; errback TemporaryFailure (451 4.3.0, or 452 4.3.1 on
-        a full disk) leaving nothing half-written."""
+    def message() -> IMessage:
+        """The data is complete: the view the end-of-data checks read."""
+
+    def finish(changes=None):
+        """Commit durably, with ``envelope.HeaderChanges`` applied to the header
+        section first (so a retry never applies them twice).  Deferred firing with
+        the queue id only after fsync of file and directory; errback
+        TemporaryFailure (451 4.3.0, or 452 4.3.1 on a full disk) or
+        PermanentFailure (552 5.3.4: header section too big) leaving nothing
+        half-written."""
 
     def abort() -> None:
-        """Discard what was written (client went away, size exceeded)."""
+        """Discard what was written (client went away, size exceeded, refused)."""
 
 
 class IIntake(Interface):
@@ -353,6 +376,7 @@ class IRuntime(Interface):
     router = Attribute("IRouter")
     store = Attribute("queue.store.QueueStore (IQueueStore, IQueueCommit)")
     intake = Attribute("IIntake")
+    pipeline = Attribute("IPipeline: the message checks configured in [pipeline]")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
     smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
@@ -366,3 +390,72 @@ class IDrainable(Interface):
     def drain(timeout: float):
         """Refuse new sessions, let the ones in flight finish, drop what is left
         after ``timeout`` seconds; Deferred firing (None) when all are gone."""
+
+
+class IMessageObserver(Interface):
+    """Sees a message's bytes as they arrive (a body hash without holding the message)."""
+
+    def write(data: bytes) -> None:
+        """The next bytes of the client's message: dot-unstuffed, CRLF line
+        endings, header section included (our Received: is not)."""
+
+
+class IMessageCheck(Interface):
+    """One stage of the message pipeline (a policy check, a header it adds).
+
+    Every method gets the ``pipeline.Connection`` and, from MAIL on, the
+    ``pipeline.Transaction``; their ``notes`` dicts carry results to later
+    stages (key them by the check's name).  A method returns None to go on,
+    an ``errors.Reply`` to refuse (4xx: try later, 5xx: refused; the first
+    Reply stops the stages after it), or a Deferred of either.  An exception
+    is logged and answered 451 4.3.0: the client never sees its text.  Reply
+    texts must not reveal configuration or internal detail.
+    """
+
+    name = Attribute("str: the name that enables the check in [pipeline] checks; log tag")
+    mx = Attribute("bool: runs in MX sessions of unauthenticated clients")
+    submission = Attribute("bool: runs in authenticated sessions (submission listeners, or AUTH on the MX listener)")
+
+    def connect(conn):
+        """A client connected (before the greeting).  A Reply is sent instead of
+        the banner: 5xx as 554, 4xx as 421 (RFC 5321 section 3.1)."""
+
+    def mail(conn, txn):
+        """MAIL FROM was accepted by the session (``txn.sender``, ``txn.params``)."""
+
+    def rcpt(conn, txn, recipient):
+        """RCPT TO ``recipient`` (the ``Address`` as given) was routed; its
+        destinations join ``txn.recipients`` if every stage accepts."""
+
+    def data_begin(conn, txn):
+        """DATA starts: an IMessageObserver for the message bytes, or None.
+        Synchronous; keep what the observer learns in ``txn.notes``."""
+
+    def data(conn, txn, message):
+        """The message is complete (``message`` provides IMessage).  None, or a
+        ``pipeline.Verdict`` (a Reply and/or header changes), or a Deferred of either."""
+
+
+class IPipeline(Interface):
+    """The configured checks as the SMTP session calls them; the session knows no check.
+
+    Each method returns its answer directly when every stage answered
+    synchronously, else a Deferred of it; neither raises nor errbacks (a
+    failing stage becomes 451 4.3.0).
+    """
+
+    def connect(conn):
+        """None (greet) or the Reply that refuses the connection."""
+
+    def mail(conn, txn):
+        """None (250) or the Reply that refuses MAIL."""
+
+    def rcpt(conn, txn, recipient):
+        """None (250) or the Reply that refuses this RCPT."""
+
+    def data_begin(conn, txn):
+        """The IMessageObserver to feed the message bytes to, or None."""
+
+    def data(conn, txn, message):
+        """An ``envelope.HeaderChanges`` to commit with (possibly empty), or the
+        Reply that refuses the message."""

@@ -39,6 +39,7 @@ class Runtime:
         intake: Any = None,
         manager: Any = None,
         maildirs: Any = None,
+        pipeline: Any = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -58,3 +59,4 @@ class Runtime:
         self.smtp_connections = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip)
         self.pop3_connections = ConnectionLimiter(config.pop3.max_connections)
         self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
+        self.pipeline = pipeline

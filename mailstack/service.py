@@ -39,6 +39,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailstack import pipeline
 from mailstack.auth.aliases import AliasDB
 from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
@@ -189,6 +190,8 @@ class MailService(MultiService):
 def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
     """Build the runtime and the service tree (nothing listens until started).
 
+    StartupError if the message checks of ``[pipeline]`` cannot be built.
+
     The constructors are those of docs/design.rst.  The intake needs the queue
     manager as its kicker and the manager needs the intake for DSNs, so the
     manager is built first and given the intake afterwards.
@@ -218,6 +221,10 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
         manager=manager,
         maildirs=maildirs,
     )
+    try:
+        runtime.pipeline = pipeline.build(runtime)
+    except pipeline.PipelineError as e:
+        raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     service = MailService(runtime, pool)
     for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)

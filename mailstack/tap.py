@@ -101,6 +101,9 @@ def makeService(options: Options) -> Any:
     return_big_frees_to_the_os()
 
     tls, users, aliases = options.parts
-    service = make_service(options.config, reactor, tls, users, aliases)
+    try:
+        service = make_service(options.config, reactor, tls, users, aliases)
+    except StartupError as e:
+        raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)
     return service

@@ -15,10 +15,12 @@ from zope.interface.verify import verifyObject
 from mailstack import config
 from mailstack.address import parse_address
 from mailstack.envelope import Destination, Envelope
-from mailstack.errors import TemporaryFailure
+from mailstack import headers
+from mailstack.envelope import HeaderChanges
+from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.intake import SPILL_AT, Intake, received_header
 from mailstack.delivery.local import LocalAgent
-from mailstack.interfaces import IIncoming, IIntake
+from mailstack.interfaces import IIncoming, IIntake, IMessage
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
@@ -734,3 +736,131 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         self.successResultOf(idle)
         self.successResultOf(d)
         self.assertEqual(len(self.mailbox(BOB)), 1)
+
+
+EDITED_HEADER = b"Subject: big\r\nX-Spam: forged\r\n\tcontinued\r\nFrom: <alice@example.net>\r\n"
+CHANGES = HeaderChanges(
+    prepend=(b"Authentication-Results: mx.example.org; none\r\n", b"X-Checked: yes\r\n"),
+    remove=(lambda name, raw: name.lower() == "x-spam",),
+)
+KEPT = b"Subject: big\r\nFrom: <alice@example.net>\r\n"
+
+
+class HeaderChangeTests(IntakeTestMixin, SynchronousTestCase):
+    """The end-of-data checks' header changes, applied before the commit."""
+
+    def received(self, queue_id: str) -> bytes:
+        return received_header(envelope(), "mx.example.org", queue_id, NOW)
+
+    def stored(self, queue_id: str) -> bytes:
+        with open(self.store.message_path(queue_id), "rb") as f:
+            return f.read()
+
+    def deliver(self, body: bytes, changes: HeaderChanges | None = CHANGES, chunk: int = 1000):
+        incoming = self.intake.begin(envelope())
+        data = EDITED_HEADER + body
+        for i in range(0, len(data), chunk):
+            incoming.write(data[i : i + chunk])
+        message = incoming.message()
+        return incoming, message, incoming.finish(changes)
+
+    def assertEdited(self, body: bytes) -> None:
+        _, _, d = self.deliver(body)
+        queue_id = self.successResultOf(d)
+        expected = self.received(queue_id) + b"".join(CHANGES.prepend) + KEPT + body
+        self.assertEqual(self.stored(queue_id), expected)
+        self.assertEqual(self.store.load(queue_id).size, len(expected))
+        self.assertEqual(self.queue_files()["tmp"], [])
+
+    def test_smallMessageEdited(self) -> None:
+        """In memory: Received: first, then the added fields, the kept fields and the body as sent."""
+        self.assertEdited(b"\r\n.dot\r\nbody\r\n")
+
+    def test_spilledMessageEdited(self) -> None:
+        """Spilled to queue/tmp: the same result, written in a thread, no temporary file left."""
+        body = b"\r\n" + (b"y" * 998 + b"\r\n") * 200
+        self.assertGreater(len(body), SPILL_AT)
+        self.assertEdited(body)
+
+    def test_spilledMessageEditedInAThread(self) -> None:
+        """The rewrite of a spilled file runs through run_blocking, before the queue's own steps."""
+        threads = ManualThreads()
+        self.intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        _, _, d = self.deliver(b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n")
+        self.assertEqual(threads.names(), ["rewrite"])
+        threads.run_all()
+        self.successResultOf(d)
+
+    def test_noChangesNoRewrite(self) -> None:
+        """Without changes a spilled message is committed as streamed (no extra thread call)."""
+        threads = ManualThreads()
+        self.intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        _, _, d = self.deliver(b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n", HeaderChanges())
+        self.assertNotIn("rewrite", threads.names())
+        threads.run_all()
+        queue_id = self.successResultOf(d)
+        self.assertTrue(self.stored(queue_id).startswith(self.received(queue_id) + EDITED_HEADER))
+
+    def test_directDeliveryEdited(self) -> None:
+        """A spilled local message reaches the Maildir with the changes applied."""
+        maildirs = MaildirStore(scratch_path(self), hostname="mx.example.org")
+        local = LocalAgent(maildirs, self.store, run_blocking)
+        self.intake = Intake(self.config, self.store, self.kicker, run_blocking, self.clock, local=local)
+        body = b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n"
+        _, _, d = self.deliver(body)
+        queue_id = self.successResultOf(d)
+        folder = os.path.join(maildirs.path_for(BOB), "new")
+        [name] = os.listdir(folder)
+        with open(os.path.join(folder, name), "rb") as f:
+            delivered = f.read()
+        self.assertTrue(delivered.endswith(self.received(queue_id) + b"".join(CHANGES.prepend) + KEPT + body))
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_messageView(self) -> None:
+        """message(): the client's header fields (not our Received:), its size, and a reader in a thread."""
+        for body in (b"\r\nshort\r\n", b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n"):
+            incoming = self.intake.begin(envelope())
+            incoming.write(EDITED_HEADER + body)
+            message = incoming.message()
+            verifyObject(IMessage, message)
+            self.assertEqual([n for n, _ in message.header], ["Subject", "X-Spam", "From"])
+            self.assertEqual(message.size, len(EDITED_HEADER + body))
+            self.assertEqual(self.successResultOf(message.run_blocking(lambda f: f.read())), EDITED_HEADER + body)
+            incoming.abort()
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_headerSectionTooBig(self) -> None:
+        """A header section beyond HEADER_LIMIT is refused 552 5.3.4 and nothing is kept."""
+        incoming = self.intake.begin(envelope())
+        field = b"X-Filler: " + b"z" * 900 + b"\r\n"
+        for _ in range(headers.HEADER_LIMIT // len(field) + 2):
+            incoming.write(field)
+        incoming.write(b"\r\nbody\r\n")
+        incoming.message()
+        failure = self.failureResultOf(incoming.finish(), PermanentFailure)
+        self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced), (552, "5.3.4"))
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_rewriteFailureIsTemporary(self) -> None:
+        """If the edited file cannot be written the client gets 451 and nothing is left."""
+
+        def broken(path, head, offset):
+            raise OSError(5, "I/O error")
+
+        self.patch(headers, "rewrite", broken)
+        _, _, d = self.deliver(b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n")
+        failure = self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(failure.value.reply.code, 451)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_failingRemovePredicateIsTemporary(self) -> None:
+        """A check's remove predicate that raises at commit time: 451, logged, nothing left."""
+
+        def broken(name, raw):
+            raise RuntimeError("predicate bug")
+
+        _, _, d = self.deliver(b"\r\n" + b"y" * (SPILL_AT * 2) + b"\r\n", HeaderChanges(remove=(broken,)))
+        failure = self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(failure.value.reply.code, 451)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})

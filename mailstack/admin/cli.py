@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Sequence, TextIO
 
 from mailstack import config as configmod
+from mailstack import pipeline
 from mailstack.address import AddressError, mailbox_components, parse_address
 from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
@@ -274,6 +275,10 @@ def check_config(config: Any, args: Any) -> int:
     secret = config.relay.smarthost_password_file
     if secret and not os.access(secret, os.R_OK):
         raise Refused(f"{secret}: relay.smarthost_password_file cannot be read")
+    try:
+        pipeline.configured(config.pipeline)
+    except pipeline.PipelineError as e:
+        raise Refused(f"{config.source or '<embedded defaults>'}: {e}") from None
     for line in postmaster_warnings(config, users_of(config), aliases_of(config)):
         print(line, file=args.stdout)
     print(f"{config.source or '<embedded defaults>'}: ok", file=args.stdout)

@@ -33,6 +33,7 @@ class SMTPFactory(ServerFactory):
         self.policy = ListenerPolicy.for_kind(kind)
         self.runtime = runtime
         self.authenticator = Authenticator(runtime.checker, runtime.throttle, runtime.reactor)
+        self.pipeline = runtime.pipeline
         self.banner = R.banner(runtime.config.hostname).encode()
         # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).
         self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")

@@ -17,6 +17,9 @@ back-pressure, idle timer, drain); here are the ESMTP semantics:
   the commit Deferred's callback.
 * ``STARTTLS`` discards whatever the client sent behind it (RFC 3207 section
   4.2) and resets the session.
+* Policy checks are not done here: the session calls ``runtime.pipeline``
+  (``mailstack.pipeline``) at connect, after MAIL, per RCPT after routing,
+  when DATA starts and at the end of data, and answers what it returns.
 
 MAIL/RCPT argument syntax is ``smtp.syntax``; the login policy is
 ``auth.login``; the listener factory, its caps and drain are ``smtp.factory``.
@@ -40,6 +43,7 @@ from mailstack.auth.login import LoginResult
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IIncoming
+from mailstack.pipeline import Connection, Transaction
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
 from mailstack.smtp.data import DataDecoder
@@ -78,6 +82,7 @@ class SMTPServer(CommandSession):
         self.mode = _COMMAND
         self._write_failed = False  # the intake refused message bytes; answered at the end of DATA
         self.messages = 0
+        self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -98,15 +103,48 @@ class SMTPServer(CommandSession):
         self._rcpt_tried = False
         self._decoder: DataDecoder | None = None
         self._incoming: IIncoming | None = None
+        self._txn: Transaction | None = None
+        self._observer: Any = None
 
     # -- connection -----------------------------------------------------------
 
     def connectionMade(self) -> None:
         if not self._admit():
             return
-        self._write_raw(self.factory.banner)
-        self._flush()
+        self._conn = Connection(self.peer, self.policy.kind, self.config.hostname)
         self._arm_timer()
+        self._then(self._greet, self.factory.pipeline.connect, self._connection())
+        self._flush()
+
+    def _greet(self, result: Any) -> None:
+        """The banner, or the connect checks' refusal in its place (RFC 5321 section 3.1)."""
+        if result is None:
+            self._write_raw(self.factory.banner)
+            return
+        result = self._refusal(result)
+        if result.temporary:
+            self._reply(Reply(421, result.enhanced, result.text))
+            self._close()
+            return
+        # 554 instead of 220; the client may only QUIT now (503 to anything else).
+        self._refused = True
+        self._reply(Reply(554, result.enhanced, result.text))
+
+    def _refusal(self, result: Reply | Failure) -> Reply:
+        """The checks' refusal; a Failure (a bug in the pipeline itself) is logged, 451."""
+        if isinstance(result, Failure):
+            self.log.failure("smtp: message checks failed", result, peer=self.peer)
+            return R.LOCAL_ERROR
+        return result
+
+    def _connection(self) -> Connection:
+        """The connection facts the checks read, brought up to date."""
+        conn = self._conn
+        conn.helo = self.helo or ""
+        conn.user = self.user
+        if self.tls and not conn.tls:  # known once the handshake is done; it never changes
+            conn.tls = self._tls_description()
+        return conn
 
 
     def refused(self, reply: bytes) -> None:
@@ -114,8 +152,8 @@ class SMTPServer(CommandSession):
                       reply=reply.decode("ascii").rstrip())
 
     def ended(self, was_closed: bool) -> None:
-        if self._incoming is not None and (self.mode == _DATA or self._decoder is not None):
-            # Connection lost mid-DATA: nothing was acknowledged, discard it.
+        if self._incoming is not None:
+            # Connection lost mid-DATA or in its checks: nothing was acknowledged, discard it.
             self._abort_incoming()
         if self.messages and not self.errors:
             # A clean session: each of its messages was logged on acceptance
@@ -219,6 +257,9 @@ class SMTPServer(CommandSession):
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         handler = self._COMMANDS.get(verb)
+        if self._refused and verb != "QUIT":
+            self._reply(R.SESSION_REFUSED, error=verb)
+            return
         if handler is None:
             self._reply(R.UNKNOWN_COMMAND, error="unknown")
             return
@@ -416,10 +457,20 @@ class SMTPServer(CommandSession):
             if not self.runtime.smtp_rate.allowed(self.user):
                 self._reply(R.RATE_LIMITED, error="MAIL")
                 return
-        self._reset_transaction()
-        self.sender = sender
-        self.in_transaction = True
-        self._reply(R.SENDER_OK)
+        txn = Transaction(sender, parsed.params)
+
+        def checked(result: Any) -> None:
+            if result is not None:
+                self._reply(self._refusal(result), error="MAIL")
+                return
+            self._reset_transaction()
+            self.sender = sender
+            self.in_transaction = True
+            self._txn = txn
+            self.recipients = txn.recipients
+            self._reply(R.SENDER_OK)
+
+        self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
 
     # RCPT, RFC 5321 4.1.1.3
     def do_RCPT(self, arg: str) -> None:
@@ -452,6 +503,15 @@ class SMTPServer(CommandSession):
                 self._reply(R.LOCAL_ERROR, error="RCPT")
                 return
             if not self.in_transaction:  # RSET/EHLO cannot overtake us; defensive
+                return
+            self._then(lambda checked: accept(result, checked), self.factory.pipeline.rcpt,
+                       self._connection(), self._txn, address)
+
+        def accept(result: Any, checked: Any) -> None:
+            if checked is not None:
+                self._reply(self._refusal(checked), error="RCPT")
+                return
+            if not self.in_transaction:
                 return
             known = {(d.address.key, d.local) for d in self.recipients}
             for dest in result:
@@ -495,12 +555,15 @@ class SMTPServer(CommandSession):
             self._reset_transaction()
             return
         self._write_failed = False
+        self._observer = self.factory.pipeline.data_begin(self._connection(), self._txn)
         self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
         self.mode = _DATA
         self._raw = self._data_chunk
         self._reply(R.START_DATA)
 
     def _sink(self, chunk: bytes) -> None:
+        if self._observer is not None:
+            self._observer.write(chunk)
         if self._write_failed or self._incoming is None:
             return
         try:
@@ -535,7 +598,17 @@ class SMTPServer(CommandSession):
             self._reset_transaction()
             self._reply(reply, error="DATA")
             return
-        d = maybeDeferred(incoming.finish)
+        self._then(lambda result: self._commit(incoming, result), self.factory.pipeline.data,
+                   self._connection(), self._txn, incoming.message())
+
+    def _commit(self, incoming: Any, changes: Any) -> None:
+        """The end-of-data checks answered: refuse, or commit with their header changes."""
+        if isinstance(changes, (Reply, Failure)):
+            self._abort_incoming()
+            self._reset_transaction()
+            self._reply(self._refusal(changes), error="DATA")
+            return
+        d = maybeDeferred(incoming.finish, changes)
 
         def done(result: Any) -> None:
             self._incoming = None

@@ -12,7 +12,9 @@ The config is written to ``tmp_path/mailstack.toml`` with ``data_dir =
 tmp_path/data`` and each of the five listeners on a free loopback port
 (``ssl:`` for submissions and pop3s).  ``extra_toml`` is merged over that (a
 table in it replaces single keys, so ``[listen]\\npop3 = []`` turns POP3 off and
-``hostname = "mx.test"`` works too).  twistd's log goes to ``server.log_path``;
+``hostname = "mx.test"`` works too).  ``python_path`` puts folders in front of
+the server's ``PYTHONPATH`` (a folder holding ``mailstack/plugins/<check>.py``
+adds a check plugin).  twistd's log goes to ``server.log_path``;
 its stdout and stderr to ``server.output_path``; both are in the failure message
 when the server does not come up.
 """
@@ -71,27 +73,30 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def dump_toml(doc: dict[str, Any]) -> str:
-    """Enough TOML for a mailstack config: top-level scalars, then one-level tables."""
+def dump_toml(doc: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for a mailstack config: scalars, then tables (nested ones as ``[a.b]``)."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
     for name, table in doc.items():
         if isinstance(table, dict):
-            lines.append(f"\n[{name}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+            lines.append(f"\n[{prefix}{name}]")
+            lines.append(dump_toml(table, f"{prefix}{name}.").rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
-def _clean_env() -> dict[str, str]:
+def _clean_env(python_path: tuple[str, ...] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MAILSTACK_CONFIG", None)
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*python_path, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 class Server:
     """One mailstack server process with its own config, data and ports."""
 
-    def __init__(self, tmp_path: Any, extra_toml: str = "") -> None:
+    def __init__(self, tmp_path: Any, extra_toml: str = "", python_path: tuple[str, ...] = ()) -> None:
         self.root = str(tmp_path)
+        self.python_path = tuple(python_path)
         self.data_dir = os.path.join(self.root, "data")
         self.config_path = os.path.join(self.root, "mailstack.toml")
         self.log_path = os.path.join(self.root, "twistd.log")
@@ -164,7 +169,7 @@ class Server:
         log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.output_path, "ab") as out:
             self.process = subprocess.Popen(
-                self.command(), cwd=self.root, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT
+                self.command(), cwd=self.root, env=_clean_env(self.python_path), stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
         waiting = dict(self.ports)
@@ -251,7 +256,7 @@ class Server:
             capture_output=True,
             text=not isinstance(input, bytes),
             cwd=self.root,
-            env=_clean_env(),
+            env=_clean_env(self.python_path),
             timeout=timeout,
         )
 

@@ -164,7 +164,12 @@ class FakeIncoming:
     def write(self, data: bytes) -> None:
         self.data += data
 
-    def finish(self) -> Deferred:
+    def message(self) -> Any:
+        from tests.smtp.support import FakeMessage
+
+        return FakeMessage(self.data)
+
+    def finish(self, changes: Any = None) -> Deferred:
         if self.intake.fail_next:
             self.intake.fail_next -= 1
             return fail(TemporaryFailure(Reply(451, "4.3.0", "try later")))

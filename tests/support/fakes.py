@@ -3,6 +3,8 @@ against the interface it stands for."""
 
 from __future__ import annotations
 
+import io
+
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +19,12 @@ from zope.interface import implementer
 from mailstack.address import Address, mailbox_components
 from mailstack.envelope import Destination
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
+from mailstack.headers import HeaderReader
 from mailstack.interfaces import (
     IAliasDB,
     IIncoming,
     IIntake,
+    IMessage,
     ILoginThrottle,
     ILoginTicket,
     IRouter,
@@ -190,7 +194,11 @@ class FakeIncoming:
         assert not self.aborted
         self.chunks.append(data)
 
-    def finish(self) -> Deferred:
+    def message(self) -> IMessage:
+        return FakeMessage(self.data)
+
+    def finish(self, changes: Any = None) -> Deferred:
+        self.changes = changes
         if self.intake.manual:
             self.finished = Deferred()
             return self.finished
@@ -207,6 +215,22 @@ class FakeIncoming:
 
     def abort(self) -> None:
         self.aborted = True
+
+
+@implementer(IMessage)
+class FakeMessage:
+    """The checks' view of a FakeIncoming's bytes: header fields, no thread pool."""
+
+    def __init__(self, data: bytes) -> None:
+        reader = HeaderReader()
+        reader.feed(data)
+        reader.end()
+        self.header = reader.fields
+        self.size = len(data)
+        self._data = data
+
+    def run_blocking(self, reader: Any) -> Deferred:
+        return succeed(reader(io.BytesIO(self._data)))
 
 
 @implementer(IIntake)

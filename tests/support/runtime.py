@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
+from mailstack.pipeline import Pipeline
 from mailstack.runtime import Runtime
 from tests.support.fakes import (
     FakeAliases,
@@ -26,9 +27,10 @@ def fake_runtime(config: Any, root: str = "", **parts: Any) -> Runtime:
     ``parts`` replace single fakes (``throttle=FakeThrottle(delay=2.0)``);
     ``root`` is where ``FakeMaildirs`` puts mailboxes.
     """
+    clock = Clock()
     fields: dict[str, Any] = {
         "config": config,
-        "reactor": Clock(),
+        "reactor": clock,
         "run_blocking": run_blocking,
         "users": None,
         "aliases": FakeAliases(),
@@ -40,6 +42,7 @@ def fake_runtime(config: Any, root: str = "", **parts: Any) -> Runtime:
         "intake": FakeIntake(),
         "manager": None,
         "maildirs": FakeMaildirs(os.path.join(root, "mail")),
+        "pipeline": Pipeline([], clock),
     }
     fields.update(parts)
     return Runtime(**fields)

@@ -1,0 +1,1 @@
+"""The built-in message checks, one module each; ``mailstack.plugins`` makes them available."""
