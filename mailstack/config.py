@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ENV_VAR = "MAILSTACK_CONFIG"
 

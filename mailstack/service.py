@@ -28,7 +28,8 @@ TCP_NODELAY is set by the protocols themselves (``smtp/server.py``,
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -195,7 +196,8 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
-    manager = QueueManager(store, local, remote.build(config, reactor, run_blocking), reactor, config, run_blocking, router=router)
+    agent = remote.build(config, reactor, run_blocking)
+    manager = QueueManager(store, local, agent, reactor, config, run_blocking, router=router)
     intake = Intake(config, store, manager, run_blocking, reactor)
     manager.intake = intake
     runtime = Runtime(

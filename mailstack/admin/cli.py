@@ -23,7 +23,8 @@ import getpass
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from mailstack import config as configmod
 from mailstack.address import AddressError, mailbox_components, parse_address

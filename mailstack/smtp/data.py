@@ -34,7 +34,7 @@ Rules, chosen against SMTP smuggling (``anchors.md`` section 5):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 TERMINATOR = b"\r\n.\r\n"
 _CRLF = b"\r\n"
