@@ -123,6 +123,22 @@ def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
     return tls, users, aliases
 
 
+def raise_listen_errors(svc: StreamServerEndpointService) -> bool:
+    """Make ``svc.privilegedStartService`` raise when its port cannot be bound.
+
+    Then the start fails (twistd exits non-zero) rather than running without
+    the listener.  The switch is the private ``_raiseSynchronously`` (Twisted
+    has it since 10.2 and uses it for ``twistd``'s own ``--port`` options); if a
+    release drops it, Twisted's default applies (the error is logged and the
+    other listeners run), this returns False, and
+    ``tests/test_twisted_internals.py`` fails.
+    """
+    if "_raiseSynchronously" not in vars(StreamServerEndpointService):
+        return False
+    svc._raiseSynchronously = True
+    return True
+
+
 class MailService(MultiService):
     """The whole server; see the module docstring for start and stop order."""
 
@@ -143,9 +159,7 @@ class MailService(MultiService):
         endpoint = serverFromString(self.runtime.reactor, endpoint_string)
         served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
         svc = StreamServerEndpointService(endpoint, served)
-        # Fail the start (twistd exits non-zero) if the port cannot be bound,
-        # rather than running without the listener.
-        svc._raiseSynchronously = True
+        raise_listen_errors(svc)
         svc.setServiceParent(self)
         self.described.append((kind, description))
         self.listeners.append(svc)
