@@ -11,7 +11,7 @@ back to back, so that the load of a shared machine drifts little within a pair;
 only one server is ever under load.  Everything is torn down on exit, failures included.  Needs root for the
 reference servers; without Postfix/Dovecot (or root) their side shows ``n/a``.
 
-Workloads (issue 7), ~4 KB messages, one per connection:
+Workloads, ~4 KB messages, one per connection:
 
 * accept + Maildir delivery with 10 and 50 concurrent sessions: msg/s from the
   first connection until the last acknowledged message is in its Maildir,

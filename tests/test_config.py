@@ -42,7 +42,7 @@ class LoadTests(SynchronousTestCase):
         self.assertIn(path, message)
 
     def test_defaults(self):
-        """No file: the embedded defaults of interface.md."""
+        """No file: the embedded defaults README documents."""
         cfg = config.load(None, environ={})
         self.assertEqual(cfg.hostname, "localhost")
         self.assertEqual(cfg.domains.local, ("localhost",))

@@ -5,7 +5,7 @@ Works whether or not the server runs: it edits the same files the server
 reads (``auth/userdb.py``, ``auth/aliases.py``), under the same locks, and the
 server notices the change on its next lookup.
 
-Exit status (interface.md): 0 success; 1 a refused request, with one line on
+Exit status (as README documents): 0 success; 1 a refused request, with one line on
 stderr (unknown user, bad or unsafe address, user exists, bad config); 2 bad
 usage (argparse).
 

@@ -1,4 +1,4 @@
-"""End to end: abuse limits of a real ``twistd mailstack`` (issue 6, deliverable 4).
+"""End to end: abuse limits of a real ``twistd mailstack``.
 
 One server for the module with small limits: 40 connections per IP, 400 in
 all, an 8 s command timeout, 8 errors per session, AUTH failure delay 100 ms

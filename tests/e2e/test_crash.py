@@ -1,4 +1,4 @@
-"""End to end: crash safety under SIGKILL (issue 6, deliverable 1).
+"""End to end: crash safety under SIGKILL.
 
 ``test_killRoundsLoseNothing``: ten smtplib connections send a steady load to
 the MX listener of a real ``twistd mailstack``: half the messages go to a local

@@ -1,4 +1,4 @@
-"""End to end: resource faults against a real ``twistd mailstack`` (issue 6, deliverable 2).
+"""End to end: resource faults against a real ``twistd mailstack``.
 
 * Disk full: data_dir on a small tmpfs the test mounts (root only; skipped
   with the reason otherwise).  Filling it makes DATA answer 452 4.3.1 with

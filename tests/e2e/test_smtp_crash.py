@@ -1,4 +1,4 @@
-"""End to end: SIGKILL during an SMTP load loses no message that got 250 (issue 3 acceptance)."""
+"""End to end: SIGKILL during an SMTP load loses no message that got 250."""
 
 from __future__ import annotations
 
