@@ -68,7 +68,8 @@ def test_sigkillUnderLoadLosesNoAcceptedMessage(tmp_path):
         while missing and time.monotonic() < deadline:
             time.sleep(0.2)
             missing = accepted - delivered_markers(server, "alice@localhost")
-        assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}\n{server.diagnostics()}"
+        lost = f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
+        assert not missing, f"{lost}\n{server.diagnostics()}"
         server.stop()
     finally:
         server.kill()
