@@ -25,6 +25,7 @@ With no file, the embedded defaults apply: hostname ``localhost``, local domain
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -343,8 +344,28 @@ class Config:
 
 
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
-# Section name -> its dataclass, read from Config's annotations.
-SECTION_CLASSES: dict[str, type] = {s: get_type_hints(Config)[s] for s in SECTIONS}
+
+
+def _section_classes() -> dict[str, type]:
+    """Section name -> its dataclass, read from Config's annotations.
+
+    Fails at import, naming what is missing, if KEYS and the dataclasses
+    disagree (a key added to one and not the other).
+    """
+    hints = get_type_hints(Config)
+    classes: dict[str, type] = {}
+    for section in SECTIONS:
+        if section not in hints:
+            raise TypeError(f"config: [{section}] is in KEYS but Config has no field {section!r}")
+        classes[section] = hints[section]
+        declared = [k.name for k in KEYS if k.section == section]
+        fields = [f.name for f in dataclasses.fields(classes[section])]
+        if fields != declared:
+            raise TypeError(f"config: {classes[section].__name__} fields {fields} != KEYS [{section}] {declared}")
+    return classes
+
+
+SECTION_CLASSES = _section_classes()
 
 
 def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
