@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
 """The one object that ties the server's parts together.
 
-``service.build_runtime`` creates it once per process (``tap.makeService``) and
+``service.make_service`` creates it once per process (``tap.makeService``) and
 hands it to every listener factory, so protocols reach the user database, the
 router, the intake and the TLS settings through one argument instead of a
 dozen.  It holds references only; it does no work of its own.

@@ -44,6 +44,7 @@ from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
+from mailstack.config import Config
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
 from mailstack.intake import Intake
@@ -101,7 +102,7 @@ class ThreadPoolService(Service):
         self.pool.stop()  # joins: blocking calls in progress (fsync) complete
 
 
-def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
+def load_parts(config: Config) -> tuple[TLSConfig, UserDB, AliasDB]:
     """The blocking, fallible start-up work, done before the reactor runs.
 
     Creates ``data_dir``, loads or generates the certificate, reads the user and
@@ -185,7 +186,7 @@ class MailService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        grace = float(self.runtime.config.smtp.shutdown_grace)
+        grace = self.runtime.config.smtp.shutdown_grace
         await gatherResults([maybeDeferred(s.stopService) for s in self.listeners if s.running])
         self.log.info("stopped listening; draining sessions for up to {grace}s", grace=grace)
         drains = [f.drain(grace) for f in self.factories if callable(getattr(f, "drain", None))]
@@ -197,7 +198,7 @@ class MailService(MultiService):
         self.log.info("stopped")
 
 
-def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
+def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
     """Build the runtime and the service tree (nothing listens until started).
 
     The constructors are those of docs/design.rst.  The intake needs the queue

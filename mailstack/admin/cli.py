@@ -40,7 +40,7 @@ class Refused(Exception):
     """A request the command refuses: exit 1 with this one line on stderr."""
 
 
-def user_key(config: Any, text: str) -> str:
+def user_key(config: configmod.Config, text: str) -> str:
     """The key of a would-be user: a valid, path-safe address in a local domain."""
     try:
         address = parse_address(text)
@@ -63,15 +63,15 @@ def address_key(text: str) -> str:
     return key
 
 
-def users_of(config: Any) -> UserDB:
+def users_of(config: configmod.Config) -> UserDB:
     return UserDB(os.path.join(config.data_dir, "users.json"))
 
 
-def aliases_of(config: Any) -> AliasDB:
+def aliases_of(config: configmod.Config) -> AliasDB:
     return AliasDB(os.path.join(config.data_dir, "aliases.json"))
 
 
-def read_password(args: Any, stdin: TextIO) -> str:
+def read_password(args: argparse.Namespace, stdin: TextIO) -> str:
     """One line from stdin with ``--password-stdin``, else two matching prompts."""
     if args.password_stdin:
         password = stdin.readline().rstrip("\r\n")
@@ -87,7 +87,7 @@ def read_password(args: Any, stdin: TextIO) -> str:
 # -- handlers: (config, args) -> exit status ------------------------------------
 
 
-def user_add(config: Any, args: Any) -> int:
+def user_add(config: configmod.Config, args: argparse.Namespace) -> int:
     key = user_key(config, args.address)
     users = users_of(config)
     if users.exists(key):  # before prompting; add() checks again under the lock
@@ -100,7 +100,7 @@ def user_add(config: Any, args: Any) -> int:
     return 0
 
 
-def user_passwd(config: Any, args: Any) -> int:
+def user_passwd(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     users = users_of(config)
     if not users.exists(key):
@@ -113,7 +113,7 @@ def user_passwd(config: Any, args: Any) -> int:
     return 0
 
 
-def user_del(config: Any, args: Any) -> int:
+def user_del(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     try:
         users_of(config).delete(key)
@@ -123,7 +123,7 @@ def user_del(config: Any, args: Any) -> int:
     return 0
 
 
-def user_list(config: Any, args: Any) -> int:
+def user_list(config: configmod.Config, args: argparse.Namespace) -> int:
     users = users_of(config)
     keys = users.keys()
     if args.json:
@@ -135,7 +135,7 @@ def user_list(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_add(config: Any, args: Any) -> int:
+def alias_add(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     if not config.is_local_domain(key.rpartition("@")[2]):
         raise Refused(f"{args.address}: {key.rpartition('@')[2]} is not a local domain (domains.local)")
@@ -149,7 +149,7 @@ def alias_add(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_del(config: Any, args: Any) -> int:
+def alias_del(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     try:
         aliases_of(config).delete(key)
@@ -159,7 +159,7 @@ def alias_del(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_list(config: Any, args: Any) -> int:
+def alias_list(config: configmod.Config, args: argparse.Namespace) -> int:
     items = aliases_of(config).items()
     if args.json:
         print(json.dumps([{"address": k, "targets": v} for k, v in items], indent=2), file=args.stdout)
@@ -169,7 +169,7 @@ def alias_list(config: Any, args: Any) -> int:
     return 0
 
 
-def check_config(config: Any, args: Any) -> int:
+def check_config(config: configmod.Config, args: argparse.Namespace) -> int:
     """The config already loaded; also check a configured certificate loads."""
     if config.tls.certificate:
         try:
