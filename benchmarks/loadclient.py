@@ -143,7 +143,7 @@ async def send_one(
             writer.write(b"QUIT\r\n")
             try:
                 await asyncio.wait_for(_reply(reader), 5)
-            except (SMTPError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, SMTPError, OSError):
                 pass
             return latency
     finally:
@@ -194,7 +194,7 @@ async def run_load(
             rcpt, msgid, payload = payloads[i]
             try:
                 lat = await send_one(host, port, sender, rcpt, payload, auth_for(i) if auth_for else None, timeout)
-            except (SMTPError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, SMTPError, OSError) as e:
                 res.failed += 1
                 key = f"{type(e).__name__}: {e}"[:100]
                 res.errors[key] = res.errors.get(key, 0) + 1

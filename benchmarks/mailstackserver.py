@@ -109,7 +109,9 @@ messages_per_hour = 0
             if waiting:
                 if time.monotonic() - t0 > timeout:
                     self.kill()
-                    raise RuntimeError(f"mailstack listeners {sorted(waiting)} never accepted: " + self.diagnostics(800))
+                    raise RuntimeError(
+                        f"mailstack listeners {sorted(waiting)} never accepted: " + self.diagnostics(800)
+                    )
                 time.sleep(0.02)
         return time.monotonic() - t0
 
@@ -170,10 +172,10 @@ def fill_queue(queue_root: str, count: int, rcpt: str = "deferred@remote.test", 
     """
     import json
 
+    from msggen import make_message
+
     from mailstack.queue.entry import QueueEntry, RecipientState
     from mailstack.queue.store import QueueStore
-
-    from msggen import make_message
 
     t0 = time.monotonic()
     store = QueueStore(queue_root)

@@ -57,7 +57,8 @@ def fill_maildir(path: str, count: int, rcpt: str = "user@bench.test", uid: int 
     (a fresh file every 10,000) to it (same bytes, its own name each): ~40x faster on a busy disk, and enough for
     STAT/UIDL, which never look inside.
     Creates ``tmp/ new/ cur/``; names follow the usual ``<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>``
-    form (Dovecot's size fields; the messages have CRLF line ends, so both are the file size).  Returns the number of bytes written.  With ``uid``/``gid`` the tree is chowned
+    form (Dovecot's size fields; the messages have CRLF line ends, so both are the file size).
+    Returns the number of bytes written.  With ``uid``/``gid`` the tree is chowned
     (Dovecot's mail processes run as that user).
     """
     for sub in ("tmp", "new", "cur"):
@@ -68,6 +69,7 @@ def fill_maildir(path: str, count: int, rcpt: str = "user@bench.test", uid: int 
     total = 0
     _, template = make_message("sender@bench.test", rcpt, msgid="<TEMPLATE>")
     first = None
+    data = b""
     for i in range(count):
         # ext4 allows 65,000 links per inode: a fresh file every 10,000 leaves room
         # for the seed plus several servers' copies.
@@ -106,7 +108,7 @@ def link_maildir(src: str, dst: str) -> int:
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         os.chown(dirpath, uid, gid)
         for n in filenames:
             os.chown(os.path.join(dirpath, n), uid, gid)

@@ -280,7 +280,7 @@ def main_download(a: argparse.Namespace) -> int:
     if len(med) == 2:
         print(f"ratio mailstack/dovecot (total, median): {med['mailstack']['total'] / med['dovecot']['total']:.2f}x; "
               "per round: " + ", ".join(f"{m['total'] / d['total']:.2f}x"
-                                         for d, m in zip(res["dovecot"], res["mailstack"])))
+                                         for d, m in zip(res["dovecot"], res["mailstack"], strict=False)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"download": a.download, "rounds": res, "median": med}, f, indent=2)

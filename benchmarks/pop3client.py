@@ -46,14 +46,14 @@ class Client:
         out = []
         readline = self.f.readline
         while True:
-            l = readline()
-            if l == b".\r\n":
+            got = readline()
+            if got == b".\r\n":
                 return out
-            if not l:
+            if not got:
                 raise POP3Error(f"{line}: connection closed")
-            if l.startswith(b"."):
-                l = l[1:]
-            out.append(l)
+            if got.startswith(b"."):
+                got = got[1:]
+            out.append(got)
 
     def login(self, user: str, password: str, mech: str = "user") -> None:
         if mech == "plain":
@@ -70,7 +70,7 @@ class Client:
             self.sock.close()
 
 
-def _login_stat_uidl(c: "Client", user, password, mech) -> int:
+def _login_stat_uidl(c: Client, user, password, mech) -> int:
     """Log in, STAT and UIDL; the message count (UIDL must list them all)."""
     c.login(user, password, mech)
     n = int(c.cmd("STAT").split()[1])
@@ -87,7 +87,7 @@ def full_download(host, port, user, password, mech="user") -> dict:
         n = _login_stat_uidl(c, user, password, mech)
         total = 0
         for i in range(1, n + 1):
-            total += sum(len(l) for l in c.multi(f"RETR {i}"))
+            total += sum(len(x) for x in c.multi(f"RETR {i}"))
             c.cmd(f"DELE {i}")
         c.cmd("QUIT")
     finally:

@@ -131,7 +131,7 @@ class Sampler:
             self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

@@ -291,7 +291,9 @@ service pop3-login {{
         # The daemon keeps inherited descriptors: send its output to a file, not a pipe.
         out = os.path.join(self.root, "start.out")
         with open(out, "w") as f:
-            r = subprocess.run([_bin("dovecot"), "-c", self.conf], stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60)
+            r = subprocess.run(
+                [_bin("dovecot"), "-c", self.conf], stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60
+            )
         if r.returncode != 0:
             with open(out) as f:
                 raise RuntimeError(f"dovecot failed to start: {f.read().strip()[-500:]}")

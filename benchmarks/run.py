@@ -11,7 +11,7 @@ back to back, so that the load of a shared machine drifts little within a pair;
 only one server is ever under load.  Everything is torn down on exit, failures included.  Needs root for the
 reference servers; without Postfix/Dovecot (or root) their side shows ``n/a``.
 
-Workloads (issue 7), ~4 KB messages, one per connection:
+Workloads, ~4 KB messages, one per connection:
 
 * accept + Maildir delivery with 10 and 50 concurrent sessions: msg/s from the
   first connection until the last acknowledged message is in its Maildir,
@@ -395,7 +395,10 @@ def hotspots(raw_path: str, top: int = 10) -> dict:
     out = {}
     for name, g in groups.items():
         tot = g["samples"] or 1
-        rank = lambda d: [[k, round(100.0 * v / tot, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+
+        def rank(d: dict, tot: int = tot) -> list:
+            return [[k, round(100.0 * v / tot, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
         out[name] = {"samples": g["samples"], "self": rank(g["self"]), "inclusive": rank(g["incl"])}
     return out
 
@@ -466,7 +469,7 @@ def table(results: dict) -> str:
                      "-" if r is None else f"{r:.2f}x", target, met])
     head = ["workload", "Postfix / Dovecot", "mailstack", "ratio", "target", "met?"]
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"  # noqa: E731
     sep = "|-" + "-|-".join("-" * w for w in widths) + "-|"
     out = [line(head), sep] + [line(r) for r in rows]
     notes = []
@@ -785,7 +788,8 @@ class Run:
             last = cur
             time.sleep(0.2)
         res["queue_start"]["loaded_s"] = loaded_s  # until the manager had scanned every envelope
-        res["queue_rss"] = {"value": round(peak / 1e6, 1), "unit": "MB", "settled_after_s": round(time.monotonic() - t0, 1)}
+        settled = round(time.monotonic() - t0, 1)
+        res["queue_rss"] = {"value": round(peak / 1e6, 1), "unit": "MB", "settled_after_s": settled}
         log(f"  start {start:.2f} s, RSS {peak / 1e6:.0f} MB; timing queue list")
         t0 = time.monotonic()
         r = ms.admin("queue", "list", timeout=300)
@@ -853,7 +857,7 @@ def _read(path: str) -> str:
 
 
 def _last_line(text: str) -> str:
-    lines = [l for l in text.strip().splitlines() if l.strip()]
+    lines = [x for x in text.strip().splitlines() if x.strip()]
     return lines[-1].strip()[:200] if lines else "(no output)"
 
 
@@ -882,7 +886,8 @@ def main(argv=None) -> int:
                    help="put the 100k-message queue on /dev/shm (bounded set-up time on a busy disk)")
     p.add_argument("--quick", action="store_true", help="tens of messages; skip 50k/100k/30 MB workloads")
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("--profile", metavar="DIR", help="py-spy profiles of mailstack: during the 50-session run, and an extra POP3 download")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy profiles of mailstack: during the 50-session run, and an extra POP3 download")
     p.add_argument("--workdir", default=None, help="parent of the temp folder (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, configs)")
     p.add_argument("--skip-reference", action="store_true")
@@ -916,7 +921,8 @@ def report(results: dict, a) -> None:
             g = prof.get(group)
             if not g:
                 continue
-            busy = f", ~{100.0 * g['samples'] / (prof['rate_hz'] * secs):.0f}% of the run" if secs and group == "reactor" else ""
+            share = 100.0 * g["samples"] / (prof["rate_hz"] * secs) if secs else 0
+            busy = f", ~{share:.0f}% of the run" if secs and group == "reactor" else ""
             print(f"  {group} thread{'s' if group == 'pool' else ''}: {g['samples']} samples{busy}")
             print("    self:      " + "; ".join(f"{k} {v}%" for k, v in g["self"][:8]))
             print("    inclusive: " + "; ".join(f"{k} {v}%" for k, v in g["inclusive"][:8]))

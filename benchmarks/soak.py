@@ -3,7 +3,7 @@
 Every interval (default 60 s) it samples the server's RSS (/proc/<pid>/status),
 open file descriptors (/proc/<pid>/fd), threads, and the latency of the traffic
 of that interval, and prints one row; a flat RSS and fd count and a stable
-latency are what "load held" means (issue 6).  At the end it checks that every
+latency are what "load held" means.  At the end it checks that every
 message that got 250 was either retrieved over POP3 or is still in a Maildir,
 and that the queue is empty.
 

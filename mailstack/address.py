@@ -35,8 +35,9 @@ MAX_PATH = 256
 
 def normalize_domain(text: str) -> str:
     """Lowercase A-label form of a domain; address literals are kept as written."""
-    if _IPV4.match(text):
-        if any(int(p) > 255 for p in _IPV4.match(text).groups()):
+    v4 = _IPV4.match(text)
+    if v4:
+        if any(int(p) > 255 for p in v4.groups()):
             raise AddressError(f"bad address literal {text!r}")
         return text
     if _IPV6.match(text):

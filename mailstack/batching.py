@@ -8,7 +8,8 @@ directory fsync, and the batch size follows the load with no timer.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
@@ -30,7 +31,7 @@ class GroupCommit:
     """
 
     def __init__(
-        self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], then: "GroupCommit | None" = None
+        self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], then: GroupCommit | None = None
     ) -> None:
         self._run_blocking = run_blocking
         self._publish = publish
@@ -74,7 +75,7 @@ class GroupCommit:
                 for _, d in batch:
                     d.errback(results)
                 return
-            for (_, d), result in zip(batch, results):
+            for (_, d), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     d.errback(Failure(result))
                 else:

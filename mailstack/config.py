@@ -1,10 +1,23 @@
 # -*- test-case-name: tests.test_config -*-
 """Configuration: one TOML file loaded into frozen value objects.
 
-Every key is declared once in ``KEYS`` below with its type, default and a one-line
-doc; ``etc/mailstack.toml`` and README's config reference are checked against the
-declarations by the tests.  Errors name the key and the file in one line
-(``ConfigError``); nothing here ever raises a traceback at a user.
+Every key is declared once in ``KEYS`` below with its parser, default and a
+one-line doc; ``etc/mailstack.toml`` and README's config reference are checked
+against the declarations by the tests.  Errors name the key and the file in one
+line (``ConfigError``); nothing here ever raises a traceback at a user.
+
+Each section is an explicit frozen dataclass (``RelaySection`` ...), so that
+``config.relay.port`` is an ``int`` to the type checker.  Adding a key is two
+lines: its ``Key(...)`` line in ``KEYS`` and a field of the same name, typed as
+the parser's return type, at the same position in the section's dataclass
+(plus its line in ``etc/mailstack.toml`` and its row in README's table, which the
+tests demand).  ``tests/test_config.py`` checks that the dataclasses and ``KEYS``
+agree exactly.  A new section is a new dataclass and a ``Config`` field named
+after it.
+
+Parsers take the raw TOML value and return the field's value or raise
+ValueError with the message users see.  Path keys (``_path``) are resolved
+against the config file's folder by ``from_mapping``.
 
 With no file, the embedded defaults apply: hostname ``localhost``, local domain
 ``localhost``, data in ``./mailstack-data`` and loopback listeners on high ports.
@@ -12,11 +25,13 @@ With no file, the embedded defaults apply: hostname ``localhost``, local domain
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, get_type_hints
 
 ENV_VAR = "MAILSTACK_CONFIG"
 
@@ -41,62 +56,61 @@ def parse_duration(value: Any) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def _duration(value: Any, base: str) -> float:
+def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
-def _optional_duration(value: Any, base: str) -> float | None:
+def _optional_duration(value: Any) -> float | None:
     if value == "":
         return None
     return parse_duration(value)
 
 
-def _durations(value: Any, base: str) -> tuple[float, ...]:
+def _durations(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty list of durations")
     return tuple(parse_duration(v) for v in value)
 
 
-def _str(value: Any, base: str) -> str:
+def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
     return value
 
 
-def _int(value: Any, base: str) -> int:
+def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("must be a non-negative integer")
     return value
 
 
-def _port(value: Any, base: str) -> int:
-    value = _int(value, base)
+def _port(value: Any) -> int:
+    value = _int(value)
     if not 0 < value < 65536:
         raise ValueError("must be a TCP port (1-65535)")
     return value
 
 
-def _bool(value: Any, base: str) -> bool:
+def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
     return value
 
 
-def _path(value: Any, base: str) -> str:
-    value = _str(value, base)
-    if value == "":
-        return ""
-    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+def _path(value: Any) -> str:
+    """A file name; ``from_mapping`` resolves it against the config file's folder."""
+    value = _str(value)
+    return os.path.expanduser(value) if value else ""
 
 
-def _hostname(value: Any, base: str) -> str:
-    value = _str(value, base).strip().rstrip(".").lower()
+def _hostname(value: Any) -> str:
+    value = _str(value).strip().rstrip(".").lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", value):
         raise ValueError(f"{value!r} is not a host name")
     return value
 
 
-def _domains(value: Any, base: str) -> tuple[str, ...]:
+def _domains(value: Any) -> tuple[str, ...]:
     from mailstack.address import AddressError, normalize_domain
 
     if not isinstance(value, list):
@@ -104,25 +118,25 @@ def _domains(value: Any, base: str) -> tuple[str, ...]:
     out = []
     for v in value:
         try:
-            out.append(normalize_domain(_str(v, base)))
+            out.append(normalize_domain(_str(v)))
         except AddressError as e:
             raise ValueError(str(e)) from None
     return tuple(dict.fromkeys(out))
 
 
-def _hostport(value: Any, base: str) -> str:
-    value = _str(value, base)
+def _hostport(value: Any) -> str:
+    value = _str(value)
     if value and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}", value):
         raise ValueError(f'{value!r} is not "host:port"')
     return value
 
 
-def _nameservers(value: Any, base: str) -> tuple[tuple[str, int], ...]:
+def _nameservers(value: Any) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, list):
         raise ValueError('must be a list of "ip" or "ip:port" strings')
     out = []
     for v in value:
-        v = _str(v, base)
+        v = _str(v)
         host, _, port = v.rpartition(":") if v.count(":") == 1 else (v, "", "53")
         if not host:
             host, port = v, "53"
@@ -132,18 +146,18 @@ def _nameservers(value: Any, base: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _listeners(value: Any, base: str) -> tuple[str, ...]:
+def _listeners(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError("must be a list of endpoint strings such as \"tcp:25\"")
     out = []
     for v in value:
-        v = _str(v, base)
+        v = _str(v)
         validate_endpoint(v)
         out.append(v)
     return tuple(out)
 
 
-def _check_names(value: Any, base: str) -> tuple[str, ...]:
+def _check_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", v) for v in value):
         raise ValueError('must be a list of check names such as ["loop"]')
     if len(set(value)) != len(value):
@@ -151,7 +165,7 @@ def _check_names(value: Any, base: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _tables(value: Any, base: str) -> dict[str, dict[str, Any]]:
+def _tables(value: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError("must hold one table per check: [pipeline.options.<name>]")
     return {name: dict(v) for name, v in value.items()}
@@ -180,15 +194,22 @@ def validate_endpoint(description: str) -> None:
 
 @dataclass(frozen=True)
 class Key:
+    """One config key: where it lives, how its TOML value is checked, its default and doc."""
+
     section: str  # "" for top level
     name: str
-    parse: Callable[[Any, str], Any]
-    default: Any  # raw TOML value, parsed like a configured one
+    parse: Callable[[Any], object]  # TOML value -> the field's value; ValueError if bad
+    default: object  # raw TOML value, parsed like a configured one
     doc: str
 
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.name}" if self.section else self.name
+
+    @property
+    def is_path(self) -> bool:
+        """Relative values are resolved against the folder of the config file."""
+        return self.parse is _path
 
 
 _LOOP = "interface=127.0.0.1"
@@ -233,25 +254,97 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "command_timeout", _duration, "5m", "per SMTP command at the remote (RFC 5321 4.5.3.2)"),
     Key("relay", "max_connections", _int, 100, "simultaneous outbound connections"),
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
-    Key("relay", "tls_verify", _bool, False, "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
+    Key("relay", "tls_verify", _bool, False,
+        "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
     Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
 )
 
-SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
 
 
 # -- the value objects ------------------------------------------------------
+# One frozen dataclass per section, its fields in KEYS order and typed as the
+# parser's return type (tests/test_config.py checks both against KEYS).
 
 
-def _section_class(section: str) -> type:
-    names = [k.name for k in KEYS if k.section == section]
-    return dataclass(frozen=True)(type(section.title(), (), {"__annotations__": {n: Any for n in names}}))
+@dataclass(frozen=True)
+class DomainsSection:
+    local: tuple[str, ...]
 
 
-_CLASSES = {s: _section_class(s) for s in SECTIONS}
+@dataclass(frozen=True)
+class ListenSection:
+    smtp: tuple[str, ...]
+    submission: tuple[str, ...]
+    submissions: tuple[str, ...]
+    pop3: tuple[str, ...]
+    pop3s: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    certificate: str
+    private_key: str
+
+
+@dataclass(frozen=True)
+class SMTPSection:
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    max_connections: int
+    max_connections_per_ip: int
+    max_errors: int
+    command_timeout: float
+    data_timeout: float
+    shutdown_grace: float
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    plaintext_on_loopback: bool
+    failure_delay: float
+    max_failure_delay: float
+    lockout_failures: int
+    lockout_time: float
+
+
+@dataclass(frozen=True)
+class POP3Section:
+    idle_timeout: float
+    max_connections: int
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    port: int
+    nameservers: tuple[tuple[str, int], ...]
+    smarthost: str
+    smarthost_user: str
+    smarthost_password_file: str
+    source_address: str
+    retry_intervals: tuple[float, ...]
+    max_queue_lifetime: float
+    delay_warning_after: float | None
+    connect_timeout: float
+    command_timeout: float
+    max_connections: int
+    max_per_domain: int
+    tls_verify: bool
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    messages_per_hour: int
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    checks: tuple[str, ...]
+    options: dict[str, dict[str, Any]]
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -260,19 +353,44 @@ class Config:
 
     hostname: str
     data_dir: str
-    domains: Any
-    listen: Any
-    tls: Any
-    smtp: Any
-    auth: Any
-    pop3: Any
-    relay: Any
-    limits: Any
-    pipeline: Any
+    domains: DomainsSection
+    listen: ListenSection
+    tls: TLSSection
+    smtp: SMTPSection
+    auth: AuthSection
+    pop3: POP3Section
+    relay: RelaySection
+    limits: LimitsSection
+    pipeline: PipelineSection
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.domains.local
+
+
+SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
+
+
+def _section_classes() -> dict[str, type]:
+    """Section name -> its dataclass, read from Config's annotations.
+
+    Fails at import, naming what is missing, if KEYS and the dataclasses
+    disagree (a key added to one and not the other).
+    """
+    hints = get_type_hints(Config)
+    classes: dict[str, type] = {}
+    for section in SECTIONS:
+        if section not in hints:
+            raise TypeError(f"config: [{section}] is in KEYS but Config has no field {section!r}")
+        classes[section] = hints[section]
+        declared = [k.name for k in KEYS if k.section == section]
+        fields = [f.name for f in dataclasses.fields(classes[section])]
+        if fields != declared:
+            raise TypeError(f"config: {classes[section].__name__} fields {fields} != KEYS [{section}] {declared}")
+    return classes
+
+
+SECTION_CLASSES = _section_classes()
 
 
 def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
@@ -313,16 +431,20 @@ def from_mapping(raw: Mapping[str, Any], source: str = "", base: str = ".") -> C
     for key in KEYS:
         raw_value = values.get(key.dotted, key.default)
         try:
-            parsed[key.dotted] = key.parse(raw_value, base)
+            value = key.parse(raw_value)
         except ValueError as e:
             raise ConfigError(f"{where}: {key.dotted}: {e}") from None
+        if key.is_path and isinstance(value, str) and value:
+            value = os.path.normpath(os.path.join(base, value))
+        parsed[key.dotted] = value
     top = {k.name: parsed[k.dotted] for k in KEYS if not k.section}
     sections = {
-        s: _CLASSES[s](**{k.name: parsed[k.dotted] for k in KEYS if k.section == s}) for s in SECTIONS
+        s: SECTION_CLASSES[s](**{k.name: parsed[k.dotted] for k in KEYS if k.section == s}) for s in SECTIONS
     }
     tls = sections["tls"]
+    assert isinstance(tls, TLSSection)
     if tls.certificate and not tls.private_key:
-        sections["tls"] = _CLASSES["tls"](certificate=tls.certificate, private_key=tls.certificate)
-    if bool(tls.private_key) and not tls.certificate:
+        sections["tls"] = replace(tls, private_key=tls.certificate)
+    if tls.private_key and not tls.certificate:
         raise ConfigError(f"{where}: tls.certificate: required when tls.private_key is set")
     return Config(source=source, **top, **sections)

@@ -12,36 +12,27 @@ kernel does not take, and every case this module does not know (TLS, test
 transports, a connection being closed), goes through ``transport.write``,
 so Twisted's buffering, back-pressure (a streaming producer is paused by it
 as usual) and error reporting stay as they are.
+
+The test of "nothing pending" reads private attributes of ``tcp.Server``; it
+is all in ``_idle_socket``, which answers "not idle" (so: ``transport.write``)
+if a Twisted release renames any of them, and
+``tests/test_twisted_internals.py`` fails loudly when that happens.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
 
 
 def send(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, straight to the socket if nothing is pending.
-
-    Only a plain ``tcp.Server`` qualifies: its unsent output lives in
-    ``dataBuffer`` and ``_tempDataLen``, both empty here, so nothing written
-    earlier can be overtaken, and anything written later queues behind the
-    remainder.  After ``startTLS`` (``transport.TLS``) bytes must go through
-    the TLS layer; after ``loseConnection`` or ``loseWriteConnection`` the
-    transport decides what still goes out.
-    """
-    if (
-        type(transport) is tcp.Server
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    ):
+    """``transport.write(data)``, straight to the socket if nothing is pending."""
+    sock = _idle_socket(transport)
+    if sock is not None:
         try:
-            sent = transport.socket.send(data)
+            sent = sock.send(data)
         except OSError:
             # EAGAIN, EINTR, or a dead peer: the transport meets the same
             # condition when it writes, and reports it its usual way.
@@ -50,3 +41,30 @@ def send(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def _idle_socket(transport: Any) -> socket.socket | None:
+    """The socket of a plain ``tcp.Server`` with no unsent output, else None.
+
+    Its unsent output lives in ``dataBuffer`` and ``_tempDataLen``, both empty
+    here, so nothing written earlier can be overtaken, and anything written
+    later queues behind the remainder.  After ``startTLS`` (``transport.TLS``)
+    bytes must go through the TLS layer; after ``loseConnection`` or
+    ``loseWriteConnection`` the transport decides what still goes out.
+    """
+    if type(transport) is not tcp.Server:
+        return None
+    try:
+        if (
+            transport.TLS
+            or not transport.connected
+            or transport.disconnecting
+            or transport._writeDisconnecting
+            or transport.dataBuffer
+            or transport._tempDataLen
+        ):
+            return None
+        sock: socket.socket = transport.socket
+    except AttributeError:  # a Twisted release without these internals: plain writes
+        return None
+    return sock

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_intake,tests.test_routing -*-
 """Value objects handed from an SMTP session (or the DSN builder) to the intake."""
 
 from __future__ import annotations

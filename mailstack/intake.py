@@ -84,12 +84,9 @@ from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
 from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake, IMessage
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
+from mailstack.smtp.replies import DISK_FULL, HEADER_TOO_BIG
+from mailstack.smtp.replies import LOCAL_ERROR as COMMIT_FAILED
 from mailstack.storage import fsutil
-
-# RFC 5321 section 4.2.3 reply texts; the details go to the log only.
-COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
-DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too big")
 
 # Bytes of a message held in memory before it is streamed to queue/tmp/<id>:
 # the write buffer such a file would have anyway, so memory per session is bounded.

@@ -47,12 +47,9 @@ from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.envelope import Destination
-from mailstack.errors import PermanentFailure, Reply
+from mailstack.errors import PermanentFailure
 from mailstack.interfaces import IRouter
-
-UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
-RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
-ALIAS_LOOP = Reply(550, "5.4.6", "Routing loop detected")
+from mailstack.smtp.replies import ALIAS_LOOP, RELAY_DENIED, UNKNOWN_USER
 
 
 @implementer(IRouter)

@@ -10,7 +10,8 @@ shares (connection caps, the sending rate); it does no work of its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer

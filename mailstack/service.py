@@ -28,7 +28,8 @@ when a connection is admitted); a wrapping protocol here would hide
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -45,6 +46,7 @@ from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
+from mailstack.config import Config
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
 from mailstack.intake import Intake
@@ -103,7 +105,7 @@ class ThreadPoolService(Service):
         self.pool.stop()  # joins: blocking calls in progress (fsync) complete
 
 
-def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
+def load_parts(config: Config) -> tuple[TLSConfig, UserDB, AliasDB]:
     """The blocking, fallible start-up work, done before the reactor runs.
 
     Creates ``data_dir``, loads or generates the certificate, reads the user and
@@ -123,6 +125,22 @@ def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
     if secret and not os.access(secret, os.R_OK):
         raise StartupError(f"{secret}: relay.smarthost_password_file cannot be read")
     return tls, users, aliases
+
+
+def raise_listen_errors(svc: StreamServerEndpointService) -> bool:
+    """Make ``svc.privilegedStartService`` raise when its port cannot be bound.
+
+    Then the start fails (twistd exits non-zero) rather than running without
+    the listener.  The switch is the private ``_raiseSynchronously`` (Twisted
+    has it since 10.2 and uses it for ``twistd``'s own ``--port`` options); if a
+    release drops it, Twisted's default applies (the error is logged and the
+    other listeners run), this returns False, and
+    ``tests/test_twisted_internals.py`` fails.
+    """
+    if "_raiseSynchronously" not in vars(StreamServerEndpointService):
+        return False
+    svc._raiseSynchronously = True
+    return True
 
 
 class MailService(MultiService):
@@ -147,9 +165,7 @@ class MailService(MultiService):
         endpoint = serverFromString(self.runtime.reactor, endpoint_string)
         served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
         svc = StreamServerEndpointService(endpoint, served)
-        # Fail the start (twistd exits non-zero) if the port cannot be bound,
-        # rather than running without the listener.
-        svc._raiseSynchronously = True
+        raise_listen_errors(svc)
         svc.setServiceParent(self)
         self.described.append((kind, description))
         self.listeners.append(svc)
@@ -175,7 +191,7 @@ class MailService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        grace = float(self.runtime.config.smtp.shutdown_grace)
+        grace = self.runtime.config.smtp.shutdown_grace
         await gatherResults([maybeDeferred(s.stopService) for s in self.listeners if s.running])
         self.log.info("stopped listening; draining sessions for up to {grace}s", grace=grace)
         drains = [f.drain(grace) for f in self.factories]
@@ -187,7 +203,7 @@ class MailService(MultiService):
         self.log.info("stopped")
 
 
-def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
+def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
     """Build the runtime and the service tree (nothing listens until started).
 
     StartupError if the message checks of ``[pipeline]`` cannot be built.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -71,7 +72,22 @@ def install_sigterm(reactor: Any) -> None:
         reactor.callFromThread(reactor.stop)
 
     signal.signal(signal.SIGTERM, handler)
-    reactor.sigTerm = handler
+    _replace_reactor_sigterm(reactor, handler)
+
+
+def _replace_reactor_sigterm(reactor: Any, handler: Callable[[int, Any], None]) -> None:
+    """Make ``handler`` the SIGTERM handler the reactor installs when it starts.
+
+    ``sigTerm`` is the reactor method its signal set-up installs (not an
+    interface); ``tests/test_service.py`` checks that Twisted still does so, and
+    ``tests/test_twisted_internals.py`` that the method exists.  Without it,
+    the handler is installed again once the reactor runs: correct from then on,
+    with a short start-up window in which the reactor's own handler is active.
+    """
+    if callable(getattr(reactor, "sigTerm", None)):
+        reactor.sigTerm = handler
+    else:
+        reactor.callWhenRunning(signal.signal, signal.SIGTERM, handler)
 
 
 # glibc mallopt parameter: allocations at least this big are mmapped.

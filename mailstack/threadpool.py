@@ -1,26 +1,21 @@
 # -*- test-case-name: tests.test_threadpool -*-
 """The threads behind ``run_blocking``: one shared queue, results back by ``callFromThread``.
 
-Why not ``twisted.python.threadpool.ThreadPool``: each of its calls goes
-through the ``Team`` coordinator (a lock worker, a queue per worker thread, a
-captured log context).  A micro-benchmark measured about 35 us of
-reactor-thread CPU per call there against about 15 us here, and the intake
-makes several calls per message while the reactor thread is what limits
-throughput (issue 7).  A busy worker also takes the next task from the shared
-queue without being woken, where the Team wakes an idle worker per task.
-
-The workers run under ``SCHED_BATCH`` (Linux): a woken worker then does not
-preempt the reactor thread, which holds the GIL the worker needs anyway; under
-the benchmark load that halved the reactor thread's involuntary context
-switches per message (about 4.5 to 2.5).
+Smaller than ``twisted.python.threadpool.ThreadPool`` + ``deferToThreadPool``
+(no ``Team`` coordinator, no worker wake-up per task while workers are busy),
+because the reactor thread's CPU per hand-off limits throughput; and its
+workers run under ``SCHED_BATCH`` on Linux so that a woken worker does not
+preempt the reactor thread.  The measurements and the trade-offs are in
+docs/threadpool.rst.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure

@@ -12,3 +12,14 @@ def _scratch_cwd(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+_E2E = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e") + os.sep
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e starts a real ``twistd``: mark it ``e2e`` so
+    that ``pytest -m "not e2e"`` runs the unit tests alone."""
+    for item in items:
+        if str(item.path).startswith(_E2E):
+            item.add_marker(pytest.mark.e2e)

@@ -46,7 +46,8 @@ class ParseTests(SynchronousTestCase):
         """Local part over 64 octets and paths over 256 are refused (4.5.3.1)."""
         self.assertRaises(AddressError, parse_address, "a" * 65 + "@example.org")
         parse_address("a" * 64 + "@example.org")
-        self.assertRaises(AddressError, parse_path, "<" + "a" * 60 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".eeee.org>")
+        too_long = "<" + "a" * 60 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".eeee.org>"
+        self.assertRaises(AddressError, parse_path, too_long)
 
     def test_controlCharacters(self):
         """NUL, CR, LF and other controls are refused anywhere."""

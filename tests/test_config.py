@@ -1,7 +1,9 @@
 """Tests for mailstack.config, and that the docs mention every key."""
 
+import dataclasses
 import os
 import re
+import typing
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -40,7 +42,7 @@ class LoadTests(SynchronousTestCase):
         self.assertIn(path, message)
 
     def test_defaults(self):
-        """No file: the embedded defaults of interface.md."""
+        """No file: the embedded defaults README documents."""
         cfg = config.load(None, environ={})
         self.assertEqual(cfg.hostname, "localhost")
         self.assertEqual(cfg.domains.local, ("localhost",))
@@ -111,6 +113,42 @@ class LoadTests(SynchronousTestCase):
         """An empty listener list is allowed (the service is off)."""
         cfg = config.load(self.write("[listen]\npop3 = []\n"))
         self.assertEqual(cfg.listen.pop3, ())
+
+
+class DeclarationTests(SynchronousTestCase):
+    """The section dataclasses and KEYS declare the same keys with the same types."""
+
+    def assertMatches(self, cls, keys, skip=()):
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+        self.assertEqual(names, [k.name for k in keys], cls.__name__)
+        for key in keys:
+            self.assertEqual(hints[key.name], typing.get_type_hints(key.parse)["return"], key.dotted)
+
+    def test_sectionClassesMatchKeys(self):
+        """Each section's dataclass has exactly its KEYS, in order, typed as the parser returns."""
+        for section in config.SECTIONS:
+            cls = config.SECTION_CLASSES[section]
+            self.assertTrue(dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, section)
+            self.assertMatches(cls, [k for k in KEYS if k.section == section])
+
+    def test_configMatchesKeys(self):
+        """Config has the top-level keys and one field per section, and nothing else but ``source``."""
+        self.assertMatches(config.Config, [k for k in KEYS if not k.section], skip={*config.SECTIONS, "source"})
+        sections = [f.name for f in dataclasses.fields(config.Config) if f.name in config.SECTIONS]
+        self.assertEqual(sections, list(config.SECTIONS))
+        self.assertEqual(
+            {f.name for f in dataclasses.fields(config.Config)},
+            {k.name for k in KEYS if not k.section} | set(config.SECTIONS) | {"source"},
+        )
+
+    def test_typedSections(self):
+        """A loaded config holds the declared section classes with parsed values."""
+        cfg = config.load(None, environ={})
+        self.assertIsInstance(cfg.relay, config.RelaySection)
+        self.assertIsInstance(cfg.relay.port, int)
+        self.assertEqual(cfg.relay.retry_intervals[0], 60.0)
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, cfg.relay, "port", 26)
 
 
 class DocsTests(SynchronousTestCase):

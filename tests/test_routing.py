@@ -157,7 +157,8 @@ class RouterTests(SynchronousTestCase):
     def test_postmasterAliasYieldingNothingFallsBack(self) -> None:
         """A postmaster alias that leads nowhere still lets postmaster@ resolve, to its own Maildir."""
         aliases = {"postmaster@example.org": ["nobody@example.org"]}
-        resolved = router(users=["bob@example.org"], aliases=aliases).resolve(parse_address("postmaster@example.org"), False)
+        postmaster = parse_address("postmaster@example.org")
+        resolved = router(users=["bob@example.org"], aliases=aliases).resolve(postmaster, False)
         self.assertEqual(finals(resolved), [("postmaster@example.org", True)])
 
     def test_postmasterUserIsItself(self) -> None:
@@ -169,7 +170,8 @@ class RouterTests(SynchronousTestCase):
 
     def test_postmasterOfRemoteDomainIsRemote(self) -> None:
         """postmaster@ a remote domain is relaying like any remote address."""
-        failure = self.assertRaises(PermanentFailure, router().resolve, parse_address("postmaster@remote.example"), False)
+        remote = parse_address("postmaster@remote.example")
+        failure = self.assertRaises(PermanentFailure, router().resolve, remote, False)
         self.assertEqual(failure.reply.enhanced, "5.7.1")
 
     def test_linearOnWideAliasGraphs(self) -> None:

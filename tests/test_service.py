@@ -3,8 +3,10 @@
 import os
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.application.service import Service
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -92,7 +94,8 @@ class MakeServiceTests(SynchronousTestCase):
         """make_service builds a Runtime providing IRuntime and one listener per string;
         an empty list builds none."""
         base = os.path.abspath(self.mktemp())
-        cfg = config.from_mapping({"data_dir": "data", "listen": {"pop3": [], "smtp": ["tcp:2525", "tcp:2526"]}}, base=base)
+        listen = {"pop3": [], "smtp": ["tcp:2525", "tcp:2526"]}
+        cfg = config.from_mapping({"data_dir": "data", "listen": listen}, base=base)
         tls, users, aliases = service.load_parts(cfg)
         svc = service.make_service(cfg, MemoryReactorClock(), tls, users, aliases)
         verifyObject(IRuntime, svc.runtime)

@@ -13,8 +13,7 @@ PROBE = textwrap.dedent(
     import sys, threading
     from mailstack.auth.userdb import _hasher
     from mailstack.tap import return_big_frees_to_the_os
-    if sys.argv[1] == "fixed":
-        assert return_big_frees_to_the_os()
+    assert return_big_frees_to_the_os()
     ph = _hasher()
     h = ph.hash("x")
     def rss():
@@ -28,8 +27,8 @@ PROBE = textwrap.dedent(
 )
 
 
-def growth(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+def growth() -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     return int(out.stdout)
 
 
@@ -39,7 +38,8 @@ class MemoryTests(SynchronousTestCase):
             self.skipTest("no glibc mallopt here")
 
     def test_passwordChecksDoNotPinMemory(self):
-        """16 threads of Argon2 checks leave RSS within 40 MB of where it was,
-        where glibc's default kept hundreds of MB in per-thread arenas."""
-        self.assertGreater(growth("default"), 100)
-        self.assertLess(growth("fixed"), 40)
+        """With the fixed mmap threshold, 16 threads of Argon2 checks (19 MiB work
+        area each) leave RSS within 40 MB of where it was.  (glibc's default dynamic
+        threshold kept hundreds of MB in per-thread arenas; how much depends on the
+        core count and ``MALLOC_ARENA_MAX``, so that side is not asserted.)"""
+        self.assertLess(growth(), 40)

@@ -8,13 +8,33 @@ thread, as the reactor would.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack import threadpool
 from mailstack.threadpool import ThreadPool
+
+
+class FakeOS:
+    """The scheduling calls of ``os`` that the pool makes: recorded, or refused like a sandbox does."""
+
+    SCHED_BATCH = 3
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[int, int, str]] = []
+        self._lock = threading.Lock()
+
+    def sched_param(self, priority: int) -> int:
+        return priority
+
+    def sched_setscheduler(self, pid: int, policy: int, param: int) -> None:
+        if self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+        with self._lock:
+            self.calls.append((pid, policy, threading.current_thread().name))
 
 
 class RecordingReactor:
@@ -103,13 +123,30 @@ class ThreadPoolTests(SynchronousTestCase):
         self.reactor.run_calls()
         self.assertEqual(self.successResultOf(d), 7)
 
-    def test_workersDoNotPreemptTheReactor(self) -> None:
-        """On Linux the pool threads run under SCHED_BATCH, so a woken worker does not preempt the reactor thread."""
-        if not hasattr(os, "SCHED_BATCH"):
-            raise self.skipTest("no SCHED_BATCH on this platform")
-        d = self.pool.run(os.sched_getscheduler, 0)
+    def test_workersAskForBatchScheduling(self) -> None:
+        """Each pool thread asks for SCHED_BATCH for itself (so a woken worker does not preempt the reactor)."""
+        fake = FakeOS()
+        self.patch(threadpool, "os", fake)
+        self.pool.start()
+        self.pool.stop()
+        self.assertEqual(len(fake.calls), 3)
+        self.assertEqual({(pid, policy) for pid, policy, _ in fake.calls}, {(0, FakeOS.SCHED_BATCH)})  # 0: itself
+        self.assertTrue(all(name.startswith("PoolThread-test-") for _, _, name in fake.calls))
+
+    def test_batchSchedulingRefused(self) -> None:
+        """Where the OS refuses SCHED_BATCH (a sandbox), the pool still runs calls."""
+        self.patch(threadpool, "os", FakeOS(refuse=True))
+        d = self.pool.run(lambda: 7)
         self.pool.start()
         self.pool.stop()
         self.reactor.run_calls()
-        self.assertEqual(self.successResultOf(d), os.SCHED_BATCH)
-        self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_BATCH)  # the caller's thread is left alone
+        self.assertEqual(self.successResultOf(d), 7)
+
+    def test_noBatchScheduling(self) -> None:
+        """Where the OS has no SCHED_BATCH (not Linux), the pool still runs calls."""
+        self.patch(threadpool, "os", object())
+        d = self.pool.run(lambda: 7)
+        self.pool.start()
+        self.pool.stop()
+        self.reactor.run_calls()
+        self.assertEqual(self.successResultOf(d), 7)

@@ -5,7 +5,7 @@ Works whether or not the server runs: it edits the same files the server
 reads (``auth/userdb.py``, ``auth/aliases.py``), under the same locks, and the
 server notices the change on its next lookup.
 
-Exit status (interface.md): 0 success; 1 a refused request, with one line on
+Exit status (as README documents): 0 success; 1 a refused request, with one line on
 stderr (unknown user, bad or unsafe address, user exists, bad config); 2 bad
 usage (argparse).
 
@@ -26,7 +26,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from mailstack import config as configmod
 from mailstack import pipeline
@@ -50,7 +51,7 @@ class Refused(Exception):
     """A request the command refuses: exit 1 with this one line on stderr."""
 
 
-def user_key(config: Any, text: str) -> str:
+def user_key(config: configmod.Config, text: str) -> str:
     """The key of a would-be user: a valid, path-safe address in a local domain."""
     try:
         address = parse_address(text)
@@ -73,15 +74,15 @@ def address_key(text: str) -> str:
     return key
 
 
-def users_of(config: Any) -> UserDB:
+def users_of(config: configmod.Config) -> UserDB:
     return UserDB(os.path.join(config.data_dir, "users.json"))
 
 
-def aliases_of(config: Any) -> AliasDB:
+def aliases_of(config: configmod.Config) -> AliasDB:
     return AliasDB(os.path.join(config.data_dir, "aliases.json"))
 
 
-def read_password(args: Any, stdin: TextIO) -> str:
+def read_password(args: argparse.Namespace, stdin: TextIO) -> str:
     """One line from stdin with ``--password-stdin``, else two matching prompts."""
     if args.password_stdin:
         password = stdin.readline().rstrip("\r\n")
@@ -97,7 +98,7 @@ def read_password(args: Any, stdin: TextIO) -> str:
 # -- handlers: (config, args) -> exit status ------------------------------------
 
 
-def user_add(config: Any, args: Any) -> int:
+def user_add(config: configmod.Config, args: argparse.Namespace) -> int:
     key = user_key(config, args.address)
     users = users_of(config)
     if users.exists(key):  # before prompting; add() checks again under the lock
@@ -110,7 +111,7 @@ def user_add(config: Any, args: Any) -> int:
     return 0
 
 
-def user_passwd(config: Any, args: Any) -> int:
+def user_passwd(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     users = users_of(config)
     if not users.exists(key):
@@ -150,7 +151,7 @@ def retire_maildir(mail_root: str, key: str, now: float) -> str | None:
     return target
 
 
-def user_del(config: Any, args: Any) -> int:
+def user_del(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     try:
         users_of(config).delete(key)
@@ -165,13 +166,13 @@ def user_del(config: Any, args: Any) -> int:
     return 0
 
 
-def configured_limits(config: Any) -> tuple[int, int]:
+def configured_limits(config: configmod.Config) -> tuple[int, int]:
     """``(limits.messages_per_hour, limits.messages_per_day)``; 0 is no limit."""
     # messages_per_day is read leniently until the config declares it.
     return config.limits.messages_per_hour, getattr(config.limits, "messages_per_day", 0)
 
 
-def user_list(config: Any, args: Any) -> int:
+def user_list(config: configmod.Config, args: argparse.Namespace) -> int:
     users = users_of(config)
     keys = users.keys()
     if args.json:
@@ -193,7 +194,7 @@ def limit_value(text: str) -> int | None:
     return int(text)
 
 
-def user_limit(config: Any, args: Any) -> int:
+def user_limit(config: configmod.Config, args: argparse.Namespace) -> int:
     """Override (or reset) one user's sending limits; with no option, show them."""
     key = address_key(args.address)
     if not users_of(config).exists(key):
@@ -213,7 +214,7 @@ def user_limit(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_add(config: Any, args: Any) -> int:
+def alias_add(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     if not config.is_local_domain(key.rpartition("@")[2]):
         raise Refused(f"{args.address}: {key.rpartition('@')[2]} is not a local domain (domains.local)")
@@ -227,7 +228,7 @@ def alias_add(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_del(config: Any, args: Any) -> int:
+def alias_del(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
     try:
         aliases_of(config).delete(key)
@@ -237,7 +238,7 @@ def alias_del(config: Any, args: Any) -> int:
     return 0
 
 
-def alias_list(config: Any, args: Any) -> int:
+def alias_list(config: configmod.Config, args: argparse.Namespace) -> int:
     items = aliases_of(config).items()
     if args.json:
         print(json.dumps([{"address": k, "targets": v} for k, v in items], indent=2), file=args.stdout)
@@ -247,7 +248,7 @@ def alias_list(config: Any, args: Any) -> int:
     return 0
 
 
-def postmaster_warnings(config: Any, users: UserDB, aliases: AliasDB) -> list[str]:
+def postmaster_warnings(config: configmod.Config, users: UserDB, aliases: AliasDB) -> list[str]:
     """One line per local domain whose postmaster is neither an alias nor a user.
 
     Its mail is then kept in that domain's ``postmaster`` Maildir (``routing.py``),
@@ -262,7 +263,7 @@ def postmaster_warnings(config: Any, users: UserDB, aliases: AliasDB) -> list[st
     ]
 
 
-def check_config(config: Any, args: Any) -> int:
+def check_config(config: configmod.Config, args: argparse.Namespace) -> int:
     """The config already loaded; also check a configured certificate loads.
 
     Warnings (exit status still 0) for anything that works but needs attention.

@@ -17,7 +17,8 @@ avatar plugs in without touching them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -93,7 +94,13 @@ def login_portal(checker: ICredentialsChecker) -> Portal:
     return Portal(MailRealm(), [checker])
 
 
-def login(portal: Portal, username: bytes, password: bytes) -> Deferred:
+def login(portal: Portal, username: bytes, password: bytes) -> Deferred[str]:
     """Deferred firing with the user key, or failing with ``UnauthorizedLogin``."""
     d = portal.login(UsernamePassword(username, password), None, IMailUser)
-    return d.addCallback(lambda result: result[1].key)
+    return d.addCallback(_avatar_key)
+
+
+def _avatar_key(result: tuple[object, object, Callable[[], None]]) -> str:
+    avatar = result[1]
+    assert isinstance(avatar, MailUser)
+    return avatar.key

@@ -10,9 +10,7 @@ per received chunk it does a handful of C-level ``bytes`` operations
 (``find``/``replace``/``count``), so a 25 MB message costs a few hundred Python
 calls, not one per line.
 
-Decoder rules, chosen against SMTP smuggling (the 2023 "SMTP smuggling"
-attacks rely on a receiver ending DATA at ``<LF>.<LF>`` or ``<CR>.<CR>``
-where the next hop does not):
+Rules, chosen against SMTP smuggling (docs/smtp-smuggling.rst):
 
 * Only ``<CRLF>.<CRLF>`` ends the data.  The stream is treated as if it were
   preceded by the ``<CRLF>`` that ended the DATA command, so ``.<CRLF>`` right
@@ -40,7 +38,8 @@ where the next hop does not):
 
 from __future__ import annotations
 
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -115,20 +114,6 @@ class DataDecoder:
             self.too_big = True
         if not self.too_big and not self.bare_newline:
             self._sink(chunk)
-
-
-def decode_reference(raw: bytes) -> tuple[bytes, bytes] | None:
-    """Slow line-by-line reference decoder for tests: ``(content, rest)`` or None."""
-    lines = (b"\r\n" + raw).split(b"\r\n")[1:]
-    out: list[bytes] = []
-    for i, line in enumerate(lines):
-        if line == b"." and i < len(lines) - 1:
-            rest = b"\r\n".join(lines[i + 1 :])
-            return b"".join(out), rest
-        if i == len(lines) - 1:
-            return None  # incomplete last line
-        out.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
-    return None
 
 
 class DataEncoder:

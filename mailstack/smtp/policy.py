@@ -34,7 +34,7 @@ class ListenerPolicy:
     implicit_tls: bool
 
     @classmethod
-    def for_kind(cls, kind: str) -> "ListenerPolicy":
+    def for_kind(cls, kind: str) -> ListenerPolicy:
         if kind == "smtp":
             return cls(kind, offers_starttls=True, auth_required=False, implicit_tls=False)
         if kind == "submission":

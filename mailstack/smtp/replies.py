@@ -14,7 +14,6 @@ from functools import lru_cache
 from mailstack.errors import Reply
 
 # -- 2xx ---------------------------------------------------------------------
-OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
 RESET_OK = Reply(250, "2.0.0", "Ok")
@@ -38,7 +37,8 @@ AUTH_LOCKED = Reply(454, "4.7.0", "Temporary authentication failure, try again l
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")  # also: the commit failed
+DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 # -- 5xx ---------------------------------------------------------------------
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
@@ -67,14 +67,17 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SESSION_REFUSED = Reply(503, "5.5.1", "Session refused; only QUIT is accepted")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too big")
 BARE_CR_LF_DATA = Reply(
     550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (SMTP smuggling protection)"
 )
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
 NULL_SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Null sender not allowed for authenticated submission")
-RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
-UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "No such user here")
+# RCPT refusals of routing.Router (RFC 5321 section 3.3; RFC 3463 X.7.1, X.1.1, X.4.6).
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
+ALIAS_LOOP = Reply(550, "5.4.6", "Routing loop detected")
 TLS_FAILED = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 
 

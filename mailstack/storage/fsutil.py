@@ -14,8 +14,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 # Indirections for fault-injection tests.
 _open = os.open
@@ -49,7 +49,7 @@ def ensure_dir(path: str, mode: int = 0o700) -> None:
     fsync_dir(parent)
 
 
-def write_fd(fd: int, data: bytes) -> None:
+def write_fd(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data`` (os.write may write less)."""
     view = memoryview(data)
     while view:
@@ -57,7 +57,9 @@ def write_fd(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def write_new(path: str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+def write_new(
+    path: str, chunks: bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview], mode: int = 0o600
+) -> None:
     """Create ``path`` exclusively, write ``chunks``, fsync; on failure remove it and raise."""
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         chunks = [chunks]

@@ -33,7 +33,8 @@ import itertools
 import os
 import socket
 import time
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
 from zope.interface import implementer
 
@@ -163,7 +164,7 @@ class MaildirStore:
             raise error
         return pending.name
 
-    def prepare(self, address: Address | str, source: Source, prefix: bytes = b"") -> "Pending":
+    def prepare(self, address: Address | str, source: Source, prefix: bytes = b"") -> Pending:
         """Steps 1-2 for one message: ``tmp/<unique>`` written and fsynced.
 
         Invisible to readers until ``publish``; on failure nothing is left and
@@ -198,7 +199,7 @@ class MaildirStore:
                 fsutil.ensure_dir(os.path.join(maildir, sub))
         self._known.add(maildir)
 
-    def publish(self, pending: "list[Pending]") -> list[BaseException | None]:
+    def publish(self, pending: list[Pending]) -> list[BaseException | None]:
         """Steps 3-4 for a batch: rename each into ``new/``, one fsync per ``new/``.
 
         Returns per message None (delivered: durable and visible) or the error
@@ -229,11 +230,11 @@ class MaildirStore:
         return errors
 
     @staticmethod
-    def discard(pending: "Pending") -> None:
+    def discard(pending: Pending) -> None:
         """Drop a prepared message that will not be published."""
         _discard(pending.tmp_path)
 
-    def _write_tmp(self, path: str, prefix: bytes, source: Source) -> int:
+    def _write_tmp(self, path: str, prefix: bytes, source: Source) -> WireSize:
         """Create ``path`` exclusively, stream into it, fsync; return its WireSize."""
         fd = fsutil._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         wire = WireSize()

@@ -81,7 +81,9 @@ class CLITests(SynchronousTestCase):
         status, _, err = self.run_cli("alias", "add", "sales@localhost", "a@localhost,b@remote.example")
         self.assertEqual(status, 0, err)
         status, out, _ = self.run_cli("alias", "list", "--json")
-        self.assertEqual(json.loads(out), [{"address": "sales@localhost", "targets": ["a@localhost", "b@remote.example"]}])
+        self.assertEqual(
+            json.loads(out), [{"address": "sales@localhost", "targets": ["a@localhost", "b@remote.example"]}]
+        )
         self.assertEqual(self.run_cli("alias", "del", "sales@localhost")[0], 0)
         self.assertEqual(self.run_cli("alias", "del", "sales@localhost")[0], 1)
         self.assertEqual(self.run_cli("alias", "add", "x@remote.example", "a@localhost")[0], 1)

@@ -6,15 +6,14 @@ import threading
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack.auth.cred import IMailUser, MailRealm, UserChecker, login, login_portal
 from mailstack.auth.userdb import UserDB
+from mailstack.threadpool import ThreadPool
+from tests.test_threadpool import RecordingReactor
 
 
 def sync(f, *a, **kw):
@@ -77,11 +76,12 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(calls, [self.users.check_password])
 
 
-class ThreadTests(TestCase):
-    """With the production run_blocking, hashing happens off the reactor thread."""
+class ThreadTests(SynchronousTestCase):
+    """With the production run_blocking (``mailstack.threadpool.ThreadPool.run``), hashing happens off
+    the reactor thread."""
 
     def test_hashingOffReactorThread(self):
-        """check_password runs in a pool thread, not the reactor (main) thread."""
+        """check_password runs in a pool thread, not the calling (reactor) thread."""
         d = self.mktemp()
         os.makedirs(d)
         users = UserDB(os.path.join(d, "users.json"))
@@ -94,18 +94,18 @@ class ThreadTests(TestCase):
             return original(key, password)
 
         users.check_password = spy
-        pool = ThreadPool(0, 2, "test")
-        pool.start()
+        reactor = RecordingReactor()
+        pool = ThreadPool(reactor, 2, "test")
         self.addCleanup(pool.stop)
-        checker = UserChecker(users, lambda f, *a, **kw: deferToThreadPool(reactor, pool, f, *a, **kw))
+        checker = UserChecker(users, pool.run)
         result = checker.requestAvatarId(UsernamePassword(b"alice@localhost", b"pw"))
-
-        def check(avatar):
-            self.assertEqual(avatar, "alice@localhost")
-            self.assertEqual(len(threads), 1)
-            self.assertIsNot(threads[0], threading.main_thread())
-
-        return result.addCallback(check)
+        pool.start()
+        pool.stop()  # joins: the queued check has run
+        self.assertNoResult(result)  # results come back only through callFromThread
+        reactor.run_calls()
+        self.assertEqual(self.successResultOf(result), "alice@localhost")
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.current_thread())
 
 
 class ParallelLimitTests(SynchronousTestCase):
@@ -126,4 +126,4 @@ class ParallelLimitTests(SynchronousTestCase):
         while pending:
             d, f, a = pending.pop(0)
             d.callback(f(*a))
-        self.assertEqual([self.successResultOf(r) for r in results], ["u%d@localhost" % i for i in range(5)])
+        self.assertEqual([self.successResultOf(r) for r in results], [f"u{i}@localhost" for i in range(5)])

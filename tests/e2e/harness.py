@@ -101,7 +101,7 @@ class Server:
         self.config_path = os.path.join(self.root, "mailstack.toml")
         self.log_path = os.path.join(self.root, "twistd.log")
         self.output_path = os.path.join(self.root, "twistd.out")
-        self.ports = dict(zip(LISTENERS, free_ports(len(LISTENERS))))
+        self.ports = dict(zip(LISTENERS, free_ports(len(LISTENERS)), strict=True))
         doc: dict[str, Any] = {
             "hostname": "localhost",
             "data_dir": self.data_dir,
@@ -116,7 +116,9 @@ class Server:
                 doc[key] = value
         self._doc = doc
         # Listeners turned off (or set) by extra_toml are not ours to wait for or move.
-        self.ports = {name: port for name, port in self.ports.items() if doc["listen"].get(name) == [self._listener(name, port)]}
+        self.ports = {
+            name: port for name, port in self.ports.items() if doc["listen"].get(name) == [self._listener(name, port)]
+        }
         self._write_config()
         self.process: subprocess.Popen | None = None
 
@@ -130,7 +132,7 @@ class Server:
 
     def _move_ports(self) -> None:
         """Another process took a port between free_ports() and the bind: pick new ones."""
-        self.ports = dict(zip(self.ports, free_ports(len(self.ports))))
+        self.ports = dict(zip(self.ports, free_ports(len(self.ports)), strict=True))
         for name, port in self.ports.items():
             self._doc["listen"][name] = [self._listener(name, port)]
         self._write_config()
@@ -207,7 +209,7 @@ class Server:
             status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"twistd did not exit {timeout}s after SIGTERM\n{self.diagnostics()}")
+            raise AssertionError(f"twistd did not exit {timeout}s after SIGTERM\n{self.diagnostics()}") from None
         assert status == 0, f"twistd exited with {status}\n{self.diagnostics()}"
         return status
 
@@ -240,7 +242,7 @@ class Server:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -16,7 +16,8 @@ import ssl
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _TLS_CONTEXT: ssl.SSLContext | None = None
 

@@ -1,4 +1,4 @@
-"""End to end: crash safety under SIGKILL (issue 6, deliverable 1).
+"""End to end: crash safety under SIGKILL.
 
 ``test_killRoundsLoseNothing``: ten smtplib connections send a steady load to
 the MX listener of a real ``twistd mailstack``: half the messages go to a local
@@ -62,7 +62,7 @@ def test_killRoundsLoseNothing(tmp_path) -> None:
             server.start()
             stop = threading.Event()
 
-            def sender(n: int) -> None:
+            def sender(n: int, stop: threading.Event = stop, round_no: int = round_no) -> None:
                 try:
                     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=20) as c:
                         c.ehlo("load.test")
@@ -122,7 +122,8 @@ def test_killRoundsLoseNothing(tmp_path) -> None:
         corrupt = os.path.join(server.data_dir, "queue", "corrupt")
         assert not os.path.isdir(corrupt) or os.listdir(corrupt) == []
         server.stop()
-        dupes = sum(len(message_ids_in(server.maildir(u))) - len(set(message_ids_in(server.maildir(u)))) for u in local_expect)
+        ids = {u: message_ids_in(server.maildir(u)) for u in local_expect}
+        dupes = sum(len(found) - len(set(found)) for found in ids.values())
         print(f"crash rounds: {len(acked)} acknowledged, {len(sink.snapshot())} at the sink, {dupes} local duplicates")
         assert len(acked) >= 100, len(acked)
     finally:
@@ -158,7 +159,7 @@ def test_killDuringPop3Update(tmp_path) -> None:
         server.start()
         for delay in (0.0, 0.005, 0.02, 0.05):
             p = _pop3(server)
-            before = dict(line.split() for line in (l.decode() for l in p.uidl()[1]))  # number -> uidl
+            before = dict(line.decode().split() for line in p.uidl()[1])  # number -> uidl
             doomed = {u for n, u in before.items() if int(n) % 2 == 0}
             for n in before:
                 if int(n) % 2 == 0:
@@ -170,7 +171,7 @@ def test_killDuringPop3Update(tmp_path) -> None:
 
             server.start()
             p = _pop3(server)
-            after = dict(line.split() for line in (l.decode() for l in p.uidl()[1]))
+            after = dict(line.decode().split() for line in p.uidl()[1])
             survivors = set(after.values())
             print(f"kill {delay}s after QUIT: {len(before)} -> {len(after)} messages ({len(doomed)} marked)")
             assert survivors <= set(before.values()), "UIDLs changed or appeared"

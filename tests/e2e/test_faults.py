@@ -1,4 +1,4 @@
-"""End to end: resource faults against a real ``twistd mailstack`` (issue 6, deliverable 2).
+"""End to end: resource faults against a real ``twistd mailstack``.
 
 * Disk full: data_dir on a small tmpfs the test mounts (root only; skipped
   with the reason otherwise).  Filling it makes DATA answer 452 4.3.1 with
@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from tests.e2e.sinks import message_ids_in, queue_state
 from tests.e2e.harness import Server
+from tests.e2e.sinks import message_ids_in, queue_state
 
 PASSWORD = "faults-pw"
 
@@ -148,7 +148,7 @@ def _bad_entries() -> dict[str, bytes]:
         json.dumps(_entry(ids[10], recipients=[dict(rcpt, address=5)])).encode(),
         json.dumps(_entry(ids[11], recipients=[dict(rcpt, bogus=1)])).encode(),
     ]
-    return dict(zip(ids, bad))
+    return dict(zip(ids, bad, strict=True))
 
 
 def test_damagedQueueEntries(tmp_path) -> None:

@@ -107,7 +107,8 @@ def popserver(tmp_path):
 MESSAGES = [
     b"Subject: plain\r\n\r\nHello Alice.\r\n",
     b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n",
-    b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a big message, dots follow\r\n.%d\r\n" % (i, i) for i in range(12000)),
+    b"Subject: big\r\n\r\n"
+    + b"".join(b"line %06d of a big message, dots follow\r\n.%d\r\n" % (i, i) for i in range(12000)),
 ]
 
 
@@ -285,7 +286,7 @@ def test_fetchmailDownloadsAll(popserver, tmp_path, mode):
     assert len(got) == len(MESSAGES)
     # fetchmail's MDA gets LF line endings and fetchmail inserts its own Received:
     # among the trace headers; from the message's own Subject: on all is unchanged.
-    for body, want in zip(sorted(got, key=len), sorted(expected, key=len)):
+    for body, want in zip(sorted(got, key=len), sorted(expected, key=len), strict=True):
         want = want.replace(b"\r\n", b"\n")
         assert want[want.index(b"Subject:"):] in body
     assert message_files(popserver.maildir(USER)) == {}
@@ -328,7 +329,15 @@ def test_autologoutAndSTLSInjection(tmp_path):
 
         pop = stls_session(server)
         pop.dele(1)
-        time.sleep(2.5)
+        # Wait for the event, not for a time: the server ends the idle session.
+        pop.sock.settimeout(60)
+        said = b""
+        try:
+            while chunk := pop.sock.recv(4096):
+                said += chunk
+        except OSError:  # closed without a TLS close_notify
+            pass
+        assert said.startswith(b"-ERR"), said
         with pytest.raises((poplib.error_proto, OSError, EOFError)):
             pop.stat()
         pop = login_retrying(server)

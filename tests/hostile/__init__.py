@@ -1,1 +1,1 @@
-"""Hostile input at unit level: property tests and bounded fuzzing (issue 6)."""
+"""Hostile input at unit level: property tests and bounded fuzzing."""

@@ -51,8 +51,6 @@ def check_smtp_output(out: bytes) -> list[list[bytes]]:
             continue
         if first[:3] == b"250" and not first[4:5].isdigit():
             continue  # EHLO/HELO greeting line
-        if first[:3] == b"221" or first[:3] == b"214":
-            pass
         for line in reply:
             assert ENHANCED.match(line), f"reply line without RFC 3463 code: {line!r}"
     return replies
@@ -71,7 +69,7 @@ class LogFailures:
         if event.get("log_failure") is not None or event.get("isError"):
             self.events.append(event)
 
-    def __enter__(self) -> "LogFailures":
+    def __enter__(self) -> LogFailures:
         globalLogPublisher.addObserver(self)
         return self
 

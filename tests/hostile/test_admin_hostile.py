@@ -14,13 +14,11 @@ import os
 import shutil
 import tempfile
 
-from hypothesis import given
+from hypothesis import given, settings
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import mailbox_components, parse_address
 from mailstack.admin import cli
-from hypothesis import settings
-
 from tests.hostile.support import FAST
 from tests.hostile.test_parsers_hostile import address_text
 

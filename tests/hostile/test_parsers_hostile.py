@@ -15,7 +15,8 @@ import email.policy
 import os
 import re
 
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address, AddressError, mailbox_components, parse_address, parse_path
@@ -23,16 +24,18 @@ from mailstack.envelope import Destination, Envelope
 from mailstack.intake import received_header
 from mailstack.queue import dsn
 from mailstack.queue.entry import QueueEntry, RecipientState
-from mailstack.smtp.data import DataDecoder, decode_reference
+from mailstack.smtp.data import DataDecoder
 from mailstack.storage.maildir import MaildirStore
 from tests.hostile.support import FAST
+from tests.smtp.data_reference import decode_reference
 
 ROOT = "/srv/mailstack-data/mail"
 
 # Pieces that matter to path and address parsing.
 PIECES = ["..", ".", "/", "\\", "\x00", "@", "%", "!", ":", ",", '"', "<", ">", "[", "]", "IPv6:", "::1", "127.0.0.1",
           "localhost", "LOCALHOST", "xn--", "bücher", "ß", "İ", "\u200b", "\u202e", "../../etc", "~", " ", "\t",
-          "\r", "\n", "a", "Z", "9", "-", "postmaster", "\udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
+          "\r", "\n", "a", "Z", "9", "-", "postmaster",
+          "\udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
 address_text = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=10)), max_size=12).map("".join)
 
 
@@ -137,7 +140,7 @@ class DataDecoderTests(SynchronousTestCase):
 
         whole = run([raw])
         points = sorted(c % (len(raw) + 1) for c in cuts)
-        pieces = [raw[a:b] for a, b in zip([0] + points, points + [len(raw)])]
+        pieces = [raw[a:b] for a, b in zip([0] + points, points + [len(raw)], strict=True)]
         split = run(pieces)
         # With a bare CR/LF the message is refused (550 5.6.0) and what reached the sink is
         # discarded, so only the verdict must agree; otherwise the content too.

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.smtp.data import DataDecoder, decode_reference
+from mailstack.smtp.data import DataDecoder
+from tests.smtp.data_reference import decode_reference
 
 
 def run(data: bytes, sizes: list[int] | None = None, max_size: int = 0):

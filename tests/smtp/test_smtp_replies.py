@@ -1,9 +1,18 @@
 """Tests for mailstack.smtp.replies: one table, RFC 3463 codes that match."""
 
+import errno
+
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.errors import Reply
+from mailstack import config
+from mailstack.address import parse_address
+from mailstack.errors import PermanentFailure, Reply
+from mailstack.intake import reply_for
+from mailstack.routing import Router
 from mailstack.smtp import replies as R
+from tests.test_routing import Aliases, Users
+
+CONFIG = config.from_mapping({})
 
 
 class RepliesTests(SynchronousTestCase):
@@ -20,10 +29,8 @@ class RepliesTests(SynchronousTestCase):
         missing = [n for n, r in R.ALL.items() if not r.enhanced]
         self.assertEqual(missing, ["START_DATA"])
 
-    def test_interfaceCodes(self) -> None:
-        """The codes interface.md promises."""
-        self.assertEqual(str(R.RELAY_DENIED)[:9], "550 5.7.1")
-        self.assertEqual(str(R.UNKNOWN_RECIPIENT)[:9], "550 5.1.1")
+    def test_documentedCodes(self) -> None:
+        """The codes README documents for the submission rules, rate and size limits."""
         self.assertEqual(str(R.TLS_REQUIRED)[:9], "530 5.7.0")
         self.assertEqual(str(R.AUTH_REQUIRED)[:9], "530 5.7.0")
         self.assertEqual(str(R.SENDER_NOT_OWNED)[:9], "553 5.7.1")
@@ -31,6 +38,28 @@ class RepliesTests(SynchronousTestCase):
         self.assertEqual(str(R.TOO_MANY_RECIPIENTS)[:9], "452 4.5.3")
         self.assertEqual(str(R.RATE_LIMITED)[:9], "451 4.7.1")
         self.assertEqual(str(R.MESSAGE_TOO_BIG)[:9], "552 5.3.4")
+
+    def test_rcptRefusalsComeFromTheTable(self) -> None:
+        """What the router makes the server answer at RCPT: 550 5.7.1 for a relay attempt, 550 5.1.1
+        for an unknown local user, 550 5.4.6 for an alias loop, all constants of this table."""
+        r = Router(CONFIG, Users(["alice@localhost"]), Aliases({"loop@localhost": ["loop@localhost"]}))
+        cases = [
+            ("user@remote.example", R.RELAY_DENIED, "550 5.7.1"),
+            ("nobody@localhost", R.UNKNOWN_USER, "550 5.1.1"),
+            ("loop@localhost", R.ALIAS_LOOP, "550 5.4.6"),
+        ]
+        for address, reply, code in cases:
+            failure = self.assertRaises(PermanentFailure, r.resolve, parse_address(address), False)
+            self.assertIs(failure.reply, reply, address)
+            self.assertEqual(str(failure.reply)[:9], code, address)
+
+    def test_commitFailuresComeFromTheTable(self) -> None:
+        """What the intake makes the server answer after DATA when the commit fails: 452 4.3.1 on a
+        full disk, 451 4.3.0 otherwise."""
+        self.assertIs(reply_for(OSError(errno.ENOSPC, "No space left on device")), R.DISK_FULL)
+        self.assertIs(reply_for(OSError(errno.EIO, "Input/output error")), R.LOCAL_ERROR)
+        self.assertEqual(str(R.DISK_FULL)[:9], "452 4.3.1")
+        self.assertEqual(str(R.LOCAL_ERROR)[:9], "451 4.3.0")
 
     def test_ehloMultiline(self) -> None:
         """EHLO is multi-line with '-' continuations and no enhanced codes (RFC 5321 4.2.1)."""
@@ -43,7 +72,9 @@ class RepliesTests(SynchronousTestCase):
         first = R.ehlo_wire("mx.example.org", "c", kw)
         self.assertEqual(first, R.ehlo("mx.example.org", "c", list(kw)).encode())
         self.assertIs(R.ehlo_wire("mx.example.org", "c", kw), first)
-        self.assertEqual(R.ehlo_wire("mx.example.org", "d", kw), b"250-mx.example.org Hello d\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        self.assertEqual(
+            R.ehlo_wire("mx.example.org", "d", kw), b"250-mx.example.org Hello d\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        )
 
     def test_banner(self) -> None:
         """The greeting names the host: 220 <hostname> ESMTP mailstack."""
