@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailstack.auth.aliases import AliasDB
+from mailstack.auth.cache import LoginCache
 from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
@@ -204,7 +205,7 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
         run_blocking=run_blocking,
         users=users,
         aliases=aliases,
-        checker=UserChecker(users, run_blocking),
+        checker=UserChecker(users, run_blocking, cache=LoginCache(reactor, config.auth.cache_ttl)),
         throttle=LoginThrottle(reactor, config.auth),
         tls=tls,
         router=router,
