@@ -1,6 +1,6 @@
 """SMTP load client: N concurrent sessions, one message per connection.
 
-Each session: connect, 220, EHLO, [AUTH PLAIN], MAIL, RCPT, DATA, the message, 250, QUIT.
+Each session: connect, 220, EHLO, [STARTTLS, EHLO], [AUTH PLAIN], MAIL, RCPT, DATA, the message, 250, QUIT.
 It records for every message the DATA-to-250 latency (from sending ``DATA`` to the
 final reply after the terminating dot) and the Message-IDs that got a 2xx, so a run
 can check afterwards that every acknowledged message arrived.
@@ -97,6 +97,15 @@ async def _expect(reader, want: int, what: str) -> bytes:
     return text
 
 
+def _client_tls():
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def dot_stuff(msg: bytes) -> bytes:
     """RFC 5321 4.5.2 transparency, plus the terminating ``.``."""
     if msg.startswith(b"."):
@@ -115,6 +124,7 @@ async def send_one(
     payload: bytes,
     auth: tuple[str, str] | None = None,
     timeout: float = 120.0,
+    starttls: bool = False,
 ) -> float:
     """One session, one message; returns the DATA-to-250 latency in seconds.
 
@@ -126,6 +136,12 @@ async def send_one(
             await _expect(reader, 2, "greeting")
             writer.write(b"EHLO loadclient.bench.test\r\n")
             await _expect(reader, 2, "EHLO")
+            if starttls:  # RFC 3207; the servers' certificates are throwaway, so not verified
+                writer.write(b"STARTTLS\r\n")
+                await _expect(reader, 2, "STARTTLS")
+                await writer.start_tls(_client_tls())
+                writer.write(b"EHLO loadclient.bench.test\r\n")
+                await _expect(reader, 2, "EHLO after STARTTLS")
             if auth:
                 token = base64.b64encode(b"\0" + auth[0].encode() + b"\0" + auth[1].encode())
                 writer.write(b"AUTH PLAIN " + token + b"\r\n")
@@ -165,11 +181,12 @@ async def run_load(
     auth_for=None,
     body: bytes | None = None,
     timeout: float = 120.0,
+    starttls: bool = False,
 ) -> LoadResult:
     """Send ``messages`` messages over ``sessions`` concurrent one-message connections.
 
     ``rcpt_for(i)`` gives the recipient of message i; ``auth_for(i)`` (optional) a
-    (user, password) pair for AUTH PLAIN.  ``body``: one fixed message instead of
+    (user, password) pair for AUTH PLAIN; ``starttls``: STARTTLS before it.  ``body``: one fixed message instead of
     generated ~``size``-byte ones (for the 30 MB test).
     """
     from msggen import make_message
@@ -193,7 +210,9 @@ async def run_load(
             next_i += 1
             rcpt, msgid, payload = payloads[i]
             try:
-                lat = await send_one(host, port, sender, rcpt, payload, auth_for(i) if auth_for else None, timeout)
+                lat = await send_one(
+                    host, port, sender, rcpt, payload, auth_for(i) if auth_for else None, timeout, starttls
+                )
             except (TimeoutError, SMTPError, OSError) as e:
                 res.failed += 1
                 key = f"{type(e).__name__}: {e}"[:100]
@@ -221,13 +240,14 @@ def main(argv=None) -> int:
     p.add_argument("--rcpt", default="user{i}@bench.test", help="format with {i} = message number mod --users")
     p.add_argument("--users", type=int, default=1)
     p.add_argument("--auth", help="user:password for AUTH PLAIN")
+    p.add_argument("--starttls", action="store_true", help="STARTTLS after EHLO")
     p.add_argument("--ids", help="write acked Message-IDs to this file")
     a = p.parse_args(argv)
     auth = tuple(a.auth.split(":", 1)) if a.auth else None
     res = asyncio.run(
         run_load(
             a.host, a.port, a.messages, a.sessions, lambda i: a.rcpt.format(i=i % a.users), a.sender, a.size,
-            (lambda i: auth) if auth else None,
+            (lambda i: auth) if auth else None, starttls=a.starttls,
         )
     )
     if a.ids:

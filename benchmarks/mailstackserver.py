@@ -45,44 +45,51 @@ class Mailstack:
         self.log_path = os.path.join(self.root, "twistd.log")
         self.output_path = os.path.join(self.root, "twistd.out")
         self.sink_port = sink_port
-        self.ports = {"smtp": free_port(), "pop3": free_port()}
+        self.ports = {"smtp": free_port(), "submission": free_port(), "pop3": free_port()}
         self.pop3_enabled = True
+        # Extra config keys by section (``--features``), as TOML values.
+        self.extra: dict[str, dict[str, object]] = {}
         self.process: subprocess.Popen | None = None
         os.makedirs(self.root, exist_ok=True)
 
+    def settings(self) -> dict[str, object]:
+        """The config as {key or section: value or {key: value}}, ``extra`` merged in."""
+        def listen(port: int) -> list[str]:
+            return [f"tcp:{port}:interface=127.0.0.1"]
+
+        doc: dict[str, object] = {
+            "hostname": f"mailstack.{DOMAIN}",
+            "data_dir": self.data_dir,
+            "domains": {"local": [DOMAIN]},
+            "listen": {
+                "smtp": listen(self.ports["smtp"]),
+                "submission": listen(self.ports["submission"]),
+                "submissions": [],
+                "pop3": listen(self.ports["pop3"]) if self.pop3_enabled else [],
+                "pop3s": [],
+            },
+            "smtp": {"max_message_size": 67108864, "max_connections": 2000, "max_connections_per_ip": 2000},
+            "auth": {"plaintext_on_loopback": True},
+            "relay": {"smarthost": f"127.0.0.1:{self.sink_port}"},
+            "limits": {"messages_per_hour": 0},
+        }
+        for section, keys in self.extra.items():
+            table = doc.setdefault(section, {})
+            assert isinstance(table, dict)
+            table.update(keys)
+        return doc
+
     def write_config(self) -> None:
-        pop3 = f'["tcp:{self.ports["pop3"]}:interface=127.0.0.1"]' if self.pop3_enabled else "[]"
+        import json
+
+        # JSON strings, integers, booleans and lists of strings are TOML values too.
+        doc = self.settings()
+        lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+        for section, keys in doc.items():
+            if isinstance(keys, dict):
+                lines += ["", f"[{section}]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
         with open(self.config_path, "w") as f:
-            f.write(
-                f"""\
-hostname = "mailstack.{DOMAIN}"
-data_dir = "{self.data_dir}"
-
-[domains]
-local = ["{DOMAIN}"]
-
-[listen]
-smtp = ["tcp:{self.ports["smtp"]}:interface=127.0.0.1"]
-submission = []
-submissions = []
-pop3 = {pop3}
-pop3s = []
-
-[smtp]
-max_message_size = 67108864
-max_connections = 2000
-max_connections_per_ip = 2000
-
-[auth]
-plaintext_on_loopback = true
-
-[relay]
-smarthost = "127.0.0.1:{self.sink_port}"
-
-[limits]
-messages_per_hour = 0
-"""
-            )
+            f.write("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 120.0) -> float:
         """Start twistd; returns the seconds until every listener accepted."""

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 
+import sink
 from procmem import free_port, process_tree, wait_port
 
 DOMAIN = "bench.test"
@@ -52,6 +53,9 @@ class Postfix:
         self.aliases = aliases or {}
         self.sink_port = sink_port
         self.port = free_port()
+        # Submission for the one-message-per-connection workload: STARTTLS offered,
+        # no AUTH (127.0.0.0/8 is in mynetworks, so the client may relay).
+        self.submission_port = free_port()
         self.started = False
 
     def maildir(self, user: str) -> str:
@@ -142,7 +146,12 @@ maillog_file_prefixes = {self.root}
             ("tlsproxy", "unix", "-", "-", "n", "-", "0", "tlsproxy"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
         ]
+        pem = os.path.join(self.conf, "submission.pem")
+        with open(pem, "wb") as f:
+            f.write(sink.self_signed_pem(f"postfix.{DOMAIN}"))
         master = [f"127.0.0.1:{self.port} inet n - n - - smtpd"]
+        master.append(f"127.0.0.1:{self.submission_port} inet n - n - - smtpd"
+                      f" -o smtpd_tls_security_level=may -o smtpd_tls_chain_files={pem}")
         master += [" ".join(s) for s in svc]
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.write(main_cf)

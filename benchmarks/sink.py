@@ -48,12 +48,9 @@ EHLO_TLS = EHLO.replace(b"250-SIZE 0\r\n", b"250-SIZE 0\r\n250-STARTTLS\r\n")
 TLS_CONTEXT = None  # ssl.SSLContext when STARTTLS is offered
 
 
-def make_tls_context():
-    """A server SSLContext with a fresh self-signed certificate for sink.bench.test."""
+def self_signed_pem(hostname: str) -> bytes:
+    """A fresh EC key and a self-signed certificate for ``hostname``, PEM (key first)."""
     import datetime
-    import os
-    import ssl
-    import tempfile
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -61,21 +58,29 @@ def make_tls_context():
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sink.bench.test")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("sink.bench.test")]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_tls_context():
+    """A server SSLContext with a fresh self-signed certificate for sink.bench.test."""
+    import os
+    import ssl
+    import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "sink.pem")
         with open(path, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
+            f.write(self_signed_pem("sink.bench.test"))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(path)
     return ctx

@@ -237,8 +237,9 @@ KEYS: tuple[Key, ...] = (
     Key("auth", "plaintext_on_loopback", _bool, False, "allow AUTH and USER/PASS without TLS from 127.0.0.0/8 and ::1"),
     Key("auth", "failure_delay", _duration, "1s", "delay after a failed login; doubles per failure from one peer"),
     Key("auth", "max_failure_delay", _duration, "15s", "ceiling of that delay"),
-    Key("auth", "lockout_failures", _int, 10, "failed logins per peer or account before a lockout; 0: never"),
+    Key("auth", "lockout_failures", _int, 10, "failed logins per address or (address, account) before a lockout; 0: never"),
     Key("auth", "lockout_time", _duration, "5m", "how long such a lockout lasts"),
+    Key("auth", "cache_ttl", _duration, "5m", "how long a verified login is remembered (as a keyed hash); 0s: never"),
     Key("pop3", "idle_timeout", _duration, "10m", "autologout timer (RFC 1939 section 3)"),
     Key("pop3", "max_connections", _int, 500, "simultaneous POP3 connections"),
     Key("relay", "port", _port, 25, "TCP port of remote MX hosts"),
@@ -309,6 +310,7 @@ class AuthSection:
     max_failure_delay: float
     lockout_failures: int
     lockout_time: float
+    cache_ttl: float
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ class IUserDB(Interface):
     def check_password(key: str, password: bytes) -> bool:
         """Verify a password in constant time.  Slow and blocking: call in a thread."""
 
+    def stored_hash(key: str) -> str | None:
+        """The password hash stored for ``key`` now, or None if it is no user.
+
+        Any password change stores a different value, so a login cache keyed
+        with it forgets the old password at once.  Cheap; reactor-safe."""
+
     def keys() -> list[str]:
         """All user keys, sorted."""
 

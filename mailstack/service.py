@@ -42,6 +42,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailstack import pipeline
 from mailstack.auth.aliases import AliasDB
+from mailstack.auth.cache import LoginCache
 from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
@@ -228,7 +229,7 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         run_blocking=run_blocking,
         users=users,
         aliases=aliases,
-        checker=UserChecker(users, run_blocking),
+        checker=UserChecker(users, run_blocking, cache=LoginCache(reactor, config.auth.cache_ttl)),
         throttle=LoginThrottle(reactor, config.auth),
         tls=tls,
         router=router,

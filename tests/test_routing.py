@@ -25,6 +25,9 @@ class Users:
     def check_password(self, key: str, password: bytes) -> bool:
         return False
 
+    def stored_hash(self, key: str) -> str | None:
+        return None
+
     def keys(self) -> list[str]:
         return list(self._keys)
 

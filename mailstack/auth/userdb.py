@@ -96,10 +96,15 @@ class UserDB:
             raise NoSuchUser(key)
         return {k: v for k, v in record.items() if k != "password"}
 
-    def check_password(self, key: str, password: str | bytes) -> bool:
-        """Argon2 verification (constant time in the password); blocking, ~50 ms."""
+    def stored_hash(self, key: str) -> str | None:
+        """The PHC string of ``key`` (a fresh salt per change), None if no user."""
         record = self._file.current().get(key)
         stored = record.get("password") if isinstance(record, dict) else None
+        return stored if isinstance(stored, str) else None
+
+    def check_password(self, key: str, password: str | bytes) -> bool:
+        """Argon2 verification (constant time in the password); blocking, ~50 ms."""
+        stored = self.stored_hash(key)
         try:
             return self._hasher.verify(stored or self._dummy, _as_bytes(password)) and stored is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
