@@ -231,8 +231,9 @@ class ClientTLS:
 
     MAX_CACHED = 1000
 
-    def __init__(self, verify: bool) -> None:
+    def __init__(self, verify: bool, trust: Any = None) -> None:
         self.verify = verify
+        self.trust = trust  # an IOpenSSLTrustRoot (``trust.trust_root``); None: the system store
         self._verified: dict[str, IOpenSSLClientConnectionCreator] = {}
         self._opportunistic: Any = None
 
@@ -244,7 +245,7 @@ class ClientTLS:
             if creator is None:
                 if len(self._verified) >= self.MAX_CACHED:
                     self._verified.clear()
-                creator = self._verified[server_name] = ssl.optionsForClientTLS(server_name)
+                creator = self._verified[server_name] = ssl.optionsForClientTLS(server_name, trustRoot=self.trust)
             return creator
         if self._opportunistic is None:
             self._opportunistic = ssl.CertificateOptions(verify=False).getContext()

@@ -16,7 +16,14 @@ from zope.interface.verify import verifyObject
 from mailstack import config as configmod
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
-from mailstack.mx import ADDRESS_DEADLINE, Host, Resolver, literal_address, order_hosts, split_hostport
+from mailstack.mx import (
+    ADDRESS_DEADLINE,
+    Host,
+    Resolver,
+    literal_address,
+    order_hosts,
+    split_hostport,
+)
 
 
 class FakeResolver(ResolverBase):
