@@ -30,7 +30,7 @@ def _write_key(path: str, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _cert(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

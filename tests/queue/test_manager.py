@@ -14,7 +14,8 @@ from zope.interface.verify import verifyObject
 
 from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
-from mailstack.queue.entry import DELIVERED, FAILED, PENDING
+from mailstack.queue.bounce import DSN_HEADER_LIMIT
+from mailstack.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.schedule import entry_due
 from mailstack.queue.store import NoSuchEntry, remove_entry
@@ -562,6 +563,38 @@ class DSNRoutingTests(SynchronousTestCase):
         self.manager.kick("B")
         self.assertEqual(self.intake.messages, [])
         self.assertNotIn("B", self.store.envelopes)
+
+
+class BackscatterTests(SynchronousTestCase):
+    def test_forwardedBounceCarriesCappedHeadersOnly(self) -> None:
+        """A message forwarded to a remote alias target for an unauthenticated sender
+        fails: the DSN carries the original headers only (text/rfc822-headers), at
+        most DSN_HEADER_LIMIT bytes of them, and none of the body -- however many
+        header lines (871 here) the sender stuffed into it."""
+        clock = Clock()
+        clock.advance(START)
+        store = FakeStore(self.mktemp())
+        intake = FakeIntake()
+        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(PERM)), clock, make_config(), run_blocking, intake)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        headers = b"".join(b"X-Attack-%03d: %s\r\n" % (i, b"A" * 60) for i in range(871))
+        body = b"BODY-PAYLOAD " * 20000
+        rcpt = RecipientState(address="target@remote.test", original="fwd@here.test", local=False)
+        store.add(QueueEntry(id="F", sender="victim@elsewhere.test", arrival=START, recipients=[rcpt]),
+                  b"Subject: spam\r\n" + headers + b"\r\n" + body)
+        manager.kick("F")
+        ((env, dsn_bytes),) = intake.messages
+        self.assertEqual([str(d.address) for d in env.recipients], ["victim@elsewhere.test"])
+        msg = email.message_from_bytes(dsn_bytes)
+        parts = [p for p in msg.walk() if not p.is_multipart()]
+        self.assertEqual(parts[-1].get_content_type(), "text/rfc822-headers")
+        returned = parts[-1].get_payload(decode=True)
+        self.assertLessEqual(len(returned), DSN_HEADER_LIMIT)
+        self.assertIn(b"X-Attack-000", returned)
+        self.assertNotIn(b"X-Attack-870", returned)
+        self.assertNotIn(b"BODY-PAYLOAD", dsn_bytes)
+        self.assertLess(len(dsn_bytes), DSN_HEADER_LIMIT + 8192)
 
 
 class FastPathTests(SynchronousTestCase):
