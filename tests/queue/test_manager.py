@@ -597,6 +597,34 @@ class BackscatterTests(SynchronousTestCase):
         self.assertLess(len(dsn_bytes), DSN_HEADER_LIMIT + 8192)
 
 
+class DeliveryLogTests(SynchronousTestCase):
+    def test_remoteReplyAndHostEscaped(self) -> None:
+        """The per-recipient delivery log line shows a remote reply and MX name with
+        control characters escaped (logsafe), so a server cannot forge log lines."""
+        from twisted.logger import globalLogPublisher
+
+        from mailstack.delivery.replies import RemoteReply
+
+        seen: list = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        clock = Clock()
+        clock.advance(START)
+        store = FakeStore(self.mktemp())
+        evil = RemoteReply(451, "4.0.0", "busy\r\nFAKE: delivered\x1b[2J", host="mx\n.r.test", ip="192.0.2.1")
+        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(evil)), clock, make_config(), run_blocking,
+                               FakeIntake())
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        entry(store, "L", "s@here.test", ["x@remote.test"], arrival=START)
+        manager.kick("L")
+        lines = [e["line"] for e in seen if "line" in e and "to=<x@remote.test>" in e["line"]]
+        self.assertEqual(len(lines), 1)
+        self.assertNotIn("\n", lines[0])
+        self.assertNotIn("\x1b", lines[0])
+        self.assertIn("\\r\\nFAKE", lines[0])
+
+
 class FastPathTests(SynchronousTestCase):
     """The relay fast path and the start-up scan over the real QueueStore."""
 
