@@ -29,7 +29,7 @@ def _write_key(path: str, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def _cert(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+def _cert(subject: str, key, issuer: str, issuer_key, ca: bool, names: tuple[str, ...] = ()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -46,7 +46,7 @@ def _cert(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certific
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
     else:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in (subject, *names)]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -63,10 +63,10 @@ class TestCA:
         with open(self.ca_file, "wb") as f:
             f.write(self.cert.public_bytes(_PEM))
 
-    def issue(self, name: str) -> tuple[str, str]:
-        """(certificate file, key file) for ``name``, signed by this CA."""
+    def issue(self, name: str, *more: str) -> tuple[str, str]:
+        """(certificate file, key file) for ``name`` (and the names ``more``), signed by this CA."""
         key = _key()
-        cert = _cert(name, key, "mailstack test CA", self.key, ca=False)
+        cert = _cert(name, key, "mailstack test CA", self.key, ca=False, names=more)
         cert_file = os.path.join(self.folder, f"{name}.pem")
         key_file = os.path.join(self.folder, f"{name}.key")
         with open(cert_file, "wb") as f:
@@ -74,8 +74,8 @@ class TestCA:
         _write_key(key_file, key)
         return cert_file, key_file
 
-    def server_context(self, name: str) -> ssl.SSLContext:
-        cert_file, key_file = self.issue(name)
+    def server_context(self, name: str, *more: str) -> ssl.SSLContext:
+        cert_file, key_file = self.issue(name, *more)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert_file, key_file)
         return ctx
