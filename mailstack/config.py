@@ -223,7 +223,7 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "port", _port, 25, "TCP port of remote MX hosts"),
     Key("relay", "nameservers", _nameservers, [], '["127.0.0.1:5353"]; empty: the system resolver'),
     Key("relay", "smarthost", _hostport, "", '"host:port": send all outbound mail through it'),
-    Key("relay", "smarthost_user", _str, "", "AUTH at the smarthost (STARTTLS required)"),
+    Key("relay", "smarthost_user", _str, "", "AUTH at the smarthost (only over STARTTLS verified for its name)"),
     Key("relay", "smarthost_password_file", _path, "", "file holding that password"),
     Key("relay", "source_address", _str, "", "local IP that outbound connections bind to"),
     Key("relay", "retry_intervals", _durations, ["1m", "5m", "15m", "30m", "1h", "2h", "4h"], "the last one repeats"),

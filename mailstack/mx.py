@@ -158,7 +158,7 @@ class Resolver:
                 resolver = client.Resolver(servers=servers, reactor=clock)
             else:
                 resolver = client.createResolver()
-        self.resolver = resolver
+        self.resolver: IResolver = resolver  # also MTA-STS's (``delivery.remote.build``)
         self.rng = rng if rng is not None else random.Random()
         # Answers are kept for their TTL in twisted.names' own CacheResolver
         # (on our clock), so a burst of mail to one domain costs one set of

@@ -221,8 +221,10 @@ class _Opportunistic:
 class ClientTLS:
     """The relay's STARTTLS policy: a connection creator per server name.
 
-    ``verify`` (``relay.tls_verify``): the certificate must chain to the
-    system trust roots and match the name (``optionsForClientTLS``).
+    ``verify``: the certificate must chain to ``trust`` (``trust.trust_root``:
+    the system store plus ``relay.tls_ca_file``) and match the name
+    (``optionsForClientTLS``); the relay keeps one verifying instance for
+    ``relay.tls_verify``, AUTH at the smarthost and MTA-STS ``enforce``.
     Otherwise opportunistic TLS (RFC 7435).  Building an OpenSSL context is
     costly, so one is kept per verified name (at most ``MAX_CACHED``) and one
     for all opportunistic connections; the owner (``RemoteAgent``) holds
