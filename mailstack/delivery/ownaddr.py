@@ -87,4 +87,13 @@ def own_addresses(config: Config, interfaces: Iterable[str] | None = None) -> di
             addresses.add(interface or "0.0.0.0")
         else:
             addresses.add(interface)
-    return {port: tuple(sorted(a)) for port, a in out.items()}
+    return {port: tuple(sorted(a for a in addresses if _is_ip(a))) for port, addresses in out.items()}
+
+
+def _is_ip(text: str) -> bool:
+    """Whether ``text`` is an IP address (an interface given as a name is skipped)."""
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True

@@ -209,10 +209,12 @@ class RemoteAgent:
                 assert policy is not None
                 return {r: at_host(OR.mta_sts_no_mx(domain, policy.mx), "", "") for r in rcpts}
         own = self.own_addresses.get(port, ())
-        if not smarthost and own and any(is_own_address(ip, own) for h in hosts for ip in (h.addresses or ())):
-            # RFC 5321 5.1; Postfix: "mail for <domain> loops back to myself".
-            self.log.info("{queue_id}: mail for {domain} loops back to myself", queue_id=entry.id, domain=domain)
-            return {r: at_host(OR.LOOPS_BACK, "", "") for r in rcpts}
+        if not smarthost and own:
+            hosts = _before_self(hosts, own)
+            if not hosts:
+                # RFC 5321 5.1; Postfix: "mail for <domain> loops back to myself".
+                self.log.info("{queue_id}: mail for {domain} loops back to myself", queue_id=entry.id, domain=domain)
+                return {r: at_host(OR.LOOPS_BACK, "", "") for r in rcpts}
         path: str | bytes = self.message_path(entry.id) if message is None else message
         size = entry.size if message is None else len(message)
         targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
@@ -468,6 +470,16 @@ class RemoteAgent:
             stage=e.stage,
             reply=logsafe.escape(str(e.reply)),
         )
+
+
+def _before_self(hosts: list[Host], own: tuple[str, ...]) -> list[Host]:
+    """The hosts before the first one with one of our own addresses: RFC 5321
+    section 5.1 -- a server that finds itself among the MX hosts only uses
+    hosts of lower preference (better), none left being a loop."""
+    for i, host in enumerate(hosts):
+        if any(is_own_address(ip, own) for ip in host.addresses or ()):
+            return hosts[:i]
+    return hosts
 
 
 def _open_message(path: str, size: int) -> tuple[IO[bytes], int]:

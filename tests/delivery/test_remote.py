@@ -343,14 +343,42 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.assertFalse(any(c.startswith(b"AUTH") for c in servers[0].commands))
 
     def test_ownAddressIsLoop(self) -> None:
-        """An MX host that resolves to one of our own SMTP listening addresses (on the
-        relay port) is a loop: 554 5.4.6 "loops back to myself", and no connection."""
-        servers = self.sink("192.0.2.2")
-        agent = self.agent(own_addresses={25: ("192.0.2.2",)})
+        """The best MX host resolves to one of our own SMTP listening addresses (on the
+        relay port): a loop, 554 5.4.6 "loops back to myself", and no connection at all
+        (hosts after ourselves are not tried, RFC 5321 5.1)."""
+        servers = self.sink("192.0.2.1") + self.sink("192.0.2.2")
+        agent = self.agent(own_addresses={25: ("192.0.2.1",)})
         r = self.deliver(agent=agent)["a@remote.test"]
         self.assertEqual((r.code, r.enhanced), (554, "5.4.6"))
         self.assertIn("loops back to myself", r.text)
         self.assertEqual(servers, [])
+
+    def test_ownAddressAsBackupMX(self) -> None:
+        """We are the backup MX (by address): the primary is tried, never our own address."""
+        primary = self.sink("192.0.2.1", mail=b"451 4.3.0 busy")
+        own = self.sink("192.0.2.2")
+        r = self.deliver(agent=self.agent(own_addresses={25: ("192.0.2.2",)}))["a@remote.test"]
+        self.assertEqual((r.code, r.host), (451, "mx1.remote.test"))
+        self.assertEqual(len(primary), 1)
+        self.assertEqual(own, [])
+
+    def test_ownAddressesOfConfig(self) -> None:
+        """own_addresses: the interface of each SMTP listener by port; a wildcard
+        listener adds the host's interface addresses."""
+        from mailstack import config as configmod
+        from mailstack.delivery.ownaddr import own_addresses
+
+        cfg = configmod.from_mapping({
+            "listen": {
+                "smtp": ["tcp:25:interface=192.0.2.9", "tcp:2525"],
+                "submission": ["tcp:587:interface=\\:\\:1"],
+                "submissions": [],
+            }
+        })
+        got = own_addresses(cfg, interfaces=["198.51.100.4", "2001:db8::4"])
+        self.assertEqual(got[25], ("192.0.2.9",))
+        self.assertEqual(got[587], ("::1",))
+        self.assertEqual(set(got[2525]), {"0.0.0.0", "198.51.100.4", "2001:db8::4"})
 
     def test_ownAddressOtherPortNoLoop(self) -> None:
         """Our address on another port than relay.port is somebody else's server: delivered."""
