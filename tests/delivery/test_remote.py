@@ -346,12 +346,12 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         """The best MX host resolves to one of our own SMTP listening addresses (on the
         relay port): a loop, 554 5.4.6 "loops back to myself", and no connection at all
         (hosts after ourselves are not tried, RFC 5321 5.1)."""
-        servers = self.sink("192.0.2.1") + self.sink("192.0.2.2")
+        ours, backup = self.sink("192.0.2.1"), self.sink("192.0.2.2")
         agent = self.agent(own_addresses={25: ("192.0.2.1",)})
         r = self.deliver(agent=agent)["a@remote.test"]
         self.assertEqual((r.code, r.enhanced), (554, "5.4.6"))
         self.assertIn("loops back to myself", r.text)
-        self.assertEqual(servers, [])
+        self.assertEqual((ours, backup), ([], []))
 
     def test_ownAddressAsBackupMX(self) -> None:
         """We are the backup MX (by address): the primary is tried, never our own address."""
