@@ -46,6 +46,7 @@ from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
+from mailstack.trust import TrustError, trust_root
 from mailstack.delivery.local import LocalAgent
 from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
@@ -122,6 +123,10 @@ def load_parts(config: Any) -> tuple[TLSConfig, UserDB, AliasDB]:
     secret = config.relay.smarthost_password_file
     if secret and not os.access(secret, os.R_OK):
         raise StartupError(f"{secret}: relay.smarthost_password_file cannot be read")
+    try:
+        trust_root(config.relay.tls_ca_file)  # relay.tls_ca_file must hold PEM certificates
+    except TrustError as e:
+        raise StartupError(f"relay.tls_ca_file: {e}") from None
     return tls, users, aliases
 
 
