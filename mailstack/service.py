@@ -46,7 +46,6 @@ from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
-from mailstack.trust import TrustError, trust_root
 from mailstack.delivery.local import LocalAgent
 from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
@@ -60,6 +59,7 @@ from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.threadpool import ThreadPool
 from mailstack.tls import TLSConfig, TLSError
+from mailstack.trust import TrustError, trust_root
 
 THREADS = 32
 
