@@ -245,7 +245,7 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "port", _port, 25, "TCP port of remote MX hosts"),
     Key("relay", "nameservers", _nameservers, [], '["127.0.0.1:5353"]; empty: the system resolver'),
     Key("relay", "smarthost", _hostport, "", '"host:port": send all outbound mail through it'),
-    Key("relay", "smarthost_user", _str, "", "AUTH at the smarthost (STARTTLS required)"),
+    Key("relay", "smarthost_user", _str, "", "AUTH at the smarthost (only over STARTTLS verified for its name)"),
     Key("relay", "smarthost_password_file", _path, "", "file holding that password"),
     Key("relay", "source_address", _str, "", "local IP that outbound connections bind to"),
     Key("relay", "retry_intervals", _durations, ["1m", "5m", "15m", "30m", "1h", "2h", "4h"], "the last one repeats"),
@@ -257,6 +257,11 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
     Key("relay", "tls_verify", _bool, False,
         "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
+    Key("relay", "tls_ca_file", _path, "", "PEM file of extra trusted CAs for verified outbound TLS and MTA-STS"),
+    Key("relay", "mta_sts", _bool, True, "honour MTA-STS policies of recipient domains (RFC 8461)"),
+    Key("relay", "max_mx_hosts", _int, 5, "MX hosts tried per delivery attempt"),
+    Key("relay", "allow_private_literals", _bool, False,
+        "accept recipients like user@[10.0.0.1] (private, loopback, link-local)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
     Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
@@ -335,6 +340,10 @@ class RelaySection:
     max_connections: int
     max_per_domain: int
     tls_verify: bool
+    tls_ca_file: str
+    mta_sts: bool
+    max_mx_hosts: int
+    allow_private_literals: bool
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@
   records means the domain itself is the host (implicit MX, RFC 5321 5.1).
 * ``Resolver`` provides ``IMXResolver`` over ``twisted.names``: the servers
   of ``relay.nameservers`` or the system resolver.  NXDOMAIN is permanent
-  (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  Every host's
-  A and AAAA records are looked up, so the caller can try each address.
+  (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  The A and
+  AAAA records of the first ``relay.max_mx_hosts`` hosts are looked up in
+  parallel within ``ADDRESS_DEADLINE``, so the caller can try each address.
 
 The smarthost (``relay.smarthost``) bypasses MX lookups: ``delivery/remote.py``
 connects to it directly, asking ``Resolver.addresses`` for its A/AAAA records
@@ -38,6 +39,15 @@ from mailstack.interfaces import IMXResolver
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
+# All MX host address lookups of one domain together (they run in parallel).
+ADDRESS_DEADLINE = 20.0
+
+
+def _cancel_all(lookups: list[Deferred]) -> None:
+    """The address lookups still running at the deadline end (as temporary failures)."""
+    for d in lookups:
+        if not d.called:
+            d.cancel()
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,7 @@ class Resolver:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        self.clock = clock
         if resolver is None:
             from twisted.names import client
 
@@ -147,7 +158,7 @@ class Resolver:
                 resolver = client.Resolver(servers=servers, reactor=clock)
             else:
                 resolver = client.createResolver()
-        self.resolver = resolver
+        self.resolver: IResolver = resolver  # also MTA-STS's (``delivery.remote.build``)
         self.rng = rng if rng is not None else random.Random()
         # Answers are kept for their TTL in twisted.names' own CacheResolver
         # (on our clock), so a burst of mail to one domain costs one set of
@@ -190,10 +201,22 @@ class Resolver:
         ]
         implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
+        # Only the first relay.max_mx_hosts are tried (Postfix smtp_mx_session_limit),
+        # and their addresses are looked up at once, all within ADDRESS_DEADLINE:
+        # twenty MX hosts whose name servers never answer cost one deadline while
+        # the caller holds an outbound slot, not twenty lookup timeouts in a row.
+        hosts = hosts[: max(1, self.config.relay.max_mx_hosts)]
+        lookups = [Deferred.fromCoroutine(self._addresses(h.name)) for h in hosts]
+        deadline = self.clock.callLater(ADDRESS_DEADLINE, _cancel_all, lookups)
+        try:
+            results = await DeferredList(lookups, consumeErrors=True)
+        finally:
+            if deadline.active():
+                deadline.cancel()
         resolved: list[Host] = []
         temporary = False
-        for host in hosts:
-            addresses, temp = await self._addresses(host.name)
+        for host, (ok, value) in zip(hosts, results):
+            addresses, temp = cast(tuple[list[str], bool], value) if ok else ([], True)
             temporary |= temp
             resolved.append(Host(host.name, tuple(addresses), host.preference))
         if not any(h.addresses for h in resolved):

@@ -9,7 +9,9 @@ Rules
 -----
 * A domain in ``[domains] local`` is ours; anything else, address literals
   included, is remote and is accepted only from an authenticated client
-  (otherwise 550 5.7.1: we are no open relay).
+  (otherwise 550 5.7.1: we are no open relay).  An address literal in a
+  loopback, link-local or private range is refused with 553 5.7.1 unless
+  ``relay.allow_private_literals`` (``netpolicy``).
 * A local address with an alias expands to the alias targets, recursively;
   targets may be local or remote (forwarding is the administrator's decision,
   so it is allowed for unauthenticated clients too).  An alias wins over a
@@ -49,7 +51,9 @@ from mailstack.address import Address, AddressError, parse_address
 from mailstack.envelope import Destination
 from mailstack.errors import PermanentFailure
 from mailstack.interfaces import IRouter
-from mailstack.smtp.replies import ALIAS_LOOP, RELAY_DENIED, UNKNOWN_USER
+from mailstack.mx import literal_address
+from mailstack.netpolicy import is_private_literal
+from mailstack.smtp.replies import ALIAS_LOOP, PRIVATE_LITERAL, RELAY_DENIED, UNKNOWN_USER
 
 
 @implementer(IRouter)
@@ -68,6 +72,9 @@ class Router:
         if not self._config.is_local_domain(address.domain):
             if not authenticated:
                 raise PermanentFailure(RELAY_DENIED)
+            literal = literal_address(address.domain)
+            if literal is not None and is_private_literal(literal) and not self._config.relay.allow_private_literals:
+                raise PermanentFailure(PRIVATE_LITERAL)  # see netpolicy: no relaying into our own network
             return [Destination(address, address, False)]
         walk = _Walk(self, address)
         found = walk.expand(address)

@@ -62,6 +62,7 @@ from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.threadpool import ThreadPool
 from mailstack.tls import TLSConfig, TLSError
+from mailstack.trust import TrustError, trust_root
 
 THREADS = 32
 
@@ -125,6 +126,10 @@ def load_parts(config: Config) -> tuple[TLSConfig, UserDB, AliasDB]:
     secret = config.relay.smarthost_password_file
     if secret and not os.access(secret, os.R_OK):
         raise StartupError(f"{secret}: relay.smarthost_password_file cannot be read")
+    try:
+        trust_root(config.relay.tls_ca_file)  # relay.tls_ca_file must hold PEM certificates
+    except TrustError as e:
+        raise StartupError(f"relay.tls_ca_file: {e}") from None
     return tls, users, aliases
 
 

@@ -221,8 +221,10 @@ class _Opportunistic:
 class ClientTLS:
     """The relay's STARTTLS policy: a connection creator per server name.
 
-    ``verify`` (``relay.tls_verify``): the certificate must chain to the
-    system trust roots and match the name (``optionsForClientTLS``).
+    ``verify``: the certificate must chain to ``trust`` (``trust.trust_root``:
+    the system store plus ``relay.tls_ca_file``) and match the name
+    (``optionsForClientTLS``); the relay keeps one verifying instance for
+    ``relay.tls_verify``, AUTH at the smarthost and MTA-STS ``enforce``.
     Otherwise opportunistic TLS (RFC 7435).  Building an OpenSSL context is
     costly, so one is kept per verified name (at most ``MAX_CACHED``) and one
     for all opportunistic connections; the owner (``RemoteAgent``) holds
@@ -231,8 +233,9 @@ class ClientTLS:
 
     MAX_CACHED = 1000
 
-    def __init__(self, verify: bool) -> None:
+    def __init__(self, verify: bool, trust: Any = None) -> None:
         self.verify = verify
+        self.trust = trust  # an IOpenSSLTrustRoot (``trust.trust_root``); None: the system store
         self._verified: dict[str, IOpenSSLClientConnectionCreator] = {}
         self._opportunistic: Any = None
 
@@ -244,7 +247,7 @@ class ClientTLS:
             if creator is None:
                 if len(self._verified) >= self.MAX_CACHED:
                     self._verified.clear()
-                creator = self._verified[server_name] = ssl.optionsForClientTLS(server_name)
+                creator = self._verified[server_name] = ssl.optionsForClientTLS(server_name, trustRoot=self.trust)
             return creator
         if self._opportunistic is None:
             self._opportunistic = ssl.CertificateOptions(verify=False).getContext()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IResolver
 from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.names.common import ResolverBase
@@ -15,7 +16,14 @@ from zope.interface.verify import verifyObject
 from mailstack import config as configmod
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
-from mailstack.mx import Host, Resolver, literal_address, order_hosts, split_hostport
+from mailstack.mx import (
+    ADDRESS_DEADLINE,
+    Host,
+    Resolver,
+    literal_address,
+    order_hosts,
+    split_hostport,
+)
 
 
 class FakeResolver(ResolverBase):
@@ -215,3 +223,69 @@ class CacheTests(SynchronousTestCase):
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.assertEqual(len(fake.queries), 2)
+
+
+class SilentResolver(FakeResolver):
+    """Answers MX from ``records``; address queries of the names in ``silent`` never answer."""
+
+    def __init__(self, records, silent):
+        FakeResolver.__init__(self, records)
+        self.silent = set(silent)
+        self.hanging = []
+
+    def _lookup(self, name, cls, qtype, timeout):
+        text = name.decode() if isinstance(name, bytes) else name
+        if text in self.silent:
+            self.queries.append((text, qtype))
+            d = Deferred()
+            self.hanging.append(d)
+            return d
+        return FakeResolver._lookup(self, name, cls, qtype, timeout)
+
+
+class DeadlineTests(SynchronousTestCase):
+    def test_silentMXHostsCostOneDeadline(self) -> None:
+        """Twenty MX hosts whose address lookups never answer: only relay.max_mx_hosts (5)
+        are looked up, all at once, and the attempt ends with a temporary failure at
+        ADDRESS_DEADLINE -- not after twenty lookup timeouts in a row."""
+        clock = Clock()
+        names = [f"m{i:02}.d.test" for i in range(20)]
+        fake = SilentResolver({("d.test", dns.MX): [mx(10 + i, n) for i, n in enumerate(names)]}, names)
+        verifyObject(IResolver, fake)
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        d = r.hosts_for("d.test")
+        self.assertNoResult(d)
+        asked = sorted({n for n, t in fake.queries if t in (dns.A, dns.AAAA)})
+        self.assertEqual(asked, names[:5])  # in parallel: all five before any answer
+        clock.advance(ADDRESS_DEADLINE - 0.1)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        f = self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(f.value.reply.enhanced, "4.4.3")
+
+    def test_answeredHostsKeptAtDeadline(self) -> None:
+        """At the deadline the hosts that did answer are used; the silent ones have no address."""
+        clock = Clock()
+        fake = SilentResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "slow.d.test"), mx(20, "ok.d.test")],
+                ("ok.d.test", dns.A): [dns.Record_A("192.0.2.7")],
+            },
+            ["slow.d.test"],
+        )
+        r = Resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 2}}), clock, resolver=fake, rng=random.Random(0))
+        d = r.hosts_for("d.test")
+        self.assertNoResult(d)
+        clock.advance(ADDRESS_DEADLINE)
+        self.assertEqual(self.successResultOf(d), [Host("slow.d.test", (), 10), Host("ok.d.test", ("192.0.2.7",), 20)])
+
+    def test_maxMXHosts(self) -> None:
+        """relay.max_mx_hosts caps the hosts returned (and looked up)."""
+        records = {("d.test", dns.MX): [mx(i, f"h{i}.d.test") for i in range(1, 9)]}
+        for i in range(1, 9):
+            records[(f"h{i}.d.test", dns.A)] = [dns.Record_A(f"192.0.2.{i}")]
+        fake = FakeResolver(records)
+        r = Resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 3}}), Clock(), resolver=fake, rng=random.Random(0))
+        hosts = self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual([h.name for h in hosts], ["h1.d.test", "h2.d.test", "h3.d.test"])
+        self.assertEqual(sorted({n for n, t in fake.queries if t == dns.A}), ["h1.d.test", "h2.d.test", "h3.d.test"])

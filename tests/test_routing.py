@@ -131,6 +131,12 @@ class RouterTests(SynchronousTestCase):
             ("keepcopy@example.org", False, (550, "5.1.1")),
             ("someone@remote.example", False, (550, "5.7.1")),
             ("x@[192.0.2.1]", False, (550, "5.7.1")),
+            ("x@[127.0.3.2]", False, (550, "5.7.1")),
+            ("x@[127.0.3.2]", True, (553, "5.7.1")),
+            ("x@[10.0.0.1]", True, (553, "5.7.1")),
+            ("x@[169.254.169.254]", True, (553, "5.7.1")),
+            ("x@[IPv6:fe80::1]", True, (553, "5.7.1")),
+            ("x@[IPv6:::1]", True, (553, "5.7.1")),
             ("loop1@example.org", False, (550, "5.4.6")),
             ("loop1@example.org", True, (550, "5.4.6")),
         ]
@@ -138,6 +144,15 @@ class RouterTests(SynchronousTestCase):
         for text, authenticated, expected in table:
             failure = self.assertRaises(PermanentFailure, r.resolve, parse_address(text), authenticated)
             self.assertEqual((failure.reply.code, failure.reply.enhanced), expected, text)
+
+    def test_privateLiteralsAllowedByConfig(self) -> None:
+        """With relay.allow_private_literals an authenticated client may relay to [10.0.0.1]."""
+        cfg = config.from_mapping(
+            {"domains": {"local": ["example.org"]}, "relay": {"allow_private_literals": True}}
+        )
+        r = Router(cfg, Users(USERS), Aliases(ALIASES))
+        destinations = r.resolve(parse_address("x@[10.0.0.1]"), True)
+        self.assertEqual(finals(destinations), [("x@[10.0.0.1]", False)])
 
     def test_selfReferenceKeepsCopyOfUser(self) -> None:
         """An alias naming itself delivers to the user of that name (no loop error)."""

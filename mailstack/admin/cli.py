@@ -40,6 +40,7 @@ from mailstack.sendlimits import LimitsFile, usage_report
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
 from mailstack.tls import TLSError, load_options
+from mailstack.trust import TrustError, trust_root
 
 PROG = "mailstack"
 
@@ -276,6 +277,10 @@ def check_config(config: configmod.Config, args: argparse.Namespace) -> int:
     secret = config.relay.smarthost_password_file
     if secret and not os.access(secret, os.R_OK):
         raise Refused(f"{secret}: relay.smarthost_password_file cannot be read")
+    try:
+        trust_root(config.relay.tls_ca_file)
+    except TrustError as e:
+        raise Refused(f"relay.tls_ca_file: {e}") from None
     try:
         pipeline.configured(config.pipeline)
     except pipeline.PipelineError as e:

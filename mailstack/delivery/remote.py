@@ -3,10 +3,21 @@
 
 ``RemoteAgent.deliver(entry, recipients)`` (IDeliveryAgent):
 
-1. Hosts: the smarthost (``relay.smarthost``, STARTTLS required, AUTH when
-   ``relay.smarthost_user`` is set) or ``IMXResolver.hosts_for(domain)``.
-   A DNS failure answers every recipient with its reply (NXDOMAIN and null MX
-   permanent, SERVFAIL temporary).
+1. Hosts: the smarthost (``relay.smarthost``) or
+   ``IMXResolver.hosts_for(domain)``.  A DNS failure answers every recipient
+   with its reply (NXDOMAIN and null MX permanent, SERVFAIL temporary).  An
+   address that is one of our own SMTP listening addresses on the relay port
+   is a loop (554 5.4.6, ``ownaddr``), never connected to.
+   TLS per hop (``_tls_policy``): AUTH at the smarthost (``relay.smarthost_user``)
+   is only ever sent over STARTTLS with a certificate verified for the
+   smarthost's name (system store plus ``relay.tls_ca_file``): a password must
+   not go to whoever can intercept the connection.  Without credentials the
+   smarthost gets opportunistic TLS like any MX (a LAN relay or test sink
+   without STARTTLS gets the mail in plain text).  ``relay.tls_verify``
+   makes verified TLS mandatory for every hop.  MTA-STS (RFC 8461, ``IMTASTS``):
+   for a domain whose policy is ``enforce``, only MX hosts matching the policy
+   are tried, each with verified TLS (section 5), else the recipients stay
+   deferred with 4.7.5; ``testing`` only logs mismatches (section 5.2).
 2. Each address of each host in order, at most ``MAX_ADDRESSES``: connect
    through ``endpoint_factory(ip, port)``; a refused or timed-out connection,
    a 4xx/5xx greeting, a failed EHLO/STARTTLS/AUTH or a refused MAIL moves on
@@ -50,12 +61,15 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack import logsafe
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
+from mailstack.mtasts import IMTASTS, Policy, mx_allowed
 from mailstack.mx import Host, literal_address, split_hostport
+from mailstack.netpolicy import is_own_address
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
 from mailstack.smtp.data import FileSource, MemorySource
@@ -91,14 +105,26 @@ class RemoteAgent:
         *,
         run_blocking: Callable[..., Deferred],
         tls_factory: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
+        verified_tls: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
         smarthost_password: str = "",
+        mta_sts: IMTASTS | None = None,
+        own_addresses: dict[int, tuple[str, ...]] | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.endpoint_factory = endpoint_factory
         self.clock = clock
         self.message_path = message_path
-        self.tls_factory = tls_factory if tls_factory is not None else ClientTLS(config.relay.tls_verify)
+        # Opportunistic TLS (RFC 7435), and TLS verified for the server's name
+        # against the system store plus relay.tls_ca_file (``_tls_policy``).
+        self.tls_factory = tls_factory if tls_factory is not None else ClientTLS(False)
+        if verified_tls is None:
+            from mailstack.trust import trust_root
+
+            verified_tls = ClientTLS(True, trust_root(config.relay.tls_ca_file))
+        self.verified_tls = verified_tls
+        self.mta_sts = mta_sts
+        self.own_addresses = own_addresses or {}
         self.smarthost_password = smarthost_password
         self.run_blocking = run_blocking
         self._clients: set[SMTPClientProtocol] = set()
@@ -169,9 +195,26 @@ class RemoteAgent:
             hosts, port, smarthost = await self._hosts(domain)
         except MailError as e:
             self.log.info(
-                "{queue_id}: no mail server for {domain}: {reply}", queue_id=entry.id, domain=domain, reply=str(e.reply)
+                "{queue_id}: no mail server for {domain}: {reply}",
+                queue_id=entry.id,
+                domain=logsafe.escape(domain),
+                reply=logsafe.escape(str(e.reply)),
             )
             return {r: at_host(e.reply, "", "") for r in rcpts}
+        policy: Policy | None = None
+        if not smarthost and self.mta_sts is not None and self.config.relay.mta_sts:
+            policy = await self.mta_sts.policy(domain)
+            hosts = self._apply_policy(entry, domain, policy, hosts)
+            if not hosts:
+                assert policy is not None
+                return {r: at_host(OR.mta_sts_no_mx(domain, policy.mx), "", "") for r in rcpts}
+        own = self.own_addresses.get(port, ())
+        if not smarthost and own:
+            hosts = _before_self(hosts, own)
+            if not hosts:
+                # RFC 5321 5.1; Postfix: "mail for <domain> loops back to myself".
+                self.log.info("{queue_id}: mail for {domain} loops back to myself", queue_id=entry.id, domain=domain)
+                return {r: at_host(OR.LOOPS_BACK, "", "") for r in rcpts}
         path: str | bytes = self.message_path(entry.id) if message is None else message
         size = entry.size if message is None else len(message)
         targets = [(h.name, ip) for h in hosts for ip in (h.addresses or ()) if self._usable(ip)][:MAX_ADDRESSES]
@@ -181,16 +224,19 @@ class RemoteAgent:
         spoken: RemoteReply | None = None  # the last failure a server actually replied with
         mail_refusals = 0
         answered = 0
+        verify = self._tls_policy(smarthost, policy)
         for name, ip in targets:
             plaintext = False
             while True:
-                outcome = await self._attempt(entry, name, ip, port, smarthost, rcpts, path, size, plaintext)
+                outcome = await self._attempt(entry, name, ip, port, smarthost, rcpts, path, size, plaintext, verify)
                 if isinstance(outcome, dict):
                     return outcome
                 stage, reply = outcome
-                if stage == "tls" and not smarthost and not plaintext and not self.config.relay.tls_verify:
+                if stage == "tls" and not plaintext and not verify:
                     plaintext = True  # RFC 7435 6: opportunistic TLS failed; try in the clear
                     continue
+                if stage == "tls" and verify:
+                    reply = OR.TLS_NOT_VERIFIED
                 break
             if stage == "dot":
                 # The data went out; the remote may have the message.  Do not send it
@@ -213,6 +259,34 @@ class RemoteAgent:
             final = OR.session_refused(Reply(last.code, last.enhanced, last.text))
         return {r: at_host(final, last.host, last.ip) for r in rcpts}
 
+    def _tls_policy(self, smarthost: bool, policy: Policy | None) -> bool:
+        """Whether this hop needs STARTTLS with a certificate verified for the
+        host's name (else opportunistic TLS): AUTH at the smarthost, an
+        MTA-STS ``enforce`` policy (RFC 8461 section 5), or ``relay.tls_verify``."""
+        relay = self.config.relay
+        if smarthost and relay.smarthost_user:
+            return True
+        if policy is not None and policy.mode == "enforce":
+            return True
+        return relay.tls_verify
+
+    def _apply_policy(self, entry: QueueEntry, domain: str, policy: Policy | None, hosts: list[Host]) -> list[Host]:
+        """RFC 8461 section 4.1: the MX hosts that match the policy (enforce), or
+        all of them with mismatches logged (testing, section 5.2)."""
+        if policy is None:
+            return hosts
+        matching = [h for h in hosts if mx_allowed(policy, h.name)]
+        for h in hosts:
+            if h not in matching:
+                self.log.info(
+                    "{queue_id}: MX {mx} of {domain} does not match its MTA-STS policy ({mode})",
+                    queue_id=entry.id,
+                    mx=logsafe.escape(h.name),
+                    domain=domain,
+                    mode=policy.mode,
+                )
+        return matching if policy.mode == "enforce" else hosts
+
     async def _attempt(
         self,
         entry: QueueEntry,
@@ -224,6 +298,7 @@ class RemoteAgent:
         path: str | bytes,
         size: int,
         plaintext: bool,
+        verify: bool = False,
     ) -> dict[str, Reply] | tuple[str, Reply]:
         """One transaction; per-recipient replies, or ``(stage, reply)`` of the failure.
 
@@ -233,7 +308,7 @@ class RemoteAgent:
         """
         if self._aborted:
             return "connect", OR.SHUTTING_DOWN
-        key = (ip, port, smarthost, plaintext)
+        key = (ip, port, smarthost, plaintext, name if verify else "")
         client = self._take(key)
         if client is not None:
             outcome = await self._transaction(entry, client, key, name, ip, rcpts, path, size, reused=True)
@@ -247,9 +322,9 @@ class RemoteAgent:
             self.config.hostname,
             self.clock,
             relay.command_timeout,
-            tls=None if plaintext else (lambda: self.tls_factory(name)),
-            # tls_verify is pointless if STARTTLS can be stripped: TLS is then required.
-            require_tls=smarthost or relay.tls_verify,
+            tls=None if plaintext else (lambda: (self.verified_tls if verify else self.tls_factory)(name)),
+            # Verification is pointless if STARTTLS can be stripped: TLS is then required.
+            require_tls=verify,
             credentials=credentials,
             peer_name=f"{name}[{ip}]",
         )
@@ -260,7 +335,7 @@ class RemoteAgent:
             self.log.info(
                 "{queue_id}: connect to {mx}[{ip}]:{port} failed: {error}",
                 queue_id=entry.id,
-                mx=name,
+                mx=logsafe.escape(name),
                 ip=ip,
                 port=port,
                 error=e.__class__.__name__,
@@ -390,11 +465,21 @@ class RemoteAgent:
         self.log.info(
             "{queue_id}: {mx}[{ip}] failed at {stage}: {reply}",
             queue_id=entry.id,
-            mx=name,
+            mx=logsafe.escape(name),
             ip=ip,
             stage=e.stage,
-            reply=str(e.reply),
+            reply=logsafe.escape(str(e.reply)),
         )
+
+
+def _before_self(hosts: list[Host], own: tuple[str, ...]) -> list[Host]:
+    """The hosts before the first one with one of our own addresses: RFC 5321
+    section 5.1 -- a server that finds itself among the MX hosts only uses
+    hosts of lower preference (better), none left being a loop."""
+    for i, host in enumerate(hosts):
+        if any(is_own_address(ip, own) for ip in host.addresses or ()):
+            return hosts[:i]
+    return hosts
 
 
 def _open_message(path: str, size: int) -> tuple[IO[bytes], int]:
@@ -432,14 +517,23 @@ def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], I
 
 def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
     """The production agent (called by ``service.py``)."""
+    from mailstack import mtasts
+    from mailstack.delivery.ownaddr import own_addresses
     from mailstack.mx import Resolver
 
+    resolver = Resolver(config, reactor)
+    relay = config.relay
+    sts = None
+    if relay.mta_sts and not relay.smarthost:
+        sts = mtasts.build(reactor, resolver.resolver, config.data_dir, relay.tls_ca_file, run_blocking)
     return RemoteAgent(
         config,
-        Resolver(config, reactor),
+        resolver,
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,
         run_blocking=run_blocking,
-        smarthost_password=read_password(config.relay.smarthost_password_file),
+        smarthost_password=read_password(relay.smarthost_password_file),
+        mta_sts=sts,
+        own_addresses=own_addresses(config),
     )

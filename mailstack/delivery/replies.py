@@ -38,6 +38,7 @@ NO_MAIL_HOST = Reply(550, "5.4.4", "Recipient domain has no mail server")
 DNS_TEMPORARY = Reply(451, "4.4.3", "Temporary DNS failure looking up the recipient domain")
 NO_ADDRESS = Reply(451, "4.4.3", "No address found for any mail server of the recipient domain")
 MAIL_LOOP = Reply(554, "5.4.6", "Mail for the recipient domain loops back to this server")
+LOOPS_BACK = Reply(554, "5.4.6", "Mail for the recipient domain loops back to myself (an MX host is this server)")
 
 # -- one SMTP session (smtp/client.py) -----------------------------------------
 
@@ -46,6 +47,9 @@ TIMEOUT = Reply(451, "4.4.2", "Timeout waiting for the remote server")
 PROTOCOL_VIOLATION = Reply(451, "4.5.0", "Remote server violated the SMTP protocol")
 TLS_UNAVAILABLE = Reply(451, "4.7.4", "STARTTLS required but not offered by the remote server")
 TLS_FAILED = Reply(451, "4.7.5", "TLS negotiation with the remote server failed")
+TLS_NOT_VERIFIED = Reply(
+    451, "4.7.5", "TLS with the remote server failed or its certificate could not be verified for its name"
+)
 AUTH_UNAVAILABLE = Reply(451, "4.7.0", "Authentication required but not offered by the remote server")
 READ_ERROR = Reply(451, "4.3.0", "Local error reading the message")
 NO_SMTPUTF8 = Reply(553, "5.6.7", "Remote server does not support SMTPUTF8 for this address")
@@ -62,6 +66,12 @@ CONNECT_FAILED = Reply(451, "4.4.1", "Connection to the remote server failed")
 NO_HOSTS = Reply(451, "4.4.4", "No mail server could be reached")
 OPEN_ERROR = Reply(451, "4.3.0", "Local error opening the message")
 SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery interrupted: the mail system is shutting down")
+
+
+def mta_sts_no_mx(domain: str, patterns: tuple[str, ...]) -> Reply:
+    """RFC 8461 section 4.1/5: no MX host matches the domain's enforced policy."""
+    allowed = ", ".join(patterns)[:200]
+    return Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy (mx: {allowed})")
 
 
 def session_refused(reply: Reply) -> Reply:

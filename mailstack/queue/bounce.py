@@ -10,6 +10,13 @@ After each round the queue manager asks ``Bouncer.notify(entry, now)``:
   has passed (RFC 3464 ``Action: delayed``);
 * never a DSN for a message from ``<>`` (RFC 5321 section 6.1: never bounce
   a bounce);
+* the DSN returns the original header section only (RFC 3462/6522
+  ``text/rfc822-headers``), at most ``DSN_HEADER_LIMIT`` bytes of it, never
+  the body: a message forwarded through an alias to a remote target for an
+  unauthenticated (perhaps forged) sender bounces to that sender, and an
+  attacker must not be able to use us to reflect a large message at a third
+  party (backscatter).  Postfix caps returned content similarly
+  (``bounce_size_limit``);
 * the DSN re-enters through the normal door (``IIntake.begin`` with sender
   ``<>``), so it is queued, retried and logged like any message.  A local
   sender's DSN follows the router (aliases); an unknown local sender (a
@@ -32,6 +39,8 @@ from mailstack.interfaces import IIntake, IQueueStore, IRouter
 from mailstack.queue import dsn, schedule
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
 from mailstack.queue.store import read_headers
+
+DSN_HEADER_LIMIT = 16 * 1024  # bytes of original headers returned in a DSN
 
 
 class Bouncer:
@@ -101,7 +110,7 @@ class Bouncer:
             self.log.warn("{queue_id}: sender <{sender}> cannot get a DSN", queue_id=entry.id, sender=entry.sender)
             return True  # nobody to tell; do not retry forever
         try:
-            headers = await self.run_blocking(read_headers, self.store.message_path(entry.id))
+            headers = await self.run_blocking(read_headers, self.store.message_path(entry.id), DSN_HEADER_LIMIT)
             message = dsn.build(
                 hostname=self.config.hostname,
                 entry=entry,

@@ -58,6 +58,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack import logsafe
 from mailstack.batching import GroupCommit
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
@@ -496,7 +497,8 @@ class QueueManager(Service):
             done = outcome.record(
                 r, reply, now, entry.arrival, relay.retry_intervals, relay.max_queue_lifetime, self.rng
             )
-            mx = done.host or ("local" if r.local else "")
+            mx = logsafe.escape(done.host) if done.host else ("local" if r.local else "")
+            shown = logsafe.escape(r.last_reply)  # the remote server's words
             delay = now - entry.arrival
             # One line per recipient and attempt, made here with an f-string: the
             # observer then formats a single field instead of eight (the structured
@@ -504,12 +506,12 @@ class QueueManager(Service):
             self.log.info(
                 "{line}",
                 line=f"{entry.id}: to=<{r.address}> relay={mx} ip={done.ip} delay={delay:.1f} status={done.status}"
-                f"{' (expired)' if done.expired else ''} ({r.last_reply})",
+                f"{' (expired)' if done.expired else ''} ({shown})",
                 queue_id=entry.id,
                 rcpt=r.address,
                 mx=mx,
                 ip=done.ip,
-                reply=r.last_reply,
+                reply=shown,
                 delay=delay,
                 attempt_time=now - started,
                 status=done.status,

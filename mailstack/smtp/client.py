@@ -45,6 +45,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailstack import logsafe
 from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
 from mailstack.interfaces import IMessageSource
@@ -198,7 +199,7 @@ class SMTPClientProtocol(Protocol):
         return self.transport is None or self._lost is not None
 
     def _violation(self, what: str) -> None:
-        self.log.info("SMTP protocol violation by {mx}: {what}", mx=self.peer_name, what=what)
+        self.log.info("SMTP protocol violation by {mx}: {what}", mx=logsafe.escape(self.peer_name), what=what)
         self._lost = _Lost(OR.PROTOCOL_VIOLATION)
         self.transport.abortConnection()
 
@@ -235,7 +236,7 @@ class SMTPClientProtocol(Protocol):
         self._timer = None
         if not self._waiting:
             return  # armed for a reply that has come (see _rearm)
-        self.log.info("SMTP timeout waiting for {mx}", mx=self.peer_name)
+        self.log.info("SMTP timeout waiting for {mx}", mx=logsafe.escape(self.peer_name))
         self._lost = _Lost(OR.TIMEOUT)
         self.transport.abortConnection()
 

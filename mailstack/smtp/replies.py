@@ -77,6 +77,7 @@ NULL_SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Null sender not allowed for authe
 # RCPT refusals of routing.Router (RFC 5321 section 3.3; RFC 3463 X.7.1, X.1.1, X.4.6).
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
+PRIVATE_LITERAL = Reply(553, "5.7.1", "Relaying to an address literal in a private or loopback range is not allowed")
 ALIAS_LOOP = Reply(550, "5.4.6", "Routing loop detected")
 TLS_FAILED = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 

@@ -105,6 +105,18 @@ class CLITests(SynchronousTestCase):
         self.assertIn("relay.max_queue_lifetime", err)
         self.assertIn(self.cfg, err)
 
+    def test_checkConfigCAFile(self):
+        """check-config refuses a relay.tls_ca_file without PEM certificates, in one line."""
+        bad = os.path.abspath(self.mktemp())
+        with open(bad, "w") as f:
+            f.write("not a certificate\n")
+        with open(self.cfg, "a") as f:
+            f.write(f'[relay]\ntls_ca_file = "{bad}"\n')
+        status, _, err = self.run_cli("check-config")
+        self.assertEqual(status, 1)
+        self.assertIn("relay.tls_ca_file", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
     def test_configFromEnvironment(self):
         """MAILSTACK_CONFIG is used when --config is not given."""
         out, err = io.StringIO(), io.StringIO()

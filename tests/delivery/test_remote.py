@@ -5,9 +5,10 @@ from __future__ import annotations
 import email
 import random
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailstack.delivery import remote
@@ -15,6 +16,7 @@ from mailstack.delivery.remote import RemoteAgent, tcp_endpoint_factory
 from mailstack.delivery.replies import DNS_TEMPORARY, NULL_MX, RemoteReply
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent, IMXResolver
+from mailstack.mtasts import IMTASTS, Policy
 from mailstack.mx import Host
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
@@ -35,6 +37,17 @@ from tests.queue.outbound_fakes import (
 START = 1_000_000.0
 
 
+@implementer(IMTASTS)
+class FakeMTASTS:
+    """Policies by domain; None for the others."""
+
+    def __init__(self, policies: dict) -> None:
+        self.policies = policies
+
+    def policy(self, domain: str) -> Deferred:
+        return succeed(self.policies.get(domain))
+
+
 class OutboundFixture:
     """A fake network, store and resolver (remote.test has two MXs), port 25."""
 
@@ -50,6 +63,7 @@ class OutboundFixture:
 class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
     def agent(self, **kw) -> RemoteAgent:
         kw.setdefault("tls_factory", lambda name: FakeTLS(name=name))
+        kw.setdefault("verified_tls", lambda name: FakeTLS(name=name))
         kw.setdefault("run_blocking", run_blocking)
         return RemoteAgent(self.config, self.resolver, self.net, self.clock, self.store.message_path, **kw)
 
@@ -281,14 +295,158 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         r = self.deliver(agent=self.agent(smarthost_password="wrong"))["a@remote.test"]
         self.assertEqual((r.code, r.enhanced), (451, "4.7.0"))
 
-    def test_smarthostWithoutTLSRefused(self) -> None:
-        """A smarthost that does not offer STARTTLS gets nothing; temporary."""
+    def test_smarthostWithoutTLSPlaintextWithoutCredentials(self) -> None:
+        """A smarthost without STARTTLS (a LAN relay, a test sink) gets the mail in
+        plain text when no AUTH is configured: TLS to it is opportunistic."""
         self.config = make_config(smarthost="198.51.100.7:2587")
         servers: list = []
         self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
         r = self.deliver()["a@remote.test"]
-        self.assertTrue(r.temporary)
+        self.assertEqual(r.code, 250)
+        self.assertEqual(len(servers[0].messages), 1)
+
+    def test_smarthostWithCredentialsWithoutTLSRefused(self) -> None:
+        """With relay.smarthost_user, a smarthost that does not offer STARTTLS gets
+        neither AUTH nor the mail; the recipient stays queued with 4.7.4."""
+        self.config = make_config(smarthost="198.51.100.7:2587", smarthost_user="u")
+        servers: list = []
+        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
+            FakeSMTPServer(auth=("u", "pw"))
+        ) or servers[-1]
+        r = self.deliver(agent=self.agent(smarthost_password="pw"))["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (451, "4.7.4"))
+        self.assertFalse(any(c.startswith(b"AUTH") for s in servers for c in s.commands))
         self.assertEqual(servers[0].messages, [])
+
+    def test_smarthostCredentialsOnlyOverVerifiedTLS(self) -> None:
+        """With relay.smarthost_user the STARTTLS context is the verified one, for the
+        smarthost's name; a failed (unverified) handshake sends no AUTH, is not retried
+        in plain text, and leaves the recipient queued with 4.7.5."""
+        self.config = make_config(smarthost="relay.provider.test:2587", smarthost_user="u")
+        self.resolver.names["relay.provider.test"] = ["198.51.100.7"]
+        servers: list = []
+        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
+            FakeSMTPServer(starttls=FakeTLS(ok=False), auth=("u", "pw"))
+        ) or servers[-1]
+        verified: list = []
+        opportunistic: list = []
+        agent = self.agent(
+            smarthost_password="pw",
+            verified_tls=lambda name: verified.append(name) or FakeTLS(name=name),
+            tls_factory=lambda name: opportunistic.append(name) or FakeTLS(name=name),
+        )
+        r = self.deliver(agent=agent)["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (451, "4.7.5"))
+        self.assertEqual(verified, ["relay.provider.test"])
+        self.assertEqual(opportunistic, [])
+        self.assertEqual(len(servers), 1)  # no plaintext retry
+        self.assertFalse(any(c.startswith(b"AUTH") for c in servers[0].commands))
+
+    def test_ownAddressIsLoop(self) -> None:
+        """The best MX host resolves to one of our own SMTP listening addresses (on the
+        relay port): a loop, 554 5.4.6 "loops back to myself", and no connection at all
+        (hosts after ourselves are not tried, RFC 5321 5.1)."""
+        ours, backup = self.sink("192.0.2.1"), self.sink("192.0.2.2")
+        agent = self.agent(own_addresses={25: ("192.0.2.1",)})
+        r = self.deliver(agent=agent)["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (554, "5.4.6"))
+        self.assertIn("loops back to myself", r.text)
+        self.assertEqual((ours, backup), ([], []))
+
+    def test_ownAddressAsBackupMX(self) -> None:
+        """We are the backup MX (by address): the primary is tried, never our own address."""
+        primary = self.sink("192.0.2.1", mail=b"451 4.3.0 busy")
+        own = self.sink("192.0.2.2")
+        r = self.deliver(agent=self.agent(own_addresses={25: ("192.0.2.2",)}))["a@remote.test"]
+        self.assertEqual((r.code, r.host), (451, "mx1.remote.test"))
+        self.assertEqual(len(primary), 1)
+        self.assertEqual(own, [])
+
+    def test_ownAddressesOfConfig(self) -> None:
+        """own_addresses: the interface of each SMTP listener by port; a wildcard
+        listener adds the host's interface addresses."""
+        from mailstack import config as configmod
+        from mailstack.delivery.ownaddr import own_addresses
+
+        cfg = configmod.from_mapping({
+            "listen": {
+                "smtp": ["tcp:25:interface=192.0.2.9", "tcp:2525"],
+                "submission": ["tcp:587:interface=\\:\\:1"],
+                "submissions": [],
+            }
+        })
+        got = own_addresses(cfg, interfaces=["198.51.100.4", "2001:db8::4"])
+        self.assertEqual(got[25], ("192.0.2.9",))
+        self.assertEqual(got[587], ("::1",))
+        self.assertEqual(set(got[2525]), {"0.0.0.0", "198.51.100.4", "2001:db8::4"})
+
+    def test_ownAddressOtherPortNoLoop(self) -> None:
+        """Our address on another port than relay.port is somebody else's server: delivered."""
+        self.sink("192.0.2.1")
+        r = self.deliver(agent=self.agent(own_addresses={2525: ("192.0.2.1",)}))["a@remote.test"]
+        self.assertEqual(r.code, 250)
+
+    def test_replyTextEscapedInLogs(self) -> None:
+        """A remote reply with control characters reaches the log escaped (logsafe)."""
+        self.sink("192.0.2.1", mail=b"451 4.3.0 evil\x1b[31m\rINJECTED")
+        self.sink("192.0.2.2", mail=b"451 4.3.0 evil\x1b[31m\rINJECTED")
+        seen: list = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        self.deliver()
+        texts = [str(e.get("reply", "")) for e in seen if "reply" in e]
+        self.assertTrue(texts)
+        self.assertFalse(any("\x1b" in t or "\r" in t for t in texts))
+        self.assertTrue(any("\\x1b" in t for t in texts))
+
+    def sts_agent(self, mode: str, mx: tuple, **kw) -> RemoteAgent:
+        sts = FakeMTASTS({"remote.test": Policy(mode, mx, 86400, id="1", fetched=START)})
+        verifyObject(IMTASTS, sts)
+        return self.agent(mta_sts=sts, **kw)
+
+    def test_mtaStsEnforceOnlyMatchingMXVerified(self) -> None:
+        """MTA-STS enforce: only MX hosts matching the policy are tried, with the
+        verified TLS context for the MX name (RFC 8461 section 5)."""
+        primary = self.sink("192.0.2.1", starttls=FakeTLS())
+        backup = self.sink("192.0.2.2", starttls=FakeTLS())
+        verified: list = []
+        agent = self.sts_agent(
+            "enforce", ("mx2.remote.test",), verified_tls=lambda name: verified.append(name) or FakeTLS(name=name)
+        )
+        r = self.deliver(agent=agent)["a@remote.test"]
+        self.assertEqual((r.code, r.host), (250, "mx2.remote.test"))
+        self.assertEqual(primary, [])
+        self.assertTrue(backup[0].tls)
+        self.assertEqual(verified, ["mx2.remote.test"])
+
+    def test_mtaStsEnforceNoMatchingMXDeferred(self) -> None:
+        """MTA-STS enforce with no MX host matching: no connection, 451 4.7.5 naming the policy."""
+        primary = self.sink("192.0.2.1", starttls=FakeTLS())
+        r = self.deliver(agent=self.sts_agent("enforce", ("mail.elsewhere.test",)))["a@remote.test"]
+        self.assertEqual((r.code, r.enhanced), (451, "4.7.5"))
+        self.assertIn("MTA-STS", r.text)
+        self.assertEqual(primary, [])
+
+    def test_mtaStsEnforceWithoutTLSDeferred(self) -> None:
+        """MTA-STS enforce: an MX host without STARTTLS or whose certificate fails
+        gets nothing, and there is no plaintext retry; the recipient stays deferred."""
+        plain = self.sink("192.0.2.1")
+        bad = self.sink("192.0.2.2", starttls=FakeTLS(ok=False))
+        r = self.deliver(agent=self.sts_agent("enforce", ("*.remote.test",)))["a@remote.test"]
+        self.assertTrue(r.temporary)
+        self.assertEqual(r.enhanced[:3], "4.7")
+        self.assertEqual(plain[0].messages, [])
+        self.assertEqual(len(bad), 1)
+        self.assertEqual(bad[0].messages, [])
+
+    def test_mtaStsTestingDelivers(self) -> None:
+        """MTA-STS testing: a mismatching MX still gets the mail (only logged)."""
+        primary = self.sink("192.0.2.1")
+        r = self.deliver(agent=self.sts_agent("testing", ("mail.elsewhere.test",)))["a@remote.test"]
+        self.assertEqual(r.code, 250)
+        self.assertEqual(len(primary[0].messages), 1)
 
     def test_connectionReused(self) -> None:
         """A second message to the same address reuses the idle session (one EHLO)."""
@@ -488,7 +646,7 @@ class OutboundTests(SynchronousTestCase):
         self.intake = FakeIntake()
         remote = RemoteAgent(
             self.config, self.resolver, self.net, self.clock, self.store.message_path,
-            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(),
+            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(), verified_tls=lambda n: FakeTLS(),
         )
         self.manager = QueueManager(
             self.store, FakeAgent(), remote, self.clock, self.config, run_blocking, self.intake,
@@ -551,7 +709,7 @@ class MessageBytesTests(OutboundFixture, SynchronousTestCase):
         servers: list = []
         self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
         agent = RemoteAgent(self.config, self.resolver, self.net, self.clock, lambda qid: "/nonexistent/" + qid,
-                            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS())
+                            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(), verified_tls=lambda n: FakeTLS())
         e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
         d = agent.deliver(e, e.recipients, message=b"Subject: mem\r\n\r\n.dot\r\n")
         self.net.drive(d)

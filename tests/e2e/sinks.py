@@ -40,7 +40,10 @@ def _server_context() -> ssl.SSLContext:
 class Sink:
     """A threaded SMTP server on ``ip:port``; ``messages`` holds (sender, rcpts, data).
 
-    PIPELINING-safe; STARTTLS offered unless ``starttls=False``; recipients in
+    PIPELINING-safe; STARTTLS offered unless ``starttls=False`` (with
+    ``tls_context``'s certificate, default a self-signed one for sink.test);
+    AUTH PLAIN/LOGIN offered when ``auth`` and accepted with any credentials;
+    every command line is recorded in ``commands``; recipients in
     ``reject`` get 550 5.1.1; ``delay`` seconds pass before each message's
     final 250.  Listens at once unless ``start=False``; ``stop()`` and
     ``start()`` again reuse the same port (an MX going down and coming back).
@@ -54,12 +57,17 @@ class Sink:
         reject: tuple[str, ...] = (),
         starttls: bool = True,
         start: bool = True,
+        tls_context: ssl.SSLContext | None = None,
+        auth: bool = False,
     ) -> None:
         self.delay = delay
         self.ip = ip
         self.port = port
         self.reject = reject
         self.starttls = starttls
+        self.tls_context = tls_context
+        self.auth = auth
+        self.commands: list[str] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.connections = 0
         self._lock = threading.Lock()
@@ -119,13 +127,18 @@ class Sink:
                 if not line:
                     return
                 cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                with self._lock:
+                    self.commands.append(cmd)
                 verb = cmd[:4].upper()
                 if verb == "EHLO":
                     starttls = b"250-STARTTLS\r\n" if self.starttls and not tls else b""
-                    send(b"250-sink.test\r\n250-PIPELINING\r\n" + starttls + b"250-8BITMIME\r\n250 SIZE 50000000\r\n")
+                    auth = b"250-AUTH PLAIN LOGIN\r\n" if self.auth else b""
+                    send(b"250-sink.test\r\n250-PIPELINING\r\n" + starttls + auth + b"250-8BITMIME\r\n250 SIZE 50000000\r\n")
+                elif verb == "AUTH" and self.auth:
+                    send(b"235 2.7.0 Authentication successful\r\n")
                 elif verb == "STAR" and self.starttls and not tls:
                     send(b"220 2.0.0 Ready to start TLS\r\n")
-                    conn = _server_context().wrap_socket(conn, server_side=True)
+                    conn = (self.tls_context or _server_context()).wrap_socket(conn, server_side=True)
                     with self._lock:
                         self._conns.append(conn)
                     f = conn.makefile("rb")

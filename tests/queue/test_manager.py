@@ -14,7 +14,8 @@ from zope.interface.verify import verifyObject
 
 from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
-from mailstack.queue.entry import DELIVERED, FAILED, PENDING
+from mailstack.queue.bounce import DSN_HEADER_LIMIT
+from mailstack.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.schedule import entry_due
 from mailstack.queue.store import NoSuchEntry, remove_entry
@@ -562,6 +563,66 @@ class DSNRoutingTests(SynchronousTestCase):
         self.manager.kick("B")
         self.assertEqual(self.intake.messages, [])
         self.assertNotIn("B", self.store.envelopes)
+
+
+class BackscatterTests(SynchronousTestCase):
+    def test_forwardedBounceCarriesCappedHeadersOnly(self) -> None:
+        """A message forwarded to a remote alias target for an unauthenticated sender
+        fails: the DSN carries the original headers only (text/rfc822-headers), at
+        most DSN_HEADER_LIMIT bytes of them, and none of the body -- however many
+        header lines (871 here) the sender stuffed into it."""
+        clock = Clock()
+        clock.advance(START)
+        store = FakeStore(self.mktemp())
+        intake = FakeIntake()
+        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(PERM)), clock, make_config(), run_blocking, intake)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        headers = b"".join(b"X-Attack-%03d: %s\r\n" % (i, b"A" * 60) for i in range(871))
+        body = b"BODY-PAYLOAD " * 20000
+        rcpt = RecipientState(address="target@remote.test", original="fwd@here.test", local=False)
+        store.add(QueueEntry(id="F", sender="victim@elsewhere.test", arrival=START, recipients=[rcpt]),
+                  b"Subject: spam\r\n" + headers + b"\r\n" + body)
+        manager.kick("F")
+        ((env, dsn_bytes),) = intake.messages
+        self.assertEqual([str(d.address) for d in env.recipients], ["victim@elsewhere.test"])
+        msg = email.message_from_bytes(dsn_bytes)
+        parts = [p for p in msg.walk() if not p.is_multipart()]
+        self.assertEqual(parts[-1].get_content_type(), "text/rfc822-headers")
+        returned = parts[-1].get_payload(decode=True)
+        self.assertLessEqual(len(returned), DSN_HEADER_LIMIT)
+        self.assertIn(b"X-Attack-000", returned)
+        self.assertNotIn(b"X-Attack-870", returned)
+        self.assertNotIn(b"BODY-PAYLOAD", dsn_bytes)
+        self.assertLess(len(dsn_bytes), DSN_HEADER_LIMIT + 8192)
+
+
+class DeliveryLogTests(SynchronousTestCase):
+    def test_remoteReplyAndHostEscaped(self) -> None:
+        """The per-recipient delivery log line shows a remote reply and MX name with
+        control characters escaped (logsafe), so a server cannot forge log lines."""
+        from twisted.logger import globalLogPublisher
+
+        from mailstack.delivery.replies import RemoteReply
+
+        seen: list = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        clock = Clock()
+        clock.advance(START)
+        store = FakeStore(self.mktemp())
+        evil = RemoteReply(451, "4.0.0", "busy\r\nFAKE: delivered\x1b[2J", host="mx\n.r.test", ip="192.0.2.1")
+        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(evil)), clock, make_config(), run_blocking,
+                               FakeIntake())
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        entry(store, "L", "s@here.test", ["x@remote.test"], arrival=START)
+        manager.kick("L")
+        lines = [e["line"] for e in seen if "line" in e and "to=<x@remote.test>" in e["line"]]
+        self.assertEqual(len(lines), 1)
+        self.assertNotIn("\n", lines[0])
+        self.assertNotIn("\x1b", lines[0])
+        self.assertIn("\\r\\nFAKE", lines[0])
 
 
 class FastPathTests(SynchronousTestCase):

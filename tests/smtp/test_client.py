@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -401,3 +401,24 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(pending, [])
         self.assertEqual(transport.value(), b"a" * (CHUNK + 10) + b"\r\n..dot\r\n.\r\n")
         self.successResultOf(producer.done)
+
+
+class LogEscapeTests(SynchronousTestCase):
+    def test_peerNameEscapedInLogs(self) -> None:
+        """An MX name with control characters (from the DNS) reaches the log escaped (logsafe)."""
+        from twisted.logger import globalLogPublisher
+
+        seen: list = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        clock = Clock()
+        c = SMTPClientProtocol("me.test", clock, 30.0, peer_name="evil\x1b[2J\nFAKE LINE[192.0.2.1]")
+        c.makeConnection(StringTransport())
+        d = c.handshake()
+        clock.advance(31)  # the timeout logs the peer and aborts
+        c.connectionLost(Failure(ConnectionAborted()))
+        self.failureResultOf(d)
+        names = [e["mx"] for e in seen if "mx" in e]
+        self.assertTrue(names)
+        self.assertFalse(any("\x1b" in n or "\n" in n for n in names))
+        self.assertIn("\\x1b", names[0])
