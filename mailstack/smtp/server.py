@@ -46,6 +46,7 @@ from mailstack.interfaces import IIncoming
 from mailstack.pipeline import Connection, Transaction
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
+from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
 from mailstack.smtp.data import DataDecoder
 from mailstack.smtp.policy import auth_allowed, sender_owned
 from mailstack.smtp.syntax import parse_mail_from, rcpt_path, recipient
@@ -83,6 +84,7 @@ class SMTPServer(CommandSession):
         self._write_failed = False  # the intake refused message bytes; answered at the end of DATA
         self.messages = 0
         self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
+        self._incoming: IIncoming | None = None
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -96,13 +98,14 @@ class SMTPServer(CommandSession):
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
+        if self._incoming is not None:  # RSET, EHLO or STARTTLS between BDAT chunks
+            self._abort_incoming()
         self.sender: Address | None = None
         self.in_transaction = False  # MAIL accepted
         self.recipients: list[Destination] = []
         self._rcpt_count = 0
         self._rcpt_tried = False
-        self._decoder: DataDecoder | None = None
-        self._incoming: IIncoming | None = None
+        self._decoder: DataDecoder | ChunkDecoder | None = None
         self._txn: Transaction | None = None
         self._observer: Any = None
 
@@ -528,12 +531,24 @@ class SMTPServer(CommandSession):
         if arg:
             self._reply(R.SYNTAX, error="DATA")
             return
+        if self._incoming is not None:  # RFC 3030 section 3: BDAT and DATA do not mix
+            self._reply(R.DATA_AFTER_BDAT, error="DATA")
+            return
+        refusal = self._begin_message()
+        if refusal is not None:
+            self._reply(refusal, error="DATA")
+            return
+        self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
+        self.mode = _DATA
+        self._raw = self._data_chunk
+        self._reply(R.START_DATA)
+
+    def _begin_message(self) -> Reply | None:
+        """Open the intake for the transaction's message (DATA or the first BDAT); the refusal if not."""
         if not self.in_transaction:
-            self._reply(R.NEED_MAIL, error="DATA")
-            return
+            return R.NEED_MAIL
         if not self.recipients:
-            self._reply(R.NO_VALID_RECIPIENTS if self._rcpt_tried else R.NEED_RCPT, error="DATA")
-            return
+            return R.NO_VALID_RECIPIENTS if self._rcpt_tried else R.NEED_RCPT
         envelope = Envelope(
             sender=self.sender,
             recipients=tuple(self.recipients),
@@ -546,20 +561,58 @@ class SMTPServer(CommandSession):
         try:
             self._incoming = self.runtime.intake.begin(envelope)
         except MailError as e:
-            self._reply(e.reply)
             self._reset_transaction()
-            return
+            return e.reply
         except Exception:
             self.log.failure("smtp: intake.begin failed", peer=self.peer)
-            self._reply(R.LOCAL_ERROR)
             self._reset_transaction()
-            return
+            return R.LOCAL_ERROR
         self._write_failed = False
         self._observer = self.factory.pipeline.data_begin(self._connection(), self._txn)
-        self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
+        return None
+
+    # BDAT, RFC 3030 (parsing and counting: smtp.bdat)
+    def do_BDAT(self, arg: str) -> None:
+        parsed = parse_bdat(arg)
+        if isinstance(parsed, Reply):  # no count to consume: the octets cannot be told from commands
+            self._reply(parsed, error="BDAT")
+            return
+        size, last = parsed
+        if self._incoming is None:
+            refusal = self._begin_message()
+            if refusal is not None:
+                self._read_chunk(Skip(size), lambda: self._reply(refusal, error="BDAT"))
+                return
+            self._decoder = ChunkDecoder(self._sink, self.config.smtp.max_message_size)
+        decoder = self._decoder
+        assert isinstance(decoder, ChunkDecoder)
+        decoder.expect(size)
+        self._read_chunk(decoder, lambda: self._chunk_done(decoder, size, last))
+
+    def _read_chunk(self, reader: Skip | ChunkDecoder, then: Callable[[], None]) -> None:
+        """Consume the chunk's octets whatever becomes of them, then answer (RFC 3030 section 3)."""
+        if reader.remaining == 0:
+            then()
+            return
+
+        def consume(data: bytes) -> None:
+            rest = reader.feed(data)
+            if rest is not None:
+                self.mode = _COMMAND
+                self._raw = None
+                self._unread(rest)
+                then()
+
         self.mode = _DATA
-        self._raw = self._data_chunk
-        self._reply(R.START_DATA)
+        self._raw = consume
+
+    def _chunk_done(self, decoder: ChunkDecoder, size: int, last: bool) -> None:
+        if last:
+            decoder.finish()
+        if last or decoder.too_big or decoder.bare_newline or self._write_failed:
+            self._end_data()  # commits, or refuses and ends the transaction
+            return
+        self._reply(R.chunk_ok(size))
 
     def _sink(self, chunk: bytes) -> None:
         if self._observer is not None:

@@ -47,7 +47,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(lines[0], b"250-mx.example.org Hello client.test")
         self.assertEqual(
             ehlo_keywords(lines),
-            [b"PIPELINING", b"SIZE 10000", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"STARTTLS"],
+            [b"PIPELINING", b"SIZE 10000", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"CHUNKING", b"STARTTLS"],
         )
         self.assertTrue(lines[-1].startswith(b"250 "))
 
