@@ -27,6 +27,7 @@ MAIL/RCPT argument syntax is ``smtp.syntax``; the login policy is
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,7 +50,7 @@ from mailstack.smtp import replies as R
 from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
 from mailstack.smtp.data import DataDecoder
 from mailstack.smtp.policy import auth_allowed, sender_owned
-from mailstack.smtp.syntax import parse_mail_from, rcpt_path, recipient
+from mailstack.smtp.syntax import MailFrom, parse_mail_from, parse_rcpt, recipient
 
 if TYPE_CHECKING:
     from mailstack.smtp.factory import SMTPFactory
@@ -101,6 +102,7 @@ class SMTPServer(CommandSession):
         if self._incoming is not None:  # RSET, EHLO or STARTTLS between BDAT chunks
             self._abort_incoming()
         self.sender: Address | None = None
+        self._mail = MailFrom(None)  # the accepted MAIL's parameters
         self.in_transaction = False  # MAIL accepted
         self.recipients: list[Destination] = []
         self._rcpt_count = 0
@@ -256,10 +258,10 @@ class SMTPServer(CommandSession):
         if b"\r" in raw or b"\n" in raw:
             self._reply(R.BARE_CR_LF_COMMAND, error="line")
             return
-        text = raw.decode("ascii", "replace")
+        text = raw.decode("utf-8", "replace")  # RFC 6531: UTF-8 paths; bad bytes become U+FFFD
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        handler = self._COMMANDS.get(verb)
+        handler = self._COMMANDS.get(verb) if verb.isascii() else None
         if self._refused and verb != "QUIT":
             self._reply(R.SESSION_REFUSED, error=verb)
             return
@@ -468,6 +470,7 @@ class SMTPServer(CommandSession):
                 return
             self._reset_transaction()
             self.sender = sender
+            self._mail = parsed
             self.in_transaction = True
             self._txn = txn
             self.recipients = txn.recipients
@@ -480,13 +483,13 @@ class SMTPServer(CommandSession):
         if not self.in_transaction:
             self._reply(R.NEED_MAIL, error="RCPT")
             return
-        path = rcpt_path(arg)
-        if isinstance(path, Reply):
-            self._reply(path, error="RCPT")
+        rcpt = parse_rcpt(arg, self._mail.smtputf8)
+        if isinstance(rcpt, Reply):
+            self._reply(rcpt, error="RCPT")
             return
         self._rcpt_tried = True
         local = self.config.domains.local
-        address = recipient(path, local[0] if local else self.config.hostname)
+        address = recipient(rcpt.path, local[0] if local else self.config.hostname)
         if isinstance(address, Reply):
             self._reply(address, error="RCPT")
             return
@@ -520,7 +523,7 @@ class SMTPServer(CommandSession):
             for dest in result:
                 if (dest.address.key, dest.local) not in known:
                     known.add((dest.address.key, dest.local))
-                    self.recipients.append(dest)
+                    self.recipients.append(dataclasses.replace(dest, notify=rcpt.notify, orcpt=rcpt.orcpt))
             self._rcpt_count += 1
             self._reply(R.RECIPIENT_OK)
 
@@ -557,6 +560,9 @@ class SMTPServer(CommandSession):
             protocol=self._protocol_name(),
             tls=self._tls_description(),
             user=self.user,
+            ret=self._mail.ret,
+            envid=self._mail.envid,
+            smtputf8=self._mail.smtputf8,
         )
         try:
             self._incoming = self.runtime.intake.begin(envelope)
