@@ -11,7 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.errors import Reply
 from mailstack.queue.entry import QueueEntry, RecipientState, well_formed
 from mailstack.queue.manager import QueueManager
-from tests.queue.outbound_fakes import FakeAgent, FakeIntake, FakeStore, make_config, reply_all, run_blocking
+from tests.queue.outbound_fakes import (
+    FakeAgent,
+    FakeIntake,
+    FakeStore,
+    make_config,
+    reply_all,
+    run_blocking,
+)
 
 PERM = Reply(550, "5.1.1", "no such user")
 TEMP = Reply(451, "4.7.1", "try later")
