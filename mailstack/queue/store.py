@@ -89,7 +89,13 @@ from typing import IO, Any, Iterator
 from zope.interface import implementer
 
 from mailstack.interfaces import IQueueCommit, IQueueStore
-from mailstack.queue.entry import ENTRY_OPTIONAL, RECIPIENT_OPTIONAL, QueueEntry, RecipientState, well_formed
+from mailstack.queue.entry import (
+    ENTRY_OPTIONAL,
+    RECIPIENT_OPTIONAL,
+    QueueEntry,
+    RecipientState,
+    well_formed,
+)
 from mailstack.storage import fsutil
 
 TMP = "tmp"

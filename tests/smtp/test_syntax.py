@@ -4,7 +4,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address
 from mailstack.smtp import replies as R
-from mailstack.smtp.syntax import MailFrom, RcptTo, parse_mail_from, parse_rcpt, parse_rcpt_to
+from mailstack.smtp.syntax import (
+    MailFrom,
+    RcptTo,
+    parse_mail_from,
+    parse_rcpt,
+    parse_rcpt_to,
+)
 
 ALICE = Address("alice", "example.org")
 
