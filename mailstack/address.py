@@ -10,6 +10,7 @@ Nothing derived from an address may become a file name unless
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -19,10 +20,14 @@ class AddressError(ValueError):
     """The text is not an acceptable address; the message says why, for a human."""
 
 
-# RFC 5321 section 4.1.2 / RFC 5322 section 3.2.3
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# RFC 5321 section 4.1.2 / RFC 5322 section 3.2.3, with RFC 6532 section 3.2:
+# atext and qtext also take UTF8-non-ascii (here: no C1 controls, surrogates,
+# U+FFFD or noncharacters U+FFFE/U+FFFF).  Whether a session may use such an
+# address (SMTPUTF8, RFC 6531) is smtp.syntax's business.
+_UTF8_NON_ASCII = "\u00a0-\ud7ff\ue000-\ufffc\U00010000-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8_NON_ASCII}-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(\.{_ATEXT}+)*\Z")
-_QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"\Z')
+_QUOTED = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*)"\Z')
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _IPV4 = re.compile(r"\[(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\]\Z")
 _IPV6 = re.compile(r"\[IPv6:[0-9A-Fa-f:.]+\]\Z")
@@ -80,8 +85,22 @@ class Address:
         return self.local.lower() == "postmaster"
 
 
+# Unicode categories never allowed in an address: controls, format characters
+# (bidi overrides, zero-width), surrogates, private use, unassigned, separators.
+_BAD_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
+
+
+def _unsafe_unicode(text: str) -> bool:
+    return not text.isascii() and any(unicodedata.category(c) in _BAD_CATEGORIES for c in text if ord(c) > 0x7F)
+
+
 def _parse_local(text: str) -> str:
-    if len(text) > MAX_LOCAL:
+    """The local part; a UTF-8 one in NFC form (RFC 6532 section 3.1)."""
+    if not text.isascii():
+        if _unsafe_unicode(text):
+            raise AddressError(f"bad local part {text!r}")
+        text = unicodedata.normalize("NFC", text)
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_LOCAL:
         raise AddressError("local part too long")
     if _DOT_ATOM.match(text):
         return text
@@ -130,7 +149,8 @@ def parse_path(text: str, null_ok: bool = False) -> Address | None:
     return parse_address(inner)
 
 
-_SAFE_COMPONENT = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*\Z")
+_SAFE_CHAR = rf"[a-z0-9!#$%&'*+=?^_`{{|}}~{_UTF8_NON_ASCII}-]"
+_SAFE_COMPONENT = re.compile(rf"{_SAFE_CHAR}+(\.{_SAFE_CHAR}+)*\Z")
 
 
 def mailbox_components(address: Address) -> tuple[str, str]:
@@ -138,10 +158,13 @@ def mailbox_components(address: Address) -> tuple[str, str]:
 
     Only lowercase dot-atoms without ``/`` qualify: no ``..``, no leading dot, no
     NUL or control characters, no address literal, no quoted local part.
+    A UTF-8 local part (RFC 6531) is its own folder name, lowercased and in
+    Unicode NFC form: its characters are atext, so never ``/``, a control
+    character, white space or a format character such as U+202E.
     """
     local = address.local.lower()
     domain = address.domain
     for part in (local, domain):
-        if not _SAFE_COMPONENT.match(part) or part in (".", "..") or len(part) > 255:
+        if not _SAFE_COMPONENT.match(part) or _unsafe_unicode(part) or part in (".", "..") or len(part) > 255:
             raise AddressError(f"{str(address)!r} cannot name a mailbox")
     return domain, local

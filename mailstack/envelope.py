@@ -16,6 +16,8 @@ class Destination:
     address: Address  # the mailbox (local) or remote address mail goes to
     original: Address  # as the client gave it at RCPT TO
     local: bool  # a maildir here, or the outbound queue
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY= given at RCPT, () if none
+    orcpt: str = ""  # RFC 3461 ORCPT= given at RCPT, "addr-type;decoded"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Envelope:
     protocol: str = "ESMTP"  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", empty without TLS
     user: str = ""  # authenticated user key, empty if none
+    ret: str = ""  # RFC 3461 RET= ("FULL", "HDRS") or ""
+    envid: str = ""  # RFC 3461 ENVID=, decoded
+    smtputf8: bool = False  # RFC 6531: the message needs SMTPUTF8 on the way out
 
 
 @dataclass(frozen=True)

@@ -492,7 +492,8 @@ class Incoming:
             address = dest.address.key if dest.local else str(dest.address)
             recipients.setdefault(
                 (address, dest.local),
-                RecipientState(address=address, original=str(dest.original), local=dest.local),
+                RecipientState(address=address, original=str(dest.original), local=dest.local,
+                               notify=list(dest.notify), orcpt=dest.orcpt),
             )
         return QueueEntry(
             id=self.queue_id,
@@ -502,6 +503,9 @@ class Incoming:
             size=self._written,
             user=env.user,
             peer=env.peer,
+            ret=env.ret,
+            envid=env.envid,
+            smtputf8=env.smtputf8,
         )
 
     def _fail(self, error: OSError) -> None:

@@ -194,10 +194,16 @@ def queue_show(config: Any, args: Any) -> int:
     if entry.peer:
         print(f"peer:      {escape(entry.peer)}", file=out)
     print(f"delay DSN: {'sent' if entry.delay_warned else 'no'}", file=out)
+    if entry.ret or entry.envid:
+        print(f"DSN:       RET={entry.ret or '-'} ENVID={escape(entry.envid) or '-'}", file=out)
+    if entry.smtputf8:
+        print("SMTPUTF8:  yes", file=out)
     for r in entry.recipients:
         was = f" (was <{escape(r.original)}>)" if r.original != r.address else ""
         print(f"recipient: <{escape(r.address)}>{was}", file=out)
         print(f"    status {r.status}, {'local' if r.local else 'remote'}, attempts {r.attempts}", file=out)
+        if r.notify or r.orcpt:
+            print(f"    NOTIFY={','.join(r.notify) or '-'} ORCPT={escape(r.orcpt) or '-'}", file=out)
         if not r.final:
             print(f"    next attempt {_iso(r.next_attempt) or 'now'}", file=out)
         for h in r.history:

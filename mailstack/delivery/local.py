@@ -113,8 +113,9 @@ class LocalAgent:
     # -- direct delivery (blocking; see the module doc) ------------------------
 
     def direct_ok(self, entry: QueueEntry) -> bool:
-        """Whether ``entry`` may take the direct path: every recipient local."""
-        return bool(entry.recipients) and all(r.local for r in entry.recipients)
+        """Whether ``entry`` may take the direct path: every recipient local and none
+        asking for a success DSN (RFC 3461 NOTIFY=SUCCESS; the queue's bouncer sends those)."""
+        return bool(entry.recipients) and all(r.local and "SUCCESS" not in r.notify for r in entry.recipients)
 
     def prepare_direct(self, entry: QueueEntry, source: bytes | str) -> list[Pending]:
         """Write every recipient's copy into its Maildir ``tmp/``, fsynced; blocking.

@@ -72,6 +72,7 @@ from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.netpolicy import is_own_address
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
+from mailstack.smtp.extensions import Request
 from mailstack.smtp.data import FileSource, MemorySource
 from mailstack.tls import ClientTLS
 
@@ -380,7 +381,7 @@ class RemoteAgent:
             return {r: at_host(OR.OPEN_ERROR, name, ip) for r in rcpts}
         try:
             try:
-                replies = await client.send(entry.sender, rcpts, source, size)
+                replies = await client.send(entry.sender, rcpts, source, size, Request.of(entry))
             except HostFailure as e:
                 self._drop(key, client)
                 if reused and e.stage != "dot" and not client.alive:
@@ -390,6 +391,12 @@ class RemoteAgent:
         finally:
             source.close()
         self._release(key, client)
+        if "DSN" in client.extensions:
+            # RFC 3461 5.2.1: NOTIFY went on with the message, so success notices are the
+            # next hop's job now (bounce.py sends "relayed" ones only for hops without DSN).
+            for r in entry.recipients:
+                if r.address in replies and replies[r.address].code // 100 == 2 and "SUCCESS" in r.notify:
+                    r.notified = True
         return {r: at_host(replies[r], name, ip) for r in rcpts}
 
     async def _open(self, path: str | bytes, size: int) -> tuple[IMessageSource, int]:

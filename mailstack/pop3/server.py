@@ -282,7 +282,7 @@ class POP3Server(CommandSession):
             if self._can_stls():
                 out.append(R.CAPA_STLS)
         out += [R.CAPA_RESP_CODES, R.CAPA_AUTH_RESP_CODE, R.CAPA_PIPELINING, R.CAPA_EXPIRE, R.CAPA_IMPLEMENTATION]
-        out.append(R.TERMINATOR)
+        out += [R.CAPA_UTF8, R.TERMINATOR]
         self._send(b"".join(out))
 
     def do_QUIT(self, arg: bytes) -> defer.Deferred[None] | None:
@@ -319,6 +319,13 @@ class POP3Server(CommandSession):
         self._send(R.NOOP)
 
     # -- commands: AUTHORIZATION ------------------------------------------------
+
+    def do_UTF8(self, arg: bytes) -> None:
+        """RFC 6856 section 2: messages are sent as stored (UTF-8 headers included), never downgraded."""
+        if arg:
+            self._send(R.BAD_ARGUMENTS)
+            return
+        self._send(R.UTF8_OK)
 
     def do_STLS(self, arg: bytes) -> None:
         """RFC 2595 section 4."""
@@ -605,6 +612,7 @@ class POP3Server(CommandSession):
         b"QUIT": (do_QUIT, (AUTHORIZATION, TRANSACTION)),
         b"NOOP": (do_NOOP, (TRANSACTION,)),  # RFC 1939 section 5
         b"STLS": (do_STLS, (AUTHORIZATION,)),
+        b"UTF8": (do_UTF8, (AUTHORIZATION,)),  # RFC 6856 section 2
         b"USER": (do_USER, (AUTHORIZATION,)),
         b"PASS": (do_PASS, (AUTHORIZATION,)),
         b"AUTH": (do_AUTH, (AUTHORIZATION,)),

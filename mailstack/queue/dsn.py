@@ -10,11 +10,19 @@
    ``Original-Recipient``, ``Action``, ``Status``, ``Remote-MTA``,
    ``Diagnostic-Code``, ``Last-Attempt-Date`` (and ``Will-Retry-Until`` for
    delayed);
-3. ``text/rfc822-headers`` (RFC 6522 section 4): the original header section.
+3. ``text/rfc822-headers`` (RFC 6522 section 4): the original header section,
+   or ``message/rfc822`` with the whole message when ``original_message`` is
+   given (RFC 3461 RET=FULL; the bouncer decides when).
+
+Actions (RFC 3464 2.3.3): ``failed`` and ``delayed``, and for NOTIFY=SUCCESS
+(RFC 3461 section 4.1) ``delivered`` (into a mailbox here) and ``relayed``
+(to a next hop that does not offer DSN).  RFC 3461 ENVID is echoed as
+``Original-Envelope-Id``, ORCPT as ``Original-Recipient``.
 
 The DSN is from ``MAILER-DAEMON@<hostname>``; the queue manager submits it with
-the null reverse-path ``<>`` (RFC 3464 section 2 / RFC 5321 section 4.5.5), and
-never for a message whose own sender was ``<>``.
+the null reverse-path ``<>`` (RFC 3464 section 2 / RFC 5321 section 4.5.5).
+It goes to ``to``: the message's sender, or postmaster for a bounce that
+could not be delivered (a double bounce).
 """
 
 from __future__ import annotations
@@ -27,6 +35,14 @@ from typing import Any, Sequence
 
 FAILED = "failed"
 DELAYED = "delayed"
+DELIVERED = "delivered"
+RELAYED = "relayed"
+_SUBJECTS = {
+    FAILED: "Undelivered Mail Returned to Sender",
+    DELAYED: "Delayed Mail (still being retried)",
+    DELIVERED: "Successful Mail Delivery Report",
+    RELAYED: "Successful Mail Delivery Report",
+}
 
 _REPLY = re.compile(r"^([245]\d\d)(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\s*(.*)$", re.S)
 
@@ -53,6 +69,8 @@ def split_reply(last_reply: str) -> tuple[int, str, str]:
 def status_for(last_reply: str, action: str) -> str:
     """The RFC 3463 status for a recipient from its last reply (RFC 3464 2.3.4)."""
     code, enhanced, _ = split_reply(last_reply)
+    if action in (DELIVERED, RELAYED):
+        return enhanced if enhanced[:1] == "2" else "2.0.0"
     if enhanced:
         if action == FAILED and enhanced[0] == "2":
             return "5.0.0"
@@ -89,6 +107,13 @@ def _human(entry: Any, recipients: Sequence[Any], action: str, hostname: str, li
             "If you do so, please include this problem report. You can",
             "delete your own text from the attached returned message.",
         ]
+    elif action in (DELIVERED, RELAYED):
+        lines += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below." if action == DELIVERED else "listed below; the next mail system does not",
+        ]
+        if action == RELAYED:
+            lines.append("report delivery status, so no further notice will be sent.")
     else:
         lines += [
             "####################################################################",
@@ -122,26 +147,26 @@ def build(
     now: float,
     message_id: str,
     lifetime: float | None = None,
+    to: str | None = None,
+    original_message: bytes | None = None,
 ) -> bytes:
     """The whole DSN message as bytes (CRLF), ready for ``IIncoming.write``.
 
     ``entry`` is the QueueEntry (for ``sender``, ``id``, ``arrival``);
     ``recipients`` the RecipientStates to report, each with ``last_reply``
-    and ``last_host``; ``action`` is ``"failed"`` or ``"delayed"``.
+    and ``last_host``; ``action`` one of the four above; ``to``: who gets
+    it (default: the sender).
     """
-    if action not in (FAILED, DELAYED):
+    if action not in _SUBJECTS:
         raise ValueError(f"bad DSN action {action!r}")
-    if not entry.sender:
-        raise ValueError("never a DSN for a message from <>")
+    to = entry.sender if to is None else to
+    if not to:
+        raise ValueError("never a DSN to <>")
     boundary = f"{_clean(entry.id)}.{int(now)}/{hostname}"
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if action == FAILED
-        else "Delayed Mail (still being retried)"
-    )
+    subject = _SUBJECTS[action]
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        f"To: <{_clean(entry.sender)}>",
+        f"To: <{_clean(to)}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: {message_id}",
@@ -166,6 +191,7 @@ def build(
         "Content-Type: message/delivery-status",
         "",
         f"Reporting-MTA: dns; {hostname}",
+        *([f"Original-Envelope-Id: {_clean(entry.envid)}"] if entry.envid else []),
         f"X-Mailstack-Queue-ID: {_clean(entry.id)}",
         f"Arrival-Date: {_date(entry.arrival)}",
     ]
@@ -173,7 +199,11 @@ def build(
     for r in recipients:
         status.append("")
         status.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
-        if r.original and r.original != r.address:
+        orcpt = r.orcpt
+        if orcpt:  # RFC 3461 4.2 / RFC 3464 2.3.1: as the client gave it in ORCPT
+            addr_type, _, address = orcpt.partition(";")
+            status.append(f"Original-Recipient: {_clean(addr_type)}; {_clean(address)}")
+        elif r.original and r.original != r.address:
             status.append(f"Original-Recipient: rfc822; {_clean(r.original)}")
         status.append(f"Action: {action}")
         status.append(f"Status: {status_for(r.last_reply, action)}")
@@ -188,14 +218,17 @@ def build(
             status.append(f"Will-Retry-Until: {_date(entry.arrival + lifetime)}")
     status.append("")
     headers = original_headers.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    what = {FAILED: "Undelivered", DELAYED: "Delayed"}.get(action, "Delivered")
     headers_part = [
         f"--{boundary}",
-        "Content-Description: Undelivered Message Headers" if action == FAILED else "Content-Description: Delayed Message Headers",
-        "Content-Type: text/rfc822-headers",
+        f"Content-Description: {what} Message" + ("" if original_message is not None else " Headers"),
+        "Content-Type: message/rfc822" if original_message is not None else "Content-Type: text/rfc822-headers",
         "",
     ]
     out = "\r\n".join(head + human + status + headers_part).encode("ascii") + b"\r\n"
-    if headers:
+    if original_message is not None:
+        out += original_message if original_message.endswith(b"\r\n") else original_message + b"\r\n"
+    elif headers:
         body = headers.rstrip(b"\n").replace(b"\n", b"\r\n") + b"\r\n"
         out += body
     out += b"\r\n" + f"--{boundary}--".encode("ascii") + b"\r\n"

@@ -3,6 +3,12 @@
 
 Stored as UTF-8 JSON (``queue/env/<id>.json``, see ``queue/store.py``); the
 ``version`` field lets later formats read older ones.  Times are Unix seconds.
+
+The DSN and SMTPUTF8 fields (``ret``, ``envid``, ``smtputf8``; per recipient
+``notify``, ``orcpt``) are optional keys: absent means their default, and
+``to_json`` leaves out those at their default, so an entry that uses neither
+extension is written exactly as before (an older mailstack reads it) and older
+entries read as they are.  Still format version 1.
 """
 
 from __future__ import annotations
@@ -27,6 +33,23 @@ RECIPIENT_TYPES: dict[str, Any] = {
     "address": (str,), "original": (str,), "local": (bool,), "status": (str,), "attempts": (int,),
     "next_attempt": _NUMBER, "last_reply": (str,), "last_host": (str,), "notified": (bool,), "history": (list,),
 }
+# Optional keys (RFC 3461 DSN requests, RFC 6531), with their defaults.
+ENTRY_OPTIONAL: dict[str, Any] = {"ret": "", "envid": "", "smtputf8": False}
+RECIPIENT_OPTIONAL: dict[str, Any] = {"notify": [], "orcpt": ""}
+
+
+def _shaped(data: dict[str, Any], types: dict[str, Any], optional: dict[str, Any]) -> bool:
+    """Every required key, optional keys only from ``optional``, each of its type."""
+    keys = data.keys()
+    if not (types.keys() <= keys <= types.keys() | optional.keys()):
+        return False
+    if any(type(data[k]) not in kinds for k, kinds in types.items()):
+        return False
+    return all(type(data[k]) is type(v) for k, v in optional.items() if k in data)
+
+
+def _compact(data: dict[str, Any], optional: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in optional or v != optional[k]}
 
 
 def well_formed(data: Any, queue_id: str) -> bool:
@@ -36,16 +59,14 @@ def well_formed(data: Any, queue_id: str) -> bool:
     unreadable too: it would otherwise fail later, in the manager's scheduling
     or the admin listing.  Checked on the dict, so a listing builds no entry.
     """
-    if type(data) is not dict or data.keys() != ENTRY_TYPES.keys():
-        return False
-    if any(type(data[k]) not in kinds for k, kinds in ENTRY_TYPES.items()):
+    if type(data) is not dict or not _shaped(data, ENTRY_TYPES, ENTRY_OPTIONAL):
         return False
     if data["id"] != queue_id or data["version"] != FORMAT_VERSION:
         return False
     for r in data["recipients"]:
-        if type(r) is not dict or r.keys() != RECIPIENT_TYPES.keys():
+        if type(r) is not dict or not _shaped(r, RECIPIENT_TYPES, RECIPIENT_OPTIONAL):
             return False
-        if any(type(r[k]) not in kinds for k, kinds in RECIPIENT_TYPES.items()):
+        if any(type(n) is not str for n in r.get("notify", ())):
             return False
         if any(type(h) is not dict for h in r["history"]):
             return False
@@ -64,6 +85,8 @@ class RecipientState:
     last_host: str = ""  # MX host (and IP) of the last attempt
     notified: bool = False  # the failure DSN for this recipient is committed (or not owed)
     history: list[dict[str, Any]] = field(default_factory=list)  # {"time", "host", "reply"}
+    notify: list[str] = field(default_factory=list)  # RFC 3461 NOTIFY= (upper case); [] if not given
+    orcpt: str = ""  # RFC 3461 ORCPT=, "addr-type;decoded"
 
     @property
     def domain(self) -> str:
@@ -72,6 +95,16 @@ class RecipientState:
     @property
     def final(self) -> bool:
         return self.status in (DELIVERED, FAILED)
+
+    def wants(self, kind: str) -> bool:
+        """Whether a DSN of ``kind`` (SUCCESS, FAILURE, DELAY) was asked for (RFC 3461 section 4.1:
+        without NOTIFY, FAILURE and DELAY)."""
+        return kind in self.notify if self.notify else kind != "SUCCESS"
+
+    @property
+    def success_owed(self) -> bool:
+        """Delivered with NOTIFY=SUCCESS and no notice committed yet."""
+        return self.status == DELIVERED and "SUCCESS" in self.notify and not self.notified
 
 
 @dataclass
@@ -85,14 +118,22 @@ class QueueEntry:
     peer: str = ""  # client IP it came from
     delay_warned: bool = False
     version: int = FORMAT_VERSION
+    ret: str = ""  # RFC 3461 RET=: "FULL", "HDRS" or ""
+    envid: str = ""  # RFC 3461 ENVID=, decoded
+    smtputf8: bool = False  # RFC 6531: relaying needs a next hop that offers SMTPUTF8
 
     @property
     def done(self) -> bool:
         """Every recipient final and every owed bounce committed: the entry may go."""
-        return all(r.final and (r.status == DELIVERED or r.notified or not self.sender) for r in self.recipients)
+        return all(
+            r.final and (r.notified or not self.sender or (r.status == DELIVERED and not r.success_owed))
+            for r in self.recipients
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = _compact(asdict(self), ENTRY_OPTIONAL)
+        data["recipients"] = [_compact(r, RECIPIENT_OPTIONAL) for r in data["recipients"]]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "QueueEntry":

@@ -84,12 +84,18 @@ import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from zope.interface import implementer
 
 from mailstack.interfaces import IQueueCommit, IQueueStore
-from mailstack.queue.entry import QueueEntry, RecipientState, well_formed
+from mailstack.queue.entry import (
+    ENTRY_OPTIONAL,
+    RECIPIENT_OPTIONAL,
+    QueueEntry,
+    RecipientState,
+    well_formed,
+)
 from mailstack.storage import fsutil
 
 TMP = "tmp"
@@ -545,6 +551,16 @@ _ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(QueueEntry))
 _RCPT_FIELDS = tuple(f.name for f in dataclasses.fields(RecipientState))
 
 
+def _fields(obj: object, names: tuple[str, ...], optional: dict[str, Any]) -> dict[str, Any]:
+    """The JSON keys of ``obj``: optional ones only when not at their default (see queue/entry.py)."""
+    data = {}
+    for name in names:
+        value = getattr(obj, name)
+        if name not in optional or value != optional[name]:
+            data[name] = value
+    return data
+
+
 def _encode(entry: QueueEntry) -> bytes:
     """The envelope file's bytes: ``entry.to_json()`` as compact UTF-8 JSON.
 
@@ -552,9 +568,9 @@ def _encode(entry: QueueEntry) -> bytes:
     (which forces the pure-Python encoder): this runs once per accepted message
     and was ~5% of the server's Python time.  Same JSON value as ``to_json()``.
     """
-    data = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+    data = _fields(entry, _ENTRY_FIELDS, ENTRY_OPTIONAL)
     data["recipients"] = [
-        {name: getattr(r, name) for name in _RCPT_FIELDS} | {"history": [dict(h) for h in r.history]}
+        _fields(r, _RCPT_FIELDS, RECIPIENT_OPTIONAL) | {"history": [dict(h) for h in r.history]}
         for r in entry.recipients
     ]
     return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")

@@ -50,6 +50,7 @@ from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
 from mailstack.interfaces import IMessageSource
 from mailstack.smtp.data import BodyProducer, BodyStopped
+from mailstack.smtp.extensions import Request
 from mailstack.smtp.wire import make_reply, one_line_reply
 
 MAX_LINE = 4096  # RFC 5321 4.5.3.1.5: reply lines are at most 512; be lenient
@@ -344,8 +345,12 @@ class SMTPClientProtocol(Protocol):
         before the transaction in progress has finished."""
         return "PIPELINING" in self.extensions
 
-    def send(self, sender: str, recipients: Sequence[str], source: IMessageSource, size: int = 0) -> Deferred:
-        """One transaction; Deferred firing with ``{recipient: Reply}``.
+    def send(
+        self, sender: str, recipients: Sequence[str], source: IMessageSource, size: int = 0,
+        request: Request | None = None,
+    ) -> Deferred:
+        """One transaction; Deferred firing with ``{recipient: Reply}``; ``request``:
+        the message's SMTPUTF8 and DSN needs (``smtp.extensions``).
 
         Transactions may overlap when the server offers PIPELINING: the next
         one's MAIL, RCPT and DATA go out right behind the previous one's data
@@ -355,7 +360,7 @@ class SMTPClientProtocol(Protocol):
         PIPELINING a transaction waits until the previous one has finished.
         """
         self.pending += 1
-        d = Deferred.fromCoroutine(self._send(sender, list(recipients), source, size))
+        d = Deferred.fromCoroutine(self._send(sender, list(recipients), source, size, request or Request()))
         d.addBoth(self._sent)
         return d
 
@@ -380,16 +385,19 @@ class SMTPClientProtocol(Protocol):
         else:
             self._writing = False
 
-    async def _send(self, sender: str, recipients: list[str], source: IMessageSource, size: int) -> dict[str, Reply]:
+    async def _send(
+        self, sender: str, recipients: list[str], source: IMessageSource, size: int, request: Request
+    ) -> dict[str, Reply]:
         await self._take_turn()
         turn = _Turn(self._give_turn)
         try:
-            return await self._transaction(sender, recipients, source, size, turn)
+            return await self._transaction(sender, recipients, source, size, turn, request)
         finally:
             turn.release()
 
     async def _transaction(
-        self, sender: str, recipients: list[str], source: IMessageSource, size: int, turn: _Turn
+        self, sender: str, recipients: list[str], source: IMessageSource, size: int, turn: _Turn,
+        request: Request,
     ) -> dict[str, Reply]:
         if not self.alive:
             # Closed by the transaction before this one (or the server): a reused
@@ -407,14 +415,15 @@ class SMTPClientProtocol(Protocol):
                 params.append(f"SIZE={size}")
         if "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")
-        if not (sender.isascii() and all(r.isascii() for r in recipients)):
-            # RFC 6531 3.4: UTF-8 addresses only to a server that offers SMTPUTF8.
+        if request.smtputf8 or not (sender.isascii() and all(r.isascii() for r in recipients)):
+            # RFC 6531 3.4: UTF-8 addresses and headers only to a server that offers SMTPUTF8.
             if "SMTPUTF8" not in self.extensions:
                 reply = OR.NO_SMTPUTF8
                 return {r: reply for r in recipients}
             params.append("SMTPUTF8")
+        params += request.mail_params(self.extensions)
         mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
-        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
+        rcpts = [f"RCPT TO:<{r}>{request.rcpt_params(r, self.extensions)}" for r in recipients]
         results: dict[str, Reply] = {}
         if "PIPELINING" in self.extensions:
             # RFC 2920 3.1: MAIL, RCPTs and DATA in one group; replies in order.

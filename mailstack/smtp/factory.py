@@ -36,7 +36,8 @@ class SMTPFactory(ServerFactory):
         self.pipeline = runtime.pipeline
         self.banner = R.banner(runtime.config.hostname).encode()
         # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).
-        self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
+        self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+                           "CHUNKING", "DSN", "SMTPUTF8")
         self.group = SessionGroup(runtime.reactor)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:

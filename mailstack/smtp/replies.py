@@ -21,6 +21,7 @@ NOOP_OK = Reply(250, "2.0.0", "Ok")
 VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 BYE = Reply(221, "2.0.0", "Bye")
+CHUNK_OK_TEXT = "octets received"  # RFC 3030 section 4.2: 250 after each non-LAST chunk
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
@@ -59,6 +60,11 @@ ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
 AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT")
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
+BAD_UTF8 = Reply(501, "5.6.7", "Address is not valid UTF-8")
+BAD_DSN_PARAMETER = Reply(501, "5.5.4", "Malformed DSN parameter")
 AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
@@ -106,6 +112,10 @@ def ehlo_wire(hostname: str, client: str, keywords: tuple[str, ...]) -> bytes:
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def chunk_ok(size: int) -> Reply:
+    return Reply(250, "2.0.0", f"{size} {CHUNK_OK_TEXT}")
 
 
 def auth_challenge(b64: bytes) -> bytes:

@@ -27,6 +27,7 @@ MAIL/RCPT argument syntax is ``smtp.syntax``; the login policy is
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,9 +47,10 @@ from mailstack.interfaces import IIncoming
 from mailstack.pipeline import Connection, Transaction
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
+from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
 from mailstack.smtp.data import DataDecoder
 from mailstack.smtp.policy import auth_allowed, sender_owned
-from mailstack.smtp.syntax import parse_mail_from, rcpt_path, recipient
+from mailstack.smtp.syntax import MailFrom, parse_mail_from, parse_rcpt, recipient
 
 if TYPE_CHECKING:
     from mailstack.smtp.factory import SMTPFactory
@@ -83,6 +85,7 @@ class SMTPServer(CommandSession):
         self._write_failed = False  # the intake refused message bytes; answered at the end of DATA
         self.messages = 0
         self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
+        self._incoming: IIncoming | None = None
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -96,13 +99,15 @@ class SMTPServer(CommandSession):
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
+        if self._incoming is not None:  # RSET, EHLO or STARTTLS between BDAT chunks
+            self._abort_incoming()
         self.sender: Address | None = None
+        self._mail = MailFrom(None)  # the accepted MAIL's parameters
         self.in_transaction = False  # MAIL accepted
         self.recipients: list[Destination] = []
         self._rcpt_count = 0
         self._rcpt_tried = False
-        self._decoder: DataDecoder | None = None
-        self._incoming: IIncoming | None = None
+        self._decoder: DataDecoder | ChunkDecoder | None = None
         self._txn: Transaction | None = None
         self._observer: Any = None
 
@@ -253,10 +258,10 @@ class SMTPServer(CommandSession):
         if b"\r" in raw or b"\n" in raw:
             self._reply(R.BARE_CR_LF_COMMAND, error="line")
             return
-        text = raw.decode("ascii", "replace")
+        text = raw.decode("utf-8", "replace")  # RFC 6531: UTF-8 paths; bad bytes become U+FFFD
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        handler = self._COMMANDS.get(verb)
+        handler = self._COMMANDS.get(verb) if verb.isascii() else None
         if self._refused and verb != "QUIT":
             self._reply(R.SESSION_REFUSED, error=verb)
             return
@@ -465,6 +470,7 @@ class SMTPServer(CommandSession):
                 return
             self._reset_transaction()
             self.sender = sender
+            self._mail = parsed
             self.in_transaction = True
             self._txn = txn
             self.recipients = txn.recipients
@@ -477,13 +483,13 @@ class SMTPServer(CommandSession):
         if not self.in_transaction:
             self._reply(R.NEED_MAIL, error="RCPT")
             return
-        path = rcpt_path(arg)
-        if isinstance(path, Reply):
-            self._reply(path, error="RCPT")
+        rcpt = parse_rcpt(arg, self._mail.smtputf8)
+        if isinstance(rcpt, Reply):
+            self._reply(rcpt, error="RCPT")
             return
         self._rcpt_tried = True
         local = self.config.domains.local
-        address = recipient(path, local[0] if local else self.config.hostname)
+        address = recipient(rcpt.path, local[0] if local else self.config.hostname)
         if isinstance(address, Reply):
             self._reply(address, error="RCPT")
             return
@@ -517,7 +523,7 @@ class SMTPServer(CommandSession):
             for dest in result:
                 if (dest.address.key, dest.local) not in known:
                     known.add((dest.address.key, dest.local))
-                    self.recipients.append(dest)
+                    self.recipients.append(dataclasses.replace(dest, notify=rcpt.notify, orcpt=rcpt.orcpt))
             self._rcpt_count += 1
             self._reply(R.RECIPIENT_OK)
 
@@ -528,12 +534,24 @@ class SMTPServer(CommandSession):
         if arg:
             self._reply(R.SYNTAX, error="DATA")
             return
+        if self._incoming is not None:  # RFC 3030 section 3: BDAT and DATA do not mix
+            self._reply(R.DATA_AFTER_BDAT, error="DATA")
+            return
+        refusal = self._begin_message()
+        if refusal is not None:
+            self._reply(refusal, error="DATA")
+            return
+        self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
+        self.mode = _DATA
+        self._raw = self._data_chunk
+        self._reply(R.START_DATA)
+
+    def _begin_message(self) -> Reply | None:
+        """Open the intake for the transaction's message (DATA or the first BDAT); the refusal if not."""
         if not self.in_transaction:
-            self._reply(R.NEED_MAIL, error="DATA")
-            return
+            return R.NEED_MAIL
         if not self.recipients:
-            self._reply(R.NO_VALID_RECIPIENTS if self._rcpt_tried else R.NEED_RCPT, error="DATA")
-            return
+            return R.NO_VALID_RECIPIENTS if self._rcpt_tried else R.NEED_RCPT
         envelope = Envelope(
             sender=self.sender,
             recipients=tuple(self.recipients),
@@ -542,24 +560,65 @@ class SMTPServer(CommandSession):
             protocol=self._protocol_name(),
             tls=self._tls_description(),
             user=self.user,
+            ret=self._mail.ret,
+            envid=self._mail.envid,
+            smtputf8=self._mail.smtputf8,
         )
         try:
             self._incoming = self.runtime.intake.begin(envelope)
         except MailError as e:
-            self._reply(e.reply)
             self._reset_transaction()
-            return
+            return e.reply
         except Exception:
             self.log.failure("smtp: intake.begin failed", peer=self.peer)
-            self._reply(R.LOCAL_ERROR)
             self._reset_transaction()
-            return
+            return R.LOCAL_ERROR
         self._write_failed = False
         self._observer = self.factory.pipeline.data_begin(self._connection(), self._txn)
-        self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
+        return None
+
+    # BDAT, RFC 3030 (parsing and counting: smtp.bdat)
+    def do_BDAT(self, arg: str) -> None:
+        parsed = parse_bdat(arg)
+        if isinstance(parsed, Reply):  # no count to consume: the octets cannot be told from commands
+            self._reply(parsed, error="BDAT")
+            return
+        size, last = parsed
+        if self._incoming is None:
+            refusal = self._begin_message()
+            if refusal is not None:
+                self._read_chunk(Skip(size), lambda: self._reply(refusal, error="BDAT"))
+                return
+            self._decoder = ChunkDecoder(self._sink, self.config.smtp.max_message_size)
+        decoder = self._decoder
+        assert isinstance(decoder, ChunkDecoder)
+        decoder.expect(size)
+        self._read_chunk(decoder, lambda: self._chunk_done(decoder, size, last))
+
+    def _read_chunk(self, reader: Skip | ChunkDecoder, then: Callable[[], None]) -> None:
+        """Consume the chunk's octets whatever becomes of them, then answer (RFC 3030 section 3)."""
+        if reader.remaining == 0:
+            then()
+            return
+
+        def consume(data: bytes) -> None:
+            rest = reader.feed(data)
+            if rest is not None:
+                self.mode = _COMMAND
+                self._raw = None
+                self._unread(rest)
+                then()
+
         self.mode = _DATA
-        self._raw = self._data_chunk
-        self._reply(R.START_DATA)
+        self._raw = consume
+
+    def _chunk_done(self, decoder: ChunkDecoder, size: int, last: bool) -> None:
+        if last:
+            decoder.finish()
+        if last or decoder.too_big or decoder.bare_newline or self._write_failed:
+            self._end_data()  # commits, or refuses and ends the transaction
+            return
+        self._reply(R.chunk_ok(size))
 
     def _sink(self, chunk: bytes) -> None:
         if self._observer is not None:

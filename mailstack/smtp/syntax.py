@@ -1,6 +1,12 @@
 # -*- test-case-name: tests.smtp.test_syntax -*-
 """MAIL FROM and RCPT TO arguments (RFC 5321 section 4.1.2), as pure functions.
 
+Parameters: SIZE (RFC 1870), BODY (RFC 6152), AUTH (RFC 4954), SMTPUTF8
+(RFC 6531), RET/ENVID and NOTIFY/ORCPT (RFC 3461, values in ``dsnparams``).
+A path with non-ASCII characters needs the SMTPUTF8 parameter of its
+transaction (RFC 6531 section 3.3; without it 553 5.6.7); a line that was not
+valid UTF-8 reaches us with U+FFFD in it and is refused 501 5.6.7.
+
 Each returns the parsed value or the ``errors.Reply`` to refuse the command
 with; policy (authentication, sender ownership, rate, routing) is the
 session's job.  No I/O, so every case is a table test.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from mailstack import dsnparams
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.errors import Reply
 from mailstack.smtp import replies as R
@@ -26,6 +33,25 @@ class MailFrom:
     size: int | None = None  # RFC 1870 SIZE=
     body: str | None = None  # RFC 6152 BODY=, upper case
     params: dict[str, str] = field(default_factory=dict)  # every Mail-parameter given, NAME -> value
+    ret: str = ""  # RFC 3461 RET=: "FULL", "HDRS" or "" (not given)
+    envid: str = ""  # RFC 3461 ENVID=, decoded
+    smtputf8: bool = False  # RFC 6531 SMTPUTF8
+
+
+@dataclass(frozen=True)
+class RcptTo:
+    path: str  # the <path> as given
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY=, upper case; () when not given
+    orcpt: str = ""  # RFC 3461 ORCPT=, "addr-type;decoded"
+
+
+def _path_refusal(path: str, smtputf8: bool) -> Reply | None:
+    """RFC 6531 section 3.3: non-ASCII paths only in SMTPUTF8 transactions."""
+    if "\ufffd" in path:
+        return R.BAD_UTF8
+    if not path.isascii() and not smtputf8:
+        return R.NEED_SMTPUTF8
+    return None
 
 
 def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
@@ -35,21 +61,20 @@ def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
     m = _PATH_ARGS.match(arg[5:])
     if not m:
         return R.BAD_SENDER
-    try:
-        sender = parse_path(m.group(1), null_ok=True)
-    except AddressError:
-        return R.BAD_SENDER
     params = m.group(2).split()
     if params and not esmtp:
         return R.UNKNOWN_PARAMETER
     size: int | None = None
     body: str | None = None
     given: dict[str, str] = {}
+    ret = envid = ""
     for param in params:
         if not _ESMTP_PARAM.match(param):
             return R.SYNTAX
         name, _, value = param.partition("=")
         name = name.upper()
+        if name in given:  # RFC 3461 section 4: no parameter twice
+            return R.SYNTAX
         given[name] = value
         if name == "SIZE":
             # RFC 1870 section 6
@@ -65,21 +90,60 @@ def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
                 return R.SYNTAX
         elif name == "AUTH" and value:
             pass  # RFC 4954 section 5: accepted, not trusted
+        elif name == "SMTPUTF8" and not value:
+            pass  # RFC 6531 section 3.4
+        elif name in ("RET", "ENVID"):
+            try:
+                if name == "RET":
+                    ret = dsnparams.parse_ret(value)
+                else:
+                    envid = dsnparams.parse_envid(value)
+            except dsnparams.DSNParamError:
+                return R.BAD_DSN_PARAMETER
         else:
             return R.UNKNOWN_PARAMETER
-    return MailFrom(sender, size, body, given)
+    smtputf8 = "SMTPUTF8" in given
+    refusal = _path_refusal(m.group(1), smtputf8)
+    if refusal is not None:
+        return refusal
+    try:
+        sender = parse_path(m.group(1), null_ok=True)
+    except AddressError:
+        return R.BAD_SENDER
+    return MailFrom(sender, size, body, given, ret, envid, smtputf8)
 
 
-def rcpt_path(arg: str) -> str | Reply:
-    """The ``<path>`` of ``TO:<path>``; RCPT takes no parameters here."""
+def parse_rcpt(arg: str, smtputf8: bool = False) -> RcptTo | Reply:
+    """``TO:<path> [NOTIFY=...] [ORCPT=...]``; ``smtputf8``: the transaction's MAIL had SMTPUTF8."""
     if arg[:3].upper() != "TO:":
         return R.SYNTAX
     m = _PATH_ARGS.match(arg[3:])
     if not m:
         return R.BAD_RECIPIENT
-    if m.group(2).split():
-        return R.UNKNOWN_PARAMETER
-    return m.group(1)
+    notify: tuple[str, ...] = ()
+    orcpt = ""
+    seen: set[str] = set()
+    for param in m.group(2).split():
+        if not _ESMTP_PARAM.match(param):
+            return R.SYNTAX
+        name, _, value = param.partition("=")
+        name = name.upper()
+        if name in seen:  # RFC 3461 section 4: no parameter twice
+            return R.SYNTAX
+        seen.add(name)
+        if name not in ("NOTIFY", "ORCPT"):
+            return R.UNKNOWN_PARAMETER
+        try:
+            if name == "NOTIFY":
+                notify = dsnparams.parse_notify(value)
+            else:
+                orcpt = dsnparams.parse_orcpt(value)
+        except dsnparams.DSNParamError:
+            return R.BAD_DSN_PARAMETER
+    refusal = _path_refusal(m.group(1), smtputf8)
+    if refusal is not None:
+        return refusal
+    return RcptTo(m.group(1), notify, orcpt)
 
 
 def recipient(path: str, postmaster_domain: str) -> Address | Reply:
@@ -94,9 +158,9 @@ def recipient(path: str, postmaster_domain: str) -> Address | Reply:
     return R.BAD_RECIPIENT if address is None else address
 
 
-def parse_rcpt_to(arg: str, postmaster_domain: str) -> Address | Reply:
+def parse_rcpt_to(arg: str, postmaster_domain: str, smtputf8: bool = False) -> Address | Reply:
     """``TO:<path>`` -> the recipient address, or the reply refusing it."""
-    path = rcpt_path(arg)
-    if isinstance(path, Reply):
-        return path
-    return recipient(path, postmaster_domain)
+    rcpt = parse_rcpt(arg, smtputf8)
+    if isinstance(rcpt, Reply):
+        return rcpt
+    return recipient(rcpt.path, postmaster_domain)

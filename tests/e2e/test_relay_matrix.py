@@ -30,6 +30,7 @@ UNKNOWN = b"550 5.1.1"
 SYNTAX = b"501 5.1.3"
 
 # (name, RCPT TO argument, expected reply code + enhanced code)
+NEEDS_SMTPUTF8 = b"553 5.6.7"  # RFC 6531: a non-ASCII path in a transaction without SMTPUTF8
 MATRIX = [
     ("plain remote", b"<user@remote.example>", RELAY),
     ("percent hack", b"<user%remote.example@localhost>", UNKNOWN),
@@ -52,10 +53,10 @@ MATRIX = [
     ("uppercase local, percent hack", b"<user%remote.example@LOCALHOST>", UNKNOWN),
     ("mixed case local, bang", b"<Remote.Example!User@LocalHost>", UNKNOWN),
     ("IDNA local A-label, percent hack", b"<user%remote.example@XN--BCHER-KVA.test>", UNKNOWN),
-    ("IDNA local U-label (8-bit, no SMTPUTF8)", "<user%remote.example@bücher.test>".encode(), SYNTAX),
+    ("IDNA local U-label (8-bit, no SMTPUTF8)", "<user%remote.example@bücher.test>".encode(), NEEDS_SMTPUTF8),
     ("IDNA remote A-label", b"<user@xn--bcher-kva.example>", RELAY),
-    ("IDNA remote U-label (8-bit)", "<user@bücher.example>".encode(), SYNTAX),
-    ("fullwidth localhost (8-bit)", "<user@ｌｏｃａｌｈｏｓｔ>".encode(), SYNTAX),
+    ("IDNA remote U-label (8-bit)", "<user@bücher.example>".encode(), NEEDS_SMTPUTF8),
+    ("fullwidth localhost (8-bit)", "<user@ｌｏｃａｌｈｏｓｔ>".encode(), NEEDS_SMTPUTF8),
     ("postmaster of a remote domain", b"<postmaster@remote.example>", RELAY),
     ("local user at remote subdomain", b"<alice@localhost.remote.example>", RELAY),
     ("remote domain that ends like local", b"<alice@notlocalhost>", RELAY),

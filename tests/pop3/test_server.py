@@ -95,13 +95,13 @@ class GreetingAndCapaTests(Base):
         """Before STLS: STLS offered, USER and SASL hidden (no plaintext passwords)."""
         caps = self.capa(self.connect(tls=False))
         self.assertEqual(caps, [b"TOP", b"UIDL", b"STLS", b"RESP-CODES", b"AUTH-RESP-CODE",
-                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack"])
+                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack", b"UTF8 USER"])
 
     def test_capaAfterTLS(self) -> None:
         """After STLS: USER and SASL PLAIN, no STLS."""
         caps = self.capa(self.connect())
         self.assertEqual(caps, [b"TOP", b"UIDL", b"USER", b"SASL PLAIN", b"RESP-CODES", b"AUTH-RESP-CODE",
-                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack"])
+                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack", b"UTF8 USER"])
 
     def test_capaLoopbackAllowed(self) -> None:
         """On loopback with auth.plaintext_on_loopback everything is offered at once."""
@@ -645,6 +645,13 @@ class StateAndLineTests(Base):
         """An unknown command gets -ERR; keywords are case-insensitive."""
         proto = self.connect()
         self.assertEqual(self.talk(proto, b"APOP a b", b"capa")[: len(R.UNKNOWN_COMMAND)], R.UNKNOWN_COMMAND)
+
+    def test_utf8(self) -> None:
+        """RFC 6856: UTF8 is accepted before login (+OK), refused with an argument or after login."""
+        proto = self.connect()
+        self.assertEqual(self.talk(proto, b"UTF8 x", b"UTF8"), R.BAD_ARGUMENTS + R.UTF8_OK)
+        self.assertEqual(self.talk(proto, b"USER alice@example.org", b"PASS secret", b"UTF8")[-len(R.BAD_STATE):],
+                         R.BAD_STATE)
 
     def test_tooManyErrors(self) -> None:
         """After too many errors the server closes the connection."""

@@ -177,11 +177,25 @@ class ManagerTests(SynchronousTestCase):
         self.assertNotIn("R", self.store.envelopes)
         self.assertEqual(m.scheduled(), {})
 
-    def test_noBounceForNullSender(self) -> None:
-        """A failed recipient of a message from <> gets no DSN; the entry goes."""
+    def test_doubleBounceToPostmaster(self) -> None:
+        """A failed recipient of a message from <> (a bounce) is reported once, from <>, to postmaster
+        of the first local domain; the entry goes."""
         self.remote.script = reply_all(PERM)
         m = self.manager()
         entry(self.store, "R", "", ["bad@remote.test"], arrival=START)
+        m.kick("R")
+        self.assertEqual(len(self.intake.messages), 1)
+        envelope, message = self.intake.messages[0]
+        self.assertIsNone(envelope.sender)
+        self.assertEqual([str(d.address) for d in envelope.recipients], ["postmaster@here.test"])
+        self.assertIn(b"To: <postmaster@here.test>", message)
+        self.assertNotIn("R", self.store.envelopes)
+
+    def test_noBounceOfPostmasterDoubleBounce(self) -> None:
+        """A bounce for postmaster that fails goes nowhere (logged): never a loop."""
+        self.remote.script = reply_all(PERM)
+        m = self.manager()
+        entry(self.store, "R", "", ["postmaster@here.test"], arrival=START)
         m.kick("R")
         self.assertEqual(self.intake.messages, [])
         self.assertNotIn("R", self.store.envelopes)

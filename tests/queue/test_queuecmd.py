@@ -76,6 +76,17 @@ class QueueCommandTests(SynchronousTestCase):
         data = json.loads(self.run_cli("show", e.id, "--json")[1])
         self.assertEqual(data["id"], e.id)
 
+    def test_showDsnRequests(self) -> None:
+        """show prints the DSN requests (RET, ENVID; NOTIFY, ORCPT per recipient) and SMTPUTF8, escaped."""
+        e = self.add()
+        e.ret, e.envid, e.smtputf8 = "HDRS", "env\x1b1", True
+        e.recipients[0].notify, e.recipients[0].orcpt = ["SUCCESS", "DELAY"], "rfc822;Orig@x.test"
+        self.store.save(e)
+        out = self.run_cli("show", e.id)[1]
+        self.assertIn("DSN:       RET=HDRS ENVID=env\\x1b1", out)
+        self.assertIn("SMTPUTF8:  yes", out)
+        self.assertIn("NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Orig@x.test", out)
+
     def test_unknownId(self) -> None:
         """show/delete of an unknown id: exit 1 with one line on stderr."""
         for cmd in ("show", "delete"):

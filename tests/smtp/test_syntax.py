@@ -4,7 +4,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import Address
 from mailstack.smtp import replies as R
-from mailstack.smtp.syntax import MailFrom, parse_mail_from, parse_rcpt_to
+from mailstack.smtp.syntax import (
+    MailFrom,
+    RcptTo,
+    parse_mail_from,
+    parse_rcpt,
+    parse_rcpt_to,
+)
 
 ALICE = Address("alice", "example.org")
 
@@ -37,7 +43,12 @@ class MailFromTests(SynchronousTestCase):
             ("FROM:<alice@example.org> SIZE=10001", True, R.MESSAGE_TOO_BIG),
             ("FROM:<alice@example.org> BODY=BINARYMIME", True, R.SYNTAX),
             ("FROM:<alice@example.org> AUTH", True, R.UNKNOWN_PARAMETER),
-            ("FROM:<alice@example.org> SMTPUTF8", True, R.UNKNOWN_PARAMETER),
+            ("FROM:<alice@example.org> SMTPUTF8=x", True, R.UNKNOWN_PARAMETER),
+            ("FROM:<alice@example.org> SIZE=1 SIZE=1", True, R.SYNTAX),
+            ("FROM:<alice@example.org> RET=ALL", True, R.BAD_DSN_PARAMETER),
+            ("FROM:<alice@example.org> ENVID=a+2", True, R.BAD_DSN_PARAMETER),
+            ("FROM:<jörg@example.org>", True, R.NEED_SMTPUTF8),
+            ("FROM:<j\ufffdrg@example.org> SMTPUTF8", True, R.BAD_UTF8),
             ("FROM:<alice@example.org> =x", True, R.SYNTAX),
         ]
         for arg, esmtp, expected in table:
@@ -60,7 +71,35 @@ class RcptToTests(SynchronousTestCase):
             ("TO:alice@example.org", R.BAD_RECIPIENT),
             ("TO:<>", R.BAD_RECIPIENT),
             ("TO:<alice>", R.BAD_RECIPIENT),
-            ("TO:<alice@example.org> NOTIFY=NEVER", R.UNKNOWN_PARAMETER),
+            ("TO:<alice@example.org> NOTIFY=NEVER", ALICE),
+            ("TO:<alice@example.org> XFOO=1", R.UNKNOWN_PARAMETER),
+            ("TO:<alice@example.org> NOTIFY=NEVER,DELAY", R.BAD_DSN_PARAMETER),
+            ("TO:<alice@example.org> ORCPT=rfc822;a+ZZ", R.BAD_DSN_PARAMETER),
+            ("TO:<alice@example.org> NOTIFY=DELAY NOTIFY=DELAY", R.SYNTAX),
+            ("TO:<álice@example.org>", R.NEED_SMTPUTF8),
         ]
         for arg, expected in table:
             self.assertEqual(parse_rcpt_to(arg, "mx.test"), expected, arg)
+
+
+class ExtensionParameterTests(SynchronousTestCase):
+    def test_dsnMail(self) -> None:
+        """RET and ENVID are parsed (ENVID xtext-decoded)."""
+        parsed = parse_mail_from("FROM:<a@b.test> RET=hdrs ENVID=QQ+2B1", True, 0)
+        assert isinstance(parsed, MailFrom)
+        self.assertEqual((parsed.ret, parsed.envid, parsed.smtputf8), ("HDRS", "QQ+1", False))
+
+    def test_dsnRcpt(self) -> None:
+        """NOTIFY and ORCPT are parsed into RcptTo."""
+        self.assertEqual(
+            parse_rcpt("TO:<alice@example.org> NOTIFY=success,FAILURE ORCPT=rfc822;Alice+40example.org"),
+            RcptTo("<alice@example.org>", ("SUCCESS", "FAILURE"), "rfc822;Alice@example.org"),
+        )
+
+    def test_utf8(self) -> None:
+        """With SMTPUTF8, UTF-8 local parts and U-label domains parse (the domain as A-label)."""
+        parsed = parse_mail_from("FROM:<jörg@exämple.test> SMTPUTF8", True, 0)
+        assert isinstance(parsed, MailFrom)
+        self.assertEqual(parsed.sender, Address("jörg", "xn--exmple-cua.test"))
+        self.assertTrue(parsed.smtputf8)
+        self.assertEqual(parse_rcpt_to("TO:<josé@example.org>", "mx.test", smtputf8=True), Address("josé", "example.org"))
