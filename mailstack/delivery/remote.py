@@ -45,6 +45,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    IResolver,
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
@@ -430,13 +431,14 @@ def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], I
     return factory
 
 
-def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
-    """The production agent (called by ``service.py``)."""
+def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred],
+          resolver: IResolver | None = None) -> RemoteAgent:
+    """The production agent (called by ``service.py``), on the server's shared ``resolver``."""
     from mailstack.mx import Resolver
 
     return RemoteAgent(
         config,
-        Resolver(config, reactor),
+        Resolver(config, reactor, resolver),
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,

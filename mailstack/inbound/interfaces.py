@@ -67,5 +67,6 @@ class IRspamdClient(Interface):
     url = Attribute("the base URL, e.g. http://127.0.0.1:11333")
 
     def scan(message: str | bytes, envelope: Envelope) -> Deferred:
-        """Deferred[rspamd.Verdict] for a message file path (or small bytes);
+        """Deferred[rspamd.Verdict] for a message file path, small bytes or an
+        ``interfaces.IMessage``;
         errbacks rspamd.RspamdUnavailable."""
