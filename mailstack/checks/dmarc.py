@@ -19,7 +19,14 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, gatherResults
 
 from mailstack.checks.refusals import DMARC_REJECT, refuse
-from mailstack.inbound.dmarc import PERMERROR, DMARCEvaluator, DMARCResult, FromError, from_domains, strictest
+from mailstack.inbound.dmarc import (
+    PERMERROR,
+    DMARCEvaluator,
+    DMARCResult,
+    FromError,
+    from_domains,
+    strictest,
+)
 from mailstack.inbound.spf import NONE, SPFResult
 from mailstack.interfaces import IMessage
 from mailstack.pipeline import Check, Connection, Transaction, Verdict

@@ -68,6 +68,6 @@ class RspamdCheck(Check):
         reason = f"rspamd unavailable: {failure.getErrorMessage()}"
         if self.tempfail_when_down:
             return Verdict(reply=refuse(conn, self.name, reason, SCANNER_DOWN))
-        self.log.warn("{reason}; accepted unscanned (inbound.rspamd_failure = accept) peer={peer}",
+        self.log.warning("{reason}; accepted unscanned (inbound.rspamd_failure = accept) peer={peer}",
                       reason=reason, peer=conn.peer)
         return None

@@ -47,7 +47,6 @@ class SPFCheck(Check):
         d: Deferred[SPFResult] = self.verifier.check(conn.peer, sender, conn.helo)
         d.addTimeout(self.deadline, self.clock)
         txn.notes[_PENDING] = d.addErrback(late)
-        return None
 
     def data(self, conn: Connection, txn: Transaction, message: IMessage) -> Deferred[Verdict | None]:
         def keep(result: SPFResult) -> None:
