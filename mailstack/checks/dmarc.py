@@ -16,6 +16,8 @@ A message without exactly one parsable From field has no author domain
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet.defer import Deferred, gatherResults
 
 from mailstack.checks.refusals import DMARC_REJECT, refuse
@@ -36,8 +38,12 @@ TAGGED = "x-spam"  # txn.notes key: X-Spam: yes was added already
 
 
 def from_values(message: IMessage) -> list[str]:
-    """The values of the message's From fields."""
-    return [raw.partition(b":")[2].decode("utf-8", "replace") for name, raw in message.header if name.lower() == "from"]
+    """The values of the message's From fields, unfolded (RFC 5322 section 2.2.3)."""
+    return [
+        re.sub(r"\r?\n(?=[ \t])", "", raw.partition(b":")[2].decode("utf-8", "replace")).strip()
+        for name, raw in message.header
+        if name.lower() == "from"
+    ]
 
 
 class DMARCCheck(Check):
