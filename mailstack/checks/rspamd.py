@@ -68,6 +68,7 @@ class RspamdCheck(Check):
         reason = f"rspamd unavailable: {failure.getErrorMessage()}"
         if self.tempfail_when_down:
             return Verdict(reply=refuse(conn, self.name, reason, SCANNER_DOWN))
-        self.log.warning("{reason}; accepted unscanned (inbound.rspamd_failure = accept) peer={peer}",
-                      reason=reason, peer=conn.peer)
+        self.log.warn(  # noqa: G010  (twisted.logger has warn, not warning)
+            "{reason}; accepted unscanned (inbound.rspamd_failure = accept) peer={peer}", reason=reason, peer=conn.peer
+        )
         return None

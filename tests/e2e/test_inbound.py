@@ -242,6 +242,7 @@ def rspamd(tmp_path, dns):
 
 def test_rspamd(tmp_path, dns, rspamd):
     """GTUBE is refused 550 5.7.1; plain mail is delivered."""
+    (tmp_path / "mx").mkdir()
     server = start(tmp_path / "mx", dns, f'rspamd = "{rspamd.url}"')
     try:
         with pytest.raises(smtplib.SMTPDataError) as e:
