@@ -28,7 +28,12 @@ from mailstack.checks.greylisting import GreylistCheck
 from mailstack.checks.rspamd import RspamdCheck
 from mailstack.checks.spf import SPFCheck
 from mailstack.inbound.dmarc import DMARCEvaluator
-from mailstack.inbound.interfaces import IDNSBLChecker, IGreylist, IRspamdClient, ISPFVerifier
+from mailstack.inbound.interfaces import (
+    IDNSBLChecker,
+    IGreylist,
+    IRspamdClient,
+    ISPFVerifier,
+)
 from mailstack.inbound.rspamd import RspamdUnavailable, verdict_from
 from mailstack.inbound.spf import SPFResult
 from mailstack.interfaces import IMessageCheck

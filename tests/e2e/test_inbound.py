@@ -5,7 +5,6 @@ source addresses."""
 from __future__ import annotations
 
 import base64
-import os
 import re
 import smtplib
 import time
@@ -113,7 +112,7 @@ def delivered(server: Server, marker: str) -> bytes:
 def auth_results(data: bytes) -> list[str]:
     """The unfolded Authentication-Results fields of a delivered message."""
     head = data.split(b"\r\n\r\n", 1)[0].decode()
-    return [re.sub(r"\r\n[ \t]+", " ", f) for f in re.findall(r"^Authentication-Results:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", head, re.M)]
+    return [re.sub(r"\r\n[ \t]+", " ", f) for f in re.findall(r"^Authentication-Results:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", head, re.MULTILINE)]
 
 
 @pytest.mark.parametrize(
