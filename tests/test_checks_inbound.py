@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IResolver
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.names import dns
+from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -327,13 +328,26 @@ class ResolverTests(SynchronousTestCase):
         self.successResultOf(resolver.lookupAddress("a.test"))
         self.assertEqual(len(upstream.queries), 2)
 
-    def test_failuresNotCached(self):
-        """NXDOMAIN is passed on and asked again next time."""
-        upstream = ZoneResolver({})
-        resolver = dnsresolver.CachingResolver(upstream, Clock())
+    def test_nxdomainCachedBriefly(self):
+        """NXDOMAIN without SOA is kept for NEGATIVE_TTL, then asked again; SERVFAIL is never kept."""
+        upstream = ZoneResolver({"broken.test": ["SERVFAIL"]})
+        clock = Clock()
+        resolver = dnsresolver.CachingResolver(upstream, clock)
         for _ in range(2):
-            self.failureResultOf(resolver.lookupAddress("nx.test"))
-        self.assertEqual(len(upstream.queries), 2)
+            self.failureResultOf(resolver.lookupAddress("nx.test"), DNSNameError)
+            self.failureResultOf(resolver.lookupAddress("broken.test"))
+        self.assertEqual(upstream.queries, [("nx.test", dns.A), ("broken.test", dns.A), ("broken.test", dns.A)])
+        clock.advance(dnsresolver.NEGATIVE_TTL)
+        self.failureResultOf(resolver.lookupAddress("nx.test"), DNSNameError)
+        self.assertEqual(len(upstream.queries), 4)
+
+    def test_negativeTTLFromSOA(self):
+        """RFC 2308 section 5: the lesser of the SOA record's TTL and its MINIMUM."""
+        soa = dns.RRHeader(b"test", dns.SOA, dns.IN, 300, dns.Record_SOA(minimum=30))
+        message = dns.Message()
+        message.authority = [soa]
+        self.assertEqual(dnsresolver.negative_ttl(DNSNameError(message)), 30)
+        self.assertEqual(dnsresolver.negative_ttl(DNSNameError("nx.test")), dnsresolver.NEGATIVE_TTL)
 
     def test_nameserversFallBack(self):
         """[dns] nameservers first, then relay.nameservers."""
