@@ -34,13 +34,14 @@ from mailstack.interfaces import IMessage
 from mailstack.pipeline import Check, Connection, Transaction, Verdict
 
 X_SPAM = b"X-Spam: yes\r\n"
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 TAGGED = "x-spam"  # txn.notes key: X-Spam: yes was added already
 
 
 def from_values(message: IMessage) -> list[str]:
     """The values of the message's From fields, unfolded (RFC 5322 section 2.2.3)."""
     return [
-        re.sub(r"\r?\n(?=[ \t])", "", raw.partition(b":")[2].decode("utf-8", "replace")).strip()
+        _FOLD.sub("", raw.partition(b":")[2].decode("utf-8", "replace")).strip()
         for name, raw in message.header
         if name.lower() == "from"
     ]
