@@ -31,7 +31,7 @@ import os
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -138,11 +138,11 @@ class MailService(MultiService):
         self.listeners: list[StreamServerEndpointService] = []
         self.factories: list[IDrainable] = []  # the unwrapped protocol factories, for drain()
         self.described: list[tuple[str, str]] = []  # (kind, listener string)
-        self.helpers: list[Service] = []  # e.g. the greylist: stopped after the sessions, before the pool
+        self.helpers: list[IService] = []  # e.g. the greylist: stopped after the sessions, before the pool
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
 
-    def add_helper(self, service: Service) -> None:
+    def add_helper(self, service: IService) -> None:
         """Run ``service`` with the server; it stops once the sessions are drained."""
         service.setServiceParent(self)
         self.helpers.append(service)
