@@ -107,18 +107,19 @@ def listen(reactor: Any, zone: dict[str, list[Any]], port: int = 0) -> tuple[int
     number; when another process holds that TCP port, another UDP port is tried.
     """
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
-    for attempt in range(20):
+    attempts = 0
+    while True:
         udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         number = udp.getHost().port
         try:
             tcp = reactor.listenTCP(number, factory, interface="127.0.0.1")
         except CannotListenError:
             udp.stopListening()
-            if port or attempt == 19:
+            attempts += 1
+            if port or attempts == 20:
                 raise
             continue
         return number, [udp, tcp]
-    raise AssertionError("unreachable")
 
 
 def load_zone(path: str) -> dict[str, list[Any]]:
