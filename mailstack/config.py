@@ -171,6 +171,28 @@ def _tables(value: Any) -> dict[str, dict[str, Any]]:
     return {name: dict(v) for name, v in value.items()}
 
 
+def _dnsbl_zones(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and _ZONE.fullmatch(v.strip(".")) for v in value):
+        raise ValueError('must be a list of DNS block list zones such as ["zen.spamhaus.org"]')
+    return tuple(dict.fromkeys(v.strip(".").lower() for v in value))
+
+
+_ZONE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+
+
+def _http_url(value: Any) -> str:
+    value = _str(value)
+    if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+        raise ValueError(f'{value!r} is not a URL such as "http://127.0.0.1:11333"')
+    return value
+
+
+def _failure_mode(value: Any) -> str:
+    if value not in ("tempfail", "accept"):
+        raise ValueError('must be "tempfail" or "accept"')
+    return str(value)
+
+
 def validate_endpoint(description: str) -> None:
     """Parse a server endpoint string without listening; ValueError if bad.
 
@@ -266,6 +288,15 @@ KEYS: tuple[Key, ...] = (
     Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
+    Key("dns", "nameservers", _nameservers, [], "every lookup; empty: relay.nameservers, else the system resolver"),
+    Key("inbound", "spf", _bool, True, "RFC 7208 on MAIL FROM (HELO for <>); feeds DMARC, never rejects alone"),
+    Key("inbound", "dkim", _bool, True, "RFC 6376 verification of every DKIM-Signature"),
+    Key("inbound", "dmarc", _bool, True, "RFC 7489: p=reject failing -> 550 5.7.1, p=quarantine -> X-Spam: yes"),
+    Key("inbound", "dnsbl", _dnsbl_zones, [], 'block lists asked at connect, e.g. ["zen.spamhaus.org"]; listed: 554 5.7.1'),
+    Key("inbound", "greylist", _optional_duration, "", '"5m": unknown (client net, sender, recipient) gets 451 4.7.1; "": off'),
+    Key("inbound", "rspamd", _http_url, "", '"http://127.0.0.1:11333": ask rspamd after DATA; "": off'),
+    Key("inbound", "rspamd_failure", _failure_mode, "tempfail", 'rspamd unreachable: "tempfail" (451 4.7.1) or "accept"'),
+    Key("inbound", "max_messages_per_minute", _int, 0, "per client IP on the MX listener (451 4.7.1); 0: no limit"),
 )
 
 
@@ -359,6 +390,23 @@ class PipelineSection:
 
 
 @dataclass(frozen=True)
+class DNSSection:
+    nameservers: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class InboundSection:
+    spf: bool
+    dkim: bool
+    dmarc: bool
+    dnsbl: tuple[str, ...]
+    greylist: float | None
+    rspamd: str
+    rspamd_failure: str
+    max_messages_per_minute: int
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  Sections are attributes: ``config.relay.port``."""
 
@@ -373,6 +421,8 @@ class Config:
     relay: RelaySection
     limits: LimitsSection
     pipeline: PipelineSection
+    dns: DNSSection
+    inbound: InboundSection
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:

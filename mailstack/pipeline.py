@@ -364,13 +364,14 @@ def configured(cfg: Any) -> list[ICheckFactory]:
     return [available[name] for name in cfg.checks]
 
 
-def build(runtime: Any) -> Pipeline:
-    """The pipeline of ``[pipeline]``: each check of ``checks`` built with its options.
+def build(runtime: Any, first: Sequence[IMessageCheck] = ()) -> Pipeline:
+    """The pipeline of ``[pipeline]``: ``first`` (the checks ``[inbound]`` turns
+    on), then each check of ``checks`` built with its options.
 
     PipelineError as for ``configured``, or for options a check refuses.
     """
     cfg = runtime.config.pipeline
-    checks = []
+    checks = list(first)
     for factory in configured(cfg):
         name = factory.name
         try:

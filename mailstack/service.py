@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -40,13 +40,14 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailstack import pipeline
+from mailstack import dnsresolver, pipeline
 from mailstack.auth.aliases import AliasDB
 from mailstack.auth.cache import LoginCache
 from mailstack.auth.cred import UserChecker
 from mailstack.auth.jsonfile import FileFormatError
 from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
+from mailstack.checks import inbound
 from mailstack.config import Config
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
@@ -161,8 +162,14 @@ class MailService(MultiService):
         self.listeners: list[StreamServerEndpointService] = []
         self.factories: list[IDrainable] = []  # the unwrapped protocol factories, for drain()
         self.described: list[tuple[str, str]] = []  # (kind, listener string)
+        self.helpers: list[IService] = []  # e.g. the greylist: stopped after the sessions, before the pool
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
+
+    def add_helper(self, service: IService) -> None:
+        """Run ``service`` with the server; it stops once the sessions are drained."""
+        service.setServiceParent(self)
+        self.helpers.append(service)
 
     def add_listener(self, kind: str, description: str, factory: ServerFactory) -> None:
         """Listen on ``description`` with ``factory``, which must provide ``IDrainable``."""
@@ -205,6 +212,7 @@ class MailService(MultiService):
         manager = self.runtime.manager
         if manager.running:
             await maybeDeferred(manager.stopService)
+        await gatherResults([maybeDeferred(s.stopService) for s in self.helpers if s.running])
         self.pool.stopService()
         self.log.info("stopped")
 
@@ -224,7 +232,8 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
-    relay = remote.build(config, reactor, store, run_blocking)
+    resolver = dnsresolver.build(config, reactor)  # every DNS lookup: [dns] nameservers
+    relay = remote.build(config, reactor, store, run_blocking, resolver)
     manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router)
     intake = Intake(config, store, manager, run_blocking, reactor, local=local)
     manager.intake = intake
@@ -243,11 +252,14 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         manager=manager,
         maildirs=maildirs,
     )
+    checks = inbound.build(runtime, resolver)
     try:
-        runtime.pipeline = pipeline.build(runtime)
+        runtime.pipeline = pipeline.build(runtime, checks.checks)
     except pipeline.PipelineError as e:
         raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     service = MailService(runtime, pool)
+    for helper in checks.services:
+        service.add_helper(helper)
     for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)
         if not descriptions:

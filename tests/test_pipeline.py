@@ -340,12 +340,13 @@ class BuildTests(SynchronousTestCase):
 
 class ServiceTests(SynchronousTestCase):
     def test_runtimeCarriesThePipeline(self):
-        """make_service builds the configured pipeline into the runtime the listeners share."""
+        """make_service builds the configured pipeline into the runtime the listeners share:
+        the checks [inbound] turns on (by default SPF, DKIM, DMARC, Authentication-Results), then [pipeline] checks."""
         from mailstack import service
 
         cfg = configmod.from_mapping({"listen": {"pop3": [], "pop3s": [], "submissions": []}}, base=self.mktemp())
         svc = service.make_service(cfg, Clock(), None, None, None)
-        self.assertEqual([c.name for c in svc.runtime.pipeline.checks], ["loop"])
+        self.assertEqual([c.name for c in svc.runtime.pipeline.checks], ["spf", "dkim", "dmarc", "authresults", "loop"])
         self.assertIs(svc.factories[0].pipeline, svc.runtime.pipeline)
 
     def test_badPipelineIsAStartupError(self):

@@ -56,6 +56,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    IResolver,
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
@@ -522,20 +523,26 @@ def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], I
     return factory
 
 
-def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
-    """The production agent (called by ``service.py``)."""
+def build(
+    config: Config,
+    reactor: Any,
+    store: IQueueStore,
+    run_blocking: Callable[..., Deferred],
+    resolver: IResolver | None = None,
+) -> RemoteAgent:
+    """The production agent (called by ``service.py``), on the server's shared ``resolver``."""
     from mailstack import mtasts
     from mailstack.delivery.ownaddr import own_addresses
     from mailstack.mx import Resolver
 
-    resolver = Resolver(config, reactor)
+    mx = Resolver(config, reactor, resolver)
     relay = config.relay
     sts = None
     if relay.mta_sts and not relay.smarthost:
-        sts = mtasts.build(reactor, resolver.resolver, config.data_dir, relay.tls_ca_file, run_blocking)
+        sts = mtasts.build(reactor, mx.resolver, config.data_dir, relay.tls_ca_file, run_blocking)
     return RemoteAgent(
         config,
-        resolver,
+        mx,
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO, Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -64,9 +65,9 @@ class _Signature:
     error: str  # non-empty: the signature could not be parsed
 
 
-def read_signatures(path: str) -> list[_Signature]:
-    """Blocking: the DKIM-Signature fields of the message at ``path``, in order."""
-    block = _header_block(path)
+def read_signatures(f: IO[bytes]) -> list[_Signature]:
+    """Blocking: the DKIM-Signature fields of the message read from ``f``, in order."""
+    block = _header_block(f)
     headers, _ = dkim.rfc822_parse(block)
     out: list[_Signature] = []
     for name, value in headers:
@@ -88,25 +89,25 @@ def read_signatures(path: str) -> list[_Signature]:
     return out
 
 
-def _header_block(path: str) -> bytes:
+def _header_block(f: IO[bytes]) -> bytes:
     """The message's header fields, up to and including the empty line."""
     chunks: list[bytes] = []
     size = 0
-    with open(path, "rb") as f:
-        for line in f:
-            chunks.append(line)
-            size += len(line)
-            if line in (b"\r\n", b"\n") or size > MAX_HEADER_BYTES:
-                break
+    for line in f:
+        chunks.append(line)
+        size += len(line)
+        if line in (b"\r\n", b"\n") or size > MAX_HEADER_BYTES:
+            break
     return b"".join(chunks)
 
 
-def verify_file(path: str, keys: dict[str, bytes | None], count: int) -> list[tuple[str, str]]:
+def verify_file(f: IO[bytes], keys: dict[str, bytes | None], count: int) -> list[tuple[str, str]]:
     """Blocking: (result, reason) for the first ``count`` signatures of the
-    message at ``path``; ``keys`` maps ``<s>._domainkey.<d>.`` to the key
-    record (None: no record).  Names missing from ``keys`` are temperror."""
-    with open(path, "rb") as f:
-        message = f.read()
+    message read from ``f``; ``keys`` maps ``<s>._domainkey.<d>.`` to the key
+    record (None: no record).  Names missing from ``keys`` are temperror.
+    dkimpy verifies a message held in memory: this runs in the thread pool,
+    and the bytes are dropped when it returns."""
+    message = f.read()
     out: list[tuple[str, str]] = []
     for idx in range(count):
         out.append(_verify_one(message, idx, keys))
@@ -149,6 +150,12 @@ def _verify_one(message: bytes, idx: int, keys: dict[str, bytes | None]) -> tupl
     return (PASS, "") if ok else (FAIL, "signature does not verify")
 
 
+def _with_file(path: str, reader: Callable[[IO[bytes]], Any]) -> Any:
+    """Blocking: ``reader`` of the file at ``path``."""
+    with open(path, "rb") as f:
+        return reader(f)
+
+
 class _KeyProblem(Exception):
     """The key could not be had (temperror) or used (permerror)."""
 
@@ -174,10 +181,16 @@ class DKIMVerifier:
 
     def verify(self, path: str) -> Deferred[list[DKIMResult]]:
         """Deferred list of one DKIMResult per DKIM-Signature ([] when unsigned)."""
-        return Deferred.fromCoroutine(self._verify(path))
+        return self.verify_message(lambda reader: self.run_blocking(_with_file, path, reader))
 
-    async def _verify(self, path: str) -> list[DKIMResult]:
-        signatures: list[_Signature] = await self.run_blocking(read_signatures, path)
+    def verify_message(self, read: Callable[[Callable[[IO[bytes]], Any]], Deferred]) -> Deferred[list[DKIMResult]]:
+        """As ``verify``, for a message given by its reader: ``read(reader)``
+        runs ``reader(f)`` in the thread pool on a binary file at the start of
+        the message (``IMessage.run_blocking``)."""
+        return Deferred.fromCoroutine(self._verify(read))
+
+    async def _verify(self, read: Callable[[Callable[[IO[bytes]], Any]], Deferred]) -> list[DKIMResult]:
+        signatures: list[_Signature] = await read(read_signatures)
         if not signatures:
             return []
         checked = signatures[:MAX_SIGNATURES]
@@ -187,7 +200,8 @@ class DKIMVerifier:
         for name, (ok, value) in zip(names, results):
             if ok:  # a failed (temporary) lookup stays out of ``keys``
                 keys[name + "."] = value
-        outcomes: list[tuple[str, str]] = await self.run_blocking(verify_file, path, keys, len(checked))
+        count = len(checked)
+        outcomes: list[tuple[str, str]] = await read(lambda f: verify_file(f, keys, count))
         out: list[DKIMResult] = []
         for sig, (result, reason) in zip(checked, outcomes):
             if sig.error:

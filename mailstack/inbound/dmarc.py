@@ -84,12 +84,26 @@ class DMARCResult:
 # --- Author domain (section 3.1, 6.6.1) ------------------------------------------
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# The usual From values, "Name <local@domain>" (a phrase of atoms) or a bare
+# addr-spec, read without the email package, which costs far more per message.
+_SIMPLE_FROM = re.compile(
+    rf"^(?:(?:{_ATEXT}|[ \t])*<{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9.-]+)>|{_ATEXT}+(?:\.{_ATEXT}+)*@([A-Za-z0-9.-]+))$"
+)
+
+
 def from_domains(values: Sequence[str]) -> tuple[str, ...]:
     """The distinct author domains of the From field values (one field expected)."""
     if not values:
         raise FromError("no From header field")
     if len(values) > 1:
         raise FromError("more than one From header field")
+    simple = _SIMPLE_FROM.match(values[0].strip())
+    if simple:
+        domain = (simple.group(1) or simple.group(2)).lower().rstrip(".")
+        if not valid_name(domain) or "." not in domain:
+            raise FromError("From address without a valid domain")
+        return (domain,)
     try:
         header = SMTPUTF8.header_factory("from", values[0])
         addresses: tuple[Address, ...] = tuple(header.addresses)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from mailstack.inbound.rspamd import Envelope
+    from mailstack.interfaces import IMessage
 
 
 class AuthOutcome(Protocol):
@@ -66,6 +67,7 @@ class IRspamdClient(Interface):
 
     url = Attribute("the base URL, e.g. http://127.0.0.1:11333")
 
-    def scan(message: str | bytes, envelope: Envelope) -> Deferred:
-        """Deferred[rspamd.Verdict] for a message file path (or small bytes);
+    def scan(message: str | bytes | IMessage, envelope: Envelope) -> Deferred:
+        """Deferred[rspamd.Verdict] for a message file path, small bytes or an
+        ``interfaces.IMessage``;
         errbacks rspamd.RspamdUnavailable."""

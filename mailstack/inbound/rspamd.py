@@ -26,11 +26,13 @@ within ``timeout`` errbacks ``RspamdUnavailable``; the caller applies
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
@@ -42,6 +44,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mailstack.inbound.interfaces import IRspamdClient
+from mailstack.interfaces import IMessage
 
 ACCEPT, TAG, TEMPFAIL, REFUSE = "accept", "tag", "tempfail", "refuse"
 DECISIONS = {
@@ -171,6 +174,32 @@ class ThreadedFileBodyProducer:
         self.resumeProducing()
 
 
+class MessageBodyProducer(ThreadedFileBodyProducer):
+    """Streams an ``IMessage`` (the pipeline's view of a message being received)
+    chunk by chunk, each read done through ``message.run_blocking``."""
+
+    def __init__(self, message: IMessage) -> None:
+        super().__init__("", message.size, message.run_blocking)
+        self.message = message
+
+    async def _produce(self, consumer: IConsumer) -> None:
+        offset = 0
+        while not self._stopped:
+            if self._paused is not None:
+                await self._paused
+                continue
+            chunk: bytes = await self.message.run_blocking(functools.partial(_chunk_at, offset))
+            if not chunk or self._stopped:
+                break
+            consumer.write(chunk)
+            offset += len(chunk)
+
+
+def _chunk_at(offset: int, f: IO[bytes]) -> bytes:
+    f.seek(offset, os.SEEK_CUR)
+    return f.read(CHUNK)
+
+
 class _BoundedBody(Protocol):
     """Collects a response body of at most MAX_REPLY bytes."""
 
@@ -214,8 +243,9 @@ class RspamdClient:
         self.run_blocking = run_blocking
         self.timeout = timeout
 
-    def scan(self, message: str | bytes, envelope: Envelope) -> Deferred[Verdict]:
-        """Deferred Verdict; errbacks RspamdUnavailable."""
+    def scan(self, message: str | bytes | IMessage, envelope: Envelope) -> Deferred[Verdict]:
+        """Deferred Verdict; errbacks RspamdUnavailable.  ``message``: a file
+        path, small bytes, or an ``IMessage`` read through its ``run_blocking``."""
         d = Deferred.fromCoroutine(self._scan(message, envelope))
         d.addTimeout(self.timeout, self.clock)
         d.addErrback(self._unavailable)
@@ -242,16 +272,20 @@ class RspamdClient:
             headers.setRawHeaders(b"Queue-Id", [_header_value(envelope.queue_id)])
         return headers
 
-    async def _body(self, message: str | bytes) -> IBodyProducer:
+    async def _body(self, message: str | bytes | IMessage) -> IBodyProducer:
         if isinstance(message, bytes):
             return _MemoryBody(message)
+        if not isinstance(message, str):
+            if message.size <= IN_MEMORY:
+                return _MemoryBody(await message.run_blocking(lambda f: f.read()))
+            return MessageBodyProducer(message)
         size: int = (await self.run_blocking(os.stat, message)).st_size
         if size <= IN_MEMORY:
             with_data: bytes = await self.run_blocking(_read, message)
             return _MemoryBody(with_data)
         return ThreadedFileBodyProducer(message, size, self.run_blocking)
 
-    async def _scan(self, message: str | bytes, envelope: Envelope) -> Verdict:
+    async def _scan(self, message: str | bytes | IMessage, envelope: Envelope) -> Verdict:
         body = await self._body(message)
         response: IResponse = await self.agent.request(
             b"POST", (self.url + "/checkv2").encode("ascii"), self._headers(envelope), body

@@ -62,9 +62,13 @@ def wait_for(server: Server, address: str, marker: bytes, timeout: float = 20.0)
 
 
 def strip_added_headers(data: bytes) -> bytes:
-    """Remove Return-Path:, Delivered-To: and the (folded) Received: header the server added."""
-    added = rb"Return-Path: [^\r\n]*\r\nDelivered-To: [^\r\n]*\r\nReceived: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*"
-    m = re.match(added, data)
+    """Remove Return-Path:, Delivered-To:, the (folded) Received: header the server added
+    and, on MX mail, its (folded) Authentication-Results: header."""
+    m = re.match(
+        rb"Return-Path: [^\r\n]*\r\nDelivered-To: [^\r\n]*\r\nReceived: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*"
+        rb"(?:Authentication-Results: localhost;[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)?",
+        data,
+    )
     assert m, data[:300]
     return data[m.end() :]
 

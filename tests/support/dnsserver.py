@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.names import dns, server
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DNSServerError
@@ -102,13 +103,23 @@ class ZoneResolver(ResolverBase):
 def listen(reactor: Any, zone: dict[str, list[Any]], port: int = 0) -> tuple[int, list[Any]]:
     """Serve ``zone`` on 127.0.0.1 over UDP and TCP; (port, [udp, tcp] listening ports).
 
-    With ``port=0`` the UDP port is chosen by the system and TCP takes the same number.
+    With ``port=0`` the UDP port is chosen by the system and TCP takes the same
+    number; when another process holds that TCP port, another UDP port is tried.
     """
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
-    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    number = udp.getHost().port
-    tcp = reactor.listenTCP(number, factory, interface="127.0.0.1")
-    return number, [udp, tcp]
+    attempts = 0
+    while True:
+        udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        number = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(number, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            attempts += 1
+            if port or attempts == 20:
+                raise
+            continue
+        return number, [udp, tcp]
 
 
 def load_zone(path: str) -> dict[str, list[Any]]:

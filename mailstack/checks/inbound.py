@@ -1,0 +1,87 @@
+# -*- test-case-name: tests.test_checks_inbound -*-
+"""The inbound checks that ``[inbound]`` turns on, in the order they run.
+
+The ``[inbound]`` keys alone configure them: each key adds its check to the
+pipeline, ahead of the checks listed in ``[pipeline] checks``, so the
+Authentication-Results field is there for those.  All of them run in MX
+sessions of unauthenticated clients only (``submission = False``):
+
+==========  =============  ===========================================
+stage       check          key
+==========  =============  ===========================================
+connect     ``dnsbl``      ``inbound.dnsbl``
+MAIL        ``rate``       ``inbound.max_messages_per_minute``
+MAIL        ``spf``        ``inbound.spf`` (evaluated while RCPT/DATA go on)
+RCPT        ``greylist``   ``inbound.greylist``
+end of data ``spf``        collects the SPF result
+end of data ``dkim``       ``inbound.dkim``
+end of data ``dmarc``      ``inbound.dmarc``
+end of data authresults    always: Authentication-Results, forged ones removed
+end of data ``rspamd``     ``inbound.rspamd``
+==========  =============  ===========================================
+
+Every DNS question goes through the one shared resolver (``dnsresolver``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.interfaces import IResolver
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mailstack.checks.authresults import AuthResultsCheck
+from mailstack.checks.clientrate import ClientRateCheck
+from mailstack.checks.dkimverify import DKIMCheck
+from mailstack.checks.dmarc import DMARCCheck
+from mailstack.checks.dnsbl import DNSBLCheck
+from mailstack.checks.greylisting import GreylistCheck
+from mailstack.checks.rspamd import RspamdCheck
+from mailstack.checks.spf import SPFCheck
+from mailstack.inbound.dkimverify import DKIMVerifier
+from mailstack.inbound.dmarc import DMARCEvaluator
+from mailstack.inbound.dnsbl import DNSBLChecker
+from mailstack.inbound.greylist import Greylist
+from mailstack.inbound.rspamd import RspamdClient
+from mailstack.inbound.spf import SPFVerifier
+from mailstack.interfaces import IMessageCheck
+
+
+@dataclass
+class InboundChecks:
+    """The checks, and the services (the greylist table) the server must start and stop."""
+
+    checks: list[IMessageCheck] = field(default_factory=list)
+    services: list[IService] = field(default_factory=list)
+
+
+def build(runtime: Any, resolver: IResolver) -> InboundChecks:
+    """The checks of ``runtime.config.inbound``, asking the DNS through ``resolver``."""
+    config = runtime.config
+    cfg = config.inbound
+    reactor = runtime.reactor
+    out = InboundChecks()
+    if cfg.dnsbl:
+        out.checks.append(DNSBLCheck(DNSBLChecker(resolver, cfg.dnsbl)))
+    if cfg.max_messages_per_minute:
+        out.checks.append(ClientRateCheck(reactor, cfg.max_messages_per_minute))
+    if cfg.spf:
+        out.checks.append(SPFCheck(SPFVerifier(resolver, config.hostname, reactor.seconds), reactor))
+    if cfg.greylist is not None:
+        table = Greylist(os.path.join(config.data_dir, "greylist.json"), reactor, runtime.run_blocking, cfg.greylist)
+        out.services.append(table)
+        out.checks.append(GreylistCheck(table))
+    if cfg.dkim:
+        out.checks.append(DKIMCheck(DKIMVerifier(resolver, runtime.run_blocking)))
+    if cfg.dmarc:
+        out.checks.append(DMARCCheck(DMARCEvaluator(resolver, random.SystemRandom())))
+    out.checks.append(AuthResultsCheck(config.hostname, cfg.spf, cfg.dkim, cfg.dmarc))
+    if cfg.rspamd:
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        client = RspamdClient(cfg.rspamd, agent, reactor, runtime.run_blocking)
+        out.checks.append(RspamdCheck(client, tempfail_when_down=cfg.rspamd_failure == "tempfail"))
+    return out
