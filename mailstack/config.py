@@ -207,11 +207,12 @@ KEYS: tuple[Key, ...] = (
     Key("smtp", "max_message_size", _int, 26214400, "bytes; advertised in EHLO SIZE"),
     Key("smtp", "max_recipients", _int, 100, "recipients per message"),
     Key("smtp", "max_line_length", _int, 4096, "bytes per command line (RFC 5321 4.5.3.1.4 minimum 512)"),
-    Key("smtp", "max_connections", _int, 500, "simultaneous SMTP connections over all listeners"),
-    Key("smtp", "max_connections_per_ip", _int, 50, "simultaneous SMTP connections per client IP"),
+    Key("smtp", "max_connections", _int, 500, "simultaneous connections on the MX (smtp) listeners"),
+    Key("smtp", "max_connections_per_ip", _int, 50, "simultaneous MX connections per client IP"),
     Key("smtp", "max_errors", _int, 10, "protocol errors before a session is dropped with 421"),
     Key("smtp", "command_timeout", _duration, "5m", "idle time allowed between commands (RFC 5321 4.5.3.2.7)"),
     Key("smtp", "data_timeout", _duration, "10m", "idle time allowed inside DATA (RFC 5321 4.5.3.2.6)"),
+    Key("smtp", "data_total_timeout", _duration, "10m", "total time one DATA may take, however busy the client"),
     Key("smtp", "shutdown_grace", _duration, "10s", "on SIGTERM, how long transactions in flight may finish"),
     Key("auth", "plaintext_on_loopback", _bool, False, "allow AUTH and USER/PASS without TLS from 127.0.0.0/8 and ::1"),
     Key("auth", "failure_delay", _duration, "1s", "delay after a failed login; doubles per failure from one peer"),
@@ -220,6 +221,8 @@ KEYS: tuple[Key, ...] = (
     Key("auth", "lockout_time", _duration, "5m", "how long such a lockout lasts"),
     Key("pop3", "idle_timeout", _duration, "10m", "autologout timer (RFC 1939 section 3)"),
     Key("pop3", "max_connections", _int, 500, "simultaneous POP3 connections"),
+    Key("pop3", "max_connections_per_ip", _int, 10, "simultaneous POP3 connections per client IP"),
+    Key("pop3", "login_timeout", _duration, "60s", "time allowed to log in before the connection is closed"),
     Key("relay", "port", _port, 25, "TCP port of remote MX hosts"),
     Key("relay", "nameservers", _nameservers, [], '["127.0.0.1:5353"]; empty: the system resolver'),
     Key("relay", "smarthost", _hostport, "", '"host:port": send all outbound mail through it'),
@@ -238,6 +241,8 @@ KEYS: tuple[Key, ...] = (
     Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
+    Key("submission", "max_connections", _int, 100, "simultaneous connections on the submission and submissions listeners"),
+    Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
 )
 
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
@@ -269,6 +274,7 @@ class Config:
     relay: Any
     limits: Any
     pipeline: Any
+    submission: Any
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:

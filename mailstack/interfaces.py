@@ -379,8 +379,9 @@ class IRuntime(Interface):
     pipeline = Attribute("IPipeline: the message checks configured in [pipeline]")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
-    smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
-    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections)")
+    smtp_connections = Attribute("connlimit.ConnectionLimiter over the MX (smtp) listeners (smtp.max_connections*)")
+    submission_connections = Attribute("connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)")
+    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)")
     smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
 
 

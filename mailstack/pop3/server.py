@@ -84,7 +84,7 @@ class POP3Server(CommandSession):
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
     quiet_after_close = (Exception,)  # every command handles its own failures
-    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS}
+    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS, connlimit.PER_IP: R.TOO_MANY_CONNECTIONS_IP}
     too_many_errors_reply = R.TOO_MANY_ERRORS
     shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
@@ -118,6 +118,19 @@ class POP3Server(CommandSession):
         self._send(R.GREETING)
         self._flush()
         self._arm_timer()
+        self._set_deadline(self.config.pop3.login_timeout, self._login_expired)
+
+    def _login_expired(self) -> None:
+        """``pop3.login_timeout`` passed in AUTHORIZATION: close.
+
+        RFC 1939 section 3 sets 10 minutes as the least autologout time, an
+        inactivity timer for a client that has a session; this is a different
+        limit, on how long a connection may hold a slot without logging in
+        (so idle connections cannot fill ``pop3.max_connections``), like
+        Dovecot's login processes closing a client slow to authenticate."""
+        self.log.info("POP3 login timeout for {peer}", peer=self.peer)
+        self._send(R.LOGIN_TIMEOUT)
+        self._close()
 
     def _produce_again(self, result: Failure | None) -> Failure | None:
         """A MessageSender finished (and unregistered): be the transport's producer again.
@@ -439,6 +452,7 @@ class POP3Server(CommandSession):
             self.maildrop = drop
             self.user = key
             self.state = TRANSACTION
+            self._clear_deadline()
             self._count = len(drop)
             self._octets = sum(drop.sizes)
             self.log.info(

@@ -74,7 +74,7 @@ class SMTPServer(CommandSession):
 
     def __init__(self, factory: SMTPFactory) -> None:
         rt = factory.runtime
-        CommandSession.__init__(self, rt.reactor, factory.group, rt.smtp_connections)
+        CommandSession.__init__(self, rt.reactor, factory.group, factory.limiter)
         self.factory = factory
         self.runtime = rt
         self.config = rt.config
