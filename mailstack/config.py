@@ -213,6 +213,7 @@ KEYS: tuple[Key, ...] = (
     Key("smtp", "command_timeout", _duration, "5m", "idle time allowed between commands (RFC 5321 4.5.3.2.7)"),
     Key("smtp", "data_timeout", _duration, "10m", "idle time allowed inside DATA (RFC 5321 4.5.3.2.6)"),
     Key("smtp", "data_total_timeout", _duration, "10m", "total time one DATA may take, however busy the client"),
+    Key("smtp", "forbid_unauth_pipelining", _bool, True, "drop an unauthenticated client that sends on before the 354 after DATA"),
     Key("smtp", "shutdown_grace", _duration, "10s", "on SIGTERM, how long transactions in flight may finish"),
     Key("auth", "plaintext_on_loopback", _bool, False, "allow AUTH and USER/PASS without TLS from 127.0.0.0/8 and ::1"),
     Key("auth", "failure_delay", _duration, "1s", "delay after a failed login; doubles per failure from one peer"),

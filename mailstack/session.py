@@ -294,9 +294,7 @@ class CommandSession(Protocol):
         in plaintext: RFC 3207 section 4.2, RFC 2595 section 4); returns how
         many bytes were dropped."""
         self._flush()
-        dropped = len(self._buf) - self._pos
-        self._buf, self._pos = b"", 0
-        self._discarding = False
+        dropped = self._discard_input()
         self._handshaking = True
         self.transport.startTLS(context)
         return dropped
@@ -456,6 +454,17 @@ class CommandSession(Protocol):
                 # Big answers (pipelined listings): hand them over now; a full
                 # transport buffer then pauses us (see resumeProducing).
                 self._flush()
+
+    def _pending_input(self) -> int:
+        """Bytes received behind the line being processed (pipelined after it)."""
+        return len(self._buf) - self._pos
+
+    def _discard_input(self) -> int:
+        """Drop the input received behind the line being processed; how many bytes."""
+        dropped = self._pending_input()
+        self._buf, self._pos = b"", 0
+        self._discarding = False
+        return dropped
 
     def _unread(self, rest: bytes) -> None:
         """The raw consumer is done: ``rest`` (what followed its end) is input again."""

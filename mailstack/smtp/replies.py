@@ -66,6 +66,7 @@ TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SESSION_REFUSED = Reply(503, "5.5.1", "Session refused; only QUIT is accepted")
+PIPELINING_FORBIDDEN = Reply(554, "5.5.0", "Improper command pipelining after DATA, closing connection")  # RFC 2920 3.1
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_CR_LF_DATA = Reply(
     550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (SMTP smuggling protection)"

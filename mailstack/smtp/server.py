@@ -525,6 +525,29 @@ class SMTPServer(CommandSession):
 
     # DATA, RFC 5321 4.1.1.4
     def do_DATA(self, arg: str) -> None:
+        if not self.user and self.config.smtp.forbid_unauth_pipelining and self._pending_input():
+            # RFC 2920 section 3.1: DATA ends a group; a client that sends on before
+            # the 354 is not speaking SMTP (the SMTP smuggling class): drop it.
+            self.log.info("smtp improper pipelining after DATA peer={peer}", peer=self.peer)
+            self._reply(R.PIPELINING_FORBIDDEN, error="DATA")
+            self._close()
+            return
+        self._begin_data(arg)
+        if self.mode == _DATA:
+            self._set_deadline(self.config.smtp.data_total_timeout, self._data_expired)
+        else:
+            # Refused: what the client sent behind DATA is message content, never commands.
+            dropped = self._discard_input()
+            if dropped:
+                self.log.info("smtp discarded {size} bytes pipelined after a refused DATA peer={peer}", size=dropped, peer=self.peer)
+
+    def _data_expired(self) -> None:
+        """``smtp.data_total_timeout``: a byte now and then resets the idle timer, not this."""
+        self.log.info("smtp DATA time limit reached peer={peer} user={user}", peer=self.peer, user=self.user)
+        self._reply(R.TIMEOUT)
+        self._close()  # aborts the message (closing)
+
+    def _begin_data(self, arg: str) -> None:
         if arg:
             self._reply(R.SYNTAX, error="DATA")
             return
@@ -584,6 +607,7 @@ class SMTPServer(CommandSession):
     def _end_data(self) -> None:
         decoder, incoming = self._decoder, self._incoming
         assert decoder is not None and incoming is not None
+        self._clear_deadline()
         self.mode = _COMMAND
         self._raw = None
         self._decoder = None
