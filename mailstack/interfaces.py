@@ -23,6 +23,12 @@ class IUserDB(Interface):
     def keys() -> list[str]:
         """All user keys, sorted."""
 
+    def stamp(key: str) -> str | None:
+        """A short value that changes whenever ``key``'s password does; None if no user.
+
+        Sessions compare it with the one taken at login, so a session of a user
+        deleted or given a new password cannot carry on.  Cheap; reactor-safe."""
+
 
 class IAliasDB(Interface):
     """Aliases: an address expands to one or more targets, local or remote."""

@@ -28,6 +28,9 @@ class Users:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def stamp(self, key: str) -> str | None:
+        return None
+
 
 @implementer(IAliasDB)
 class Aliases:

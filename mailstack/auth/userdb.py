@@ -24,6 +24,7 @@ Mutations take ``data_dir/users.lock`` and rewrite the file atomically
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -88,6 +89,15 @@ class UserDB:
 
     def keys(self) -> list[str]:
         return sorted(self._file.current())
+
+    def stamp(self, key: str) -> str | None:
+        """A digest of the stored hash (a new salt each time: every ``set_password``
+        changes it); None if ``key`` is no user.  The hash itself stays here."""
+        record = self._file.current().get(key)
+        stored = record.get("password") if isinstance(record, dict) else None
+        if not isinstance(stored, str):
+            return None
+        return hashlib.blake2s(stored.encode(), digest_size=8).hexdigest()
 
     def info(self, key: str) -> dict:
         """The stored record without the hash (``created``); NoSuchUser if absent."""

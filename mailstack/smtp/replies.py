@@ -64,6 +64,7 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_EXPIRED = Reply(530, "5.7.0", "Authentication no longer valid; authenticate again")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SESSION_REFUSED = Reply(503, "5.5.1", "Session refused; only QUIT is accepted")
 PIPELINING_FORBIDDEN = Reply(554, "5.5.0", "Improper command pipelining after DATA, closing connection")  # RFC 2920 3.1

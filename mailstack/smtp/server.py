@@ -92,6 +92,7 @@ class SMTPServer(CommandSession):
         self.helo: str | None = None
         self.esmtp = False
         self.user = ""
+        self._stamp: str | None = None  # users.stamp(user) at login
         self._auth: sasl.Exchange | None = None  # multi-step AUTH in progress
         self._reset_transaction()
 
@@ -426,6 +427,7 @@ class SMTPServer(CommandSession):
                 self._delay(result.delay, lambda: self._reply(R.AUTH_FAILED, error="AUTH"))
                 return
             self.user = result.key
+            self._stamp = self.runtime.users.stamp(self.user)
             self.log.info("smtp authenticated peer={peer} user={user}", peer=self.peer, user=self.user)
             self._reply(R.AUTH_OK)
 
@@ -438,6 +440,13 @@ class SMTPServer(CommandSession):
             return
         if self.in_transaction:
             self._reply(R.NESTED_MAIL, error="MAIL")
+            return
+        if self.user and self.runtime.users.stamp(self.user) != self._stamp:
+            # Deleted or given a new password since the AUTH: the login is void
+            # (530 5.7.0, RFC 4954 section 6); the client may authenticate again.
+            self.log.info("smtp login of {user} no longer valid peer={peer}", user=self.user, peer=self.peer)
+            self.user = ""
+            self._reply(R.AUTH_EXPIRED, error="MAIL")
             return
         if self.policy.auth_required and not self.user:
             self._reply(R.AUTH_REQUIRED, error="MAIL")

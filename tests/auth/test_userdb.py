@@ -50,6 +50,20 @@ class UserDBTests(SynchronousTestCase):
         self.assertFalse(self.db.check_password("bob@localhost", b"right"))
         self.assertFalse(self.db.check_password("bob@localhost", b""))
 
+    def test_stamp(self):
+        """stamp() is None for no user, stable while the password stays, new after
+        set_password (even to the same password), None again after delete; no hash in it."""
+        self.assertIsNone(self.db.stamp("alice@localhost"))
+        self.db.add("alice@localhost", "one")
+        first = self.db.stamp("alice@localhost")
+        self.assertIsInstance(first, str)
+        self.assertEqual(self.db.stamp("alice@localhost"), first)
+        self.assertNotIn("argon2", first)
+        self.db.set_password("alice@localhost", "one")
+        self.assertNotEqual(self.db.stamp("alice@localhost"), first)
+        self.db.delete("alice@localhost")
+        self.assertIsNone(self.db.stamp("alice@localhost"))
+
     def test_addTwice(self):
         """Adding an existing user raises UserExists and keeps the old password."""
         self.db.add("alice@localhost", "one")

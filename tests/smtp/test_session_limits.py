@@ -84,3 +84,27 @@ class DataTimeLimitTests(SynchronousTestCase):
         s.clock.advance(100)
         self.assertFalse(s.closed)
         self.assertEqual(s.codes(b"NOOP"), [b"250 2.0.0"])
+
+
+class ReauthorisationTests(SynchronousTestCase):
+    def test_deletedUserCannotStartTransaction(self) -> None:
+        """A session authenticated before its user was deleted gets 530 5.7.0 at the next MAIL."""
+        s = Session("submission")
+        s.login()
+        self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>", b"RSET"), [b"250 2.1.0", b"250 2.0.0"])
+        del s.runtime.users.users[b"alice@example.org"]
+        self.assertEqual(s.talk(b"MAIL FROM:<alice@example.org>"),
+                         [b"530 5.7.0 Authentication no longer valid; authenticate again"])
+        self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0"])  # the login is gone
+
+    def test_passwordChangeVoidsLogin(self) -> None:
+        """After a password change the old login cannot start a transaction; AUTH with the
+        new password can."""
+        import base64
+
+        s = Session("submission")
+        s.login()
+        s.runtime.users.users[b"alice@example.org"] = b"new-secret"
+        self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0"])
+        token = base64.b64encode(b"\0alice@example.org\0new-secret")
+        self.assertEqual(s.codes(b"AUTH PLAIN " + token, b"MAIL FROM:<alice@example.org>"), [b"235 2.7.0", b"250 2.1.0"])
