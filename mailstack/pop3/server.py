@@ -48,6 +48,7 @@ from mailstack import connlimit
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import sasl
 from mailstack.auth.login import LoginResult
+from mailstack.logsafe import escape
 from mailstack.net import is_loopback
 from mailstack.pop3 import replies as R
 from mailstack.pop3.mailbox import (
@@ -257,7 +258,7 @@ class POP3Server(CommandSession):
             result = handler(self, arg)
         except Exception:
             self.log.failure(
-                "POP3 command {command} failed", command=keyword.decode("ascii", "replace"), peer=self.peer
+                "POP3 command {command} failed", command=escape(keyword), peer=self.peer
             )
             self._send(R.INTERNAL_ERROR)
             return
@@ -409,18 +410,18 @@ class POP3Server(CommandSession):
     def _login(self, user: bytes, password: bytes | None, method: str) -> None:
         def done(result: LoginResult | Failure) -> None:
             if isinstance(result, Failure):
-                self.log.failure("POP3 credential check failed for {user}", result, user=user, peer=self.peer)
+                self.log.failure("POP3 credential check failed for {user}", result, user=escape(user), peer=self.peer)
                 self._send(R.AUTH_SERVICE_FAILED)
                 return
             if result.locked:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
-                    "POP3 login refused (locked out) for {user} from {peer}", user=result.account, peer=self.peer)
+                    "POP3 login refused (locked out) for {user} from {peer}", user=escape(result.account), peer=self.peer)
                 self._send(R.LOCKED_OUT)
                 return
             if result.key is None:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
                     "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
-                    method=method, user=result.account, peer=self.peer, delay=result.delay,
+                    method=method, user=escape(result.account), peer=self.peer, delay=result.delay,
                 )
                 if result.delay:
                     self._delay(result.delay, lambda: self._send(R.LOGIN_FAILED))

@@ -43,6 +43,7 @@ from mailstack.auth.login import LoginResult
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IIncoming
+from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
@@ -238,10 +239,10 @@ class SMTPServer(CommandSession):
         if error:
             self.log.info(
                 "smtp rejected {command} peer={peer} user={user}: {reply}",
-                command=error,
+                command=escape(error),  # a refused session's verb, and a check's reply, may echo the client
                 peer=self.peer,
                 user=self.user,
-                reply=str(reply),
+                reply=escape(str(reply)),
             )
             self._count_error()
 
@@ -651,7 +652,7 @@ class SMTPServer(CommandSession):
                 if result.check(MailError):
                     reply = result.value.reply
                     self.log.info("smtp commit refused peer={peer} user={user}: {reply}",
-                                  peer=self.peer, user=self.user, reply=str(reply))
+                                  peer=self.peer, user=self.user, reply=escape(str(reply)))
                 else:
                     self.log.failure("smtp: commit failed", result, peer=self.peer)
                     reply = R.LOCAL_ERROR

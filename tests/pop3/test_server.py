@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import capturedLogs
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack import session
@@ -983,3 +985,18 @@ class AsyncBlockingTests(Base):
         self.run_all()
         drop = mailbox.Maildrop.open(self.maildir)
         drop.close()
+
+
+class LogInjectionTests(Base):
+    def test_loginNameEscaped(self) -> None:
+        """A login name with CR, ESC and C1 controls reaches the failed-login log event escaped:
+        the event's text holds no raw control character."""
+        events: list[dict] = []
+        proto = self.connect()
+        proto.log = Logger(observer=events.append)
+        self.talk(proto, b"USER evil\r\x1b[2Jforged\xc2\x9b", b"PASS wrong")
+        self.clock.advance(10)
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("forged" in t for t in texts), texts)
+        for t in texts:
+            self.assertIsNone(re.search(r"[\x00-\x1f\x7f-\x9f]", t), t)

@@ -1,8 +1,13 @@
-"""SMTP session hardening: pipelining behind DATA, the DATA time limit."""
+"""SMTP session hardening: pipelining behind DATA, the DATA time limit, logins re-checked, log escaping."""
 
 from __future__ import annotations
 
+import re
+
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.errors import Reply
 
 from tests.smtp.support import Session, make_runtime
 
@@ -108,3 +113,31 @@ class ReauthorisationTests(SynchronousTestCase):
         self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0"])
         token = base64.b64encode(b"\0alice@example.org\0new-secret")
         self.assertEqual(s.codes(b"AUTH PLAIN " + token, b"MAIL FROM:<alice@example.org>"), [b"235 2.7.0", b"250 2.1.0"])
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class LogInjectionTests(SynchronousTestCase):
+    def test_peerTextEscaped(self) -> None:
+        """A check's reply echoing the client's text, and the verbs of a refused session, reach the
+        log with CR, LF and ESC escaped: no logged event text holds a raw control character."""
+        from mailstack.pipeline import Pipeline
+        from tests.smtp.test_smtp_pipeline import Scripted
+
+        events: list[dict] = []
+        rt = make_runtime()
+        rt.pipeline = Pipeline([Scripted(mail=Reply(550, "5.7.1", "Not <evil\r\n\x1b[2Jforged>"))], rt.reactor, timeout=30)
+        s = Session(runtime=rt)
+        s.proto.log = Logger(observer=events.append)
+        s.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\n")
+        rt2 = make_runtime()
+        rt2.pipeline = Pipeline([Scripted(connect=Reply(554, "5.7.1", "No"))], rt2.reactor, timeout=30)
+        refused = Session(runtime=rt2)
+        refused.proto.log = Logger(observer=events.append)
+        refused.send(b"X\x1b[31mFAKE\x9b\x07 arg\r\n")
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("forged" in t for t in texts), texts)
+        self.assertTrue(any("FAKE" in t for t in texts), texts)
+        for t in texts:
+            self.assertIsNone(CONTROL.search(t), t)
