@@ -18,6 +18,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from mailstack.limits import check_minimums
+
 ENV_VAR = "MAILSTACK_CONFIG"
 
 
@@ -296,7 +298,13 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_mapping(raw, source=path, base=os.path.dirname(os.path.abspath(path)))
+    cfg = from_mapping(raw, source=path, base=os.path.dirname(os.path.abspath(path)))
+    # The protocol floors (limits.MINIMUMS) are checked here, where a server
+    # starts, so that tests may still build tiny limits with from_mapping.
+    problems = check_minimums(cfg)  # 0 is no longer "unlimited": it is below the floor
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    return cfg
 
 
 def from_mapping(raw: Mapping[str, Any], source: str = "", base: str = ".") -> Config:
