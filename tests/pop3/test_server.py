@@ -9,8 +9,7 @@ import re
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import capturedLogs
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack import session

@@ -8,7 +8,6 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.errors import Reply
-
 from tests.smtp.support import Session, make_runtime
 
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
