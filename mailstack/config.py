@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, get_type_hints
 
+from mailstack.limits import check_minimums
+
 ENV_VAR = "MAILSTACK_CONFIG"
 
 
@@ -250,11 +252,14 @@ KEYS: tuple[Key, ...] = (
     Key("smtp", "max_message_size", _int, 26214400, "bytes; advertised in EHLO SIZE"),
     Key("smtp", "max_recipients", _int, 100, "recipients per message"),
     Key("smtp", "max_line_length", _int, 4096, "bytes per command line (RFC 5321 4.5.3.1.4 minimum 512)"),
-    Key("smtp", "max_connections", _int, 500, "simultaneous SMTP connections over all listeners"),
-    Key("smtp", "max_connections_per_ip", _int, 50, "simultaneous SMTP connections per client IP"),
+    Key("smtp", "max_connections", _int, 500, "simultaneous connections on the MX (smtp) listeners"),
+    Key("smtp", "max_connections_per_ip", _int, 50, "simultaneous MX connections per client IP"),
     Key("smtp", "max_errors", _int, 10, "protocol errors before a session is dropped with 421"),
     Key("smtp", "command_timeout", _duration, "5m", "idle time allowed between commands (RFC 5321 4.5.3.2.7)"),
     Key("smtp", "data_timeout", _duration, "10m", "idle time allowed inside DATA (RFC 5321 4.5.3.2.6)"),
+    Key("smtp", "data_total_timeout", _duration, "10m", "total time one DATA may take, however busy the client"),
+    Key("smtp", "forbid_unauth_pipelining", _bool, True,
+        "drop an unauthenticated client that sends on before the 354 after DATA"),
     Key("smtp", "shutdown_grace", _duration, "10s", "on SIGTERM, how long transactions in flight may finish"),
     Key("auth", "plaintext_on_loopback", _bool, False, "allow AUTH and USER/PASS without TLS from 127.0.0.0/8 and ::1"),
     Key("auth", "failure_delay", _duration, "1s", "delay after a failed login; doubles per failure from one peer"),
@@ -264,6 +269,8 @@ KEYS: tuple[Key, ...] = (
     Key("auth", "cache_ttl", _duration, "5m", "how long a verified login is remembered (as a keyed hash); 0s: never"),
     Key("pop3", "idle_timeout", _duration, "10m", "autologout timer (RFC 1939 section 3)"),
     Key("pop3", "max_connections", _int, 500, "simultaneous POP3 connections"),
+    Key("pop3", "max_connections_per_ip", _int, 10, "simultaneous POP3 connections per client IP"),
+    Key("pop3", "login_timeout", _duration, "60s", "time allowed to log in before the connection is closed"),
     Key("relay", "port", _port, 25, "TCP port of remote MX hosts"),
     Key("relay", "nameservers", _nameservers, [], '["127.0.0.1:5353"]; empty: the system resolver'),
     Key("relay", "smarthost", _hostport, "", '"host:port": send all outbound mail through it'),
@@ -297,6 +304,9 @@ KEYS: tuple[Key, ...] = (
     Key("inbound", "rspamd", _http_url, "", '"http://127.0.0.1:11333": ask rspamd after DATA; "": off'),
     Key("inbound", "rspamd_failure", _failure_mode, "tempfail", 'rspamd unreachable: "tempfail" (451 4.7.1) or "accept"'),
     Key("inbound", "max_messages_per_minute", _int, 0, "per client IP on the MX listener (451 4.7.1); 0: no limit"),
+    Key("submission", "max_connections", _int, 100,
+        "simultaneous connections on the submission and submissions listeners"),
+    Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
 )
 
 
@@ -336,6 +346,8 @@ class SMTPSection:
     max_errors: int
     command_timeout: float
     data_timeout: float
+    data_total_timeout: float
+    forbid_unauth_pipelining: bool
     shutdown_grace: float
 
 
@@ -353,6 +365,8 @@ class AuthSection:
 class POP3Section:
     idle_timeout: float
     max_connections: int
+    max_connections_per_ip: int
+    login_timeout: float
 
 
 @dataclass(frozen=True)
@@ -407,6 +421,12 @@ class InboundSection:
 
 
 @dataclass(frozen=True)
+class SubmissionSection:
+    max_connections: int
+    max_connections_per_ip: int
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  Sections are attributes: ``config.relay.port``."""
 
@@ -423,6 +443,7 @@ class Config:
     pipeline: PipelineSection
     dns: DNSSection
     inbound: InboundSection
+    submission: SubmissionSection
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:
@@ -468,7 +489,13 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_mapping(raw, source=path, base=os.path.dirname(os.path.abspath(path)))
+    cfg = from_mapping(raw, source=path, base=os.path.dirname(os.path.abspath(path)))
+    # The protocol floors (limits.MINIMUMS) are checked here, where a server
+    # starts, so that tests may still build tiny limits with from_mapping.
+    problems = check_minimums(cfg)  # 0 is no longer "unlimited": it is below the floor
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    return cfg
 
 
 def from_mapping(raw: Mapping[str, Any], source: str = "", base: str = ".") -> Config:

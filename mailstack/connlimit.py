@@ -1,11 +1,16 @@
 # -*- test-case-name: tests.test_connlimit -*-
 """Connection caps over every listener of one protocol.
 
-The runtime builds one ``ConnectionLimiter`` per protocol (``smtp.max_connections``
-and ``smtp.max_connections_per_ip`` for the smtp, submission and submissions
-listeners together; ``pop3.max_connections`` for pop3 and pop3s), so a client
-cannot double its share by using a second port.  A session takes a slot when it
-starts (``CommandSession.connectionMade``) and gives it back when the
+The runtime builds one ``ConnectionLimiter`` per kind of listener:
+``smtp.max_connections`` and ``smtp.max_connections_per_ip`` for the MX
+(smtp) listeners, ``submission.max_connections`` and
+``submission.max_connections_per_ip`` for submission and submissions
+together, ``pop3.max_connections`` and ``pop3.max_connections_per_ip`` for
+pop3 and pop3s together.  Within a kind a client cannot double its share by
+using a second port; across kinds an unauthenticated flood of the MX port
+cannot take the slots that users need to submit mail (Postfix likewise gives
+each ``master.cf`` service its own process limit).  A session takes a slot
+when it starts (``CommandSession.connectionMade``) and gives it back when the
 connection is gone.
 """
 

@@ -23,8 +23,10 @@ class IUserDB(Interface):
     def stored_hash(key: str) -> str | None:
         """The password hash stored for ``key`` now, or None if it is no user.
 
-        Any password change stores a different value, so a login cache keyed
-        with it forgets the old password at once.  Cheap; reactor-safe."""
+        Any password change stores a different value (a fresh salt), so a login
+        cache keyed with it forgets the old password at once, and a session
+        compares it with the one taken at login: a user deleted or given a new
+        password cannot carry on.  Cheap; reactor-safe."""
 
     def keys() -> list[str]:
         """All user keys, sorted."""
@@ -385,8 +387,9 @@ class IRuntime(Interface):
     pipeline = Attribute("IPipeline: the message checks configured in [pipeline]")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
-    smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
-    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections)")
+    smtp_connections = Attribute("connlimit.ConnectionLimiter over the MX (smtp) listeners (smtp.max_connections*)")
+    submission_connections = Attribute("connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)")
+    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)")
     smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
 
 

@@ -58,6 +58,8 @@ class Runtime:
         self.maildirs = maildirs
         # Shared by every listener of a protocol, so built here, once.
         self.smtp_connections = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip)
-        self.pop3_connections = ConnectionLimiter(config.pop3.max_connections)
+        sub = config.submission
+        self.submission_connections = ConnectionLimiter(sub.max_connections, sub.max_connections_per_ip)
+        self.pop3_connections = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_ip)
         self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
         self.pipeline = pipeline

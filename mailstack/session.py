@@ -29,7 +29,9 @@ RFC 2449 section 6.6).  Fixing that is replacing its receive loop, so this is a
   bytes of input wait behind a blocked command.  While a TLS handshake is in
   progress, pauses are ignored: Twisted's TLS layer pauses its producer until
   the handshake is done, and stopping our reads then would starve it.
-* One idle timer on the injected clock (``idle_timeout``/``timed_out``).
+* One idle timer on the injected clock (``idle_timeout``/``timed_out``), and
+  one deadline (``_set_deadline``): a total limit that client activity does
+  not push back (the POP3 pre-login time, the length of an SMTP DATA).
 * Connection caps (``connlimit.ConnectionLimiter``) and graceful drain
   (``SessionGroup``): a draining session closes once ``idle()`` between
   commands; the group's Deferred fires when the last one is gone.
@@ -167,6 +169,7 @@ class CommandSession(Protocol):
         self._timer: IDelayedCall | None = None
         self._delayed: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
         self.errors = 0  # client errors so far (_count_error)
 
     # -- hooks ------------------------------------------------------------------
@@ -258,10 +261,10 @@ class CommandSession(Protocol):
         was_closed = self._closed
         self._closed = True
         self._lost = True
-        for call in (self._timer, self._delayed, self._abort_call):
+        for call in (self._timer, self._delayed, self._abort_call, self._deadline):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._delayed = self._abort_call = None
+        self._timer = self._delayed = self._abort_call = self._deadline = None
         if not self._admitted:
             return
         self._admitted = False
@@ -291,9 +294,7 @@ class CommandSession(Protocol):
         in plaintext: RFC 3207 section 4.2, RFC 2595 section 4); returns how
         many bytes were dropped."""
         self._flush()
-        dropped = len(self._buf) - self._pos
-        self._buf, self._pos = b"", 0
-        self._discarding = False
+        dropped = self._discard_input()
         self._handshaking = True
         self.transport.startTLS(context)
         return dropped
@@ -366,6 +367,28 @@ class CommandSession(Protocol):
         else:
             self._timer = self.clock.callLater(timeout, self._timer_fired)
 
+    def _set_deadline(self, seconds: float, expired: Callable[[], None]) -> None:
+        """Run ``expired`` in ``seconds`` unless ``_clear_deadline`` comes first; 0: none.
+
+        Unlike the idle timer, input does not push it back: a client that
+        trickles a byte now and then cannot stretch a state forever."""
+        self._clear_deadline()
+        if not seconds or self._closed:
+            return
+
+        def fire() -> None:
+            self._deadline = None
+            if not self._closed:
+                expired()
+                self._flush()
+
+        self._deadline = self.clock.callLater(seconds, fire)
+
+    def _clear_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
     def _timer_fired(self) -> None:
         self._timer = None
         if not self._closed:
@@ -431,6 +454,17 @@ class CommandSession(Protocol):
                 # Big answers (pipelined listings): hand them over now; a full
                 # transport buffer then pauses us (see resumeProducing).
                 self._flush()
+
+    def _pending_input(self) -> int:
+        """Bytes received behind the line being processed (pipelined after it)."""
+        return len(self._buf) - self._pos
+
+    def _discard_input(self) -> int:
+        """Drop the input received behind the line being processed; how many bytes."""
+        dropped = self._pending_input()
+        self._buf, self._pos = b"", 0
+        self._discarding = False
+        return dropped
 
     def _unread(self, rest: bytes) -> None:
         """The raw consumer is done: ``rest`` (what followed its end) is input again."""

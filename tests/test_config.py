@@ -58,6 +58,15 @@ class LoadTests(SynchronousTestCase):
         path = self.write("frobs = 1\n")
         self.assertOneLine(self.assertRaises(ConfigError, config.load, path), "frobs", path)
 
+    def test_limitsBelowFloorStopTheStart(self):
+        """smtp.max_line_length = 0 or smtp.max_message_size = 0 (once "unlimited") stop the
+        load with one line naming the key and the file; a value at the floor loads."""
+        for key, value in (("max_line_length", 0), ("max_message_size", 0), ("max_line_length", 999)):
+            path = self.write(f"[smtp]\n{key} = {value}\n")
+            self.assertOneLine(self.assertRaises(ConfigError, config.load, path), f"smtp.{key}", path)
+        path = self.write("[smtp]\nmax_line_length = 1000\nmax_message_size = 65536\n")
+        self.assertEqual(config.load(path).smtp.max_line_length, 1000)
+
     def test_wrongType(self):
         """A wrong type names the key and the file."""
         path = self.write('[smtp]\nmax_recipients = "lots"\n')

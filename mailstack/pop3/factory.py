@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.pop3.test_server -*-
 """The listener factory of the pop3 (STLS offered) and pop3s (implicit TLS) listeners.
 
-``pop3.max_connections`` counts both listeners together: it is the runtime's
-``pop3_connections`` limiter.  For pop3s, ``service.py`` wraps the factory in
+``pop3.max_connections`` and ``pop3.max_connections_per_ip`` count both
+listeners together: they are the runtime's ``pop3_connections`` limiter.  For pop3s, ``service.py`` wraps the factory in
 ``TLSMemoryBIOFactory``.
 """
 

@@ -32,6 +32,8 @@ def _line(text: str) -> bytes:
 
 GREETING = _line("+OK mailstack POP3 ready")
 TOO_MANY_CONNECTIONS = _line("-ERR [SYS/TEMP] Too many connections, try again later")
+TOO_MANY_CONNECTIONS_IP = _line("-ERR [SYS/TEMP] Too many connections from your address, try again later")
+LOGIN_TIMEOUT = _line("-ERR [SYS/TEMP] Login timeout, closing connection")
 USER_OK = _line("+OK Send your password")
 USER_FIRST = _line("-ERR Send USER first")
 USER_BAD = _line("-ERR [AUTH] Bad user name")

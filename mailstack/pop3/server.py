@@ -48,6 +48,7 @@ from mailstack import connlimit
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import sasl
 from mailstack.auth.login import LoginResult
+from mailstack.logsafe import escape
 from mailstack.net import is_loopback
 from mailstack.pop3 import replies as R
 from mailstack.pop3.mailbox import (
@@ -84,7 +85,7 @@ class POP3Server(CommandSession):
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
     quiet_after_close = (Exception,)  # every command handles its own failures
-    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS}
+    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS, connlimit.PER_IP: R.TOO_MANY_CONNECTIONS_IP}
     too_many_errors_reply = R.TOO_MANY_ERRORS
     shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
@@ -118,6 +119,19 @@ class POP3Server(CommandSession):
         self._send(R.GREETING)
         self._flush()
         self._arm_timer()
+        self._set_deadline(self.config.pop3.login_timeout, self._login_expired)
+
+    def _login_expired(self) -> None:
+        """``pop3.login_timeout`` passed in AUTHORIZATION: close.
+
+        RFC 1939 section 3 sets 10 minutes as the least autologout time, an
+        inactivity timer for a client that has a session; this is a different
+        limit, on how long a connection may hold a slot without logging in
+        (so idle connections cannot fill ``pop3.max_connections``), like
+        Dovecot's login processes closing a client slow to authenticate."""
+        self.log.info("POP3 login timeout for {peer}", peer=self.peer)
+        self._send(R.LOGIN_TIMEOUT)
+        self._close()
 
     def _produce_again(self, result: Failure | None) -> Failure | None:
         """A MessageSender finished (and unregistered): be the transport's producer again.
@@ -244,7 +258,7 @@ class POP3Server(CommandSession):
             result = handler(self, arg)
         except Exception:
             self.log.failure(
-                "POP3 command {command} failed", command=keyword.decode("ascii", "replace"), peer=self.peer
+                "POP3 command {command} failed", command=escape(keyword), peer=self.peer
             )
             self._send(R.INTERNAL_ERROR)
             return
@@ -403,18 +417,18 @@ class POP3Server(CommandSession):
     def _login(self, user: bytes, password: bytes | None, method: str) -> None:
         def done(result: LoginResult | Failure) -> None:
             if isinstance(result, Failure):
-                self.log.failure("POP3 credential check failed for {user}", result, user=user, peer=self.peer)
+                self.log.failure("POP3 credential check failed for {user}", result, user=escape(user), peer=self.peer)
                 self._send(R.AUTH_SERVICE_FAILED)
                 return
             if result.locked:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
-                    "POP3 login refused (locked out) for {user} from {peer}", user=result.account, peer=self.peer)
+                    "POP3 login refused (locked out) for {user} from {peer}", user=escape(result.account), peer=self.peer)
                 self._send(R.LOCKED_OUT)
                 return
             if result.key is None:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
                     "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
-                    method=method, user=result.account, peer=self.peer, delay=result.delay,
+                    method=method, user=escape(result.account), peer=self.peer, delay=result.delay,
                 )
                 if result.delay:
                     self._delay(result.delay, lambda: self._send(R.LOGIN_FAILED))
@@ -446,6 +460,7 @@ class POP3Server(CommandSession):
             self.maildrop = drop
             self.user = key
             self.state = TRANSACTION
+            self._clear_deadline()
             self._count = len(drop)
             self._octets = sum(drop.sizes)
             self.log.info(

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.smtp.test_smtp_server -*-
 """The listener factory of the smtp, submission and submissions listeners, and their drain.
 
-Connection caps are the runtime's ``smtp_connections`` limiter (one for all
-SMTP listeners, so a second port does not double a client's share); the
-per-user sending rate is the runtime's ``smtp_rate``.
+Connection caps: the MX listener uses the runtime's ``smtp_connections``
+limiter, submission and submissions share ``submission_connections`` (see
+``connlimit``); the per-user sending rate is the runtime's ``smtp_rate``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
 from mailstack.auth.login import Authenticator
+from mailstack.connlimit import ConnectionLimiter
 from mailstack.interfaces import IDrainable, IRuntime
 from mailstack.session import SessionGroup
 from mailstack.smtp import replies as R
@@ -39,6 +40,7 @@ class SMTPFactory(ServerFactory):
         self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
                            "CHUNKING", "DSN", "SMTPUTF8")
         self.group = SessionGroup(runtime.reactor)
+        self.limiter: ConnectionLimiter = runtime.smtp_connections if kind == "smtp" else runtime.submission_connections
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)

@@ -44,6 +44,7 @@ from mailstack.auth.login import LoginResult
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IIncoming
+from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
@@ -76,7 +77,7 @@ class SMTPServer(CommandSession):
 
     def __init__(self, factory: SMTPFactory) -> None:
         rt = factory.runtime
-        CommandSession.__init__(self, rt.reactor, factory.group, rt.smtp_connections)
+        CommandSession.__init__(self, rt.reactor, factory.group, factory.limiter)
         self.factory = factory
         self.runtime = rt
         self.config = rt.config
@@ -95,6 +96,7 @@ class SMTPServer(CommandSession):
         self.helo: str | None = None
         self.esmtp = False
         self.user = ""
+        self._login_hash: str | None = None  # users.stored_hash(user) at login
         self._auth: sasl.Exchange | None = None  # multi-step AUTH in progress
         self._reset_transaction()
 
@@ -242,10 +244,10 @@ class SMTPServer(CommandSession):
         if error:
             self.log.info(
                 "smtp rejected {command} peer={peer} user={user}: {reply}",
-                command=error,
+                command=escape(error),  # a refused session's verb, and a check's reply, may echo the client
                 peer=self.peer,
                 user=self.user,
-                reply=str(reply),
+                reply=escape(str(reply)),
             )
             self._count_error()
 
@@ -431,6 +433,7 @@ class SMTPServer(CommandSession):
                 self._delay(result.delay, lambda: self._reply(R.AUTH_FAILED, error="AUTH"))
                 return
             self.user = result.key
+            self._login_hash = self.runtime.users.stored_hash(self.user)
             self.log.info("smtp authenticated peer={peer} user={user}", peer=self.peer, user=self.user)
             self._reply(R.AUTH_OK)
 
@@ -443,6 +446,13 @@ class SMTPServer(CommandSession):
             return
         if self.in_transaction:
             self._reply(R.NESTED_MAIL, error="MAIL")
+            return
+        if self.user and self.runtime.users.stored_hash(self.user) != self._login_hash:
+            # Deleted or given a new password since the AUTH: the login is void
+            # (530 5.7.0, RFC 4954 section 6); the client may authenticate again.
+            self.log.info("smtp login of {user} no longer valid peer={peer}", user=self.user, peer=self.peer)
+            self.user = ""
+            self._reply(R.AUTH_EXPIRED, error="MAIL")
             return
         if self.policy.auth_required and not self.user:
             self._reply(R.AUTH_REQUIRED, error="MAIL")
@@ -531,6 +541,29 @@ class SMTPServer(CommandSession):
 
     # DATA, RFC 5321 4.1.1.4
     def do_DATA(self, arg: str) -> None:
+        if not self.user and self.config.smtp.forbid_unauth_pipelining and self._pending_input():
+            # RFC 2920 section 3.1: DATA ends a group; a client that sends on before
+            # the 354 is not speaking SMTP (the SMTP smuggling class): drop it.
+            self.log.info("smtp improper pipelining after DATA peer={peer}", peer=self.peer)
+            self._reply(R.PIPELINING_FORBIDDEN, error="DATA")
+            self._close()
+            return
+        self._begin_data(arg)
+        if self.mode == _DATA:
+            self._set_deadline(self.config.smtp.data_total_timeout, self._data_expired)
+        else:
+            # Refused: what the client sent behind DATA is message content, never commands.
+            dropped = self._discard_input()
+            if dropped:
+                self.log.info("smtp discarded {size} bytes pipelined after a refused DATA peer={peer}", size=dropped, peer=self.peer)
+
+    def _data_expired(self) -> None:
+        """``smtp.data_total_timeout``: a byte now and then resets the idle timer, not this."""
+        self.log.info("smtp DATA time limit reached peer={peer} user={user}", peer=self.peer, user=self.user)
+        self._reply(R.TIMEOUT)
+        self._close()  # aborts the message (closing)
+
+    def _begin_data(self, arg: str) -> None:
         if arg:
             self._reply(R.SYNTAX, error="DATA")
             return
@@ -643,6 +676,7 @@ class SMTPServer(CommandSession):
     def _end_data(self) -> None:
         decoder, incoming = self._decoder, self._incoming
         assert decoder is not None and incoming is not None
+        self._clear_deadline()
         self.mode = _COMMAND
         self._raw = None
         self._decoder = None
@@ -677,7 +711,7 @@ class SMTPServer(CommandSession):
                 if result.check(MailError):
                     reply = result.value.reply
                     self.log.info("smtp commit refused peer={peer} user={user}: {reply}",
-                                  peer=self.peer, user=self.user, reply=str(reply))
+                                  peer=self.peer, user=self.user, reply=escape(str(reply)))
                 else:
                     self.log.failure("smtp: commit failed", result, peer=self.peer)
                     reply = R.LOCAL_ERROR

@@ -50,6 +50,20 @@ class UserDBTests(SynchronousTestCase):
         self.assertFalse(self.db.check_password("bob@localhost", b"right"))
         self.assertFalse(self.db.check_password("bob@localhost", b""))
 
+    def test_storedHashChangesWithEveryPassword(self):
+        """stored_hash() is None for no user, stable while the password stays, new
+        after set_password (even to the same password), None again after delete."""
+        self.assertIsNone(self.db.stored_hash("alice@localhost"))
+        self.db.add("alice@localhost", "one")
+        first = self.db.stored_hash("alice@localhost")
+        self.assertIsInstance(first, str)
+        self.assertEqual(self.db.stored_hash("alice@localhost"), first)
+        self.assertTrue(first.startswith("$argon2id$"))
+        self.db.set_password("alice@localhost", "one")
+        self.assertNotEqual(self.db.stored_hash("alice@localhost"), first)
+        self.db.delete("alice@localhost")
+        self.assertIsNone(self.db.stored_hash("alice@localhost"))
+
     def test_addTwice(self):
         """Adding an existing user raises UserExists and keeps the old password."""
         self.db.add("alice@localhost", "one")

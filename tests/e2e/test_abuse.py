@@ -2,7 +2,8 @@
 
 One server for the module with small limits: 40 connections per IP, 400 in
 all, an 8 s command timeout, 8 errors per session, AUTH failure delay 100 ms
-doubling to 400 ms and a lockout after 6 failures.  Loopback has a whole /8,
+doubling to 400 ms and a lockout after 6 failures; a second one (``capped``) for the caps
+per listener kind, the POP3 login deadline and pipelining after DATA.  Loopback has a whole /8,
 so clients bind to 127.0.0.x to act as different peers.
 """
 
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from tests.e2e.harness import Server
-from tests.e2e.sinks import RawSMTP
+from tests.e2e.sinks import RawSMTP, maildir_messages
 
 PASSWORD = "abuse-pw"
 PER_IP = 40
@@ -35,7 +36,7 @@ def server(tmp_path_factory):
             'lockout_failures = 6\nlockout_time = "5m"\n'
         ),
     )
-    for user in ("alice@localhost", "bob@localhost", "carol@localhost"):
+    for user in ("alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost"):
         r = s.admin("user", "add", user, "--password-stdin", input=PASSWORD + "\n")
         assert r.returncode == 0, r.stderr
     s.start()
@@ -218,6 +219,47 @@ def test_authBruteForceSlowedAndLockedSharedWithPop3(server) -> None:
     p.quit()
 
 
+def test_simultaneousAuthAttemptsReserved(server) -> None:
+    """30 AUTH attempts with wrong passwords sent at the same moment from one address: each is
+    reserved before its password check, so at most lockout_failures of them are checked (535 5.7.8)
+    and the rest get 454 4.7.0 unchecked; the account's owner, from another address, still logs in
+    on submission and on POP3."""
+    port = server.ports["smtp"]
+    clients = []
+    for _ in range(30):
+        c = _RawFrom("127.0.9.1", port)
+        assert c.cmd(b"EHLO swarm.test").startswith(b"250")
+        clients.append(c)
+    barrier = threading.Barrier(len(clients))
+    replies: list[bytes] = []
+
+    def attempt(c: RawSMTP) -> None:
+        barrier.wait()
+        replies.append(_auth(c, "dave@localhost", "wrong")[0])
+
+    threads = [threading.Thread(target=attempt, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    close_all([c.sock for c in clients])
+    assert len(replies) == 30, replies
+    checked = [r for r in replies if r.startswith(b"535 5.7.8")]
+    refused = [r for r in replies if r.startswith(b"454 4.7.0")]
+    assert len(checked) + len(refused) == 30, replies
+    assert len(checked) <= 6, f"{len(checked)} attempts reached the password check"
+
+    c = _RawFrom("127.0.9.2", server.ports["submission"])
+    c.cmd(b"EHLO owner.test")
+    reply, _ = _auth(c, "dave@localhost", PASSWORD)
+    assert reply.startswith(b"235 2.7.0"), reply
+    c.close()
+    p = _Pop3From("127.0.9.2", server.ports["pop3"])
+    p.user("dave@localhost")
+    assert p.pass_(PASSWORD).startswith(b"+OK")
+    p.quit()
+
+
 def test_pop3FailuresCountForSmtp(server) -> None:
     """Failures on POP3 count towards the same peer lockout that then refuses SMTP AUTH (454 4.7.0)."""
     for _ in range(6):
@@ -360,3 +402,102 @@ def test_pop3FloodWithoutReading(server) -> None:
     assert sum(1 for line in lines if line.startswith(b"+OK Capability list follows")) == capas
     assert lines[-1].startswith(b"+OK") and b"signing off" in lines[-1]
     c.close()
+
+
+# -- caps per listener kind, the POP3 login deadline, pipelining after DATA ---------------
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    """A second server with small caps: 20 MX connections, 5 per address on submission, 10
+    POP3 connections per address and a 2 s POP3 login deadline."""
+    s = Server(
+        tmp_path_factory.mktemp("capped"),
+        extra_toml=(
+            "[smtp]\nmax_connections = 20\nmax_connections_per_ip = 20\n"
+            "[submission]\nmax_connections = 20\nmax_connections_per_ip = 5\n"
+            '[pop3]\nmax_connections_per_ip = 10\nlogin_timeout = "2s"\n'
+            "[auth]\nplaintext_on_loopback = true\n"
+        ),
+    )
+    for user in ("alice@localhost", "bob@localhost"):
+        r = s.admin("user", "add", user, "--password-stdin", input=PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+    s.start()
+    yield s
+    s.kill()
+
+
+def test_pop3IdleConnectionsCappedPerIpAndTimedOut(capped) -> None:
+    """61 idle POP3 connections from one address: 10 get the greeting, the rest -ERR [SYS/TEMP] and
+    are closed; another address still logs in; the 10 that never log in are closed by the server
+    once pop3.login_timeout has passed."""
+    port = capped.ports["pop3"]
+    held = [connect_from("127.0.10.1", port) for _ in range(61)]
+    try:
+        greetings = [read_line(c) for c in held]
+        admitted = [c for c, g in zip(held, greetings) if g.startswith(b"+OK")]
+        refused = [g for g in greetings if not g.startswith(b"+OK")]
+        assert len(admitted) == 10, greetings
+        assert all(g.startswith(b"-ERR [SYS/TEMP] Too many connections from your address") for g in refused), refused
+        p = _Pop3From("127.0.10.2", port)
+        p.user("alice@localhost")
+        assert p.pass_(PASSWORD).startswith(b"+OK")
+        p.quit()
+        for c in admitted:
+            assert read_line(c).startswith(b"-ERR [SYS/TEMP] Login timeout"), "no login timeout"
+            assert c.recv(100) == b""
+    finally:
+        close_all(held)
+
+
+def test_mxFloodDoesNotRefuseSubmission(capped) -> None:
+    """With every MX slot taken (the next MX client gets 421 4.7.0), a user on the submission
+    listener is still served: it has connection caps of its own."""
+    flood = [connect_from(f"127.0.11.{i % 10 + 1}", capped.ports["smtp"]) for i in range(20)]
+    try:
+        assert all(read_line(c).startswith(b"220") for c in flood)
+        extra = connect_from("127.0.11.50", capped.ports["smtp"])
+        assert read_line(extra).startswith(b"421 4.7.0")
+        extra.close()
+        c = _RawFrom("127.0.11.60", capped.ports["submission"])
+        assert c.banner.startswith(b"220")
+        c.cmd(b"EHLO user.test")
+        assert _auth(c, "alice@localhost", PASSWORD)[0].startswith(b"235")
+        for line, code in ((b"MAIL FROM:<alice@localhost>", b"250"), (b"RCPT TO:<bob@localhost>", b"250"),
+                           (b"DATA", b"354"), (b"Subject: during the flood\r\n\r\nhi\r\n.", b"250")):
+            assert c.cmd(line).startswith(code), line
+        c.close()
+    finally:
+        close_all(flood)
+
+
+def test_unauthPipeliningAfterDataDropped(capped) -> None:
+    """An unauthenticated MX client that sends the message before the 354 gets 554 5.5.0 and is
+    disconnected; nothing is delivered."""
+    c = _RawFrom("127.0.12.1", capped.ports["smtp"])
+    c.sock.sendall(b"EHLO x\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\n"
+                   b"Subject: smuggled\r\n\r\nhi\r\n.\r\n")
+    replies = [c.reply() for _ in range(4)]
+    assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"554"], replies
+    assert replies[3].startswith(b"554 5.5.0"), replies
+    assert c.f.readline() == b""
+    c.close()
+    assert not any(b"smuggled" in m for m in maildir_messages(capped.maildir("bob@localhost")))
+
+
+def test_inputBehindRefusedDataDiscarded(capped) -> None:
+    """DATA refused (no valid recipient) on an authenticated session: what was pipelined behind it
+    in the same packet is discarded, never run as commands, and the session carries on."""
+    c = _RawFrom("127.0.12.2", capped.ports["submission"])
+    c.cmd(b"EHLO user.test")
+    assert _auth(c, "alice@localhost", PASSWORD)[0].startswith(b"235")
+    c.sock.sendall(b"MAIL FROM:<alice@localhost>\r\nRCPT TO:<nobody@localhost>\r\nDATA\r\n"
+                   b"RSET\r\nMAIL FROM:<alice@localhost>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\n"
+                   b"Subject: injected\r\n\r\n.\r\n")
+    replies = [c.reply() for _ in range(3)]
+    assert [r[:3] for r in replies] == [b"250", b"550", b"554"], replies
+    assert c.cmd(b"NOOP").startswith(b"250 2.0.0"), "commands behind the refused DATA were run"
+    assert c.cmd(b"QUIT").startswith(b"221")
+    c.close()
+    assert not any(b"injected" in m for m in maildir_messages(capped.maildir("bob@localhost")))

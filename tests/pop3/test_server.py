@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import capturedLogs
+from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack import session
@@ -142,6 +143,21 @@ class GreetingAndCapaTests(Base):
         p2.makeConnection(t2)
         self.assertEqual(t2.value(), R.GREETING)
         p2.connectionLost()
+
+    def test_perIpCap(self) -> None:
+        """Beyond pop3.max_connections_per_ip from one address: -ERR [SYS/TEMP] and close;
+        another address is still served."""
+        self.rt = make_runtime(self.root, pop3__max_connections_per_ip=2)
+        self.connect(host="192.0.2.1")
+        self.connect(host="192.0.2.1")
+        proto = self.factory.buildProtocol(None)
+        t = TLSStringTransport("192.0.2.1")
+        proto.makeConnection(t)
+        self.assertEqual(t.value(), R.TOO_MANY_CONNECTIONS_IP)
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost()
+        other = self.connect(host="192.0.2.2", tls=False)
+        self.assertFalse(other.transport.disconnecting)
 
     def test_limitCoversBothListeners(self) -> None:
         """pop3.max_connections counts pop3 and pop3s sessions together."""
@@ -716,7 +732,8 @@ class StateAndLineTests(Base):
 class IdleTests(Base):
     def test_autologout(self) -> None:
         """After pop3.idle_timeout without a command the server says -ERR and closes."""
-        proto = self.connect()
+        proto = self.session()
+        proto.transport.clear()
         timeout = self.rt.config.pop3.idle_timeout
         self.assertEqual(timeout, 600)
         self.clock.advance(timeout - 1)
@@ -727,13 +744,34 @@ class IdleTests(Base):
 
     def test_commandsResetTimer(self) -> None:
         """Every command restarts the autologout timer."""
-        proto = self.connect()
+        proto = self.session()
         self.clock.advance(500)
         self.talk(proto, b"CAPA")
         self.clock.advance(500)
         self.assertFalse(proto.transport.disconnecting)
         self.clock.advance(100)
         self.assertTrue(proto.transport.disconnecting)
+
+    def test_loginTimeout(self) -> None:
+        """pop3.login_timeout after connecting without a login: -ERR [SYS/TEMP] and close,
+        however often the client sends a command meanwhile."""
+        proto = self.connect()
+        self.assertEqual(self.rt.config.pop3.login_timeout, 60)
+        for _ in range(5):
+            self.clock.advance(11)
+            self.talk(proto, b"NOOP")
+        self.assertFalse(proto.transport.disconnecting)
+        proto.transport.clear()
+        self.clock.advance(5)
+        self.assertEqual(proto.transport.value(), R.LOGIN_TIMEOUT)
+        self.assertTrue(proto.transport.disconnecting)
+
+    def test_noLoginTimeoutAfterLogin(self) -> None:
+        """A session that logged in is not closed by the login timeout."""
+        proto = self.session()
+        self.clock.advance(120)
+        self.assertFalse(proto.transport.disconnecting)
+        self.assertEqual(proto.state, TRANSACTION)
 
     def test_autologoutDeletesNothing(self) -> None:
         """Autologout does not enter UPDATE: DELEd messages stay, the lock is released."""
@@ -953,3 +991,18 @@ class AsyncBlockingTests(Base):
         self.run_all()
         drop = mailbox.Maildrop.open(self.maildir)
         drop.close()
+
+
+class LogInjectionTests(Base):
+    def test_loginNameEscaped(self) -> None:
+        """A login name with CR, ESC and C1 controls reaches the failed-login log event escaped:
+        the event's text holds no raw control character."""
+        events: list[dict] = []
+        proto = self.connect()
+        proto.log = Logger(observer=events.append)
+        self.talk(proto, b"USER evil\r\x1b[2Jforged\xc2\x9b", b"PASS wrong")
+        self.clock.advance(10)
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("forged" in t for t in texts), texts)
+        for t in texts:
+            self.assertIsNone(re.search(r"[\x00-\x1f\x7f-\x9f]", t), t)

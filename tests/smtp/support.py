@@ -18,7 +18,9 @@ from tests.support.transports import ImplicitTLSTransport, TLSStringTransport
 
 def make_config(**sections: dict) -> Any:
     raw: dict[str, Any] = {"hostname": "mx.example.org", "domains": {"local": ["example.org"]}}
-    raw.setdefault("smtp", {}).update({"max_message_size": 10000})
+    # Most tests feed a whole conversation in one read, DATA content included:
+    # the rule against that (smtp.forbid_unauth_pipelining) is tested on its own.
+    raw.setdefault("smtp", {}).update({"max_message_size": 10000, "forbid_unauth_pipelining": False})
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return configmod.from_mapping(raw)

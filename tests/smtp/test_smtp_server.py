@@ -707,12 +707,24 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(third.banner, b"421 4.7.0 Too many connections from your address, try again later\r\n")
         self.assertTrue(third.closed)
         Session(runtime=rt, factory=f, peer="192.0.2.2")
-        # The cap is over all listeners of the runtime.
-        other = Session("submission", rt, peer="192.0.2.3")
-        self.assertEqual(other.banner[:9], b"421 4.7.0")
+        full = Session(runtime=rt, factory=f, peer="192.0.2.3")
+        self.assertEqual(full.banner[:9], b"421 4.7.0")
         a1.proto.connectionLost(None)
         again = Session(runtime=rt, factory=f, peer="192.0.2.3")
         self.assertEqual(again.banner[:3], b"220")
+
+
+    def test_submissionCapsApart(self) -> None:
+        """A full MX listener does not refuse submission users: submission and submissions
+        have their own caps (submission.max_connections*), shared by the two of them."""
+        rt = make_runtime(smtp={"max_connections": 1}, submission={"max_connections": 2, "max_connections_per_ip": 1})
+        Session(runtime=rt, peer="192.0.2.1")
+        self.assertEqual(Session(runtime=rt, peer="192.0.2.2").banner[:9], b"421 4.7.0")
+        self.assertEqual(Session("submission", rt, peer="192.0.2.3").banner[:3], b"220")
+        per_ip = Session("submissions", rt, peer="192.0.2.3")
+        self.assertEqual(per_ip.banner, b"421 4.7.0 Too many connections from your address, try again later\r\n")
+        self.assertEqual(Session("submissions", rt, peer="192.0.2.4").banner[:3], b"220")
+        self.assertEqual(Session("submission", rt, peer="192.0.2.5").banner, b"421 4.7.0 Too many connections, try again later\r\n")
 
 
 class ShutdownTests(SynchronousTestCase):

@@ -29,6 +29,7 @@ from mailstack.interfaces import (
     ILoginTicket,
     IRouter,
     ITLSSettings,
+    IUserDB,
 )
 
 
@@ -94,6 +95,28 @@ class FakeChecker:
         if self.users.get(key) == credentials.password:
             return succeed(key.decode())
         return fail(UnauthorizedLogin())
+
+
+@implementer(IUserDB)
+class FakeUsers:
+    """The users of a ``FakeChecker`` (the same dict): delete one or change a password
+    here and the checker sees it too.  The stored "hash" is the password itself."""
+
+    def __init__(self, users: dict[bytes, bytes]) -> None:
+        self.users = users
+
+    def exists(self, key: str) -> bool:
+        return key.encode() in self.users
+
+    def check_password(self, key: str, password: bytes) -> bool:
+        return self.users.get(key.encode()) == password
+
+    def keys(self) -> list[str]:
+        return sorted(k.decode() for k in self.users)
+
+    def stored_hash(self, key: str) -> str | None:
+        password = self.users.get(key.encode())
+        return None if password is None else password.decode()
 
 
 @implementer(ILoginTicket)

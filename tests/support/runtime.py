@@ -17,6 +17,7 @@ from tests.support.fakes import (
     FakeRouter,
     FakeThrottle,
     FakeTLS,
+    FakeUsers,
     run_blocking,
 )
 
@@ -28,13 +29,14 @@ def fake_runtime(config: Any, root: str = "", **parts: Any) -> Runtime:
     ``root`` is where ``FakeMaildirs`` puts mailboxes.
     """
     clock = Clock()
+    checker = FakeChecker()
     fields: dict[str, Any] = {
         "config": config,
         "reactor": clock,
         "run_blocking": run_blocking,
-        "users": None,
+        "users": FakeUsers(checker.users),
         "aliases": FakeAliases(),
-        "checker": FakeChecker(),
+        "checker": checker,
         "throttle": FakeThrottle(),
         "tls": FakeTLS(),
         "router": FakeRouter(),

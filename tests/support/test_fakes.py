@@ -14,6 +14,7 @@ from mailstack.interfaces import (
     IRouter,
     IRuntime,
     ITLSSettings,
+    IUserDB,
 )
 from tests.support.fakes import (
     FakeAliases,
@@ -23,6 +24,7 @@ from tests.support.fakes import (
     FakeRouter,
     FakeThrottle,
     FakeTLS,
+    FakeUsers,
 )
 from tests.support.runtime import fake_runtime
 from tests.support.transports import ImplicitTLSTransport, TLSStringTransport
@@ -40,6 +42,7 @@ class FakesProvideInterfacesTests(SynchronousTestCase):
             (ILoginThrottle, FakeThrottle()),
             (ICredentialsChecker, FakeChecker()),
             (ITLSSettings, FakeTLS()),
+            (IUserDB, FakeUsers({})),
         ]:
             self.assertTrue(verifyObject(iface, fake), fake)
 
