@@ -235,7 +235,7 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
     Key("relay", "tls_verify", _bool, False, "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
-    Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
+    Key("pipeline", "checks", _check_names, ["loop", "dkimsign"], "message checks run in this order; built-in: loop, dkimsign; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
 )

@@ -40,6 +40,7 @@ class Runtime:
         manager: Any = None,
         maildirs: Any = None,
         pipeline: Any = None,
+        signer: Any = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -60,3 +61,4 @@ class Runtime:
         self.pop3_connections = ConnectionLimiter(config.pop3.max_connections)
         self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
         self.pipeline = pipeline
+        self.signer = signer

@@ -47,6 +47,7 @@ from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
+from mailstack.dkim import startup
 from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
 from mailstack.pop3 import factory as pop3_factory
@@ -206,6 +207,7 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
     manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router)
     intake = Intake(config, store, manager, run_blocking, reactor, local=local)
     manager.intake = intake
+    manager.bounces.signer = signer = startup.signer(config)
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -220,12 +222,14 @@ def make_service(config: Any, reactor: Any, tls: TLSConfig, users: UserDB, alias
         intake=intake,
         manager=manager,
         maildirs=maildirs,
+        signer=signer,
     )
     try:
         runtime.pipeline = pipeline.build(runtime)
     except pipeline.PipelineError as e:
         raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     service = MailService(runtime, pool)
+    startup.KeysService(run_blocking, signer.keys, config.domains.local).setServiceParent(service)
     for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)
         if not descriptions:
