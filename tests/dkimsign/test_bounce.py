@@ -12,7 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.dkim import keys, signer
 from mailstack.errors import Reply
 from mailstack.queue.manager import QueueManager
-from tests.queue.outbound_fakes import FakeAgent, FakeIntake, FakeStore, entry, make_config, run_blocking
+from tests.queue.outbound_fakes import (
+    FakeAgent,
+    FakeIntake,
+    FakeStore,
+    entry,
+    make_config,
+    run_blocking,
+)
 
 PERM = Reply(550, "5.1.1", "no such user")
 START = 1_000_000.0
