@@ -76,7 +76,7 @@ class World:
             out.append((bool(ok), tags["s"]))
         return out
 
-    def keys(self) -> list[dict]:
+    def active_keys(self) -> list[dict]:
         r = self.server.admin("dkim", "list", "--json")
         assert r.returncode == 0, r.stderr
         return [k for k in json.loads(r.stdout) if k["domain"] == "example.org"]
@@ -103,7 +103,7 @@ def world(tmp_path_factory):
     w = World(server, sink, root)
     try:
         deadline = time.monotonic() + 30
-        while not w.keys():  # made in the thread pool at start
+        while not w.active_keys():  # made in the thread pool at start
             assert time.monotonic() < deadline, server.diagnostics()
             time.sleep(0.1)
         yield w
@@ -137,7 +137,7 @@ def submit(world: World, marker: str, dated: bool = True) -> bytes:
 
 def test_firstStartKeyLogged(world):
     """The first start made an RSA key for example.org and logged its TXT record."""
-    (key,) = world.keys()
+    (key,) = world.active_keys()
     assert key["algorithm"] == "rsa"
     log = world.server.log()
     assert key["name"] in log and key["record"] in log
@@ -182,7 +182,7 @@ def test_ed25519KeyAddsSignature(world):
 
 def test_rotation(world):
     """Keygen of a new RSA selector, then retire the old ones: only the new selector signs."""
-    old = [k["selector"] for k in world.keys()]
+    old = [k["selector"] for k in world.active_keys()]
     r = world.server.admin("dkim", "keygen", "example.org", "--selector", "rot2")
     assert r.returncode == 0, r.stderr
     for selector in old:
