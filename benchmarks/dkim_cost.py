@@ -44,6 +44,17 @@ def per_message(key: sign.SigningKey, header: bytes, body: bytes, n: int) -> flo
     return (time.perf_counter() - start) / n * 1000
 
 
+def signature_only(key: sign.SigningKey, header: bytes, body: bytes, n: int) -> float:
+    fields = canon.header_fields(header)
+    h = canon.BodyHash()
+    h.feed(body)
+    digest = h.digest()
+    start = time.perf_counter()
+    for _ in range(n):
+        sign.sign(fields, digest, [key], 1796378400)
+    return (time.perf_counter() - start) / n * 1000
+
+
 def per_mb(body: bytes) -> float:
     start = time.perf_counter()
     h = canon.BodyHash()
@@ -65,7 +76,9 @@ def main() -> None:
     header, body = message_4k()
     print(f"DKIM signing, {len(header) + len(body)}-byte messages, {args.messages} each (lower is better)")
     for alg in ("rsa", "ed25519"):
-        print(f"  {alg:8s} {per_message(by_alg[alg], header, body, args.messages):7.3f} ms/message")
+        whole = per_message(by_alg[alg], header, body, args.messages)
+        alone = signature_only(by_alg[alg], header, body, args.messages)
+        print(f"  {alg:8s} {whole:7.3f} ms/message  (of which the signature {alone:.3f} ms)")
     text = (b"Hello this is  a line of text with words\t and spaces   \r\n" * 200000)[: 8 << 20]
     b64 = base64.encodebytes(os.urandom(6 << 20)).replace(b"\n", b"\r\n")[: 8 << 20]
     print("Relaxed body hash (thread pool in the server)")
