@@ -17,7 +17,7 @@ from mailstack.checks import dkimsign
 from mailstack.dkim import canon, keys, signer
 from mailstack.intake import ReceivedMessage
 from mailstack.interfaces import IMessage, IMessageCheck, IMessageObserver
-from mailstack.pipeline import Connection, Transaction, Verdict
+from mailstack.pipeline import Connection, Pipeline, Transaction, Verdict
 from tests.support.fakes import run_blocking
 
 NOW = 1796378400.0
@@ -70,6 +70,16 @@ class CheckTests(SynchronousTestCase):
         verifyObject(IMessageObserver, h.check.data_begin(CONN, Transaction(None, {})))
         self.assertFalse(h.check.mx)
         self.assertTrue(h.check.submission)
+
+    def test_notRunOnMX(self) -> None:
+        """The pipeline never runs the check for an unauthenticated MX session; after AUTH on the MX port it does."""
+        h = Harness(self)
+        p = Pipeline([h.check], Clock())
+        mx = Connection("192.0.2.1", "smtp", "mail.example.org")
+        self.assertEqual(p.stages(mx, "data_begin") + p.stages(mx, "data"), ())
+        self.assertIsNone(p.data_begin(mx, Transaction(None, {})))
+        authed = Connection("192.0.2.1", "smtp", "mail.example.org", user="alice@example.org")
+        self.assertEqual(p.stages(authed, "data"), (h.check,))
 
     def test_signedAndVerifies(self) -> None:
         """A local From gets a signature that dkimpy verifies over the stored message; a changed Subject fails."""
