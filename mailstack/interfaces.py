@@ -385,6 +385,7 @@ class IRuntime(Interface):
     store = Attribute("queue.store.QueueStore (IQueueStore, IQueueCommit)")
     intake = Attribute("IIntake")
     pipeline = Attribute("IPipeline: the message checks configured in [pipeline]")
+    signer = Attribute("dkim.signer.IDKIMSigner: signs submitted mail and our DSNs")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
     smtp_connections = Attribute("connlimit.ConnectionLimiter over the MX (smtp) listeners (smtp.max_connections*)")

@@ -41,6 +41,7 @@ class Runtime:
         manager: Any = None,
         maildirs: Any = None,
         pipeline: Any = None,
+        signer: Any = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -63,3 +64,4 @@ class Runtime:
         self.pop3_connections = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_ip)
         self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
         self.pipeline = pipeline
+        self.signer = signer

@@ -51,6 +51,7 @@ from mailstack.checks import inbound
 from mailstack.config import Config
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
+from mailstack.dkim import startup
 from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
 from mailstack.pop3 import factory as pop3_factory
@@ -237,6 +238,7 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
     manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router)
     intake = Intake(config, store, manager, run_blocking, reactor, local=local)
     manager.intake = intake
+    manager.bounces.signer = signer = startup.signer(config)
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -251,6 +253,7 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         intake=intake,
         manager=manager,
         maildirs=maildirs,
+        signer=signer,
     )
     checks = inbound.build(runtime, resolver)
     try:
@@ -260,6 +263,7 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
     service = MailService(runtime, pool)
     for helper in checks.services:
         service.add_helper(helper)
+    startup.KeysService(run_blocking, signer.keys, config.domains.local).setServiceParent(service)
     for kind, make_factory in FACTORIES.items():
         descriptions = getattr(config.listen, kind)
         if not descriptions:

@@ -299,15 +299,17 @@ class SessionKindTests(SynchronousTestCase):
 
 
 def runtime(**pipeline: Any) -> SimpleNamespace:
-    return SimpleNamespace(config=configmod.from_mapping({"pipeline": pipeline}), reactor=Clock())
+    return SimpleNamespace(
+        config=configmod.from_mapping({"pipeline": pipeline}), reactor=Clock(), run_blocking=None, signer=None
+    )
 
 
 class BuildTests(SynchronousTestCase):
     def test_builtinLoopIsAPlugin(self):
-        """The loop check is found through the plugin system and on by default."""
+        """The loop and dkimsign checks are found through the plugin system and on by default."""
         self.assertIn("loop", factories())
         p = build(runtime())
-        self.assertEqual([c.name for c in p.checks], ["loop"])
+        self.assertEqual([c.name for c in p.checks], ["loop", "dkimsign"])
 
     def test_options(self):
         """[pipeline.options.<name>] reaches the factory."""
@@ -346,7 +348,9 @@ class ServiceTests(SynchronousTestCase):
 
         cfg = configmod.from_mapping({"listen": {"pop3": [], "pop3s": [], "submissions": []}}, base=self.mktemp())
         svc = service.make_service(cfg, Clock(), None, None, None)
-        self.assertEqual([c.name for c in svc.runtime.pipeline.checks], ["spf", "dkim", "dmarc", "authresults", "loop"])
+        self.assertEqual(
+            [c.name for c in svc.runtime.pipeline.checks], ["spf", "dkim", "dmarc", "authresults", "loop", "dkimsign"]
+        )
         self.assertIs(svc.factories[0].pipeline, svc.runtime.pipeline)
 
     def test_badPipelineIsAStartupError(self):

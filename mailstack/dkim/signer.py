@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from zope.interface import Interface, implementer
 
-from mailstack.dkim.canon import HeaderField
+from mailstack.dkim.canon import BodyHash, HeaderField, header_fields
 from mailstack.dkim.keys import KeyStore
 from mailstack.dkim.sign import author_domain, sign
 
@@ -27,6 +27,11 @@ class IDKIMSigner(Interface):
         """One field (CRLF-terminated) per active key of the RFC 5322 From
         domain when it is local; an empty list otherwise.  Blocking only for a
         stat of the key index (and key file reads after a change)."""
+
+    def sign_message(message: bytes, now: float) -> bytes:
+        """A small message held in memory (a DSN we wrote), with its
+        signature fields on top; unchanged when ``fields`` gives none.
+        Blocking (hashes the body): call it in the thread pool."""
 
 
 @implementer(IDKIMSigner)
@@ -42,3 +47,9 @@ class DKIMSigner:
         if domain is None or not self.is_local(domain):
             return []
         return sign(headers, body_hash, self.keys.active(domain), int(now))
+
+    def sign_message(self, message: bytes, now: float) -> bytes:
+        head, _, body = message.partition(b"\r\n\r\n")
+        body_hash = BodyHash()
+        body_hash.feed(body)
+        return b"".join(self.fields(header_fields(head + b"\r\n"), body_hash.digest(), now)) + message

@@ -1,5 +1,6 @@
 """The built-in checks, offered as plugins like any third party's."""
 
-from mailstack.checks import loop
+from mailstack.checks import dkimsign, loop
 
 loop_check = loop.factory
+dkimsign_check = dkimsign.factory

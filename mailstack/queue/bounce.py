@@ -26,7 +26,9 @@ After each round the queue manager asks ``Bouncer.notify(entry, now)``:
 * the DSN re-enters through the normal door (``IIntake.begin`` with sender
   ``<>``), so it is queued, retried and logged like any message.  A local
   sender's DSN follows the router (aliases); an unknown local sender (a
-  forged MAIL FROM at the MX) gets nothing.
+  forged MAIL FROM at the MX) gets nothing;
+* a DSN whose From domain (``MAILER-DAEMON@hostname``) is local is DKIM-signed
+  first, like submitted mail (``signer``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.config import Config
+from mailstack.dkim.signer import IDKIMSigner
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError
 from mailstack.interfaces import IIntake, IQueueStore, IRouter
@@ -67,6 +70,7 @@ class Bouncer:
         rng: random.Random,
         router: IRouter | None = None,
         intake: IIntake | None = None,
+        signer: IDKIMSigner | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -74,6 +78,7 @@ class Bouncer:
         self.rng = rng
         self.router = router
         self.intake = intake
+        self.signer = signer  # DKIM-signs DSNs whose From domain (our hostname) is local
 
     async def notify(self, entry: QueueEntry, now: float) -> bool:
         """Send owed failure and delay DSNs; True if the entry changed."""
@@ -165,6 +170,8 @@ class Bouncer:
                 lifetime=self.config.relay.max_queue_lifetime,
                 message_id=dsn.make_message_id(self.config.hostname, entry.id, now, self.rng),
             )
+            if self.signer is not None:
+                message = await self.run_blocking(self.signer.sign_message, message, now)
             destinations = self._destinations(to)
             if not destinations:
                 self.log.warn("{queue_id}: no DSN: <{sender}> is no local mailbox", queue_id=entry.id, sender=str(to))

@@ -63,6 +63,11 @@ class BodyTests(SynchronousTestCase):
         self.assertEqual(hashed([b"\r\n \r\n\t\r\n"]), hashlib.sha256(b"").digest())
         self.assertEqual(hashed([b"no newline  "]), hashlib.sha256(b"no newline\r\n").digest())
 
+    def test_bareLineFeeds(self):
+        """Bare LF endings (the general path) canonicalize as CRLF ones (the fast path) do."""
+        for body in (b" C \nD \t E\n\n", b"a  b\t\nc \r\n\n"):
+            self.assertEqual(hashed([body]), hashed([body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")]))
+
     @settings(max_examples=300, deadline=None)
     @given(BODIES, st.lists(st.integers(min_value=0, max_value=400), max_size=12))
     def test_chunkingInvariant(self, body, cuts):
