@@ -151,6 +151,12 @@ def _check_names(value: Any, base: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _log_format(value: Any, base: str) -> str:
+    if value not in ("text", "json"):
+        raise ValueError('must be "text" or "json"')
+    return str(value)
+
+
 def _tables(value: Any, base: str) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError("must hold one table per check: [pipeline.options.<name>]")
@@ -202,6 +208,7 @@ KEYS: tuple[Key, ...] = (
     Key("listen", "submissions", _listeners, [f"ssl:4650:{_LOOP}"], "implicit-TLS submission listeners (RFC 8314)"),
     Key("listen", "pop3", _listeners, [f"tcp:1100:{_LOOP}"], "POP3 listeners, STLS offered"),
     Key("listen", "pop3s", _listeners, [f"ssl:9950:{_LOOP}"], "implicit-TLS POP3 listeners"),
+    Key("listen", "metrics", _listeners, [], 'Prometheus metrics over HTTP at /metrics, e.g. ["tcp:9125:interface=127.0.0.1"]'),
     Key("tls", "certificate", _path, "", "PEM certificate (chain allowed); empty: self-signed in data_dir"),
     Key("tls", "private_key", _path, "", "PEM private key; empty: the certificate file, or self-signed"),
     Key("smtp", "max_message_size", _int, 26214400, "bytes; advertised in EHLO SIZE"),
@@ -235,9 +242,12 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
     Key("relay", "tls_verify", _bool, False, "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
+    Key("limits", "messages_per_day", _int, 1000, "per authenticated sender, last 24 hours; 0: no limit"),
     Key("pipeline", "checks", _check_names, ["loop"], "message checks run in this order; built-in: loop; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
+    Key("log", "format", _log_format, "text", '"json": one JSON object per line (JSON Lines)'),
+    Key("dovecot", "passwd_file", _path, "", "Dovecot passwd-file kept in step with the users; empty: none"),
 )
 
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
@@ -269,6 +279,8 @@ class Config:
     relay: Any
     limits: Any
     pipeline: Any
+    log: Any
+    dovecot: Any
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:
