@@ -381,7 +381,8 @@ class IRuntime(Interface):
     maildirs = Attribute("storage.maildir.MaildirStore")
     smtp_connections = Attribute("connlimit.ConnectionLimiter over all SMTP listeners (smtp.max_connections*)")
     pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections)")
-    smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
+    send_limits = Attribute("sendlimits.SendLimits: [limits] per authenticated user, reserve at MAIL")
+    metrics = Attribute("IMetrics: metrics.Metrics with listen.metrics, else metrics.NoMetrics")
 
 
 class IDrainable(Interface):

@@ -5,7 +5,7 @@
 hands it to every listener factory, so protocols reach the user database, the
 router, the intake and the TLS settings through one argument instead of a
 dozen.  It holds references, plus the state every listener of a protocol
-shares (connection caps, the sending rate); it does no work of its own.
+shares (connection caps, the sending limits, the metrics); it does no work of its own.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailstack.connlimit import ConnectionLimiter
-from mailstack.interfaces import IRuntime
-from mailstack.smtp.ratelimit import RateLimiter
+from mailstack.interfaces import IMetrics, IRuntime
+from mailstack.metrics import NoMetrics
 
 
 @implementer(IRuntime)
@@ -40,6 +40,8 @@ class Runtime:
         manager: Any = None,
         maildirs: Any = None,
         pipeline: Any = None,
+        send_limits: Any = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -58,5 +60,6 @@ class Runtime:
         # Shared by every listener of a protocol, so built here, once.
         self.smtp_connections = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip)
         self.pop3_connections = ConnectionLimiter(config.pop3.max_connections)
-        self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
+        self.send_limits = send_limits
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         self.pipeline = pipeline
