@@ -54,7 +54,7 @@ from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMetrics, IMXResolver, IQueueStore
 from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
@@ -430,13 +430,19 @@ def tcp_endpoint_factory(reactor: Any, config: Config) -> Callable[[str, int], I
     return factory
 
 
-def build(config: Config, reactor: Any, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> RemoteAgent:
+def build(
+    config: Config,
+    reactor: Any,
+    store: IQueueStore,
+    run_blocking: Callable[..., Deferred],
+    metrics: IMetrics | None = None,
+) -> RemoteAgent:
     """The production agent (called by ``service.py``)."""
     from mailstack.mx import Resolver
 
     return RemoteAgent(
         config,
-        Resolver(config, reactor),
+        Resolver(config, reactor, metrics=metrics),
         tcp_endpoint_factory(reactor, config),
         reactor,
         store.message_path,

@@ -62,7 +62,8 @@ from mailstack.batching import GroupCommit
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IIntake, IQueueKicker, IQueueStore, IRouter
+from mailstack.interfaces import IDeliveryAgent, IIntake, IMetrics, IQueueKicker, IQueueStore, IRouter
+from mailstack.metrics import NoMetrics, QueueStats
 from mailstack.queue import outcome, schedule
 from mailstack.queue.bounce import Bouncer
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
@@ -101,6 +102,7 @@ class QueueManager(Service):
         flush_poll: float = 1.0,
         max_active: int = 1000,
         stop_timeout: float | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.store = store
         self.local = local
@@ -108,6 +110,8 @@ class QueueManager(Service):
         self.clock = clock
         self.config = config
         self.run_blocking = run_blocking
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
+        self.metrics.watch_queue(self.queue_stats)
         self.rng = rng if rng is not None else random.Random()
         # DSNs; the router makes DSNs to local senders follow aliases.
         self.bounces = Bouncer(store, config, run_blocking, self.rng, router, intake)
@@ -269,6 +273,16 @@ class QueueManager(Service):
         return d
 
     # -- the schedule -------------------------------------------------------
+
+    def queue_stats(self) -> QueueStats:
+        """Entries and the oldest one's age, from the in-memory schedule (at each
+        metrics scrape; no disk access).  A queue id starts with its creation
+        time in hex microseconds (``QueueStore.new_id``)."""
+        ids = self._due.keys() | self._active.keys()
+        if not ids:
+            return QueueStats(0, 0.0)
+        oldest = min(int(qid[:14], 16) for qid in ids) / 1e6
+        return QueueStats(len(ids), max(0.0, self.clock.seconds() - oldest))
 
     def scheduled(self) -> dict[str, float]:
         """``{queue_id: due}`` of waiting entries (tests, diagnostics)."""
@@ -498,6 +512,13 @@ class QueueManager(Service):
             )
             mx = done.host or ("local" if r.local else "")
             delay = now - entry.arrival
+            kind = "local" if r.local else "remote"
+            if done.status == outcome.SENT:
+                self.metrics.delivered(kind, delay)
+            elif done.status == outcome.DEFERRED:
+                self.metrics.deferred(kind)
+            else:
+                self.metrics.bounced(kind)
             # One line per recipient and attempt, made here with an f-string: the
             # observer then formats a single field instead of eight (the structured
             # keys stay for observers that want them).
