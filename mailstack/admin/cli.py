@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Sequence, TextIO
 
 from mailstack import config as configmod
-from mailstack import pipeline
+from mailstack import dovecotpw, pipeline
 from mailstack.address import AddressError, mailbox_components, parse_address
 from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
@@ -107,6 +107,7 @@ def user_add(config: Any, args: Any) -> int:
     except UserExists:
         raise Refused(f"{key}: user exists") from None
     print(f"added {key}", file=args.stdout)
+    sync_dovecot(config, users)
     return 0
 
 
@@ -120,6 +121,7 @@ def user_passwd(config: Any, args: Any) -> int:
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
     print(f"password changed for {key}", file=args.stdout)
+    sync_dovecot(config, users)
     return 0
 
 
@@ -150,12 +152,27 @@ def retire_maildir(mail_root: str, key: str, now: float) -> str | None:
     return target
 
 
+def sync_dovecot(config: Any, users: UserDB) -> None:
+    """Rewrite ``dovecot.passwd_file`` (if set) after a user change, so IMAP via
+    Dovecot takes the same passwords at once (``dovecotpw``)."""
+    path = config.dovecot.passwd_file
+    if not path:
+        return
+    try:
+        dovecotpw.sync(users, path)
+    except OSError as e:
+        # The user change itself is done; the next change rewrites the file.
+        raise Refused(f"{path}: cannot write the Dovecot passwd-file: {e.strerror}") from None
+
+
 def user_del(config: Any, args: Any) -> int:
     key = address_key(args.address)
+    users = users_of(config)
     try:
-        users_of(config).delete(key)
+        users.delete(key)
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
+    sync_dovecot(config, users)
     limits = LimitsFile(config.data_dir)
     if limits.override(key):  # a new user of that name starts with the defaults
         limits.set(key, per_hour=None, per_day=None)
@@ -167,8 +184,7 @@ def user_del(config: Any, args: Any) -> int:
 
 def configured_limits(config: Any) -> tuple[int, int]:
     """``(limits.messages_per_hour, limits.messages_per_day)``; 0 is no limit."""
-    # messages_per_day is read leniently until the config declares it.
-    return config.limits.messages_per_hour, getattr(config.limits, "messages_per_day", 0)
+    return config.limits.messages_per_hour, config.limits.messages_per_day
 
 
 def user_list(config: Any, args: Any) -> int:
