@@ -244,6 +244,12 @@ class IQueueStore(Interface):
     def flush_requested() -> bool:
         """True once per flush request (consumes it)."""
 
+    def request_kick(queue_id: str) -> None:
+        """Ask the running manager to look at one entry again (released, deleted)."""
+
+    def kicks_requested() -> list:
+        """Ids of the kick requests since the last call (consumes them)."""
+
 
 class IQueueCommit(Interface):
     """The intake's side of the queue store: new messages, committed in batches.

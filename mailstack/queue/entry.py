@@ -23,6 +23,8 @@ ENTRY_TYPES: dict[str, Any] = {
     "id": (str,), "sender": (str,), "arrival": _NUMBER, "size": (int,), "user": (str,), "peer": (str,),
     "delay_warned": (bool,), "version": _NUMBER, "recipients": (list,),
 }
+# Keys an envelope may lack (written before they existed); QueueEntry's defaults apply.
+OPTIONAL_TYPES: dict[str, Any] = {"held_since": _NUMBER, "held_time": _NUMBER}
 RECIPIENT_TYPES: dict[str, Any] = {
     "address": (str,), "original": (str,), "local": (bool,), "status": (str,), "attempts": (int,),
     "next_attempt": _NUMBER, "last_reply": (str,), "last_host": (str,), "notified": (bool,), "history": (list,),
@@ -36,9 +38,11 @@ def well_formed(data: Any, queue_id: str) -> bool:
     unreadable too: it would otherwise fail later, in the manager's scheduling
     or the admin listing.  Checked on the dict, so a listing builds no entry.
     """
-    if type(data) is not dict or data.keys() != ENTRY_TYPES.keys():
+    if type(data) is not dict or not ENTRY_TYPES.keys() <= data.keys() <= ENTRY_TYPES.keys() | OPTIONAL_TYPES.keys():
         return False
     if any(type(data[k]) not in kinds for k, kinds in ENTRY_TYPES.items()):
+        return False
+    if any(type(data[k]) not in kinds for k, kinds in OPTIONAL_TYPES.items() if k in data):
         return False
     if data["id"] != queue_id or data["version"] != FORMAT_VERSION:
         return False
@@ -85,6 +89,19 @@ class QueueEntry:
     peer: str = ""  # client IP it came from
     delay_warned: bool = False
     version: int = FORMAT_VERSION
+    # ``mailstack queue hold``: when the hold began (0: not held), and the time
+    # spent held before, which the queue lifetime does not count.
+    held_since: float = 0.0
+    held_time: float = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.held_since > 0
+
+    @property
+    def expiry_base(self) -> float:
+        """The arrival as the queue lifetime sees it: later by the time spent held."""
+        return self.arrival + self.held_time
 
     @property
     def done(self) -> bool:
