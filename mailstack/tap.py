@@ -115,8 +115,10 @@ def makeService(options: Options) -> Any:
 
     tls, users, aliases = options.parts
     try:
-        with privileges.as_account(options.account):
-            service = make_service(options.config, reactor, tls, users, aliases)
+        # Creates no file (the stores make their folders when first used, as
+        # the account), so it runs as root: it imports modules the account
+        # may not be able to read.
+        service = make_service(options.config, reactor, tls, users, aliases)
     except StartupError as e:
         raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)
