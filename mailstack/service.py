@@ -40,6 +40,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -148,7 +149,7 @@ class MailService(MultiService):
         runtime.manager.setServiceParent(self)
         runtime.send_limits.setServiceParent(self)
 
-    def add_listener(self, kind: str, description: str, factory: ServerFactory) -> None:
+    def add_listener(self, kind: str, description: str, factory: IProtocolFactory) -> None:
         """Listen on ``description`` with ``factory``; a mail protocol's must provide ``IDrainable``."""
         drainable = IDrainable(factory, None)
         if drainable is None and not isinstance(factory, MetricsSite):

@@ -1,20 +1,19 @@
 """Tests for mailstack.service and mailstack.tap (service tree, options, stop order)."""
 
 import os
+import shutil
+import socket
+import tempfile
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
-
-import shutil
-import socket
-import tempfile
 
 from mailstack import config, service, tap
 from mailstack.interfaces import IDrainable, IRuntime

@@ -22,8 +22,8 @@ from typing import Any
 
 from mailstack.interfaces import IQueueStore
 from mailstack.logsafe import escape
-from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
 from mailstack.queue import hold
+from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
 from mailstack.queue.store import NoSuchEntry, QueueStore, read_headers, remove_entry
 
 FINAL = (DELIVERED, FAILED)
