@@ -257,10 +257,10 @@ class SMTPServer(CommandSession):
             return
         wire = _WIRE.get(reply)
         self._queue(wire if wire is not None else reply.encode())
-        reason = _REFUSAL_REASONS.get(reply)
-        if reason is not None:
-            self.runtime.metrics.refused(reason)
         if error:
+            reason = _REFUSAL_REASONS.get(reply)
+            if reason is not None:
+                self.runtime.metrics.refused(reason)
             self.log.info(
                 "smtp rejected {command} peer={peer} user={user}: {reply}",
                 command=error,
@@ -502,7 +502,6 @@ class SMTPServer(CommandSession):
 
         self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
 
-    # RCPT, RFC 5321 4.1.1.3
     def _reserve(self) -> Reservation | Reply | None:
         """Hold one message against an authenticated user's sending limits (``[limits]``)."""
         if not self.user:
@@ -521,6 +520,7 @@ class SMTPServer(CommandSession):
         else:
             self._reservation = reservation
 
+    # RCPT, RFC 5321 4.1.1.3
     def do_RCPT(self, arg: str) -> None:
         if not self.in_transaction:
             self._reply(R.NEED_MAIL, error="RCPT")
