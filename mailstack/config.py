@@ -167,6 +167,12 @@ def _check_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _log_format(value: Any) -> str:
+    if value not in ("text", "json"):
+        raise ValueError('must be "text" or "json"')
+    return str(value)
+
+
 def _tables(value: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError("must hold one table per check: [pipeline.options.<name>]")
@@ -247,6 +253,8 @@ KEYS: tuple[Key, ...] = (
     Key("listen", "submissions", _listeners, [f"ssl:4650:{_LOOP}"], "implicit-TLS submission listeners (RFC 8314)"),
     Key("listen", "pop3", _listeners, [f"tcp:1100:{_LOOP}"], "POP3 listeners, STLS offered"),
     Key("listen", "pop3s", _listeners, [f"ssl:9950:{_LOOP}"], "implicit-TLS POP3 listeners"),
+    Key("listen", "metrics", _listeners, [],
+        'Prometheus metrics over HTTP at /metrics, e.g. ["tcp:9125:interface=127.0.0.1"]'),
     Key("tls", "certificate", _path, "", "PEM certificate (chain allowed); empty: self-signed in data_dir"),
     Key("tls", "private_key", _path, "", "PEM private key; empty: the certificate file, or self-signed"),
     Key("smtp", "max_message_size", _int, 26214400, "bytes; advertised in EHLO SIZE"),
@@ -292,6 +300,7 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "allow_private_literals", _bool, False,
         "accept recipients like user@[10.0.0.1] (private, loopback, link-local)"),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
+    Key("limits", "messages_per_day", _int, 1000, "per authenticated sender, last 24 hours; 0: no limit"),
     Key("pipeline", "checks", _check_names, ["loop", "dkimsign"],
         "message checks run in this order; built-in: loop, dkimsign; more from plugins"),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
@@ -308,6 +317,8 @@ KEYS: tuple[Key, ...] = (
     Key("submission", "max_connections", _int, 100,
         "simultaneous connections on the submission and submissions listeners"),
     Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
+    Key("log", "format", _log_format, "text", '"json": one JSON object per line (JSON Lines)'),
+    Key("dovecot", "passwd_file", _path, "", "Dovecot passwd-file kept in step with the users; empty: none"),
 )
 
 
@@ -329,6 +340,7 @@ class ListenSection:
     submissions: tuple[str, ...]
     pop3: tuple[str, ...]
     pop3s: tuple[str, ...]
+    metrics: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -395,6 +407,7 @@ class RelaySection:
 @dataclass(frozen=True)
 class LimitsSection:
     messages_per_hour: int
+    messages_per_day: int
 
 
 @dataclass(frozen=True)
@@ -428,6 +441,16 @@ class SubmissionSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    format: str
+
+
+@dataclass(frozen=True)
+class DovecotSection:
+    passwd_file: str
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  Sections are attributes: ``config.relay.port``."""
 
@@ -445,6 +468,8 @@ class Config:
     dns: DNSSection
     inbound: InboundSection
     submission: SubmissionSection
+    log: LogSection
+    dovecot: DovecotSection
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:

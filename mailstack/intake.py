@@ -81,7 +81,8 @@ from mailstack.address import AddressError
 from mailstack.batching import GroupCommit
 from mailstack.envelope import Envelope, HeaderChanges
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
-from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake, IMessage
+from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake, IMessage, IMetrics
+from mailstack.metrics import NoMetrics
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.smtp.replies import DISK_FULL, HEADER_TOO_BIG
@@ -189,8 +190,10 @@ class Intake:
         run_blocking: Callable[..., Deferred],
         clock: Any,
         local: IDirectDelivery | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         self._store = store
         self._kicker = kicker
         self._run_blocking = run_blocking
@@ -285,11 +288,13 @@ class Intake:
             if data is None:  # the spill file in queue/tmp (no fsync: recover() empties tmp/)
                 self._run_blocking(self._store.discard, entry.id).addErrback(self._not_discarded, entry.id)
             self._log_accepted(entry, "delivered")
+            self._count_delivered(entry, entry.recipients)
             return entry.id
         owed = []
         for r, error in zip(entry.recipients, errors):
             if error is None:
                 self.log.info("{queue_id}: to=<{rcpt}> relay=local status=sent", queue_id=entry.id, rcpt=r.address)
+                self._count_delivered(entry, [r])
             else:
                 owed.append(r)
                 self._log_deferred(entry, r.address, error)
@@ -298,6 +303,11 @@ class Intake:
 
     def _not_discarded(self, failure: Failure, queue_id: str) -> None:
         self.log.failure("removing the spill file of {queue_id}", failure, queue_id=queue_id)
+
+    def _count_delivered(self, entry: QueueEntry, recipients: list[Any]) -> None:
+        latency = max(0.0, self._clock.seconds() - entry.arrival)
+        for _ in recipients:
+            self._metrics.delivered("local", latency)
 
     def _not_delivered(self, failure: Failure, entry: QueueEntry, data: bytes | None) -> Deferred:
         """A copy could not be written (none was published): queue the whole message."""

@@ -252,6 +252,12 @@ class IQueueStore(Interface):
     def flush_requested() -> bool:
         """True once per flush request (consumes it)."""
 
+    def request_kick(queue_id: str) -> None:
+        """Ask the running manager to look at one entry again (released, deleted)."""
+
+    def kicks_requested() -> list:
+        """Ids of the kick requests since the last call (consumes them)."""
+
 
 class IQueueCommit(Interface):
     """The intake's side of the queue store: new messages, committed in batches.
@@ -389,9 +395,12 @@ class IRuntime(Interface):
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
     smtp_connections = Attribute("connlimit.ConnectionLimiter over the MX (smtp) listeners (smtp.max_connections*)")
-    submission_connections = Attribute("connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)")
+    submission_connections = Attribute(
+        "connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)"
+    )
     pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)")
-    smtp_rate = Attribute("smtp.ratelimit.RateLimiter: limits.messages_per_hour per authenticated user")
+    send_limits = Attribute("sendlimits.SendLimits: [limits] per authenticated user, reserve at MAIL")
+    metrics = Attribute("IMetrics: metrics.Metrics with listen.metrics, else metrics.NoMetrics")
 
 
 class IDrainable(Interface):

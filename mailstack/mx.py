@@ -35,7 +35,8 @@ from zope.interface import implementer
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.errors import PermanentFailure, TemporaryFailure
-from mailstack.interfaces import IMXResolver
+from mailstack.interfaces import IMetrics, IMXResolver
+from mailstack.metrics import NoMetrics
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
@@ -147,9 +148,11 @@ class Resolver:
         clock: IReactorTime,
         resolver: IResolver | None = None,
         rng: random.Random | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         if resolver is None:
             from twisted.names import client
 
@@ -176,7 +179,11 @@ class Resolver:
             return list(cast(list[dns.RRHeader], cached[0]))
         except dns.DomainError:
             pass  # not cached
-        result = await self.resolver.query(query, DNS_TIMEOUT)
+        started = self.clock.seconds()
+        try:
+            result = await self.resolver.query(query, DNS_TIMEOUT)
+        finally:
+            self.metrics.dns_lookup(self.clock.seconds() - started)
         self._cache.cacheResult(query, result)
         return list(cast(list[dns.RRHeader], result[0]))
 

@@ -55,6 +55,7 @@ from mailstack.interfaces import (
     IMessage,
     IMessageCheck,
     IMessageObserver,
+    IMetrics,
     IPipeline,
 )
 from mailstack.smtp.replies import LOCAL_ERROR
@@ -203,8 +204,12 @@ class Pipeline:
 
     log = Logger()
 
-    def __init__(self, checks: Sequence[IMessageCheck], clock: Any, timeout: float = 60.0) -> None:
+    def __init__(
+        self, checks: Sequence[IMessageCheck], clock: Any, timeout: float = 60.0, metrics: IMetrics | None = None
+    ) -> None:
         self.checks = tuple(checks)
+        # Refusals are counted here, by check name, so checks need not know metrics.
+        self.metrics = metrics
         # Per (submission?, stage): the checks to call.  A ``Check`` subclass is
         # skipped for the stages it leaves as they are, so a stage nobody
         # implements costs nothing per command.
@@ -325,6 +330,8 @@ class Pipeline:
                 "check {check} refused {stage} peer={peer} user={user}: {reply}",
                 check=check.name, stage=stage, peer=conn.peer, user=conn.user, reply=str(reply),
             )
+            if self.metrics is not None:
+                self.metrics.refused(check.name)
         return reply
 
     def _failed(self, failure: Failure, check: IMessageCheck, conn: Connection, stage: str) -> Reply:
@@ -381,4 +388,4 @@ def build(runtime: Any, first: Sequence[IMessageCheck] = ()) -> Pipeline:
         if not IMessageCheck.providedBy(check):
             raise PipelineError(f"pipeline.checks: {name!r} did not build an IMessageCheck")
         checks.append(check)
-    return Pipeline(checks, runtime.reactor, cfg.timeout)
+    return Pipeline(checks, runtime.reactor, cfg.timeout, runtime.metrics)

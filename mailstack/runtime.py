@@ -5,7 +5,7 @@
 hands it to every listener factory, so protocols reach the user database, the
 router, the intake and the TLS settings through one argument instead of a
 dozen.  It holds references, plus the state every listener of a protocol
-shares (connection caps, the sending rate); it does no work of its own.
+shares (connection caps, the sending limits, the metrics); it does no work of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailstack.connlimit import ConnectionLimiter
-from mailstack.interfaces import IRuntime
-from mailstack.smtp.ratelimit import RateLimiter
+from mailstack.interfaces import IMetrics, IRuntime
+from mailstack.metrics import NoMetrics
 
 
 @implementer(IRuntime)
@@ -42,6 +42,8 @@ class Runtime:
         maildirs: Any = None,
         pipeline: Any = None,
         signer: Any = None,
+        send_limits: Any = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -62,6 +64,7 @@ class Runtime:
         sub = config.submission
         self.submission_connections = ConnectionLimiter(sub.max_connections, sub.max_connections_per_ip)
         self.pop3_connections = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_ip)
-        self.smtp_rate = RateLimiter(reactor, config.limits.messages_per_hour)
+        self.send_limits = send_limits
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         self.pipeline = pipeline
         self.signer = signer

@@ -6,18 +6,23 @@
 1. ``ThreadPoolService``: the pool of 32 threads behind ``run_blocking``
    (fsync, password hashing, directory scans).
 2. The queue manager (``queue.manager.QueueManager``).
-3. One ``StreamServerEndpointService`` per listener string of ``[listen]``
+3. The sending limits (``sendlimits.SendLimits``): their counts are written at stop.
+4. One ``StreamServerEndpointService`` per listener string of ``[listen]``
    (an empty list turns that service off).  ``ssl:`` strings that name no
    certificate are listened on as ``tcp:`` and the factory is wrapped in
    ``TLSMemoryBIOFactory`` with ``runtime.tls``, so the protocol sees an
    ISSLTransport from its first byte and a renewed certificate is picked up.
+   ``listen.metrics`` endpoints serve ``metrics.MetricsSite`` (not drained).
+
+Under systemd (``Type=notify``) READY=1 is sent once all of that has started,
+STOPPING=1 when the stop begins (``sdnotify``).
 
 Stopping (SIGTERM, see ``tap.py``) is ordered rather than MultiService's
 reverse order: stop listening; then let sessions in flight finish, by calling
 ``drain(timeout)`` on every listener factory (each provides ``IDrainable``:
 idle sessions are told and closed, transactions and commands in progress
 finish, all bounded by ``smtp.shutdown_grace``); then stop the queue manager (it waits for deliveries
-in progress, bounded likewise); last the thread pool, which finishes the
+in progress, bounded likewise); then the sending limits (their last write); last the thread pool, which finishes the
 blocking calls it has (an fsync in progress completes).
 
 TCP_NODELAY is set by the protocols themselves (``session.CommandSession``
@@ -36,11 +41,12 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailstack import dnsresolver, pipeline
+from mailstack import dnsresolver, pipeline, sdnotify
 from mailstack.auth.aliases import AliasDB
 from mailstack.auth.cache import LoginCache
 from mailstack.auth.cred import UserChecker
@@ -54,11 +60,13 @@ from mailstack.delivery.local import LocalAgent
 from mailstack.dkim import startup
 from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
+from mailstack.metrics import Metrics, MetricsSite, make_metrics
 from mailstack.pop3 import factory as pop3_factory
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.store import QueueStore
 from mailstack.routing import Router
 from mailstack.runtime import Runtime
+from mailstack.sendlimits import SendLimits
 from mailstack.smtp import factory as smtp_factory
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import MaildirStore
@@ -166,15 +174,18 @@ class MailService(MultiService):
         self.helpers: list[IService] = []  # e.g. the greylist: stopped after the sessions, before the pool
         pool.setServiceParent(self)
         runtime.manager.setServiceParent(self)
+        runtime.send_limits.setServiceParent(self)
 
     def add_helper(self, service: IService) -> None:
         """Run ``service`` with the server; it stops once the sessions are drained."""
         service.setServiceParent(self)
         self.helpers.append(service)
 
-    def add_listener(self, kind: str, description: str, factory: ServerFactory) -> None:
-        """Listen on ``description`` with ``factory``, which must provide ``IDrainable``."""
-        drainable = IDrainable(factory)
+    def add_listener(self, kind: str, description: str, factory: IProtocolFactory) -> None:
+        """Listen on ``description`` with ``factory``; a mail protocol's must provide ``IDrainable``."""
+        drainable = IDrainable(factory, None)
+        if drainable is None and not isinstance(factory, MetricsSite):
+            raise TypeError(f"{factory!r} provides no IDrainable")
         endpoint_string, wrap = listen_description(description)
         endpoint = serverFromString(self.runtime.reactor, endpoint_string)
         served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
@@ -183,7 +194,7 @@ class MailService(MultiService):
         svc.setServiceParent(self)
         self.described.append((kind, description))
         self.listeners.append(svc)
-        if drainable not in self.factories:
+        if drainable is not None and drainable not in self.factories:
             self.factories.append(drainable)
 
     def privilegedStartService(self) -> None:
@@ -199,13 +210,17 @@ class MailService(MultiService):
         for kind, description in self.described:
             self.log.info("{service} listening on {endpoint}", service=kind, endpoint=description)
         super().startService()
+        # systemd Type=notify: every listener is bound (privilegedStartService)
+        # and every child service started.
+        sdnotify.notify(sdnotify.READY, sdnotify.status(f"{len(self.listeners)} listeners up"))
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        grace = self.runtime.config.smtp.shutdown_grace
+        sdnotify.notify(sdnotify.STOPPING)
+        grace = float(self.runtime.config.smtp.shutdown_grace)
         await gatherResults([maybeDeferred(s.stopService) for s in self.listeners if s.running])
         self.log.info("stopped listening; draining sessions for up to {grace}s", grace=grace)
         drains = [f.drain(grace) for f in self.factories]
@@ -214,6 +229,9 @@ class MailService(MultiService):
         if manager.running:
             await maybeDeferred(manager.stopService)
         await gatherResults([maybeDeferred(s.stopService) for s in self.helpers if s.running])
+        limits = self.runtime.send_limits
+        if limits.running:  # its last write needs the thread pool
+            await maybeDeferred(limits.stopService)
         self.pool.stopService()
         self.log.info("stopped")
 
@@ -229,14 +247,15 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
     """
     pool = ThreadPoolService(reactor)
     run_blocking = pool.run_blocking
+    metrics = make_metrics(list(config.listen.metrics))
     store = QueueStore(os.path.join(config.data_dir, "queue"))
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
     resolver = dnsresolver.build(config, reactor)  # every DNS lookup: [dns] nameservers
-    relay = remote.build(config, reactor, store, run_blocking, resolver)
-    manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router)
-    intake = Intake(config, store, manager, run_blocking, reactor, local=local)
+    relay = remote.build(config, reactor, store, run_blocking, resolver, metrics)
+    manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
+    intake = Intake(config, store, manager, run_blocking, reactor, local=local, metrics=metrics)
     manager.intake = intake
     manager.bounces.signer = signer = startup.signer(config)
     runtime = Runtime(
@@ -254,6 +273,10 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         manager=manager,
         maildirs=maildirs,
         signer=signer,
+        send_limits=SendLimits(
+            reactor, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
+        ),
+        metrics=metrics,
     )
     checks = inbound.build(runtime, resolver)
     try:
@@ -271,4 +294,8 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         factory = make_factory(kind, runtime)
         for description in descriptions:
             service.add_listener(kind, description, factory)
+    if isinstance(metrics, Metrics):
+        site = MetricsSite(metrics)
+        for description in config.listen.metrics:
+            service.add_listener("metrics", description, site)
     return service

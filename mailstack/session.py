@@ -59,6 +59,8 @@ from zope.interface import implementer
 
 from mailstack.connlimit import ConnectionLimiter
 from mailstack.directsend import send
+from mailstack.interfaces import IMetrics
+from mailstack.metrics import NoMetrics
 
 FLUSH_AT = 64 * 1024  # replies queued beyond this are written before the next command
 CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is aborted
@@ -145,8 +147,14 @@ class CommandSession(Protocol):
     shutdown_reply = b""
     forced_close_reply: bytes | None = None
 
-    def __init__(self, clock: IReactorTime, group: SessionGroup, limiter: ConnectionLimiter) -> None:
+    # The ``protocol`` label of the session metrics: "smtp" or "pop3".
+    protocol = ""
+
+    def __init__(
+        self, clock: IReactorTime, group: SessionGroup, limiter: ConnectionLimiter, metrics: IMetrics | None = None
+    ) -> None:
         self.clock = clock
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         self.peer = ""
         self._group = group
         self._limiter = limiter
@@ -240,6 +248,7 @@ class CommandSession(Protocol):
             self.transport.loseConnection()
             return False
         self._admitted = True
+        self.metrics.session_opened(self.protocol)
         self._group.add(self)
         self._tcp_nodelay()
         self._handshaking = self.tls
@@ -269,6 +278,7 @@ class CommandSession(Protocol):
             return
         self._admitted = False
         self._limiter.release(self.peer)
+        self.metrics.session_closed(self.protocol)
         self.ended(was_closed)
         self._group.discard(self)
 
@@ -287,6 +297,17 @@ class CommandSession(Protocol):
         self._abort_call = None
         if not self._lost:
             self.transport.abortConnection()
+
+    def _tls_established(self) -> None:
+        """Count the handshake by protocol version (``TLSv1.3``) for the metrics."""
+        if not self.tls:
+            return
+        try:
+            version = self.transport.getHandle().get_protocol_version_name()
+        except Exception:  # noqa: BLE001 -- a transport without an OpenSSL handle (tests)
+            return
+        if isinstance(version, str) and version:
+            self.metrics.tls_established(version)
 
     def _start_tls(self, context: Any) -> int:
         """STARTTLS/STLS after its reply was queued: flush it in the clear, then
@@ -399,7 +420,9 @@ class CommandSession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._handshaking = False  # application data: any TLS handshake is over
+        if self._handshaking:  # application data: the TLS handshake is over
+            self._handshaking = False
+            self._tls_established()
         self._buf += data
         self._process()
         self._update_reading()

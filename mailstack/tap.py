@@ -11,6 +11,12 @@ Everything that can fail because of the operator's setup (the config file,
 no traceback and no usage text (twistd would print its whole usage text in
 front of a ``UsageError``'s line).
 
+Run as root with ``--uid``/``--gid``, the start-up file work (``data_dir``, the
+self-signed certificate, the files read at start) is done as that account
+(``privileges.as_account``), so the server can still write them after twistd
+drops privileges.  ``log.format = "json"`` makes twistd log JSON Lines where it
+would have written its text log (``jsonlog.for_twistd``).
+
 SIGTERM (``systemctl stop``) is a normal, graceful stop: the handler installed
 here stops the reactor without recording the signal, so twistd exits 0 after
 the service tree has drained (``service.MailService.stopService``).  twistd's own
@@ -29,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailstack import config as configmod
+from mailstack import jsonlog, privileges
 from mailstack.service import StartupError, load_parts, make_service
 
 log = Logger()
@@ -49,9 +56,15 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        # twistd's own options (``--uid``, ``--logfile``, ...); absent when the
+        # plugin's options are parsed on their own (tests, ``mailstack check-config``).
+        self.server_options: Any = getattr(self, "parent", None) or {}
+        # Files made at start belong to the account twistd will switch to.
+        self.account = privileges.target_account(self.server_options)
         try:
             self.config = configmod.load(self["config"])
-            self.parts = load_parts(self.config)
+            with privileges.as_account(self.account):
+                self.parts = load_parts(self.config)
         except (configmod.ConfigError, StartupError) as e:
             # SystemExit with a string: one line on stderr, status 1, no traceback.
             raise SystemExit(f"mailstack: {e}") from None
@@ -118,8 +131,13 @@ def makeService(options: Options) -> Any:
 
     tls, users, aliases = options.parts
     try:
+        # Creates no file (the stores make their folders when first used, as
+        # the account), so it runs as root: it imports modules the account
+        # may not be able to read.
         service = make_service(options.config, reactor, tls, users, aliases)
     except StartupError as e:
         raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)
+    if options.config.log.format == "json":
+        return jsonlog.for_twistd(service, options.server_options)
     return service

@@ -37,6 +37,7 @@ from mailstack.pipeline import (
     build,
     factories,
 )
+from mailstack.metrics import Metrics, NoMetrics
 from mailstack.smtp.replies import LOCAL_ERROR
 
 REFUSE = Reply(550, "5.7.1", "Refused")
@@ -133,6 +134,16 @@ class OrderTests(SynchronousTestCase):
             self.assertEqual(p.rcpt(mx_conn(), txn(), ALICE), REFUSE)
         self.assertEqual(log, [("a", "rcpt"), ("b", "rcpt")])
         self.assertTrue(any("check b refused rcpt" in e["log_format"].format(**e) for e in events))
+
+    def test_refusalCountedByCheckName(self):
+        """A check's refusal is counted in messages_refused_total under the check's name."""
+        metrics = Metrics()
+        p = Pipeline([Recorder("spf", [], mail=REFUSE), Recorder("custom", [], rcpt=REFUSE)], Clock(), metrics=metrics)
+        p.mail(mx_conn(), txn())
+        p.rcpt(mx_conn(), txn(), ALICE)
+        text = metrics.exposition().decode()
+        self.assertIn('mailstack_messages_refused_total{reason="spf"} 1.0', text)
+        self.assertIn('mailstack_messages_refused_total{reason="other"} 1.0', text)
 
     def test_emptyPipelineIsSynchronous(self):
         """With no checks every stage answers at once (no Deferred per command)."""
@@ -300,7 +311,11 @@ class SessionKindTests(SynchronousTestCase):
 
 def runtime(**pipeline: Any) -> SimpleNamespace:
     return SimpleNamespace(
-        config=configmod.from_mapping({"pipeline": pipeline}), reactor=Clock(), run_blocking=None, signer=None
+        config=configmod.from_mapping({"pipeline": pipeline}),
+        reactor=Clock(),
+        run_blocking=None,
+        signer=None,
+        metrics=NoMetrics(),
     )
 
 

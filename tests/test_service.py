@@ -1,11 +1,13 @@
 """Tests for mailstack.service and mailstack.tap (service tree, options, stop order)."""
 
 import os
+import shutil
+import socket
+import tempfile
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.application.service import Service
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
@@ -16,6 +18,8 @@ from zope.interface.verify import verifyObject
 
 from mailstack import config, service, tap
 from mailstack.interfaces import IDrainable, IRuntime
+from mailstack.metrics import Metrics, MetricsSite
+from mailstack.sendlimits import SendLimits
 from tests.support.fakes import FakeChecker, FakeThrottle, FakeTLS
 
 
@@ -56,6 +60,7 @@ class MailServiceTests(SynchronousTestCase):
         runtime = service.Runtime(
             config=self.config, reactor=self.reactor, run_blocking=None, users=None, aliases=None,
             checker=FakeChecker(), throttle=FakeThrottle(), tls=FakeTLS(), manager=FakeManager(self.log),
+            send_limits=SendLimits(self.reactor, None, self.config.data_dir, 0, 0),
         )
         self.pool = service.ThreadPoolService(self.reactor, threads=2)
         self.svc = service.MailService(runtime, self.pool)
@@ -89,6 +94,34 @@ class MailServiceTests(SynchronousTestCase):
         self.assertFalse(self.pool.pool.started)
 
 
+    def notify_socket(self) -> socket.socket:
+        """A datagram socket standing in for systemd's, named in $NOTIFY_SOCKET."""
+        folder = tempfile.mkdtemp(prefix="ms")  # AF_UNIX paths are short (108 bytes)
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        old = os.environ.get("NOTIFY_SOCKET")
+        os.environ["NOTIFY_SOCKET"] = path
+        self.addCleanup(lambda: os.environ.pop("NOTIFY_SOCKET") if old is None else os.environ.update(NOTIFY_SOCKET=old))
+        return sock
+
+    def test_readyAfterListenersStoppingAtStop(self):
+        """READY=1 goes to $NOTIFY_SOCKET when the service tree has started (listeners
+        bound), STOPPING=1 when the stop begins."""
+        sock = self.notify_socket()
+        self.svc.privilegedStartService()
+        self.assertRaises(BlockingIOError, sock.recv, 1024)  # bound, but not started yet
+        self.svc.startService()
+        self.addCleanup(self.pool.pool.stop)
+        self.assertIn(b"READY=1", sock.recv(1024).split(b"\n"))
+        self.svc.stopService()
+        self.assertEqual(sock.recv(1024), b"STOPPING=1")
+        self.factory.pending.callback(None)
+
+
 class MakeServiceTests(SynchronousTestCase):
     def test_runtimeAndListeners(self):
         """make_service builds a Runtime providing IRuntime and one listener per string;
@@ -101,6 +134,19 @@ class MakeServiceTests(SynchronousTestCase):
         verifyObject(IRuntime, svc.runtime)
         kinds = [kind for kind, _ in svc.described]
         self.assertEqual(kinds, ["smtp", "smtp", "submission", "submissions", "pop3s"])
+
+    def test_metricsListener(self):
+        """listen.metrics serves a MetricsSite on each endpoint and the runtime gets
+        Metrics; without it, no metrics listener and NoMetrics."""
+        base = os.path.abspath(self.mktemp())
+        cfg = config.from_mapping({"data_dir": "data", "listen": {"metrics": ["tcp:9125:interface=127.0.0.1"]}}, base=base)
+        reactor = MemoryReactorClock()
+        svc = service.make_service(cfg, reactor, *service.load_parts(cfg))
+        self.assertIsInstance(svc.runtime.metrics, Metrics)
+        self.assertIn(("metrics", "tcp:9125:interface=127.0.0.1"), svc.described)
+        svc.privilegedStartService()
+        sites = [f for port, f, _, _ in reactor.tcpServers if port == 9125]
+        self.assertEqual([type(f) for f in sites], [MetricsSite])
 
 
 class OptionsTests(SynchronousTestCase):

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from mailstack import config as configmod
-from mailstack import pipeline
+from mailstack import dovecotpw, pipeline
 from mailstack.address import AddressError, mailbox_components, parse_address
 from mailstack.auth.aliases import AliasDB, NoSuchAlias
 from mailstack.auth.jsonfile import FileFormatError
@@ -109,6 +109,7 @@ def user_add(config: configmod.Config, args: argparse.Namespace) -> int:
     except UserExists:
         raise Refused(f"{key}: user exists") from None
     print(f"added {key}", file=args.stdout)
+    sync_dovecot(config, users)
     return 0
 
 
@@ -122,6 +123,7 @@ def user_passwd(config: configmod.Config, args: argparse.Namespace) -> int:
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
     print(f"password changed for {key}", file=args.stdout)
+    sync_dovecot(config, users)
     return 0
 
 
@@ -152,12 +154,27 @@ def retire_maildir(mail_root: str, key: str, now: float) -> str | None:
     return target
 
 
+def sync_dovecot(config: configmod.Config, users: UserDB) -> None:
+    """Rewrite ``dovecot.passwd_file`` (if set) after a user change, so IMAP via
+    Dovecot takes the same passwords at once (``dovecotpw``)."""
+    path = config.dovecot.passwd_file
+    if not path:
+        return
+    try:
+        dovecotpw.sync(users, path)
+    except OSError as e:
+        # The user change itself is done; the next change rewrites the file.
+        raise Refused(f"{path}: cannot write the Dovecot passwd-file: {e.strerror}") from None
+
+
 def user_del(config: configmod.Config, args: argparse.Namespace) -> int:
     key = address_key(args.address)
+    users = users_of(config)
     try:
-        users_of(config).delete(key)
+        users.delete(key)
     except NoSuchUser:
         raise Refused(f"{key}: no such user") from None
+    sync_dovecot(config, users)
     limits = LimitsFile(config.data_dir)
     if limits.override(key):  # a new user of that name starts with the defaults
         limits.set(key, per_hour=None, per_day=None)
@@ -169,8 +186,7 @@ def user_del(config: configmod.Config, args: argparse.Namespace) -> int:
 
 def configured_limits(config: configmod.Config) -> tuple[int, int]:
     """``(limits.messages_per_hour, limits.messages_per_day)``; 0 is no limit."""
-    # messages_per_day is read leniently until the config declares it.
-    return config.limits.messages_per_hour, getattr(config.limits, "messages_per_day", 0)
+    return config.limits.messages_per_hour, config.limits.messages_per_day
 
 
 def user_list(config: configmod.Config, args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.queue.test_queuecmd -*-
-"""``mailstack queue list|show|flush|delete``: the outbound queue from the shell.
+"""``mailstack queue list|show|flush|delete|hold|release``: the outbound queue from the shell.
 
 Works beside a running server: it reads the envelopes the server writes
 (``queue/store.py``), ``flush`` creates the trigger file the manager polls
 about once a second, and ``delete`` removes an entry under its entry lock (a
 ``flock`` on the message file, ``store.entry_lock``), the lock the manager
-holds while saving, so a deleted entry is never written back.
+holds while saving, so a deleted entry is never written back.  ``hold`` and
+``release`` (``queue/hold.py``) change the envelope under the same lock.
 
 Handlers follow ``admin/cli.py``: ``handler(config, args) -> exit status``,
 output to ``args.stdout``, ``Refused`` for a refused request (exit 1).
@@ -21,6 +22,7 @@ from typing import Any
 
 from mailstack.interfaces import IQueueStore
 from mailstack.logsafe import escape
+from mailstack.queue import hold
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
 from mailstack.queue.store import NoSuchEntry, QueueStore, read_headers, remove_entry
 
@@ -92,6 +94,7 @@ def _summary(data: dict[str, Any], now: float) -> dict[str, Any]:
         "attempts": max((r["attempts"] for r in recipients), default=0),
         "next_attempt": _iso(min(r["next_attempt"] for r in pending)) if pending else "",
         "last_error": errors[-1] if errors else "",
+        "held": bool(data.get("held_since", 0)),
     }
 
 
@@ -154,6 +157,7 @@ def queue_list(config: Any, args: Any) -> int:
         lines.append(
             f"{d['id']}  {_age(now - d['arrival']):>4}  {d['size']:>8}  <{escape(d['sender'])}>"
             f"  attempts={attempts}  next={_iso(min(pending)) if pending else '-'}"
+            + ("  HELD" if d.get("held_since", 0) else "")
         )
         for r in recipients:
             line = f"    {r['status']:<9} <{escape(r['address'])}>"
@@ -198,6 +202,8 @@ def queue_show(config: Any, args: Any) -> int:
         print(f"DSN:       RET={entry.ret or '-'} ENVID={escape(entry.envid) or '-'}", file=out)
     if entry.smtputf8:
         print("SMTPUTF8:  yes", file=out)
+    if entry.held:
+        print(f"held:      since {_iso(entry.held_since)} (not tried until released)", file=out)
     for r in entry.recipients:
         was = f" (was <{escape(r.original)}>)" if r.original != r.address else ""
         print(f"recipient: <{escape(r.address)}>{was}", file=out)
@@ -226,8 +232,39 @@ def queue_delete(config: Any, args: Any) -> int:
     _load(store, args.id)
     if not remove_entry(store, args.id):
         raise _refused(f"{args.id}: no such queue entry")
+    store.request_kick(args.id)  # a held entry leaves the running manager's count
     print(f"deleted {args.id}", file=args.stdout)
     return 0
+
+
+def _hold_or_release(config: Any, args: Any, change: Any, verb: str, past: str, unchanged: str) -> int:
+    store = store_of(config)
+    if args.all == bool(args.id):
+        raise _refused(f"queue {verb}: give one ID or --all")
+    ids = store.ids() if args.all else [args.id]
+    now = time.time()
+    changed = 0
+    for queue_id in ids:
+        try:
+            done = change(store, queue_id, now)
+        except KeyError:  # NoSuchEntry: delivered or deleted meanwhile
+            if not args.all:
+                raise _refused(f"{queue_id}: no such queue entry") from None
+            continue
+        changed += done
+        if not args.all:
+            print(f"{past} {queue_id}" if done else f"{queue_id}: {unchanged}", file=args.stdout)
+    if args.all:
+        print(f"{past} {changed} entr{'y' if changed == 1 else 'ies'}", file=args.stdout)
+    return 0
+
+
+def queue_hold(config: Any, args: Any) -> int:
+    return _hold_or_release(config, args, hold.hold, "hold", "held", "already held")
+
+
+def queue_release(config: Any, args: Any) -> int:
+    return _hold_or_release(config, args, hold.release, "release", "released", "not held")
 
 
 def add_parser(subparsers: Any) -> Any:
@@ -247,4 +284,12 @@ def add_parser(subparsers: Any) -> Any:
     p = commands.add_parser("delete", help="remove one entry (safe while the server runs)")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=queue_delete)
+    for name, func, text in (
+        ("hold", queue_hold, "keep entries from being tried until released (expiry paused)"),
+        ("release", queue_release, "release held entries: they are tried now"),
+    ):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("id", metavar="ID", nargs="?", default="")
+        p.add_argument("--all", action="store_true", help="every entry in the queue")
+        p.set_defaults(func=func)
     return queue

@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import cred
-from mailstack.interfaces import ILoginThrottle
+from mailstack.interfaces import ILoginThrottle, IMetrics
+from mailstack.metrics import NoMetrics
 
 
 def account_key(username: bytes) -> str:
@@ -51,10 +52,19 @@ class LoginResult:
 class Authenticator:
     """Reservation, portal login and throttle bookkeeping for one listener factory."""
 
-    def __init__(self, checker: ICredentialsChecker, throttle: ILoginThrottle, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        checker: ICredentialsChecker,
+        throttle: ILoginThrottle,
+        clock: IReactorTime,
+        metrics: IMetrics | None = None,
+        protocol: str = "smtp",
+    ) -> None:
         self.portal = cred.login_portal(checker)
         self.throttle = throttle
         self.clock = clock
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
+        self.protocol = protocol  # the metrics label: smtp or pop3
 
     def login(self, peer: str, username: bytes, password: bytes | None) -> Deferred[LoginResult]:
         """Try ``username``/``password`` from ``peer``; ``password`` None is a refused
@@ -67,6 +77,7 @@ class Authenticator:
         account = account_key(username)
         ticket = self.throttle.begin(peer, account)
         if ticket is None:
+            self.metrics.auth_failed(self.protocol)
             return succeed(LoginResult(account, locked=True))
         if ticket.delay > 0:
             d: Deferred = deferLater(self.clock, ticket.delay, self._check, username, password)
@@ -82,6 +93,7 @@ class Authenticator:
             if not f.check(LoginFailed):
                 ticket.abandoned()
                 return f
+            self.metrics.auth_failed(self.protocol)
             return LoginResult(account, delay=float(ticket.failed() or 0.0))
 
         return d.addCallbacks(ok, refused)

@@ -4,7 +4,7 @@
 Each MAIL of an unauthenticated client counts; over the limit within the last
 60 seconds, MAIL gets 451 4.7.1 (RFC 3463: delivery not authorized, try
 later), so a well-behaved sender queues and retries and a flood slows down.
-The counts live in memory (``smtp.ratelimit.RateLimiter``).
+The counts live in memory (``ratelimit.RateLimiter``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailstack.checks.refusals import RATE_EXCEEDED, refuse
 from mailstack.errors import Reply
 from mailstack.pipeline import Check, Connection, Transaction
-from mailstack.smtp.ratelimit import RateLimiter
+from mailstack.ratelimit import RateLimiter
 
 
 class ClientRateCheck(Check):

@@ -67,7 +67,7 @@ from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMetrics, IMXResolver, IQueueStore
 from mailstack.mtasts import IMTASTS, Policy, mx_allowed
 from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.netpolicy import is_own_address
@@ -529,6 +529,7 @@ def build(
     store: IQueueStore,
     run_blocking: Callable[..., Deferred],
     resolver: IResolver | None = None,
+    metrics: IMetrics | None = None,
 ) -> RemoteAgent:
     """The production agent (called by ``service.py``), on the server's shared ``resolver``."""
     from mailstack import mtasts

@@ -33,7 +33,7 @@ class POP3Factory(ServerFactory):
             raise ValueError(f"unknown POP3 listener kind {kind!r}")
         self.kind = kind
         self.runtime = runtime
-        self.authenticator = Authenticator(runtime.checker, runtime.throttle, runtime.reactor)
+        self.authenticator = Authenticator(runtime.checker, runtime.throttle, runtime.reactor, runtime.metrics, "pop3")
         self.group = SessionGroup(runtime.reactor)
 
     def buildProtocol(self, addr: Any) -> POP3Server:

@@ -79,6 +79,7 @@ class POP3Server(CommandSession):
     """One POP3 session.  Built by ``pop3.factory.POP3Factory``; see the module docstring."""
 
     log = Logger()
+    protocol = "pop3"
     delimiter = b"\n"
     pause_input_at = PAUSE_INPUT_AT
     # Reading goes on while the client leaves replies unread (only command
@@ -91,7 +92,7 @@ class POP3Server(CommandSession):
 
     def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
         rt = factory.runtime
-        CommandSession.__init__(self, rt.reactor, factory.group, rt.pop3_connections)
+        CommandSession.__init__(self, rt.reactor, factory.group, rt.pop3_connections, rt.metrics)
         self.factory = factory
         self.run_blocking = rt.run_blocking
         self.maildirs = rt.maildirs

@@ -29,6 +29,8 @@ ENTRY_TYPES: dict[str, Any] = {
     "id": (str,), "sender": (str,), "arrival": _NUMBER, "size": (int,), "user": (str,), "peer": (str,),
     "delay_warned": (bool,), "version": _NUMBER, "recipients": (list,),
 }
+# Keys an envelope may lack (written before they existed); QueueEntry's defaults apply.
+OPTIONAL_TYPES: dict[str, Any] = {"held_since": _NUMBER, "held_time": _NUMBER}
 RECIPIENT_TYPES: dict[str, Any] = {
     "address": (str,), "original": (str,), "local": (bool,), "status": (str,), "attempts": (int,),
     "next_attempt": _NUMBER, "last_reply": (str,), "last_host": (str,), "notified": (bool,), "history": (list,),
@@ -38,12 +40,18 @@ ENTRY_OPTIONAL: dict[str, Any] = {"ret": "", "envid": "", "smtputf8": False}
 RECIPIENT_OPTIONAL: dict[str, Any] = {"notify": [], "orcpt": ""}
 
 
-def _shaped(data: dict[str, Any], types: dict[str, Any], optional: dict[str, Any]) -> bool:
-    """Every required key, optional keys only from ``optional``, each of its type."""
+def _shaped(
+    data: dict[str, Any], types: dict[str, Any], optional: dict[str, Any], optional_types: dict[str, Any] | None = None
+) -> bool:
+    """Every required key (``types``: key -> allowed types), optional keys only from
+    ``optional`` (key -> default, of the type required) or ``optional_types``."""
+    extra = optional_types or {}
     keys = data.keys()
-    if not (types.keys() <= keys <= types.keys() | optional.keys()):
+    if not (types.keys() <= keys <= types.keys() | optional.keys() | extra.keys()):
         return False
     if any(type(data[k]) not in kinds for k, kinds in types.items()):
+        return False
+    if any(type(data[k]) not in kinds for k, kinds in extra.items() if k in data):
         return False
     return all(type(data[k]) is type(v) for k, v in optional.items() if k in data)
 
@@ -59,7 +67,7 @@ def well_formed(data: Any, queue_id: str) -> bool:
     unreadable too: it would otherwise fail later, in the manager's scheduling
     or the admin listing.  Checked on the dict, so a listing builds no entry.
     """
-    if type(data) is not dict or not _shaped(data, ENTRY_TYPES, ENTRY_OPTIONAL):
+    if type(data) is not dict or not _shaped(data, ENTRY_TYPES, ENTRY_OPTIONAL, OPTIONAL_TYPES):
         return False
     if data["id"] != queue_id or data["version"] != FORMAT_VERSION:
         return False
@@ -121,6 +129,19 @@ class QueueEntry:
     ret: str = ""  # RFC 3461 RET=: "FULL", "HDRS" or ""
     envid: str = ""  # RFC 3461 ENVID=, decoded
     smtputf8: bool = False  # RFC 6531: relaying needs a next hop that offers SMTPUTF8
+    # ``mailstack queue hold``: when the hold began (0: not held), and the time
+    # spent held before, which the queue lifetime does not count.
+    held_since: float = 0.0
+    held_time: float = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.held_since > 0
+
+    @property
+    def expiry_base(self) -> float:
+        """The arrival as the queue lifetime sees it: later by the time spent held."""
+        return self.arrival + self.held_time
 
     @property
     def done(self) -> bool:

@@ -48,6 +48,7 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from typing import Any, Callable
 
@@ -63,13 +64,14 @@ from mailstack.batching import GroupCommit
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IIntake, IQueueKicker, IQueueStore, IRouter
+from mailstack.interfaces import IDeliveryAgent, IIntake, IMetrics, IQueueKicker, IQueueStore, IRouter
+from mailstack.metrics import NoMetrics, QueueStats
 from mailstack.queue import outcome, schedule
 from mailstack.queue.bounce import Bouncer
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
 from mailstack.queue.scan import scan_schedule
 from mailstack.queue.slots import Slots
-from mailstack.queue.store import save_unless_deleted
+from mailstack.queue.store import id_time, save_unless_deleted
 from mailstack.storage import fsutil
 
 SCAN_BATCH = 5000  # envelopes read per thread call at start-up
@@ -78,6 +80,10 @@ PRELOAD_MAX = 64 * 1024  # messages up to this size are read with the envelope a
 
 class _SaveFailed(Exception):
     """The attempt mark before connecting out could not be set (the entry is not attempted)."""
+
+
+class _Held(Exception):
+    """The entry is held (``mailstack queue hold``): not tried until released."""
 
 
 @implementer(IQueueKicker)
@@ -102,6 +108,7 @@ class QueueManager(Service):
         flush_poll: float = 1.0,
         max_active: int = 1000,
         stop_timeout: float | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.store = store
         self.local = local
@@ -109,6 +116,8 @@ class QueueManager(Service):
         self.clock = clock
         self.config = config
         self.run_blocking = run_blocking
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
+        self.metrics.watch_queue(self.queue_stats)
         self.rng = rng if rng is not None else random.Random()
         # DSNs; the router makes DSNs to local senders follow aliases.
         self.bounces = Bouncer(store, config, run_blocking, self.rng, router, intake)
@@ -122,6 +131,7 @@ class QueueManager(Service):
         self._forced: set[str] = set()  # flushed: try remote recipients regardless of next_attempt
         self._active: dict[str, Deferred] = {}  # queue_id -> Deferred firing when its round ends
         self._again: set[str] = set()  # kicked while active: look again right after
+        self._held: set[str] = set()  # held entries, kept aside until a release kicks them
         self._files = GroupCommit(run_blocking, self._file_batch)  # loads and removals, see _file_batch
         self._timer: IDelayedCall | None = None
         self._poller: LoopingCall | None = None
@@ -189,7 +199,9 @@ class QueueManager(Service):
         if self._stopping:
             return 0
         for due, qid in found:
-            if qid not in self._due and qid not in self._active:
+            if due == math.inf:  # held
+                self._held.add(qid)
+            elif qid not in self._due and qid not in self._active:
                 self._due[qid] = due
                 heapq.heappush(self._heap, (due, qid))
         self._pump()
@@ -259,17 +271,36 @@ class QueueManager(Service):
     def _poll_flush(self) -> Deferred | None:
         if self._stopping:
             return None
-        d = self.run_blocking(self.store.flush_requested)
+        d = self.run_blocking(self._requests)
 
-        def check(requested: Any) -> None:
-            if requested and not self._stopping:
+        def check(requested: tuple[bool, list[str]]) -> None:
+            flush, kicks = requested
+            if self._stopping:
+                return
+            for qid in kicks:  # released or deleted: look again
+                self._held.discard(qid)
+                self.kick(qid)
+            if flush:
                 self.flush()
 
         d.addCallback(check)
         d.addErrback(lambda f: self.log.failure("flush trigger check failed", f))
         return d
 
+    def _requests(self) -> tuple[bool, list[str]]:
+        """Blocking: the admin command's flush and kick requests."""
+        return self.store.flush_requested(), self.store.kicks_requested()
+
     # -- the schedule -------------------------------------------------------
+
+    def queue_stats(self) -> QueueStats:
+        """Entries and the oldest one's age, from the in-memory schedule (at each
+        metrics scrape; no disk access).  A queue id starts with its creation
+        time in hex microseconds (``QueueStore.new_id``)."""
+        ids = self._due.keys() | self._active.keys() | self._held
+        times = [t for t in map(id_time, ids) if t is not None]
+        oldest = min(times, default=None)
+        return QueueStats(len(ids), max(0.0, self.clock.seconds() - oldest) if oldest is not None else 0.0)
 
     def scheduled(self) -> dict[str, float]:
         """``{queue_id: due}`` of waiting entries (tests, diagnostics)."""
@@ -353,6 +384,10 @@ class QueueManager(Service):
         except _SaveFailed:
             self.log.failure("cannot save queue entry {queue_id}; not connecting out", queue_id=qid)
             return now + schedule.interval_for(1, relay.retry_intervals)
+        except _Held:
+            self._held.add(qid)
+            self.log.info("queue entry {queue_id} is held", queue_id=qid)
+            return None
         except Exception:
             # Deleted by `queue delete`, or unreadable (moved to corrupt/ by load()).
             self.log.info("queue entry {queue_id} is gone", queue_id=qid)
@@ -422,10 +457,12 @@ class QueueManager(Service):
         entry = self.store.load(qid)
         if entry is None:
             return None
+        if entry.held:
+            raise _Held()
         due = [r for r in entry.recipients if not r.final and (forced or r.next_attempt <= now)]
         remote = [r for r in due if not r.local]
         if remote:
-            expires = max(now, schedule.expires_at(entry.arrival, relay.max_queue_lifetime))
+            expires = max(now, schedule.expires_at(entry.expiry_base, relay.max_queue_lifetime))
             for r in remote:
                 r.attempts += 1
                 r.next_attempt = min(schedule.next_attempt(r.attempts, relay.retry_intervals, now, self.rng), expires)
@@ -495,11 +532,18 @@ class QueueManager(Service):
         for r in rcpts:
             reply: Reply = results.get(r.address) or OR.NO_RESULT
             done = outcome.record(
-                r, reply, now, entry.arrival, relay.retry_intervals, relay.max_queue_lifetime, self.rng
+                r, reply, now, entry.expiry_base, relay.retry_intervals, relay.max_queue_lifetime, self.rng
             )
             mx = logsafe.escape(done.host) if done.host else ("local" if r.local else "")
             shown = logsafe.escape(r.last_reply)  # the remote server's words
             delay = now - entry.arrival
+            kind = "local" if r.local else "remote"
+            if done.status == outcome.SENT:
+                self.metrics.delivered(kind, delay)
+            elif done.status == outcome.DEFERRED:
+                self.metrics.deferred(kind)
+            else:
+                self.metrics.bounced(kind)
             # One line per recipient and attempt, made here with an f-string: the
             # observer then formats a single field instead of eight (the structured
             # keys stay for observers that want them).

@@ -12,6 +12,7 @@ equal.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from mailstack.interfaces import IQueueStore
@@ -28,6 +29,11 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
     """
     if type(data) is not dict or data.get("version") != FORMAT_VERSION or data.get("id") != queue_id:
         return None
+    held = data.get("held_since", 0.0)
+    if type(held) not in (int, float):
+        return None
+    if held > 0:
+        return math.inf  # held: not scheduled (``queue/hold.py``)
     sender = data.get("sender")
     recipients = data.get("recipients")
     if type(sender) is not str or type(recipients) is not list or not recipients:
@@ -69,7 +75,8 @@ def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | N
 def scan_schedule(
     store: IQueueStore, ids: list[str], now: float, warning_after: float | None
 ) -> list[tuple[float, str]]:
-    """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan).
+    """``(due, id)`` of the entries ``ids`` (blocking; one batch of the start-up scan);
+    ``due`` is ``math.inf`` for a held entry.
 
     Reads each envelope once and takes only what the schedule needs; an entry
     removed meanwhile is skipped, an unusual one goes through ``store.load``.
@@ -90,7 +97,8 @@ def scan_schedule(
             due = None
         if due is None:
             try:
-                due = schedule.entry_due(store.load(qid), now, warning_after)
+                entry = store.load(qid)
+                due = math.inf if entry.held else schedule.entry_due(entry, now, warning_after)
             except KeyError:  # NoSuchEntry / CorruptEntry: gone or moved aside
                 continue
         out.append((max(due, mark), qid))

@@ -29,6 +29,10 @@ Layout under ``root`` (``data_dir/queue``)
 ``flush``
     The trigger file: the admin command creates it, the running manager
     consumes it with ``flush_requested()`` and retries everything at once.
+``kick/<id>``
+    Per-entry triggers (``queue release``, ``queue delete``): the running
+    manager consumes them with ``kicks_requested()``, on the same poll as
+    ``flush``, and looks at those entries again.
 
 IDs are ``<14 hex digits of Unix microseconds><10 random hex digits>``: they
 sort by arrival and are unique across processes without coordination.
@@ -103,6 +107,7 @@ MSG = "msg"
 ENV = "env"
 CORRUPT = "corrupt"
 FLUSH = "flush"
+KICK = "kick"
 CHUNK = 64 * 1024  # write buffer of a message being received
 HEADER_LIMIT = 65536  # bytes of original headers read for a DSN or ``queue show``
 
@@ -455,6 +460,30 @@ class QueueStore:
         fsutil.ensure_dir(self.root)
         fsutil.write_atomic(os.path.join(self.root, FLUSH), b"")
 
+    def request_kick(self, queue_id: str) -> None:
+        """Ask the running manager to look at one entry again (it was released or deleted)."""
+        folder = os.path.join(self.root, KICK)
+        fsutil.ensure_dir(folder)
+        fsutil.write_atomic(os.path.join(folder, _checked(queue_id)), b"")
+
+    def kicks_requested(self) -> list[str]:
+        """The ids of ``request_kick`` since the last call (consumes them)."""
+        folder = os.path.join(self.root, KICK)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if not _ID.match(name):
+                continue  # a temporary file of write_atomic
+            try:
+                fsutil._unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            out.append(name)
+        return out
+
     def flush_requested(self) -> bool:
         """True once per request: consumes the trigger file if it is there.
 
@@ -494,10 +523,19 @@ def entry_lock(store: IQueueStore, queue_id: str) -> Iterator[bool]:
 
 
 def save_unless_deleted(store: IQueueStore, entry: QueueEntry) -> bool:
-    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking)."""
+    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking).
+
+    The hold is the admin command's: the one on disk is kept, so a ``queue
+    hold`` during a delivery attempt is not undone by the attempt's save.
+    """
     with entry_lock(store, entry.id) as present:
         if not present:
             return False
+        try:
+            current = store.load(entry.id)
+            entry.held_since, entry.held_time = current.held_since, current.held_time
+        except KeyError:
+            pass  # unreadable (moved aside): our state replaces it
         store.save(entry)
         return True
 
@@ -529,6 +567,13 @@ def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:
 def attempt_mark_of(st: os.stat_result) -> float:
     """The attempt mark in an envelope's stat (see ``QueueStore.attempt_mark``), or 0.0."""
     return st.st_mtime if st.st_mtime_ns > st.st_ctime_ns else 0.0
+
+
+def id_time(queue_id: str) -> float | None:
+    """When the entry was made, from its id (Unix seconds); None for a malformed id."""
+    if not _ID.match(queue_id):
+        return None
+    return int(queue_id[:14], 16) / 1e6
 
 
 def _checked(queue_id: str) -> str:

@@ -3,7 +3,7 @@
 
 Connection caps: the MX listener uses the runtime's ``smtp_connections``
 limiter, submission and submissions share ``submission_connections`` (see
-``connlimit``); the per-user sending rate is the runtime's ``smtp_rate``.
+``connlimit``); the per-user sending limits are the runtime's ``send_limits``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class SMTPFactory(ServerFactory):
         self.kind = kind
         self.policy = ListenerPolicy.for_kind(kind)
         self.runtime = runtime
-        self.authenticator = Authenticator(runtime.checker, runtime.throttle, runtime.reactor)
+        self.authenticator = Authenticator(runtime.checker, runtime.throttle, runtime.reactor, runtime.metrics, "smtp")
         self.pipeline = runtime.pipeline
         self.banner = R.banner(runtime.config.hostname).encode()
         # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).

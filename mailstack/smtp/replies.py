@@ -36,7 +36,6 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 AUTH_LOCKED = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
-RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")  # also: the commit failed
 DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")

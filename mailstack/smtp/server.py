@@ -46,6 +46,7 @@ from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IIncoming
 from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
+from mailstack.sendlimits import Reservation
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
 from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
@@ -63,12 +64,26 @@ _AUTH = "auth"
 
 _WIRE: dict[Reply, bytes] = {r: r.encode() for r in R.ALL.values()}  # the constants, pre-encoded
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+# Refusals counted in ``messages_refused_total`` by reason (the checks' own are
+# counted by the pipeline, the sending limits' by ``_reserve``).
+_REFUSAL_REASONS: dict[Reply, str] = {
+    R.RELAY_DENIED: "relay",
+    R.PRIVATE_LITERAL: "relay",
+    R.UNKNOWN_USER: "unknown_user",
+    R.MESSAGE_TOO_BIG: "size",
+    R.AUTH_FAILED: "auth",
+    R.AUTH_LOCKED: "auth",
+    R.AUTH_REQUIRED: "auth",
+    R.SENDER_NOT_OWNED: "auth",
+    R.NULL_SENDER_NOT_ALLOWED: "auth",
+}
 
 
 class SMTPServer(CommandSession):
     """One ESMTP session.  Built by ``smtp.factory.SMTPFactory``."""
 
     log = Logger()
+    protocol = "smtp"
     quiet_after_close = (MailError,)
     limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: _WIRE[R.TOO_MANY_CONNECTIONS], connlimit.PER_IP: _WIRE[R.TOO_MANY_CONNECTIONS_IP]}
     too_many_errors_reply = _WIRE[R.TOO_MANY_ERRORS]
@@ -77,7 +92,7 @@ class SMTPServer(CommandSession):
 
     def __init__(self, factory: SMTPFactory) -> None:
         rt = factory.runtime
-        CommandSession.__init__(self, rt.reactor, factory.group, factory.limiter)
+        CommandSession.__init__(self, rt.reactor, factory.group, factory.limiter, rt.metrics)
         self.factory = factory
         self.runtime = rt
         self.config = rt.config
@@ -87,6 +102,7 @@ class SMTPServer(CommandSession):
         self.messages = 0
         self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
         self._incoming: IIncoming | None = None
+        self._reservation: Reservation | None = None  # the sending limits' hold from MAIL to the 250
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -103,6 +119,9 @@ class SMTPServer(CommandSession):
     def _reset_transaction(self) -> None:
         if self._incoming is not None:  # RSET, EHLO or STARTTLS between BDAT chunks
             self._abort_incoming()
+        if self._reservation is not None:  # RSET, EHLO, a refused or failed message
+            self._reservation.release()
+            self._reservation = None
         self.sender: Address | None = None
         self._mail = MailFrom(None)  # the accepted MAIL's parameters
         self.in_transaction = False  # MAIL accepted
@@ -159,6 +178,9 @@ class SMTPServer(CommandSession):
                       reply=reply.decode("ascii").rstrip())
 
     def ended(self, was_closed: bool) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
         if self._incoming is not None:
             # Connection lost mid-DATA or in its checks: nothing was acknowledged, discard it.
             self._abort_incoming()
@@ -242,6 +264,9 @@ class SMTPServer(CommandSession):
         wire = _WIRE.get(reply)
         self._queue(wire if wire is not None else reply.encode())
         if error:
+            reason = _REFUSAL_REASONS.get(reply)
+            if reason is not None:
+                self.runtime.metrics.refused(reason)
             self.log.info(
                 "smtp rejected {command} peer={peer} user={user}: {reply}",
                 command=escape(error),  # a refused session's verb, and a check's reply, may echo the client
@@ -469,16 +494,20 @@ class SMTPServer(CommandSession):
             if not sender_owned(sender, self.user, self.runtime.aliases):
                 self._reply(R.SENDER_NOT_OWNED, error="MAIL")
                 return
-            if not self.runtime.smtp_rate.allowed(self.user):
-                self._reply(R.RATE_LIMITED, error="MAIL")
-                return
+        reservation = self._reserve()
+        if isinstance(reservation, Reply):
+            self._reply(reservation, error="MAIL")
+            return
         txn = Transaction(sender, parsed.params)
 
         def checked(result: Any) -> None:
             if result is not None:
+                if reservation is not None:
+                    reservation.release()
                 self._reply(self._refusal(result), error="MAIL")
                 return
             self._reset_transaction()
+            self._hold(reservation)
             self.sender = sender
             self._mail = parsed
             self.in_transaction = True
@@ -487,6 +516,24 @@ class SMTPServer(CommandSession):
             self._reply(R.SENDER_OK)
 
         self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
+
+    def _reserve(self) -> Reservation | Reply | None:
+        """Hold one message against an authenticated user's sending limits (``[limits]``)."""
+        if not self.user:
+            return None
+        reservation = self.runtime.send_limits.reserve(self.user)
+        if isinstance(reservation, Reply):
+            self.runtime.metrics.refused("rate")
+            self.log.info("smtp sending limit reached peer={peer} user={user}: {reply}",
+                          peer=self.peer, user=self.user, reply=str(reservation))
+        return reservation
+
+    def _hold(self, reservation: Reservation | None) -> None:
+        """Keep the transaction's reservation until the 250 or its end."""
+        if reservation is not None and self._lost:  # the client left while the checks ran
+            reservation.release()
+        else:
+            self._reservation = reservation
 
     # RCPT, RFC 5321 4.1.1.3
     def do_RCPT(self, arg: str) -> None:
@@ -702,11 +749,15 @@ class SMTPServer(CommandSession):
             self._reply(self._refusal(changes), error="DATA")
             return
         d = maybeDeferred(incoming.finish, changes)
+        # Committed or released with the outcome, even if the client leaves meanwhile.
+        reservation, self._reservation = self._reservation, None
 
         def done(result: Any) -> None:
             self._incoming = None
             self._reset_transaction()
             if isinstance(result, Failure):
+                if reservation is not None:
+                    reservation.release()
                 # Our failure, not the client's: answered, logged, not counted as an error.
                 if result.check(MailError):
                     reply = result.value.reply
@@ -719,8 +770,9 @@ class SMTPServer(CommandSession):
                 return
             queue_id = str(result)
             self.messages += 1
-            if self.user:
-                self.runtime.smtp_rate.record(self.user)
+            if reservation is not None:
+                reservation.commit()
+            self.runtime.metrics.accepted(self.policy.kind)
             # The intake logged the acceptance: one event per message, not two.
             # The only 250 after DATA comes from the commit's callback: the
             # message and its directory entry are fsynced by then.

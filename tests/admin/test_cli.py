@@ -28,6 +28,26 @@ class CLITests(SynchronousTestCase):
         status = cli.main(["--config", self.cfg, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
         return status, out.getvalue(), err.getvalue()
 
+    def test_dovecotPasswdFileFollowsEveryUserChange(self):
+        """With dovecot.passwd_file set, user add, passwd and del each rewrite it
+        with the stored Argon2id hashes ({ARGON2ID} lines)."""
+        with open(self.cfg, "a") as f:
+            f.write('[dovecot]\npasswd_file = "dovecot.passwd"\n')
+        path = os.path.join(self.dir, "dovecot.passwd")
+
+        def lines():
+            with open(path) as f:
+                return f.read().splitlines()
+
+        self.assertEqual(self.run_cli("user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")[0], 0)
+        (first,) = lines()
+        self.assertTrue(first.startswith("alice@example.org:{ARGON2ID}$argon2id$"), first)
+        self.assertEqual(self.run_cli("user", "passwd", "alice@example.org", "--password-stdin", stdin="new\n")[0], 0)
+        (second,) = lines()
+        self.assertNotEqual(first, second)
+        self.assertEqual(self.run_cli("user", "del", "alice@example.org")[0], 0)
+        self.assertEqual(lines(), [])
+
     def test_addAndList(self):
         """user add with --password-stdin, then list --json shows the user."""
         self.assertEqual(self.run_cli("user", "add", "Alice@Example.ORG", "--password-stdin", stdin="pw\n")[0], 0)
@@ -158,7 +178,7 @@ class LimitCommandTests(SynchronousTestCase):
         row = self.listed()
         self.assertEqual(
             {k: row[k] for k in ("sent_last_hour", "sent_today", "limit_per_hour", "limit_per_day")},
-            {"sent_last_hour": 2, "sent_today": 3, "limit_per_hour": 20, "limit_per_day": 0},
+            {"sent_last_hour": 2, "sent_today": 3, "limit_per_hour": 20, "limit_per_day": 1000},
         )
 
     def test_overrideAndReset(self):

@@ -84,3 +84,21 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(0.1)
         self.assertEqual(self.successResultOf(d).key, "alice@example.org")
+
+
+class AuthFailureMetricTests(SynchronousTestCase):
+    def test_failuresCountedByProtocol(self) -> None:
+        """Wrong credentials and locked-out attempts count in auth_failures_total under
+        the listener's protocol; a success does not."""
+        from mailstack.metrics import Metrics
+
+        metrics = Metrics()
+        throttle = FakeThrottle()
+        auth = Authenticator(FakeChecker(), throttle, Clock(), metrics, "pop3")
+        self.successResultOf(auth.login("192.0.2.1", b"alice@example.org", b"secret"))
+        self.successResultOf(auth.login("192.0.2.1", b"alice@example.org", b"wrong"))
+        throttle.locked_out.add("alice@example.org")
+        self.successResultOf(auth.login("192.0.2.1", b"alice@example.org", b"secret"))
+        text = metrics.exposition().decode()
+        self.assertIn('mailstack_auth_failures_total{protocol="pop3"} 2.0', text)
+        self.assertIn('mailstack_auth_failures_total{protocol="smtp"} 0.0', text)

@@ -42,6 +42,7 @@ class FakeStore:
         self.saves: list[dict[str, Any]] = []
         self.removals: list[tuple[str, bool]] = []  # (id, sync)
         self.flush = False
+        self.kicks: list[str] = []
         self.recovered = 0
         self.marks: dict[str, float] = {}  # attempt marks (a real store: the envelope's mtime)
 
@@ -108,6 +109,13 @@ class FakeStore:
 
     def request_flush(self) -> None:
         self.flush = True
+
+    def request_kick(self, queue_id: str) -> None:
+        self.kicks.append(queue_id)
+
+    def kicks_requested(self) -> list[str]:
+        kicks, self.kicks = self.kicks, []
+        return kicks
 
 
 def entry(store: FakeStore, qid: str, sender: str, rcpts: list[str], arrival: float = 0.0, local: tuple = ()) -> QueueEntry:

@@ -508,6 +508,63 @@ class RealStoreTests(SynchronousTestCase):
         self.assertEqual(list(self.store.scan()), [])
 
 
+    def test_holdAndRelease(self) -> None:
+        """A held entry is never tried, not even by a flush, stays counted in the
+        queue gauge, and its expiry clock stops; release (a kick request) makes the
+        running manager try it at once."""
+        from mailstack.metrics import Metrics
+        from mailstack.queue import hold
+
+        qid = self.commit()
+        metrics = Metrics()
+        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
+                         rng=random.Random(2), metrics=metrics)
+        m.startService()
+        self.addCleanup(lambda: m.running and m.stopService())
+        self.assertEqual(len(self.remote.calls), 1)
+        self.assertTrue(hold.hold(self.store, qid, self.clock.seconds()))
+        self.assertFalse(hold.hold(self.store, qid, self.clock.seconds()))
+        self.clock.advance(3600)  # past its retry time
+        self.store.request_flush()
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.calls), 1)
+        self.assertEqual(m.queue_stats().entries, 1)
+        self.assertIn("mailstack_queue_entries 1.0", metrics.exposition().decode())
+        self.clock.advance(6 * 86400)  # longer than the queue lifetime (5d), all of it held
+        self.remote.script = reply_all(TEMP)
+        self.assertTrue(hold.release(self.store, qid, self.clock.seconds()))
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.calls), 2)
+        (rcpt,) = self.store.load(qid).recipients
+        self.assertEqual(rcpt.status, "pending")  # deferred, not expired: the held days do not count
+        self.assertGreater(self.store.load(qid).held_time, 6 * 86400)
+
+    def test_heldAtStartIsNotScheduled(self) -> None:
+        """A held entry found by the start-up scan is kept aside, not scheduled."""
+        from mailstack.queue import hold
+
+        qid = self.commit()
+        hold.hold(self.store, qid, START)
+        m = self.manager()
+        self.assertEqual(m.scheduled(), {})
+        self.assertEqual(m.queue_stats().entries, 1)
+        self.assertEqual(self.remote.calls, [])
+
+    def test_holdDuringAttemptSurvivesItsSave(self) -> None:
+        """A hold written while an attempt runs is kept by the attempt's save."""
+        from mailstack.queue import hold
+
+        pending = Deferred()
+        self.remote.script = lambda e, rs: pending
+        qid = self.commit()
+        m = self.manager()
+        m.kick(qid)
+        hold.hold(self.store, qid, START + 1)
+        pending.callback({"r@remote.test": TEMP})
+        self.assertTrue(self.store.load(qid).held)
+        self.assertEqual(m.queue_stats().entries, 1)
+
+
 class LogTests(SynchronousTestCase):
     def test_oneEventPerAttemptAndRecipient(self) -> None:
         """Each attempt logs one event per recipient with queue_id, rcpt, mx, ip, reply, delay, status."""

@@ -111,6 +111,36 @@ class QueueCommandTests(SynchronousTestCase):
         self.assertTrue(self.store.flush_requested())
         self.assertFalse(self.store.flush_requested())
 
+    def test_holdAndRelease(self) -> None:
+        """hold ID marks the entry held (list, list --json and show say so); release ID
+        clears it and leaves a kick request for the running manager; --all does every entry."""
+        e, other = self.add(), self.add()
+        self.assertEqual(self.run_cli("hold", e.id), (0, f"held {e.id}\n", ""))
+        self.assertEqual(self.run_cli("hold", e.id)[1], f"{e.id}: already held\n")
+        rows = {r["id"]: r["held"] for r in json.loads(self.run_cli("list", "--json")[1])}
+        self.assertEqual(rows, {e.id: True, other.id: False})
+        self.assertIn("HELD", self.run_cli("list")[1])
+        self.assertIn("held:", self.run_cli("show", e.id)[1])
+        self.assertEqual(self.run_cli("release", e.id), (0, f"released {e.id}\n", ""))
+        self.assertEqual(self.store.kicks_requested(), [e.id])
+        self.assertFalse(self.store.load(e.id).held)
+        self.assertEqual(self.run_cli("hold", "--all")[1], "held 2 entries\n")
+        self.assertEqual(self.run_cli("release", "--all")[1], "released 2 entries\n")
+        self.assertEqual(self.run_cli("hold")[0], 1)  # neither ID nor --all
+        self.assertEqual(self.run_cli("hold", "0" * 24)[0], 1)
+
+    def test_oldEnvelopeWithoutHoldFields(self) -> None:
+        """An envelope written before holds existed (no held_* keys) still reads as not held."""
+        e = self.add()
+        path = self.store.envelope_path(e.id)
+        with open(path) as f:
+            data = json.load(f)
+        del data["held_since"], data["held_time"]
+        with open(path, "w") as f:
+            json.dump(data, f)
+        self.assertFalse(self.store.load(e.id).held)
+        self.assertEqual(json.loads(self.run_cli("list", "--json")[1])[0]["held"], False)
+
     def test_usage(self) -> None:
         """A missing subcommand is bad usage (exit 2)."""
         with self.assertRaises(SystemExit) as cm:

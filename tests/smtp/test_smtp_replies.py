@@ -36,7 +36,6 @@ class RepliesTests(SynchronousTestCase):
         self.assertEqual(str(R.SENDER_NOT_OWNED)[:9], "553 5.7.1")
         self.assertEqual(str(R.AUTH_FAILED)[:9], "535 5.7.8")
         self.assertEqual(str(R.TOO_MANY_RECIPIENTS)[:9], "452 4.5.3")
-        self.assertEqual(str(R.RATE_LIMITED)[:9], "451 4.7.1")
         self.assertEqual(str(R.MESSAGE_TOO_BIG)[:9], "552 5.3.4")
 
     def test_rcptRefusalsComeFromTheTable(self) -> None:

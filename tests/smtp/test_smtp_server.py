@@ -21,7 +21,8 @@ from mailstack.interfaces import IIncoming, IIntake, IRouter, ILoginThrottle
 
 from tests.support.fakes import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle
 
-from .support import Session, make_runtime
+from tests.support.runtime import fake_runtime
+from .support import Session, make_config, make_runtime
 
 B64 = base64.b64encode
 
@@ -603,6 +604,46 @@ class SubmissionTests(SynchronousTestCase):
         later = Session("submissions", rt)
         later.login()
         self.assertEqual(later.codes(b"MAIL FROM:<alice@example.org>"), [b"250 2.1.0"])
+
+    def test_limitReservedAtMailReleasedOnRset(self) -> None:
+        """A transaction holds its message against the limit from MAIL on (a second session
+        of the same user is refused while it is open); RSET releases it."""
+        rt = make_runtime(limits={"messages_per_hour": 1})
+        first = Session("submissions", rt)
+        first.login()
+        self.assertEqual(first.codes(b"MAIL FROM:<alice@example.org>"), [b"250 2.1.0"])
+        second = Session("submissions", rt)
+        second.login()
+        self.assertEqual(second.codes(b"MAIL FROM:<alice@example.org>"), [b"451 4.7.1"])
+        first.talk(b"RSET")
+        self.assertEqual(second.codes(b"MAIL FROM:<alice@example.org>"), [b"250 2.1.0"])
+        second.transport.loseConnection()
+        second.proto.connectionLost(None)
+        self.assertEqual(first.codes(b"MAIL FROM:<alice@example.org>"), [b"250 2.1.0"])
+
+    def test_dailyLimitNamed(self) -> None:
+        """messages_per_day refuses MAIL with 451 4.7.1 naming the daily limit."""
+        rt = make_runtime(limits={"messages_per_hour": 0, "messages_per_day": 1})
+        s = Session("submissions", rt)
+        s.login()
+        self.assertIn(b"Ok: queued", s.send(transaction(sender=b"alice@example.org", rcpt=b"bob@example.org")))
+        reply = s.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertTrue(reply.startswith(b"451 4.7.1 Daily sending limit of 1 messages"), reply)
+
+    def test_metricsAcceptedRefusedSessions(self) -> None:
+        """The session counts accepted messages by listener, refusals by reason, open sessions."""
+        from mailstack.metrics import Metrics
+
+        metrics = Metrics()
+        rt = fake_runtime(make_config(), metrics=metrics)
+        s = Session("smtp", rt)
+        s.talk(b"EHLO c")
+        self.assertIn(b"Ok: queued", s.send(transaction(sender=b"x@remote.test", rcpt=b"bob@example.org")))
+        text = metrics.exposition().decode()
+        self.assertIn('mailstack_messages_accepted_total{listener="smtp"} 1.0', text)
+        self.assertIn('mailstack_sessions_open{protocol="smtp"} 1.0', text)
+        s.proto.connectionLost(None)
+        self.assertIn('mailstack_sessions_open{protocol="smtp"} 0.0', metrics.exposition().decode())
 
     def test_noPasswordsInLogs(self) -> None:
         """Neither the password nor the AUTH payload appears in any log event."""

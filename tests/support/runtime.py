@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 
 from mailstack.pipeline import Pipeline
 from mailstack.runtime import Runtime
+from mailstack.sendlimits import SendLimits
 from tests.support.fakes import (
     FakeAliases,
     FakeChecker,
@@ -45,6 +46,10 @@ def fake_runtime(config: Any, root: str = "", **parts: Any) -> Runtime:
         "manager": None,
         "maildirs": FakeMaildirs(os.path.join(root, "mail")),
         "pipeline": Pipeline([], clock),
+        # Not started: counts stay in memory (nothing is written to data_dir).
+        "send_limits": SendLimits(
+            clock, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
+        ),
     }
     fields.update(parts)
     return Runtime(**fields)

@@ -1,8 +1,9 @@
-# -*- test-case-name: tests.smtp.test_smtp_ratelimit -*-
-"""Per-user sending limit over a rolling hour (``limits.messages_per_hour``).
+# -*- test-case-name: tests.test_ratelimit -*-
+"""Events per key over a rolling window, in memory (the per-client message rate
+of the MX listener, ``inbound.max_messages_per_minute``).
 
-In memory, shared by every SMTP listener of one process; a restart forgets it
-(the limit is a brake on a stolen password, not an accounting system).
+A restart forgets the counts: the limit is a brake on a flood, not accounting
+(the per-user sending limits, which must survive restarts, are ``sendlimits``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Tests for mailstack.smtp.ratelimit: a rolling-hour counter on an injected clock."""
+"""Tests for mailstack.ratelimit: a rolling-hour counter on an injected clock."""
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.smtp.ratelimit import RateLimiter
+from mailstack.ratelimit import RateLimiter
 
 
 class RateLimiterTests(SynchronousTestCase):
