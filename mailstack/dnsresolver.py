@@ -2,7 +2,9 @@
 """The one DNS resolver of the server, shared by every check that asks the DNS.
 
 ``[dns] nameservers`` names the servers to ask; when it is empty,
-``relay.nameservers``, else the system's ``/etc/resolv.conf``.  Answers are
+``relay.nameservers``, else the system's ``/etc/resolv.conf``, after
+``/etc/hosts`` as the system resolver does (a smarthost named ``localhost``
+or a LAN name from the hosts file must keep working).  Answers are
 kept for their TTL in twisted.names' ``CacheResolver``: a chain of resolvers
 never fills its cache by itself (only ``twisted.names.server`` does), so
 ``CachingResolver`` asks the upstream on a miss and fills the cache with the
@@ -20,7 +22,7 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IResolver
-from twisted.names import client, dns
+from twisted.names import client, dns, hosts, resolve
 from twisted.names.cache import CacheResolver
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
@@ -82,6 +84,7 @@ def build(config: Any, reactor: Any) -> IResolver:
     servers = nameservers(config)
     if servers:
         upstream = client.Resolver(servers=servers, reactor=reactor)
-    else:
-        upstream = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    return cast(IResolver, CachingResolver(upstream, reactor))
+        return cast(IResolver, CachingResolver(upstream, reactor))
+    upstream = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    chain = [hosts.Resolver(file=b"/etc/hosts"), CachingResolver(upstream, reactor)]
+    return cast(IResolver, resolve.ResolverChain(chain))
