@@ -73,17 +73,22 @@ def wait_queue_empty(server: Server, timeout: float = 30.0) -> None:
 
 
 def talk(port: int, data: bytes, replies: int) -> list[bytes]:
-    """Send ``data`` in one write after the banner; the final lines of the next ``replies`` replies."""
+    """Send ``data`` pipelined after the banner, as RFC 2920 allows: the commands
+    up to DATA in one write, the message only after the 354; the final lines of
+    the next ``replies`` replies."""
+    head, sep, rest = data.partition(b"DATA\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         f = s.makefile("rb")
         f.readline()
-        s.sendall(data)
-        out = []
+        s.sendall(head + sep)
+        out: list[bytes] = []
         while len(out) < replies:
             line = f.readline()
             assert line, out
             if line[3:4] != b"-":
                 out.append(line.rstrip(b"\r\n"))
+                if sep and rest and line.startswith(b"354"):
+                    s.sendall(rest)
         return out
 
 
