@@ -248,6 +248,19 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         self.kill()
 
+    def shut_down(self) -> None:
+        """``stop()`` (graceful, asserting exit status 0), and in any case ``kill()``."""
+        try:
+            self.stop()
+        finally:
+            self.kill()
+
+    def add_users(self, users: dict[str, str]) -> None:
+        """``mailstack user add`` each address with its password; asserts success."""
+        for address, password in users.items():
+            r = self.admin("user", "add", address, "--password-stdin", input=password + "\n")
+            assert r.returncode == 0, r.stderr
+
     # -- helpers --------------------------------------------------------------
 
     def admin(self, *args: str, input: str | bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -33,14 +33,10 @@ def submission_login(server: Server, user: str, password: str) -> tuple[int, byt
 def srv(tmp_path):
     """A server (cache on, its default TTL) with user alice, running."""
     server = Server(tmp_path)
-    r = server.admin("user", "add", "alice@localhost", "--password-stdin", input="old-pw\n")
-    assert r.returncode == 0, r.stderr
+    server.add_users({"alice@localhost": "old-pw"})
     server.start()
     yield server
-    try:
-        server.stop()
-    finally:
-        server.kill()
+    server.shut_down()
 
 
 def test_passwdTakesEffectAtOnce(srv):

@@ -111,10 +111,7 @@ def world(tmp_path_factory):
         sink.stop()
         if w.dns is not None:
             w.dns.stop()
-        try:
-            server.stop()
-        finally:
-            server.kill()
+        server.shut_down()
 
 
 def submit(world: World, marker: str, dated: bool = True) -> bytes:

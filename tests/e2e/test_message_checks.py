@@ -45,14 +45,10 @@ def srv(tmp_path_factory):
     (plugins / "subjectword.py").write_text(PLUGIN)
     (root / "server").mkdir()
     server = Server(root / "server", CONFIG, python_path=(str(root / "site"),))
-    r = server.admin("user", "add", "alice@localhost", "--password-stdin", input="alice-pw\n")
-    assert r.returncode == 0, r.stderr
+    server.add_users({"alice@localhost": "alice-pw"})
     server.start()
     yield server
-    try:
-        server.stop()
-    finally:
-        server.kill()
+    server.shut_down()
 
 
 def test_readmePluginProvidesTheInterfaces(tmp_path):

@@ -134,10 +134,7 @@ def relay(tmp_path_factory):
         finally:
             for s in sinks.values():
                 s.stop()
-            try:
-                server.stop()
-            finally:
-                server.kill()
+            server.shut_down()
     finally:
         dns_proc.kill()
         dns_proc.wait()

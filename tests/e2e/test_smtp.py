@@ -22,17 +22,12 @@ def srv(tmp_path_factory):
     """One server for the module, with users alice and bob and an alias for alice.  Unauthenticated
     clients may pipeline behind DATA here, so the smuggling tests reach the DATA decoder."""
     server = Server(tmp_path_factory.mktemp("smtp"), extra_toml="[smtp]\nforbid_unauth_pipelining = false\n")
-    for user, pw in PASSWORDS.items():
-        r = server.admin("user", "add", user, "--password-stdin", input=pw + "\n")
-        assert r.returncode == 0, r.stderr
+    server.add_users(PASSWORDS)
     r = server.admin("alias", "add", "sales@localhost", "alice@localhost")
     assert r.returncode == 0, r.stderr
     server.start()
     yield server
-    try:
-        server.stop()
-    finally:
-        server.kill()
+    server.shut_down()
 
 
 def tls_context() -> ssl.SSLContext:
