@@ -68,7 +68,9 @@ class CachingResolver(ResolverBase):
 def negative_ttl(error: DNSNameError) -> float:
     """RFC 2308 section 5: the lesser of the SOA's TTL and its MINIMUM field."""
     message = error.args[0] if error.args else None
-    for rr in getattr(message, "authority", None) or ():
+    if not isinstance(message, dns.Message):  # raised without the answer
+        return NEGATIVE_TTL
+    for rr in message.authority:
         if rr.type == dns.SOA:
             return float(min(rr.ttl, rr.payload.minimum, MAX_NEGATIVE_TTL))
     return NEGATIVE_TTL

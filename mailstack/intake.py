@@ -7,7 +7,7 @@ RFC 5321 section 4.4 ``Received:`` header and holds the bytes in memory up to
 ``SPILL_AT`` (the size of the write buffer a file would need anyway); a bigger
 message is streamed to ``queue/tmp/<id>`` from then on, so memory never grows
 with message size.  A 250 to DATA means the message is fsynced in its
-Maildirs or in the queue (interface.md, "Protocol behaviour").
+Maildirs or in the queue (docs/commit-protocol.rst).
 
 Direct delivery (recipients all local)
 --------------------------------------

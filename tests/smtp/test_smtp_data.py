@@ -57,7 +57,7 @@ class DecoderTests(SynchronousTestCase):
         self.assertEqual(b"".join(out), b"abc\r\n")
 
     def test_smugglingSequencesDoNotEnd(self) -> None:
-        """None of the scanner end-of-data lookalikes ends DATA (anchors 5.1)."""
+        """None of the scanner end-of-data lookalikes ends DATA (docs/smtp-smuggling.rst)."""
         for seq in (b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n",
                     b"\r\n.\r", b"\r\n\x00.\r", b"\r\n\x00.\n", b"\r\n.\x00\r\n", b"\r\n.", b"\n\n.\r\n",
                     b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\r\n.\n"):
