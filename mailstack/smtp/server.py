@@ -32,7 +32,6 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,26 +40,22 @@ from mailstack import connlimit
 from mailstack.address import Address
 from mailstack.auth import sasl
 from mailstack.auth.login import LoginResult
-from mailstack.envelope import Destination, Envelope
+from mailstack.envelope import Destination
 from mailstack.errors import MailError, Reply
 from mailstack.interfaces import IIncoming
 from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
 from mailstack.sendlimits import Reservation
-from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
-from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
+from mailstack.smtp.bdat import ChunkDecoder
 from mailstack.smtp.data import DataDecoder
 from mailstack.smtp.policy import auth_allowed, sender_owned
 from mailstack.smtp.syntax import MailFrom, parse_mail_from, parse_rcpt, recipient
+from mailstack.smtp.transfer import AUTH, COMMAND, DATA, MessageTransfer
 
 if TYPE_CHECKING:
     from mailstack.smtp.factory import SMTPFactory
 
-# Session modes.
-_COMMAND = "command"
-_DATA = "data"
-_AUTH = "auth"
 
 _WIRE: dict[Reply, bytes] = {r: r.encode() for r in R.ALL.values()}  # the constants, pre-encoded
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
@@ -79,25 +74,28 @@ _REFUSAL_REASONS: dict[Reply, str] = {
 }
 
 
-class SMTPServer(CommandSession):
+class SMTPServer(MessageTransfer):
     """One ESMTP session.  Built by ``smtp.factory.SMTPFactory``."""
 
     log = Logger()
     protocol = "smtp"
     quiet_after_close = (MailError,)
-    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: _WIRE[R.TOO_MANY_CONNECTIONS], connlimit.PER_IP: _WIRE[R.TOO_MANY_CONNECTIONS_IP]}
+    limit_replies: ClassVar[dict[str, bytes]] = {
+        connlimit.TOTAL: _WIRE[R.TOO_MANY_CONNECTIONS],
+        connlimit.PER_IP: _WIRE[R.TOO_MANY_CONNECTIONS_IP],
+    }
     too_many_errors_reply = _WIRE[R.TOO_MANY_ERRORS]
     shutdown_reply = _WIRE[R.SHUTTING_DOWN]  # RFC 5321 section 3.8
     forced_close_reply = shutdown_reply  # an unacknowledged message is aborted (closing)
 
     def __init__(self, factory: SMTPFactory) -> None:
         rt = factory.runtime
-        CommandSession.__init__(self, rt.reactor, factory.group, factory.limiter, rt.metrics)
+        super().__init__(rt.reactor, factory.group, factory.limiter, rt.metrics)
         self.factory = factory
         self.runtime = rt
         self.config = rt.config
         self.policy = factory.policy
-        self.mode = _COMMAND
+        self.mode = COMMAND
         self._write_failed = False  # the intake refused message bytes; answered at the end of DATA
         self.messages = 0
         self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
@@ -198,19 +196,6 @@ class SMTPServer(CommandSession):
             listener=self.policy.kind,
         )
 
-    def closing(self) -> None:
-        if self._incoming is not None:
-            self._abort_incoming()
-
-    def _abort_incoming(self) -> None:
-        incoming, self._incoming = self._incoming, None
-        self._decoder = None
-        if incoming is not None:
-            try:
-                incoming.abort()
-            except Exception:
-                self.log.failure("smtp: aborting an incoming message failed", peer=self.peer)
-
     def handler_failed(self) -> None:
         self.log.failure("smtp: internal error", peer=self.peer)
         self._reply(R.LOCAL_ERROR)
@@ -220,19 +205,21 @@ class SMTPServer(CommandSession):
 
     def idle_timeout(self) -> float:
         smtp = self.config.smtp
-        return smtp.data_timeout if self.mode == _DATA else smtp.command_timeout
+        return smtp.data_timeout if self.mode == DATA else smtp.command_timeout
 
     def timed_out(self) -> None:
         if self._blocked:  # our own work is slow, not the client
             self._arm_timer()
             return
-        self.log.info("smtp timeout peer={peer} user={user} mode={mode}", peer=self.peer, user=self.user, mode=self.mode)
+        self.log.info(
+            "smtp timeout peer={peer} user={user} mode={mode}", peer=self.peer, user=self.user, mode=self.mode
+        )
         self._reply(R.TIMEOUT)
         self._close()
 
     def idle(self) -> bool:
         """Between transactions: a draining session closes now, else after its final reply."""
-        return not self.in_transaction and self.mode == _COMMAND
+        return not self.in_transaction and self.mode == COMMAND
 
     # -- input ----------------------------------------------------------------
 
@@ -243,7 +230,7 @@ class SMTPServer(CommandSession):
         return self.config.smtp.max_errors
 
     def line_received(self, line: bytes) -> None:
-        if self.mode == _AUTH:
+        if self.mode == AUTH:
             self._auth_response(line)
         else:
             self._command(line)
@@ -251,8 +238,8 @@ class SMTPServer(CommandSession):
     def line_too_long(self) -> None:
         # RFC 5321 4.5.3.1.4 / 4.2.2: 500 5.5.6; the session skips to the next CRLF.
         self._reply(R.LINE_TOO_LONG, error="line")
-        if self.mode == _AUTH:
-            self.mode = _COMMAND
+        if self.mode == AUTH:
+            self.mode = COMMAND
             self._auth = None
 
     # -- output ---------------------------------------------------------------
@@ -301,7 +288,7 @@ class SMTPServer(CommandSession):
             # A bug must not kill the session silently or leak its text: 451, logged.
             self.log.failure("smtp: internal error in {command}", command=verb, peer=self.peer)
             self._abort_incoming()
-            self.mode = _COMMAND
+            self.mode = COMMAND
             self._raw = None
             self._reset_transaction()
             self._reply(R.LOCAL_ERROR)
@@ -330,7 +317,7 @@ class SMTPServer(CommandSession):
         self._write_raw(R.ehlo_wire(hostname, shown, self._extensions()))
 
     def _extensions(self) -> tuple[str, ...]:
-        kw = self.factory.extensions
+        kw: tuple[str, ...] = self.factory.extensions
         if self._starttls_available():
             kw += ("STARTTLS",)
         if self._auth_allowed():
@@ -396,7 +383,9 @@ class SMTPServer(CommandSession):
         # after STARTTLS arrived in plaintext; it is discarded, never executed.
         dropped = self._start_tls(context)
         if dropped:
-            self.log.info("smtp discarded {size} bytes pipelined after STARTTLS peer={peer}", size=dropped, peer=self.peer)
+            self.log.info(
+                "smtp discarded {size} bytes pipelined after STARTTLS peer={peer}", size=dropped, peer=self.peer
+            )
         # RFC 3207 section 4.2: forget everything learnt before TLS.
         self._reset_session()
 
@@ -421,7 +410,7 @@ class SMTPServer(CommandSession):
             self._reply(R.UNKNOWN_MECHANISM, error="AUTH")
             return
         self._auth = sasl.Exchange(mech)
-        self.mode = _AUTH
+        self.mode = AUTH
         if not initial:
             self._write_raw(R.auth_challenge(self._auth.challenge))
             return
@@ -432,14 +421,14 @@ class SMTPServer(CommandSession):
         try:
             step = self._auth.step(sasl.decode_response(line))
         except sasl.SASLError as e:
-            self.mode = _COMMAND
+            self.mode = COMMAND
             self._auth = None
             self._reply(R.AUTH_CANCELLED if isinstance(e, sasl.Cancelled) else R.AUTH_BAD_BASE64, error="AUTH")
             return
         if isinstance(step, bytes):
             self._write_raw(R.auth_challenge(step))
             return
-        self.mode = _COMMAND
+        self.mode = COMMAND
         self._auth = None
         username, password = step
         self._check_credentials(username, password)
@@ -559,7 +548,7 @@ class SMTPServer(CommandSession):
             return
         def done(result: Any) -> None:
             if isinstance(result, Failure):
-                if result.check(MailError):
+                if isinstance(result.value, MailError):
                     self._reply(result.value.reply, error="RCPT")
                     return
                 self.log.failure("smtp: routing failed", result, peer=self.peer)
@@ -586,223 +575,8 @@ class SMTPServer(CommandSession):
 
         self._then(done, self.runtime.router.resolve, address, bool(self.user))
 
-    # DATA, RFC 5321 4.1.1.4
-    def do_DATA(self, arg: str) -> None:
-        if not self.user and self.config.smtp.forbid_unauth_pipelining and self._pending_input():
-            # RFC 2920 section 3.1: DATA ends a group; a client that sends on before
-            # the 354 is not speaking SMTP (the SMTP smuggling class): drop it.
-            self.log.info("smtp improper pipelining after DATA peer={peer}", peer=self.peer)
-            self._reply(R.PIPELINING_FORBIDDEN, error="DATA")
-            self._close()
-            return
-        self._begin_data(arg)
-        if self.mode == _DATA:
-            self._set_deadline(self.config.smtp.data_total_timeout, self._data_expired)
-        else:
-            # Refused: what the client sent behind DATA is message content, never commands.
-            dropped = self._discard_input()
-            if dropped:
-                self.log.info("smtp discarded {size} bytes pipelined after a refused DATA peer={peer}", size=dropped, peer=self.peer)
-
-    def _data_expired(self) -> None:
-        """``smtp.data_total_timeout``: a byte now and then resets the idle timer, not this."""
-        self.log.info("smtp DATA time limit reached peer={peer} user={user}", peer=self.peer, user=self.user)
-        self._reply(R.TIMEOUT)
-        self._close()  # aborts the message (closing)
-
-    def _begin_data(self, arg: str) -> None:
-        if arg:
-            self._reply(R.SYNTAX, error="DATA")
-            return
-        if self._incoming is not None:  # RFC 3030 section 3: BDAT and DATA do not mix
-            self._reply(R.DATA_AFTER_BDAT, error="DATA")
-            return
-        refusal = self._begin_message()
-        if refusal is not None:
-            self._reply(refusal, error="DATA")
-            return
-        self._decoder = DataDecoder(self._sink, self.config.smtp.max_message_size)
-        self.mode = _DATA
-        self._raw = self._data_chunk
-        self._reply(R.START_DATA)
-
-    def _begin_message(self) -> Reply | None:
-        """Open the intake for the transaction's message (DATA or the first BDAT); the refusal if not."""
-        if not self.in_transaction:
-            return R.NEED_MAIL
-        if not self.recipients:
-            return R.NO_VALID_RECIPIENTS if self._rcpt_tried else R.NEED_RCPT
-        envelope = Envelope(
-            sender=self.sender,
-            recipients=tuple(self.recipients),
-            helo=self.helo or "",
-            peer=self.peer,
-            protocol=self._protocol_name(),
-            tls=self._tls_description(),
-            user=self.user,
-            ret=self._mail.ret,
-            envid=self._mail.envid,
-            smtputf8=self._mail.smtputf8,
-        )
-        try:
-            self._incoming = self.runtime.intake.begin(envelope)
-        except MailError as e:
-            self._reset_transaction()
-            return e.reply
-        except Exception:
-            self.log.failure("smtp: intake.begin failed", peer=self.peer)
-            self._reset_transaction()
-            return R.LOCAL_ERROR
-        self._write_failed = False
-        self._observer = self.factory.pipeline.data_begin(self._connection(), self._txn)
-        return None
-
-    # BDAT, RFC 3030 (parsing and counting: smtp.bdat)
-    def do_BDAT(self, arg: str) -> None:
-        parsed = parse_bdat(arg)
-        if isinstance(parsed, Reply):  # no count to consume: the octets cannot be told from commands
-            self._reply(parsed, error="BDAT")
-            return
-        size, last = parsed
-        if self._incoming is None:
-            refusal = self._begin_message()
-            if refusal is not None:
-                self._read_chunk(Skip(size), lambda: self._reply(refusal, error="BDAT"))
-                return
-            self._decoder = ChunkDecoder(self._sink, self.config.smtp.max_message_size)
-        decoder = self._decoder
-        assert isinstance(decoder, ChunkDecoder)
-        decoder.expect(size)
-        self._read_chunk(decoder, lambda: self._chunk_done(decoder, size, last))
-
-    def _read_chunk(self, reader: Skip | ChunkDecoder, then: Callable[[], None]) -> None:
-        """Consume the chunk's octets whatever becomes of them, then answer (RFC 3030 section 3)."""
-        if reader.remaining == 0:
-            then()
-            return
-
-        def consume(data: bytes) -> None:
-            rest = reader.feed(data)
-            if rest is not None:
-                self.mode = _COMMAND
-                self._raw = None
-                self._unread(rest)
-                then()
-
-        self.mode = _DATA
-        self._raw = consume
-
-    def _chunk_done(self, decoder: ChunkDecoder, size: int, last: bool) -> None:
-        if last:
-            decoder.finish()
-        if last or decoder.too_big or decoder.bare_newline or self._write_failed:
-            self._end_data()  # commits, or refuses and ends the transaction
-            return
-        self._reply(R.chunk_ok(size))
-
-    def _sink(self, chunk: bytes) -> None:
-        if self._observer is not None:
-            self._observer.write(chunk)
-        if self._write_failed or self._incoming is None:
-            return
-        try:
-            self._incoming.write(chunk)
-        except Exception:
-            # Keep reading to the terminator; the reply comes then (451).
-            self.log.failure("smtp: writing message data failed", peer=self.peer)
-            self._write_failed = True
-
-    def _data_chunk(self, chunk: bytes) -> None:
-        """Message bytes in DATA mode (the session's raw consumer)."""
-        assert self._decoder is not None
-        rest = self._decoder.feed(chunk)
-        if rest is not None:
-            self._unread(rest)
-            self._end_data()
-
-    def _end_data(self) -> None:
-        decoder, incoming = self._decoder, self._incoming
-        assert decoder is not None and incoming is not None
-        self._clear_deadline()
-        self.mode = _COMMAND
-        self._raw = None
-        self._decoder = None
-        if decoder.too_big or decoder.bare_newline or self._write_failed:
-            self._abort_incoming()
-            if decoder.too_big:
-                reply = R.MESSAGE_TOO_BIG  # RFC 1870 section 6.2
-            elif decoder.bare_newline:
-                reply = R.BARE_CR_LF_DATA
-            else:
-                reply = R.LOCAL_ERROR
-            self._reset_transaction()
-            self._reply(reply, error="DATA")
-            return
-        self._then(lambda result: self._commit(incoming, result), self.factory.pipeline.data,
-                   self._connection(), self._txn, incoming.message())
-
-    def _commit(self, incoming: Any, changes: Any) -> None:
-        """The end-of-data checks answered: refuse, or commit with their header changes."""
-        if isinstance(changes, (Reply, Failure)):
-            self._abort_incoming()
-            self._reset_transaction()
-            self._reply(self._refusal(changes), error="DATA")
-            return
-        d = maybeDeferred(incoming.finish, changes)
-        # Committed or released with the outcome, even if the client leaves meanwhile.
-        reservation, self._reservation = self._reservation, None
-
-        def done(result: Any) -> None:
-            self._incoming = None
-            self._reset_transaction()
-            if isinstance(result, Failure):
-                if reservation is not None:
-                    reservation.release()
-                # Our failure, not the client's: answered, logged, not counted as an error.
-                if result.check(MailError):
-                    reply = result.value.reply
-                    self.log.info("smtp commit refused peer={peer} user={user}: {reply}",
-                                  peer=self.peer, user=self.user, reply=escape(str(reply)))
-                else:
-                    self.log.failure("smtp: commit failed", result, peer=self.peer)
-                    reply = R.LOCAL_ERROR
-                self._reply(reply)
-                return
-            queue_id = str(result)
-            self.messages += 1
-            if reservation is not None:
-                reservation.commit()
-            self.runtime.metrics.accepted(self.policy.kind)
-            # The intake logged the acceptance: one event per message, not two.
-            # The only 250 after DATA comes from the commit's callback: the
-            # message and its directory entry are fsynced by then.
-            self._reply(R.queued(queue_id))
-
-        # The incoming stays set until the commit resolves, but a lost
-        # connection must no longer abort it: the data is complete.
-        self._incoming = None
-        self._wait(d, done)
-
-    def _protocol_name(self) -> str:
-        # RFC 3848 with-protocol types.
-        if not self.esmtp and not self.tls and not self.user:
-            return "SMTP"
-        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.user else "")
-
-    def _tls_description(self) -> str:
-        if not self.tls:
-            return ""
-        try:
-            handle = self.transport.getHandle()
-            version = handle.get_protocol_version_name()
-            cipher = handle.get_cipher_name()
-        except Exception:
-            return ""
-        return " ".join(str(p) for p in (version, cipher) if p)
-
     _COMMANDS: dict[str, Callable[[SMTPServer, str], None]] = {}
 
 
-SMTPServer._COMMANDS = {
-    name[3:]: func for name, func in vars(SMTPServer).items() if name.startswith("do_") and callable(func)
-}
+# Every do_* of the class and its bases (DATA and BDAT are MessageTransfer's).
+SMTPServer._COMMANDS = {name[3:]: getattr(SMTPServer, name) for name in dir(SMTPServer) if name.startswith("do_")}
