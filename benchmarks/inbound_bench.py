@@ -29,10 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from loadclient import run_load
+from loadclient import run_load  # noqa: E402 (after the sys.path set-up above)
 
-from tests.e2e.harness import Server
-from tests.support.dnsserver import DNSServer
+from tests.e2e.harness import Server  # noqa: E402 (after the sys.path set-up above)
+from tests.support.dnsserver import DNSServer  # noqa: E402 (after the sys.path set-up above)
 
 SENDER = "loadclient@client.test"
 RCPT = "alice@localhost"
@@ -71,7 +71,9 @@ def run(root: str, dns: DNSServer, inbound: str, messages: int, sessions: int) -
         before = cpu_seconds(server.process.pid)
         result = asyncio.run(run_load("127.0.0.1", port, messages, sessions, lambda i: RCPT, sender=SENDER))
         summary = result.summary()
-        summary["server_cpu_ms_per_msg"] = round(1000 * (cpu_seconds(server.process.pid) - before) / max(result.sent, 1), 3)
+        summary["server_cpu_ms_per_msg"] = round(
+            1000 * (cpu_seconds(server.process.pid) - before) / max(result.sent, 1), 3
+        )
         return summary
     finally:
         server.stop()
@@ -94,8 +96,17 @@ def main() -> None:
             dns.stop()
     ratio = on["accept_msg_per_s"] / off["accept_msg_per_s"] if off["accept_msg_per_s"] else None
     cpu = on["server_cpu_ms_per_msg"] / off["server_cpu_ms_per_msg"] if off["server_cpu_ms_per_msg"] else None
-    print(json.dumps({"checks_off": off, "checks_on": on, "rate_on_over_off": ratio and round(ratio, 3),
-                      "cpu_on_over_off": cpu and round(cpu, 3)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "checks_off": off,
+                "checks_on": on,
+                "rate_on_over_off": ratio and round(ratio, 3),
+                "cpu_on_over_off": cpu and round(cpu, 3),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def _nameservers(value: Any) -> tuple[tuple[str, int], ...]:
 
 def _listeners(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ValueError("must be a list of endpoint strings such as \"tcp:25\"")
+        raise ValueError('must be a list of endpoint strings such as "tcp:25"')
     out = []
     for v in value:
         v = _str(v)
@@ -160,7 +160,9 @@ def _listeners(value: Any) -> tuple[str, ...]:
 
 
 def _check_names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", v) for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", v) for v in value
+    ):
         raise ValueError('must be a list of check names such as ["loop"]')
     if len(set(value)) != len(value):
         raise ValueError("names a check twice")
@@ -253,8 +255,13 @@ KEYS: tuple[Key, ...] = (
     Key("listen", "submissions", _listeners, [f"ssl:4650:{_LOOP}"], "implicit-TLS submission listeners (RFC 8314)"),
     Key("listen", "pop3", _listeners, [f"tcp:1100:{_LOOP}"], "POP3 listeners, STLS offered"),
     Key("listen", "pop3s", _listeners, [f"ssl:9950:{_LOOP}"], "implicit-TLS POP3 listeners"),
-    Key("listen", "metrics", _listeners, [],
-        'Prometheus metrics over HTTP at /metrics, e.g. ["tcp:9125:interface=127.0.0.1"]'),
+    Key(
+        "listen",
+        "metrics",
+        _listeners,
+        [],
+        'Prometheus metrics over HTTP at /metrics, e.g. ["tcp:9125:interface=127.0.0.1"]',
+    ),
     Key("tls", "certificate", _path, "", "PEM certificate (chain allowed); empty: self-signed in data_dir"),
     Key("tls", "private_key", _path, "", "PEM private key; empty: the certificate file, or self-signed"),
     Key("smtp", "max_message_size", _int, 26214400, "bytes; advertised in EHLO SIZE"),
@@ -266,13 +273,24 @@ KEYS: tuple[Key, ...] = (
     Key("smtp", "command_timeout", _duration, "5m", "idle time allowed between commands (RFC 5321 4.5.3.2.7)"),
     Key("smtp", "data_timeout", _duration, "10m", "idle time allowed inside DATA (RFC 5321 4.5.3.2.6)"),
     Key("smtp", "data_total_timeout", _duration, "10m", "total time one DATA may take, however busy the client"),
-    Key("smtp", "forbid_unauth_pipelining", _bool, True,
-        "drop an unauthenticated client that sends on before the 354 after DATA"),
+    Key(
+        "smtp",
+        "forbid_unauth_pipelining",
+        _bool,
+        True,
+        "drop an unauthenticated client that sends on before the 354 after DATA",
+    ),
     Key("smtp", "shutdown_grace", _duration, "10s", "on SIGTERM, how long transactions in flight may finish"),
     Key("auth", "plaintext_on_loopback", _bool, False, "allow AUTH and USER/PASS without TLS from 127.0.0.0/8 and ::1"),
     Key("auth", "failure_delay", _duration, "1s", "delay after a failed login; doubles per failure from one peer"),
     Key("auth", "max_failure_delay", _duration, "15s", "ceiling of that delay"),
-    Key("auth", "lockout_failures", _int, 10, "failed logins per address or (address, account) before a lockout; 0: never"),
+    Key(
+        "auth",
+        "lockout_failures",
+        _int,
+        10,
+        "failed logins per address or (address, account) before a lockout; 0: never",
+    ),
     Key("auth", "lockout_time", _duration, "5m", "how long such a lockout lasts"),
     Key("auth", "cache_ttl", _duration, "5m", "how long a verified login is remembered (as a keyed hash); 0s: never"),
     Key("pop3", "idle_timeout", _duration, "10m", "autologout timer (RFC 1939 section 3)"),
@@ -292,35 +310,68 @@ KEYS: tuple[Key, ...] = (
     Key("relay", "command_timeout", _duration, "5m", "per SMTP command at the remote (RFC 5321 4.5.3.2)"),
     Key("relay", "max_connections", _int, 100, "simultaneous outbound connections"),
     Key("relay", "max_per_domain", _int, 20, "simultaneous outbound connections per destination domain"),
-    Key("relay", "tls_verify", _bool, False,
-        "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)"),
+    Key(
+        "relay",
+        "tls_verify",
+        _bool,
+        False,
+        "require STARTTLS with a verified certificate (false: opportunistic TLS, RFC 7435)",
+    ),
     Key("relay", "tls_ca_file", _path, "", "PEM file of extra trusted CAs for verified outbound TLS and MTA-STS"),
     Key("relay", "mta_sts", _bool, True, "honour MTA-STS policies of recipient domains (RFC 8461)"),
     Key("relay", "max_mx_hosts", _int, 5, "MX hosts tried per delivery attempt"),
-    Key("relay", "allow_private_literals", _bool, False,
-        "accept recipients like user@[10.0.0.1] (private, loopback, link-local)"),
+    Key(
+        "relay",
+        "allow_private_literals",
+        _bool,
+        False,
+        "accept recipients like user@[10.0.0.1] (private, loopback, link-local)",
+    ),
     Key("limits", "messages_per_hour", _int, 100, "per authenticated sender; 0: no limit"),
     Key("limits", "messages_per_day", _int, 1000, "per authenticated sender, last 24 hours; 0: no limit"),
-    Key("pipeline", "checks", _check_names, ["loop", "dkimsign"],
-        "message checks run in this order; built-in: loop, dkimsign; more from plugins"),
+    Key(
+        "pipeline",
+        "checks",
+        _check_names,
+        ["loop", "dkimsign"],
+        "message checks run in this order; built-in: loop, dkimsign; more from plugins",
+    ),
     Key("pipeline", "options", _tables, {}, "per-check options, one table each: [pipeline.options.<name>]"),
     Key("pipeline", "timeout", _duration, "1m", "a check that takes longer is answered 451 4.3.0"),
     Key("dns", "nameservers", _nameservers, [], "every lookup; empty: relay.nameservers, else the system resolver"),
     Key("inbound", "spf", _bool, True, "RFC 7208 on MAIL FROM (HELO for <>); feeds DMARC, never rejects alone"),
     Key("inbound", "dkim", _bool, True, "RFC 6376 verification of every DKIM-Signature"),
     Key("inbound", "dmarc", _bool, True, "RFC 7489: p=reject failing -> 550 5.7.1, p=quarantine -> X-Spam: yes"),
-    Key("inbound", "dnsbl", _dnsbl_zones, [], 'block lists asked at connect, e.g. ["zen.spamhaus.org"]; listed: 554 5.7.1'),
-    Key("inbound", "greylist", _optional_duration, "", '"5m": unknown (client net, sender, recipient) gets 451 4.7.1; "": off'),
+    Key(
+        "inbound",
+        "dnsbl",
+        _dnsbl_zones,
+        [],
+        'block lists asked at connect, e.g. ["zen.spamhaus.org"]; listed: 554 5.7.1',
+    ),
+    Key(
+        "inbound",
+        "greylist",
+        _optional_duration,
+        "",
+        '"5m": unknown (client net, sender, recipient) gets 451 4.7.1; "": off',
+    ),
     Key("inbound", "rspamd", _http_url, "", '"http://127.0.0.1:11333": ask rspamd after DATA; "": off'),
-    Key("inbound", "rspamd_failure", _failure_mode, "tempfail", 'rspamd unreachable: "tempfail" (451 4.7.1) or "accept"'),
+    Key(
+        "inbound", "rspamd_failure", _failure_mode, "tempfail", 'rspamd unreachable: "tempfail" (451 4.7.1) or "accept"'
+    ),
     Key("inbound", "max_messages_per_minute", _int, 0, "per client IP on the MX listener (451 4.7.1); 0: no limit"),
-    Key("submission", "max_connections", _int, 100,
-        "simultaneous connections on the submission and submissions listeners"),
+    Key(
+        "submission",
+        "max_connections",
+        _int,
+        100,
+        "simultaneous connections on the submission and submissions listeners",
+    ),
     Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
     Key("log", "format", _log_format, "text", '"json": one JSON object per line (JSON Lines)'),
     Key("dovecot", "passwd_file", _path, "", "Dovecot passwd-file kept in step with the users; empty: none"),
 )
-
 
 
 # -- the value objects ------------------------------------------------------
@@ -552,9 +603,7 @@ def from_mapping(raw: Mapping[str, Any], source: str = "", base: str = ".") -> C
             value = os.path.normpath(os.path.join(base, value))
         parsed[key.dotted] = value
     top = {k.name: parsed[k.dotted] for k in KEYS if not k.section}
-    sections = {
-        s: SECTION_CLASSES[s](**{k.name: parsed[k.dotted] for k in KEYS if k.section == s}) for s in SECTIONS
-    }
+    sections = {s: SECTION_CLASSES[s](**{k.name: parsed[k.dotted] for k in KEYS if k.section == s}) for s in SECTIONS}
     tls = sections["tls"]
     assert isinstance(tls, TLSSection)
     if tls.certificate and not tls.private_key:

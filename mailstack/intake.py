@@ -15,7 +15,8 @@ The common case on an MX.  One thread call (``LocalAgent.prepare_direct``)
 writes and fsyncs each recipient's copy into its Maildir ``tmp/``; then each
 copy joins the ``GroupCommit`` of its ``new/`` folder, which moves a batch of
 copies into that folder with one fsync of it (folders of different mailboxes
-are published side by side).  Only then does ``finish()`` fire.  Per message that is one file created, one fsync, one rename, and no
+are published side by side).  Only then does ``finish()`` fire.  Per message that is one file created, one fsync, one
+rename, and no
 queue files at all: on the benchmark machine creating and deleting files was
 the largest single cost of the old path (queue message, envelope and Maildir
 copy for every local message).  Like mox, and unlike Postfix, nothing is
@@ -65,11 +66,13 @@ rename, directory fsync, creating files from memory) runs through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import re
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
@@ -130,12 +133,10 @@ def received_header(envelope: Envelope, hostname: str, queue_id: str, now: float
     return _fold(clauses).encode("utf-8")
 
 
-def _date(second: int, _cache: list = [None, ""]) -> str:
+@functools.lru_cache(maxsize=1)
+def _date(second: int) -> str:
     """The RFC 5322 date of ``second`` (UTC); cached, as most messages share their second."""
-    if _cache[0] != second:
-        _cache[1] = format_datetime(datetime.fromtimestamp(second, timezone.utc))
-        _cache[0] = second
-    return _cache[1]
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def _token(text: str) -> str:
@@ -169,7 +170,7 @@ def _fold(clauses: list[str]) -> str:
 
 def _entries_or_errors(entries: list[QueueEntry], errors: list[BaseException | None]) -> list[Any]:
     """A GroupCommit result: per entry the entry itself, or the error that failed it."""
-    return [entry if error is None else error for entry, error in zip(entries, errors)]
+    return [entry if error is None else error for entry, error in zip(entries, errors, strict=False)]
 
 
 @implementer(IIntake)
@@ -212,7 +213,7 @@ class Intake:
         self._in_flight = 0  # commits between finish() and their outcome
         self._idle_waiters: list[Deferred] = []
 
-    def begin(self, envelope: Envelope) -> "Incoming":
+    def begin(self, envelope: Envelope) -> Incoming:
         """A new message, its Received: header already written."""
         return Incoming(self, envelope)
 
@@ -248,7 +249,9 @@ class Intake:
     def _deliver(self, entry: QueueEntry, data: bytes | None) -> Deferred:
         """Into the recipients' Maildirs directly if possible, else into the queue."""
         if self._local is not None and self._local.direct_ok(entry):
-            d = self._run_blocking(self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id))
+            d = self._run_blocking(
+                self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id)
+            )
             d.addCallback(self._publish_copies)
             d.addCallbacks(self._published, self._not_delivered, callbackArgs=(entry, data), errbackArgs=(entry, data))
         else:
@@ -274,7 +277,9 @@ class Intake:
                 group = self._folders[p.new_dir] = GroupCommit(self._run_blocking, self._local.publish_direct)
             ds.append(group.submit(p))
             ds[-1].addBoth(self._forget_idle, p.new_dir)
-        return DeferredList(ds, consumeErrors=True).addCallback(lambda results: [None if ok else f.value for ok, f in results])
+        return DeferredList(ds, consumeErrors=True).addCallback(
+            lambda results: [None if ok else f.value for ok, f in results]
+        )
 
     def _forget_idle(self, result: Any, folder: str) -> Any:
         """Keep group commits only for folders with deliveries in progress."""
@@ -291,7 +296,7 @@ class Intake:
             self._count_delivered(entry, entry.recipients)
             return entry.id
         owed = []
-        for r, error in zip(entry.recipients, errors):
+        for r, error in zip(entry.recipients, errors, strict=False):
             if error is None:
                 self.log.info("{queue_id}: to=<{rcpt}> relay=local status=sent", queue_id=entry.id, rcpt=r.address)
                 self._count_delivered(entry, [r])
@@ -502,8 +507,13 @@ class Incoming:
             address = dest.address.key if dest.local else str(dest.address)
             recipients.setdefault(
                 (address, dest.local),
-                RecipientState(address=address, original=str(dest.original), local=dest.local,
-                               notify=list(dest.notify), orcpt=dest.orcpt),
+                RecipientState(
+                    address=address,
+                    original=str(dest.original),
+                    local=dest.local,
+                    notify=list(dest.notify),
+                    orcpt=dest.orcpt,
+                ),
             )
         return QueueEntry(
             id=self.queue_id,
@@ -538,7 +548,10 @@ class Incoming:
         reply = reply_for(failure.value)
         if isinstance(failure.value, OSError):
             self._intake.log.error(
-                "queueing {queue_id} failed: {error}", queue_id=self.queue_id, error=str(failure.value), reply=str(reply)
+                "queueing {queue_id} failed: {error}",
+                queue_id=self.queue_id,
+                error=str(failure.value),
+                reply=str(reply),
             )
         else:
             self._intake.log.failure("queueing {queue_id} failed", failure=failure, queue_id=self.queue_id)
@@ -557,8 +570,14 @@ class Incoming:
 class ReceivedMessage:
     """A complete message as the checks see it before the commit."""
 
-    def __init__(self, header: tuple[headers.Field, ...], size: int, source: bytes | str, offset: int,
-                 run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(
+        self,
+        header: tuple[headers.Field, ...],
+        size: int,
+        source: bytes | str,
+        offset: int,
+        run_blocking: Callable[..., Deferred],
+    ) -> None:
         self.header = header
         self.size = size
         self._source = source  # the bytes in memory, or the path of the spill file

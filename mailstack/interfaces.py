@@ -398,7 +398,9 @@ class IRuntime(Interface):
     submission_connections = Attribute(
         "connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)"
     )
-    pop3_connections = Attribute("connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)")
+    pop3_connections = Attribute(
+        "connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)"
+    )
     send_limits = Attribute("sendlimits.SendLimits: [limits] per authenticated user, reserve at MAIL")
     metrics = Attribute("IMetrics: metrics.Metrics with listen.metrics, else metrics.NoMetrics")
 

@@ -49,7 +49,18 @@ PREFIX = "mailstack"
 
 LISTENERS = ("smtp", "submission", "submissions")
 REASONS = (
-    "relay", "unknown_user", "size", "rate", "auth", "dnsbl", "dmarc", "spf", "greylist", "spam", "loop", "other",
+    "relay",
+    "unknown_user",
+    "size",
+    "rate",
+    "auth",
+    "dnsbl",
+    "dmarc",
+    "spf",
+    "greylist",
+    "spam",
+    "loop",
+    "other",
 )
 AGENTS = ("local", "remote")
 PROTOCOLS = ("smtp", "pop3")
@@ -107,7 +118,9 @@ class Metrics:
         self._auth_failures = counter("auth_failures", "Failed logins.", "protocol", PROTOCOLS)
         sessions = Gauge(f"{PREFIX}_sessions_open", "Connections open.", ["protocol"], registry=self.registry)
         self._sessions = {p: sessions.labels(p) for p in PROTOCOLS}
-        self._tls = Counter(f"{PREFIX}_tls_sessions", "TLS handshakes, by version.", ["version"], registry=self.registry)
+        self._tls = Counter(
+            f"{PREFIX}_tls_sessions", "TLS handshakes, by version.", ["version"], registry=self.registry
+        )
         self._tls_versions: dict[str, Any] = {}
         latency = Histogram(
             f"{PREFIX}_delivery_latency_seconds",
@@ -246,4 +259,3 @@ class MetricsSite(Site):
 def make_metrics(descriptions: list[str]) -> Metrics | NoMetrics:
     """``Metrics`` when there is a metrics listener, else ``NoMetrics``."""
     return Metrics() if descriptions else NoMetrics()
-

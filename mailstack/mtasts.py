@@ -229,7 +229,10 @@ class _ResolvingTLSEndpoint:
     async def _connect(self, factory: Any) -> Any:
         # (IResolver's annotations say RRHeader where lists of them come back.)
         results: Any = await DeferredList(
-            [self.resolver.lookupAddress(self.host, DNS_TIMEOUT), self.resolver.lookupIPV6Address(self.host, DNS_TIMEOUT)],
+            [
+                self.resolver.lookupAddress(self.host, DNS_TIMEOUT),
+                self.resolver.lookupIPV6Address(self.host, DNS_TIMEOUT),
+            ],
             consumeErrors=True,
         )
         addresses = [
@@ -444,7 +447,9 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def build(reactor: Any, resolver: IResolver, data_dir: str, ca_file: str, run_blocking: Callable[..., Deferred]) -> MTASTS:
+def build(
+    reactor: Any, resolver: IResolver, data_dir: str, ca_file: str, run_blocking: Callable[..., Deferred]
+) -> MTASTS:
     """The relay's MTA-STS lookup: cache in ``data_dir/mta-sts``, fetches verified
     against the system store plus ``ca_file`` (``relay.tls_ca_file``; TrustError
     if it is unusable)."""

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.names import dns
 from twisted.names.cache import CacheResolver
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.config import Config
@@ -222,7 +223,7 @@ class Resolver:
                 deadline.cancel()
         resolved: list[Host] = []
         temporary = False
-        for host, (ok, value) in zip(hosts, results):
+        for host, (ok, value) in zip(hosts, results, strict=False):
             addresses, temp = cast(tuple[list[str], bool], value) if ok else ([], True)
             temporary |= temp
             resolved.append(Host(host.name, tuple(addresses), host.preference))

@@ -215,8 +215,7 @@ class Pipeline:
         # implements costs nothing per command.
         self._lists = {
             (submission, stage): tuple(
-                c for c in self.checks
-                if (c.submission if submission else c.mx) and _implements(c, stage)
+                c for c in self.checks if (c.submission if submission else c.mx) and _implements(c, stage)
             )
             for submission in (False, True)
             for stage in _STAGES
@@ -288,7 +287,9 @@ class Pipeline:
         """Call ``call(check)`` for each stage in turn; synchronous until one returns a Deferred."""
         return self._step(iter(self.stages(conn, stage)), conn, stage, call, absorb, done)
 
-    def _step(self, checks: Iterator[IMessageCheck], conn: Connection, stage: str, call: Any, absorb: Any, done: Any) -> Any:
+    def _step(
+        self, checks: Iterator[IMessageCheck], conn: Connection, stage: str, call: Any, absorb: Any, done: Any
+    ) -> Any:
         for check in checks:
             try:
                 result = call(check)
@@ -309,8 +310,17 @@ class Pipeline:
                 return reply
         return done()
 
-    def _resume(self, result: Any, check: IMessageCheck, checks: Iterator[IMessageCheck], conn: Connection,
-                stage: str, call: Any, absorb: Any, done: Any) -> Any:
+    def _resume(
+        self,
+        result: Any,
+        check: IMessageCheck,
+        checks: Iterator[IMessageCheck],
+        conn: Connection,
+        stage: str,
+        call: Any,
+        absorb: Any,
+        done: Any,
+    ) -> Any:
         if result is not None:
             reply = self._answer(check, result, conn, stage, absorb)
             if reply is not None:
@@ -328,7 +338,11 @@ class Pipeline:
         if reply is not None:
             self.log.info(
                 "check {check} refused {stage} peer={peer} user={user}: {reply}",
-                check=check.name, stage=stage, peer=conn.peer, user=conn.user, reply=str(reply),
+                check=check.name,
+                stage=stage,
+                peer=conn.peer,
+                user=conn.user,
+                reply=str(reply),
             )
             if self.metrics is not None:
                 self.metrics.refused(check.name)
@@ -336,7 +350,9 @@ class Pipeline:
 
     def _failed(self, failure: Failure, check: IMessageCheck, conn: Connection, stage: str) -> Reply:
         """A stage raised, errbacked or timed out: log it, tell the client 451 4.3.0 only."""
-        self.log.failure("check {check} failed in {stage} peer={peer}", failure, check=check.name, stage=stage, peer=conn.peer)
+        self.log.failure(
+            "check {check} failed in {stage} peer={peer}", failure, check=check.name, stage=stage, peer=conn.peer
+        )
         return LOCAL_ERROR
 
 

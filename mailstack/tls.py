@@ -107,7 +107,7 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: date
     The key is written first and the certificate last, each atomically, so a
     certificate file on disk always has its key next to it.
     """
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     alt_names: list[x509.GeneralName] = [x509.DNSName(hostname)]
@@ -147,7 +147,7 @@ class TLSConfig:
         self._options = load_options(cert_path, key_path)
 
     @classmethod
-    def from_config(cls, config: Any) -> "TLSConfig":
+    def from_config(cls, config: Any) -> TLSConfig:
         """Load ``[tls]`` or generate/reuse ``data_dir/tls/selfsigned.*``.  Blocking."""
         if config.tls.certificate:
             return cls(config.tls.certificate, config.tls.private_key or config.tls.certificate)

@@ -288,7 +288,9 @@ class BuildTests(SynchronousTestCase):
 
     def test_everything(self):
         """Every key on: the checks in stage order and the greylist table as a service."""
-        built = self.build(dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60)
+        built = self.build(
+            dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60
+        )
         self.assertEqual(
             [c.name for c in built.checks],
             ["dnsbl", "rate", "spf", "greylist", "dkim", "dmarc", "authresults", "rspamd"],
@@ -297,7 +299,9 @@ class BuildTests(SynchronousTestCase):
 
     def test_authenticatedSessionsExempt(self):
         """No inbound check runs at any stage of an authenticated session."""
-        built = self.build(dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60)
+        built = self.build(
+            dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60
+        )
         pipeline = Pipeline(built.checks, Clock())
         authed = Connection(peer="192.0.2.7", listener="smtp", hostname="mx.test", user="alice@localhost")
         for stage in ("connect", "mail", "rcpt", "data"):
@@ -306,8 +310,15 @@ class BuildTests(SynchronousTestCase):
 
     def test_configValidation(self):
         """Bad [inbound] values stop the start naming the key."""
-        for key, bad in [("dnsbl", "zen"), ("dnsbl", ["not a zone"]), ("greylist", "5"), ("rspamd", "ftp://x"),
-                         ("rspamd_failure", "drop"), ("max_messages_per_minute", -1), ("spf", "yes")]:
+        for key, bad in [
+            ("dnsbl", "zen"),
+            ("dnsbl", ["not a zone"]),
+            ("greylist", "5"),
+            ("rspamd", "ftp://x"),
+            ("rspamd_failure", "drop"),
+            ("max_messages_per_minute", -1),
+            ("spf", "yes"),
+        ]:
             with self.assertRaises(configmod.ConfigError) as e:
                 configmod.from_mapping({"inbound": {key: bad}})
             self.assertIn(f"inbound.{key}", str(e.exception))
@@ -353,5 +364,7 @@ class ResolverTests(SynchronousTestCase):
         """[dns] nameservers first, then relay.nameservers."""
         cfg = configmod.from_mapping({"relay": {"nameservers": ["127.0.0.1:5300"]}})
         self.assertEqual(dnsresolver.nameservers(cfg), [("127.0.0.1", 5300)])
-        cfg = configmod.from_mapping({"relay": {"nameservers": ["127.0.0.1:5300"]}, "dns": {"nameservers": ["127.0.0.2"]}})
+        cfg = configmod.from_mapping(
+            {"relay": {"nameservers": ["127.0.0.1:5300"]}, "dns": {"nameservers": ["127.0.0.2"]}}
+        )
         self.assertEqual(dnsresolver.nameservers(cfg), [("127.0.0.2", 53)])

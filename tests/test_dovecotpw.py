@@ -101,7 +101,9 @@ class SyncTests(SynchronousTestCase):
         dovecotpw.sync(self.users, self.path)
         (line,) = self.lines()
         hashed = line.split(":")[1]
-        ok = subprocess.run([doveadm, "pw", "-t", hashed, "-p", "correct horse"], check=False, capture_output=True, timeout=60)
+        ok = subprocess.run(
+            [doveadm, "pw", "-t", hashed, "-p", "correct horse"], check=False, capture_output=True, timeout=60
+        )
         self.assertEqual(ok.returncode, 0, ok.stderr)
         bad = subprocess.run([doveadm, "pw", "-t", hashed, "-p", "wrong"], check=False, capture_output=True, timeout=60)
         self.assertNotEqual(bad.returncode, 0)

@@ -12,14 +12,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mailstack import config
+from mailstack import config, headers
 from mailstack.address import parse_address
-from mailstack.envelope import Destination, Envelope
-from mailstack import headers
-from mailstack.envelope import HeaderChanges
+from mailstack.delivery.local import LocalAgent
+from mailstack.envelope import Destination, Envelope, HeaderChanges
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.intake import SPILL_AT, Intake, received_header
-from mailstack.delivery.local import LocalAgent
 from mailstack.interfaces import IIncoming, IIntake, IMessage
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
@@ -147,7 +145,9 @@ class ReceivedHeaderTests(SynchronousTestCase):
 
     def test_foldsBetweenClauses(self) -> None:
         """Folded lines keep to 78 characters when the clauses allow it."""
-        header = received_header(envelope(protocol="ESMTPS", tls="TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256"), "mx.example.org", QID, NOW)
+        header = received_header(
+            envelope(protocol="ESMTPS", tls="TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256"), "mx.example.org", QID, NOW
+        )
         for line in header.split(b"\r\n"):
             self.assertLessEqual(len(line), 78)
 
@@ -220,7 +220,9 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
     def test_duplicateDestinationsMerged(self) -> None:
         """Two RCPTs that reach the same mailbox give one recipient state (the first original)."""
         alias = parse_address("team@example.org")
-        env = envelope(local(BOB), Destination(BOB, alias, True), Destination(parse_address("bob@example.org"), alias, True))
+        env = envelope(
+            local(BOB), Destination(BOB, alias, True), Destination(parse_address("bob@example.org"), alias, True)
+        )
         _, d = self.send(env, MESSAGE)
         entry = self.store.load(self.successResultOf(d))
         self.assertEqual([(r.address, r.original) for r in entry.recipients], [("bob@example.org", "Bob@example.org")])
@@ -245,7 +247,8 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_commitRunsInThread(self) -> None:
-        """The commit goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged before all fire."""
+        """The commit goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged before all
+        fire."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
@@ -337,7 +340,11 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
 
     def test_commitFailureAtEveryStep(self) -> None:
         """I/O errors at any commit step give 451 4.3.0, ENOSPC 452 4.3.1; nothing half-written remains."""
-        for error, code, enhanced in ((errno.EIO, 451, "4.3.0"), (errno.ENOSPC, 452, "4.3.1"), (errno.EDQUOT, 452, "4.3.1")):
+        for error, code, enhanced in (
+            (errno.EIO, 451, "4.3.0"),
+            (errno.ENOSPC, 452, "4.3.1"),
+            (errno.EDQUOT, 452, "4.3.1"),
+        ):
             for k in range(1, 12):
                 incoming = self.intake.begin(envelope())
                 incoming.write(MESSAGE)
@@ -582,7 +589,8 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(intake._folders, {})  # nothing kept for an idle mailbox
 
     def test_oneFsyncPerMaildirBatchFoldersSideBySide(self) -> None:
-        """Copies for one Maildir prepared while its batch is in flight share the next fsync; mailboxes do not wait for each other."""
+        """Copies for one Maildir prepared while its batch is in flight share the next fsync; mailboxes do not wait
+        for each other."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
         sent = []
@@ -628,8 +636,10 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         queue_id = self.successResultOf(d)
         self.assertEqual(self.kicker.kicked, [queue_id])
         entry = self.store.load(queue_id)
-        self.assertEqual([(r.address, r.status) for r in entry.recipients],
-                         [("bob@example.org", "pending"), ("dave@example.org", "pending")])
+        self.assertEqual(
+            [(r.address, r.status) for r in entry.recipients],
+            [("bob@example.org", "pending"), ("dave@example.org", "pending")],
+        )
         self.assertEqual((self.mailbox(BOB), self.mailbox(BOB, "tmp")), ([], []))
 
     def test_partialPublishFailureQueuesOnlyWhatIsOwed(self) -> None:

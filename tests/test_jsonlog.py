@@ -51,7 +51,9 @@ class FormatTests(SynchronousTestCase):
         """Peer text with newlines and escapes stays on one line and reads back intact."""
         nasty = "evil\r\nlevel: critical\x1b[31m\x00\u2028"
         out = io.StringIO()
-        jsonlog.json_observer(out)({"log_format": "HELO {helo}", "helo": nasty, "log_level": LogLevel.warn, "log_time": 0.0})
+        jsonlog.json_observer(out)(
+            {"log_format": "HELO {helo}", "helo": nasty, "log_level": LogLevel.warn, "log_time": 0.0}
+        )
         text = out.getvalue()
         self.assertEqual(text.count("\n"), 1)
         self.assertTrue(all(" " <= c <= "~" for c in text[:-1]), repr(text))
@@ -157,7 +159,8 @@ class TwistdTests(SynchronousTestCase):
         logfile = os.path.join(root, "twistd.log")
         tac = os.path.join(root, "app.tac")
         with open(tac, "w") as f:
-            f.write(textwrap.dedent(f"""\
+            f.write(
+                textwrap.dedent(f"""\
                 from twisted.application.service import Application, IService, Service
                 from twisted.internet import reactor
                 from twisted.logger import Logger
@@ -174,11 +177,17 @@ class TwistdTests(SynchronousTestCase):
                 options.update(nodaemon=True, logfile={logfile!r})
                 application = Application("test")
                 IService(jsonlog.for_twistd(Once(), options)).setServiceParent(application)
-                """))
+                """)
+            )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         subprocess.run(
             twistd_command() + ["-n", "--pidfile=", f"--logfile={logfile}", "-y", tac],
-            cwd=root, env=env, check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=root,
+            env=env,
+            check=True,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         with open(logfile) as f:
             lines = [json.loads(line) for line in f.read().splitlines()]

@@ -20,7 +20,9 @@ class EscapeTests(SynchronousTestCase):
 
     def test_unicodeFormatAndSeparators(self) -> None:
         """Bidi overrides and U+2028/U+2029 are shown as \\uNNNN; other non-ASCII text is kept."""
-        self.assertEqual(escape("gr\u00fc\u00dfe \u202eevil\u2028x\u2029"), "gr\u00fc\u00dfe \\u202eevil\\u2028x\\u2029")
+        self.assertEqual(
+            escape("gr\u00fc\u00dfe \u202eevil\u2028x\u2029"), "gr\u00fc\u00dfe \\u202eevil\\u2028x\\u2029"
+        )
 
     def test_bytesDecoded(self) -> None:
         """Bytes are read as UTF-8; invalid bytes and controls are both shown as \\xNN."""

@@ -89,8 +89,12 @@ class MetricsTests(SynchronousTestCase):
         self.m.delivered("remote", 42.0)
         s = self.scrape()
         self.assertEqual(s[("mailstack_delivery_latency_seconds_sum", frozenset({("agent", "remote")}))], 42.0)
-        self.assertEqual(s[("mailstack_delivery_latency_seconds_bucket", frozenset({("agent", "remote"), ("le", "60.0")}))], 1)
-        self.assertEqual(s[("mailstack_delivery_latency_seconds_bucket", frozenset({("agent", "remote"), ("le", "30.0")}))], 0)
+        self.assertEqual(
+            s[("mailstack_delivery_latency_seconds_bucket", frozenset({("agent", "remote"), ("le", "60.0")}))], 1
+        )
+        self.assertEqual(
+            s[("mailstack_delivery_latency_seconds_bucket", frozenset({("agent", "remote"), ("le", "30.0")}))], 0
+        )
 
     def test_queueGaugesAtScrape(self):
         """The queue gauges come from the watched function, called once per scrape."""

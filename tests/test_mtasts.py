@@ -244,9 +244,7 @@ def make_ca(name):
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -267,9 +265,7 @@ def make_leaf(ca_key, ca_cert, hostname):
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
@@ -402,7 +398,9 @@ class BuildTests(SynchronousTestCase):
         verifyObject(mtasts.IMTASTS, sts)
         self.assertEqual(sts.disk.folder, os.path.join(data, "mta-sts"))
         self.assertIsNone(self.successResultOf(sts.policy("example.org")))
-        self.assertRaises(trust.TrustError, mtasts.build, MemoryReactorClock(), resolver, data, "/nonexistent", blocking)
+        self.assertRaises(
+            trust.TrustError, mtasts.build, MemoryReactorClock(), resolver, data, "/nonexistent", blocking
+        )
 
 
 class TrustTests(SynchronousTestCase):

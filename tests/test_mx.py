@@ -125,17 +125,22 @@ class ResolverTests(SynchronousTestCase):
 
     def test_mxWithAddresses(self) -> None:
         """MX hosts come in order with their A and AAAA addresses."""
-        r = self.resolver({
-            ("d.test", dns.MX): [mx(20, "backup.d.test"), mx(10, "primary.d.test")],
-            ("primary.d.test", dns.A): [dns.Record_A("192.0.2.1")],
-            ("primary.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
-            ("backup.d.test", dns.A): [dns.Record_A("192.0.2.2")],
-        })
+        r = self.resolver(
+            {
+                ("d.test", dns.MX): [mx(20, "backup.d.test"), mx(10, "primary.d.test")],
+                ("primary.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+                ("primary.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
+                ("backup.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+            }
+        )
         hosts = self.successResultOf(r.hosts_for("d.test"))
-        self.assertEqual(hosts, [
-            Host("primary.d.test", ("192.0.2.1", "2001:db8::1"), 10),
-            Host("backup.d.test", ("192.0.2.2",), 20),
-        ])
+        self.assertEqual(
+            hosts,
+            [
+                Host("primary.d.test", ("192.0.2.1", "2001:db8::1"), 10),
+                Host("backup.d.test", ("192.0.2.2",), 20),
+            ],
+        )
 
     def test_aFallback(self) -> None:
         """No MX records: the domain's own A/AAAA addresses."""
@@ -173,19 +178,23 @@ class ResolverTests(SynchronousTestCase):
 
     def test_mxHostsUnresolvableTemporary(self) -> None:
         """MX hosts whose address lookups fail temporarily: temporary failure."""
-        r = self.resolver({
-            ("d.test", dns.MX): [mx(10, "a.d.test")],
-            ("a.d.test", dns.A): DNSServerError,
-            ("a.d.test", dns.AAAA): DNSServerError,
-        })
+        r = self.resolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test")],
+                ("a.d.test", dns.A): DNSServerError,
+                ("a.d.test", dns.AAAA): DNSServerError,
+            }
+        )
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
 
     def test_oneHostUnresolvable(self) -> None:
         """A host without addresses stays in the list (empty); others are usable."""
-        r = self.resolver({
-            ("d.test", dns.MX): [mx(10, "gone.d.test"), mx(20, "b.d.test")],
-            ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
-        })
+        r = self.resolver(
+            {
+                ("d.test", dns.MX): [mx(10, "gone.d.test"), mx(20, "b.d.test")],
+                ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+            }
+        )
         hosts = self.successResultOf(r.hosts_for("d.test"))
         self.assertEqual(hosts, [Host("gone.d.test", (), 10), Host("b.d.test", ("192.0.2.2",), 20)])
 
@@ -200,11 +209,13 @@ class CacheTests(SynchronousTestCase):
     def test_answersCachedForTTL(self) -> None:
         """A second lookup within the TTL asks no DNS; after it, DNS again; shuffling still happens."""
         clock = Clock()
-        fake = FakeResolver({
-            ("d.test", dns.MX): [mx(10, "a.d.test"), mx(10, "b.d.test")],
-            ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
-            ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
-        })
+        fake = FakeResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test"), mx(10, "b.d.test")],
+                ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+                ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
+            }
+        )
         r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
         orders = set()
         for _ in range(10):
@@ -285,7 +296,9 @@ class DeadlineTests(SynchronousTestCase):
         for i in range(1, 9):
             records[(f"h{i}.d.test", dns.A)] = [dns.Record_A(f"192.0.2.{i}")]
         fake = FakeResolver(records)
-        r = Resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 3}}), Clock(), resolver=fake, rng=random.Random(0))
+        r = Resolver(
+            configmod.from_mapping({"relay": {"max_mx_hosts": 3}}), Clock(), resolver=fake, rng=random.Random(0)
+        )
         hosts = self.successResultOf(r.hosts_for("d.test"))
         self.assertEqual([h.name for h in hosts], ["h1.d.test", "h2.d.test", "h3.d.test"])
         self.assertEqual(sorted({n for n, t in fake.queries if t == dns.A}), ["h1.d.test", "h2.d.test", "h3.d.test"])

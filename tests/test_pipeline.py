@@ -25,11 +25,12 @@ from mailstack.interfaces import (
     IMessageObserver,
     IPipeline,
 )
+from mailstack.metrics import Metrics, NoMetrics
 from mailstack.pipeline import (
-    ICheckFactory,
     Check,
     CheckFactory,
     Connection,
+    ICheckFactory,
     Pipeline,
     PipelineError,
     Transaction,
@@ -37,7 +38,6 @@ from mailstack.pipeline import (
     build,
     factories,
 )
-from mailstack.metrics import Metrics, NoMetrics
 from mailstack.smtp.replies import LOCAL_ERROR
 
 REFUSE = Reply(550, "5.7.1", "Refused")
@@ -123,7 +123,16 @@ class OrderTests(SynchronousTestCase):
         self.assertEqual(p.data(conn, t, FakeMessage()), HeaderChanges())
         self.assertEqual(
             log,
-            [("a", "connect"), ("b", "connect"), ("a", "mail"), ("b", "mail"), ("a", "rcpt"), ("b", "rcpt"), ("a", "data"), ("b", "data")],
+            [
+                ("a", "connect"),
+                ("b", "connect"),
+                ("a", "mail"),
+                ("b", "mail"),
+                ("a", "rcpt"),
+                ("b", "rcpt"),
+                ("a", "data"),
+                ("b", "data"),
+            ],
         )
 
     def test_firstReplyStops(self):
@@ -227,7 +236,8 @@ class DataTests(SynchronousTestCase):
     def test_changesAccumulate(self):
         """Prepends in stage order, removals from every stage; a Reply with changes still refuses."""
         log: list = []
-        drop_subject = lambda name, raw: name.lower() == "subject"
+        def drop_subject(name: str, raw: bytes) -> bool:
+            return name.lower() == "subject"
         third = Recorder("c", log)
         p = Pipeline(
             [
@@ -291,7 +301,10 @@ class SessionKindTests(SynchronousTestCase):
     def test_mxAndSubmissionLists(self):
         """Unauthenticated MX sessions run the mx checks; submission listeners and AUTH the submission ones."""
         log: list = []
-        p = Pipeline([Recorder("inbound", log, submission=False), Recorder("outbound", log, mx=False), Recorder("both", log)], Clock())
+        p = Pipeline(
+            [Recorder("inbound", log, submission=False), Recorder("outbound", log, mx=False), Recorder("both", log)],
+            Clock(),
+        )
         p.mail(mx_conn(), txn())
         self.assertEqual([n for n, _ in log], ["inbound", "both"])
         del log[:]
@@ -300,7 +313,6 @@ class SessionKindTests(SynchronousTestCase):
         del log[:]
         p.connect(Connection("192.0.2.7", "submission", "mx.example.org"))
         self.assertEqual([n for n, _ in log], ["outbound", "both"])
-
 
     def test_unimplementedStagesAreSkipped(self):
         """A Check subclass is called only for the stages it overrides (the loop check: data)."""

@@ -58,7 +58,9 @@ class AsAccountTests(SynchronousTestCase):
             print(os.geteuid(), os.getegid())
             """)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+        )
         self.assertEqual(out.stdout.split("\n")[:2], ["denied", "0 0"])
         for path in ("data", "data/tls", "data/tls/key"):
             st = os.stat(os.path.join(root, path))

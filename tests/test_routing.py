@@ -147,9 +147,7 @@ class RouterTests(SynchronousTestCase):
 
     def test_privateLiteralsAllowedByConfig(self) -> None:
         """With relay.allow_private_literals an authenticated client may relay to [10.0.0.1]."""
-        cfg = config.from_mapping(
-            {"domains": {"local": ["example.org"]}, "relay": {"allow_private_literals": True}}
-        )
+        cfg = config.from_mapping({"domains": {"local": ["example.org"]}, "relay": {"allow_private_literals": True}})
         r = Router(cfg, Users(USERS), Aliases(ALIASES))
         destinations = r.resolve(parse_address("x@[10.0.0.1]"), True)
         self.assertEqual(finals(destinations), [("x@[10.0.0.1]", False)])
@@ -169,7 +167,9 @@ class RouterTests(SynchronousTestCase):
         address = parse_address("PostMaster@example.net")
         for users in (["b@example.net", "a@example.net", "a@example.org"], ["a@example.org"], []):
             self.assertEqual(
-                finals(router(users=users, aliases={}).resolve(address, False)), [("postmaster@example.net", True)], users
+                finals(router(users=users, aliases={}).resolve(address, False)),
+                [("postmaster@example.net", True)],
+                users,
             )
 
     def test_postmasterAliasYieldingNothingFallsBack(self) -> None:

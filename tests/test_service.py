@@ -8,7 +8,6 @@ import tempfile
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -58,8 +57,15 @@ class MailServiceTests(SynchronousTestCase):
         self.config = config.from_mapping({"smtp": {"shutdown_grace": "7s"}}, base=self.mktemp())
         self.log = []
         runtime = service.Runtime(
-            config=self.config, reactor=self.reactor, run_blocking=None, users=None, aliases=None,
-            checker=FakeChecker(), throttle=FakeThrottle(), tls=FakeTLS(), manager=FakeManager(self.log),
+            config=self.config,
+            reactor=self.reactor,
+            run_blocking=None,
+            users=None,
+            aliases=None,
+            checker=FakeChecker(),
+            throttle=FakeThrottle(),
+            tls=FakeTLS(),
+            manager=FakeManager(self.log),
             send_limits=SendLimits(self.reactor, None, self.config.data_dir, 0, 0),
         )
         self.pool = service.ThreadPoolService(self.reactor, threads=2)
@@ -93,7 +99,6 @@ class MailServiceTests(SynchronousTestCase):
         self.assertEqual(self.log, [("drain", 7.0), "manager stopped"])
         self.assertFalse(self.pool.pool.started)
 
-
     def notify_socket(self) -> socket.socket:
         """A datagram socket standing in for systemd's, named in $NOTIFY_SOCKET."""
         folder = tempfile.mkdtemp(prefix="ms")  # AF_UNIX paths are short (108 bytes)
@@ -105,7 +110,9 @@ class MailServiceTests(SynchronousTestCase):
         self.addCleanup(sock.close)
         old = os.environ.get("NOTIFY_SOCKET")
         os.environ["NOTIFY_SOCKET"] = path
-        self.addCleanup(lambda: os.environ.pop("NOTIFY_SOCKET") if old is None else os.environ.update(NOTIFY_SOCKET=old))
+        self.addCleanup(
+            lambda: os.environ.pop("NOTIFY_SOCKET") if old is None else os.environ.update(NOTIFY_SOCKET=old)
+        )
         return sock
 
     def test_readyAfterListenersStoppingAtStop(self):
@@ -139,7 +146,9 @@ class MakeServiceTests(SynchronousTestCase):
         """listen.metrics serves a MetricsSite on each endpoint and the runtime gets
         Metrics; without it, no metrics listener and NoMetrics."""
         base = os.path.abspath(self.mktemp())
-        cfg = config.from_mapping({"data_dir": "data", "listen": {"metrics": ["tcp:9125:interface=127.0.0.1"]}}, base=base)
+        cfg = config.from_mapping(
+            {"data_dir": "data", "listen": {"metrics": ["tcp:9125:interface=127.0.0.1"]}}, base=base
+        )
         reactor = MemoryReactorClock()
         svc = service.make_service(cfg, reactor, *service.load_parts(cfg))
         self.assertIsInstance(svc.runtime.metrics, Metrics)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from mailstack.interfaces import IQueueStore
@@ -51,7 +51,7 @@ def _iso(t: float) -> str:
     if text is None:
         if len(_ISO_CACHE) > 100_000:
             _ISO_CACHE.clear()
-        text = datetime.fromtimestamp(key, timezone.utc).isoformat().replace("+00:00", "Z")
+        text = datetime.fromtimestamp(key, UTC).isoformat().replace("+00:00", "Z")
         _ISO_CACHE[key] = text
     return text
 

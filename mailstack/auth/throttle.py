@@ -177,7 +177,10 @@ class LoginThrottle:
         refusal = self._refusal(peer, account, now)
         if refusal:
             self.log.info(
-                "login refused for {peer} / {user}: {why}", peer=escape(peer, 100), user=escape(account, 100), why=refusal
+                "login refused for {peer} / {user}: {why}",
+                peer=escape(peer, 100),
+                user=escape(account, 100),
+                why=refusal,
             )
             return None
         return self._reserve(peer, account, now)
@@ -223,7 +226,9 @@ class LoginThrottle:
         if self.limit in (by_peer.failures, by_pair.failures):
             self.log.warn(
                 "login lockout for {peer} / {user} after {failures} failures from that address",
-                peer=escape(peer, 100), user=escape(account, 100), failures=by_peer.failures,
+                peer=escape(peer, 100),
+                user=escape(account, 100),
+                failures=by_peer.failures,
             )
         return self._doubling(by_peer.failures - 1)
 

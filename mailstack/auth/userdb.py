@@ -24,7 +24,6 @@ Mutations take ``data_dir/users.lock`` and rewrite the file atomically
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator

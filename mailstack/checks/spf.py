@@ -41,7 +41,9 @@ class SPFCheck(Check):
         identity, domain = ("mailfrom", txn.sender.domain) if txn.sender is not None else ("helo", conn.helo)
 
         def late(failure: Failure) -> SPFResult:
-            reason = f"no result within {self.deadline:g} s" if failure.check(TimeoutError) else failure.getErrorMessage()
+            reason = (
+                f"no result within {self.deadline:g} s" if failure.check(TimeoutError) else failure.getErrorMessage()
+            )
             return SPFResult(TEMPERROR, identity, domain, sender or f"postmaster@{domain}", reason=reason)
 
         d: Deferred[SPFResult] = self.verifier.check(conn.peer, sender, conn.helo)

@@ -26,7 +26,7 @@ the 250 after that, and queues whatever could not be delivered this way.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -44,7 +44,7 @@ from mailstack.storage.maildir import Pending
 
 def delivery_prefix(sender: str, address: str) -> bytes:
     """The header lines written in front of the queued message for ``address``."""
-    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode("utf-8")
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
 
 
 @implementer(IDeliveryAgent, IDirectDelivery)
@@ -91,7 +91,9 @@ class LocalAgent:
             )
             # RFC 3463: 4.2.2 mailbox full is retried, not bounced.
             return OR.MAILBOX_FULL if fsutil.is_disk_full(failure.value) else OR.LOCAL_ERROR
-        self.log.failure("delivering {queue_id} to {recipient}", failure=failure, queue_id=entry.id, recipient=rcpt.address)
+        self.log.failure(
+            "delivering {queue_id} to {recipient}", failure=failure, queue_id=entry.id, recipient=rcpt.address
+        )
         return OR.LOCAL_ERROR
 
     def _logged(self, reply: Reply, entry: QueueEntry, rcpt: RecipientState) -> tuple[str, Reply]:

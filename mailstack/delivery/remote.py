@@ -48,7 +48,8 @@ manager can log and record where the answer came from.
 from __future__ import annotations
 
 import os
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
@@ -73,8 +74,8 @@ from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.netpolicy import is_own_address
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.smtp.client import HostFailure, SMTPClientProtocol
-from mailstack.smtp.extensions import Request
 from mailstack.smtp.data import FileSource, MemorySource
+from mailstack.smtp.extensions import Request
 from mailstack.tls import ClientTLS
 
 MAX_ADDRESSES = 10  # addresses tried per attempt (Postfix smtp_mx_address_limit is 5)

@@ -3,7 +3,8 @@
 
 ``service.make_service`` builds one ``signer(config)`` for the ``dkimsign``
 check and the DSNs the queue writes.  ``KeysService`` (a child of the server's
-service, started after the thread pool) runs ``ensure_keys`` at start: a local domain without an active key gets an RSA key (generated in
+service, started after the thread pool) runs ``ensure_keys`` at start: a local domain without an active key gets an
+RSA key (generated in
 the thread pool, private key mode 0600 under ``data_dir/dkim``) and its DNS
 TXT record is logged, ready to publish.  Later changes (``mailstack dkim
 keygen``/``retire``) reach the running server through the key index, which
@@ -38,8 +39,11 @@ def ensure_keys(run_blocking: Callable[..., Deferred], keys: KeyStore, domains: 
     def made(new: KeyList) -> None:
         for info in new:
             log.info(
-                "dkim: new {algorithm} key for {domain}; publish this TXT record: {name}. IN TXT \"{record}\"",
-                algorithm=info.algorithm, domain=info.domain, name=info.name, record=info.record,
+                'dkim: new {algorithm} key for {domain}; publish this TXT record: {name}. IN TXT "{record}"',
+                algorithm=info.algorithm,
+                domain=info.domain,
+                name=info.name,
+                record=info.record,
             )
 
     def failed(failure: Failure) -> None:

@@ -197,13 +197,13 @@ class DKIMVerifier:
         names = sorted({f"{s.selector}._domainkey.{s.domain}".lower() for s in checked if not s.error})
         keys: dict[str, bytes | None] = {}
         results = await DeferredList([Deferred.fromCoroutine(self._key(n)) for n in names], consumeErrors=True)
-        for name, (ok, value) in zip(names, results):
+        for name, (ok, value) in zip(names, results, strict=False):
             if ok:  # a failed (temporary) lookup stays out of ``keys``
                 keys[name + "."] = value
         count = len(checked)
         outcomes: list[tuple[str, str]] = await read(lambda f: verify_file(f, keys, count))
         out: list[DKIMResult] = []
-        for sig, (result, reason) in zip(checked, outcomes):
+        for sig, (result, reason) in zip(checked, outcomes, strict=False):
             if sig.error:
                 result, reason = NEUTRAL, sig.error
             out.append(DKIMResult(result, sig.domain, sig.selector, sig.b, reason))

@@ -220,7 +220,9 @@ class DMARCEvaluator:
         disposition = requested
         if policy.pct < 100 and self.rng.random() * 100 >= policy.pct:
             disposition = _WEAKER[requested]
-        return DMARCResult(FAIL, domain, requested, disposition, False, False, record_domain, "no aligned SPF or DKIM pass")
+        return DMARCResult(
+            FAIL, domain, requested, disposition, False, False, record_domain, "no aligned SPF or DKIM pass"
+        )
 
     async def _discover(self, domain: str) -> tuple[str, Policy | None] | None:
         """Section 6.6.3: (where, policy) of the record applying to ``domain``."""

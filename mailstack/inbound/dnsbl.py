@@ -63,7 +63,7 @@ class DNSBLChecker:
         answers = await DeferredList(
             [Deferred.fromCoroutine(self._ask(f"{name}.{zone}", zone)) for zone in self.zones],
         )
-        for zone, (ok, hit) in zip(self.zones, answers):
+        for zone, (ok, hit) in zip(self.zones, answers, strict=False):
             if ok and hit:
                 return zone
         return None

@@ -43,7 +43,13 @@ from mailstack.inbound.interfaces import ISPFVerifier
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 NONE, NEUTRAL, PASS, FAIL, SOFTFAIL, TEMPERROR, PERMERROR = (
-    "none", "neutral", "pass", "fail", "softfail", "temperror", "permerror",
+    "none",
+    "neutral",
+    "pass",
+    "fail",
+    "softfail",
+    "temperror",
+    "permerror",
 )
 QUALIFIERS = {"+": PASS, "-": FAIL, "~": SOFTFAIL, "?": NEUTRAL}
 DNS_LIMIT = 10  # section 4.6.4: terms causing DNS queries
@@ -373,7 +379,9 @@ class _Evaluation:
         lookups (section 4.6.4)."""
         try:
             names = await self._query(
-                reverse_name(self.ip) + (".in-addr.arpa" if self.ip.version == 4 else ".ip6.arpa"), dns.PTR, void_counts=not for_macro
+                reverse_name(self.ip) + (".in-addr.arpa" if self.ip.version == 4 else ".ip6.arpa"),
+                dns.PTR,
+                void_counts=not for_macro,
             )
         except _Abort as e:
             if e.result == TEMPERROR:
@@ -385,7 +393,9 @@ class _Evaluation:
         hosts = inside + [h for h in hosts if h not in inside] if for_macro else inside
         for host in hosts:
             try:
-                found = addresses(await lookup(self.v.resolver, host, dns.A if self.ip.version == 4 else dns.AAAA, self.v.timeout))
+                found = addresses(
+                    await lookup(self.v.resolver, host, dns.A if self.ip.version == 4 else dns.AAAA, self.v.timeout)
+                )
             except (DNSNameError, TempDNSError):
                 continue
             if self.ip in found:
@@ -430,8 +440,16 @@ class _Evaluation:
         else:
             i, c, v = ".".join(ip.exploded.replace(":", "")), ip.compressed, "ip6"
         values = {
-            "s": self.sender, "l": local, "o": sender_domain, "d": domain, "i": i,
-            "p": ptr, "v": v, "h": self.helo, "c": c, "r": self.v.hostname,
+            "s": self.sender,
+            "l": local,
+            "o": sender_domain,
+            "d": domain,
+            "i": i,
+            "p": ptr,
+            "v": v,
+            "h": self.helo,
+            "c": c,
+            "r": self.v.hostname,
             "t": str(int(self.v.clock())),
         }
         return values.__getitem__
@@ -457,7 +475,7 @@ def _expand(text: str, values: Callable[[str], str]) -> str:
             if reverse:
                 parts.reverse()
             if digits:
-                parts = parts[-int(digits):]
+                parts = parts[-int(digits) :]
             value = ".".join(parts)
         if letter.isupper():
             value = urllib.parse.quote(value, safe="-._~")

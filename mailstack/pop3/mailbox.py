@@ -57,7 +57,8 @@ Index (``<maildir>/mailstack-pop3-index.json``)
     compute their size.
     Maildir file contents never change, so an entry stays right for as long as
     the name exists; entries whose message is gone are dropped.  Written
-    only while holding the session lock and only when it changed, atomically (tmp file + rename) but without fsync, since it is a
+    only while holding the session lock and only when it changed, atomically (tmp file + rename) but without fsync,
+    since it is a
     cache.  A missing or unreadable index is rebuilt.
 
 Lock (``<maildir>/mailstack-pop3.lock``)
@@ -78,8 +79,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from mailstack.storage import fsutil
 from mailstack.storage.maildir import wire_size_of
@@ -309,12 +311,7 @@ def plain_message(data: bytes) -> bool:
     """True if ``data`` is already its own wire form (so the RETR reply is the
     bytes plus ``.CRLF``): CRLF line ends only, ending with one, no line
     starting with ".".  A few C scans, no copies: the usual stored message."""
-    return (
-        data[-2:] == b"\r\n"
-        and data[:1] != b"."
-        and b"\n." not in data
-        and data.count(b"\n") == data.count(b"\r\n")
-    )
+    return data[-2:] == b"\r\n" and data[:1] != b"." and b"\n." not in data and data.count(b"\n") == data.count(b"\r\n")
 
 
 def encode_message(data: bytes, body_lines: int | None = None) -> bytes:
@@ -350,7 +347,7 @@ class Maildrop:
     # -- open ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str) -> "Maildrop":
+    def open(cls, path: str) -> Maildrop:
         """Lock ``path`` (a Maildir, created if missing) and take the snapshot.
 
         Raises MailboxInUse if another session holds it, OSError on disk trouble.
@@ -383,8 +380,9 @@ class Maildrop:
                 try:
                     for name in arrived:
                         try:
-                            _rename(name, name if ":" in name else name + DEFAULT_INFO,
-                                    src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                            _rename(
+                                name, name if ":" in name else name + DEFAULT_INFO, src_dir_fd=new_fd, dst_dir_fd=cur_fd
+                            )
                             moved = True
                         except FileNotFoundError:  # another reader moved it first
                             continue
@@ -407,7 +405,7 @@ class Maildrop:
         # Only on this slower path (the mailbox changed): leftovers in tmp/.
         _clean_tmp(os.path.join(self.path, "tmp"), time.time())
         listed = [n for n in _listdir(cur_dir) if n[:1] != "." and "\n" not in n]
-        on_disk = dict(zip(_uniques_of(listed), listed))
+        on_disk = dict(zip(_uniques_of(listed), listed, strict=False))
         changed = index_mtime != _trusted_mtime(cur_mtime)
         if len(uniques) != len(on_disk) or not on_disk.keys() >= set(uniques):
             keep = [i for i, u in enumerate(uniques) if u in on_disk]
@@ -432,7 +430,7 @@ class Maildrop:
         for i, u in enumerate(uniques):
             name = on_disk[u]
             if name != u + DEFAULT_INFO:
-                new_infos[i] = name[len(u):]
+                new_infos[i] = name[len(u) :]
         if new_infos != infos:
             changed = True
         uidls = uidls_for(uniques)
@@ -511,7 +509,7 @@ class Maildrop:
         unique = self.uniques[i]
         for name in _listdir(os.path.join(self.path, "cur")):
             if name.partition(":")[0] == unique:
-                self.infos[i] = name[len(unique):]
+                self.infos[i] = name[len(unique) :]
                 return True
         return False
 

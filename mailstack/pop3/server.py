@@ -86,7 +86,10 @@ class POP3Server(CommandSession):
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
     quiet_after_close = (Exception,)  # every command handles its own failures
-    limit_replies: ClassVar[dict[str, bytes]] = {connlimit.TOTAL: R.TOO_MANY_CONNECTIONS, connlimit.PER_IP: R.TOO_MANY_CONNECTIONS_IP}
+    limit_replies: ClassVar[dict[str, bytes]] = {
+        connlimit.TOTAL: R.TOO_MANY_CONNECTIONS,
+        connlimit.PER_IP: R.TOO_MANY_CONNECTIONS_IP,
+    }
     too_many_errors_reply = R.TOO_MANY_ERRORS
     shutdown_reply = R.SHUTTING_DOWN  # like a drop, a shutdown never enters UPDATE: no DELE is done
 
@@ -258,9 +261,7 @@ class POP3Server(CommandSession):
         try:
             result = handler(self, arg)
         except Exception:
-            self.log.failure(
-                "POP3 command {command} failed", command=escape(keyword), peer=self.peer
-            )
+            self.log.failure("POP3 command {command} failed", command=escape(keyword), peer=self.peer)
             self._send(R.INTERNAL_ERROR)
             return
         if isinstance(result, defer.Deferred):
@@ -423,13 +424,19 @@ class POP3Server(CommandSession):
                 return
             if result.locked:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
-                    "POP3 login refused (locked out) for {user} from {peer}", user=escape(result.account), peer=self.peer)
+                    "POP3 login refused (locked out) for {user} from {peer}",
+                    user=escape(result.account),
+                    peer=self.peer,
+                )
                 self._send(R.LOCKED_OUT)
                 return
             if result.key is None:
                 self.log.warn(  # noqa: G010 (twisted.logger's name)
                     "POP3 login failed ({method}) for {user} from {peer}; reply delayed {delay}s",
-                    method=method, user=escape(result.account), peer=self.peer, delay=result.delay,
+                    method=method,
+                    user=escape(result.account),
+                    peer=self.peer,
+                    delay=result.delay,
                 )
                 if result.delay:
                     self._delay(result.delay, lambda: self._send(R.LOGIN_FAILED))
@@ -466,7 +473,10 @@ class POP3Server(CommandSession):
             self._octets = sum(drop.sizes)
             self.log.info(
                 "POP3 login ({method}) of {user} from {peer}: {count} messages",
-                method=method, user=key, peer=self.peer, count=self._count,
+                method=method,
+                user=key,
+                peer=self.peer,
+                count=self._count,
             )
             self._send(R.login_ok(self._count, self._octets))
 

@@ -29,7 +29,9 @@ from mailstack.pop3.mailbox import Maildrop, WireEncoder
 CHUNK = 64 * 1024  # read size for RETR/TOP
 
 
-def read_first(drop: Maildrop, i: int, run_blocking: Callable[..., Deferred]) -> tuple[BinaryIO | None, bytes] | Deferred:
+def read_first(
+    drop: Maildrop, i: int, run_blocking: Callable[..., Deferred]
+) -> tuple[BinaryIO | None, bytes] | Deferred:
     """``drop.read_start(i, CHUNK)``: ``(open file or None if that was all, first bytes)``,
     read here; a Deferred of the same if the file must be looked for in the thread pool."""
     try:
@@ -64,7 +66,9 @@ class MessageSender:
     one chunk plus the transport's buffer is in memory.
     """
 
-    def __init__(self, transport: IConsumer, fileobj: BinaryIO, encoder: WireEncoder, run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(
+        self, transport: IConsumer, fileobj: BinaryIO, encoder: WireEncoder, run_blocking: Callable[..., Deferred]
+    ) -> None:
         self._transport = transport
         self._file = fileobj
         self._encoder = encoder

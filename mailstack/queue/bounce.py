@@ -34,7 +34,7 @@ After each round the queue manager asks ``Bouncer.notify(entry, now)``:
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -49,7 +50,7 @@ _REPLY = re.compile(r"^([245]\d\d)(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\s*(.*)$", r
 
 def _date(t: float) -> str:
     """RFC 5322 section 3.3 date-time."""
-    return format_datetime(datetime.fromtimestamp(t, timezone.utc))
+    return format_datetime(datetime.fromtimestamp(t, UTC))
 
 
 def _clean(text: str) -> str:

@@ -157,7 +157,7 @@ class QueueEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "QueueEntry":
+    def from_json(cls, data: dict[str, Any]) -> QueueEntry:
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"unknown queue entry version {data.get('version')!r}")
         fields = dict(data)

@@ -24,8 +24,8 @@ delivered or bounced local recipient keeps the count it had, which is what
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mailstack.delivery.replies import RemoteReply
 from mailstack.errors import Reply

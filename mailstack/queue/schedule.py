@@ -7,7 +7,7 @@ Nothing here reads the clock; the queue manager passes ``clock.seconds()`` in.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from mailstack.queue.entry import FAILED, QueueEntry
 

@@ -86,9 +86,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from zope.interface import implementer
 
@@ -242,7 +243,7 @@ class QueueStore:
         ``publish_messages`` then ``publish_envelopes`` on the survivors.
         """
         errors = self.publish_messages(entries)
-        live = [e for e, error in zip(entries, errors) if error is None]
+        live = [e for e, error in zip(entries, errors, strict=False) if error is None]
         later = iter(self.publish_envelopes(live))
         return [error if error is not None else next(later) for error in errors]
 
@@ -272,7 +273,7 @@ class QueueStore:
                 fsutil.fsync_dir(self._dirs[folder])
             except Exception as e:
                 errors = [error if error is not None else e for error in errors]
-        for entry, error in zip(entries, errors):
+        for entry, error in zip(entries, errors, strict=False):
             if error is not None:
                 self.discard(entry.id)
         return errors

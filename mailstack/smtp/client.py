@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Any, Callable, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, ITCPTransport, ITLSTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -154,7 +154,7 @@ class SMTPClientProtocol(Protocol):
         if len(self._buffer) > MAX_LINE:
             self._violation("overlong reply line")
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -443,7 +443,7 @@ class SMTPClientProtocol(Protocol):
                 if data_reply is not None and data_reply.code == 354:
                     self._abort_data()
                 raise HostFailure("mail", mail_reply)
-            for r, rcpt_reply in zip(recipients, rcpt_replies):
+            for r, rcpt_reply in zip(recipients, rcpt_replies, strict=False):
                 if rcpt_reply is None:
                     raise HostFailure("rcpt", lost.reply if lost else OR.CONNECTION_LOST)
                 results[r] = rcpt_reply
@@ -462,7 +462,7 @@ class SMTPClientProtocol(Protocol):
             answer = await self._await(self.command(mail), "mail")
             if answer.code != 250:
                 raise HostFailure("mail", answer)
-            for r, c in zip(recipients, rcpts):
+            for r, c in zip(recipients, rcpts, strict=False):
                 results[r] = await self._await(self.command(c), "rcpt")
             accepted = [r for r in recipients if results[r].code // 100 == 2]
             if not accepted:

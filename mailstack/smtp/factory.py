@@ -37,8 +37,15 @@ class SMTPFactory(ServerFactory):
         self.pipeline = runtime.pipeline
         self.banner = R.banner(runtime.config.hostname).encode()
         # The EHLO keywords every session offers (RFC 2920, 1870, 6152, 2034).
-        self.extensions = ("PIPELINING", f"SIZE {runtime.config.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
-                           "CHUNKING", "DSN", "SMTPUTF8")
+        self.extensions = (
+            "PIPELINING",
+            f"SIZE {runtime.config.smtp.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+            "SMTPUTF8",
+        )
         self.group = SessionGroup(runtime.reactor)
         self.limiter: ConnectionLimiter = runtime.smtp_connections if kind == "smtp" else runtime.submission_connections
 

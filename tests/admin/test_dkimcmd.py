@@ -46,8 +46,10 @@ class DKIMCommandTests(SynchronousTestCase):
         self.run_cli("dkim", "keygen", "example.org", "--selector", "new", "--algorithm", "ed25519")
         status, out, _ = self.run_cli("dkim", "list", "--json")
         rows = sorted(json.loads(out), key=lambda r: r["algorithm"])
-        self.assertEqual([(r["selector"], r["algorithm"], r["state"]) for r in rows],
-                         [("new", "ed25519", "active"), ("old", "rsa", "active")])
+        self.assertEqual(
+            [(r["selector"], r["algorithm"], r["state"]) for r in rows],
+            [("new", "ed25519", "active"), ("old", "rsa", "active")],
+        )
         self.assertTrue(rows[0]["record"].startswith("v=DKIM1; k=ed25519; p="))
         self.assertEqual(set(rows[0]), {"domain", "selector", "algorithm", "state", "created", "name", "record"})
         self.assertEqual(self.run_cli("dkim", "retire", "example.org", "old")[0], 0)
@@ -94,7 +96,9 @@ class DKIMCommandTests(SynchronousTestCase):
             "_pop3s._tcp.example.org. IN SRV 0 0 0 .",
         ]:
             self.assertIn(expected, lines)
-        self.assertTrue(any(line.startswith('k1._domainkey.example.org. IN TXT "v=DKIM1; k=ed25519; p=') for line in lines))
+        self.assertTrue(
+            any(line.startswith('k1._domainkey.example.org. IN TXT "v=DKIM1; k=ed25519; p=') for line in lines)
+        )
         self.assertTrue(any(line.startswith('_mta-sts.example.org. IN TXT "v=STSv1; id=') for line in lines))
         self.assertIn("https://mta-sts.example.org/.well-known/mta-sts.txt", out)
         self.assertIn("p=reject", out)  # the advice on moving on from quarantine

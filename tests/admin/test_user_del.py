@@ -69,7 +69,7 @@ class UserDelTests(AdminTestCase):
 
     def test_deletedTwiceInOneSecond(self):
         """Two deletions of the same address within a second keep both Maildirs."""
-        for n in range(2):
+        for _ in range(2):
             self.run_cli("user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
             MaildirStore(self.mail, hostname="h").deliver("bob@example.org", [b"x\r\n"])
             with mock.patch("time.time", return_value=1_767_225_600.0):

@@ -279,9 +279,9 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.config = make_config(smarthost="relay.provider.test:2587", smarthost_user="u")
         self.resolver.names["relay.provider.test"] = ["198.51.100.7"]
         servers: list = []
-        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
-            FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))
-        ) or servers[-1]
+        self.net.servers[("198.51.100.7", 2587)] = lambda: (
+            servers.append(FakeSMTPServer(starttls=FakeTLS(), auth=("u", "pw"))) or servers[-1]
+        )
         r = self.deliver(agent=self.agent(smarthost_password="pw"))["a@remote.test"]
         self.assertEqual(r.code, 250)
         self.assertEqual(servers[0].commands[1], b"STARTTLS")
@@ -310,9 +310,9 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         neither AUTH nor the mail; the recipient stays queued with 4.7.4."""
         self.config = make_config(smarthost="198.51.100.7:2587", smarthost_user="u")
         servers: list = []
-        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
-            FakeSMTPServer(auth=("u", "pw"))
-        ) or servers[-1]
+        self.net.servers[("198.51.100.7", 2587)] = lambda: (
+            servers.append(FakeSMTPServer(auth=("u", "pw"))) or servers[-1]
+        )
         r = self.deliver(agent=self.agent(smarthost_password="pw"))["a@remote.test"]
         self.assertEqual((r.code, r.enhanced), (451, "4.7.4"))
         self.assertFalse(any(c.startswith(b"AUTH") for s in servers for c in s.commands))
@@ -325,9 +325,9 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         self.config = make_config(smarthost="relay.provider.test:2587", smarthost_user="u")
         self.resolver.names["relay.provider.test"] = ["198.51.100.7"]
         servers: list = []
-        self.net.servers[("198.51.100.7", 2587)] = lambda: servers.append(
-            FakeSMTPServer(starttls=FakeTLS(ok=False), auth=("u", "pw"))
-        ) or servers[-1]
+        self.net.servers[("198.51.100.7", 2587)] = lambda: (
+            servers.append(FakeSMTPServer(starttls=FakeTLS(ok=False), auth=("u", "pw"))) or servers[-1]
+        )
         verified: list = []
         opportunistic: list = []
         agent = self.agent(
@@ -368,13 +368,15 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         from mailstack import config as configmod
         from mailstack.delivery.ownaddr import own_addresses
 
-        cfg = configmod.from_mapping({
-            "listen": {
-                "smtp": ["tcp:25:interface=192.0.2.9", "tcp:2525"],
-                "submission": ["tcp:587:interface=\\:\\:1"],
-                "submissions": [],
+        cfg = configmod.from_mapping(
+            {
+                "listen": {
+                    "smtp": ["tcp:25:interface=192.0.2.9", "tcp:2525"],
+                    "submission": ["tcp:587:interface=\\:\\:1"],
+                    "submissions": [],
+                }
             }
-        })
+        )
         got = own_addresses(cfg, interfaces=["198.51.100.4", "2001:db8::4"])
         self.assertEqual(got[25], ("192.0.2.9",))
         self.assertEqual(got[587], ("::1",))
@@ -542,7 +544,9 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
                     super().lineReceived(line)
 
         servers: list = []
-        self.net.servers[("192.0.2.1", 25)] = lambda: servers.append((DropSecond if not servers else FakeSMTPServer)()) or servers[-1]
+        self.net.servers[("192.0.2.1", 25)] = lambda: (
+            servers.append((DropSecond if not servers else FakeSMTPServer)()) or servers[-1]
+        )
         agent = self.agent()
         self.net.drive(self.start(agent, "Q1"))
         d2, d3 = self.start(agent, "Q2"), self.start(agent, "Q3")
@@ -561,9 +565,12 @@ class RemoteAgentTests(OutboundFixture, SynchronousTestCase):
         agent = self.agent()
         idle_timers = []
         call_later = self.clock.callLater
-        self.clock.callLater = lambda delay, *a, **kw: (  # type: ignore[method-assign]
-            idle_timers.append(delay) if delay == remote.IDLE_TIME else None
-        ) or call_later(delay, *a, **kw)
+        self.clock.callLater = lambda delay, *a, **kw: (
+            (  # type: ignore[method-assign]
+                idle_timers.append(delay) if delay == remote.IDLE_TIME else None
+            )
+            or call_later(delay, *a, **kw)
+        )
         for qid in ("Q1", "Q2", "Q3"):
             self.net.drive(self.start(agent, qid))
             self.clock.advance(remote.IDLE_TIME / 2)
@@ -645,11 +652,23 @@ class OutboundTests(SynchronousTestCase):
         self.config = make_config(retry_intervals=["1m", "5m"], max_queue_lifetime="1h", delay_warning_after="")
         self.intake = FakeIntake()
         remote = RemoteAgent(
-            self.config, self.resolver, self.net, self.clock, self.store.message_path,
-            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(), verified_tls=lambda n: FakeTLS(),
+            self.config,
+            self.resolver,
+            self.net,
+            self.clock,
+            self.store.message_path,
+            run_blocking=run_blocking,
+            tls_factory=lambda n: FakeTLS(),
+            verified_tls=lambda n: FakeTLS(),
         )
         self.manager = QueueManager(
-            self.store, FakeAgent(), remote, self.clock, self.config, run_blocking, self.intake,
+            self.store,
+            FakeAgent(),
+            remote,
+            self.clock,
+            self.config,
+            run_blocking,
+            self.intake,
             rng=random.Random(0),
         )
         self.manager.startService()
@@ -708,8 +727,16 @@ class MessageBytesTests(OutboundFixture, SynchronousTestCase):
         """deliver(..., message=bytes) relays those bytes and opens no file."""
         servers: list = []
         self.net.servers[("192.0.2.1", 25)] = lambda: servers.append(FakeSMTPServer()) or servers[-1]
-        agent = RemoteAgent(self.config, self.resolver, self.net, self.clock, lambda qid: "/nonexistent/" + qid,
-                            run_blocking=run_blocking, tls_factory=lambda n: FakeTLS(), verified_tls=lambda n: FakeTLS())
+        agent = RemoteAgent(
+            self.config,
+            self.resolver,
+            self.net,
+            self.clock,
+            lambda qid: "/nonexistent/" + qid,
+            run_blocking=run_blocking,
+            tls_factory=lambda n: FakeTLS(),
+            verified_tls=lambda n: FakeTLS(),
+        )
         e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)
         d = agent.deliver(e, e.recipients, message=b"Subject: mem\r\n\r\n.dot\r\n")
         self.net.drive(d)
@@ -732,8 +759,9 @@ class MessageBytesTests(OutboundFixture, SynchronousTestCase):
 
         body = b"Subject: hi\r\n\r\nbody\r\n"
         agent = Agent()
-        m = QueueManager(self.store, FakeAgent(), agent, self.clock, self.config, run_blocking, FakeIntake(),
-                         rng=random.Random(0))
+        m = QueueManager(
+            self.store, FakeAgent(), agent, self.clock, self.config, run_blocking, FakeIntake(), rng=random.Random(0)
+        )
         m.startService()
         self.addCleanup(m.stopService)
         e = entry(self.store, "Q1", "s@here.test", ["a@remote.test"], arrival=START)

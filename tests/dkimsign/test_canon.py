@@ -74,7 +74,7 @@ class BodyTests(SynchronousTestCase):
         """Any chunking of the body gives the one-shot hash, which is the RFC's canonical form
         (with and without whitespace, so both the fast and the general path are checked)."""
         points = sorted({min(c, len(body)) for c in cuts})
-        chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)])]
+        chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
         one_shot = hashed([body])
         self.assertEqual(hashed(chunks), one_shot)
         if b"\r" not in body.replace(b"\r\n", b""):

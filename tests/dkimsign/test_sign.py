@@ -66,7 +66,9 @@ class SignTests(SynchronousTestCase):
         """relaxed/relaxed, t=, no l=, the listed fields, From oversigned."""
         fields = sign.sign(*split(MESSAGE), self.keys[:1], 1796378400)
         tags = dict(
-            t.strip().split("=", 1) for t in fields[0].decode().split(":", 1)[1].replace("\r\n\t", " ").split(";") if t.strip()
+            t.strip().split("=", 1)
+            for t in fields[0].decode().split(":", 1)[1].replace("\r\n\t", " ").split(";")
+            if t.strip()
         )
         self.assertEqual(tags["c"], "relaxed/relaxed")
         self.assertEqual(tags["a"], "rsa-sha256")
@@ -103,8 +105,10 @@ class SignTests(SynchronousTestCase):
     def test_authorDomain(self):
         """The From domain picks the keys; several From fields or addresses give none."""
         self.assertEqual(sign.author_domain(split(MESSAGE)[0]), "example.org")
-        self.assertEqual(sign.author_domain([("From", b"From: =?utf-8?q?x?= <a@B\xc3\xbccher.example>\r\n")]),
-                         "xn--bcher-kva.example")
+        self.assertEqual(
+            sign.author_domain([("From", b"From: =?utf-8?q?x?= <a@B\xc3\xbccher.example>\r\n")]),
+            "xn--bcher-kva.example",
+        )
         self.assertIsNone(sign.author_domain([("From", b"From: a@x.example, b@y.example\r\n")]))
         self.assertIsNone(sign.author_domain([("From", b"From: a@x.example\r\n"), ("from", b"from: b@x.example\r\n")]))
         self.assertIsNone(sign.author_domain([("To", b"To: a@x.example\r\n")]))

@@ -133,7 +133,12 @@ class Sink:
                 if verb == "EHLO":
                     starttls = b"250-STARTTLS\r\n" if self.starttls and not tls else b""
                     auth = b"250-AUTH PLAIN LOGIN\r\n" if self.auth else b""
-                    send(b"250-sink.test\r\n250-PIPELINING\r\n" + starttls + auth + b"250-8BITMIME\r\n250 SIZE 50000000\r\n")
+                    send(
+                        b"250-sink.test\r\n250-PIPELINING\r\n"
+                        + starttls
+                        + auth
+                        + b"250-8BITMIME\r\n250 SIZE 50000000\r\n"
+                    )
                 elif verb == "AUTH" and self.auth:
                     send(b"235 2.7.0 Authentication successful\r\n")
                 elif verb == "STAR" and self.starttls and not tls:

@@ -437,7 +437,7 @@ def test_pop3IdleConnectionsCappedPerIpAndTimedOut(capped) -> None:
     held = [connect_from("127.0.10.1", port) for _ in range(61)]
     try:
         greetings = [read_line(c) for c in held]
-        admitted = [c for c, g in zip(held, greetings) if g.startswith(b"+OK")]
+        admitted = [c for c, g in zip(held, greetings, strict=True) if g.startswith(b"+OK")]
         refused = [g for g in greetings if not g.startswith(b"+OK")]
         assert len(admitted) == 10, greetings
         assert all(g.startswith(b"-ERR [SYS/TEMP] Too many connections from your address") for g in refused), refused

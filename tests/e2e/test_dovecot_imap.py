@@ -105,7 +105,9 @@ class Dovecot:
     def start(self) -> None:
         out = os.path.join(self.root, "start.out")
         with open(out, "w") as f:
-            r = subprocess.run(["dovecot", "-c", self.conf], stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60, check=False)
+            r = subprocess.run(
+                ["dovecot", "-c", self.conf], stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60, check=False
+            )
         if r.returncode != 0:
             with open(out) as f:
                 raise AssertionError(f"dovecot failed to start: {f.read()[-1000:]}")
@@ -141,7 +143,9 @@ def setup():
     os.chmod(root, 0o755)
     data_dir = os.path.join(root, "data")
     os.makedirs(os.path.join(data_dir, "tls"))
-    generate_self_signed("localhost", os.path.join(data_dir, "tls", "selfsigned.pem"), os.path.join(data_dir, "tls", "selfsigned.key"))
+    generate_self_signed(
+        "localhost", os.path.join(data_dir, "tls", "selfsigned.pem"), os.path.join(data_dir, "tls", "selfsigned.key")
+    )
     users = UserDB(os.path.join(data_dir, "users.json"))
     users.add(USER, "correct horse")
     name = MaildirStore(os.path.join(data_dir, "mail")).deliver(USER, MESSAGE, b"Return-Path: <bob@example.net>\r\n")
@@ -193,7 +197,10 @@ def test_passwordChangeTakesEffect(setup):
     users.set_password(USER, "battery staple")
     dovecotpw.sync(users, passwd)
     os.chown(passwd, MAIL_UID, grp.getgrnam(PASSWD_GROUP).gr_gid)
-    with imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps, ssl_context=tls_context()) as client, pytest.raises(imaplib.IMAP4.error):
+    with (
+        imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps, ssl_context=tls_context()) as client,
+        pytest.raises(imaplib.IMAP4.error),
+    ):
         client.login(USER, "correct horse")
     with imaplib.IMAP4_SSL("127.0.0.1", dovecot.imaps, ssl_context=tls_context()) as client:
         client.login(USER, "battery staple")

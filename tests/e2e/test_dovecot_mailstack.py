@@ -142,7 +142,11 @@ def test_privilegeDropDovecotImapAndPop3(world):
 
         admin(server, passwd, "user", "add", USER, "--password-stdin", input="first pw\n")
         with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as c:
-            c.sendmail("bob@example.net", [USER], b"Subject: via dovecot\r\nMessage-ID: <d1@example.net>\r\n\r\nline\r\n.dot\r\n")
+            c.sendmail(
+                "bob@example.net",
+                [USER],
+                b"Subject: via dovecot\r\nMessage-ID: <d1@example.net>\r\n\r\nline\r\n.dot\r\n",
+            )
         new = os.path.join(server.maildir(USER), "new")
         (name,) = wait_until(lambda: os.listdir(new) if os.path.isdir(new) else [])
         with open(os.path.join(new, name), "rb") as f:

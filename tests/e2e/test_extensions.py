@@ -92,7 +92,9 @@ def talk(port: int, data: bytes, replies: int) -> list[bytes]:
         return out
 
 
-def submit(rcpt: str, marker: str, mail_options: tuple = (), rcpt_options: tuple = (), server: Server | None = None) -> None:
+def submit(
+    rcpt: str, marker: str, mail_options: tuple = (), rcpt_options: tuple = (), server: Server | None = None
+) -> None:
     """Authenticated submission from alice (AUTH on loopback)."""
     assert server is not None
     body = f"From: alice@example.org\r\nTo: {rcpt}\r\nSubject: {marker}\r\n\r\nbody-of-{marker}\r\n"
@@ -102,8 +104,10 @@ def submit(rcpt: str, marker: str, mail_options: tuple = (), rcpt_options: tuple
 
 
 def reports(server: Server, marker: bytes, n: int = 1) -> list[email.message.Message]:
-    return [email.message_from_bytes(m, policy=email.policy.compat32)
-            for m in wait_messages(server, "alice@example.org", marker, n)]
+    return [
+        email.message_from_bytes(m, policy=email.policy.compat32)
+        for m in wait_messages(server, "alice@example.org", marker, n)
+    ]
 
 
 def status_groups(msg: email.message.Message) -> list[email.message.Message]:
@@ -117,8 +121,14 @@ def test_utf8UserOverMXAndPOP3(ext):
     """A UTF-8 message to josé@example.org over the MX (SMTPUTF8) is fetched over POP3 byte-exact."""
     server, _ = ext
     message = "From: jörg@exämple.test\r\nTo: josé@example.org\r\nSubject: grüße utf8-e2e\r\n\r\nÄpfel\r\n".encode()
-    out = talk(server.ports["smtp"], b"EHLO c\r\nMAIL FROM:<j\xc3\xb6rg@ex\xc3\xa4mple.test> SMTPUTF8\r\n"
-               + "RCPT TO:<josé@example.org>\r\nDATA\r\n".encode() + message + b".\r\nQUIT\r\n", 6)
+    out = talk(
+        server.ports["smtp"],
+        b"EHLO c\r\nMAIL FROM:<j\xc3\xb6rg@ex\xc3\xa4mple.test> SMTPUTF8\r\n"
+        + "RCPT TO:<josé@example.org>\r\nDATA\r\n".encode()
+        + message
+        + b".\r\nQUIT\r\n",
+        6,
+    )
     assert out[1].startswith(b"250") and out[2].startswith(b"250") and out[4].startswith(b"250 2.0.0"), out
     wait_messages(server, JOSE, b"utf8-e2e")
     assert os.path.basename(server.maildir(JOSE)) == "josé"
@@ -156,8 +166,16 @@ def test_bdatTwoPipelinedChunks(ext):
     server, _ = ext
     one = b"Subject: bdat-e2e\r\n\r\n.a line with a dot\r\n"
     two = b".\r\nlast\r\n"
-    out = talk(server.ports["smtp"], b"EHLO c\r\nMAIL FROM:<x@sender.test>\r\nRCPT TO:<alice@example.org>\r\n"
-               + b"BDAT %d\r\n" % len(one) + one + b"BDAT %d LAST\r\n" % len(two) + two + b"QUIT\r\n", 6)
+    out = talk(
+        server.ports["smtp"],
+        b"EHLO c\r\nMAIL FROM:<x@sender.test>\r\nRCPT TO:<alice@example.org>\r\n"
+        + b"BDAT %d\r\n" % len(one)
+        + one
+        + b"BDAT %d LAST\r\n" % len(two)
+        + two
+        + b"QUIT\r\n",
+        6,
+    )
     assert out[3] == b"250 2.0.0 %d octets received" % len(one), out
     assert out[4].startswith(b"250 2.0.0 Ok: queued as"), out
     stored = wait_messages(server, "alice@example.org", b"bdat-e2e")[0]
@@ -167,8 +185,13 @@ def test_bdatTwoPipelinedChunks(ext):
 def test_dsnSuccessLocal(ext):
     """NOTIFY=SUCCESS to a local user: a 'delivered' DSN with ENVID and ORCPT echoed."""
     server, _ = ext
-    submit(JOSE, "dsn-success", mail_options=("SMTPUTF8", "ENVID=env+2Bone"),
-           rcpt_options=("NOTIFY=SUCCESS", "ORCPT=rfc822;Jose+40example.org"), server=server)
+    submit(
+        JOSE,
+        "dsn-success",
+        mail_options=("SMTPUTF8", "ENVID=env+2Bone"),
+        rcpt_options=("NOTIFY=SUCCESS", "ORCPT=rfc822;Jose+40example.org"),
+        server=server,
+    )
     msg = reports(server, b"Original-Envelope-Id: env+one")[0]
     groups = status_groups(msg)
     assert groups[1]["Action"] == "delivered"
@@ -202,12 +225,15 @@ def test_doubleBounceOnceToPostmaster(ext):
     """A bounce (MAIL FROM:<>) that cannot be delivered goes once to postmaster, and no further."""
     server, _ = ext
     body = b"Subject: double-bounce-e2e\r\n\r\nx\r\n"
-    out = talk(server.ports["smtp"], b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fwd@example.org>\r\nDATA\r\n"
-               + body + b".\r\nQUIT\r\n", 6)
+    out = talk(
+        server.ports["smtp"],
+        b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fwd@example.org>\r\nDATA\r\n" + body + b".\r\nQUIT\r\n",
+        6,
+    )
     assert out[4].startswith(b"250 2.0.0"), out
     got = wait_messages(server, "postmaster@example.org", b"double-bounce-e2e")
     wait_queue_empty(server)
-    assert len([m for m in maildir_messages(server.maildir("postmaster@example.org")) if b"double-bounce-e2e" in m]) == 1
+    assert (
+        len([m for m in maildir_messages(server.maildir("postmaster@example.org")) if b"double-bounce-e2e" in m]) == 1
+    )
     assert b"Status: 5.1.1" in got[0]
-
-

@@ -23,7 +23,9 @@ CLIENT = "127.0.0.5"  # the MX client's address, allowed by the SPF records belo
 OTHER = "127.0.0.9"
 
 _KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-KEY_PEM = _KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+KEY_PEM = _KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
 _PUB = base64.b64encode(
     _KEY.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 ).decode()
@@ -98,8 +100,9 @@ def message(sender: str, marker: str, extra: str = "") -> bytes:
 
 
 def send(server: Server, sender: str, data: bytes, source: str = CLIENT, helo: str = "client.test") -> None:
-    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], local_hostname=helo, timeout=60,
-                      source_address=(source, 0)) as c:
+    with smtplib.SMTP(
+        "127.0.0.1", server.ports["smtp"], local_hostname=helo, timeout=60, source_address=(source, 0)
+    ) as c:
         c.sendmail(sender, ["alice@localhost"], data)
 
 
@@ -112,7 +115,10 @@ def delivered(server: Server, marker: str) -> bytes:
 def auth_results(data: bytes) -> list[str]:
     """The unfolded Authentication-Results fields of a delivered message."""
     head = data.split(b"\r\n\r\n", 1)[0].decode()
-    return [re.sub(r"\r\n[ \t]+", " ", f) for f in re.findall(r"^Authentication-Results:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", head, re.MULTILINE)]
+    return [
+        re.sub(r"\r\n[ \t]+", " ", f)
+        for f in re.findall(r"^Authentication-Results:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", head, re.MULTILINE)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -245,7 +251,11 @@ def test_rspamd(tmp_path, dns, rspamd):
     server = start(tmp_path / "mx", dns, f'rspamd = "{rspamd.url}"')
     try:
         with pytest.raises(smtplib.SMTPDataError) as e:
-            send(server, "bob@include.test", message("bob@include.test", "gtube", "") + rspamd_proc.GTUBE.encode() + b"\r\n")
+            send(
+                server,
+                "bob@include.test",
+                message("bob@include.test", "gtube", "") + rspamd_proc.GTUBE.encode() + b"\r\n",
+            )
         assert e.value.smtp_code == 550 and e.value.smtp_error.startswith(b"5.7.1")
         send(server, "bob@include.test", message("bob@include.test", "rspamd-plain"))
         delivered(server, "rspamd-plain")

@@ -103,9 +103,13 @@ def test_metricsJsonLogsAndReadiness(tmp_path, notify_socket):
             c.login("alice@localhost", PASSWORD)
             c.sendmail("alice@localhost", ["friend@remote.test"], b"Subject: out\r\n\r\nbody\r\n")
 
-        wait_until(lambda: len(os.listdir(os.path.join(server.maildir("alice@localhost"), "new"))) == 3, what="delivery")
+        wait_until(
+            lambda: len(os.listdir(os.path.join(server.maildir("alice@localhost"), "new"))) == 3, what="delivery"
+        )
         values = wait_until(
-            lambda: (v := scrape(metrics_port)).get(("mailstack_messages_deferred_total", (("agent", "remote"),))) and v,
+            lambda: (
+                (v := scrape(metrics_port)).get(("mailstack_messages_deferred_total", (("agent", "remote"),))) and v
+            ),
             what="the deferral",
         )
 
@@ -149,7 +153,8 @@ def test_sendingLimitsPerDayOverrideAndRestart(tmp_path):
     """limits.messages_per_day refuses the next MAIL with 451 4.7.1 naming the daily
     limit; `user limit` raises it for one user at once; the counts survive a restart."""
     server = Server(
-        tmp_path, extra_toml="[auth]\nplaintext_on_loopback = true\n[limits]\nmessages_per_hour = 0\nmessages_per_day = 2\n"
+        tmp_path,
+        extra_toml="[auth]\nplaintext_on_loopback = true\n[limits]\nmessages_per_hour = 0\nmessages_per_day = 2\n",
     )
     for user in ("alice@localhost", "bob@localhost"):
         assert server.admin("user", "add", user, "--password-stdin", input=PASSWORD + "\n").returncode == 0

@@ -46,7 +46,9 @@ def _cert(subject: str, key, issuer: str, issuer_key, ca: bool, names: tuple[str
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
     else:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in (subject, *names)]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in (subject, *names)]), critical=False
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 

@@ -17,8 +17,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.delivery.remote import RemoteAgent
-from mailstack.errors import TemporaryFailure
 from mailstack.delivery.replies import DNS_TEMPORARY
+from mailstack.errors import TemporaryFailure
 from mailstack.queue.manager import QueueManager
 from tests.queue.outbound_fakes import (
     FakeAgent,

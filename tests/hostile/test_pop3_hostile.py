@@ -14,13 +14,12 @@ import base64
 import os
 import re
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.pop3.factory import make_factory
-from hypothesis import settings
-
-from tests.hostile.support import FAST, LEAKS, SLOW, POP3_STATUS, LogFailures
+from tests.hostile.support import FAST, LEAKS, POP3_STATUS, SLOW, LogFailures
 from tests.pop3.support import make_runtime, temp_dir, write_message
 from tests.support.transports import ImplicitTLSTransport
 
@@ -35,13 +34,45 @@ _MULTI = re.compile(
     rb"Top of message follows|\d+ messages \(\d+ octets\)|\d+ octets)\Z"
 )
 
-VERBS = [b"USER", b"PASS", b"AUTH", b"AUTH PLAIN", b"CAPA", b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE",
-         b"RSET", b"NOOP", b"APOP", b"XTND", b"retr", b"top"]
+VERBS = [
+    b"USER",
+    b"PASS",
+    b"AUTH",
+    b"AUTH PLAIN",
+    b"CAPA",
+    b"STAT",
+    b"LIST",
+    b"UIDL",
+    b"RETR",
+    b"TOP",
+    b"DELE",
+    b"RSET",
+    b"NOOP",
+    b"APOP",
+    b"XTND",
+    b"retr",
+    b"top",
+]
 fragment = st.one_of(
     st.binary(max_size=120),
     st.text(max_size=40).map(lambda t: t.encode("utf-8")),
-    st.sampled_from([b"\x00", b"\r", b"\n", b" ", b"-1", b"0", b"1", b"2", b"99999999999", b"\xff", b"1 0", b"1 -5",
-                     b"1 99999999999999"]),
+    st.sampled_from(
+        [
+            b"\x00",
+            b"\r",
+            b"\n",
+            b" ",
+            b"-1",
+            b"0",
+            b"1",
+            b"2",
+            b"99999999999",
+            b"\xff",
+            b"1 0",
+            b"1 -5",
+            b"1 99999999999999",
+        ]
+    ),
     st.sampled_from(VERBS),
 )
 hostile_line = st.lists(fragment, max_size=6).map(b"".join)
@@ -181,7 +212,9 @@ class Pop3Hostile(SynchronousTestCase):
     @given(lines=st.lists(hostile_line, max_size=12), cuts=st.lists(st.integers(0, 3000), max_size=10))
     def test_outputIndependentOfSegmentation(self, lines: list[bytes], cuts: list[int]) -> None:
         """Login plus hostile lines give the same output in one read as in arbitrary pieces."""
-        data = b"USER alice@localhost\r\nPASS secret\r\n" + b"".join(l + b"\r\n" for l in lines if b"QUIT" not in l.upper())
+        data = b"USER alice@localhost\r\nPASS secret\r\n" + b"".join(
+            line + b"\r\n" for line in lines if b"QUIT" not in line.upper()
+        )
         self.fresh()
         a = self.connect()
         expected = self.feed(a, data)
@@ -217,8 +250,8 @@ class Pop3Hostile(SynchronousTestCase):
         out = b""
         for a in args:
             for verb in ("RETR", "DELE", "LIST", "UIDL", "TOP"):
-                out += self.feed(p, f"{verb} {a}\r\n".encode("utf-8"))
-            out += self.feed(p, f"TOP 1 {a}\r\n".encode("utf-8"))
+                out += self.feed(p, f"{verb} {a}\r\n".encode())
+            out += self.feed(p, f"TOP 1 {a}\r\n".encode())
         statuses = pop3_responses(out)
         self.assertTrue(all(s.startswith(b"-ERR") or s.startswith(b"+OK") for s in statuses))
         self.assertEqual(self.feed(p, b"STAT\r\n"), stat)
@@ -229,11 +262,20 @@ class Pop3Hostile(SynchronousTestCase):
         """AUTH PLAIN with bad base64, missing NULs, unicode and huge names: -ERR each, then a login works."""
         p = self.connect()
         out = b""
-        for line in [b"AUTH PLAIN !!!", b"AUTH PLAIN " + base64.b64encode(b"\0\0\0\0"),
-                     b"AUTH PLAIN " + base64.b64encode("\0jörg\0pä\x00ss".encode()),
-                     b"AUTH PLAIN", b"\xff\xfe", b"AUTH PLAIN", b"=",
-                     b"AUTH PLAIN " + base64.b64encode(b"\0" + b"x" * 1400 + b"\0pw"),
-                     b"USER \xff\xfe\x00", b"PASS \x00", "USER jörg@exämple.test".encode(), b"PASS x"]:
+        for line in [
+            b"AUTH PLAIN !!!",
+            b"AUTH PLAIN " + base64.b64encode(b"\0\0\0\0"),
+            b"AUTH PLAIN " + base64.b64encode("\0jörg\0pä\x00ss".encode()),
+            b"AUTH PLAIN",
+            b"\xff\xfe",
+            b"AUTH PLAIN",
+            b"=",
+            b"AUTH PLAIN " + base64.b64encode(b"\0" + b"x" * 1400 + b"\0pw"),
+            b"USER \xff\xfe\x00",
+            b"PASS \x00",
+            "USER jörg@exämple.test".encode(),
+            b"PASS x",
+        ]:
             out += self.feed(p, line + b"\r\n")
         pop3_responses(out)
         self.assertEqual(p.state, "AUTHORIZATION")

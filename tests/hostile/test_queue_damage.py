@@ -14,7 +14,8 @@ import shutil
 import tempfile
 import time
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin.queuecmd import summary
@@ -25,17 +26,53 @@ from tests.hostile.support import FAST
 QID = "0000000000000d0000000001"
 
 GOOD = {
-    "id": QID, "sender": "s@remote.example", "arrival": 1_700_000_000.0, "size": 10, "user": "", "peer": "",
-    "delay_warned": False, "version": 1,
-    "recipients": [{"address": "alice@localhost", "original": "alice@localhost", "local": True,
-                    "status": "pending", "attempts": 1, "next_attempt": 1_700_000_060.0, "last_reply": "",
-                    "last_host": "", "notified": False, "history": [{"time": 1.0, "host": "h", "reply": "451"}]}],
+    "id": QID,
+    "sender": "s@remote.example",
+    "arrival": 1_700_000_000.0,
+    "size": 10,
+    "user": "",
+    "peer": "",
+    "delay_warned": False,
+    "version": 1,
+    "recipients": [
+        {
+            "address": "alice@localhost",
+            "original": "alice@localhost",
+            "local": True,
+            "status": "pending",
+            "attempts": 1,
+            "next_attempt": 1_700_000_060.0,
+            "last_reply": "",
+            "last_host": "",
+            "notified": False,
+            "history": [{"time": 1.0, "host": "h", "reply": "451"}],
+        }
+    ],
 }
 
-json_values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5),
-                        st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-paths = st.sampled_from([("id",), ("sender",), ("arrival",), ("size",), ("user",), ("peer",), ("delay_warned",),
-                         ("version",), ("recipients",)] + [("recipients", 0, k) for k in GOOD["recipients"][0]])
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+paths = st.sampled_from(
+    [
+        ("id",),
+        ("sender",),
+        ("arrival",),
+        ("size",),
+        ("user",),
+        ("peer",),
+        ("delay_warned",),
+        ("version",),
+        ("recipients",),
+    ]
+    + [("recipients", 0, k) for k in GOOD["recipients"][0]]
+)
 
 
 def _mutate(doc: dict, path: tuple, value) -> dict:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,15 +25,56 @@ from tests.support.fakes import FakeThrottle
 MESSAGE = b"Subject: ok\r\n\r\nnormal body\r\n"
 
 # Command words the fuzzer mixes with garbage; STARTTLS is left to the TLS transport tests.
-VERBS = [b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP", b"VRFY", b"EXPN",
-         b"HELP", b"AUTH", b"AUTH PLAIN", b"AUTH LOGIN", b"QUIT", b"mail from:", b"rcpt to:", b"BDAT", b"ETRN"]
+VERBS = [
+    b"EHLO",
+    b"HELO",
+    b"MAIL FROM:",
+    b"RCPT TO:",
+    b"DATA",
+    b"RSET",
+    b"NOOP",
+    b"VRFY",
+    b"EXPN",
+    b"HELP",
+    b"AUTH",
+    b"AUTH PLAIN",
+    b"AUTH LOGIN",
+    b"QUIT",
+    b"mail from:",
+    b"rcpt to:",
+    b"BDAT",
+    b"ETRN",
+]
 
 garbage_bytes = st.binary(max_size=300)
-hostile_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80
-).map(lambda t: t.encode("utf-8"))
-specials = st.sampled_from([b"\x00", b"\r", b"\n", b"\r\r\n", b"\n\r", b"<", b">", b"@", b'"', b"\\", b" ",
-                            b"\xff", b"\xc3\xa9", b"%", b"!", b":", b",", b".", b"<>", b"=", b"*"])
+hostile_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80).map(
+    lambda t: t.encode("utf-8")
+)
+specials = st.sampled_from(
+    [
+        b"\x00",
+        b"\r",
+        b"\n",
+        b"\r\r\n",
+        b"\n\r",
+        b"<",
+        b">",
+        b"@",
+        b'"',
+        b"\\",
+        b" ",
+        b"\xff",
+        b"\xc3\xa9",
+        b"%",
+        b"!",
+        b":",
+        b",",
+        b".",
+        b"<>",
+        b"=",
+        b"*",
+    ]
+)
 fragment = st.one_of(garbage_bytes, hostile_text, specials, st.sampled_from(VERBS))
 hostile_line = st.lists(fragment, max_size=8).map(b"".join)
 
@@ -158,7 +200,8 @@ class FixedVectorTests(SynchronousTestCase):
         normal_transaction(self, s)
 
     def test_nulAndBareNewlinesInCommands(self) -> None:
-        """NUL, bare CR and bare LF inside command lines: 500 5.5.2 / 501 5.5.4 (NUL in EHLO), never a second command."""
+        """NUL, bare CR and bare LF inside command lines: 500 5.5.2 / 501 5.5.4 (NUL in EHLO), never a second
+        command."""
         s = new_session()
         out = feed(s, b"NOOP\nMAIL FROM:<evil@x>\r\nEHLO a\x00b\r\nRSET\rMAIL FROM:<evil@x>\r\n")
         replies = check_smtp_output(out)
@@ -171,17 +214,27 @@ class FixedVectorTests(SynchronousTestCase):
         without SMTPUTF8, RFC 6531 section 3.3) or 2xx, replies pure ASCII."""
         s = new_session()
         lines = [
-            "EHLO exämple.test", "EHLO client.test", "MAIL FROM:<jörg@exämple.test>", "MAIL FROM:<x@b.test> BODY=8BİTMIME",
-            "MAIL FROM:<x@b.test>", "RCPT TO:<álice@example.org>", "RCPT TO:<alice@exámple.org>",
-            "RCPT TO:<\u202ealice@example.org>", "VRFY ünïcode", "AUTH PLAIN ☃", "HELO 🐍",
+            "EHLO exämple.test",
+            "EHLO client.test",
+            "MAIL FROM:<jörg@exämple.test>",
+            "MAIL FROM:<x@b.test> BODY=8BİTMIME",
+            "MAIL FROM:<x@b.test>",
+            "RCPT TO:<álice@example.org>",
+            "RCPT TO:<alice@exámple.org>",
+            "RCPT TO:<\u202ealice@example.org>",
+            "VRFY ünïcode",
+            "AUTH PLAIN ☃",
+            "HELO 🐍",
         ]
         out = feed(s, "".join(line + "\r\n" for line in lines).encode("utf-8"))
         replies = check_smtp_output(out)
         self.assertTrue(out.isascii(), out)
         codes = [r[-1][:9] for r in replies]
         self.assertEqual(codes[0], b"501 5.5.4")
-        self.assertEqual(codes[2:9], [b"553 5.6.7", b"501 5.5.4", b"250 2.1.0", b"553 5.6.7", b"553 5.6.7",
-                                      b"553 5.6.7", b"252 2.5.0"])
+        self.assertEqual(
+            codes[2:9],
+            [b"553 5.6.7", b"501 5.5.4", b"250 2.1.0", b"553 5.6.7", b"553 5.6.7", b"553 5.6.7", b"252 2.5.0"],
+        )
         normal_transaction(self, s)
 
     def test_thousandsOfRecipients(self) -> None:
@@ -217,11 +270,28 @@ class FixedVectorTests(SynchronousTestCase):
         self.assertTrue(s.closed)
 
     def test_smugglingSequencesInData(self) -> None:
-        """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by pipelined commands, in one
+        """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by pipelined
+        commands, in one
         read and bytewise: at most one message (the real one), or a rejection; never a smuggled one."""
-        seqs = [b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n", b"\r\n.\r",
-                b"\r\n\x00.\r", b"\r\n\x00.\n", b"\r\n.\x00\r\n", b"\n\n.\r\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n"]
-        smuggled = b"mail FROM:<smuggled@evil.test>\r\nrcpt TO:<bob@example.org>\r\ndata\r\nSubject: SMUGGLED\r\n\r\nx\r\n"
+        seqs = [
+            b"\n.\n",
+            b"\n.\r",
+            b"\r.\n",
+            b"\r.\r",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n\x00.\r\n",
+            b"\r\n.\r",
+            b"\r\n\x00.\r",
+            b"\r\n\x00.\n",
+            b"\r\n.\x00\r\n",
+            b"\n\n.\r\n",
+            b"\r\n.\r\r\n",
+            b"\r\r\n.\r\r\n",
+        ]
+        smuggled = (
+            b"mail FROM:<smuggled@evil.test>\r\nrcpt TO:<bob@example.org>\r\ndata\r\nSubject: SMUGGLED\r\n\r\nx\r\n"
+        )
         for seq in seqs:
             for bytewise in (False, True):
                 s = new_session()
@@ -238,8 +308,15 @@ class FixedVectorTests(SynchronousTestCase):
                 normal_transaction(self, s)
 
     @FAST
-    @given(body=st.lists(st.one_of(st.binary(max_size=200), st.sampled_from(
-        [b"\r\n", b"\r", b"\n", b".", b"\r\n.", b"\r\n..", b"\x00", b"\r\n.\r"])), max_size=30).map(b"".join))
+    @given(
+        body=st.lists(
+            st.one_of(
+                st.binary(max_size=200),
+                st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\r\n.", b"\r\n..", b"\x00", b"\r\n.\r"]),
+            ),
+            max_size=30,
+        ).map(b"".join)
+    )
     def test_randomMessageBodies(self, body: bytes) -> None:
         """Arbitrary DATA content then the terminator: one reply (250, 550 5.6.0) and the session goes on."""
         s = new_session()
@@ -258,10 +335,18 @@ class FixedVectorTests(SynchronousTestCase):
         """Bad base64, huge and empty SASL responses, NULs and unicode in AUTH: 5xx, then in sync."""
         s = new_session(auth={"plaintext_on_loopback": True}, peer="127.0.0.1")
         out = feed(s, b"EHLO c\r\n")
-        for line in [b"AUTH PLAIN !!!", b"AUTH PLAIN " + base64.b64encode(b"\0\0\0\0"),
-                     b"AUTH PLAIN " + base64.b64encode("\0jörg\0pä\x00ss".encode()),
-                     b"AUTH LOGIN", b"\xff\xfe", b"AUTH LOGIN " + base64.b64encode(b"x" * 2000),
-                     b"AUTH PLAIN", b"=", b"AUTH XOAUTH2 abc", b"AUTH PLAIN " + b"A" * 5000]:
+        for line in [
+            b"AUTH PLAIN !!!",
+            b"AUTH PLAIN " + base64.b64encode(b"\0\0\0\0"),
+            b"AUTH PLAIN " + base64.b64encode("\0jörg\0pä\x00ss".encode()),
+            b"AUTH LOGIN",
+            b"\xff\xfe",
+            b"AUTH LOGIN " + base64.b64encode(b"x" * 2000),
+            b"AUTH PLAIN",
+            b"=",
+            b"AUTH XOAUTH2 abc",
+            b"AUTH PLAIN " + b"A" * 5000,
+        ]:
             out += feed(s, line + b"\r\n")
         check_smtp_output(out)
         self.assertFalse(s.proto.user)

@@ -26,7 +26,10 @@ class BuildTests(SynchronousTestCase):
         field = build(
             "mx.example.net",
             spf=SPFResult("pass", "mailfrom", "example.org", "alice@example.org"),
-            dkim=[DKIMResult("pass", "example.org", "sel", "abcdefgh"), DKIMResult("fail", "other.example", "s2", "", "body hash mismatch")],
+            dkim=[
+                DKIMResult("pass", "example.org", "sel", "abcdefgh"),
+                DKIMResult("fail", "other.example", "s2", "", "body hash mismatch"),
+            ],
             dmarc=DMARCResult("pass", "example.org"),
         )
         self.assertEqual(
@@ -40,8 +43,12 @@ class BuildTests(SynchronousTestCase):
 
     def test_helo_identity_and_no_signature(self) -> None:
         """A null sender is reported as smtp.helo; no DKIM signature is dkim=none; a DMARC fail names the policy."""
-        field = build("mx.example.net", spf=SPFResult("none", "helo", "client.example", "postmaster@client.example"),
-                      dkim=[], dmarc=DMARCResult("fail", "example.org", "reject", "quarantine"))
+        field = build(
+            "mx.example.net",
+            spf=SPFResult("none", "helo", "client.example", "postmaster@client.example"),
+            dkim=[],
+            dmarc=DMARCResult("fail", "example.org", "reject", "quarantine"),
+        )
         self.assertIn("spf=none smtp.helo=client.example;", field)
         self.assertIn("dkim=none;", field)
         self.assertIn('dmarc=fail reason="p=reject dis=quarantine" header.from=example.org', field)

@@ -36,7 +36,9 @@ def run_now(f, *args, **kwargs):
 
 def rsa_key():
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(pub).decode()
 
@@ -53,8 +55,12 @@ ED_SEED, ED_TXT = ed_key()
 
 
 def sign(message, selector, domain, key, algorithm=b"rsa-sha256"):
-    return dkim.sign(message, selector, domain, key, signature_algorithm=algorithm,
-                     include_headers=[b"from", b"to", b"subject"]) + message
+    return (
+        dkim.sign(
+            message, selector, domain, key, signature_algorithm=algorithm, include_headers=[b"from", b"to", b"subject"]
+        )
+        + message
+    )
 
 
 class DKIMVerifierTests(SynchronousTestCase):
@@ -72,15 +78,18 @@ class DKIMVerifierTests(SynchronousTestCase):
 
     def test_rsa_pass(self) -> None:
         """A good RSA-SHA256 signature passes and reports d= and s=."""
-        results, resolver = self.verify(sign(MESSAGE, b"sel", b"example.org", RSA_PEM),
-                                        {"sel._domainkey.example.org": [("TXT", RSA_TXT)]})
+        results, resolver = self.verify(
+            sign(MESSAGE, b"sel", b"example.org", RSA_PEM), {"sel._domainkey.example.org": [("TXT", RSA_TXT)]}
+        )
         self.assertEqual([(r.result, r.domain, r.selector) for r in results], [("pass", "example.org", "sel")])
         self.assertIn(("sel._domainkey.example.org", 16), resolver.queries)
 
     def test_ed25519_pass(self) -> None:
         """An Ed25519-SHA256 signature (RFC 8463) passes."""
-        results, _ = self.verify(sign(MESSAGE, b"ed", b"example.org", ED_SEED, b"ed25519-sha256"),
-                                 {"ed._domainkey.example.org": [("TXT", ED_TXT)]})
+        results, _ = self.verify(
+            sign(MESSAGE, b"ed", b"example.org", ED_SEED, b"ed25519-sha256"),
+            {"ed._domainkey.example.org": [("TXT", ED_TXT)]},
+        )
         self.assertEqual([r.result for r in results], ["pass"])
 
     def test_altered_body_fails(self) -> None:
@@ -102,14 +111,17 @@ class DKIMVerifierTests(SynchronousTestCase):
 
     def test_bad_key_is_permerror(self) -> None:
         """A key record whose p= is not a key is permerror, not fail."""
-        results, _ = self.verify(sign(MESSAGE, b"sel", b"example.org", RSA_PEM),
-                                 {"sel._domainkey.example.org": [("TXT", "v=DKIM1; k=rsa; p=AAAA")]})
+        results, _ = self.verify(
+            sign(MESSAGE, b"sel", b"example.org", RSA_PEM),
+            {"sel._domainkey.example.org": [("TXT", "v=DKIM1; k=rsa; p=AAAA")]},
+        )
         self.assertEqual(results[0].result, "permerror")
 
     def test_key_timeout_is_temperror(self) -> None:
         """A key lookup that times out is temperror."""
-        results, _ = self.verify(sign(MESSAGE, b"sel", b"example.org", RSA_PEM),
-                                 {"sel._domainkey.example.org": ["TIMEOUT"]})
+        results, _ = self.verify(
+            sign(MESSAGE, b"sel", b"example.org", RSA_PEM), {"sel._domainkey.example.org": ["TIMEOUT"]}
+        )
         self.assertEqual(results[0].result, "temperror")
 
     def test_unparsable_signature_is_neutral(self) -> None:
@@ -123,8 +135,9 @@ class DKIMVerifierTests(SynchronousTestCase):
         once = sign(MESSAGE, b"sel", b"example.org", RSA_PEM)
         twice = sign(once, b"ed", b"other.example", ED_SEED, b"ed25519-sha256")
         results, _ = self.verify(twice, {"sel._domainkey.example.org": [("TXT", RSA_TXT)]})
-        self.assertEqual([(r.result, r.domain) for r in results],
-                         [("permerror", "other.example"), ("pass", "example.org")])
+        self.assertEqual(
+            [(r.result, r.domain) for r in results], [("permerror", "other.example"), ("pass", "example.org")]
+        )
 
     def test_unsigned_message(self) -> None:
         """A message without DKIM-Signature gives no results and no lookups."""
@@ -133,8 +146,10 @@ class DKIMVerifierTests(SynchronousTestCase):
 
     def test_signature_count_bounded(self) -> None:
         """Signatures beyond MAX_SIGNATURES are reported neutral without lookups."""
-        extra = b"".join(b"DKIM-Signature: v=1; a=rsa-sha256; d=d%d.example; s=s; h=from; bh=x; b=y\r\n" % i
-                         for i in range(MAX_SIGNATURES + 2))
+        extra = b"".join(
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=d%d.example; s=s; h=from; bh=x; b=y\r\n" % i
+            for i in range(MAX_SIGNATURES + 2)
+        )
         results, resolver = self.verify(extra + MESSAGE, {})
         self.assertEqual(len(results), MAX_SIGNATURES + 2)
         self.assertEqual(results[-1].reason, "not checked: too many signatures")

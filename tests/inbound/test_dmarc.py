@@ -51,7 +51,13 @@ class FromDomainTests(SynchronousTestCase):
 
     def test_missing_multiple_or_garbage_raise(self) -> None:
         """No From, two From fields, or an unparsable one raise FromError (RFC 7489 6.6.1)."""
-        for values in ([], ["a@b.example", "c@d.example"], ["garbage"], ["undisclosed-recipients:;"], ["a@[192.0.2.1]"]):
+        for values in (
+            [],
+            ["a@b.example", "c@d.example"],
+            ["garbage"],
+            ["undisclosed-recipients:;"],
+            ["a@[192.0.2.1]"],
+        ):
             with self.assertRaises(FromError, msg=values):
                 from_domains(values)
 
@@ -59,8 +65,12 @@ class FromDomainTests(SynchronousTestCase):
 class RecordTests(SynchronousTestCase):
     def test_parse_all_tags(self) -> None:
         """p, sp, pct, adkim and aspf are read; unknown tags are ignored."""
-        policy = parse_record("v=DMARC1; p=reject; sp=quarantine; pct=20; adkim=s; aspf=s; fo=1; rua=mailto:a@b.example")
-        self.assertEqual((policy.p, policy.sp, policy.pct, policy.adkim, policy.aspf), ("reject", "quarantine", 20, "s", "s"))
+        policy = parse_record(
+            "v=DMARC1; p=reject; sp=quarantine; pct=20; adkim=s; aspf=s; fo=1; rua=mailto:a@b.example"
+        )
+        self.assertEqual(
+            (policy.p, policy.sp, policy.pct, policy.adkim, policy.aspf), ("reject", "quarantine", 20, "s", "s")
+        )
 
     def test_defaults_and_bad_optional_values(self) -> None:
         """Missing or invalid optional tags take their defaults (pct 100, relaxed alignment)."""
@@ -110,7 +120,9 @@ class EvaluatorTests(SynchronousTestCase):
 
     def test_unaligned_pass_fails(self) -> None:
         """Passing SPF and DKIM for other domains do not count: fail, p=reject applies."""
-        r = self.evaluate("example.org", spf("pass", "other.example"), [dkim("pass", "other.example"), dkim("fail", "example.org")])
+        r = self.evaluate(
+            "example.org", spf("pass", "other.example"), [dkim("pass", "other.example"), dkim("fail", "example.org")]
+        )
         self.assertEqual((r.result, r.disposition, r.record_domain), ("fail", "reject", "example.org"))
 
     def test_subdomain_uses_organizational_record_and_sp(self) -> None:
@@ -149,7 +161,10 @@ class EvaluatorTests(SynchronousTestCase):
 
     def test_strictest_of_several_domains(self) -> None:
         """For several author domains the failing result with the strictest disposition wins."""
-        results = [DMARCResult("pass", "a.example"), DMARCResult("fail", "b.example", "quarantine", "quarantine"),
-                   DMARCResult("fail", "c.example", "reject", "reject")]
+        results = [
+            DMARCResult("pass", "a.example"),
+            DMARCResult("fail", "b.example", "quarantine", "quarantine"),
+            DMARCResult("fail", "c.example", "reject", "reject"),
+        ]
         self.assertEqual(strictest(results).from_domain, "c.example")
         self.assertEqual(strictest(results[:1]).from_domain, "a.example")

@@ -14,8 +14,12 @@ from zope.interface.verify import verifyObject
 from tests.support.dnsserver import DNSServer, ZoneResolver, listen
 
 ZONE = {
-    "example.org": [("A", "192.0.2.1"), ("AAAA", "2001:db8::1"), ("MX", (10, "mx.example.org")),
-                    ("TXT", "v=spf1 -all")],
+    "example.org": [
+        ("A", "192.0.2.1"),
+        ("AAAA", "2001:db8::1"),
+        ("MX", (10, "mx.example.org")),
+        ("TXT", "v=spf1 -all"),
+    ],
     "1.2.0.192.in-addr.arpa": [("PTR", "mx.example.org")],
     "big.example.org": [("TXT", ["x" * 200] * 5)],
 }
@@ -27,7 +31,8 @@ class DNSServerTests(TestCase):
         self.assertTrue(verifyObject(IResolver, ZoneResolver({})))
 
     async def test_in_process_udp_and_tcp(self) -> None:
-        """Every record type is served over UDP; a large TXT (over 512 octets) comes over TCP; unknown names are NXDOMAIN."""
+        """Every record type is served over UDP; a large TXT (over 512 octets) comes over TCP; unknown names are
+        NXDOMAIN."""
         port, ports = listen(reactor, ZONE)
         for p in ports:
             self.addCleanup(p.stopListening)

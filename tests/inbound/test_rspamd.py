@@ -28,8 +28,15 @@ from mailstack.inbound.rspamd import (
     verdict_from,
 )
 
-ENVELOPE = Envelope("alice@example.org", ["bob@example.net", "carol@example.net"], "192.0.2.1",
-                    "client.example", "mx.example.net", user="", queue_id="Q1")
+ENVELOPE = Envelope(
+    "alice@example.org",
+    ["bob@example.net", "carol@example.net"],
+    "192.0.2.1",
+    "client.example",
+    "mx.example.net",
+    user="",
+    queue_id="Q1",
+)
 
 
 class FakeRspamd(Resource):
@@ -81,7 +88,8 @@ class ClientTests(TestCase):
         self.assertTrue(verifyObject(IRspamdClient, self.client))
 
     async def test_envelope_in_headers(self) -> None:
-        """From, one Rcpt per recipient, IP, Helo, Hostname and Queue-Id go to /checkv2; no User when unauthenticated."""
+        """From, one Rcpt per recipient, IP, Helo, Hostname and Queue-Id go to /checkv2; no User when
+        unauthenticated."""
         verdict = await self.client.scan(b"Subject: x\r\n\r\nhi\r\n", ENVELOPE)
         self.assertEqual(verdict.decision, ACCEPT)
         path, headers, body = self.fake.requests[0]
@@ -118,8 +126,14 @@ class ClientTests(TestCase):
 
     async def test_actions_mapped(self) -> None:
         """reject refuses, soft reject and greylist tempfail, add header and rewrite subject tag."""
-        expected = {"reject": REFUSE, "soft reject": TEMPFAIL, "greylist": TEMPFAIL,
-                    "add header": TAG, "rewrite subject": TAG, "no action": ACCEPT}
+        expected = {
+            "reject": REFUSE,
+            "soft reject": TEMPFAIL,
+            "greylist": TEMPFAIL,
+            "add header": TAG,
+            "rewrite subject": TAG,
+            "no action": ACCEPT,
+        }
         for action, decision in expected.items():
             self.fake.reply = {"action": action, "score": 7.5, "required_score": 15, "symbols": {"A": {}}}
             verdict = await self.client.scan(b"x", ENVELOPE)
@@ -163,7 +177,9 @@ class VerdictTests(SynchronousTestCase):
 
     def test_rewrite_subject(self) -> None:
         """rewrite subject carries rspamd's new Subject."""
-        verdict = verdict_from({"action": "rewrite subject", "score": 9, "required_score": 15, "subject": "*** SPAM *** hi"})
+        verdict = verdict_from(
+            {"action": "rewrite subject", "score": 9, "required_score": 15, "subject": "*** SPAM *** hi"}
+        )
         self.assertEqual(verdict.subject, "*** SPAM *** hi")
 
     def test_unknown_action_accepts(self) -> None:

@@ -23,7 +23,9 @@ class SPFVerifierTests(SynchronousTestCase):
         """MAIL FROM <> checks postmaster@<helo> against the HELO domain's record (RFC 7208 2.4)."""
         v = verifier({"helo.example": [("TXT", "v=spf1 ip4:192.0.2.1 -all")]})
         r = self.successResultOf(v.check("192.0.2.1", "", "helo.example"))
-        self.assertEqual((r.result, r.identity, r.domain, r.sender), ("pass", "helo", "helo.example", "postmaster@helo.example"))
+        self.assertEqual(
+            (r.result, r.identity, r.domain, r.sender), ("pass", "helo", "helo.example", "postmaster@helo.example")
+        )
 
     def test_mailfrom_identity(self) -> None:
         """A non-empty MAIL FROM is the identity checked; a non-matching address fails."""
@@ -34,10 +36,12 @@ class SPFVerifierTests(SynchronousTestCase):
     def test_ipv6_i_macro_is_dotted_nibbles(self) -> None:
         """%{i} of an IPv6 client is 32 dot-separated nibbles (RFC 7208 7.3); %{ir} reverses them."""
         name = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.lists.example"
-        v = verifier({
-            "s.example": [("TXT", "v=spf1 exists:%{ir}.lists.example -all")],
-            name: [("A", "127.0.0.2")],
-        })
+        v = verifier(
+            {
+                "s.example": [("TXT", "v=spf1 exists:%{ir}.lists.example -all")],
+                name: [("A", "127.0.0.2")],
+            }
+        )
         r = self.successResultOf(v.check("2001:db8::1", "x@s.example", "h.example"))
         self.assertEqual(r.result, "pass")
 

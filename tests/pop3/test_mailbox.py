@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.pop3 import mailbox
 from mailstack.pop3.mailbox import (
     INDEX_NAME,
-    Maildrop,
     MailboxInUse,
+    Maildrop,
     MessageGone,
     WireEncoder,
     encode_message,
@@ -32,7 +32,7 @@ def unstuff(reply_body: bytes) -> bytes:
     """What a client makes of a multi-line body: drop terminator and stuffing."""
     assert reply_body.endswith(b"\r\n.\r\n") or reply_body == b".\r\n"
     lines = reply_body[:-3].split(b"\r\n")[:-1]
-    return b"".join((l[1:] if l.startswith(b".") else l) + b"\r\n" for l in lines)
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
 
 
 class WireTests(SynchronousTestCase):
@@ -66,11 +66,13 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(wire_size_of([b"a\r", b"\n.b\r", b"\r\n"]), len(b"a\r\n.b\r\r\n"))
 
     @settings(max_examples=300, deadline=None)
-    @given(st.binary(max_size=60).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03", b"\r\n.\n"))), st.data())
+    @given(
+        st.binary(max_size=60).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03", b"\r\n.\n"))), st.data()
+    )
     def test_encoderMatchesSize(self, data: bytes, draw: st.DataObject) -> None:
         """For any bytes and any chunking, the unstuffed reply has exactly the counted size."""
         cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=4)))
-        chunks = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
+        chunks = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)], strict=True)]
         enc = WireEncoder()
         out = b"".join(enc.feed(c) for c in chunks) + enc.end()
         self.assertEqual(out, encode_message(data))

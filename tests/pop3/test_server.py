@@ -70,8 +70,9 @@ class Base(SynchronousTestCase):
 
     def session(self) -> server.POP3Server:
         proto = self.connect()
-        self.assertTrue(self.login(proto).endswith(b"+OK Logged in, %d messages (%d octets)\r\n" % (
-            proto._count, proto._octets)))
+        self.assertTrue(
+            self.login(proto).endswith(b"+OK Logged in, %d messages (%d octets)\r\n" % (proto._count, proto._octets))
+        )
         self.assertEqual(proto.state, TRANSACTION)
         return proto
 
@@ -95,14 +96,39 @@ class GreetingAndCapaTests(Base):
     def test_capaBeforeTLS(self) -> None:
         """Before STLS: STLS offered, USER and SASL hidden (no plaintext passwords)."""
         caps = self.capa(self.connect(tls=False))
-        self.assertEqual(caps, [b"TOP", b"UIDL", b"STLS", b"RESP-CODES", b"AUTH-RESP-CODE",
-                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack", b"UTF8 USER"])
+        self.assertEqual(
+            caps,
+            [
+                b"TOP",
+                b"UIDL",
+                b"STLS",
+                b"RESP-CODES",
+                b"AUTH-RESP-CODE",
+                b"PIPELINING",
+                b"EXPIRE NEVER",
+                b"IMPLEMENTATION mailstack",
+                b"UTF8 USER",
+            ],
+        )
 
     def test_capaAfterTLS(self) -> None:
         """After STLS: USER and SASL PLAIN, no STLS."""
         caps = self.capa(self.connect())
-        self.assertEqual(caps, [b"TOP", b"UIDL", b"USER", b"SASL PLAIN", b"RESP-CODES", b"AUTH-RESP-CODE",
-                                b"PIPELINING", b"EXPIRE NEVER", b"IMPLEMENTATION mailstack", b"UTF8 USER"])
+        self.assertEqual(
+            caps,
+            [
+                b"TOP",
+                b"UIDL",
+                b"USER",
+                b"SASL PLAIN",
+                b"RESP-CODES",
+                b"AUTH-RESP-CODE",
+                b"PIPELINING",
+                b"EXPIRE NEVER",
+                b"IMPLEMENTATION mailstack",
+                b"UTF8 USER",
+            ],
+        )
 
     def test_capaLoopbackAllowed(self) -> None:
         """On loopback with auth.plaintext_on_loopback everything is offered at once."""
@@ -255,8 +281,9 @@ class LoginTests(Base):
         """PASS needs a USER right before it."""
         proto = self.connect()
         self.assertEqual(self.talk(proto, b"PASS secret"), R.USER_FIRST)
-        self.assertEqual(self.talk(proto, b"USER alice@localhost", b"NOOP", b"PASS secret"),
-                         R.USER_OK + R.BAD_STATE + R.USER_FIRST)
+        self.assertEqual(
+            self.talk(proto, b"USER alice@localhost", b"NOOP", b"PASS secret"), R.USER_OK + R.BAD_STATE + R.USER_FIRST
+        )
 
     def test_userWithoutName(self) -> None:
         """USER with no argument is refused."""
@@ -324,8 +351,10 @@ class LoginTests(Base):
         """AUTH PLAIN without initial response gets '+ ' and reads the next line."""
         proto = self.connect()
         self.assertEqual(self.talk(proto, b"AUTH PLAIN"), b"+ \r\n")
-        self.assertEqual(self.talk(proto, plain(b"alice@localhost", b"alice@localhost", b"secret")),
-                         b"+OK Logged in, 0 messages (0 octets)\r\n")
+        self.assertEqual(
+            self.talk(proto, plain(b"alice@localhost", b"alice@localhost", b"secret")),
+            b"+OK Logged in, 0 messages (0 octets)\r\n",
+        )
 
     def test_authPlainCancel(self) -> None:
         """'*' cancels an AUTH exchange with -ERR."""
@@ -388,8 +417,10 @@ class LoginTests(Base):
 
     def test_maildropError(self) -> None:
         """A disk error while opening the maildrop gives -ERR [SYS/TEMP]."""
+
         def broken(path: str) -> list[str]:
             raise OSError(5, "I/O error")
+
         self.patch(mailbox, "_listdir", broken)
         proto = self.connect()
         self.assertEqual(self.login(proto), R.USER_OK + R.MAILDROP_UNAVAILABLE)
@@ -441,13 +472,16 @@ class TransactionTests(Base):
     def test_listBadArgs(self) -> None:
         """LIST with a bad or out-of-range number gets -ERR."""
         proto = self.session()
-        self.assertEqual(self.talk(proto, b"LIST 0", b"LIST 4", b"LIST x", b"LIST -1"),
-                         R.NO_SUCH_MESSAGE * 2 + R.BAD_ARGUMENTS * 2)
+        self.assertEqual(
+            self.talk(proto, b"LIST 0", b"LIST 4", b"LIST x", b"LIST -1"), R.NO_SUCH_MESSAGE * 2 + R.BAD_ARGUMENTS * 2
+        )
 
     def test_uidl(self) -> None:
         """UIDL gives the Maildir unique names; UIDL n one of them."""
         proto = self.session()
-        expected = R.UIDL_HEADER + b"".join(b"%d %s\r\n" % (i, n.encode()) for i, n in enumerate(self.names, 1)) + b".\r\n"
+        expected = (
+            R.UIDL_HEADER + b"".join(b"%d %s\r\n" % (i, n.encode()) for i, n in enumerate(self.names, 1)) + b".\r\n"
+        )
         self.assertEqual(self.talk(proto, b"UIDL"), expected)
         self.assertEqual(self.talk(proto, b"UIDL 3"), b"+OK 3 %s\r\n" % self.names[2].encode())
 
@@ -462,14 +496,14 @@ class TransactionTests(Base):
         os.rename(os.path.join(cur, name), os.path.join(cur, name + "S"))
         proto = self.session()
         out = self.talk(proto, b"UIDL").split(b"\r\n")
-        self.assertIn(first.split(b" ", 2)[2].rstrip(b"\r\n"), [l.split(b" ")[-1] for l in out])
+        self.assertIn(first.split(b" ", 2)[2].rstrip(b"\r\n"), [line.split(b" ")[-1] for line in out])
         self.assertEqual(len(out), 6)  # header, 3 messages, ".", ""
 
     def unstuffed(self, reply: bytes) -> bytes:
         head, _, body = reply.partition(b"\r\n")
         self.assertTrue(body.endswith(b".\r\n"))
         lines = body[:-3].split(b"\r\n")[:-1]
-        return b"".join((l[1:] if l.startswith(b".") else l) + b"\r\n" for l in lines)
+        return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
 
     def test_retr(self) -> None:
         """RETR sends +OK size, the message with CRLF and dot-stuffing, and '.'."""
@@ -489,9 +523,13 @@ class TransactionTests(Base):
         self.assertEqual(proto._ahead[0], 1)
         self.talk(proto, b"DELE 1")
         self.assertEqual(proto._ahead[0], 1)
-        self.assertEqual(self.talk(proto, b"RETR 2"), R.retr_header(self.sizes[1]) + mailbox.encode_message(self.bodies[1]))
+        self.assertEqual(
+            self.talk(proto, b"RETR 2"), R.retr_header(self.sizes[1]) + mailbox.encode_message(self.bodies[1])
+        )
         self.assertIsNone(proto._ahead)  # message 2 needed encoding: no read-ahead after it
-        self.assertEqual(self.talk(proto, b"RETR 3"), R.retr_header(self.sizes[2]) + mailbox.encode_message(self.bodies[2]))
+        self.assertEqual(
+            self.talk(proto, b"RETR 3"), R.retr_header(self.sizes[2]) + mailbox.encode_message(self.bodies[2])
+        )
         self.assertEqual(self.talk(proto, b"RETR 1"), R.ALREADY_DELETED)
 
     def test_retrReadAheadSkipsDeleted(self) -> None:
@@ -554,7 +592,9 @@ class TransactionTests(Base):
         cur = os.path.join(self.maildir, "cur")
         name = [n for n in os.listdir(cur) if n.startswith(self.names[0])][0]
         os.rename(os.path.join(cur, name), os.path.join(cur, self.names[0] + ":2,S"))
-        self.assertEqual(self.talk(proto, b"RETR 1"), R.retr_header(self.sizes[0]) + mailbox.encode_message(self.bodies[0]))
+        self.assertEqual(
+            self.talk(proto, b"RETR 1"), R.retr_header(self.sizes[0]) + mailbox.encode_message(self.bodies[0])
+        )
 
     def test_retrGone(self) -> None:
         """A message deleted by someone else after login gives -ERR."""
@@ -573,8 +613,9 @@ class TransactionTests(Base):
     def test_topBadArgs(self) -> None:
         """TOP needs a message number and a non-negative line count."""
         proto = self.session()
-        self.assertEqual(self.talk(proto, b"TOP 1", b"TOP 1 -1", b"TOP x 1", b"TOP 9 1"),
-                         R.BAD_ARGUMENTS * 3 + R.NO_SUCH_MESSAGE)
+        self.assertEqual(
+            self.talk(proto, b"TOP 1", b"TOP 1 -1", b"TOP x 1", b"TOP 9 1"), R.BAD_ARGUMENTS * 3 + R.NO_SUCH_MESSAGE
+        )
 
     def test_topLargeMessage(self) -> None:
         """TOP of a big message stops early and never sends the whole file."""
@@ -590,7 +631,9 @@ class TransactionTests(Base):
         self.assertEqual(self.talk(proto, b"DELE 1"), R.deleted(1))
         self.assertEqual(self.talk(proto, b"STAT"), b"+OK 2 %d\r\n" % sum(self.sizes[1:]))
         self.assertNotIn(b"\r\n1 ", self.talk(proto, b"LIST"))
-        self.assertEqual(self.talk(proto, b"RETR 1", b"DELE 1", b"LIST 1", b"UIDL 1", b"TOP 1 0"), R.ALREADY_DELETED * 5)
+        self.assertEqual(
+            self.talk(proto, b"RETR 1", b"DELE 1", b"LIST 1", b"UIDL 1", b"TOP 1 0"), R.ALREADY_DELETED * 5
+        )
         self.assertEqual(self.talk(proto, b"RSET"), R.rset(3, sum(self.sizes)))
         self.assertEqual(self.talk(proto, b"STAT"), b"+OK 3 %d\r\n" % sum(self.sizes))
 
@@ -614,10 +657,15 @@ class TransactionTests(Base):
         """LIST and UIDL skip deleted messages but keep the numbers of the others."""
         proto = self.session()
         self.talk(proto, b"DELE 2")
-        self.assertEqual(self.talk(proto, b"LIST"), b"+OK 2 messages (%d octets)\r\n1 %d\r\n3 %d\r\n.\r\n" % (
-            self.sizes[0] + self.sizes[2], self.sizes[0], self.sizes[2]))
-        self.assertEqual(self.talk(proto, b"UIDL"), R.UIDL_HEADER + b"1 %s\r\n3 %s\r\n.\r\n" % (
-            self.names[0].encode(), self.names[2].encode()))
+        self.assertEqual(
+            self.talk(proto, b"LIST"),
+            b"+OK 2 messages (%d octets)\r\n1 %d\r\n3 %d\r\n.\r\n"
+            % (self.sizes[0] + self.sizes[2], self.sizes[0], self.sizes[2]),
+        )
+        self.assertEqual(
+            self.talk(proto, b"UIDL"),
+            R.UIDL_HEADER + b"1 %s\r\n3 %s\r\n.\r\n" % (self.names[0].encode(), self.names[2].encode()),
+        )
 
     def test_quitPartialFailure(self) -> None:
         """If some marked messages cannot be removed, QUIT says -ERR [SYS/TEMP]."""
@@ -666,8 +714,9 @@ class StateAndLineTests(Base):
         """RFC 6856: UTF8 is accepted before login (+OK), refused with an argument or after login."""
         proto = self.connect()
         self.assertEqual(self.talk(proto, b"UTF8 x", b"UTF8"), R.BAD_ARGUMENTS + R.UTF8_OK)
-        self.assertEqual(self.talk(proto, b"USER alice@example.org", b"PASS secret", b"UTF8")[-len(R.BAD_STATE):],
-                         R.BAD_STATE)
+        self.assertEqual(
+            self.talk(proto, b"USER alice@example.org", b"PASS secret", b"UTF8")[-len(R.BAD_STATE) :], R.BAD_STATE
+        )
 
     def test_tooManyErrors(self) -> None:
         """After too many errors the server closes the connection."""
@@ -802,7 +851,9 @@ class IdleTests(Base):
         proto = self.session()
         t = proto.transport
         t.write = lambda data, orig=t.write: (
-            orig(data), isinstance(t.producer, streamer.MessageSender) and t.producer.pauseProducing())
+            orig(data),
+            isinstance(t.producer, streamer.MessageSender) and t.producer.pauseProducing(),
+        )
         self.talk(proto, b"RETR 1")
         self.assertIsInstance(t.producer, streamer.MessageSender)
         self.clock.advance(600)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -118,7 +119,9 @@ class FakeStore:
         return kicks
 
 
-def entry(store: FakeStore, qid: str, sender: str, rcpts: list[str], arrival: float = 0.0, local: tuple = ()) -> QueueEntry:
+def entry(
+    store: FakeStore, qid: str, sender: str, rcpts: list[str], arrival: float = 0.0, local: tuple = ()
+) -> QueueEntry:
     e = QueueEntry(
         id=qid,
         sender=sender,
@@ -164,7 +167,7 @@ def reply_all(reply: Reply) -> Callable[[Any, list], dict]:
 
 @implementer(IIncoming)
 class FakeIncoming:
-    def __init__(self, intake: "FakeIntake", envelope: Any) -> None:
+    def __init__(self, intake: FakeIntake, envelope: Any) -> None:
         self.intake = intake
         self.envelope = envelope
         self.data = b""
@@ -203,10 +206,11 @@ class FakeIntake:
 
 # -- SMTP on the other end: a scriptable sink, and an in-memory network ------
 
-from twisted.internet.error import ConnectionRefusedError as _Refused, TCPTimedOutError as _TimedOut
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.protocols.basic import LineReceiver
-from twisted.test import iosim
+from twisted.internet.error import ConnectionRefusedError as _Refused  # noqa: E402 (grouped with the fakes that use it)
+from twisted.internet.error import TCPTimedOutError as _TimedOut  # noqa: E402 (grouped with the fakes that use it)
+from twisted.internet.interfaces import IStreamClientEndpoint  # noqa: E402 (grouped with the fakes that use it)
+from twisted.protocols.basic import LineReceiver  # noqa: E402 (grouped with the fakes that use it)
+from twisted.test import iosim  # noqa: E402 (grouped with the fakes that use it)
 
 
 class FakeSMTPServer(LineReceiver):
@@ -262,7 +266,7 @@ class FakeSMTPServer(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._data is not None:
             if line == b".":
-                data = b"".join(l + b"\r\n" for l in self._data)
+                data = b"".join(line + b"\r\n" for line in self._data)
                 self._data = None
                 if self.drop_at == b".":
                     self.transport.loseConnection()
@@ -284,8 +288,8 @@ class FakeSMTPServer(LineReceiver):
                 self.sendLine(self.ehlo_reply)
                 return
             lines = [b"sink.test"] + self.extensions
-            for i, l in enumerate(lines):
-                self.sendLine(b"250" + (b" " if i == len(lines) - 1 else b"-") + l)
+            for i, line in enumerate(lines):
+                self.sendLine(b"250" + (b" " if i == len(lines) - 1 else b"-") + line)
         elif verb == b"HELO":
             self.sendLine(b"250 sink.test")
         elif verb == b"STARTTLS":
@@ -332,7 +336,9 @@ class FakeSMTPServer(LineReceiver):
 
 def connect_pair(server: Any, client: Any, clock: Any) -> iosim.IOPump:
     """Connect two protocols in memory; the pump moves bytes when told to."""
-    return iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=clock)
+    return iosim.connect(
+        server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=clock
+    )
 
 
 def drive(pumps: list, clock: Any, d: Deferred, rounds: int = 2000) -> None:
@@ -352,7 +358,7 @@ def drive(pumps: list, clock: Any, d: Deferred, rounds: int = 2000) -> None:
 
 @implementer(IStreamClientEndpoint)
 class _PumpEndpoint:
-    def __init__(self, net: "FakeNet", key: tuple[str, int]) -> None:
+    def __init__(self, net: FakeNet, key: tuple[str, int]) -> None:
         self.net = net
         self.key = key
 
@@ -387,9 +393,9 @@ class FakeNet:
         drive(self.pumps, self.clock, d)
 
 
-from mailstack.errors import MailError as _MailError
-from mailstack.interfaces import IMXResolver
-from mailstack.mx import Host
+from mailstack.errors import MailError as _MailError  # noqa: E402 (grouped with the fakes that use it)
+from mailstack.interfaces import IMXResolver  # noqa: E402 (grouped with the fakes that use it)
+from mailstack.mx import Host  # noqa: E402 (grouped with the fakes that use it)
 
 
 @implementer(IMXResolver)

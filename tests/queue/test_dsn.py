@@ -20,13 +20,21 @@ def make_entry() -> QueueEntry:
         arrival=1_700_000_000.0,
         recipients=[
             RecipientState(
-                address="bad@remote.test", original="alias@here.test", local=False, status=FAILED,
-                last_reply="550 5.1.1 <bad@remote.test>: Recipient address rejected", last_host="mx1.remote.test[192.0.2.1]",
+                address="bad@remote.test",
+                original="alias@here.test",
+                local=False,
+                status=FAILED,
+                last_reply="550 5.1.1 <bad@remote.test>: Recipient address rejected",
+                last_host="mx1.remote.test[192.0.2.1]",
                 history=[{"time": 1_700_000_100.0, "host": "mx1.remote.test[192.0.2.1]", "reply": "550 5.1.1 x"}],
             ),
             RecipientState(
-                address="slow@remote.test", original="slow@remote.test", local=False, status=FAILED,
-                last_reply="451 4.4.1 Connection to the remote server failed", last_host="mx2.remote.test[192.0.2.2]",
+                address="slow@remote.test",
+                original="slow@remote.test",
+                local=False,
+                status=FAILED,
+                last_reply="451 4.4.1 Connection to the remote server failed",
+                last_host="mx2.remote.test[192.0.2.2]",
             ),
         ],
     )
@@ -37,8 +45,15 @@ class DSNTests(SynchronousTestCase):
     def build(self, action="failed", **kw) -> email.message.Message:
         e = make_entry()
         data = dsn.build(
-            hostname="mx.test", entry=e, recipients=e.recipients, action=action, original_headers=HEADERS,
-            now=1_700_000_200.0, message_id="<dsn1@mx.test>", lifetime=86400.0, **kw,
+            hostname="mx.test",
+            entry=e,
+            recipients=e.recipients,
+            action=action,
+            original_headers=HEADERS,
+            now=1_700_000_200.0,
+            message_id="<dsn1@mx.test>",
+            lifetime=86400.0,
+            **kw,
         )
         self.assertNotIn(b"\n", data.replace(b"\r\n", b""))  # CRLF only
         return email.message_from_bytes(data, policy=email.policy.default)
@@ -90,8 +105,15 @@ class DSNTests(SynchronousTestCase):
         e = make_entry()
         e.sender = ""
         self.assertRaises(
-            ValueError, dsn.build, hostname="mx.test", entry=e, recipients=e.recipients, action="failed",
-            original_headers=b"", now=0.0, message_id="<x@y>",
+            ValueError,
+            dsn.build,
+            hostname="mx.test",
+            entry=e,
+            recipients=e.recipients,
+            action="failed",
+            original_headers=b"",
+            now=0.0,
+            message_id="<x@y>",
         )
 
     def test_statusTable(self) -> None:
@@ -111,7 +133,12 @@ class DSNTests(SynchronousTestCase):
         e = make_entry()
         e.recipients[0].last_reply = "550 5.1.1 x\r\nX-Evil: 1"
         data = dsn.build(
-            hostname="mx.test", entry=e, recipients=e.recipients[:1], action="failed", original_headers=b"",
-            now=0.0, message_id="<x@y>",
+            hostname="mx.test",
+            entry=e,
+            recipients=e.recipients[:1],
+            action="failed",
+            original_headers=b"",
+            now=0.0,
+            message_id="<x@y>",
         )
         self.assertNotIn(b"\r\nX-Evil", data)

@@ -48,8 +48,15 @@ class ManagerTests(SynchronousTestCase):
 
     def manager(self, **kw) -> QueueManager:
         m = QueueManager(
-            self.store, self.local, self.remote, self.clock, self.config, run_blocking, self.intake,
-            rng=random.Random(1), **kw,
+            self.store,
+            self.local,
+            self.remote,
+            self.clock,
+            self.config,
+            run_blocking,
+            self.intake,
+            rng=random.Random(1),
+            **kw,
         )
         m.startService()
         self.addCleanup(lambda: m.running and m.stopService())
@@ -408,6 +415,7 @@ class ManagerTests(SynchronousTestCase):
 
     def test_agentErrorIsTemporary(self) -> None:
         """An exception from an agent counts as a temporary failure."""
+
         def boom(e, rs):
             raise RuntimeError("bug")
 
@@ -459,13 +467,27 @@ class RealStoreTests(SynchronousTestCase):
         qid = self.store.new_id()
         with self.store.open_tmp(qid) as f:
             f.write(b"Subject: x\r\n\r\nbody\r\n")
-        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START,
-                                     recipients=[RecipientState(address=rcpt, original=rcpt, local=False)]))
+        self.store.commit(
+            QueueEntry(
+                id=qid,
+                sender="s@here.test",
+                arrival=START,
+                recipients=[RecipientState(address=rcpt, original=rcpt, local=False)],
+            )
+        )
         return qid
 
     def manager(self) -> QueueManager:
-        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
-                         rng=random.Random(2))
+        m = QueueManager(
+            self.store,
+            FakeAgent(),
+            self.remote,
+            self.clock,
+            make_config(),
+            run_blocking,
+            self.intake,
+            rng=random.Random(2),
+        )
         m.startService()
         self.addCleanup(lambda: m.running and m.stopService())
         return m
@@ -507,7 +529,6 @@ class RealStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.remote.calls), 2)
         self.assertEqual(list(self.store.scan()), [])
 
-
     def test_holdAndRelease(self) -> None:
         """A held entry is never tried, not even by a flush, stays counted in the
         queue gauge, and its expiry clock stops; release (a kick request) makes the
@@ -517,8 +538,17 @@ class RealStoreTests(SynchronousTestCase):
 
         qid = self.commit()
         metrics = Metrics()
-        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
-                         rng=random.Random(2), metrics=metrics)
+        m = QueueManager(
+            self.store,
+            FakeAgent(),
+            self.remote,
+            self.clock,
+            make_config(),
+            run_blocking,
+            self.intake,
+            rng=random.Random(2),
+            metrics=metrics,
+        )
         m.startService()
         self.addCleanup(lambda: m.running and m.stopService())
         self.assertEqual(len(self.remote.calls), 1)
@@ -615,7 +645,13 @@ class DSNRoutingTests(SynchronousTestCase):
                 raise PermanentFailure(Reply(550, "5.1.1", "unknown"))
 
         self.manager = QueueManager(
-            self.store, FakeAgent(), FakeAgent(reply_all(PERM)), self.clock, make_config(), run_blocking, self.intake,
+            self.store,
+            FakeAgent(),
+            FakeAgent(reply_all(PERM)),
+            self.clock,
+            make_config(),
+            run_blocking,
+            self.intake,
             router=Router(),
         )
         self.manager.startService()
@@ -625,7 +661,7 @@ class DSNRoutingTests(SynchronousTestCase):
         """A DSN to a local sender follows its alias."""
         entry(self.store, "A", "alias@here.test", ["x@remote.test"], arrival=START)
         self.manager.kick("A")
-        (env, _), = self.intake.messages
+        ((env, _),) = self.intake.messages
         self.assertEqual([str(d.address) for d in env.recipients], ["real@here.test"])
 
     def test_unknownLocalSender(self) -> None:
@@ -646,14 +682,18 @@ class BackscatterTests(SynchronousTestCase):
         clock.advance(START)
         store = FakeStore(self.mktemp())
         intake = FakeIntake()
-        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(PERM)), clock, make_config(), run_blocking, intake)
+        manager = QueueManager(
+            store, FakeAgent(), FakeAgent(reply_all(PERM)), clock, make_config(), run_blocking, intake
+        )
         manager.startService()
         self.addCleanup(manager.stopService)
         headers = b"".join(b"X-Attack-%03d: %s\r\n" % (i, b"A" * 60) for i in range(871))
         body = b"BODY-PAYLOAD " * 20000
         rcpt = RecipientState(address="target@remote.test", original="fwd@here.test", local=False)
-        store.add(QueueEntry(id="F", sender="victim@elsewhere.test", arrival=START, recipients=[rcpt]),
-                  b"Subject: spam\r\n" + headers + b"\r\n" + body)
+        store.add(
+            QueueEntry(id="F", sender="victim@elsewhere.test", arrival=START, recipients=[rcpt]),
+            b"Subject: spam\r\n" + headers + b"\r\n" + body,
+        )
         manager.kick("F")
         ((env, dsn_bytes),) = intake.messages
         self.assertEqual([str(d.address) for d in env.recipients], ["victim@elsewhere.test"])
@@ -683,8 +723,9 @@ class DeliveryLogTests(SynchronousTestCase):
         clock.advance(START)
         store = FakeStore(self.mktemp())
         evil = RemoteReply(451, "4.0.0", "busy\r\nFAKE: delivered\x1b[2J", host="mx\n.r.test", ip="192.0.2.1")
-        manager = QueueManager(store, FakeAgent(), FakeAgent(reply_all(evil)), clock, make_config(), run_blocking,
-                               FakeIntake())
+        manager = QueueManager(
+            store, FakeAgent(), FakeAgent(reply_all(evil)), clock, make_config(), run_blocking, FakeIntake()
+        )
         manager.startService()
         self.addCleanup(manager.stopService)
         entry(store, "L", "s@here.test", ["x@remote.test"], arrival=START)
@@ -720,8 +761,17 @@ class FastPathTests(SynchronousTestCase):
         return qid
 
     def manager(self, **kw) -> QueueManager:
-        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), run_blocking, self.intake,
-                         rng=random.Random(2), **kw)
+        m = QueueManager(
+            self.store,
+            FakeAgent(),
+            self.remote,
+            self.clock,
+            make_config(),
+            run_blocking,
+            self.intake,
+            rng=random.Random(2),
+            **kw,
+        )
         m.startService()
         self.addCleanup(lambda: m.running and m.stopService())
         return m
@@ -843,8 +893,17 @@ class FastPathTests(SynchronousTestCase):
             """The items of the thread calls not yet run, as (kind, id)."""
             return [[(g.__name__.strip("_"), args[0]) for g, *args in a[0]] for (f, a, _), _ in calls]
 
-        m = QueueManager(self.store, FakeAgent(), self.remote, self.clock, make_config(), held, self.intake,
-                         rng=random.Random(2), flush_poll=0)
+        m = QueueManager(
+            self.store,
+            FakeAgent(),
+            self.remote,
+            self.clock,
+            make_config(),
+            held,
+            self.intake,
+            rng=random.Random(2),
+            flush_poll=0,
+        )
         m.startService()
         while calls:  # the start-up scan
             release()

@@ -199,6 +199,7 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
 
     def test_crashDuringBatchPublishIsConsistentAfterRecover(self) -> None:
         """A crash at any step of a batch publish: after recover() each entry is absent or whole."""
+
         def prepared(store: QueueStore) -> list[QueueEntry]:
             entries = [self.stage(body=BODY + bytes([i]), store=store) for i in range(3)]
             for entry in entries:
@@ -227,7 +228,8 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
                     self.assertEqual(found[entry.id], entry)
 
     def test_prepareHalvesInEitherOrder(self) -> None:
-        """prepare_envelope and prepare_message may run in any order (side by side); a failure in one removes the entry's files."""
+        """prepare_envelope and prepare_message may run in any order (side by side); a failure in one removes the
+        entry's files."""
         entry = self.stage()
         self.store.prepare_envelope(entry)
         self.store.prepare_message(entry)

@@ -47,7 +47,11 @@ class Session:
         addr = IPv4Address("TCP", peer, 40000)
         self.proto = self.factory.buildProtocol(addr)
         if transport is None:
-            transport = ImplicitTLSTransport(peerAddress=addr) if kind == "submissions" else TLSStringTransport(peerAddress=addr)
+            transport = (
+                ImplicitTLSTransport(peerAddress=addr)
+                if kind == "submissions"
+                else TLSStringTransport(peerAddress=addr)
+            )
         self.transport = transport
         self.proto.makeConnection(transport)
         self.banner = transport.value()

@@ -47,8 +47,10 @@ class PipeliningTests(SynchronousTestCase):
         is not dropped for pipelining)."""
         s = Session("submission", make_runtime(smtp=FORBID))
         s.login()
-        out = s.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<>\r\nDATA\r\n"
-                     b"RSET\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nevil\r\n.\r\n")
+        out = s.send(
+            b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<>\r\nDATA\r\n"
+            b"RSET\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nevil\r\n.\r\n"
+        )
         lines = out.split(b"\r\n")[:-1]
         self.assertEqual([line[:3] for line in lines], [b"250", b"501", b"554"], out)
         self.assertEqual(s.intake.begun, [])
@@ -97,8 +99,9 @@ class ReauthorisationTests(SynchronousTestCase):
         s.login()
         self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>", b"RSET"), [b"250 2.1.0", b"250 2.0.0"])
         del s.runtime.users.users[b"alice@example.org"]
-        self.assertEqual(s.talk(b"MAIL FROM:<alice@example.org>"),
-                         [b"530 5.7.0 Authentication no longer valid; authenticate again"])
+        self.assertEqual(
+            s.talk(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0 Authentication no longer valid; authenticate again"]
+        )
         self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0"])  # the login is gone
 
     def test_passwordChangeVoidsLogin(self) -> None:
@@ -111,7 +114,9 @@ class ReauthorisationTests(SynchronousTestCase):
         s.runtime.users.users[b"alice@example.org"] = b"new-secret"
         self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"530 5.7.0"])
         token = base64.b64encode(b"\0alice@example.org\0new-secret")
-        self.assertEqual(s.codes(b"AUTH PLAIN " + token, b"MAIL FROM:<alice@example.org>"), [b"235 2.7.0", b"250 2.1.0"])
+        self.assertEqual(
+            s.codes(b"AUTH PLAIN " + token, b"MAIL FROM:<alice@example.org>"), [b"235 2.7.0", b"250 2.1.0"]
+        )
 
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -126,7 +131,9 @@ class LogInjectionTests(SynchronousTestCase):
 
         events: list[dict] = []
         rt = make_runtime()
-        rt.pipeline = Pipeline([Scripted(mail=Reply(550, "5.7.1", "Not <evil\r\n\x1b[2Jforged>"))], rt.reactor, timeout=30)
+        rt.pipeline = Pipeline(
+            [Scripted(mail=Reply(550, "5.7.1", "Not <evil\r\n\x1b[2Jforged>"))], rt.reactor, timeout=30
+        )
         s = Session(runtime=rt)
         s.proto.log = Logger(observer=events.append)
         s.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\n")

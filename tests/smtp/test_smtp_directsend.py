@@ -61,7 +61,8 @@ class DirectSendTests(SynchronousTestCase):
                 return
 
     def test_idleSendsAtOnce(self) -> None:
-        """Nothing buffered: the bytes are on the socket now, and the transport does not start watching for writability."""
+        """Nothing buffered: the bytes are on the socket now, and the transport does not start watching for
+        writability."""
         send(self.transport, b"250 2.0.0 OK\r\n")
         self.assertEqual(self.received(), b"250 2.0.0 OK\r\n")
         self.assertNotIn(self.transport, self.reactor.getWriters())
@@ -93,7 +94,8 @@ class DirectSendTests(SynchronousTestCase):
         self.assertNotIn(self.transport, self.reactor.getWriters())
 
     def test_fullSocketKeepsBackPressure(self) -> None:
-        """A send the kernel cannot take at all is buffered, and a big buffer pauses the registered streaming producer."""
+        """A send the kernel cannot take at all is buffered, and a big buffer pauses the registered streaming
+        producer."""
         producer = _Producer()
         self.transport.registerProducer(producer, True)
         self.fill_socket()

@@ -20,7 +20,6 @@ from mailstack.interfaces import (
     IPipeline,
 )
 from mailstack.pipeline import Check, Pipeline, Verdict
-
 from tests.support.fakes import FakeMessage
 
 from .support import Session, make_runtime
@@ -164,7 +163,9 @@ class MailRcptTests(SynchronousTestCase):
         )
         self.assertEqual(codes[2:], [b"550 5.1.1", b"250 2.1.5", b"451 4.7.1", b"354 End d", b"250 2.0.0"])
         rcpts = [entry for entry in check.seen if entry[0] == "rcpt"]
-        self.assertEqual(rcpts, [("rcpt", Address("alice", "example.org"), 0), ("rcpt", Address("bob", "example.org"), 1)])
+        self.assertEqual(
+            rcpts, [("rcpt", Address("alice", "example.org"), 0), ("rcpt", Address("bob", "example.org"), 1)]
+        )
         self.assertEqual([str(d.address) for d in s.intake.committed[0].envelope.recipients], ["alice@example.org"])
 
     def test_asynchronousRcpt(self):

@@ -5,7 +5,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.address import Address
 from mailstack.net import is_loopback
 from mailstack.smtp.policy import ListenerPolicy, auth_allowed, sender_owned
-
 from tests.support.fakes import FakeAliases
 
 

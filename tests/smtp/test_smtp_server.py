@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import base64
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
-
-from mailstack.address import Address
-from mailstack.errors import TemporaryFailure, Reply
-from mailstack.smtp.factory import SMTPFactory, make_factory
-
-from twisted.cred.checkers import ICredentialsChecker
 from zope.interface.verify import verifyObject
 
-from mailstack.interfaces import IIncoming, IIntake, IRouter, ILoginThrottle
-
+from mailstack.address import Address
+from mailstack.errors import Reply, TemporaryFailure
+from mailstack.interfaces import IIncoming, IIntake, ILoginThrottle, IRouter
+from mailstack.smtp.factory import SMTPFactory, make_factory
 from tests.support.fakes import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle
-
 from tests.support.runtime import fake_runtime
+
 from .support import Session, make_config, make_runtime
 
 B64 = base64.b64encode
@@ -48,7 +45,16 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(lines[0], b"250-mx.example.org Hello client.test")
         self.assertEqual(
             ehlo_keywords(lines),
-            [b"PIPELINING", b"SIZE 10000", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"CHUNKING", b"DSN", b"SMTPUTF8", b"STARTTLS"],
+            [
+                b"PIPELINING",
+                b"SIZE 10000",
+                b"8BITMIME",
+                b"ENHANCEDSTATUSCODES",
+                b"CHUNKING",
+                b"DSN",
+                b"SMTPUTF8",
+                b"STARTTLS",
+            ],
         )
         self.assertTrue(lines[-1].startswith(b"250 "))
 
@@ -214,7 +220,9 @@ class MailRcptTests(SynchronousTestCase):
         self.assertEqual(len(s.intake.committed[0].envelope.recipients), 1)
 
 
-def transaction(sender: bytes = b"x@remote.test", rcpt: bytes = b"alice@example.org", body: bytes = b"Subject: t\r\n\r\nhello\r\n") -> bytes:
+def transaction(
+    sender: bytes = b"x@remote.test", rcpt: bytes = b"alice@example.org", body: bytes = b"Subject: t\r\n\r\nhello\r\n"
+) -> bytes:
     return b"MAIL FROM:<" + sender + b">\r\nRCPT TO:<" + rcpt + b">\r\nDATA\r\n" + body + b".\r\n"
 
 
@@ -316,7 +324,11 @@ class DataTests(SynchronousTestCase):
         """Content with a bare LF is rejected after the terminator with 550 5.6.0."""
         s = self.s
         out = s.send(transaction(body=b"line one\nline two\r\n"))
-        self.assertTrue(out.endswith(b"550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF (SMTP smuggling protection)\r\n"))
+        self.assertTrue(
+            out.endswith(
+                b"550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF (SMTP smuggling protection)\r\n"
+            )
+        )
         self.assertEqual(s.intake.committed, [])
         self.assertTrue(s.intake.begun[0].aborted)
 
@@ -346,9 +358,22 @@ class DataTests(SynchronousTestCase):
 
 
 SMUGGLING = [
-    b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n",
-    b"\r\n.\r", b"\r\n\x00.\r", b"\r\n\x00.\n", b"\r\n.\x00\r\n", b"\r\n.", b"\n\n.\r\n",
-    b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\r\n.\n",
+    b"\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r",
+    b"\r\n\x00.\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n.",
+    b"\n\n.\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+    b"\r\n.\n",
 ]
 
 
@@ -358,7 +383,8 @@ class SmugglingTests(SynchronousTestCase):
         s.talk(b"EHLO client.test")
         data = (
             b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
-            b"From: x@remote.test\r\nSubject: probe\r\n\r\nTESTING fake end-of-data" + seq
+            b"From: x@remote.test\r\nSubject: probe\r\n\r\nTESTING fake end-of-data"
+            + seq
             + b"mail FROM:<admin@example.org>\r\nrcpt TO:<bob@example.org>\r\ndata\r\n"
             b"From: admin@example.org\r\nSubject: SMUGGLED\r\n\r\nsmuggled\r\n.\r\nQUIT\r\n"
         )
@@ -366,7 +392,8 @@ class SmugglingTests(SynchronousTestCase):
         return s, out
 
     def test_smugglingSequences(self) -> None:
-        """Every scanner sequence (the SMTP smuggling end-of-data lookalikes, see smtp/data.py), in one write and byte by byte: never two messages."""
+        """Every scanner sequence (the SMTP smuggling end-of-data lookalikes, see smtp/data.py), in one write and
+        byte by byte: never two messages."""
         for seq in SMUGGLING:
             for bytewise in (False, True):
                 s, out = self.probe(seq, bytewise)
@@ -444,8 +471,10 @@ class SubmissionTests(SynchronousTestCase):
         """Submission: AUTH before STARTTLS is 530 5.7.0 Must issue a STARTTLS command first."""
         s = Session("submission")
         s.talk(b"EHLO c")
-        self.assertEqual(s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")),
-                         [b"530 5.7.0 Must issue a STARTTLS command first"])
+        self.assertEqual(
+            s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")),
+            [b"530 5.7.0 Must issue a STARTTLS command first"],
+        )
         self.assertEqual(s.runtime.checker.calls, [])
 
     def test_mailBeforeAuth(self) -> None:
@@ -461,8 +490,9 @@ class SubmissionTests(SynchronousTestCase):
         """AUTH PLAIN with an initial response: 235 2.7.0; throttle told of the success."""
         s = Session("submissions")
         s.talk(b"EHLO c")
-        self.assertEqual(s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")),
-                         [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(
+            s.talk(b"AUTH PLAIN " + plain(b"alice@example.org", b"secret")), [b"235 2.7.0 Authentication successful"]
+        )
         self.assertEqual(s.runtime.throttle.successes, [("192.0.2.7", "alice@example.org")])
         self.assertEqual(s.codes(b"MAIL FROM:<alice@example.org>"), [b"250 2.1.0"])
 
@@ -690,10 +720,15 @@ class LimitTests(SynchronousTestCase):
         """max_errors errors: the last one is followed by 421 4.7.0 and the connection closes."""
         s = Session(runtime=make_runtime(smtp={"max_errors": 3}))
         out = s.send(b"FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n")
-        self.assertEqual(out.split(b"\r\n")[:-1], [
-            b"500 5.5.2 Command not recognized", b"500 5.5.2 Command not recognized",
-            b"500 5.5.2 Command not recognized", b"421 4.7.0 Too many errors, closing connection",
-        ])
+        self.assertEqual(
+            out.split(b"\r\n")[:-1],
+            [
+                b"500 5.5.2 Command not recognized",
+                b"500 5.5.2 Command not recognized",
+                b"500 5.5.2 Command not recognized",
+                b"421 4.7.0 Too many errors, closing connection",
+            ],
+        )
         self.assertTrue(s.closed)
 
     def test_authFailuresCountAsErrors(self) -> None:
@@ -754,7 +789,6 @@ class LimitTests(SynchronousTestCase):
         again = Session(runtime=rt, factory=f, peer="192.0.2.3")
         self.assertEqual(again.banner[:3], b"220")
 
-
     def test_submissionCapsApart(self) -> None:
         """A full MX listener does not refuse submission users: submission and submissions
         have their own caps (submission.max_connections*), shared by the two of them."""
@@ -765,7 +799,9 @@ class LimitTests(SynchronousTestCase):
         per_ip = Session("submissions", rt, peer="192.0.2.3")
         self.assertEqual(per_ip.banner, b"421 4.7.0 Too many connections from your address, try again later\r\n")
         self.assertEqual(Session("submissions", rt, peer="192.0.2.4").banner[:3], b"220")
-        self.assertEqual(Session("submission", rt, peer="192.0.2.5").banner, b"421 4.7.0 Too many connections, try again later\r\n")
+        self.assertEqual(
+            Session("submission", rt, peer="192.0.2.5").banner, b"421 4.7.0 Too many connections, try again later\r\n"
+        )
 
 
 class ShutdownTests(SynchronousTestCase):
@@ -793,7 +829,9 @@ class ShutdownTests(SynchronousTestCase):
         late = Session(runtime=rt, factory=f)
         self.assertEqual(late.banner[:9], b"421 4.3.2")
         rt.intake.begun[0].commit("Q9")
-        self.assertEqual(s.take(), b"250 2.0.0 Ok: queued as Q9\r\n421 4.3.2 Service shutting down, try again later\r\n")
+        self.assertEqual(
+            s.take(), b"250 2.0.0 Ok: queued as Q9\r\n421 4.3.2 Service shutting down, try again later\r\n"
+        )
         s.proto.connectionLost(None)
         self.successResultOf(d)
 
@@ -845,7 +883,9 @@ class RobustnessTests(SynchronousTestCase):
         s = Session()
         s.runtime.router.resolve = lambda a, auth: 1 / 0
         s.talk(b"EHLO c", b"MAIL FROM:<x@remote.test>")
-        self.assertEqual(s.talk(b"RCPT TO:<alice@example.org>"), [b"451 4.3.0 Local error in processing, try again later"])
+        self.assertEqual(
+            s.talk(b"RCPT TO:<alice@example.org>"), [b"451 4.3.0 Local error in processing, try again later"]
+        )
         self.assertEqual(s.codes(b"NOOP"), [b"250 2.0.0"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 

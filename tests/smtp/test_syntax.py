@@ -24,7 +24,11 @@ class MailFromTests(SynchronousTestCase):
             ("FROM: <alice@example.org>", False, MailFrom(ALICE)),
             ("FROM:<>", False, MailFrom(None)),
             ("FROM:<alice@example.org> SIZE=1000", True, MailFrom(ALICE, size=1000, params={"SIZE": "1000"})),
-            ("FROM:<alice@example.org> BODY=8bitmime", True, MailFrom(ALICE, body="8BITMIME", params={"BODY": "8bitmime"})),
+            (
+                "FROM:<alice@example.org> BODY=8bitmime",
+                True,
+                MailFrom(ALICE, body="8BITMIME", params={"BODY": "8bitmime"}),
+            ),
             ("FROM:<alice@example.org> AUTH=<>", True, MailFrom(ALICE, params={"AUTH": "<>"})),
             ('FROM:<"a b"@example.org>', False, MailFrom(Address("a b", "example.org"))),
         ]
@@ -56,7 +60,10 @@ class MailFromTests(SynchronousTestCase):
 
     def test_noSizeLimit(self) -> None:
         """max_size 0 accepts any SIZE."""
-        self.assertEqual(parse_mail_from("FROM:<> SIZE=99999999999", True, 0), MailFrom(None, size=99999999999, params={"SIZE": "99999999999"}))
+        self.assertEqual(
+            parse_mail_from("FROM:<> SIZE=99999999999", True, 0),
+            MailFrom(None, size=99999999999, params={"SIZE": "99999999999"}),
+        )
 
 
 class RcptToTests(SynchronousTestCase):
@@ -102,4 +109,6 @@ class ExtensionParameterTests(SynchronousTestCase):
         assert isinstance(parsed, MailFrom)
         self.assertEqual(parsed.sender, Address("jörg", "xn--exmple-cua.test"))
         self.assertTrue(parsed.smtputf8)
-        self.assertEqual(parse_rcpt_to("TO:<josé@example.org>", "mx.test", smtputf8=True), Address("josé", "example.org"))
+        self.assertEqual(
+            parse_rcpt_to("TO:<josé@example.org>", "mx.test", smtputf8=True), Address("josé", "example.org")
+        )

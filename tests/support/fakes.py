@@ -4,7 +4,6 @@ against the interface it stands for."""
 from __future__ import annotations
 
 import io
-
 import os
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +23,9 @@ from mailstack.interfaces import (
     IAliasDB,
     IIncoming,
     IIntake,
-    IMessage,
     ILoginThrottle,
     ILoginTicket,
+    IMessage,
     IRouter,
     ITLSSettings,
     IUserDB,
@@ -123,7 +122,7 @@ class FakeUsers:
 class FakeTicket:
     """One reserved attempt of ``FakeThrottle``; records which verdict it got."""
 
-    def __init__(self, throttle: "FakeThrottle", peer: str, account: str) -> None:
+    def __init__(self, throttle: FakeThrottle, peer: str, account: str) -> None:
         self.throttle = throttle
         self.key = (peer, account)
         self.delay = throttle.pre_delay

@@ -65,7 +65,10 @@ class FakesProvideInterfacesTests(SynchronousTestCase):
         from twisted.cred.error import UnauthorizedLogin
 
         checker = FakeChecker()
-        self.assertEqual(self.successResultOf(checker.requestAvatarId(UsernamePassword(b"Alice@localhost", b"secret"))), "alice@localhost")
+        self.assertEqual(
+            self.successResultOf(checker.requestAvatarId(UsernamePassword(b"Alice@localhost", b"secret"))),
+            "alice@localhost",
+        )
         self.failureResultOf(checker.requestAvatarId(UsernamePassword(b"alice@localhost", b"x")), UnauthorizedLogin)
         checker.manual = True
         self.assertNoResult(checker.requestAvatarId(UsernamePassword(b"alice@localhost", b"secret")))
