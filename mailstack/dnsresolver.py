@@ -71,7 +71,7 @@ def negative_ttl(error: DNSNameError) -> float:
     if not isinstance(message, dns.Message):  # raised without the answer
         return NEGATIVE_TTL
     for rr in message.authority:
-        if rr.type == dns.SOA:
+        if isinstance(rr.payload, dns.Record_SOA):
             return float(min(rr.ttl, rr.payload.minimum, MAX_NEGATIVE_TTL))
     return NEGATIVE_TTL
 

@@ -270,11 +270,13 @@ class Intake:
 
     def _publish_copies(self, pending: list[Any]) -> Deferred:
         """Fires with one entry per copy: None (in ``new/``, durable) or the error (taken back)."""
+        local = self._local
+        assert local is not None  # copies are only prepared when there is a local agent
         ds = []
         for p in pending:
             group = self._folders.get(p.new_dir)
             if group is None:
-                group = self._folders[p.new_dir] = GroupCommit(self._run_blocking, self._local.publish_direct)
+                group = self._folders[p.new_dir] = GroupCommit(self._run_blocking, local.publish_direct)
             ds.append(group.submit(p))
             ds[-1].addBoth(self._forget_idle, p.new_dir)
         return DeferredList(ds, consumeErrors=True).addCallback(
@@ -317,8 +319,10 @@ class Intake:
     def _not_delivered(self, failure: Failure, entry: QueueEntry, data: bytes | None) -> Deferred:
         """A copy could not be written (none was published): queue the whole message."""
         if failure.check(OSError, AddressError):
+            error = failure.value
+            assert error is not None  # a Failure always holds its exception
             for r in entry.recipients:
-                self._log_deferred(entry, r.address, failure.value)
+                self._log_deferred(entry, r.address, error)
         else:
             self.log.failure("direct delivery of {queue_id} failed; queueing it", failure, queue_id=entry.id)
         return self._queue(entry, data)
@@ -415,6 +419,7 @@ class Incoming:
             if self._written > SPILL_AT:
                 self._spill()
             return
+        assert self._file is not None  # spilled without an error: the file is open
         try:
             self._file.write(data)
         except OSError as e:
@@ -545,8 +550,10 @@ class Incoming:
 
     def _refuse(self, failure: Failure) -> Failure:
         """Log why the message could not be accepted; tell the client only the Reply."""
-        reply = reply_for(failure.value)
-        if isinstance(failure.value, OSError):
+        error = failure.value
+        assert error is not None  # a Failure always holds its exception
+        reply = reply_for(error)
+        if isinstance(error, OSError):
             self._intake.log.error(
                 "queueing {queue_id} failed: {error}",
                 queue_id=self.queue_id,

@@ -8,7 +8,20 @@ IDeliveryAgent (local maildir, or remote via IMXResolver and the SMTP client)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:  # names for the annotations only: this module imports no Twisted at run time
+    from twisted.internet.defer import Deferred
+
+    from mailstack.address import Address
+    from mailstack.envelope import Destination, Envelope, HeaderChanges
+    from mailstack.mx import Host
+    from mailstack.pipeline import Connection, Transaction
+    from mailstack.queue.entry import QueueEntry, RecipientState
+    from mailstack.queue.store import Recovery
 
 
 class IUserDB(Interface):
@@ -42,7 +55,7 @@ class IAliasDB(Interface):
 class IRouter(Interface):
     """Where a recipient's mail goes (pure once the user and alias files are read)."""
 
-    def resolve(address, authenticated: bool) -> list:
+    def resolve(address: Address, authenticated: bool) -> list[Destination]:
         """``Address`` -> list of ``routing.Destination`` after alias expansion.
 
         Raises PermanentFailure(550 5.1.1) for an unknown local user,
@@ -62,7 +75,7 @@ class IMessage(Interface):
     )
     size = Attribute("int: octets of the message as the client sent it (dot-unstuffed)")
 
-    def run_blocking(reader):
+    def run_blocking(reader: Callable[[IO[bytes]], Any]) -> Deferred[Any]:
         """Deferred firing with ``reader(f)`` run in the thread pool, ``f`` a binary
         file at the start of the client's message (header section as received), for
         checks that need the whole message without holding it in memory."""
@@ -77,7 +90,7 @@ class IIncoming(Interface):
     def message() -> IMessage:
         """The data is complete: the view the end-of-data checks read."""
 
-    def finish(changes=None):
+    def finish(changes: HeaderChanges | None = None) -> Deferred[str]:
         """Commit durably, with ``envelope.HeaderChanges`` applied to the header
         section first (so a retry never applies them twice).  Deferred firing with
         the queue id only after fsync of file and directory; errback
@@ -92,10 +105,10 @@ class IIncoming(Interface):
 class IIntake(Interface):
     """The only door for new mail: SMTP sessions and DSNs both come in here."""
 
-    def begin(envelope) -> IIncoming:
+    def begin(envelope: Envelope) -> IIncoming:
         """Start a message for ``envelope.Envelope``; the intake adds Received:."""
 
-    def wait_idle():
+    def wait_idle() -> Deferred[None]:
         """Deferred firing once no commit is in progress (graceful shutdown)."""
 
 
@@ -114,7 +127,7 @@ class IDeliveryAgent(Interface):
         "manager already read in its thread call (so the agent opens no file)"
     )
 
-    def deliver(entry, recipients, message=None):
+    def deliver(entry: QueueEntry, recipients: list[RecipientState], message: bytes | None = None) -> Deferred[Any]:
         """Deferred firing with ``{recipient.address: errors.Reply}``: 2xx
         delivered, 4xx try again later, 5xx failed for good.  Never errbacks
         for a per-recipient problem.  ``message``: the message bytes, or None
@@ -135,15 +148,15 @@ class IDirectDelivery(Interface):
     pool; the intake queues whatever they could not deliver.
     """
 
-    def direct_ok(entry) -> bool:
+    def direct_ok(entry: QueueEntry) -> bool:
         """Whether ``QueueEntry`` ``entry`` may take the direct path (every recipient local)."""
 
-    def prepare_direct(entry, source) -> list:
+    def prepare_direct(entry: QueueEntry, source: bytes | str) -> list[Any]:
         """Write and fsync every recipient's copy into its Maildir ``tmp/``;
         ``source`` is the message bytes or the path of its file.  Returns the
         prepared copies (``storage.maildir.Pending``); on error none is left."""
 
-    def publish_direct(pending) -> list:
+    def publish_direct(pending: list[Any]) -> list[BaseException | None]:
         """Rename prepared copies into ``new/``, one fsync per folder.  Per copy
         None (delivered) or the error (that copy is taken back)."""
 
@@ -156,35 +169,35 @@ class IMaildirStore(Interface):
     per folder), so many copies share a directory fsync.
     """
 
-    def path_for(address) -> str:
+    def path_for(address: Address | str) -> str:
         """The Maildir of ``address``; AddressError for a name that is no safe path."""
 
-    def deliver(address, source, prefix: bytes = b"") -> str:
+    def deliver(address: Address | str, source: bytes | str, prefix: bytes = b"") -> str:
         """``prepare`` and ``publish`` of one copy; returns its file name."""
 
-    def prepare(address, source, prefix: bytes = b""):
+    def prepare(address: Address | str, source: bytes | str, prefix: bytes = b"") -> Any:
         """Write ``prefix`` then ``source`` (bytes or a file path) into ``tmp/``
         and fsync it; returns a ``storage.maildir.Pending``.  Raises OSError or
         AddressError with nothing left behind."""
 
-    def publish(pending) -> list:
+    def publish(pending: list[Any]) -> list[BaseException | None]:
         """Rename prepared copies into ``new/``; per copy None or its error
         (a failed copy is taken back)."""
 
-    def discard(pending) -> None:
+    def discard(pending: Any) -> None:
         """Drop a prepared copy that will not be published."""
 
 
 class IMXResolver(Interface):
     """DNS for outbound mail."""
 
-    def hosts_for(domain: str):
+    def hosts_for(domain: str) -> Deferred[list[Host]]:
         """Deferred firing with an ordered list of ``mx.Host`` (name, address list
         or None to resolve later, preference).  Errbacks PermanentFailure for
         NXDOMAIN or null MX (RFC 7505: 556 5.1.10), TemporaryFailure for
         SERVFAIL or timeouts."""
 
-    def addresses(name: str):
+    def addresses(name: str) -> Deferred[list[str]]:
         """Deferred firing with the A then AAAA addresses of host ``name`` (the
         smarthost).  Errbacks TemporaryFailure when there is none: a smarthost
         that cannot be found is never the sender's problem."""
@@ -193,7 +206,7 @@ class IMXResolver(Interface):
 class IMessageSource(Interface):
     """The bytes of a message being relayed, read chunk by chunk."""
 
-    def read(size: int):
+    def read(size: int) -> Deferred[bytes]:
         """Deferred firing with up to ``size`` bytes, ``b""`` at the end.  A file
         is read in the thread pool, so the reactor never waits for the disk."""
 
@@ -222,13 +235,13 @@ class IQueueStore(Interface):
     def read_envelope(queue_id: str) -> tuple:
         """``(raw envelope bytes, attempt mark)`` from one open; NoSuchEntry if gone."""
 
-    def load(queue_id: str):
+    def load(queue_id: str) -> QueueEntry:
         """The entry; NoSuchEntry, or CorruptEntry after moving it aside."""
 
-    def scan():
+    def scan() -> Iterator[QueueEntry]:
         """Every readable committed entry, oldest first."""
 
-    def save(entry) -> None:
+    def save(entry: QueueEntry) -> None:
         """Replace the envelope durably (new attempt state); drops the attempt mark."""
 
     def mark_attempt(queue_id: str, not_before: float) -> None:
@@ -243,7 +256,7 @@ class IQueueStore(Interface):
         """Drop the entry, envelope first; False if there was no envelope.
         ``sync`` makes the envelope removal durable."""
 
-    def recover(read_envelopes: bool = True):
+    def recover(read_envelopes: bool = True) -> Recovery:
         """At start, before any commit: clean up what a crash left (``Recovery``)."""
 
     def request_flush() -> None:
@@ -273,16 +286,16 @@ class IQueueCommit(Interface):
     def tmp_path(queue_id: str) -> str:
         """Where a message being received is spilled."""
 
-    def open_tmp(queue_id: str):
+    def open_tmp(queue_id: str) -> IO[bytes]:
         """Create ``tmp_path(queue_id)`` exclusively, open for buffered writes."""
 
-    def prepare(entry, data=None) -> None:
+    def prepare(entry: QueueEntry, data: bytes | None = None) -> None:
         """Message and envelope bytes on disk and fsynced, not yet visible."""
 
-    def publish_messages(entries) -> list:
+    def publish_messages(entries: list[QueueEntry]) -> list[BaseException | None]:
         """Rename a batch's messages into place; per entry None or its error."""
 
-    def publish_envelopes(entries) -> list:
+    def publish_envelopes(entries: list[QueueEntry]) -> list[BaseException | None]:
         """Rename a batch's envelopes into place (the commit); per entry None or its error."""
 
     def discard(queue_id: str) -> None:
@@ -330,7 +343,7 @@ class IMetrics(Interface):
     """Counters the server keeps for Prometheus (``metrics.Metrics``), or nothing
     (``metrics.NoMetrics``).  Every call is cheap and reactor-safe."""
 
-    def watch_queue(stats) -> None:
+    def watch_queue(stats: Callable[[], Any]) -> None:
         """Read the queue gauges from ``stats() -> metrics.QueueStats`` at each scrape."""
 
     def accepted(listener: str) -> None:
@@ -369,10 +382,10 @@ class ITLSSettings(Interface):
     interface's ``getContext``), so it serves ``ssl:`` listeners; declared
     here without it so this module imports no Twisted."""
 
-    def getContext():
+    def getContext() -> Any:
         """The OpenSSL context of the current certificate (``ssl:`` listeners)."""
 
-    def context_factory():
+    def context_factory() -> Any:
         """A context factory for ``startTLS`` (STARTTLS, STLS), with the current certificate."""
 
 
@@ -408,7 +421,7 @@ class IRuntime(Interface):
 class IDrainable(Interface):
     """A listener factory whose sessions can be wound down (graceful shutdown)."""
 
-    def drain(timeout: float):
+    def drain(timeout: float) -> Deferred[None]:
         """Refuse new sessions, let the ones in flight finish, drop what is left
         after ``timeout`` seconds; Deferred firing (None) when all are gone."""
 
@@ -437,22 +450,22 @@ class IMessageCheck(Interface):
     mx = Attribute("bool: runs in MX sessions of unauthenticated clients")
     submission = Attribute("bool: runs in authenticated sessions (submission listeners, or AUTH on the MX listener)")
 
-    def connect(conn):
+    def connect(conn: Connection) -> Any:
         """A client connected (before the greeting).  A Reply is sent instead of
         the banner: 5xx as 554, 4xx as 421 (RFC 5321 section 3.1)."""
 
-    def mail(conn, txn):
+    def mail(conn: Connection, txn: Transaction) -> Any:
         """MAIL FROM was accepted by the session (``txn.sender``, ``txn.params``)."""
 
-    def rcpt(conn, txn, recipient):
+    def rcpt(conn: Connection, txn: Transaction, recipient: Address) -> Any:
         """RCPT TO ``recipient`` (the ``Address`` as given) was routed; its
         destinations join ``txn.recipients`` if every stage accepts."""
 
-    def data_begin(conn, txn):
+    def data_begin(conn: Connection, txn: Transaction) -> IMessageObserver | None:
         """DATA starts: an IMessageObserver for the message bytes, or None.
         Synchronous; keep what the observer learns in ``txn.notes``."""
 
-    def data(conn, txn, message):
+    def data(conn: Connection, txn: Transaction, message: IMessage) -> Any:
         """The message is complete (``message`` provides IMessage).  None, or a
         ``pipeline.Verdict`` (a Reply and/or header changes), or a Deferred of either."""
 
@@ -465,18 +478,18 @@ class IPipeline(Interface):
     failing stage becomes 451 4.3.0).
     """
 
-    def connect(conn):
+    def connect(conn: Connection) -> Any:
         """None (greet) or the Reply that refuses the connection."""
 
-    def mail(conn, txn):
+    def mail(conn: Connection, txn: Transaction) -> Any:
         """None (250) or the Reply that refuses MAIL."""
 
-    def rcpt(conn, txn, recipient):
+    def rcpt(conn: Connection, txn: Transaction, recipient: Address) -> Any:
         """None (250) or the Reply that refuses this RCPT."""
 
-    def data_begin(conn, txn):
+    def data_begin(conn: Connection, txn: Transaction) -> IMessageObserver | None:
         """The IMessageObserver to feed the message bytes to, or None."""
 
-    def data(conn, txn, message):
+    def data(conn: Connection, txn: Transaction, message: IMessage) -> Any:
         """An ``envelope.HeaderChanges`` to commit with (possibly empty), or the
         Reply that refuses the message."""

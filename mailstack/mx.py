@@ -224,7 +224,7 @@ class Resolver:
         resolved: list[Host] = []
         temporary = False
         for host, (ok, value) in zip(hosts, results, strict=False):
-            addresses, temp = cast(tuple[list[str], bool], value) if ok else ([], True)
+            addresses, temp = value if ok else ([], True)
             temporary |= temp
             resolved.append(Host(host.name, tuple(addresses), host.preference))
         if not any(h.addresses for h in resolved):
@@ -269,7 +269,7 @@ class Resolver:
             if not ok:
                 temporary |= _is_temporary(cast(Failure, value))
                 continue
-            for rr in cast(list[dns.RRHeader], value):
+            for rr in value:
                 if rr.type == dns.A:
                     out.append(cast(dns.Record_A, rr.payload).dottedQuad())
                 elif rr.type == dns.AAAA:

@@ -57,6 +57,7 @@ from mailstack.interfaces import (
     IMessageObserver,
     IMetrics,
     IPipeline,
+    IRuntime,
 )
 from mailstack.smtp.replies import LOCAL_ERROR
 
@@ -66,7 +67,7 @@ class ICheckFactory(IPlugin):
 
     name = Attribute("str: the check's name in [pipeline] checks")
 
-    def build(runtime, options):
+    def build(runtime: IRuntime, options: dict[str, Any]) -> IMessageCheck:
         """An IMessageCheck for this server (``runtime`` provides IRuntime);
         ``options`` is the ``[pipeline.options.<name>]`` table (a dict).  Raise
         ValueError for bad options: the server then does not start."""

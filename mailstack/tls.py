@@ -92,10 +92,11 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
     if private_key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
         raise TLSError(f"{key_path}: private key does not match the certificate in {cert_path}")
     return CertificateOptions(
-        # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated).
-        privateKey=private_key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        # pyOpenSSL takes cryptography objects directly (its own X509/PKey are
+        # deprecated); Twisted's annotations still name the pyOpenSSL types.
+        privateKey=private_key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )

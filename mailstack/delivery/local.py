@@ -90,7 +90,8 @@ class LocalAgent:
                 error=str(failure.value),
             )
             # RFC 3463: 4.2.2 mailbox full is retried, not bounced.
-            return OR.MAILBOX_FULL if fsutil.is_disk_full(failure.value) else OR.LOCAL_ERROR
+            error = failure.value
+            return OR.MAILBOX_FULL if error is not None and fsutil.is_disk_full(error) else OR.LOCAL_ERROR
         self.log.failure(
             "delivering {queue_id} to {recipient}", failure=failure, queue_id=entry.id, recipient=rcpt.address
         )

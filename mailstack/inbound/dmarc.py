@@ -106,7 +106,7 @@ def from_domains(values: Sequence[str]) -> tuple[str, ...]:
         return (domain,)
     try:
         header = SMTPUTF8.header_factory("from", values[0])
-        addresses: tuple[Address, ...] = tuple(header.addresses)  # type: ignore[attr-defined]
+        addresses: tuple[Address, ...] = tuple(header.addresses)
     except Exception as e:  # noqa: BLE001  (the email package raises many types on garbage)
         raise FromError(f"unparsable From: {e}") from None
     if header.defects:

@@ -260,6 +260,7 @@ class WireEncoder:
         return self._stuff(data)
 
     def _truncate(self, data: bytes) -> bytes:
+        assert self._remaining is not None  # only for TOP, which sets it
         start = 0
         if self._in_header:
             if self._line_start and data.startswith(b"\r\n"):

@@ -92,7 +92,7 @@ class QueueManager(Service):
     """A Service on the shared reactor; see the module docstring."""
 
     log = Logger()
-    name = "queue-manager"  # type: ignore[assignment]  # Service declares None
+    name = "queue-manager"
 
     def __init__(
         self,

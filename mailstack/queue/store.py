@@ -86,7 +86,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -260,7 +260,9 @@ class QueueStore:
         """Step 4 for a batch whose step 3 succeeded: rename each envelope into place, fsync ``env/`` once."""
         return self._step(entries, lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), ENV)
 
-    def _step(self, entries: list[QueueEntry], action, folder: str) -> list[BaseException | None]:
+    def _step(
+        self, entries: list[QueueEntry], action: Callable[[str], object], folder: str
+    ) -> list[BaseException | None]:
         """``action(id)`` for each entry, then one fsync of ``folder``; failed entries are discarded."""
         errors: list[BaseException | None] = [None] * len(entries)
         for i, entry in enumerate(entries):

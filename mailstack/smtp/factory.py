@@ -49,7 +49,7 @@ class SMTPFactory(ServerFactory):
         self.group = SessionGroup(runtime.reactor)
         self.limiter: ConnectionLimiter = runtime.smtp_connections if kind == "smtp" else runtime.submission_connections
 
-    def buildProtocol(self, addr: Any) -> SMTPServer:
+    def buildProtocol(self, addr: Any) -> SMTPServer:  # type: ignore[override]  # Twisted's bound TypeVar
         return SMTPServer(self)
 
     def drain(self, timeout: float) -> Deferred[None]:
