@@ -71,7 +71,12 @@ class Mailstack:
             "smtp": {"max_message_size": 67108864, "max_connections": 2000, "max_connections_per_ip": 2000},
             "auth": {"plaintext_on_loopback": True},
             "relay": {"smarthost": f"127.0.0.1:{self.sink_port}"},
-            "limits": {"messages_per_hour": 0},
+            # Throughput, not policy: no sending limits.  Features off unless
+            # --features turns them on (run.py FEATURES): no DKIM signing, no
+            # inbound SPF/DKIM/DMARC (they would ask this machine's resolver).
+            "limits": {"messages_per_hour": 0, "messages_per_day": 0},
+            "pipeline": {"checks": ["loop"]},
+            "inbound": {"spf": False, "dkim": False, "dmarc": False},
         }
         for section, keys in self.extra.items():
             table = doc.setdefault(section, {})
