@@ -502,3 +502,42 @@ def test_inputBehindRefusedDataDiscarded(capped) -> None:
     assert c.cmd(b"QUIT").startswith(b"221")
     c.close()
     assert not any(b"injected" in m for m in maildir_messages(capped.maildir("bob@localhost")))
+
+
+def test_hourlyLimitHoldsUnderConcurrency(tmp_path) -> None:
+    """With a limit of 3 messages an hour, 8 sessions of one user sending at the same moment get
+    exactly 3 messages through: the MAIL reserves the message before the DATA, so parallel
+    sessions cannot all pass the check first (451 4.7.1 for the others, naming the limit)."""
+    with Server(tmp_path, extra_toml="[limits]\nmessages_per_hour = 3\n[auth]\nplaintext_on_loopback = true\n") as s:
+        s.add_users({"erin@localhost": PASSWORD})
+        s.start()
+        clients = []
+        for _ in range(8):
+            c = _RawFrom("127.0.10.1", s.ports["submission"])
+            assert c.cmd(b"EHLO burst.test").startswith(b"250")
+            assert _auth(c, "erin@localhost", PASSWORD)[0].startswith(b"235")
+            clients.append(c)
+        barrier = threading.Barrier(len(clients))
+        outcomes: list[bytes] = []
+
+        def send(c: RawSMTP) -> None:
+            barrier.wait()
+            reply = c.cmd(b"MAIL FROM:<erin@localhost>")
+            if reply.startswith(b"250"):
+                assert c.cmd(b"RCPT TO:<erin@localhost>").startswith(b"250")
+                assert c.cmd(b"DATA").startswith(b"354")
+                reply = c.cmd(b"Subject: burst\r\n\r\nhello\r\n.")
+            outcomes.append(reply)
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        close_all([c.sock for c in clients])
+        assert len(outcomes) == 8, outcomes
+        sent = [r for r in outcomes if r.startswith(b"250")]
+        refused = [r for r in outcomes if r.startswith(b"451 4.7.1") and b"Hourly" in r]
+        assert (len(sent), len(refused)) == (3, 5), outcomes
+        assert len(list(maildir_messages(s.maildir("erin@localhost")))) == 3
+        s.shut_down()
