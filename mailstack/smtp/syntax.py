@@ -54,6 +54,21 @@ def _path_refusal(path: str, smtputf8: bool) -> Reply | None:
     return None
 
 
+def _parameters(text: str) -> dict[str, str] | Reply:
+    """ESMTP parameters ``NAME[=value] ...`` (RFC 5321 section 4.1.2) by upper-case
+    name; 501 for bad syntax or a parameter given twice (RFC 3461 section 4)."""
+    given: dict[str, str] = {}
+    for param in text.split():
+        if not _ESMTP_PARAM.match(param):
+            return R.SYNTAX
+        name, _, value = param.partition("=")
+        name = name.upper()
+        if name in given:
+            return R.SYNTAX
+        given[name] = value
+    return given
+
+
 def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
     """``FROM:<path> [params]``; ``esmtp``: the session said EHLO; ``max_size``: 0 for no limit."""
     if arg[:5].upper() != "FROM:":
@@ -61,21 +76,15 @@ def parse_mail_from(arg: str, esmtp: bool, max_size: int) -> MailFrom | Reply:
     m = _PATH_ARGS.match(arg[5:])
     if not m:
         return R.BAD_SENDER
-    params = m.group(2).split()
-    if params and not esmtp:
+    if m.group(2).split() and not esmtp:
         return R.UNKNOWN_PARAMETER
+    given = _parameters(m.group(2))
+    if isinstance(given, Reply):
+        return given
     size: int | None = None
     body: str | None = None
-    given: dict[str, str] = {}
     ret = envid = ""
-    for param in params:
-        if not _ESMTP_PARAM.match(param):
-            return R.SYNTAX
-        name, _, value = param.partition("=")
-        name = name.upper()
-        if name in given:  # RFC 3461 section 4: no parameter twice
-            return R.SYNTAX
-        given[name] = value
+    for name, value in given.items():
         if name == "SIZE":
             # RFC 1870 section 6
             if not value.isdigit() or len(value) > 20:
@@ -120,17 +129,12 @@ def parse_rcpt(arg: str, smtputf8: bool = False) -> RcptTo | Reply:
     m = _PATH_ARGS.match(arg[3:])
     if not m:
         return R.BAD_RECIPIENT
+    given = _parameters(m.group(2))
+    if isinstance(given, Reply):
+        return given
     notify: tuple[str, ...] = ()
     orcpt = ""
-    seen: set[str] = set()
-    for param in m.group(2).split():
-        if not _ESMTP_PARAM.match(param):
-            return R.SYNTAX
-        name, _, value = param.partition("=")
-        name = name.upper()
-        if name in seen:  # RFC 3461 section 4: no parameter twice
-            return R.SYNTAX
-        seen.add(name)
+    for name, value in given.items():
         if name not in ("NOTIFY", "ORCPT"):
             return R.UNKNOWN_PARAMETER
         try:
