@@ -6,6 +6,7 @@ import email
 import os
 import random
 import time
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -477,7 +478,7 @@ class RealStoreTests(SynchronousTestCase):
         )
         return qid
 
-    def manager(self) -> QueueManager:
+    def manager(self, metrics: Any = None) -> QueueManager:
         m = QueueManager(
             self.store,
             FakeAgent(),
@@ -487,6 +488,7 @@ class RealStoreTests(SynchronousTestCase):
             run_blocking,
             self.intake,
             rng=random.Random(2),
+            metrics=metrics,
         )
         m.startService()
         self.addCleanup(lambda: m.running and m.stopService())
@@ -538,19 +540,7 @@ class RealStoreTests(SynchronousTestCase):
 
         qid = self.commit()
         metrics = Metrics()
-        m = QueueManager(
-            self.store,
-            FakeAgent(),
-            self.remote,
-            self.clock,
-            make_config(),
-            run_blocking,
-            self.intake,
-            rng=random.Random(2),
-            metrics=metrics,
-        )
-        m.startService()
-        self.addCleanup(lambda: m.running and m.stopService())
+        m = self.manager(metrics)
         self.assertEqual(len(self.remote.calls), 1)
         self.assertTrue(hold.hold(self.store, qid, self.clock.seconds()))
         self.assertFalse(hold.hold(self.store, qid, self.clock.seconds()))
