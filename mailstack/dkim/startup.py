@@ -3,10 +3,10 @@
 
 ``service.make_service`` builds one ``signer(config)`` for the ``dkimsign``
 check and the DSNs the queue writes.  ``KeysService`` (a child of the server's
-service, started after the thread pool) runs ``ensure_keys`` at start: a local domain without an active key gets an
-RSA key (generated in
-the thread pool, private key mode 0600 under ``data_dir/dkim``) and its DNS
-TXT record is logged, ready to publish.  Later changes (``mailstack dkim
+service, started after the thread pool) runs ``ensure_keys`` at start: a local
+domain without an active key gets an RSA key (generated in the thread pool,
+private key mode 0600 under ``data_dir/dkim``) and its DNS TXT record is
+logged, ready to publish.  Later changes (``mailstack dkim
 keygen``/``retire``) reach the running server through the key index, which
 the store re-reads when it changes.
 """

@@ -57,9 +57,9 @@ Index (``<maildir>/mailstack-pop3-index.json``)
     compute their size.
     Maildir file contents never change, so an entry stays right for as long as
     the name exists; entries whose message is gone are dropped.  Written
-    only while holding the session lock and only when it changed, atomically (tmp file + rename) but without fsync,
-    since it is a
-    cache.  A missing or unreadable index is rebuilt.
+    only while holding the session lock and only when it changed, atomically
+    (tmp file + rename) but without fsync, since it is a cache.  A missing or
+    unreadable index is rebuilt.
 
 Lock (``<maildir>/mailstack-pop3.lock``)
     ``fsutil.locked(..., blocking=False)`` held from login to the end of the

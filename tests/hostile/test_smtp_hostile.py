@@ -270,9 +270,9 @@ class FixedVectorTests(SynchronousTestCase):
         self.assertTrue(s.closed)
 
     def test_smugglingSequencesInData(self) -> None:
-        """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by pipelined
-        commands, in one
-        read and bytewise: at most one message (the real one), or a rejection; never a smuggled one."""
+        """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by
+        pipelined commands, in one read and bytewise: at most one message (the real one), or a rejection;
+        never a smuggled one."""
         seqs = [
             b"\n.\n",
             b"\n.\r",
