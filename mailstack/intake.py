@@ -16,8 +16,9 @@ writes and fsyncs each recipient's copy into its Maildir ``tmp/``; then each
 copy joins the ``GroupCommit`` of its ``new/`` folder, which moves a batch of
 copies into that folder with one fsync of it (folders of different mailboxes
 are published side by side).  Only then does ``finish()`` fire.  Per message
-that is one file created, one fsync, one rename, and no queue files at all: on the benchmark machine creating and deleting files was
-the largest single cost of the old path (queue message, envelope and Maildir
+that is one file created, one fsync, one rename, and no queue files at all:
+on the benchmark machine creating and deleting files was the largest single
+cost of the old path (queue message, envelope and Maildir
 copy for every local message).  Like mox, and unlike Postfix, nothing is
 copied twice.
 
