@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.hostile.support import FAST, SLOW, LogFailures, check_smtp_output
+from tests.smtp.data_reference import SMUGGLING
 from tests.smtp.support import Session, make_runtime
 from tests.support.fakes import FakeThrottle
 
@@ -273,26 +274,10 @@ class FixedVectorTests(SynchronousTestCase):
         """Each scanner end-of-data sequence (SMTP smuggling lookalikes, see smtp/data.py) followed by
         pipelined commands, in one read and bytewise: at most one message (the real one), or a rejection;
         never a smuggled one."""
-        seqs = [
-            b"\n.\n",
-            b"\n.\r",
-            b"\r.\n",
-            b"\r.\r",
-            b"\n.\r\n",
-            b"\r.\r\n",
-            b"\r\n\x00.\r\n",
-            b"\r\n.\r",
-            b"\r\n\x00.\r",
-            b"\r\n\x00.\n",
-            b"\r\n.\x00\r\n",
-            b"\n\n.\r\n",
-            b"\r\n.\r\r\n",
-            b"\r\r\n.\r\r\n",
-        ]
         smuggled = (
             b"mail FROM:<smuggled@evil.test>\r\nrcpt TO:<bob@example.org>\r\ndata\r\nSubject: SMUGGLED\r\n\r\nx\r\n"
         )
-        for seq in seqs:
+        for seq in SMUGGLING:
             for bytewise in (False, True):
                 s = new_session()
                 feed(s, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")

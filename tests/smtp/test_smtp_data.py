@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.smtp.data import DataDecoder
-from tests.smtp.data_reference import decode_reference
+from tests.smtp.data_reference import SMUGGLING, decode_reference
 
 
 def run(data: bytes, sizes: list[int] | None = None, max_size: int = 0):
@@ -58,9 +58,7 @@ class DecoderTests(SynchronousTestCase):
 
     def test_smugglingSequencesDoNotEnd(self) -> None:
         """None of the scanner end-of-data lookalikes ends DATA (docs/smtp-smuggling.rst)."""
-        for seq in (b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n",
-                    b"\r\n.\r", b"\r\n\x00.\r", b"\r\n\x00.\n", b"\r\n.\x00\r\n", b"\r\n.", b"\n\n.\r\n",
-                    b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\r\n.\n"):
+        for seq in SMUGGLING:
             data = b"body" + seq + b"mail FROM:<x@y>\r\nrcpt TO:<a@b>\r\ndata\r\nsmuggled\r\n.\r\n"
             for sizes in (None, [1]):
                 content, rest, dec = run(data, sizes)

@@ -19,6 +19,7 @@ from mailstack.smtp.factory import SMTPFactory, make_factory
 from tests.support.fakes import FakeChecker, FakeIncoming, FakeIntake, FakeRouter, FakeThrottle
 from tests.support.runtime import fake_runtime
 
+from .data_reference import SMUGGLING
 from .support import Session, make_config, make_runtime
 
 B64 = base64.b64encode
@@ -357,24 +358,6 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(out.count(b"Ok: queued"), 2)
 
 
-SMUGGLING = [
-    b"\n.\n",
-    b"\n.\r",
-    b"\r.\n",
-    b"\r.\r",
-    b"\n.\r\n",
-    b"\r.\r\n",
-    b"\r\n\x00.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r",
-    b"\r\n\x00.\n",
-    b"\r\n.\x00\r\n",
-    b"\r\n.",
-    b"\n\n.\r\n",
-    b"\r\n.\r\r\n",
-    b"\r\r\n.\r\r\n",
-    b"\r\n.\n",
-]
 
 
 class SmugglingTests(SynchronousTestCase):
