@@ -169,6 +169,15 @@ def _check_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _processes(value: Any) -> int:
+    """``"auto"`` (0: one session process per core) or a count; 1 is one process for everything."""
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError('must be "auto" or a number of processes from 1 to 64')
+    return value
+
+
 def _log_format(value: Any) -> str:
     if value not in ("text", "json"):
         raise ValueError('must be "text" or "json"')
@@ -371,6 +380,7 @@ KEYS: tuple[Key, ...] = (
     Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
     Key("log", "format", _log_format, "text", '"json": one JSON object per line (JSON Lines)'),
     Key("dovecot", "passwd_file", _path, "", "Dovecot passwd-file kept in step with the users; empty: none"),
+    Key("server", "processes", _processes, "auto", '"auto": one session process per core, plus the master; 1: one process'),
 )
 
 
@@ -502,6 +512,11 @@ class DovecotSection:
 
 
 @dataclass(frozen=True)
+class ServerSection:
+    processes: int  # 0: "auto"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  Sections are attributes: ``config.relay.port``."""
 
@@ -521,6 +536,7 @@ class Config:
     submission: SubmissionSection
     log: LogSection
     dovecot: DovecotSection
+    server: ServerSection
     source: str = field(default="", compare=False)  # the file it came from, or ""
 
     def is_local_domain(self, domain: str) -> bool:

@@ -12,17 +12,27 @@ cannot take the slots that users need to submit mail (Postfix likewise gives
 each ``master.cf`` service its own process limit).  A session takes a slot
 when it starts (``CommandSession.connectionMade``) and gives it back when the
 connection is gone.
+
+Sessions ask through ``IConnectionSlots``, whose answer is a Deferred: with
+several session processes the caps are kept by the master process and asked
+over AMP (``procs.slots``); here the answer is immediate (``take``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from mailstack.interfaces import IConnectionSlots
+
 # Why acquire() refused.
 TOTAL = "total"
 PER_IP = "per-ip"
 
 
+@implementer(IConnectionSlots)
 class ConnectionLimiter:
     """At most ``max_total`` sessions, and ``max_per_ip`` from one address; 0 means no cap."""
 
@@ -32,7 +42,11 @@ class ConnectionLimiter:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
 
-    def acquire(self, host: str) -> str | None:
+    def acquire(self, host: str) -> Deferred[str | None]:
+        """``IConnectionSlots.acquire``: ``take(host)``, answered at once."""
+        return succeed(self.take(host))
+
+    def take(self, host: str) -> str | None:
         """Take a slot for a session from ``host``: None, or ``TOTAL``/``PER_IP`` if a cap is reached."""
         if self.max_total and self.total >= self.max_total:
             return TOTAL

@@ -339,6 +339,17 @@ class ILoginTicket(Interface):
         """No verdict (the check errored): release the reservation, record nothing."""
 
 
+class IConnectionSlots(Interface):
+    """The connection caps of one listener kind (``connlimit``)."""
+
+    def acquire(host: str) -> Deferred[str | None]:
+        """Take a slot for a session from ``host``: fires None, or ``connlimit.TOTAL``/``PER_IP``
+        when a cap is reached (no slot taken)."""
+
+    def release(host: str) -> None:
+        """Give back the slot a successful ``acquire(host)`` took."""
+
+
 class IMetrics(Interface):
     """Counters the server keeps for Prometheus (``metrics.Metrics``), or nothing
     (``metrics.NoMetrics``).  Every call is cheap and reactor-safe."""
@@ -407,12 +418,12 @@ class IRuntime(Interface):
     signer = Attribute("dkim.signer.IDKIMSigner: signs submitted mail and our DSNs")
     manager = Attribute("queue.manager.QueueManager (IQueueKicker)")
     maildirs = Attribute("storage.maildir.MaildirStore")
-    smtp_connections = Attribute("connlimit.ConnectionLimiter over the MX (smtp) listeners (smtp.max_connections*)")
+    smtp_connections = Attribute("IConnectionSlots over the MX (smtp) listeners (smtp.max_connections*)")
     submission_connections = Attribute(
-        "connlimit.ConnectionLimiter over submission and submissions (submission.max_connections*)"
+        "IConnectionSlots over submission and submissions (submission.max_connections*)"
     )
     pop3_connections = Attribute(
-        "connlimit.ConnectionLimiter over the pop3 and pop3s listeners (pop3.max_connections*)"
+        "IConnectionSlots over the pop3 and pop3s listeners (pop3.max_connections*)"
     )
     send_limits = Attribute("sendlimits.SendLimits: [limits] per authenticated user, reserve at MAIL")
     metrics = Attribute("IMetrics: metrics.Metrics with listen.metrics, else metrics.NoMetrics")

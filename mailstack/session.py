@@ -32,7 +32,7 @@ RFC 2449 section 6.6).  Fixing that is replacing its receive loop, so this is a
 * One idle timer on the injected clock (``idle_timeout``/``timed_out``), and
   one deadline (``_set_deadline``): a total limit that client activity does
   not push back (the POP3 pre-login time, the length of an SMTP DATA).
-* Connection caps (``connlimit.ConnectionLimiter``) and graceful drain
+* Connection caps (``interfaces.IConnectionSlots``) and graceful drain
   (``SessionGroup``): a draining session closes once ``idle()`` between
   commands; the group's Deferred fires when the last one is gone.
 * Closing: ``_close`` flushes, stops producing (a paused producer would keep a
@@ -57,9 +57,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailstack.connlimit import ConnectionLimiter
 from mailstack.directsend import send
-from mailstack.interfaces import IMetrics
+from mailstack.interfaces import IConnectionSlots, IMetrics
 from mailstack.metrics import NoMetrics
 
 FLUSH_AT = 64 * 1024  # replies queued beyond this are written before the next command
@@ -151,7 +150,7 @@ class CommandSession(Protocol):
     protocol = ""
 
     def __init__(
-        self, clock: IReactorTime, group: SessionGroup, limiter: ConnectionLimiter, metrics: IMetrics | None = None
+        self, clock: IReactorTime, group: SessionGroup, limiter: IConnectionSlots, metrics: IMetrics | None = None
     ) -> None:
         self.clock = clock
         self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
@@ -232,28 +231,58 @@ class CommandSession(Protocol):
     def tls(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
 
-    def _admit(self) -> bool:
-        """``connectionMade`` starts with this: take a connection slot and become
-        the transport's producer, or refuse the connection (False)."""
+    def _admit(self, start: Callable[[], None]) -> None:
+        """``connectionMade`` calls this: take a connection slot, become the
+        transport's producer and ``start()`` the session, or refuse the connection.
+
+        The slot's answer is a Deferred (the master process keeps the caps when
+        there are several session processes); until it comes the transport is
+        not read.  A client gone by then gives its slot back at once.
+        """
         self.peer = getattr(self.transport.getPeer(), "host", "") or ""  # UNIX sockets have none
         if self._group.draining:
-            refusal: bytes | None = self.shutdown_reply
-        else:
-            over = self._limiter.acquire(self.peer)
-            refusal = self.limit_replies[over] if over is not None else None
-        if refusal is not None:  # RFC 5321 section 3.1, RFC 2449 section 8: say why, hang up
-            self.refused(refusal)
-            self._closed = True
-            send(self.transport, refusal)
-            self.transport.loseConnection()
-            return False
+            self._refuse(self.shutdown_reply)
+            return
+        answer = self._limiter.acquire(self.peer)
+        paused = not answer.called
+        if paused:
+            self.transport.pauseProducing()
+        answer.addCallbacks(self._slot_answered, self._slot_failed, callbackArgs=(start, paused))
+
+    def _slot_answered(self, over: str | None, start: Callable[[], None], paused: bool) -> None:
+        if self._lost:
+            if over is None:
+                self._limiter.release(self.peer)
+            return
+        if over is None and self._group.draining:  # a drain began while we waited
+            self._limiter.release(self.peer)
+            self._refuse(self.shutdown_reply)
+            return
+        if over is not None:  # RFC 5321 section 3.1, RFC 2449 section 8: say why, hang up
+            self._refuse(self.limit_replies[over])
+            return
         self._admitted = True
         self.metrics.session_opened(self.protocol)
         self._group.add(self)
         self._tcp_nodelay()
         self._handshaking = self.tls
         self._register_producer()
-        return True
+        if paused:
+            self.transport.resumeProducing()
+        start()
+
+    def _slot_failed(self, failure: Failure) -> None:
+        """The caps could not be asked (the master process is gone): close."""
+        self.log.failure("no connection slot for {peer}", failure, peer=self.peer)
+        if not self._lost:
+            self._closed = True
+            self.transport.loseConnection()
+
+    def _refuse(self, refusal: bytes) -> None:
+        self.refused(refusal)
+        self._closed = True
+        send(self.transport, refusal)
+        self.transport.loseConnection()
 
     def _tcp_nodelay(self) -> None:
         t = self.transport

@@ -7,8 +7,11 @@ from typing import ClassVar
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailstack.connlimit import TOTAL, ConnectionLimiter
+from mailstack.interfaces import IConnectionSlots
 from mailstack.session import CLOSE_GRACE, CommandSession, SessionGroup
 from tests.support.transports import TLSStringTransport
 
@@ -28,10 +31,12 @@ class Echo(CommandSession):
         self.dropped = -1
 
     def connectionMade(self) -> None:
-        if self._admit():
-            self._queue(b"HELLO\r\n")
-            self._flush()
-            self._arm_timer()
+        self._admit(self._start)
+
+    def _start(self) -> None:
+        self._queue(b"HELLO\r\n")
+        self._flush()
+        self._arm_timer()
 
     def max_line_length(self) -> int:
         return 20
@@ -92,6 +97,22 @@ class PushOnly(Echo):
 
     stop_reading_when_write_full = False
     pause_input_at = 100
+
+
+@implementer(IConnectionSlots)
+class LaterSlots:
+    """Slots answered later, as over AMP from the master process."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[str | None]] = []
+        self.released: list[str] = []
+
+    def acquire(self, host: str) -> Deferred[str | None]:
+        self.asked.append(Deferred())
+        return self.asked[-1]
+
+    def release(self, host: str) -> None:
+        self.released.append(host)
 
 
 class Base(SynchronousTestCase):
@@ -292,3 +313,58 @@ class LimitAndDrainTests(Base):
     def test_drainWithoutSessions(self) -> None:
         """With no session the drain is over at once."""
         self.successResultOf(self.group.drain(10))
+
+
+class LaterAdmissionTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.slots = LaterSlots()
+        verifyObject(IConnectionSlots, self.slots)
+
+    def start(self) -> Echo:
+        proto = self.kind(self.clock, self.group, self.slots)
+        proto.makeConnection(TLSStringTransport("192.0.2.7"))
+        return proto
+
+    def test_greetingWaitsForTheSlot(self) -> None:
+        """Until the caps answer, nothing is said and the transport is not read; then the greeting."""
+        proto = self.start()
+        self.assertEqual(proto.transport.value(), b"")
+        self.assertEqual(proto.transport.producerState, "paused")
+        self.slots.asked[0].callback(None)
+        self.assertEqual(proto.transport.value(), b"HELLO\r\n")
+        self.assertEqual(proto.transport.producerState, "producing")
+        self.assertEqual(self.feed(proto, b"ECHO a\r\n"), b"a\r\n")
+
+    def test_refusedLater(self) -> None:
+        """A cap reached answers the limit reply and closes, taking no slot to give back."""
+        proto = self.start()
+        self.slots.asked[0].callback(TOTAL)
+        self.assertEqual(proto.transport.value(), b"BUSY\r\n")
+        self.assertTrue(proto.transport.disconnecting)
+        proto.connectionLost()
+        self.assertEqual(self.slots.released, [])
+
+    def test_goneBeforeTheAnswer(self) -> None:
+        """A client gone before its slot was granted gives the slot back at once and is never greeted."""
+        proto = self.start()
+        proto.connectionLost()
+        self.slots.asked[0].callback(None)
+        self.assertEqual(self.slots.released, ["192.0.2.7"])
+        self.assertEqual(proto.transport.value(), b"")
+
+    def test_drainWhileWaiting(self) -> None:
+        """A drain that began while the slot was asked: the slot goes back and the client is told."""
+        proto = self.start()
+        self.group.drain(10)
+        self.slots.asked[0].callback(None)
+        self.assertEqual(proto.transport.value(), b"BYE\r\n")
+        self.assertEqual(self.slots.released, ["192.0.2.7"])
+
+    def test_noAnswerCloses(self) -> None:
+        """The caps cannot be asked (the master is gone): the connection is closed, nothing greeted."""
+        proto = self.start()
+        self.slots.asked[0].errback(ConnectionError("master gone"))
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertEqual(proto.transport.value(), b"")
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)

@@ -118,8 +118,9 @@ class POP3Server(CommandSession):
     # -- connection ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        if not self._admit():
-            return
+        self._admit(self._start)
+
+    def _start(self) -> None:
         self._send(R.GREETING)
         self._flush()
         self._arm_timer()

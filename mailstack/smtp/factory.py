@@ -15,7 +15,7 @@ from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
 from mailstack.auth.login import Authenticator
-from mailstack.connlimit import ConnectionLimiter
+from mailstack.interfaces import IConnectionSlots
 from mailstack.interfaces import IDrainable, IRuntime
 from mailstack.session import SessionGroup
 from mailstack.smtp import replies as R
@@ -47,7 +47,7 @@ class SMTPFactory(ServerFactory):
             "SMTPUTF8",
         )
         self.group = SessionGroup(runtime.reactor)
-        self.limiter: ConnectionLimiter = runtime.smtp_connections if kind == "smtp" else runtime.submission_connections
+        self.limiter: IConnectionSlots = runtime.smtp_connections if kind == "smtp" else runtime.submission_connections
 
     def buildProtocol(self, addr: Any) -> SMTPServer:  # type: ignore[override]  # Twisted's bound TypeVar
         return SMTPServer(self)

@@ -133,8 +133,9 @@ class SMTPServer(MessageTransfer):
     # -- connection -----------------------------------------------------------
 
     def connectionMade(self) -> None:
-        if not self._admit():
-            return
+        self._admit(self._start)
+
+    def _start(self) -> None:
         self._conn = Connection(self.peer, self.policy.kind, self.config.hostname)
         self._arm_timer()
         self._then(self._greet, self.factory.pipeline.connect, self._connection())
