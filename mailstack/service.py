@@ -62,6 +62,8 @@ from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
 from mailstack.metrics import Metrics, MetricsSite, make_metrics
 from mailstack.pop3 import factory as pop3_factory
+from mailstack.procs.master import WorkerPool, worker_count
+from mailstack.procs.slots import RemoteKicker, RemoteSlots
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.store import QueueStore
 from mailstack.routing import Router
@@ -159,6 +161,26 @@ def raise_listen_errors(svc: StreamServerEndpointService) -> bool:
     return True
 
 
+class AdoptedPortService(Service):
+    """Accepts on a listening socket inherited from the master process."""
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        os.close(self.fd)  # the port holds its own copy
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.port.stopListening() if self.port is not None else None
+
+
 class MailService(MultiService):
     """The whole server; see the module docstring for start and stop order."""
 
@@ -168,31 +190,41 @@ class MailService(MultiService):
         super().__init__()
         self.runtime = runtime
         self.pool = pool
-        self.listeners: list[StreamServerEndpointService] = []
+        self.listeners: list[IService] = []
         self.factories: list[IDrainable] = []  # the unwrapped protocol factories, for drain()
-        self.described: list[tuple[str, str]] = []  # (kind, listener string)
-        self.helpers: list[IService] = []  # e.g. the greylist: stopped after the sessions, before the pool
+        self.described: list[tuple[str, str]] = []  # (kind, listener string), logged at start
+        self.helpers: list[IService] = []  # stopped in this order once the sessions are drained
+        self.ready: Deferred[None] | None = None  # the master: fires when its workers listen
         pool.setServiceParent(self)
-        runtime.manager.setServiceParent(self)
-        runtime.send_limits.setServiceParent(self)
 
     def add_helper(self, service: IService) -> None:
-        """Run ``service`` with the server; it stops once the sessions are drained."""
+        """Run ``service`` with the server; it stops once the sessions are drained, in the order added."""
         service.setServiceParent(self)
         self.helpers.append(service)
 
     def add_listener(self, kind: str, description: str, factory: IProtocolFactory) -> None:
         """Listen on ``description`` with ``factory``; a mail protocol's must provide ``IDrainable``."""
+        endpoint_string, wrap = listen_description(description)
+        endpoint = serverFromString(self.runtime.reactor, endpoint_string)
+        svc = StreamServerEndpointService(endpoint, self._served(factory, wrap))
+        raise_listen_errors(svc)
+        self.described.append((kind, description))
+        self._listen(svc, factory)
+
+    def adopt_listener(self, fd: int, family: int, tls: bool, factory: IProtocolFactory) -> None:
+        """Accept on the inherited listening socket ``fd`` (a worker of ``procs.master``)."""
+        self._listen(AdoptedPortService(self.runtime.reactor, fd, family, self._served(factory, tls)), factory)
+
+    def _served(self, factory: IProtocolFactory, wrap: bool) -> IProtocolFactory:
+        if not wrap:
+            return factory
+        return TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor)
+
+    def _listen(self, svc: IService, factory: IProtocolFactory) -> None:
         drainable = IDrainable(factory, None)
         if drainable is None and not isinstance(factory, MetricsSite):
             raise TypeError(f"{factory!r} provides no IDrainable")
-        endpoint_string, wrap = listen_description(description)
-        endpoint = serverFromString(self.runtime.reactor, endpoint_string)
-        served = TLSMemoryBIOFactory(self.runtime.tls, False, factory, clock=self.runtime.reactor) if wrap else factory
-        svc = StreamServerEndpointService(endpoint, served)
-        raise_listen_errors(svc)
         svc.setServiceParent(self)
-        self.described.append((kind, description))
         self.listeners.append(svc)
         if drainable is not None and drainable not in self.factories:
             self.factories.append(drainable)
@@ -206,13 +238,19 @@ class MailService(MultiService):
             raise SystemExit(f"mailstack: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
 
     def startService(self) -> None:
+        super().startService()
+        if self.ready is None:
+            self._listening()
+        else:
+            self.ready.addCallback(lambda _: self._listening())
+
+    def _listening(self) -> None:
         # Bound in privilegedStartService; tests/e2e/harness.py waits for these lines.
         for kind, description in self.described:
             self.log.info("{service} listening on {endpoint}", service=kind, endpoint=description)
-        super().startService()
         # systemd Type=notify: every listener is bound (privilegedStartService)
         # and every child service started.
-        sdnotify.notify(sdnotify.READY, sdnotify.status(f"{len(self.listeners)} listeners up"))
+        sdnotify.notify(sdnotify.READY, sdnotify.status(f"{len(self.described)} listeners up"))
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -225,39 +263,51 @@ class MailService(MultiService):
         self.log.info("stopped listening; draining sessions for up to {grace}s", grace=grace)
         drains = [f.drain(grace) for f in self.factories]
         await gatherResults(drains)
-        manager = self.runtime.manager
-        if manager.running:
-            await maybeDeferred(manager.stopService)
-        await gatherResults([maybeDeferred(s.stopService) for s in self.helpers if s.running])
-        limits = self.runtime.send_limits
-        if limits.running:  # its last write needs the thread pool
-            await maybeDeferred(limits.stopService)
+        for helper in self.helpers:  # the workers, the queue manager, ..., the sending limits' last write
+            if helper.running:
+                await maybeDeferred(helper.stopService)
         self.pool.stopService()
         self.log.info("stopped")
 
 
-def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
-    """Build the runtime and the service tree (nothing listens until started).
+def build_runtime(
+    config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB, pool: ThreadPoolService,
+    channel: Any = None,
+) -> tuple[Runtime, list[IService]]:
+    """The runtime of a single process or a master (``channel`` None), or of a session worker.
 
-    StartupError if the message checks of ``[pipeline]`` cannot be built.
+    Returns the runtime and the services to stop after the sessions, in order.
+    A worker (``channel``: its ``amp.AMP`` connection to the master) has no
+    queue manager (its intake kicks the master's) and asks the master for the
+    connection slots and the shared limits.  StartupError if the message checks
+    of ``[pipeline]`` cannot be built.
 
     The constructors are those of docs/design.rst.  The intake needs the queue
     manager as its kicker and the manager needs the intake for DSNs, so the
     manager is built first and given the intake afterwards.
     """
-    pool = ThreadPoolService(reactor)
     run_blocking = pool.run_blocking
-    metrics = make_metrics(list(config.listen.metrics))
+    metrics = make_metrics(list(config.listen.metrics) if channel is None else [])
     store = QueueStore(os.path.join(config.data_dir, "queue"))
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
     resolver = dnsresolver.build(config, reactor)  # every DNS lookup: [dns] nameservers
-    relay = remote.build(config, reactor, store, run_blocking, resolver, metrics)
-    manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
-    intake = Intake(config, store, manager, run_blocking, reactor, local=local, metrics=metrics)
-    manager.intake = intake
-    manager.bounces.signer = signer = startup.signer(config)
+    signer = startup.signer(config)
+    manager: QueueManager | None = None
+    if channel is None:
+        relay = remote.build(config, reactor, store, run_blocking, resolver, metrics)
+        manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
+        kicker: Any = manager
+    else:
+        kicker = RemoteKicker(channel)
+    intake = Intake(config, store, kicker, run_blocking, reactor, local=local, metrics=metrics)
+    if manager is not None:
+        manager.intake = intake
+        manager.bounces.signer = signer
+    send_limits = SendLimits(
+        reactor, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
+    )
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -270,32 +320,92 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
         router=router,
         store=store,
         intake=intake,
-        manager=manager,
+        manager=kicker,
         maildirs=maildirs,
         signer=signer,
-        send_limits=SendLimits(
-            reactor, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
-        ),
+        send_limits=send_limits,
         metrics=metrics,
     )
+    if channel is not None:
+        runtime.smtp_connections = RemoteSlots(channel, "smtp")
+        runtime.submission_connections = RemoteSlots(channel, "submission")
+        runtime.pop3_connections = RemoteSlots(channel, "pop3")
     checks = inbound.build(runtime, resolver)
     try:
         runtime.pipeline = pipeline.build(runtime, checks.checks)
     except pipeline.PipelineError as e:
         raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
+    after_sessions: list[IService] = [manager] if manager is not None else []
+    after_sessions += checks.services
+    after_sessions.append(send_limits)  # last: its final write
+    return runtime, after_sessions
+
+
+def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
+    """Build the service tree of a single process or of the master (nothing listens until started).
+
+    ``server.processes`` 1: one process listens and does everything.  Otherwise
+    this is the master of ``procs.master``: it binds the listeners and starts
+    the session workers, which stop first at SIGTERM.
+    """
+    pool = ThreadPoolService(reactor)
+    runtime, after_sessions = build_runtime(config, reactor, tls, users, aliases, pool)
     service = MailService(runtime, pool)
-    for helper in checks.services:
+    workers = config.server.processes != 1
+    if workers:
+        service.add_helper(master_pool(service, runtime))
+    for helper in after_sessions:
         service.add_helper(helper)
-    startup.KeysService(run_blocking, signer.keys, config.domains.local).setServiceParent(service)
-    for kind, make_factory in FACTORIES.items():
-        descriptions = getattr(config.listen, kind)
-        if not descriptions:
-            continue
-        factory = make_factory(kind, runtime)
-        for description in descriptions:
-            service.add_listener(kind, description, factory)
+    startup.KeysService(pool.run_blocking, runtime.signer.keys, config.domains.local).setServiceParent(service)
+    if not workers:
+        for kind, make_factory in FACTORIES.items():
+            descriptions = getattr(config.listen, kind)
+            if not descriptions:
+                continue
+            factory = make_factory(kind, runtime)
+            for description in descriptions:
+                service.add_listener(kind, description, factory)
+    metrics = runtime.metrics
     if isinstance(metrics, Metrics):
         site = MetricsSite(metrics)
         for description in config.listen.metrics:
             service.add_listener("metrics", description, site)
+    return service
+
+
+def master_pool(service: MailService, runtime: Runtime) -> WorkerPool:
+    """The session workers of a master, and the listeners they adopt (bound at privileged start)."""
+    config = runtime.config
+    limiters = {
+        "smtp": runtime.smtp_connections,
+        "submission": runtime.submission_connections,
+        "pop3": runtime.pop3_connections,
+    }
+    count = worker_count(config.server.processes)
+    workers = WorkerPool(runtime.reactor, config.source, count, limiters, runtime.manager,
+                         float(config.smtp.shutdown_grace))
+    for kind in FACTORIES:
+        for description in getattr(config.listen, kind):
+            workers.add_listener(kind, description, *listen_description(description))
+            service.described.append((kind, description))
+    service.ready = workers.ready
+    return workers
+
+
+def make_worker_service(
+    config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB, channel: Any,
+    listeners: list[dict[str, Any]],
+) -> MailService:
+    """A session worker's service tree: the sessions on the inherited sockets, the intake, the pool."""
+    pool = ThreadPoolService(reactor)
+    runtime, after_sessions = build_runtime(config, reactor, tls, users, aliases, pool, channel)
+    service = MailService(runtime, pool)
+    for helper in after_sessions:
+        service.add_helper(helper)
+    factories: dict[str, ServerFactory] = {}
+    for listener in listeners:
+        kind = listener["kind"]
+        if kind not in factories:
+            factories[kind] = FACTORIES[kind](kind, runtime)
+        service.adopt_listener(listener["fd"], listener["family"], listener["tls"], factories[kind])
     return service

@@ -373,7 +373,9 @@ class ServiceTests(SynchronousTestCase):
         the checks [inbound] turns on (by default SPF, DKIM, DMARC, Authentication-Results), then [pipeline] checks."""
         from mailstack import service
 
-        cfg = configmod.from_mapping({"listen": {"pop3": [], "pop3s": [], "submissions": []}}, base=self.mktemp())
+        cfg = configmod.from_mapping(
+            {"listen": {"pop3": [], "pop3s": [], "submissions": []}, "server": {"processes": 1}}, base=self.mktemp()
+        )
         svc = service.make_service(cfg, Clock(), None, None, None)
         self.assertEqual(
             [c.name for c in svc.runtime.pipeline.checks], ["spf", "dkim", "dmarc", "authresults", "loop", "dkimsign"]

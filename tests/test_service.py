@@ -70,6 +70,7 @@ class MailServiceTests(SynchronousTestCase):
         )
         self.pool = service.ThreadPoolService(self.reactor, threads=2)
         self.svc = service.MailService(runtime, self.pool)
+        self.svc.add_helper(runtime.manager)
         self.factory = DrainingFactory(self.log)
         self.svc.add_listener("smtp", "tcp:2525:interface=127.0.0.1", self.factory)
         self.svc.add_listener("submissions", "ssl:4650:interface=127.0.0.1", self.factory)
@@ -147,7 +148,8 @@ class MakeServiceTests(SynchronousTestCase):
         Metrics; without it, no metrics listener and NoMetrics."""
         base = os.path.abspath(self.mktemp())
         cfg = config.from_mapping(
-            {"data_dir": "data", "listen": {"metrics": ["tcp:9125:interface=127.0.0.1"]}}, base=base
+            {"data_dir": "data", "listen": {"metrics": ["tcp:9125:interface=127.0.0.1"]}, "server": {"processes": 1}},
+            base=base,
         )
         reactor = MemoryReactorClock()
         svc = service.make_service(cfg, reactor, *service.load_parts(cfg))

@@ -1,0 +1,103 @@
+# -*- test-case-name: tests.procs.test_worker -*-
+"""A session worker: ``python -m mailstack.procs.worker``, started by the master (``procs.master``).
+
+It runs the SMTP and POP3 sessions and the intake on the listening sockets it
+inherited (fds from ``master.FIRST_LISTENER_FD``), asks the master over AMP
+(fd ``master.CHANNEL_FD``) for connection slots and the shared limits, kicks
+its queue manager, and writes its log events as JSON lines to stdout.  SIGTERM
+(from the master, or from the kernel when the master dies) is the graceful
+stop of a single process: stop listening, drain, finish the commits, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from mailstack.procs.master import CHANNEL_FD, OneProtocol
+
+log = Logger()
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM when the master dies (Linux ``prctl``); exit now if it is already gone."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the lost AMP connection stops us instead
+        pass
+    if os.getppid() != parent:
+        raise SystemExit(0)
+
+
+class WorkerChannel(amp.AMP):
+    """The worker's end of the AMP connection; losing it (the master died) stops the worker."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.reactor.running:
+            log.info("the master process is gone: stopping")
+            self.reactor.stop()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mailstack-worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--config", default="")
+    parser.add_argument("--listeners", type=json.loads, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    die_with_parent(args.parent)
+    # Imported after the check above: a worker of a dead master starts nothing.
+    from twisted.internet import reactor
+
+    from mailstack import config as configmod
+    from mailstack.procs.commands import Ready
+    from mailstack.service import StartupError, load_parts, make_worker_service
+    from mailstack.tap import install_sigterm, return_big_frees_to_the_os
+
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
+    return_big_frees_to_the_os()
+    try:
+        config = configmod.load(args.config or None)
+        tls, users, aliases = load_parts(config)
+    except (configmod.ConfigError, StartupError) as e:
+        raise SystemExit(f"mailstack worker: {e}") from None
+    channel = WorkerChannel(reactor)
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, OneProtocol(channel))
+    os.close(CHANNEL_FD)
+    service = make_worker_service(config, reactor, tls, users, aliases, channel, args.listeners)
+    install_sigterm(reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+    def start() -> None:
+        service.startService()
+        channel.callRemote(Ready).addErrback(lambda f: None)  # a master gone stops us anyway
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
