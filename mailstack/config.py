@@ -380,7 +380,13 @@ KEYS: tuple[Key, ...] = (
     Key("submission", "max_connections_per_ip", _int, 20, "simultaneous submission connections per client IP"),
     Key("log", "format", _log_format, "text", '"json": one JSON object per line (JSON Lines)'),
     Key("dovecot", "passwd_file", _path, "", "Dovecot passwd-file kept in step with the users; empty: none"),
-    Key("server", "processes", _processes, "auto", '"auto": one session process per core, plus the master; 1: one process'),
+    Key(
+        "server",
+        "processes",
+        _processes,
+        "auto",
+        '"auto": one session process per core, plus the master; 1: one process',
+    ),
 )
 
 

@@ -21,6 +21,7 @@ over AMP (``procs.slots``); here the answer is immediate (``take``).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -62,3 +63,13 @@ class ConnectionLimiter:
         self.per_ip[host] -= 1
         if self.per_ip[host] <= 0:
             del self.per_ip[host]
+
+
+def connection_limiters(config: Any) -> dict[str, ConnectionLimiter]:
+    """One limiter per kind of listener (smtp, submission, pop3), with the caps of ``config``."""
+    smtp, sub, pop3 = config.smtp, config.submission, config.pop3
+    return {
+        "smtp": ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip),
+        "submission": ConnectionLimiter(sub.max_connections, sub.max_connections_per_ip),
+        "pop3": ConnectionLimiter(pop3.max_connections, pop3.max_connections_per_ip),
+    }

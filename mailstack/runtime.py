@@ -16,8 +16,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from mailstack.connlimit import ConnectionLimiter
-from mailstack.interfaces import IMetrics, IRuntime
+from mailstack.connlimit import connection_limiters
+from mailstack.interfaces import IConnectionSlots, IMetrics, IRuntime
 from mailstack.metrics import NoMetrics
 
 
@@ -45,7 +45,6 @@ class Runtime:
         send_limits: Any = None,
         metrics: IMetrics | None = None,
     ) -> None:
-        smtp = config.smtp
         self.config = config
         self.reactor = reactor
         self.run_blocking = run_blocking
@@ -59,11 +58,11 @@ class Runtime:
         self.intake = intake
         self.manager = manager
         self.maildirs = maildirs
-        # Shared by every listener of a protocol, so built here, once.
-        self.smtp_connections = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_ip)
-        sub = config.submission
-        self.submission_connections = ConnectionLimiter(sub.max_connections, sub.max_connections_per_ip)
-        self.pop3_connections = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_ip)
+        # Shared by every listener of a protocol, so built here, once (a worker's ask the master).
+        limiters = connection_limiters(config)
+        self.smtp_connections: IConnectionSlots = limiters["smtp"]
+        self.submission_connections: IConnectionSlots = limiters["submission"]
+        self.pop3_connections: IConnectionSlots = limiters["pop3"]
         self.send_limits = send_limits
         self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         self.pipeline = pipeline

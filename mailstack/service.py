@@ -55,6 +55,7 @@ from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.checks import inbound
 from mailstack.config import Config
+from mailstack.connlimit import connection_limiters
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
 from mailstack.dkim import startup
@@ -341,19 +342,23 @@ def build_runtime(
     return runtime, after_sessions
 
 
-def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB) -> MailService:
+def make_service(
+    config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB,
+    account: tuple[int, int] | None = None,
+) -> MailService:
     """Build the service tree of a single process or of the master (nothing listens until started).
 
     ``server.processes`` 1: one process listens and does everything.  Otherwise
     this is the master of ``procs.master``: it binds the listeners and starts
-    the session workers, which stop first at SIGTERM.
+    the session workers, which stop first at SIGTERM; ``account`` is the
+    (uid, gid) of ``twistd --uid``, which the workers switch to.
     """
     pool = ThreadPoolService(reactor)
     runtime, after_sessions = build_runtime(config, reactor, tls, users, aliases, pool)
     service = MailService(runtime, pool)
     workers = config.server.processes != 1
     if workers:
-        service.add_helper(master_pool(service, runtime))
+        service.add_helper(master_pool(service, runtime, account))
     for helper in after_sessions:
         service.add_helper(helper)
     startup.KeysService(pool.run_blocking, runtime.signer.keys, config.domains.local).setServiceParent(service)
@@ -373,17 +378,13 @@ def make_service(config: Config, reactor: Any, tls: TLSConfig, users: UserDB, al
     return service
 
 
-def master_pool(service: MailService, runtime: Runtime) -> WorkerPool:
+def master_pool(service: MailService, runtime: Runtime, account: tuple[int, int] | None) -> WorkerPool:
     """The session workers of a master, and the listeners they adopt (bound at privileged start)."""
     config = runtime.config
-    limiters = {
-        "smtp": runtime.smtp_connections,
-        "submission": runtime.submission_connections,
-        "pop3": runtime.pop3_connections,
-    }
+    limiters = connection_limiters(config)  # the caps of every worker's sessions together
     count = worker_count(config.server.processes)
     workers = WorkerPool(runtime.reactor, config.source, count, limiters, runtime.manager,
-                         float(config.smtp.shutdown_grace))
+                         float(config.smtp.shutdown_grace), account=account)
     for kind in FACTORIES:
         for description in getattr(config.listen, kind):
             workers.add_listener(kind, description, *listen_description(description))

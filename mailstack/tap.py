@@ -134,7 +134,7 @@ def makeService(options: Options) -> Any:
         # Creates no file (the stores make their folders when first used, as
         # the account), so it runs as root: it imports modules the account
         # may not be able to read.
-        service = make_service(options.config, reactor, tls, users, aliases)
+        service = make_service(options.config, reactor, tls, users, aliases, options.account)
     except StartupError as e:
         raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)

@@ -37,5 +37,5 @@ class Kick(amp.Command):
 class Ready(amp.Command):
     """The worker has adopted its listening sockets and accepts connections."""
 
-    arguments: list = []
-    response: list = []
+    arguments = []
+    response = []

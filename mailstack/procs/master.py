@@ -42,7 +42,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, ServerFactory
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -103,7 +103,7 @@ class MasterChannel(amp.AMP):
         self._ready(self.index)
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.slots.release_all()
         super().connectionLost(reason)
 
@@ -190,8 +190,10 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(self, reactor: Any, config_path: str, count: int, limiters: Mapping[str, ConnectionLimiter],
-                 kicker: IQueueKicker, grace: float, locator: amp.CommandLocator | None = None) -> None:
+                 kicker: IQueueKicker, grace: float, locator: amp.CommandLocator | None = None,
+                 account: tuple[int, int] | None = None) -> None:
         self.reactor = reactor
+        self.account = account  # (uid, gid) of twistd --uid/--gid
         self.grace = grace  # smtp.shutdown_grace: how long a worker may drain
         self.config_path = config_path
         self.count = count
@@ -212,12 +214,11 @@ class WorkerPool(Service):
         self._to_bind.append((kind, description, endpoint_string, tls))
 
     def privilegedStartService(self) -> None:
+        """Bind, and start the workers while we may still run the interpreter as root
+        (``twistd --uid``): each worker switches to the account itself once it is set up."""
         super().privilegedStartService()
         for kind, description, endpoint_string, tls in self._to_bind:  # CannotListenError stops the start
             self.listeners.append(bind(self.reactor, kind, description, endpoint_string, tls))
-
-    def startService(self) -> None:
-        super().startService()
         self._waiting_ready = set(range(self.count))
         for index in range(self.count):
             self._spawn(index)
@@ -227,8 +228,11 @@ class WorkerPool(Service):
             {"kind": x.kind, "fd": FIRST_LISTENER_FD + i, "family": int(x.family), "tls": x.tls}
             for i, x in enumerate(self.listeners)
         ]
-        return [sys.executable, "-m", "mailstack.procs.worker", "--index", str(index), "--parent", str(os.getpid()),
+        argv = [sys.executable, "-m", "mailstack.procs.worker", "--index", str(index), "--parent", str(os.getpid()),
                 "--config", self.config_path, "--listeners", json.dumps(listeners)]
+        if self.account is not None and os.getuid() == 0:
+            argv += ["--account", f"{self.account[0]}:{self.account[1]}"]
+        return argv
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -272,8 +276,13 @@ class WorkerPool(Service):
         self.reactor.callLater(RESTART_DELAY, self._restart, index)
 
     def _restart(self, index: int) -> None:
-        if not self._stopping and index not in self.processes:
+        if self._stopping or index in self.processes:
+            return
+        try:
             self._spawn(index)
+        except OSError:  # e.g. the account may not run this interpreter: try again later
+            self.log.failure("cannot start worker {index}", index=index)
+            self.reactor.callLater(RESTART_DELAY * 10, self._restart, index)
 
     def stop_listening(self) -> None:
         """Close the master's copies of the listening sockets (the workers close theirs as they stop)."""

@@ -21,6 +21,7 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -50,7 +51,7 @@ class WorkerChannel(amp.AMP):
         super().__init__()
         self.reactor = reactor
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if self.reactor.running:
             log.info("the master process is gone: stopping")
@@ -63,6 +64,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--config", default="")
     parser.add_argument("--listeners", type=json.loads, required=True)
+    parser.add_argument("--account", default="", help="uid:gid to switch to once set up (twistd --uid)")
     return parser.parse_args(argv)
 
 
@@ -70,24 +72,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     die_with_parent(args.parent)
     # Imported after the check above: a worker of a dead master starts nothing.
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+    from twisted.python.util import switchUID
 
     from mailstack import config as configmod
+    from mailstack import privileges
     from mailstack.procs.commands import Ready
     from mailstack.service import StartupError, load_parts, make_worker_service
     from mailstack.tap import install_sigterm, return_big_frees_to_the_os
 
+    reactor: Any = _reactor
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
     return_big_frees_to_the_os()
+    account = tuple(int(x) for x in args.account.split(":")) if args.account else None
     try:
         config = configmod.load(args.config or None)
-        tls, users, aliases = load_parts(config)
+        with privileges.as_account(account):  # type: ignore[arg-type]
+            tls, users, aliases = load_parts(config)
     except (configmod.ConfigError, StartupError) as e:
         raise SystemExit(f"mailstack worker: {e}") from None
     channel = WorkerChannel(reactor)
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, OneProtocol(channel))
     os.close(CHANNEL_FD)
     service = make_worker_service(config, reactor, tls, users, aliases, channel, args.listeners)
+    if account is not None:  # as twistd does for the master, after setting up as root
+        switchUID(account[0], account[1])
     install_sigterm(reactor)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
 

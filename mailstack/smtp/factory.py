@@ -15,8 +15,7 @@ from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
 from mailstack.auth.login import Authenticator
-from mailstack.interfaces import IConnectionSlots
-from mailstack.interfaces import IDrainable, IRuntime
+from mailstack.interfaces import IConnectionSlots, IDrainable, IRuntime
 from mailstack.session import SessionGroup
 from mailstack.smtp import replies as R
 from mailstack.smtp.policy import ListenerPolicy
