@@ -387,6 +387,9 @@ class IMetrics(Interface):
     def dns_lookup(seconds: float) -> None:
         """A DNS lookup took ``seconds``."""
 
+    def exposition() -> bytes:
+        """Every series in the Prometheus text format (empty: no metrics kept)."""
+
 
 class ITLSSettings(Interface):
     """The server's certificate.  Also an ``IOpenSSLContextFactory`` (that

@@ -23,6 +23,11 @@ Series (all prefixed ``mailstack_``; counters gain ``_total``):
 - ``delivery_latency_seconds{agent}``: histogram, from the 250 to the delivery.
 - ``dns_lookup_seconds``: histogram of the DNS lookups the server makes.
 
+With several processes (``[server] processes``) each session worker counts
+in its own ``Metrics``; the master's ``/metrics`` asks every worker for its
+exposition over AMP (``add_source``) and serves the sum (``merge``): counters,
+histograms and gauges add up, ``_created`` timestamps take the earliest.
+
 The hot-path calls are counter increments on label children bound once in
 the constructor (a dict lookup and a locked add).  Rendering happens in the
 reactor thread at scrape time; a few hundred series take well under a
@@ -31,16 +36,21 @@ millisecond.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
 from twisted.web import http, pages
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from mailstack.interfaces import IMetrics
@@ -135,6 +145,17 @@ class Metrics:
         )
         self._queue = _QueueCollector()
         self.registry.register(self._queue)
+        self.sources: list[Callable[[], Deferred[list[bytes]]]] = []
+
+    def add_source(self, source: Callable[[], Deferred[list[bytes]]]) -> None:
+        """Add the expositions ``source()`` fires with (the workers') to every scrape."""
+        self.sources.append(source)
+
+    def gather(self) -> Deferred[bytes]:
+        """Our exposition plus those of the sources, summed (``merge``)."""
+        own = self.exposition()
+        asked = gatherResults([source() for source in self.sources])
+        return asked.addCallback(lambda lists: merge([own, *(text for texts in lists for text in texts)]))
 
     def watch_queue(self, stats: Callable[[], QueueStats]) -> None:
         self._queue.source = stats
@@ -216,6 +237,9 @@ class NoMetrics:
     def dns_lookup(self, seconds: float) -> None:
         pass
 
+    def exposition(self) -> bytes:
+        return b""
+
 
 class MetricsResource(Resource):
     """``GET /metrics``: the exposition of one ``Metrics``."""
@@ -226,9 +250,21 @@ class MetricsResource(Resource):
         super().__init__()
         self.metrics = metrics
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.metrics.exposition()
+        if not self.metrics.sources:
+            return self.metrics.exposition()
+
+        def done(body: bytes) -> None:
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+            request.finish()
+
+        self.metrics.gather().addCallbacks(done, failed)
+        return NOT_DONE_YET
 
 
 class _Root(Resource):
@@ -254,6 +290,39 @@ class MetricsSite(Site):
 
     def log(self, request: http.Request) -> None:
         pass
+
+
+def merge(expositions: Iterable[bytes]) -> bytes:
+    """Several expositions of the same series as one: values added, ``_created`` the earliest."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(dict)
+    for text in expositions:
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            table = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in table:
+                    table[key] = sample.value
+                elif family.name.endswith("_created"):
+                    table[key] = min(table[key], sample.value)
+                else:
+                    table[key] += sample.value
+    for name, family in families.items():
+        family.samples = [Sample(sample, dict(labels), value) for (sample, labels), value in values[name].items()]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Metric families already computed (``merge``)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
 def make_metrics(descriptions: list[str]) -> Metrics | NoMetrics:

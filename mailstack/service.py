@@ -288,7 +288,7 @@ def build_runtime(
     manager is built first and given the intake afterwards.
     """
     run_blocking = pool.run_blocking
-    metrics = make_metrics(list(config.listen.metrics) if channel is None else [])
+    metrics = make_metrics(list(config.listen.metrics))  # a worker's are summed into the master's
     store = QueueStore(os.path.join(config.data_dir, "queue"))
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
@@ -390,6 +390,8 @@ def master_pool(service: MailService, runtime: Runtime, account: tuple[int, int]
             workers.add_listener(kind, description, *listen_description(description))
             service.described.append((kind, description))
     service.ready = workers.ready
+    if isinstance(runtime.metrics, Metrics):
+        runtime.metrics.add_source(workers.expositions)
     return workers
 
 

@@ -6,6 +6,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -142,6 +143,32 @@ class HTTPTests(SynchronousTestCase):
         self.assertIn("content-type: text/plain", head.lower())
         s = samples(body.decode("utf-8"))
         self.assertEqual(s[("mailstack_messages_accepted_total", frozenset({("listener", "smtp")}))], 1)
+
+    def test_scrapeSumsTheSources(self):
+        """With sources (the session workers), a scrape answers the sum of ours and theirs,
+        once their Deferred fires; _created keeps the earliest time."""
+        m, worker = metrics.Metrics(), metrics.Metrics()
+        m.accepted("smtp")
+        worker.accepted("smtp")
+        worker.session_opened("smtp")
+        worker.delivered("local", 0.2)
+        pending = Deferred()
+        m.add_source(lambda: pending)
+        site = metrics.MetricsSite(m)
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /metrics HTTP/1.0\r\n\r\n")  # 1.0: the body is not chunked
+        self.assertEqual(transport.value(), b"")
+        pending.callback([worker.exposition(), metrics.NoMetrics().exposition()])
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        s = samples(body.decode("utf-8"))
+        self.assertEqual(s[("mailstack_messages_accepted_total", frozenset({("listener", "smtp")}))], 2)
+        self.assertEqual(s[("mailstack_sessions_open", frozenset({("protocol", "smtp")}))], 1)
+        self.assertEqual(s[("mailstack_delivery_latency_seconds_count", frozenset({("agent", "local")}))], 1)
+        created = ("mailstack_messages_accepted_created", frozenset({("listener", "smtp")}))
+        self.assertEqual(s[created], min(samples(x.exposition().decode())[created] for x in (m, worker)))
 
     def test_otherPaths404(self):
         """Only /metrics is served."""

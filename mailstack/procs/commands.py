@@ -4,8 +4,9 @@
 Worker -> master: connection slots (``AcquireSlot``/``ReleaseSlot``, the caps
 of ``connlimit`` kept in one place for every worker), ``Kick`` (a message was
 queued: deliver it now, as ``IQueueKicker.kick`` in one process), ``Ready``
-(the worker listens).  Nothing goes the other way: the master stops a worker
-with SIGTERM, the same graceful stop as a single process.
+(the worker listens).  Master -> worker: ``Exposition`` (its metrics, for a
+scrape of the master's ``/metrics``).  The master stops a worker with
+SIGTERM, the same graceful stop as a single process.
 """
 
 from __future__ import annotations
@@ -39,3 +40,10 @@ class Ready(amp.Command):
 
     arguments = []
     response = []
+
+
+class Exposition(amp.Command):
+    """The worker's metrics in the Prometheus text format (empty without ``listen.metrics``)."""
+
+    arguments = []
+    response = [(b"text", amp.String())]

@@ -38,7 +38,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from mailstack.connlimit import ConnectionLimiter
 from mailstack.interfaces import IQueueKicker
 from mailstack.logsafe import escape
-from mailstack.procs.commands import AcquireSlot, Kick, Ready, ReleaseSlot
+from mailstack.procs.commands import AcquireSlot, Exposition, Kick, Ready, ReleaseSlot
 from mailstack.procs.slots import WorkerSlots
 
 RESTART_DELAY = 1.0
@@ -256,6 +256,12 @@ class WorkerPool(Service):
         finally:
             ours.close()  # adoptStreamConnection and the child hold their own copies
             theirs.close()
+
+    def expositions(self) -> Deferred[list[bytes]]:
+        """Every running worker's metrics (``metrics.Metrics.add_source``); a worker that
+        cannot answer (starting, stopping) is left out of this scrape."""
+        asked = [c.callRemote(Exposition) for c in self.channels.values()]
+        return gatherResults([d.addCallbacks(lambda r: r["text"], lambda f: b"") for d in asked])
 
     def _worker_ready(self, index: int) -> None:
         self._waiting_ready.discard(index)

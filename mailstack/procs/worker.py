@@ -26,6 +26,9 @@ from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from mailstack.interfaces import IMetrics
+from mailstack.metrics import NoMetrics
+from mailstack.procs.commands import Exposition
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
 
 log = Logger()
@@ -50,6 +53,11 @@ class WorkerChannel(amp.AMP):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self.reactor = reactor
+        self.metrics: IMetrics = NoMetrics()  # the runtime's, once built
+
+    @Exposition.responder
+    def exposition(self) -> dict[str, bytes]:
+        return {"text": self.metrics.exposition()}
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, OneProtocol(channel))
     os.close(CHANNEL_FD)
     service = make_worker_service(config, reactor, tls, users, aliases, channel, args.listeners)
+    channel.metrics = service.runtime.metrics
     if account is not None:  # as twistd does for the master, after setting up as root
         switchUID(account[0], account[1])
     install_sigterm(reactor)
