@@ -17,6 +17,10 @@ the server's ``PYTHONPATH`` (a folder holding ``mailstack/plugins/<check>.py``
 adds a check plugin).  twistd's log goes to ``server.log_path``;
 its stdout and stderr to ``server.output_path``; both are in the failure message
 when the server does not come up.
+
+``$MAILSTACK_TEST_PROCESSES`` sets ``[server] processes`` for every server
+whose ``extra_toml`` does not (CI runs the end-to-end tests with the default,
+"auto", and again with 1).
 """
 
 from __future__ import annotations
@@ -51,6 +55,31 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    found = _state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s live child processes."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (info := _state_and_parent(int(name))) and info[1] == pid and info[0] != "Z":
+            found.append(int(name))
+    return sorted(found)
 
 
 def twistd_command() -> list[str]:
@@ -109,6 +138,9 @@ class Server:
             "listen": {name: [self._listener(name, port)] for name, port in self.ports.items()},
             "auth": {"failure_delay": "10ms", "max_failure_delay": "50ms"},
         }
+        processes = os.environ.get("MAILSTACK_TEST_PROCESSES")
+        if processes:
+            doc["server"] = {"processes": processes if processes == "auto" else int(processes)}
         for key, value in tomllib.loads(extra_toml).items():
             if isinstance(value, dict) and isinstance(doc.get(key), dict):
                 doc[key].update(value)
@@ -218,6 +250,11 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def workers(self) -> list[int]:
+        """The pids of the server's session workers (its child processes)."""
+        assert self.process is not None, "not started"
+        return children(self.process.pid)
 
     @property
     def running(self) -> bool:
