@@ -636,6 +636,10 @@ class Run:
         self.cleanups.append(ms.kill)
         if self.a.features:
             self.enable_features(ms)
+        if self.a.processes:
+            ms.extra.setdefault("server", {})["processes"] = (
+                self.a.processes if self.a.processes == "auto" else int(self.a.processes)
+            )
         log("starting mailstack")
         try:
             self.start_mailstack(ms)
@@ -974,6 +978,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--features", action="store_true",
                    help="mailstack with every optional feature whose config key exists (DKIM, inbound checks, metrics)")
+    p.add_argument("--processes", default="",
+                   help='mailstack [server] processes: "auto" or a number (default: the config default)')
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy profiles of mailstack: during the 50-session run, and an extra POP3 download")
     p.add_argument("--workdir", default=None, help="parent of the temp folder (default: system temp)")
