@@ -387,7 +387,13 @@ def master_pool(service: MailService, runtime: Runtime, account: tuple[int, int]
                          float(config.smtp.shutdown_grace), account=account)
     for kind in FACTORIES:
         for description in getattr(config.listen, kind):
-            workers.add_listener(kind, description, *listen_description(description))
+            endpoint_string, wrap = listen_description(description)
+            if endpoint_string.startswith("ssl:"):  # its own certificate: the workers could not serve it
+                raise StartupError(
+                    f"listen.{kind}: {description}: an ssl: listener with its own certificate needs "
+                    "server.processes = 1 (or use [tls] certificate and private_key)"
+                )
+            workers.add_listener(kind, description, endpoint_string, wrap)
             service.described.append((kind, description))
     service.ready = workers.ready
     if isinstance(runtime.metrics, Metrics):

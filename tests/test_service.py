@@ -143,6 +143,16 @@ class MakeServiceTests(SynchronousTestCase):
         kinds = [kind for kind, _ in svc.described]
         self.assertEqual(kinds, ["smtp", "smtp", "submission", "submissions", "pop3s"])
 
+    def test_ownCertificateListenerNeedsOneProcess(self):
+        """With session workers, an ssl: listener naming its own key is a start-up error
+        (the workers serve TLS with [tls]'s certificate only), never a plaintext listener."""
+        base = os.path.abspath(self.mktemp())
+        listen = {"submissions": ["ssl:4650:privateKey=key.pem"]}
+        cfg = config.from_mapping({"data_dir": "data", "listen": listen, "server": {"processes": 2}}, base=base)
+        with self.assertRaises(service.StartupError) as e:
+            service.make_service(cfg, MemoryReactorClock(), *service.load_parts(cfg))
+        self.assertIn("server.processes = 1", str(e.exception))
+
     def test_metricsListener(self):
         """listen.metrics serves a MetricsSite on each endpoint and the runtime gets
         Metrics; without it, no metrics listener and NoMetrics."""
