@@ -147,8 +147,12 @@ class MakeServiceTests(SynchronousTestCase):
         """With session workers, an ssl: listener naming its own key is a start-up error
         (the workers serve TLS with [tls]'s certificate only), never a plaintext listener."""
         base = os.path.abspath(self.mktemp())
-        listen = {"submissions": ["ssl:4650:privateKey=key.pem"]}
-        cfg = config.from_mapping({"data_dir": "data", "listen": listen, "server": {"processes": 2}}, base=base)
+        service.load_parts(config.from_mapping({"data_dir": "data"}, base=base))  # makes data/tls/selfsigned.*
+        tls = os.path.join(base, "data", "tls")
+        own = f"ssl:4650:privateKey={tls}/selfsigned.key:certKey={tls}/selfsigned.pem"
+        cfg = config.from_mapping(
+            {"data_dir": "data", "listen": {"submissions": [own]}, "server": {"processes": 2}}, base=base
+        )
         with self.assertRaises(service.StartupError) as e:
             service.make_service(cfg, MemoryReactorClock(), *service.load_parts(cfg))
         self.assertIn("server.processes = 1", str(e.exception))
