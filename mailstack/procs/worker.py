@@ -21,6 +21,7 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
@@ -61,9 +62,11 @@ class WorkerChannel(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        if self.reactor.running:
-            log.info("the master process is gone: stopping")
+        log.info("the master process is gone: stopping")
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:  # already stopping (SIGTERM came first)
+            pass
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
