@@ -1,0 +1,59 @@
+"""Tests for mailstack.procs.worker (the parts that run without a real process)."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.error import ReactorNotRunning
+from twisted.protocols import amp
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.metrics import Metrics
+from mailstack.procs import worker
+from mailstack.procs.commands import Exposition
+
+
+class StoppableReactor:
+    def __init__(self) -> None:
+        self.stops = 0
+
+    def stop(self) -> None:
+        self.stops += 1
+        if self.stops > 1:
+            raise ReactorNotRunning()
+
+
+class WorkerTests(SynchronousTestCase):
+    def test_arguments(self) -> None:
+        """The master's argument list parses: index, parent, config, listeners as JSON."""
+        args = worker.parse(["--index", "1", "--parent", "7", "--config", "/m.toml",
+                             "--listeners", '[{"kind": "smtp", "fd": 4, "family": 2, "tls": false}]'])
+        self.assertEqual((args.index, args.parent, args.config, args.account), (1, 7, "/m.toml", ""))
+        self.assertEqual(args.listeners[0]["kind"], "smtp")
+
+    def test_orphanExitsAtOnce(self) -> None:
+        """A worker whose master is already gone (another parent) exits before starting anything."""
+        self.assertRaises(SystemExit, worker.die_with_parent, os.getpid())  # our parent is not ourselves
+        worker.die_with_parent(os.getppid())  # the right parent: returns
+
+    def test_metricsAnswered(self) -> None:
+        """The master's Exposition is answered with the worker's metrics."""
+        reactor = StoppableReactor()
+        channel = worker.WorkerChannel(reactor)
+        channel.metrics = Metrics()
+        channel.metrics.accepted("smtp")
+        master, _, pump = connectedServerAndClient(lambda: channel, amp.AMP)
+        d = master.callRemote(Exposition)
+        pump.flush()
+        self.assertIn(b'mailstack_messages_accepted_total{listener="smtp"} 1.0', self.successResultOf(d)["text"])
+
+    def test_lostMasterStops(self) -> None:
+        """Losing the master's connection stops the reactor (a graceful stop), also during a stop."""
+        reactor = StoppableReactor()
+        channel = worker.WorkerChannel(reactor)
+        master, _, pump = connectedServerAndClient(lambda: channel, amp.AMP)
+        reactor.stop()  # SIGTERM came first
+        master.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(reactor.stops, 2)
