@@ -108,6 +108,7 @@ class Sampler:
         self.interval = interval
         self.measure_pss = measure_pss
         self.max_pss = 0
+        self.max_process_pss = 0  # the largest single process (a master and its workers: each)
         self.max_rss = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -122,7 +123,9 @@ class Sampler:
     def sample(self) -> None:
         pids = self._pids()
         if self.measure_pss:
-            self.max_pss = max(self.max_pss, pss(pids))
+            each = [pss([p]) for p in pids]
+            self.max_pss = max(self.max_pss, sum(each))
+            self.max_process_pss = max(self.max_process_pss, max(each, default=0))
         self.max_rss = max(self.max_rss, rss(pids))
         self.samples += 1
 

@@ -83,10 +83,11 @@ ROWS = [
     ("accept10", "accept+Maildir, 10 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
     ("accept50", "accept+Maildir, 50 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
     ("relay10", "relay to sink, 10 sessions", "rate", ">= 2.0x Postfix"),
-    ("submit1", "submit+relay, 1 msg/conn, STARTTLS+AUTH*", "rate", "-"),
+    ("submit1", "submit+relay, 1 msg/conn, STARTTLS+AUTH*", "rate", ">= 300 msg/s"),
     ("pop3_download", "POP3 RETR+DELE all", "time", "<= 1.0x Dovecot"),
     ("pop3_uidl", "POP3 login+STAT+UIDL 50k warm", "time", "<= 1.5x Dovecot"),
-    ("mem50", "PSS at 50 sessions (MB)", "mem", "<= 60 MB"),
+    ("mem50", "PSS at 50 sessions, largest process (MB)", "mem", "<= 60 MB"),
+    ("mem50_total", "PSS at 50 sessions, all processes (MB)", "mem", "-"),
     ("big30", "30 MB message RSS growth (MB)", "mem", "< 50 MB"),
     ("queue_start", "100k queued: start-up (s)", "time", "< 5 s"),
     ("queue_rss", "100k queued: RSS (MB)", "mem", "< 300 MB"),
@@ -252,6 +253,7 @@ def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = 
         "delivered": got,
         "seconds": round(done - res.start, 3),
         "pss_mb": round(mem.max_pss / 1e6, 1),
+        "pss_process_mb": round(mem.max_process_pss / 1e6, 1),
     })
     missing = set(res.acked_ids) - maildir_ids(dirs)
     if missing:
@@ -487,6 +489,8 @@ def ratio_and_met(key: str, kind: str, ref: dict | None, ms: dict | None) -> tup
         return r, "met" if ok else "NOT met"
     if key == "relay10":
         return r, "n/a" if r is None else ("met" if r >= 2.0 and not ms.get("lost") else "NOT met")
+    if key == "submit1":
+        return r, "met" if v >= 300 else "NOT met"
     if key == "pop3_download":
         return r, "n/a" if r is None else ("met" if r <= 1.0 else "NOT met")
     if key == "pop3_uidl":
@@ -686,7 +690,10 @@ class Run:
             if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
                 self.record_profile("accept50", svg, side.res.get("accept50", {}).get("seconds"))
             a50 = side.res.get("accept50", {})
-            side.res["mem50"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
+            side.res["mem50"] = (
+                {"value": a50["pss_process_mb"], "unit": "MB"} if "pss_process_mb" in a50 else na("no 50-session run")
+            )
+            side.res["mem50_total"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
         for side in sides:
             self.guarded(side.res, "relay10", relay_workload, side.t, self.n, 10, self.sink_port, self.work)
         for side in sides:
