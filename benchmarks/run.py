@@ -690,10 +690,8 @@ class Run:
             if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
                 self.record_profile("accept50", svg, side.res.get("accept50", {}).get("seconds"))
             a50 = side.res.get("accept50", {})
-            side.res["mem50"] = (
-                {"value": a50["pss_process_mb"], "unit": "MB"} if "pss_process_mb" in a50 else na("no 50-session run")
-            )
-            side.res["mem50_total"] = {"value": a50["pss_mb"], "unit": "MB"} if "pss_mb" in a50 else na("no 50-session run")
+            for row, field in (("mem50", "pss_process_mb"), ("mem50_total", "pss_mb")):
+                side.res[row] = {"value": a50[field], "unit": "MB"} if field in a50 else na("no 50-session run")
         for side in sides:
             self.guarded(side.res, "relay10", relay_workload, side.t, self.n, 10, self.sink_port, self.work)
         for side in sides:
