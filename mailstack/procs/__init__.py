@@ -1,0 +1,1 @@
+"""Several processes: a master that listens and delivers, workers that run the sessions."""
