@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -27,6 +27,13 @@ from mailstack.errors import Reply
 from mailstack.inbound.interfaces import IGreylist
 from mailstack.interfaces import ILoginThrottle, ILoginTicket, IRateLimit, IReservation, ISendLimits
 from mailstack.procs import statecmds as C
+
+
+def _ask(proto: amp.AMP, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
+    """The master's answer to ``command``; an argument AMP cannot carry (a value
+    over 64 KiB) fails the Deferred like any other error instead of raising."""
+    d: Deferred[dict[str, Any]] = maybeDeferred(proto.callRemote, command, **arguments)
+    return d
 
 
 class _Held:
@@ -59,7 +66,7 @@ class RemoteTicket(_Held):
         ident = self._take()
         if ident is None:
             return succeed(0.0)
-        answer: Deferred[dict[str, Any]] = self._proto.callRemote(C.TicketFailed, ticket=ident)
+        answer = _ask(self._proto, C.TicketFailed, ticket=ident)
         return answer.addCallback(lambda r: float(r["delay"]))
 
     def abandoned(self) -> None:
@@ -81,7 +88,7 @@ class RemoteThrottle:
                 return None
             return RemoteTicket(self._proto, answer["ticket"], answer["delay"])
 
-        answer: Deferred[dict[str, Any]] = self._proto.callRemote(C.ThrottleBegin, peer=peer, account=account)
+        answer = _ask(self._proto, C.ThrottleBegin, peer=peer, account=account)
         return answer.addCallback(ticket)
 
 
@@ -117,7 +124,7 @@ class RemoteSendLimits:
                 return Reply(answer["code"], answer["enhanced"], answer["text"])
             return RemoteReservation(self._proto, answer["reservation"], user)
 
-        answer: Deferred[dict[str, Any]] = self._proto.callRemote(C.SendReserve, user=user)
+        answer = _ask(self._proto, C.SendReserve, user=user)
         return answer.addCallback(held)
 
 
@@ -129,7 +136,7 @@ class RemoteRateLimit:
         self._proto = proto
 
     def admit(self, key: str) -> Deferred[bool]:
-        answer: Deferred[dict[str, Any]] = self._proto.callRemote(C.RateAdmit, key=key)
+        answer = _ask(self._proto, C.RateAdmit, key=key)
         return answer.addCallback(lambda r: bool(r["allowed"]))
 
 
@@ -141,9 +148,7 @@ class RemoteGreylist:
         self._proto = proto
 
     def check(self, ip: str, sender: str, recipient: str) -> Deferred[bool]:
-        answer: Deferred[dict[str, Any]] = self._proto.callRemote(
-            C.CheckGreylist, ip=ip, sender=sender, recipient=recipient
-        )
+        answer = _ask(self._proto, C.CheckGreylist, ip=ip, sender=sender, recipient=recipient)
         return answer.addCallback(lambda r: bool(r["passed"]))
 
 

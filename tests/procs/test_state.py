@@ -270,3 +270,33 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(table.delay, 300.0)
         off, none = stateserver.build(fake_runtime(configmod.from_mapping({"data_dir": data})))
         self.assertEqual((off.rate, off.greylist, none), (None, None, None))
+
+
+class Ping(amp.Command):
+    """A command of the master's own, next to the state commands."""
+
+    response = [(b"pong", amp.Integer())]
+
+
+class Master(stateserver.StateProtocol):
+    """The master's end of a worker connection with a command of its own."""
+
+    @Ping.responder
+    def ping(self) -> dict[str, int]:
+        return {"pong": 1}
+
+
+class ProtocolTests(StateTestCase):
+    def test_subclassAddsItsOwnCommands(self) -> None:
+        """A StateProtocol subclass answers its own commands and the state commands on one connection."""
+        client, _, pump = iosim.connectedServerAndClient(lambda: Master(self.server), amp.AMP)
+        pong = client.callRemote(Ping)
+        admitted = stateclient.remote_state(client).rate.admit(PEER)
+        pump.flush()
+        self.assertEqual((self.successResultOf(pong), self.successResultOf(admitted)), ({"pong": 1}, True))
+
+    def test_oversizedArgumentFails(self) -> None:
+        """A value AMP cannot carry (over 64 KiB) fails the Deferred, not the caller; the connection stays up."""
+        failure = self.a.answer(self.a.state.throttle.begin(PEER, "x" * 70_000))
+        self.assertIsInstance(failure, Failure)
+        self.assertIsNotNone(self.a.answer(self.a.state.throttle.begin(PEER, "alice@example.org")))
