@@ -7,9 +7,9 @@ and message holds; each worker connection gets its own ``WorkerState`` (an AMP
 ``CommandLocator``), which knows the attempts and holds of that worker only, so
 one worker cannot end another's, and abandons and releases all of them when
 its connection is lost (a crashed worker must not keep a user's messages held
-or an address's attempts pending).  ``StateProtocol`` is the master's end of
-one worker connection with both wired; subclass it to add the master's own
-commands.
+or an address's attempts pending).  The master's end of a worker connection
+(``procs.master.MasterChannel``) asks its ``WorkerState`` for the responders it
+lacks itself, and calls ``lost()`` from its ``connectionLost``.
 
 The objects answer through Deferreds (here they fire at once), which AMP
 sends back when they fire.  An unexpected error is logged here and answered
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -195,19 +194,3 @@ class WorkerState(amp.CommandLocator):
                 tickets=len(tickets),
                 holds=len(reservations),
             )
-
-
-class StateProtocol(amp.AMP):
-    """The master's end of one worker's AMP connection, answering the state
-    commands; a subclass may add its own responders."""
-
-    def __init__(self, server: StateServer) -> None:
-        super().__init__()
-        self.shared = server.worker()
-
-    def locateResponder(self, name: bytes) -> Any:
-        return self.shared.locateResponder(name) or super().locateResponder(name)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.shared.lost()
-        super().connectionLost(reason)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -37,13 +38,25 @@ def immediately(f: Any, *args: Any, **kwargs: Any) -> Deferred:
     return maybeDeferred(f, *args, **kwargs)
 
 
+class Channel(amp.AMP):
+    """The master's end of one worker connection, mounting the state as
+    ``procs.master.MasterChannel`` does: a ``WorkerState`` per connection,
+    ``lost()`` when it goes."""
+
+    def __init__(self, server: stateserver.StateServer) -> None:
+        self.shared = server.worker()
+        super().__init__(locator=self.shared)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.shared.lost()
+        super().connectionLost(reason)
+
+
 class Worker:
     """One worker's AMP connection to the master, its proxies and its pump."""
 
     def __init__(self, server: stateserver.StateServer) -> None:
-        self.client, self.master, self.pump = iosim.connectedServerAndClient(
-            lambda: stateserver.StateProtocol(server), amp.AMP
-        )
+        self.client, self.master, self.pump = iosim.connectedServerAndClient(lambda: Channel(server), amp.AMP)
         self.state = stateclient.remote_state(self.client)
 
     def answer(self, d: Deferred) -> Any:
@@ -253,6 +266,12 @@ class FailureTests(StateTestCase):
         hold.commit()
         self.assertEqual((self.limits.held, self.throttle._peers.get(PEER, self.clock.seconds()).pending), ({}, 0))
 
+    def test_oversizedArgumentFails(self) -> None:
+        """A value AMP cannot carry (over 64 KiB) fails the Deferred, not the caller; the connection stays up."""
+        failure = self.a.answer(self.a.state.throttle.begin(PEER, "x" * 70_000))
+        self.assertIsInstance(failure, Failure)
+        self.assertIsNotNone(self.a.answer(self.a.state.throttle.begin(PEER, "alice@example.org")))
+
 
 class BuildTests(SynchronousTestCase):
     def test_buildFromConfig(self) -> None:
@@ -270,33 +289,3 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(table.delay, 300.0)
         off, none = stateserver.build(fake_runtime(configmod.from_mapping({"data_dir": data})))
         self.assertEqual((off.rate, off.greylist, none), (None, None, None))
-
-
-class Ping(amp.Command):
-    """A command of the master's own, next to the state commands."""
-
-    response = [(b"pong", amp.Integer())]
-
-
-class Master(stateserver.StateProtocol):
-    """The master's end of a worker connection with a command of its own."""
-
-    @Ping.responder
-    def ping(self) -> dict[str, int]:
-        return {"pong": 1}
-
-
-class ProtocolTests(StateTestCase):
-    def test_subclassAddsItsOwnCommands(self) -> None:
-        """A StateProtocol subclass answers its own commands and the state commands on one connection."""
-        client, _, pump = iosim.connectedServerAndClient(lambda: Master(self.server), amp.AMP)
-        pong = client.callRemote(Ping)
-        admitted = stateclient.remote_state(client).rate.admit(PEER)
-        pump.flush()
-        self.assertEqual((self.successResultOf(pong), self.successResultOf(admitted)), ({"pong": 1}, True))
-
-    def test_oversizedArgumentFails(self) -> None:
-        """A value AMP cannot carry (over 64 KiB) fails the Deferred, not the caller; the connection stays up."""
-        failure = self.a.answer(self.a.state.throttle.begin(PEER, "x" * 70_000))
-        self.assertIsInstance(failure, Failure)
-        self.assertIsNotNone(self.a.answer(self.a.state.throttle.begin(PEER, "alice@example.org")))
