@@ -341,38 +341,6 @@ class ILoginTicket(Interface):
         """No verdict (the check errored): release the reservation, record nothing."""
 
 
-class ISendLimits(Interface):
-    """Per-user sending limits (``[limits]``): one message held from MAIL to its end.
-
-    Asynchronous because the counts may live in another process; in one
-    process it answers at once.
-    """
-
-    def reserve(user: str) -> Deferred:
-        """Deferred[errors.Reply | IReservation]: a hold on one message of ``user``,
-        or the 451 4.7.1 reply naming the limit that is reached."""
-
-
-class IReservation(Interface):
-    """One message held against a user's sending limits; the first of commit/release ends it."""
-
-    user = Attribute("the user key the message counts for")
-
-    def commit() -> None:
-        """The message was accepted: count it."""
-
-    def release() -> None:
-        """The transaction ended without a message: free the hold."""
-
-
-class IRateLimit(Interface):
-    """Events per key over a rolling window (the MX listener's messages per client address)."""
-
-    def admit(key: str) -> Deferred:
-        """Deferred[bool]: True when ``key`` was under the limit, and the event is
-        counted; False (nothing counted) when it is over."""
-
-
 class IMetrics(Interface):
     """Counters the server keeps for Prometheus (``metrics.Metrics``), or nothing
     (``metrics.NoMetrics``).  Every call is cheap and reactor-safe."""
@@ -527,3 +495,35 @@ class IPipeline(Interface):
     def data(conn: Connection, txn: Transaction, message: IMessage) -> Any:
         """An ``envelope.HeaderChanges`` to commit with (possibly empty), or the
         Reply that refuses the message."""
+
+
+class ISendLimits(Interface):
+    """Per-user sending limits (``[limits]``): one message held from MAIL to its end.
+
+    Asynchronous because the counts may live in another process; in one
+    process it answers at once.
+    """
+
+    def reserve(user: str) -> Deferred:
+        """Deferred[errors.Reply | IReservation]: a hold on one message of ``user``,
+        or the 451 4.7.1 reply naming the limit that is reached."""
+
+
+class IReservation(Interface):
+    """One message held against a user's sending limits; the first of commit/release ends it."""
+
+    user = Attribute("the user key the message counts for")
+
+    def commit() -> None:
+        """The message was accepted: count it."""
+
+    def release() -> None:
+        """The transaction ended without a message: free the hold."""
+
+
+class IRateLimit(Interface):
+    """Events per key over a rolling window (the MX listener's messages per client address)."""
+
+    def admit(key: str) -> Deferred:
+        """Deferred[bool]: True when ``key`` was under the limit, and the event is
+        counted; False (nothing counted) when it is over."""
