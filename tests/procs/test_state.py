@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.protocols import amp
@@ -229,7 +229,56 @@ class BrokenThrottle:
         raise ZeroDivisionError("bug")
 
 
+@implementer(ILoginThrottle)
+class LateThrottle:
+    """A throttle whose answers the test fires; its tickets record their verdicts."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred] = []
+
+    def begin(self, peer: str, account: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.asked.append(d)
+        return d
+
+
+@implementer(ILoginTicket)
+class Ticket:
+    """A login attempt that records its verdicts."""
+
+    delay = 0.0
+
+    def __init__(self) -> None:
+        self.verdicts: list[str] = []
+
+    def succeeded(self) -> None:
+        self.verdicts.append("succeeded")
+
+    def failed(self) -> Deferred:
+        self.verdicts.append("failed")
+        return succeed(1.0)
+
+    def abandoned(self) -> None:
+        self.verdicts.append("abandoned")
+
+
 class FailureTests(StateTestCase):
+    def test_answerAfterTheWorkerLeft(self) -> None:
+        """An attempt the master's throttle grants after the worker's connection
+        was lost is abandoned at once, not kept under an id nobody will end."""
+        throttle = LateThrottle()
+        verifyObject(ILoginThrottle, throttle)
+        verifyObject(ILoginTicket, Ticket())
+        worker = Worker(stateserver.StateServer(throttle, self.limits))
+        asked = worker.state.throttle.begin(PEER, "alice@example.org")
+        worker.pump.flush()
+        worker.disconnect()
+        ticket = Ticket()
+        throttle.asked[0].callback(ticket)
+        self.assertEqual(ticket.verdicts, ["abandoned"])
+        self.assertEqual(worker.master.shared.tickets, {})
+        self.failureResultOf(asked)
+
     def test_bugAnsweredStateFailed(self) -> None:
         """An error in the master's object is logged there and answered StateFailed;
         the worker's connection stays up for the next request."""
