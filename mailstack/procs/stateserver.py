@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from mailstack.checks import clientrate, inbound
 from mailstack.errors import Reply
+from mailstack.inbound.greylist import Greylist
 from mailstack.inbound.interfaces import IGreylist
 from mailstack.interfaces import ILoginThrottle, ILoginTicket, IRateLimit, IReservation, ISendLimits
 from mailstack.procs import statecmds as C
@@ -60,7 +61,7 @@ class StateServer:
         return WorkerState(self)
 
 
-def build(runtime: Any) -> tuple[StateServer, Any]:
+def build(runtime: Any) -> tuple[StateServer, Greylist | None]:
     """The master's ``StateServer`` over ``runtime.throttle`` and ``runtime.send_limits``,
     with the client counts and greylist table ``[inbound]`` asks for; also the
     greylist table (an ``IService`` to start and stop with the master) or None."""
