@@ -308,11 +308,12 @@ class ILoginThrottle(Interface):
     Locks out a client address, or a (client address, account) pair; never an
     account for everyone (that account is slowed down instead).  A login
     attempt is reserved before its password is checked, so attempts in flight
-    count against the limits.
+    count against the limits.  Asynchronous because the counts may live in
+    another process (the master's, over AMP); in one process it answers at once.
     """
 
-    def begin(peer: str, account: str) -> ILoginTicket | None:
-        """Reserve one login attempt, before the password check.
+    def begin(peer: str, account: str) -> Deferred:
+        """Reserve one login attempt, before the password check: Deferred[ILoginTicket | None].
 
         None: refused for now (SMTP replies 454 4.7.0, POP3 ``-ERR [AUTH]``;
         the password is not checked).  Otherwise a ticket: wait
@@ -322,7 +323,7 @@ class ILoginThrottle(Interface):
 
 
 class ILoginTicket(Interface):
-    """One reserved login attempt, from ``ILoginThrottle.begin``."""
+    """One reserved login attempt, from ``ILoginThrottle.begin``; the first verdict ends it."""
 
     delay = Attribute(
         "seconds to wait before checking the password (an account under a spread "
@@ -332,8 +333,9 @@ class ILoginTicket(Interface):
     def succeeded() -> None:
         """The password was right: release the reservation and record the success."""
 
-    def failed() -> float:
-        """The password was wrong: record the failure; the seconds to wait before replying."""
+    def failed() -> Deferred:
+        """The password was wrong: record the failure; Deferred[float], the seconds
+        to wait before replying (0.0 for a ticket already ended)."""
 
     def abandoned() -> None:
         """No verdict (the check errored): release the reservation, record nothing."""
@@ -428,7 +430,7 @@ class IRuntime(Interface):
     pop3_connections = Attribute(
         "IConnectionSlots over the pop3 and pop3s listeners (pop3.max_connections*)"
     )
-    send_limits = Attribute("sendlimits.SendLimits: [limits] per authenticated user, reserve at MAIL")
+    send_limits = Attribute("ISendLimits (sendlimits.SendLimits): [limits] per authenticated user, reserve at MAIL")
     metrics = Attribute("IMetrics: metrics.Metrics with listen.metrics, else metrics.NoMetrics")
 
 
@@ -507,3 +509,35 @@ class IPipeline(Interface):
     def data(conn: Connection, txn: Transaction, message: IMessage) -> Any:
         """An ``envelope.HeaderChanges`` to commit with (possibly empty), or the
         Reply that refuses the message."""
+
+
+class ISendLimits(Interface):
+    """Per-user sending limits (``[limits]``): one message held from MAIL to its end.
+
+    Asynchronous because the counts may live in another process; in one
+    process it answers at once.
+    """
+
+    def reserve(user: str) -> Deferred:
+        """Deferred[errors.Reply | IReservation]: a hold on one message of ``user``,
+        or the 451 4.7.1 reply naming the limit that is reached."""
+
+
+class IReservation(Interface):
+    """One message held against a user's sending limits; the first of commit/release ends it."""
+
+    user = Attribute("the user key the message counts for")
+
+    def commit() -> None:
+        """The message was accepted: count it."""
+
+    def release() -> None:
+        """The transaction ended without a message: free the hold."""
+
+
+class IRateLimit(Interface):
+    """Events per key over a rolling window (the MX listener's messages per client address)."""
+
+    def admit(key: str) -> Deferred:
+        """Deferred[bool]: True when ``key`` was under the limit, and the event is
+        counted; False (nothing counted) when it is over."""

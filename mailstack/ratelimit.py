@@ -4,6 +4,9 @@ of the MX listener, ``inbound.max_messages_per_minute``).
 
 A restart forgets the counts: the limit is a brake on a flood, not accounting
 (the per-user sending limits, which must survive restarts, are ``sendlimits``).
+``admit`` is the ``interfaces.IRateLimit`` seam: with several worker processes
+the master keeps the one limiter and the workers ask it over AMP
+(``procs.stateserver``); here it answers at once.
 """
 
 from __future__ import annotations
@@ -11,7 +14,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
 
+from mailstack.interfaces import IRateLimit
+
+
+@implementer(IRateLimit)
 class RateLimiter:
     """At most ``limit`` events per ``window`` seconds per key; ``limit`` 0 means none."""
 
@@ -46,6 +55,13 @@ class RateLimiter:
             return
         self._prune(key)
         self._events.setdefault(key, deque()).append(self._clock.seconds())
+
+    def admit(self, key: str) -> Deferred[bool]:
+        """Count one event of ``key`` if it is under the limit; whether it was."""
+        allowed = self.allowed(key)
+        if allowed:
+            self.record(key)
+        return succeed(allowed)
 
     def count(self, key: str) -> int:
         q = self._prune(key)

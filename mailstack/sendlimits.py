@@ -17,7 +17,10 @@ means this 24-hour window.
 **Reservation.**  ``reserve(user)`` at MAIL FROM holds one message against the
 limits until ``commit()`` (after the 250 for the message) or ``release()``
 (RSET, a failed transaction, a dropped connection).  Held messages count, so
-ten concurrent sessions of one user cannot overshoot the limit by ten.  A
+ten concurrent sessions of one user cannot overshoot the limit by ten.
+``reserve`` answers through a Deferred (``interfaces.ISendLimits``): with
+several worker processes the master keeps the one ``SendLimits`` and the
+workers ask it over AMP (``procs.stateserver``); here it answers at once.  A
 refusal is 451 4.7.1 naming the limit (RFC 3463: 4.7.1 "delivery not
 authorized"; temporary, the sender may retry when the window has moved on).
 
@@ -53,9 +56,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailstack.auth.jsonfile import FileFormatError, JSONFile
 from mailstack.errors import Reply
+from mailstack.interfaces import IReservation, ISendLimits
 from mailstack.storage import fsutil
 
 LIMITS_FILE = "limits.json"
@@ -189,6 +194,7 @@ def usage_report(data_dir: str, users: list[str], per_hour: int, per_day: int, n
     return report
 
 
+@implementer(IReservation)
 class Reservation:
     """One message held against a user's limits from MAIL until commit or release."""
 
@@ -210,6 +216,7 @@ class Reservation:
             self._owner._release(self.user)
 
 
+@implementer(ISendLimits)
 class SendLimits(Service):
     """The running server's limiter; a child service so the last counts are written at stop.
 
@@ -243,8 +250,11 @@ class SendLimits(Service):
 
     # -- the SMTP session's side -----------------------------------------------
 
-    def reserve(self, user: str) -> Reply | Reservation:
+    def reserve(self, user: str) -> Deferred[Reply | Reservation]:
         """A Reservation, or the 451 4.7.1 Reply naming the limit that is reached."""
+        return succeed(self._reserve(user))
+
+    def _reserve(self, user: str) -> Reply | Reservation:
         hourly, daily = self.overrides.effective(user, self.per_hour, self.per_day)
         if hourly or daily:
             now = self.clock.seconds()

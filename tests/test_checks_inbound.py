@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 from mailstack import config as configmod
 from mailstack import dnsresolver
 from mailstack.address import Address
-from mailstack.checks import inbound
+from mailstack.checks import clientrate, inbound
 from mailstack.checks.authresults import AuthResultsCheck
 from mailstack.checks.clientrate import ClientRateCheck
 from mailstack.checks.dmarc import DMARCCheck
@@ -37,7 +37,7 @@ from mailstack.inbound.interfaces import (
 )
 from mailstack.inbound.rspamd import RspamdUnavailable, verdict_from
 from mailstack.inbound.spf import SPFResult
-from mailstack.interfaces import IMessageCheck
+from mailstack.interfaces import IMessageCheck, IRateLimit
 from mailstack.pipeline import Connection, Pipeline, Transaction, Verdict
 from tests.support.dnsserver import ZoneResolver
 from tests.support.fakes import FakeMessage
@@ -128,14 +128,15 @@ class ClientRateTests(SynchronousTestCase):
         """The third MAIL within a minute from one address gets 451 4.7.1 at a limit of 2;
         another address and the same one a minute later are served."""
         clock = Clock()
-        check = ClientRateCheck(clock, 2)
-        self.assertIsNone(check.mail(mx_conn(), txn()))
-        self.assertIsNone(check.mail(mx_conn(), txn()))
-        reply = check.mail(mx_conn(), txn())
+        check = ClientRateCheck(clientrate.limiter(clock, 2), 2)
+        verifyObject(IRateLimit, check.counts)
+        self.assertIsNone(self.successResultOf(check.mail(mx_conn(), txn())))
+        self.assertIsNone(self.successResultOf(check.mail(mx_conn(), txn())))
+        reply = self.successResultOf(check.mail(mx_conn(), txn()))
         self.assertEqual((reply.code, reply.enhanced), (451, "4.7.1"))
-        self.assertIsNone(check.mail(mx_conn("192.0.2.8"), txn()))
+        self.assertIsNone(self.successResultOf(check.mail(mx_conn("192.0.2.8"), txn())))
         clock.advance(61)
-        self.assertIsNone(check.mail(mx_conn(), txn()))
+        self.assertIsNone(self.successResultOf(check.mail(mx_conn(), txn())))
 
 
 class GreylistCheckTests(SynchronousTestCase):
@@ -296,6 +297,19 @@ class BuildTests(SynchronousTestCase):
             ["dnsbl", "rate", "spf", "greylist", "dkim", "dmarc", "authresults", "rspamd"],
         )
         self.assertEqual(len(built.services), 1)
+
+    def test_sharedCountsAndTable(self):
+        """Given the client counts and the greylist kept elsewhere (a worker's proxies),
+        the checks ask those and there is no table service to run."""
+        counts, table = clientrate.limiter(Clock(), 1), FakeGreylist(True)
+        cfg = configmod.from_mapping(
+            {"inbound": {"greylist": "5m", "max_messages_per_minute": 60}, "data_dir": self.mktemp()}
+        )
+        built = inbound.build(fake_runtime(cfg), ZoneResolver({}), rate=counts, greylist=table)
+        by_name = {c.name: c for c in built.checks}
+        self.assertEqual((by_name["rate"].counts, by_name["rate"].limit), (counts, 60))
+        self.assertIs(by_name["greylist"].greylist, table)
+        self.assertEqual(built.services, [])
 
     def test_authenticatedSessionsExempt(self):
         """No inbound check runs at any stage of an authenticated session."""

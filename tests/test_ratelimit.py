@@ -2,7 +2,9 @@
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from mailstack.interfaces import IRateLimit
 from mailstack.ratelimit import RateLimiter
 
 
@@ -39,3 +41,11 @@ class RateLimiterTests(SynchronousTestCase):
         for _ in range(1000):
             rl.record("a")
         self.assertTrue(rl.allowed("a"))
+
+    def test_admitCountsOnlyWhatItLetsThrough(self) -> None:
+        """admit (IRateLimit) lets `limit` events through and counts them; a refused one is not counted."""
+        clock = Clock()
+        rl = RateLimiter(clock, 2)
+        verifyObject(IRateLimit, rl)
+        self.assertEqual([self.successResultOf(rl.admit("a")) for _ in range(4)], [True, True, False, False])
+        self.assertEqual(rl.count("a"), 2)

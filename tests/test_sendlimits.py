@@ -52,7 +52,7 @@ class SendLimitsTests(SynchronousTestCase):
         return limits
 
     def send(self, user="a@x", limits=None):
-        token = (limits or self.limits).reserve(user)
+        token = self.successResultOf((limits or self.limits).reserve(user))
         self.assertIsInstance(token, sendlimits.Reservation)
         token.commit()
 
@@ -60,18 +60,18 @@ class SendLimitsTests(SynchronousTestCase):
         """The message after the hourly limit gets 451 4.7.1 naming that limit."""
         for _ in range(3):
             self.send()
-        reply = self.limits.reserve("a@x")
+        reply = self.successResultOf(self.limits.reserve("a@x"))
         self.assertEqual(reply, Reply(451, "4.7.1", "Hourly sending limit of 3 messages reached, try again later"))
-        self.assertIsInstance(self.limits.reserve("b@x"), sendlimits.Reservation)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("b@x")), sendlimits.Reservation)
 
     def test_hourSlides(self):
         """A message stops counting for the hour 60 minutes after its minute began."""
         for _ in range(3):
             self.send()
         self.clock.advance(59 * 60 + 59)
-        self.assertIsInstance(self.limits.reserve("a@x"), Reply)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), Reply)
         self.clock.advance(1)
-        self.assertIsInstance(self.limits.reserve("a@x"), sendlimits.Reservation)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), sendlimits.Reservation)
 
     def test_dailyLimit(self):
         """Across hours the daily limit applies, and lifts after 24 hours."""
@@ -80,23 +80,23 @@ class SendLimitsTests(SynchronousTestCase):
         self.clock.advance(3600)
         for _ in range(2):
             self.send()
-        reply = self.limits.reserve("a@x")
+        reply = self.successResultOf(self.limits.reserve("a@x"))
         self.assertEqual(reply.enhanced, "4.7.1")
         self.assertIn("Daily sending limit of 5", reply.text)
         self.clock.advance(23 * 3600)  # the first three leave the day window
-        self.assertIsInstance(self.limits.reserve("a@x"), sendlimits.Reservation)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), sendlimits.Reservation)
 
     def test_reservationsCount(self):
         """Open reservations (concurrent sessions) count, so nobody overshoots."""
-        tokens = [self.limits.reserve("a@x") for _ in range(3)]
-        self.assertIsInstance(self.limits.reserve("a@x"), Reply)
+        tokens = [self.successResultOf(self.limits.reserve("a@x")) for _ in range(3)]
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), Reply)
         tokens[0].release()
-        self.assertIsInstance(self.limits.reserve("a@x"), sendlimits.Reservation)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), sendlimits.Reservation)
         self.assertEqual(self.limits.usage("a@x").sent_last_hour, 0)
 
     def test_commitAndReleaseOnce(self):
         """commit counts once; release after commit and a second commit do nothing."""
-        token = self.limits.reserve("a@x")
+        token = self.successResultOf(self.limits.reserve("a@x"))
         token.commit()
         token.commit()
         token.release()
@@ -115,7 +115,7 @@ class SendLimitsTests(SynchronousTestCase):
         for _ in range(3):
             self.send()
         sendlimits.LimitsFile(self.dir).set("a@x", per_hour=10)
-        self.assertIsInstance(self.limits.reserve("a@x"), sendlimits.Reservation)
+        self.assertIsInstance(self.successResultOf(self.limits.reserve("a@x")), sendlimits.Reservation)
         self.assertEqual(self.limits.usage("a@x").limit_per_hour, 10)
         sendlimits.LimitsFile(self.dir).set("a@x", per_hour=None)
         self.assertEqual(self.limits.usage("a@x").limit_per_hour, 3)
@@ -141,7 +141,7 @@ class SendLimitsTests(SynchronousTestCase):
             self.send()
         self.limits.stopService()
         again = self.make(per_hour=3, per_day=5)
-        self.assertIsInstance(again.reserve("a@x"), Reply)
+        self.assertIsInstance(self.successResultOf(again.reserve("a@x")), Reply)
         self.assertEqual(again.usage("a@x").sent_last_hour, 3)
 
     def test_crashLosesOnlyUnflushed(self):

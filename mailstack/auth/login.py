@@ -10,7 +10,8 @@ delay the protocol holds its failure reply back by (and the session's later
 commands with it, so a pipelining guesser gains nothing).  A failure is
 recorded even if the client has gone meanwhile: hanging up right after the
 password must not dodge the lockout.  Every ``ILoginThrottle`` call of the
-servers is made here.
+servers is made here; the throttle answers through Deferreds because with
+several worker processes it lives in the master.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mailstack.address import AddressError, parse_address
 from mailstack.auth import cred
-from mailstack.interfaces import ILoginThrottle, IMetrics
+from mailstack.interfaces import ILoginThrottle, ILoginTicket, IMetrics
 from mailstack.metrics import NoMetrics
 
 
@@ -75,10 +76,18 @@ class Authenticator:
         are in flight; a checker error releases it without counting.
         """
         account = account_key(username)
-        ticket = self.throttle.begin(peer, account)
+        d: Deferred[LoginResult] = self.throttle.begin(peer, account).addCallback(
+            self._attempt, account, username, password
+        )
+        return d
+
+    def _attempt(
+        self, ticket: ILoginTicket | None, account: str, username: bytes, password: bytes | None
+    ) -> LoginResult | Deferred[LoginResult]:
+        """The throttle answered: refused, or the (possibly delayed) check with its verdict recorded."""
         if ticket is None:
             self.metrics.auth_failed(self.protocol)
-            return succeed(LoginResult(account, locked=True))
+            return LoginResult(account, locked=True)
         if ticket.delay > 0:
             d: Deferred = deferLater(self.clock, ticket.delay, self._check, username, password)
         else:
@@ -89,12 +98,12 @@ class Authenticator:
             ticket.succeeded()
             return LoginResult(account, key=user)
 
-        def refused(f: Failure) -> LoginResult | Failure:
+        def refused(f: Failure) -> Deferred[LoginResult] | Failure:
             if not f.check(LoginFailed):
                 ticket.abandoned()
                 return f
             self.metrics.auth_failed(self.protocol)
-            return LoginResult(account, delay=float(ticket.failed() or 0.0))
+            return ticket.failed().addCallback(lambda delay: LoginResult(account, delay=float(delay or 0.0)))
 
         return d.addCallbacks(ok, refused)
 

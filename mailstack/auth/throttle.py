@@ -27,7 +27,9 @@ warn of password guessing over these protocols.  The rules:
 Attempts count from ``begin``, before the (asynchronous) password check, so
 thirty parallel attempts against a limit of ten get ten checks.  Counts are
 forgotten ``auth.lockout_time`` after a record's last attempt, so a lockout
-lasts that long after the last refused or failed try.  Every table is an LRU
+lasts that long after the last refused or failed try.  The interface is
+asynchronous (with several worker processes the master keeps the one
+throttle, ``procs.stateserver``); this one answers at once.  Every table is an LRU
 bounded by ``max_entries`` and keyed by a short hash of the login name, so a
 scan of many addresses or names cannot grow memory without bound.  State is in
 memory only: a restart forgives everyone, which is acceptable.
@@ -42,6 +44,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -142,10 +145,10 @@ class _Ticket:
         if self._release():
             self._throttle._record_success(self._peer, self._account)
 
-    def failed(self) -> float:
+    def failed(self) -> Deferred[float]:
         if not self._release():
-            return 0.0
-        return self._throttle._record_failure(self._peer, self._account)
+            return succeed(0.0)
+        return succeed(self._throttle._record_failure(self._peer, self._account))
 
     def abandoned(self) -> None:
         self._release()
@@ -172,7 +175,7 @@ class LoginThrottle:
 
     # -- ILoginThrottle ------------------------------------------------------------
 
-    def begin(self, peer: str, account: str) -> ILoginTicket | None:
+    def begin(self, peer: str, account: str) -> Deferred[ILoginTicket | None]:
         now = self.clock.seconds()
         refusal = self._refusal(peer, account, now)
         if refusal:
@@ -182,8 +185,8 @@ class LoginThrottle:
                 user=escape(account, 100),
                 why=refusal,
             )
-            return None
-        return self._reserve(peer, account, now)
+            return succeed(None)
+        return succeed(self._reserve(peer, account, now))
 
     # -- the rules -----------------------------------------------------------------
 

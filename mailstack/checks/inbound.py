@@ -34,6 +34,7 @@ from twisted.application.service import IService
 from twisted.internet.interfaces import IResolver
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from mailstack.checks import clientrate
 from mailstack.checks.authresults import AuthResultsCheck
 from mailstack.checks.clientrate import ClientRateCheck
 from mailstack.checks.dkimverify import DKIMCheck
@@ -46,9 +47,10 @@ from mailstack.inbound.dkimverify import DKIMVerifier
 from mailstack.inbound.dmarc import DMARCEvaluator
 from mailstack.inbound.dnsbl import DNSBLChecker
 from mailstack.inbound.greylist import Greylist
+from mailstack.inbound.interfaces import IGreylist
 from mailstack.inbound.rspamd import RspamdClient
 from mailstack.inbound.spf import SPFVerifier
-from mailstack.interfaces import IMessageCheck
+from mailstack.interfaces import IMessageCheck, IRateLimit
 
 
 @dataclass
@@ -59,8 +61,23 @@ class InboundChecks:
     services: list[IService] = field(default_factory=list)
 
 
-def build(runtime: Any, resolver: IResolver) -> InboundChecks:
-    """The checks of ``runtime.config.inbound``, asking the DNS through ``resolver``."""
+def greylist_table(runtime: Any) -> Greylist:
+    """The greylisting table of ``inbound.greylist``, kept in ``<data_dir>/greylist.json``;
+    a service to start (it loads the file) and stop (it writes it)."""
+    config = runtime.config
+    path = os.path.join(config.data_dir, "greylist.json")
+    return Greylist(path, runtime.reactor, runtime.run_blocking, config.inbound.greylist)
+
+
+def build(
+    runtime: Any, resolver: IResolver, rate: IRateLimit | None = None, greylist: IGreylist | None = None
+) -> InboundChecks:
+    """The checks of ``runtime.config.inbound``, asking the DNS through ``resolver``.
+
+    ``rate`` and ``greylist`` are the counts and the table kept elsewhere (a
+    worker process asks the master's, ``procs.stateclient``); without them
+    the checks keep their own, and the greylist table is among the services.
+    """
     config = runtime.config
     cfg = config.inbound
     reactor = runtime.reactor
@@ -68,13 +85,16 @@ def build(runtime: Any, resolver: IResolver) -> InboundChecks:
     if cfg.dnsbl:
         out.checks.append(DNSBLCheck(DNSBLChecker(resolver, cfg.dnsbl)))
     if cfg.max_messages_per_minute:
-        out.checks.append(ClientRateCheck(reactor, cfg.max_messages_per_minute))
+        limit = cfg.max_messages_per_minute
+        out.checks.append(ClientRateCheck(rate or clientrate.limiter(reactor, limit), limit))
     if cfg.spf:
         out.checks.append(SPFCheck(SPFVerifier(resolver, config.hostname, reactor.seconds), reactor))
     if cfg.greylist is not None:
-        table = Greylist(os.path.join(config.data_dir, "greylist.json"), reactor, runtime.run_blocking, cfg.greylist)
-        out.services.append(table)
-        out.checks.append(GreylistCheck(table))
+        if greylist is None:
+            table = greylist_table(runtime)
+            out.services.append(table)
+            greylist = table
+        out.checks.append(GreylistCheck(greylist))
     if cfg.dkim:
         out.checks.append(DKIMCheck(DKIMVerifier(resolver, runtime.run_blocking)))
     if cfg.dmarc:

@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,10 +43,9 @@ from mailstack.auth import sasl
 from mailstack.auth.login import LoginResult
 from mailstack.envelope import Destination
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IIncoming
+from mailstack.interfaces import IIncoming, IReservation
 from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
-from mailstack.sendlimits import Reservation
 from mailstack.smtp import replies as R
 from mailstack.smtp.bdat import ChunkDecoder
 from mailstack.smtp.data import DataDecoder
@@ -100,7 +100,8 @@ class SMTPServer(MessageTransfer):
         self.messages = 0
         self._refused = False  # the connect checks refused: only QUIT is accepted (RFC 5321 3.1)
         self._incoming: IIncoming | None = None
-        self._reservation: Reservation | None = None  # the sending limits' hold from MAIL to the 250
+        self._reservation: IReservation | None = None  # the sending limits' hold from MAIL to the 250
+        self._pending: IReservation | None = None  # a hold taken while the MAIL checks run
         self._reset_session()
 
     # -- session state --------------------------------------------------------
@@ -177,9 +178,10 @@ class SMTPServer(MessageTransfer):
                       reply=reply.decode("ascii").rstrip())
 
     def ended(self, was_closed: bool) -> None:
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
+        for reservation in (self._reservation, self._pending):
+            if reservation is not None:
+                reservation.release()
+        self._reservation = self._pending = None
         if self._incoming is not None:
             # Connection lost mid-DATA or in its checks: nothing was acknowledged, discard it.
             self._abort_incoming()
@@ -484,20 +486,28 @@ class SMTPServer(MessageTransfer):
             if not sender_owned(sender, self.user, self.runtime.aliases):
                 self._reply(R.SENDER_NOT_OWNED, error="MAIL")
                 return
-        reservation = self._reserve()
-        if isinstance(reservation, Reply):
-            self._reply(reservation, error="MAIL")
-            return
         txn = Transaction(sender, parsed.params)
 
+        def reserved(reservation: IReservation | Reply | Failure | None) -> None:
+            if isinstance(reservation, Failure):
+                self.log.failure("smtp: sending limits unavailable", reservation, peer=self.peer)
+                self._reply(R.LOCAL_ERROR)
+                return
+            if isinstance(reservation, Reply):
+                self._reply(reservation, error="MAIL")
+                return
+            self._pending = reservation
+            self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
+
         def checked(result: Any) -> None:
+            reservation, self._pending = self._pending, None
             if result is not None:
                 if reservation is not None:
                     reservation.release()
                 self._reply(self._refusal(result), error="MAIL")
                 return
             self._reset_transaction()
-            self._hold(reservation)
+            self._reservation = reservation  # kept until the 250 or the transaction's end
             self.sender = sender
             self._mail = parsed
             self.in_transaction = True
@@ -505,25 +515,29 @@ class SMTPServer(MessageTransfer):
             self.recipients = txn.recipients
             self._reply(R.SENDER_OK)
 
-        self._then(checked, self.factory.pipeline.mail, self._connection(), txn)
+        self._then(reserved, self._reserve)
 
-    def _reserve(self) -> Reservation | Reply | None:
-        """Hold one message against an authenticated user's sending limits (``[limits]``)."""
+    def _reserve(self) -> Deferred[IReservation | Reply] | None:
+        """Hold one message against an authenticated user's sending limits (``[limits]``).
+
+        A hold that arrives after the client left is released at once; one
+        taken while the MAIL checks run is ``_pending`` (released by ``ended``).
+        """
         if not self.user:
             return None
-        reservation = self.runtime.send_limits.reserve(self.user)
-        if isinstance(reservation, Reply):
-            self.runtime.metrics.refused("rate")
-            self.log.info("smtp sending limit reached peer={peer} user={user}: {reply}",
-                          peer=self.peer, user=self.user, reply=str(reservation))
-        return reservation
+        user = self.user
 
-    def _hold(self, reservation: Reservation | None) -> None:
-        """Keep the transaction's reservation until the 250 or its end."""
-        if reservation is not None and self._lost:  # the client left while the checks ran
-            reservation.release()
-        else:
-            self._reservation = reservation
+        def answered(reservation: IReservation | Reply) -> IReservation | Reply:
+            if isinstance(reservation, Reply):
+                self.runtime.metrics.refused("rate")
+                self.log.info("smtp sending limit reached peer={peer} user={user}: {reply}",
+                              peer=self.peer, user=user, reply=str(reservation))
+            elif self._closed:
+                reservation.release()
+            return reservation
+
+        d: Deferred[IReservation | Reply] = self.runtime.send_limits.reserve(user).addCallback(answered)
+        return d
 
     # RCPT, RFC 5321 4.1.1.3
     def do_RCPT(self, arg: str) -> None:

@@ -25,10 +25,9 @@ from mailstack.address import Address
 from mailstack.config import Config
 from mailstack.envelope import Destination, Envelope
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IIncoming, IRuntime
+from mailstack.interfaces import IIncoming, IReservation, IRuntime
 from mailstack.logsafe import escape
 from mailstack.pipeline import Connection, Transaction
-from mailstack.sendlimits import Reservation
 from mailstack.session import CommandSession
 from mailstack.smtp import replies as R
 from mailstack.smtp.bdat import ChunkDecoder, Skip, parse_bdat
@@ -70,7 +69,7 @@ class MessageTransfer(CommandSession):
     _decoder: DataDecoder | ChunkDecoder | None
     _incoming: IIncoming | None
     _write_failed: bool
-    _reservation: Reservation | None
+    _reservation: IReservation | None
 
     def _reply(self, reply: Reply, error: str = "") -> None:
         raise NotImplementedError
@@ -266,13 +265,13 @@ class MessageTransfer(CommandSession):
         d = maybeDeferred(incoming.finish, changes)
         # Committed or released with the outcome, even if the client leaves meanwhile.
         reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            d.addBoth(_settle, reservation)
 
         def done(result: Any) -> None:
             self._incoming = None
             self._reset_transaction()
             if isinstance(result, Failure):
-                if reservation is not None:
-                    reservation.release()
                 # Our failure, not the client's: answered, logged, not counted as an error.
                 if isinstance(result.value, MailError):
                     reply = result.value.reply
@@ -285,8 +284,6 @@ class MessageTransfer(CommandSession):
                 return
             queue_id = str(result)
             self.messages += 1
-            if reservation is not None:
-                reservation.commit()
             self.runtime.metrics.accepted(self.policy.kind)
             # The intake logged the acceptance: one event per message, not two.
             # The only 250 after DATA comes from the commit's callback: the
@@ -314,3 +311,12 @@ class MessageTransfer(CommandSession):
         except Exception:
             return ""
         return " ".join(str(p) for p in (version, cipher) if p)
+
+
+def _settle(outcome: Any, reservation: IReservation) -> Any:
+    """Count the committed message against the sending limits, or free its hold; pass ``outcome`` on."""
+    if isinstance(outcome, Failure):
+        reservation.release()
+    else:
+        reservation.commit()
+    return outcome

@@ -170,10 +170,10 @@ class LimitCommandTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(time.time() - 2 * 3600)
         limits = SendLimits(clock, lambda f, *a, **kw: maybeDeferred(f, *a, **kw), self.data, 20, 0)
-        limits.reserve("alice@example.org").commit()
+        self.successResultOf(limits.reserve("alice@example.org")).commit()
         clock.advance(2 * 3600)
         for _ in range(2):
-            limits.reserve("alice@example.org").commit()
+            self.successResultOf(limits.reserve("alice@example.org")).commit()
         self.successResultOf(limits.flush())
         row = self.listed()
         self.assertEqual(

@@ -131,10 +131,10 @@ class FakeTicket:
         self.throttle.in_flight.remove(self.key)
         self.throttle.successes.append(self.key)
 
-    def failed(self) -> float:
+    def failed(self) -> Deferred[float]:
         self.throttle.in_flight.remove(self.key)
         self.throttle.failures.append(self.key)
-        return self.throttle.delay
+        return succeed(self.throttle.delay)
 
     def abandoned(self) -> None:
         self.throttle.in_flight.remove(self.key)
@@ -154,11 +154,11 @@ class FakeThrottle:
         self.successes: list[tuple[str, str]] = []
         self.abandoned: list[tuple[str, str]] = []
 
-    def begin(self, peer: str, account: str) -> ILoginTicket | None:
+    def begin(self, peer: str, account: str) -> Deferred[ILoginTicket | None]:
         if peer in self.locked_out or account in self.locked_out:
-            return None
+            return succeed(None)
         self.in_flight.append((peer, account))
-        return FakeTicket(self, peer, account)
+        return succeed(FakeTicket(self, peer, account))
 
 
 @implementer(IRouter)
