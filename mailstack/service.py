@@ -63,6 +63,7 @@ from mailstack.intake import Intake
 from mailstack.interfaces import IDrainable
 from mailstack.metrics import Metrics, MetricsSite, make_metrics
 from mailstack.pop3 import factory as pop3_factory
+from mailstack.procs import stateclient, stateserver
 from mailstack.procs.master import WorkerPool, worker_count
 from mailstack.procs.slots import RemoteKicker, RemoteSlots
 from mailstack.queue.manager import QueueManager
@@ -274,10 +275,11 @@ class MailService(MultiService):
 def build_runtime(
     config: Config, reactor: Any, tls: TLSConfig, users: UserDB, aliases: AliasDB, pool: ThreadPoolService,
     channel: Any = None,
-) -> tuple[Runtime, list[IService]]:
+) -> tuple[Runtime, list[IService], stateserver.StateServer | None]:
     """The runtime of a single process or a master (``channel`` None), or of a session worker.
 
-    Returns the runtime and the services to stop after the sessions, in order.
+    Returns the runtime, the services to stop after the sessions, in order, and
+    the state the master shares with its workers (None in a worker).
     A worker (``channel``: its ``amp.AMP`` connection to the master) has no
     queue manager (its intake kicks the master's) and asks the master for the
     connection slots and the shared limits.  StartupError if the message checks
@@ -306,9 +308,11 @@ def build_runtime(
     if manager is not None:
         manager.intake = intake
         manager.bounces.signer = signer
-    send_limits = SendLimits(
-        reactor, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
-    )
+    send_limits = None
+    if channel is None:  # only the master counts (and writes sendcounts.json)
+        send_limits = SendLimits(
+            reactor, run_blocking, config.data_dir, config.limits.messages_per_hour, config.limits.messages_per_day
+        )
     runtime = Runtime(
         config=config,
         reactor=reactor,
@@ -327,19 +331,30 @@ def build_runtime(
         send_limits=send_limits,
         metrics=metrics,
     )
-    if channel is not None:
+    state: stateserver.StateServer | None = None
+    table: IService | None = None
+    if channel is None:
+        state, table = stateserver.build(runtime)
+        rate, greylist = state.rate, state.greylist
+    else:
         runtime.smtp_connections = RemoteSlots(channel, "smtp")
         runtime.submission_connections = RemoteSlots(channel, "submission")
         runtime.pop3_connections = RemoteSlots(channel, "pop3")
-    checks = inbound.build(runtime, resolver)
+        shared = stateclient.remote_state(channel)
+        runtime.throttle, runtime.send_limits = shared.throttle, shared.send_limits
+        rate, greylist = shared.rate, shared.greylist
+    checks = inbound.build(runtime, resolver, rate=rate, greylist=greylist)
     try:
         runtime.pipeline = pipeline.build(runtime, checks.checks)
     except pipeline.PipelineError as e:
         raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     after_sessions: list[IService] = [manager] if manager is not None else []
     after_sessions += checks.services
-    after_sessions.append(send_limits)  # last: its final write
-    return runtime, after_sessions
+    if table is not None:
+        after_sessions.append(table)
+    if send_limits is not None:
+        after_sessions.append(send_limits)  # last: its final write
+    return runtime, after_sessions, state
 
 
 def make_service(
@@ -354,11 +369,11 @@ def make_service(
     (uid, gid) of ``twistd --uid``, which the workers switch to.
     """
     pool = ThreadPoolService(reactor)
-    runtime, after_sessions = build_runtime(config, reactor, tls, users, aliases, pool)
+    runtime, after_sessions, state = build_runtime(config, reactor, tls, users, aliases, pool)
     service = MailService(runtime, pool)
     workers = config.server.processes != 1
     if workers:
-        service.add_helper(master_pool(service, runtime, account))
+        service.add_helper(master_pool(service, runtime, account, state))
     for helper in after_sessions:
         service.add_helper(helper)
     startup.KeysService(pool.run_blocking, runtime.signer.keys, config.domains.local).setServiceParent(service)
@@ -378,13 +393,15 @@ def make_service(
     return service
 
 
-def master_pool(service: MailService, runtime: Runtime, account: tuple[int, int] | None) -> WorkerPool:
+def master_pool(
+    service: MailService, runtime: Runtime, account: tuple[int, int] | None, state: stateserver.StateServer | None
+) -> WorkerPool:
     """The session workers of a master, and the listeners they adopt (bound at privileged start)."""
     config = runtime.config
     limiters = connection_limiters(config)  # the caps of every worker's sessions together
     count = worker_count(config.server.processes)
     workers = WorkerPool(runtime.reactor, config.source, count, limiters, runtime.manager,
-                         float(config.smtp.shutdown_grace), account=account)
+                         float(config.smtp.shutdown_grace), state=state, account=account)
     for kind in FACTORIES:
         for description in getattr(config.listen, kind):
             endpoint_string, wrap = listen_description(description)
@@ -407,7 +424,7 @@ def make_worker_service(
 ) -> MailService:
     """A session worker's service tree: the sessions on the inherited sockets, the intake, the pool."""
     pool = ThreadPoolService(reactor)
-    runtime, after_sessions = build_runtime(config, reactor, tls, users, aliases, pool, channel)
+    runtime, after_sessions, _ = build_runtime(config, reactor, tls, users, aliases, pool, channel)
     service = MailService(runtime, pool)
     for helper in after_sessions:
         service.add_helper(helper)

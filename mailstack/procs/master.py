@@ -52,6 +52,7 @@ from mailstack.interfaces import IQueueKicker
 from mailstack.logsafe import escape
 from mailstack.procs.commands import AcquireSlot, Exposition, Kick, Ready, ReleaseSlot
 from mailstack.procs.slots import WorkerSlots
+from mailstack.procs.stateserver import StateServer, WorkerState
 
 RESTART_DELAY = 1.0
 # After SIGTERM a worker has smtp.shutdown_grace to drain, plus this for its commits and exit.
@@ -69,13 +70,13 @@ class MasterChannel(amp.AMP):
     """The master's end of one worker's AMP connection."""
 
     def __init__(self, index: int, slots: WorkerSlots, kicker: IQueueKicker, ready: Callable[[int], None],
-                 locator: amp.CommandLocator | None = None) -> None:
+                 state: WorkerState | None = None) -> None:
         super().__init__()
         self.index = index
         self.slots = slots
         self.kicker = kicker
         self._ready = ready
-        self._state = locator
+        self._state = state
 
     def locateResponder(self, name: bytes) -> Any:
         """Our commands, then those of the shared state (``procs.stateserver``)."""
@@ -105,6 +106,8 @@ class MasterChannel(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.slots.release_all()
+        if self._state is not None:
+            self._state.lost()
         super().connectionLost(reason)
 
 
@@ -190,7 +193,7 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(self, reactor: Any, config_path: str, count: int, limiters: Mapping[str, ConnectionLimiter],
-                 kicker: IQueueKicker, grace: float, locator: amp.CommandLocator | None = None,
+                 kicker: IQueueKicker, grace: float, state: StateServer | None = None,
                  account: tuple[int, int] | None = None) -> None:
         self.reactor = reactor
         self.account = account  # (uid, gid) of twistd --uid/--gid
@@ -199,7 +202,7 @@ class WorkerPool(Service):
         self.count = count
         self.limiters = limiters
         self.kicker = kicker
-        self.locator = locator
+        self.state = state
         self._to_bind: list[tuple[str, str, str, bool]] = []
         self.listeners: list[Listener] = []
         self.processes: dict[int, Any] = {}  # index -> IProcessTransport
@@ -250,7 +253,8 @@ class WorkerPool(Service):
             self.processes[index] = self.reactor.spawnProcess(
                 protocol, sys.executable, self._argv(index), env=self._env(), childFDs=child_fds
             )
-            channel = MasterChannel(index, WorkerSlots(self.limiters), self.kicker, self._worker_ready, self.locator)
+            channel = MasterChannel(index, WorkerSlots(self.limiters), self.kicker, self._worker_ready,
+                                    self.state.worker() if self.state is not None else None)
             self.channels[index] = channel
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(channel))
         finally:
