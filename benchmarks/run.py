@@ -279,15 +279,16 @@ def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) 
     return sink_workload(t, n, sessions, sink_port, work, lambda i: aliases[i % N_RELAY], transform=t.mx_transform)
 
 
-def submit_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) -> dict:
-    """n messages on the submission port, one per connection, each with STARTTLS and
-    (where the server asks for it) AUTH PLAIN, to remote addresses; rate until the sink has them."""
+def submit_workload(t: Target, n: int, sessions: int, sink_port: int, work: str, starttls: bool = True) -> dict:
+    """n messages on the submission port, one per connection, each with STARTTLS (unless
+    not ``starttls``) and (where the server asks for it) AUTH PLAIN, to remote addresses;
+    rate until the sink has them."""
     if t.submission_port is None:
         return na("no submission listener")
     dests = list(ALIASES.values())
     auth = t.submission_auth
     return sink_workload(t, n, sessions, sink_port, work, lambda i: dests[i % N_RELAY], port=t.submission_port,
-                         sender=SUBMIT_USER, auth_for=(lambda i: auth) if auth else None, starttls=True)
+                         sender=SUBMIT_USER, auth_for=(lambda i: auth) if auth else None, starttls=starttls)
 
 
 def sink_workload(t: Target, n: int, sessions: int, sink_port: int, work: str, rcpt_for, **load) -> dict:
@@ -654,12 +655,7 @@ class Run:
     # sink -------------------------------------------------------------------
 
     def start_sink(self):
-        self.sink_proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sink.py"), "--port", "0"],
-                                          stdout=subprocess.PIPE, text=True)
-        line = self.sink_proc.stdout.readline()
-        if not line.startswith("READY"):
-            raise RuntimeError("sink did not start")
-        self.sink_port = int(line.split()[1])
+        self.sink_proc, self.sink_port = start_sink()
         self.cleanups.append(self.stop_sink)
 
     def stop_sink(self):
@@ -1023,6 +1019,17 @@ def add_users(ms: Mailstack, users: list[str]) -> None:
                        capture_output=True, text=True, cwd=ms.root, env=ms_env(), timeout=300)
     if r.returncode != 0:
         raise RuntimeError(_last_line(r.stderr))
+
+
+def start_sink() -> tuple[subprocess.Popen, int]:
+    """The counting sink (sink.py) on a free port: (process, port)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sink.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise RuntimeError("sink did not start")
+    return proc, int(line.split()[1])
 
 
 def _read(path: str) -> str:
