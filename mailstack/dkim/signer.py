@@ -2,11 +2,12 @@
 """What a pipeline stage calls to sign a message: the From domain's active keys, if it is local.
 
 The stage streams the body through ``canon.BodyHash``, then calls
-``signer.loaded_fields(headers, body_hash, now)`` on the reactor thread (one
-RSA-2048 signature costs ~0.3 ms of CPU, less than a thread pool round trip
-behind the queue's fsyncs adds in latency), or ``signer.fields`` in the thread
-pool when a key file must be read first, and writes the returned fields at
-the top of the stored message.  Only mail from authenticated sessions and
+``signer.loaded_fields(headers, body_hash, now)`` on the reactor thread, or
+``signer.fields`` in the thread pool when a key file must be read first, and
+writes the returned fields at the top of the stored message.  One RSA-2048
+signature costs ~0.3 ms of CPU, and ``cryptography`` holds the GIL while it
+signs, so a pool thread would not spare the reactor that time; it would only
+add a round trip queued behind the queue's fsyncs to each message.  Only mail from authenticated sessions and
 mail the server writes itself may be signed; the stage decides that, the
 signer only picks the keys.
 """
