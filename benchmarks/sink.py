@@ -8,6 +8,7 @@ extra commands::
     XCOUNT          -> 250 <count> <first time> <last time>   (time.time() values)
     XRESET          -> 250 (forget everything)
     XDUMP <path>    -> 250 (write the Message-IDs seen, one a line)
+    XLAST <path>    -> 250 (write the last message received, as received)
 
 STARTTLS (RFC 3207) is offered with a throwaway self-signed certificate unless
 ``--no-tls``: mailstack's client insists on it at a smarthost, and the Postfix
@@ -36,6 +37,7 @@ class Stats:
         self.first = 0.0
         self.last = 0.0
         self.ids: list[str] = []
+        self.last_message = b""
         self.connections = 0
 
 
@@ -119,6 +121,7 @@ class SinkProtocol(asyncio.Protocol):
                     STATS.first = now
                 STATS.count += 1
                 STATS.last = now
+                STATS.last_message = body
                 hdr_end = body.find(b"\r\n\r\n")
                 m = _MSGID.search(body, 0, hdr_end if hdr_end >= 0 else len(body))
                 if m:
@@ -161,6 +164,10 @@ class SinkProtocol(asyncio.Protocol):
                 with open(path, "w") as f:
                     f.write("\n".join(STATS.ids) + "\n")
                 out.append(b"250 dumped\r\n")
+            elif verb == b"XLAS":
+                with open(line[6:].decode(), "wb") as f:
+                    f.write(STATS.last_message)
+                out.append(b"250 written\r\n")
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 out.append(b"250 2.0.0 Ok\r\n")
             elif verb == b"STAR":

@@ -23,11 +23,13 @@ from mailstack.address import Address
 from mailstack.checks import clientrate, inbound
 from mailstack.checks.authresults import AuthResultsCheck
 from mailstack.checks.clientrate import ClientRateCheck
+from mailstack.checks.dkimverify import DKIMCheck
 from mailstack.checks.dmarc import DMARCCheck
 from mailstack.checks.dnsbl import DNSBLCheck
 from mailstack.checks.greylisting import GreylistCheck
 from mailstack.checks.rspamd import RspamdCheck
 from mailstack.checks.spf import SPFCheck
+from mailstack.inbound.dkimverify import DKIMVerifier
 from mailstack.inbound.dmarc import DMARCEvaluator
 from mailstack.inbound.interfaces import (
     IDNSBLChecker,
@@ -232,6 +234,28 @@ class DMARCCheckTests(SynchronousTestCase):
         check = DMARCCheck(DMARCEvaluator(ZoneResolver(ZONE), FixedRandom(0)))
         self.assertIsNone(check.data(mx_conn(), t, FakeMessage(b"Subject: x\r\n\r\n")))
         self.assertEqual(t.notes["dmarc"].result, "permerror")
+
+
+class DKIMCheckTests(SynchronousTestCase):
+    def test_unsignedSettledWithoutPool(self):
+        """A message without a DKIM-Signature field has no DKIM results and costs
+        no thread pool call; a signed one is read through the pool."""
+
+        class Counting(FakeMessage):
+            reads = 0
+
+            def run_blocking(self, reader: Any) -> Deferred:
+                Counting.reads += 1
+                return super().run_blocking(reader)
+
+        check = DKIMCheck(DKIMVerifier(ZoneResolver({}), lambda f, *a: succeed(f(*a))))
+        t = txn()
+        self.assertIsNone(check.data(mx_conn(), t, Counting(b"From: a@sender.test\r\nSubject: x\r\n\r\nhi\r\n")))
+        self.assertEqual((t.notes["dkim"], Counting.reads), ([], 0))
+        signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=sender.test; s=sel; h=from; bh=x; b=y\r\n"
+        self.successResultOf(check.data(mx_conn(), t, Counting(signed + b"From: a@sender.test\r\n\r\nhi\r\n")))
+        self.assertEqual([r.domain for r in t.notes["dkim"]], ["sender.test"])
+        self.assertGreater(Counting.reads, 0)
 
 
 class AuthResultsTests(SynchronousTestCase):

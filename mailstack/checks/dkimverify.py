@@ -7,6 +7,8 @@ Every DKIM-Signature of the message is verified (RFC 6376 section 6,
 buffer of a small message), never on the reactor.  The results go to
 ``txn.notes["dkim"]`` for DMARC and Authentication-Results; a failing
 signature alone refuses nothing (RFC 6376 section 6.3: it is as if unsigned).
+A message whose parsed header section has no DKIM-Signature field at all is
+settled on the spot (no results), without a thread pool call.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ class DKIMCheck(Check):
     def __init__(self, verifier: DKIMVerifier) -> None:
         self.verifier = verifier
 
-    def data(self, conn: Connection, txn: Transaction, message: IMessage) -> Deferred[Verdict | None]:
+    def data(self, conn: Connection, txn: Transaction, message: IMessage) -> Deferred[Verdict | None] | None:
+        if not any(name.lower() == "dkim-signature" for name, _ in message.header):
+            txn.notes[self.name] = []
+            return None
+
         def keep(results: list[DKIMResult]) -> None:
             txn.notes[self.name] = results
 

@@ -125,9 +125,9 @@ class KeyStore:
         self._file = JSONFile(
             os.path.join(self.folder, "keys.json"), os.path.join(self.folder, "keys.lock"), "keys", FORMAT_VERSION
         )
-        # Loaded private keys by file name and stamp: read again only when a
-        # key file is replaced.
-        self._loaded: dict[str, tuple[tuple[int, int, int], PrivateKey]] = {}
+        # Loaded keys by file name, with the file's stamp: read again only
+        # when a key file is replaced.
+        self._loaded: dict[str, tuple[tuple[int, int, int], SigningKey]] = {}
 
     # -- reading ------------------------------------------------------------------
 
@@ -152,23 +152,44 @@ class KeyStore:
         """
         return [self._signing_key(i) for i in self.list() if i.domain == domain]
 
+    def loaded(self, domain: str) -> SigningKeys | None:
+        """As ``active``, when every key file is loaded already (stats only, and
+        a re-read of the index after an admin change, as for the users file);
+        None when a key file must be read: call ``active`` in the thread pool."""
+        keys = []
+        for info in self.list():
+            if info.domain == domain:
+                key = self._cached_key(info)
+                if key is None:
+                    return None
+                keys.append(key)
+        return keys
+
     def _path(self, domain: str, selector: str) -> str:
         return os.path.join(self.folder, f"{selector}._domainkey.{domain}.pem")
 
     def _signing_key(self, info: KeyInfo) -> SigningKey:
+        return self._cached_key(info) or self._load_key(info)
+
+    def _cached_key(self, info: KeyInfo) -> SigningKey | None:
+        """The key of ``info`` as loaded before, if its file is unchanged since."""
         path = self._path(info.domain, info.selector)
-        st = os.stat(path)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._loaded.get(path)
-        if cached is None or cached[0] != stamp:
-            with open(path, "rb") as f:
-                key = serialization.load_pem_private_key(f.read(), password=None)
-            expected = RSAPrivateKey if info.algorithm == "rsa" else Ed25519PrivateKey
-            if not isinstance(key, expected):
-                raise KeyStoreError(f"{path}: not an {info.algorithm} private key")
-            cached = (stamp, key)
-            self._loaded[path] = cached
-        return SigningKey(info.domain, info.selector, info.algorithm, cached[1])
+        if cached is None or cached[0] != _stamp(path) or cached[1].algorithm != info.algorithm:
+            return None
+        return cached[1]
+
+    def _load_key(self, info: KeyInfo) -> SigningKey:
+        path = self._path(info.domain, info.selector)
+        stamp = _stamp(path)
+        with open(path, "rb") as f:
+            private = serialization.load_pem_private_key(f.read(), password=None)
+        expected = RSAPrivateKey if info.algorithm == "rsa" else Ed25519PrivateKey
+        if not isinstance(private, expected):
+            raise KeyStoreError(f"{path}: not an {info.algorithm} private key")
+        key = SigningKey(info.domain, info.selector, info.algorithm, private)
+        self._loaded[path] = (stamp, key)
+        return key
 
     # -- writing ------------------------------------------------------------------
 
@@ -262,6 +283,12 @@ class KeyStore:
 
         self._file.update(change)
         return result[0] if result else None
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    """What changes when a key file is replaced: (mtime, size, inode)."""
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _domain(text: str) -> str:

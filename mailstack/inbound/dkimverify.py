@@ -21,6 +21,7 @@ section 6.1 lets a verifier bound its work); further ones are neutral.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from mailstack.inbound.interfaces import IDKIMVerifier
 MAX_SIGNATURES = 10
 MAX_HEADER_BYTES = 1 << 20
 MIN_RSA_BITS = 1024  # RFC 8301 section 3.2: verifiers MUST NOT consider shorter keys valid
+KEY_CACHE = 1024  # key records whose parse outcome is remembered (public data)...
+CACHED_RECORD = 2048  # ...when at most this long (an RSA-8192 key record is ~1.4 KB)
 
 PASS, FAIL, NEUTRAL, PERMERROR, TEMPERROR = "pass", "fail", "neutral", "permerror", "temperror"
 
@@ -126,10 +129,9 @@ def _verify_one(message: bytes, idx: int, keys: dict[str, bytes | None]) -> tupl
         record = keys[key]
         if record is None:
             raise _KeyProblem(PERMERROR, f"no key record at {key}")
-        try:
-            dkim.evaluate_pk(name, record)
-        except Exception as e:  # noqa: BLE001  (dkimpy raises several types for a bad key)
-            raise _KeyProblem(PERMERROR, f"unusable key at {key}: {e}") from None
+        problem = (_cached_key_problem if len(record) <= CACHED_RECORD else _key_problem)(name, record)
+        if problem is not None:
+            raise _KeyProblem(PERMERROR, f"unusable key at {key}: {problem}")
         return record
 
     try:
@@ -148,6 +150,24 @@ def _verify_one(message: bytes, idx: int, keys: dict[str, bytes | None]) -> tupl
     except dkim.DKIMException as e:
         return NEUTRAL, f"signature not processable: {e}"
     return (PASS, "") if ok else (FAIL, "signature does not verify")
+
+
+def _key_problem(name: bytes, record: bytes) -> str | None:
+    """Why dkimpy cannot use the key ``record`` published at ``name``, or None.
+
+    dkimpy parses the key again while verifying; this first parse only tells
+    an unusable key (permerror) from a bad signature, and its outcome depends
+    on the record alone, so it is remembered (``_cached_key_problem``, for
+    records of a usual size): mail from one sender repeats the same few
+    records, and parsing an RSA key is a good part of the verification's cost."""
+    try:
+        dkim.evaluate_pk(name, record)
+    except Exception as e:  # noqa: BLE001  (dkimpy raises several types for a bad key)
+        return str(e)
+    return None
+
+
+_cached_key_problem = functools.lru_cache(maxsize=KEY_CACHE)(_key_problem)
 
 
 def _with_file(path: str, reader: Callable[[IO[bytes]], Any]) -> Any:

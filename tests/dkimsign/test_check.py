@@ -92,6 +92,26 @@ class CheckTests(SynchronousTestCase):
         self.assertTrue(h.verifies(stored))
         self.assertFalse(h.verifies(stored.replace(b"Subject: hi", b"Subject: hello")))
 
+    def test_smallBodySignedWithoutPool(self) -> None:
+        """Once the key file is loaded, a body of at most INLINE bytes is hashed
+        and signed without a thread pool call; the first message, whose key file
+        must be read, signs in the pool."""
+        calls: list[Any] = []
+
+        def counting(f: Any, *a: Any) -> Deferred:
+            calls.append(f)
+            return run_blocking(f, *a)
+
+        h = Harness(self, run=counting)
+        data = SIGNED + DATED + b"\r\n" + b"a line  of text\r\n" * (dkimsign.INLINE // 17)
+        first = h.send(data, chunk=4096)
+        self.assertEqual(calls, [h.signer.fields])
+        del calls[:]
+        second = h.send(data, chunk=4096)
+        self.assertEqual(calls, [])
+        for verdict in (first, second):
+            self.assertTrue(h.verifies(b"".join(verdict.prepend) + data))
+
     def test_bigBodyHashedInBatches(self) -> None:
         """A body of several batches is hashed in order in the pool and the signature verifies."""
         h = Harness(self)

@@ -61,6 +61,22 @@ class KeyStoreTests(SynchronousTestCase):
         d = dkim.DKIM(message)
         self.assertEqual([d.verify(i, dnsfunc=lambda n, timeout=5: txt.get(n)) for i in range(2)], [True, True])
 
+    def test_loadedReadsNoFile(self):
+        """loaded() gives None until active() has read the key file, then the same
+        keys without reading it; None again once the file is replaced."""
+        info = self.store.keygen("example.org", now=NOW)
+        self.assertIsNone(self.store.loaded("example.org"))
+        active = self.store.active("example.org")
+        self.assertEqual(self.store.loaded("example.org"), active)
+        self.assertEqual(self.store.loaded("example.net"), [])
+        path = os.path.join(self.data, "dkim", f"{info.name}.pem")
+        with open(path, "rb") as f:
+            pem = f.read()
+        os.unlink(path)
+        with open(path, "wb") as f:
+            f.write(pem)
+        self.assertIsNone(self.store.loaded("example.org"))
+
     def test_retireThenOnlyNewSigns(self):
         """After a rotation (keygen new, retire old) only the new selector signs,
         also in a store object that was open before (a running server)."""

@@ -112,3 +112,11 @@ class SignTests(SynchronousTestCase):
         self.assertIsNone(sign.author_domain([("From", b"From: a@x.example, b@y.example\r\n")]))
         self.assertIsNone(sign.author_domain([("From", b"From: a@x.example\r\n"), ("from", b"from: b@x.example\r\n")]))
         self.assertIsNone(sign.author_domain([("To", b"To: a@x.example\r\n")]))
+
+    def test_authorDomainRemembered(self):
+        """A From field seen before gives the same domain again; one longer than
+        CACHED_FROM gives its domain too (parsed, not remembered)."""
+        field = [("From", b"From: Alice <alice@Example.ORG>\r\n")]
+        self.assertEqual([sign.author_domain(field) for _ in range(2)], ["example.org", "example.org"])
+        long_name = b"A" * sign.CACHED_FROM
+        self.assertEqual(sign.author_domain([("From", b"From: " + long_name + b" <a@example.net>\r\n")]), "example.net")

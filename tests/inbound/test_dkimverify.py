@@ -117,6 +117,15 @@ class DKIMVerifierTests(SynchronousTestCase):
         )
         self.assertEqual(results[0].result, "permerror")
 
+    def test_bad_key_stays_permerror(self) -> None:
+        """A bad key record remembered from an earlier message is permerror again;
+        a good one is remembered as good (the next message passes)."""
+        signed = sign(MESSAGE, b"sel", b"example.org", RSA_PEM)
+        bad = {"sel._domainkey.example.org": [("TXT", "v=DKIM1; k=rsa; p=AAAB")]}
+        good = {"sel._domainkey.example.org": [("TXT", RSA_TXT)]}
+        self.assertEqual([self.verify(signed, bad)[0][0].result for _ in range(2)], ["permerror", "permerror"])
+        self.assertEqual([self.verify(signed, good)[0][0].result for _ in range(2)], ["pass", "pass"])
+
     def test_key_timeout_is_temperror(self) -> None:
         """A key lookup that times out is temperror."""
         results, _ = self.verify(
