@@ -112,14 +112,19 @@ class LateAnswerTests(SynchronousTestCase):
 
 
 class ClientLeavesTests(SynchronousTestCase):
-    def test_leftDuringMailChecks(self) -> None:
-        """A client that leaves while the MAIL checks run frees its hold."""
+    def mail_waiting_on_checks(self) -> tuple[Session, SlowMailCheck]:
+        """A logged-in session whose MAIL holds a reservation while a slow MAIL check runs."""
         rt = make_runtime(limits={"messages_per_hour": 5})
         check = SlowMailCheck()
         rt.pipeline = Pipeline([check], rt.reactor)
         s = Session("submissions", rt)
         s.login()
         s.talk(SEND)
+        return s, check
+
+    def test_leftDuringMailChecks(self) -> None:
+        """A client that leaves while the MAIL checks run frees its hold."""
+        s, check = self.mail_waiting_on_checks()
         self.assertEqual(held(s), 1)
         s.proto.connectionLost(None)
         self.assertEqual(held(s), 0)
@@ -128,12 +133,7 @@ class ClientLeavesTests(SynchronousTestCase):
 
     def test_refusedByMailChecks(self) -> None:
         """A MAIL the checks refuse frees its hold."""
-        rt = make_runtime(limits={"messages_per_hour": 5})
-        check = SlowMailCheck()
-        rt.pipeline = Pipeline([check], rt.reactor)
-        s = Session("submissions", rt)
-        s.login()
-        s.talk(SEND)
+        s, check = self.mail_waiting_on_checks()
         check.pending[0].callback(Reply(550, "5.7.1", "no"))
         self.assertEqual((s.take()[:9], held(s)), (b"550 5.7.1", 0))
 
