@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.dkimsign.test_canon -*-
-"""RFC 6376 section 3.4 "relaxed" canonicalization of header fields and body.
+"""RFC 6376 section 3.4 canonicalization of header fields and body: "relaxed"
+for signing and verifying, "simple" (the body, ``SimpleBodyHash``) for verifying.
 
 Header fields are handled as ``(name, raw)`` pairs, where ``raw`` is the whole
 field exactly as received: the name, the colon, the value with any folding, and
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 # RFC 6376 section 2.8: WSP is SP or HTAB.
 _WSP_RUN = re.compile(rb"[ \t]+")
@@ -52,6 +53,21 @@ def _lines(block: bytes) -> Iterator[bytes]:
         end = len(block) if end < 0 else end + 1
         yield block[start:end]
         start = end
+
+
+def selected(headers: Sequence[HeaderField], names: Sequence[str]) -> list[bytes]:
+    """The raw fields a signature's ``h=`` list names, in its order; repeated
+    names take the instances from the bottom up and a name with none left
+    adds nothing (RFC 6376 section 5.4.2).  ``names`` are lowercase."""
+    stacks: dict[str, list[bytes]] = {}
+    for name, raw in headers:
+        stacks.setdefault(name.lower(), []).append(raw)
+    out = []
+    for name in names:
+        stack = stacks.get(name)
+        if stack:
+            out.append(stack.pop())
+    return out
 
 
 def relaxed_header(raw: bytes) -> bytes:
@@ -165,3 +181,31 @@ class BodyHash:
         else:
             self._empty += empty
         return True
+
+
+class SimpleBodyHash:
+    """SHA-256 of the simple canonical body (RFC 6376 section 3.4.3), fed in chunks.
+
+    The body is hashed as it is, except that CRLFs at its end are held back
+    until more content follows: all empty lines at the end are ignored, and
+    the body ends with exactly one CRLF (an empty body is a single CRLF).
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._held = b""  # CRLF pairs at the end so far, maybe then one CR
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._held + chunk if self._held else bytes(chunk)
+        end = len(data) - data.endswith(b"\r")  # a CR may be half of a CRLF
+        while data.endswith(b"\r\n", 0, end):
+            end -= 2
+        self._hash.update(data[:end])
+        self._held = data[end:]
+
+    def digest(self) -> bytes:
+        """The body hash (raw bytes).  Call once, at the end."""
+        # A held CR not followed by LF is content, and so are the CRLFs before it.
+        self._hash.update((self._held if self._held.endswith(b"\r") else b"") + b"\r\n")
+        self._held = b""
+        return self._hash.digest()
