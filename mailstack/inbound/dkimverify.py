@@ -39,7 +39,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.inbound.dkimfast import CACHED_RECORD, passes
+from mailstack.inbound.dkimfast import CACHED_RECORD, passes, plain_fields
 from mailstack.inbound.dnsutil import DNS_TIMEOUT, lookup, txt_strings, valid_name
 from mailstack.inbound.interfaces import IDKIMVerifier
 
@@ -75,7 +75,11 @@ class _Signature:
 def read_signatures(f: IO[bytes]) -> list[_Signature]:
     """Blocking: the DKIM-Signature fields of the message read from ``f``, in order."""
     block = _header_block(f)
-    headers, _ = dkim.rfc822_parse(block)
+    fields = plain_fields(block)
+    if fields is None:
+        headers, _ = dkim.rfc822_parse(block)
+    else:  # the same fields, found without dkimpy's regular expressions
+        headers = [raw.split(b":", 1) for _, raw in fields]
     out: list[_Signature] = []
     for name, value in headers:
         if name.lower() != b"dkim-signature":

@@ -312,3 +312,18 @@ def outcome(call: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]] 
         return call()
     except Exception as e:  # noqa: BLE001
         return type(e)
+
+
+class WithoutBTests(SynchronousTestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([b"b=", b" b =", b";b=", b"bh=", b"AbC+/=", b" ", b"\t", b"\r\n", b"\r\n\t",
+                                     b"\n", b";", b"x", b"-", b"\x0b", b"h=from"]), max_size=12).map(b"".join))
+    def test_as_dkimpy(self, value: bytes) -> None:
+        """without_b empties b= exactly as dkimpy's RE_BTAG does, for any value."""
+        self.assertEqual(dkimfast.without_b(value), dkim.RE_BTAG.sub(rb"\1", value))
+
+    def test_signature_value(self) -> None:
+        """A folded b= at the end of the field loses its value and the final CRLF."""
+        value = b" v=1; a=rsa-sha256; bh=AB+/;\r\n\tb=AbCd\r\n\tEfGh==\r\n"
+        self.assertEqual(dkimfast.without_b(value), b" v=1; a=rsa-sha256; bh=AB+/;\r\n\tb=")
+        self.assertEqual(dkimfast.without_b(value), dkim.RE_BTAG.sub(rb"\1", value))
