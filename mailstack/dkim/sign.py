@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from mailstack.address import AddressError, normalize_domain
-from mailstack.dkim.canon import HeaderField, relaxed_header
+from mailstack.dkim.canon import HeaderField, relaxed_header, selected
 
 SIGNED = (
     "from",
@@ -84,18 +84,8 @@ def signed_names(headers: Sequence[HeaderField]) -> list[str]:
 
 
 def _selected(headers: Sequence[HeaderField], names: Sequence[str]) -> bytes:
-    """The canonical header data in ``h=`` order; repeated names take the
-    instances from the bottom up and a name with none left adds nothing
-    (RFC 6376 section 5.4.2)."""
-    stacks: dict[str, list[bytes]] = {}
-    for name, raw in headers:
-        stacks.setdefault(name.lower(), []).append(raw)
-    out = []
-    for name in names:
-        stack = stacks.get(name)
-        if stack:
-            out.append(relaxed_header(stack.pop()))
-    return b"".join(out)
+    """The relaxed canonical header data in ``h=`` order (``canon.selected``)."""
+    return b"".join(relaxed_header(raw) for raw in selected(headers, names))
 
 
 def _fold_tags(tags: Sequence[bytes]) -> bytes:

@@ -3,7 +3,7 @@
 import hashlib
 import re
 
-from dkim.canonicalization import Relaxed
+from dkim.canonicalization import Relaxed, Simple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -106,3 +106,28 @@ class BodyTests(SynchronousTestCase):
         self.assertLess(len(h._partial), 130)
         h.feed(b"\r\n")
         self.assertEqual(h.digest(), hashlib.sha256(b"a\r\n").digest())
+
+
+class SimpleBodyTests(SynchronousTestCase):
+    def test_examples(self):
+        """RFC 6376 section 3.4.3: trailing empty lines dropped, one CRLF at the end, empty body is CRLF."""
+        for body, canonical in (
+            (b" C \r\nD \t E\r\n\r\n\r\n", b" C \r\nD \t E\r\n"),
+            (b"", b"\r\n"),
+            (b"\r\n\r\n", b"\r\n"),
+            (b"no newline  ", b"no newline  \r\n"),
+            (b"cr\r", b"cr\r\r\n"),
+        ):
+            h = canon.SimpleBodyHash()
+            h.feed(body)
+            self.assertEqual(h.digest(), hashlib.sha256(canonical).digest())
+
+    @settings(max_examples=300, deadline=None)
+    @given(BODIES, st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+    def test_chunkingInvariant(self, body, cuts):
+        """Any chunking of the body gives dkimpy's simple canonical form."""
+        points = sorted({min(c, len(body)) for c in cuts})
+        h = canon.SimpleBodyHash()
+        for a, b in zip([0, *points], [*points, len(body)], strict=True):
+            h.feed(body[a:b])
+        self.assertEqual(h.digest(), hashlib.sha256(Simple.canonicalize_body(body)).digest())
