@@ -18,7 +18,10 @@ EXTRA = ("p99_ms", "cpu_ms_per_msg")
 
 
 def main(paths: list[str]) -> int:
-    runs = [json.load(open(p)) for p in paths]
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
     print(f"{len(runs)} runs: " + ", ".join(paths))
     print(f"{'workload':14} {'mailstack':>10} {'reference':>10} {'ratio':>7}  {'p99 ms ms/ref':>15} {'cpu ms/msg':>10}")
     for key in KEYS:
@@ -28,7 +31,8 @@ def main(paths: list[str]) -> int:
         if not values:
             continue
         refs = [x["value"] for x in ref if x.get("value")]
-        ratios = [m["value"] / x["value"] for m, x in zip(ms, ref) if m.get("value") is not None and x.get("value")]
+        pairs = zip(ms, ref, strict=True)
+        ratios = [m["value"] / x["value"] for m, x in pairs if m.get("value") is not None and x.get("value")]
         p99 = [m["p99_ms"] for m in ms if m.get("p99_ms") is not None]
         p99_ref = [x["p99_ms"] for x in ref if x.get("p99_ms") is not None]
         cpu = [m["cpu_ms_per_msg"] for m in ms if m.get("cpu_ms_per_msg") is not None]
@@ -36,7 +40,8 @@ def main(paths: list[str]) -> int:
         def med(v: list[float]) -> str:
             return f"{statistics.median(v):.3g}" if v else "-"
 
-        print(f"{key:14} {med(values):>10} {med(refs):>10} {med(ratios):>7}  {med(p99):>7}/{med(p99_ref):<7} {med(cpu):>10}")
+        row = f"{key:14} {med(values):>10} {med(refs):>10} {med(ratios):>7}"
+        print(f"{row}  {med(p99):>7}/{med(p99_ref):<7} {med(cpu):>10}")
     return 0
 
 
