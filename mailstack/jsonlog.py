@@ -24,8 +24,9 @@ component, else a text observer on ``--logfile`` (stdout with ``-n`` and no
 ``--logfile``, or ``-``).  A ``--logger`` factory is called without arguments,
 so it cannot know ``--logfile``; the component can be set by the service that
 twistd attaches to the application, before logging begins.  ``for_twistd``
-does that: it wraps the service tree in ``JSONLogApplication``, which sets the
-component to a JSON observer writing where twistd's text observer would have
+does that: it wraps the service tree in ``LogApplication``, which sets the
+component to our observer (JSON, or twistd's text format, batched per
+reactor turn by ``logbatch``) writing where twistd's text observer would have
 (``twistd_output``: the same stdout / ``--logfile`` choice, and SIGUSR1 reopens
 a log file as twistd's does).  An explicit ``--logger`` or ``--syslog`` wins.
 """
@@ -47,6 +48,8 @@ from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEvent
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
+
+from mailstack.logbatch import BatchedObserver, classic_text
 
 # Keys a legacy ``twisted.python.log`` event carries besides its ``log_*`` twins.
 _LEGACY = frozenset({"message", "isError", "system", "time", "format", "why", "failure"})
@@ -136,8 +139,8 @@ def twistd_output(server_options: Mapping[str, Any]) -> IO[str] | None:
     return logfile
 
 
-class JSONLogApplication(MultiService):
-    """The parent of the real service tree, which makes twistd log as JSON.
+class LogApplication(MultiService):
+    """The parent of the real service tree, which makes twistd log through our observer.
 
     When twistd attaches it to its ``Application`` (which happens before
     twistd starts logging) it sets the application's ``ILogObserver``
@@ -155,8 +158,11 @@ class JSONLogApplication(MultiService):
         super().setServiceParent(parent)
 
 
-def for_twistd(service: IService, server_options: object) -> IService:
-    """``service`` as twistd should get it from ``makeService`` for JSON logs.
+def for_twistd(service: IService, server_options: object, log_format: str = "json", reactor: Any = None) -> IService:
+    """``service`` as twistd should get it from ``makeService``: logging JSON lines
+    (``log_format`` "json") or twistd's text format ("text"), written once per
+    reactor turn (``logbatch.BatchedObserver``) where twistd's observer would
+    write and flush each line.
 
     ``server_options`` is the runner's options (the plugin's
     ``Options.parent``).  Unchanged when twistd logs elsewhere by the
@@ -168,4 +174,7 @@ def for_twistd(service: IService, server_options: object) -> IService:
     out = twistd_output(server_options)
     if out is None:
         return service
-    return JSONLogApplication(service, json_observer(out))
+    if reactor is None:
+        from twisted.internet import reactor
+    lines = classic_text() if log_format == "text" else (lambda event: event_as_json(event) + "\n")
+    return LogApplication(service, BatchedObserver(out, lines, reactor))

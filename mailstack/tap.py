@@ -15,7 +15,8 @@ Run as root with ``--uid``/``--gid``, the start-up file work (``data_dir``, the
 self-signed certificate, the files read at start) is done as that account
 (``privileges.as_account``), so the server can still write them after twistd
 drops privileges.  ``log.format = "json"`` makes twistd log JSON Lines where it
-would have written its text log (``jsonlog.for_twistd``).
+would have written its text log, ``"text"`` twistd's text format; both are
+written once per reactor turn (``jsonlog.for_twistd``, ``logbatch``).
 
 SIGTERM (``systemctl stop``) is a normal, graceful stop: the handler installed
 here stops the reactor without recording the signal, so twistd exits 0 after
@@ -138,6 +139,4 @@ def makeService(options: Options) -> Any:
     except StartupError as e:
         raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)
-    if options.config.log.format == "json":
-        return jsonlog.for_twistd(service, options.server_options)
-    return service
+    return jsonlog.for_twistd(service, options.server_options, options.config.log.format, reactor)

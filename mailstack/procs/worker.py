@@ -4,9 +4,10 @@
 It runs the SMTP and POP3 sessions and the intake on the listening sockets it
 inherited (fds from ``master.FIRST_LISTENER_FD``), asks the master over AMP
 (fd ``master.CHANNEL_FD``) for connection slots and the shared limits, kicks
-its queue manager, and writes its log events as JSON lines to stdout (``logpipe``, one write per reactor turn).  SIGTERM
-(from the master, or from the kernel when the master dies) is the graceful
-stop of a single process: stop listening, drain, finish the commits, exit 0.
+its queue manager, and writes its log events as JSON lines to stdout
+(``logbatch``: one write per reactor turn).  SIGTERM (from the master, or
+from the kernel when the master dies) is the graceful stop of a single
+process: stop listening, drain, finish the commits, exit 0.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger, globalLogBeginner
+from twisted.logger import Logger, eventAsJSON, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack.interfaces import IMetrics
+from mailstack.logbatch import BatchedObserver
 from mailstack.metrics import NoMetrics
 from mailstack.procs.commands import Exposition
-from mailstack.procs.logpipe import LogPipe
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
 
 log = Logger()
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from mailstack.tap import install_sigterm, return_big_frees_to_the_os
 
     reactor: Any = _reactor
-    logs = LogPipe(sys.stdout.buffer, reactor)
+    logs = BatchedObserver(sys.stdout, lambda event: eventAsJSON(event) + "\n", reactor)
     globalLogBeginner.beginLoggingTo([logs], redirectStandardIO=False)
     reactor.addSystemEventTrigger("after", "shutdown", logs.flush)
     return_big_frees_to_the_os()

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-from unittest.mock import patch
 
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, eventFromJSON
 from twisted.protocols import amp
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from mailstack.metrics import Metrics
 from mailstack.procs import worker
 from mailstack.procs.commands import Exposition
-from mailstack.procs.logpipe import LogPipe
 
 
 class StoppableReactor:
@@ -63,48 +58,3 @@ class WorkerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(reactor.stops, 2)
 
-
-class RecordingOut:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def flush(self) -> None:
-        pass
-
-
-class RunningClock(Clock):
-    running = True
-
-
-class LogPipeTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.out = RecordingOut()
-        self.clock = RunningClock()
-        self.pipe = LogPipe(self.out, self.clock)  # type: ignore[arg-type]
-        verifyObject(ILogObserver, self.pipe)
-        self.log = Logger(observer=self.pipe, namespace="mailstack.test")
-
-    def test_oneWritePerReactorTurn(self) -> None:
-        """Events of one reactor turn go out in one write, as JSON lines the master can read back."""
-        with patch("mailstack.procs.logpipe.isInIOThread", return_value=True):
-            self.log.info("a {n}", n=1)
-            self.log.info("b {n}", n=2)
-        self.assertEqual(self.out.writes, [])
-        self.clock.advance(0)
-        self.assertEqual(len(self.out.writes), 1)
-        events = [eventFromJSON(line) for line in self.out.writes[0].decode().splitlines()]
-        self.assertEqual([e["n"] for e in events], [1, 2])
-
-    def test_otherThreadsAndStoppedReactorWriteAtOnce(self) -> None:
-        """Outside the reactor thread, or with the reactor not running, a line is written at once."""
-        self.clock.running = False
-        self.log.info("now")
-        self.assertEqual(len(self.out.writes), 1)
-        self.clock.running = True
-        with patch("mailstack.procs.logpipe.isInIOThread", return_value=False):
-            self.log.info("from a pool thread")
-        self.assertEqual(len(self.out.writes), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
