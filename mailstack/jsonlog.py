@@ -177,4 +177,6 @@ def for_twistd(service: IService, server_options: object, log_format: str = "jso
     if reactor is None:
         from twisted.internet import reactor
     lines = classic_text() if log_format == "text" else (lambda event: event_as_json(event) + "\n")
-    return LogApplication(service, BatchedObserver(out, lines, reactor))
+    observer = BatchedObserver(out, lines, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+    return LogApplication(service, observer)

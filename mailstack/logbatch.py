@@ -6,8 +6,9 @@ line, which under load was several percent of the reactor's time in one
 process and a quarter of a session worker's (whose lines go to the master
 through a pipe, waking it for each).  ``BatchedObserver`` formats each event
 at once (so nothing it refers to can change meanwhile) and writes the lines
-of one reactor turn together when the turn ends.  Events from another thread,
-and those before the reactor runs or after it stopped, are written at once.
+of one reactor turn together when the turn ends (lines from other threads
+join the batch); those before the reactor runs or after it stopped are
+written at once.
 A process killed with SIGKILL loses at most the lines of its last turn.
 
 ``classic_text`` is twistd's text format (``textFileLogObserver``) with the
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogEvent, formatEventAsClassicLogText, formatTime
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 
@@ -33,7 +33,10 @@ class BatchedObserver:
         self.out = out
         self.format_event = format_event
         self.reactor = reactor
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler (SIGTERM, SIGINT) runs in the main thread
+        # between two bytecodes, possibly while this thread holds the lock, and
+        # logs; a plain lock would deadlock the process there.
+        self._lock = threading.RLock()
         self._lines: list[str] = []
         self._scheduled = False
 
@@ -45,22 +48,22 @@ class BatchedObserver:
             self._lines.append(line)
             if self._scheduled:
                 return
-            batch = isInIOThread() and self.reactor.running
-            self._scheduled = batch
+            batch = self._scheduled = bool(self.reactor.running)
         if batch:
-            self.reactor.callLater(0, self.flush)
+            # callFromThread, not callLater: safe from other threads and from
+            # signal handlers, and run at the end of the current reactor turn.
+            self.reactor.callFromThread(self.flush)
         else:
             self.flush()
 
     def flush(self) -> None:
-        """Write the lines gathered so far in one write."""
+        """Write the lines gathered so far, in one write per batch."""
         with self._lock:
-            data = "".join(self._lines)
-            self._lines.clear()
             self._scheduled = False
-            if data:
+            while self._lines:  # a signal handler may add lines while we write
+                lines, self._lines = self._lines, []
                 try:
-                    self.out.write(data)
+                    self.out.write("".join(lines))
                     self.out.flush()
                 except OSError:  # a worker whose master is gone: it is stopping anyway
                     pass
