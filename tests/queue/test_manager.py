@@ -449,36 +449,32 @@ class EntryDueTests(SynchronousTestCase):
         self.assertEqual(entry_due(e, 200, None), 200)
 
 
-class RealStoreTests(SynchronousTestCase):
-    """The manager over the real QueueStore (files, locks, scan)."""
+class RealStoreMixin:
+    """A QueueManager over the real QueueStore, its remote agent answering ``remote_reply``."""
+
+    remote_reply = TEMP
 
     def setUp(self) -> None:
         from mailstack.queue.store import QueueStore
 
         self.clock = Clock()
         self.clock.advance(START)
-        self.store = QueueStore(os.path.abspath(self.mktemp()))
+        self.store = QueueStore(os.path.abspath(self.mktemp()))  # type: ignore[attr-defined]
         self.store.recover()
-        self.remote = FakeAgent(reply_all(TEMP))
+        self.remote = FakeAgent(reply_all(self.remote_reply))
         self.intake = FakeIntake()
 
-    def commit(self, rcpt: str = "r@remote.test") -> str:
+    def commit(self, rcpt: str = "r@remote.test", **fields: Any) -> str:
         from mailstack.queue.entry import QueueEntry, RecipientState
 
         qid = self.store.new_id()
         with self.store.open_tmp(qid) as f:
             f.write(b"Subject: x\r\n\r\nbody\r\n")
-        self.store.commit(
-            QueueEntry(
-                id=qid,
-                sender="s@here.test",
-                arrival=START,
-                recipients=[RecipientState(address=rcpt, original=rcpt, local=False)],
-            )
-        )
+        rs = RecipientState(address=rcpt, original=rcpt, local=False, **fields)
+        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START, recipients=[rs]))
         return qid
 
-    def manager(self, metrics: Any = None) -> QueueManager:
+    def manager(self, **kw: Any) -> QueueManager:
         m = QueueManager(
             self.store,
             FakeAgent(),
@@ -488,11 +484,15 @@ class RealStoreTests(SynchronousTestCase):
             run_blocking,
             self.intake,
             rng=random.Random(2),
-            metrics=metrics,
+            **kw,
         )
         m.startService()
-        self.addCleanup(lambda: m.running and m.stopService())
+        self.addCleanup(lambda: m.running and m.stopService())  # type: ignore[attr-defined]
         return m
+
+
+class RealStoreTests(RealStoreMixin, SynchronousTestCase):
+    """The manager over the real QueueStore (files, locks, scan)."""
 
     def test_restartKeepsSchedule(self) -> None:
         """Attempt state is in env/<id>.json; a new manager schedules from it."""
@@ -540,7 +540,7 @@ class RealStoreTests(SynchronousTestCase):
 
         qid = self.commit()
         metrics = Metrics()
-        m = self.manager(metrics)
+        m = self.manager(metrics=metrics)
         self.assertEqual(len(self.remote.calls), 1)
         self.assertTrue(hold.hold(self.store, qid, self.clock.seconds()))
         self.assertFalse(hold.hold(self.store, qid, self.clock.seconds()))
@@ -727,44 +727,10 @@ class DeliveryLogTests(SynchronousTestCase):
         self.assertIn("\\r\\nFAKE", lines[0])
 
 
-class FastPathTests(SynchronousTestCase):
+class FastPathTests(RealStoreMixin, SynchronousTestCase):
     """The relay fast path and the start-up scan over the real QueueStore."""
 
-    def setUp(self) -> None:
-        from mailstack.queue.store import QueueStore
-
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.store = QueueStore(os.path.abspath(self.mktemp()))
-        self.store.recover()
-        self.remote = FakeAgent(reply_all(OK))
-        self.intake = FakeIntake()
-
-    def commit(self, rcpt: str = "r@remote.test", **fields) -> str:
-        from mailstack.queue.entry import QueueEntry, RecipientState
-
-        qid = self.store.new_id()
-        with self.store.open_tmp(qid) as f:
-            f.write(b"Subject: x\r\n\r\nbody\r\n")
-        rs = RecipientState(address=rcpt, original=rcpt, local=False, **fields)
-        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START, recipients=[rs]))
-        return qid
-
-    def manager(self, **kw) -> QueueManager:
-        m = QueueManager(
-            self.store,
-            FakeAgent(),
-            self.remote,
-            self.clock,
-            make_config(),
-            run_blocking,
-            self.intake,
-            rng=random.Random(2),
-            **kw,
-        )
-        m.startService()
-        self.addCleanup(lambda: m.running and m.stopService())
-        return m
+    remote_reply = OK
 
     def test_preAttemptMarkNoFsync(self) -> None:
         """The attempt is recorded in the envelope's mtime, with no fsync and no file
