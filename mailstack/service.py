@@ -55,7 +55,6 @@ from mailstack.auth.throttle import LoginThrottle
 from mailstack.auth.userdb import UserDB
 from mailstack.checks import inbound
 from mailstack.config import Config
-from mailstack.connlimit import connection_limiters
 from mailstack.delivery import remote
 from mailstack.delivery.local import LocalAgent
 from mailstack.dkim import startup
@@ -373,6 +372,7 @@ def make_service(
     service = MailService(runtime, pool)
     workers = config.server.processes != 1
     if workers:
+        assert state is not None  # build_runtime without a channel always builds it
         service.add_helper(master_pool(service, runtime, account, state))
     for helper in after_sessions:
         service.add_helper(helper)
@@ -394,14 +394,13 @@ def make_service(
 
 
 def master_pool(
-    service: MailService, runtime: Runtime, account: tuple[int, int] | None, state: stateserver.StateServer | None
+    service: MailService, runtime: Runtime, account: tuple[int, int] | None, state: stateserver.StateServer
 ) -> WorkerPool:
     """The session workers of a master, and the listeners they adopt (bound at privileged start)."""
     config = runtime.config
-    limiters = connection_limiters(config)  # the caps of every worker's sessions together
     count = worker_count(config.server.processes)
-    workers = WorkerPool(runtime.reactor, config.source, count, limiters, runtime.manager,
-                         float(config.smtp.shutdown_grace), state=state, account=account)
+    workers = WorkerPool(runtime.reactor, config.source, count, runtime.manager, float(config.smtp.shutdown_grace),
+                         state, account=account)
     for kind in FACTORIES:
         for description in getattr(config.listen, kind):
             endpoint_string, wrap = listen_description(description)

@@ -33,7 +33,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -47,11 +47,9 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from mailstack.connlimit import ConnectionLimiter
 from mailstack.interfaces import IQueueKicker
 from mailstack.logsafe import escape
-from mailstack.procs.commands import AcquireSlot, Exposition, Kick, Ready, ReleaseSlot
-from mailstack.procs.slots import WorkerSlots
+from mailstack.procs.commands import Exposition, Kick, Ready
 from mailstack.procs.stateserver import StateServer, WorkerState
 
 RESTART_DELAY = 1.0
@@ -69,30 +67,16 @@ def worker_count(processes: int) -> int:
 class MasterChannel(amp.AMP):
     """The master's end of one worker's AMP connection."""
 
-    def __init__(self, index: int, slots: WorkerSlots, kicker: IQueueKicker, ready: Callable[[int], None],
-                 state: WorkerState | None = None) -> None:
+    def __init__(self, index: int, kicker: IQueueKicker, ready: Callable[[int], None], state: WorkerState) -> None:
         super().__init__()
         self.index = index
-        self.slots = slots
         self.kicker = kicker
         self._ready = ready
         self._state = state
 
     def locateResponder(self, name: bytes) -> Any:
         """Our commands, then those of the shared state (``procs.stateserver``)."""
-        found = super().locateResponder(name)
-        if found is None and self._state is not None:
-            found = self._state.locateResponder(name)
-        return found
-
-    @AcquireSlot.responder
-    def acquire_slot(self, kind: str, host: str) -> dict[str, str]:
-        return {"over": self.slots.acquire(kind, host) or ""}
-
-    @ReleaseSlot.responder
-    def release_slot(self, kind: str, host: str) -> dict[str, str]:
-        self.slots.release(kind, host)
-        return {}
+        return super().locateResponder(name) or self._state.locateResponder(name)
 
     @Kick.responder
     def kick(self, queue_id: str) -> dict[str, str]:
@@ -105,9 +89,7 @@ class MasterChannel(amp.AMP):
         return {}
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.slots.release_all()
-        if self._state is not None:
-            self._state.lost()
+        self._state.lost()
         super().connectionLost(reason)
 
 
@@ -192,15 +174,13 @@ class WorkerPool(Service):
     name = "workers"
     log = Logger()
 
-    def __init__(self, reactor: Any, config_path: str, count: int, limiters: Mapping[str, ConnectionLimiter],
-                 kicker: IQueueKicker, grace: float, state: StateServer | None = None,
-                 account: tuple[int, int] | None = None) -> None:
+    def __init__(self, reactor: Any, config_path: str, count: int, kicker: IQueueKicker, grace: float,
+                 state: StateServer, account: tuple[int, int] | None = None) -> None:
         self.reactor = reactor
         self.account = account  # (uid, gid) of twistd --uid/--gid
         self.grace = grace  # smtp.shutdown_grace: how long a worker may drain
         self.config_path = config_path
         self.count = count
-        self.limiters = limiters
         self.kicker = kicker
         self.state = state
         self._to_bind: list[tuple[str, str, str, bool]] = []
@@ -253,8 +233,7 @@ class WorkerPool(Service):
             self.processes[index] = self.reactor.spawnProcess(
                 protocol, sys.executable, self._argv(index), env=self._env(), childFDs=child_fds
             )
-            channel = MasterChannel(index, WorkerSlots(self.limiters), self.kicker, self._worker_ready,
-                                    self.state.worker() if self.state is not None else None)
+            channel = MasterChannel(index, self.kicker, self._worker_ready, self.state.worker())
             self.channels[index] = channel
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(channel))
         finally:

@@ -4,21 +4,19 @@ and the worker's queue kicks.
 
 Each kind of listener has one ``connlimit.ConnectionLimiter`` in the master
 (smtp; submission and submissions; pop3 and pop3s), so ``smtp.max_connections``
-and the per-address caps hold over all workers together.  The master remembers
-which slots each worker holds: a worker that dies gives all of them back.
+and the per-address caps hold over all workers together.  The master keeps
+which slots each worker holds with its other holds (``stateserver.WorkerState``):
+a worker that dies gives all of them back.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailstack.connlimit import ConnectionLimiter
 from mailstack.interfaces import IConnectionSlots, IQueueKicker
 from mailstack.procs.commands import AcquireSlot, Kick, ReleaseSlot
 
@@ -42,34 +40,6 @@ class RemoteSlots:
             self.channel.callRemote(ReleaseSlot, kind=self.kind, host=host)
         except Exception:  # the master is gone; its successor starts with no slots taken
             self.log.failure("cannot give back a {kind} slot", kind=self.kind)
-
-
-class WorkerSlots:
-    """The master's side for one worker: its slots, given back all at once when it goes."""
-
-    def __init__(self, limiters: Mapping[str, ConnectionLimiter]) -> None:
-        self.limiters = limiters
-        self.held: Counter[tuple[str, str]] = Counter()
-
-    def acquire(self, kind: str, host: str) -> str | None:
-        over = self.limiters[kind].take(host)
-        if over is None:
-            self.held[kind, host] += 1
-        return over
-
-    def release(self, kind: str, host: str) -> None:
-        if self.held[kind, host] <= 0:  # not ours (a confused worker): keep the counts right
-            return
-        self.held[kind, host] -= 1
-        if not self.held[kind, host]:
-            del self.held[kind, host]
-        self.limiters[kind].release(host)
-
-    def release_all(self) -> None:
-        for (kind, host), n in self.held.items():
-            for _ in range(n):
-                self.limiters[kind].release(host)
-        self.held.clear()
 
 
 @implementer(IQueueKicker)

@@ -19,7 +19,8 @@ sends back when they fire.  An unexpected error is logged here and answered
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -28,11 +29,13 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack.checks import clientrate, inbound
+from mailstack.connlimit import ConnectionLimiter, connection_limiters
 from mailstack.errors import Reply
 from mailstack.inbound.greylist import Greylist
 from mailstack.inbound.interfaces import IGreylist
 from mailstack.interfaces import ILoginThrottle, ILoginTicket, IRateLimit, IReservation, ISendLimits
 from mailstack.procs import statecmds as C
+from mailstack.procs.commands import AcquireSlot, ReleaseSlot
 
 T = TypeVar("T")
 
@@ -46,11 +49,13 @@ class StateServer:
         send_limits: ISendLimits,
         rate: IRateLimit | None = None,
         greylist: IGreylist | None = None,
+        limiters: Mapping[str, ConnectionLimiter] | None = None,
     ) -> None:
         self.throttle = throttle
         self.send_limits = send_limits
         self.rate = rate
         self.greylist = greylist
+        self.limiters = limiters or {}  # listener kind -> the connection caps of all workers
         self._ids = itertools.count(C.REFUSED + 1)
 
     def new_id(self) -> int:
@@ -69,7 +74,8 @@ def build(runtime: Any) -> tuple[StateServer, Greylist | None]:
     limit = cfg.max_messages_per_minute
     rate = clientrate.limiter(runtime.reactor, limit) if limit else None
     table = inbound.greylist_table(runtime) if cfg.greylist is not None else None
-    return StateServer(runtime.throttle, runtime.send_limits, rate, table), table
+    limiters = connection_limiters(runtime.config)
+    return StateServer(runtime.throttle, runtime.send_limits, rate, table, limiters), table
 
 
 class WorkerState(amp.CommandLocator):
@@ -82,7 +88,29 @@ class WorkerState(amp.CommandLocator):
         self.server = server
         self.tickets: dict[int, ILoginTicket] = {}
         self.reservations: dict[int, IReservation] = {}
+        self.slots: Counter[tuple[str, str]] = Counter()  # (kind, host) -> connection slots held
         self.gone = False
+
+    # -- connection slots -----------------------------------------------------------
+
+    @AcquireSlot.responder
+    def acquire_slot(self, kind: str, host: str) -> dict[str, str]:
+        over = self.server.limiters[kind].take(host)
+        if over is None:
+            if self.gone:  # granted after the worker left: give it back at once
+                self.server.limiters[kind].release(host)
+            else:
+                self.slots[kind, host] += 1
+        return {"over": over or ""}
+
+    @ReleaseSlot.responder
+    def release_slot(self, kind: str, host: str) -> dict[str, str]:
+        if self.slots[kind, host] > 0:  # not ours (a confused worker): keep the counts right
+            self.slots[kind, host] -= 1
+            self.server.limiters[kind].release(host)
+        if not self.slots[kind, host]:
+            del self.slots[kind, host]
+        return {}
 
     # -- login throttle -----------------------------------------------------------
 
@@ -181,8 +209,12 @@ class WorkerState(amp.CommandLocator):
         return ident
 
     def lost(self) -> None:
-        """The worker's connection is gone: abandon its attempts, release its holds."""
+        """The worker's connection is gone: abandon its attempts, release its holds and slots."""
         self.gone = True
+        slots, self.slots = self.slots, Counter()
+        for (kind, host), n in slots.items():
+            for _ in range(n):
+                self.server.limiters[kind].release(host)
         tickets, self.tickets = self.tickets, {}
         reservations, self.reservations = self.reservations, {}
         for ticket in tickets.values():

@@ -14,7 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.config import from_mapping
 from mailstack.connlimit import connection_limiters
 from mailstack.procs import master
+from mailstack.procs.stateserver import StateServer
 from tests.procs.test_slots import RecordingKicker
+from tests.support.fakes import FakeThrottle
 
 
 class FakeProcess:
@@ -45,8 +47,8 @@ class PoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         config = from_mapping({}, base=self.mktemp())
-        self.pool = master.WorkerPool(self.reactor, "/etc/m.toml", 2, connection_limiters(config), RecordingKicker(),
-                                      grace=5.0)
+        state = StateServer(FakeThrottle(), None, limiters=connection_limiters(config))  # type: ignore[arg-type]
+        self.pool = master.WorkerPool(self.reactor, "/etc/m.toml", 2, RecordingKicker(), 5.0, state)
         self.pool.privilegedStartService()
         self.pool.startService()
 

@@ -1,4 +1,5 @@
-"""Tests for mailstack.procs.slots and the master's end of a worker's AMP connection."""
+"""Tests for mailstack.procs.slots, the slots kept by procs.stateserver, and the master's
+end of a worker's AMP connection."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from mailstack.connlimit import PER_IP, TOTAL, ConnectionLimiter
 from mailstack.interfaces import IConnectionSlots, IQueueKicker
 from mailstack.procs.commands import Ready
 from mailstack.procs.master import MasterChannel
-from mailstack.procs.slots import RemoteKicker, RemoteSlots, WorkerSlots
+from mailstack.procs.slots import RemoteKicker, RemoteSlots
+from mailstack.procs.stateserver import StateServer
+from tests.support.fakes import FakeThrottle
 
 
 @implementer(IQueueKicker)
@@ -32,10 +35,11 @@ class MasterWorkerTests(SynchronousTestCase):
         self.kicker = RecordingKicker()
         verifyObject(IQueueKicker, self.kicker)
         self.ready: list[int] = []
+        self.state = StateServer(FakeThrottle(), None, limiters=self.limiters)  # type: ignore[arg-type]
 
     def link(self, index: int = 0) -> tuple[amp.AMP, MasterChannel, Any]:
         """A worker's AMP connection to its master channel, pumped in memory."""
-        channel = MasterChannel(index, WorkerSlots(self.limiters), self.kicker, self.ready.append)
+        channel = MasterChannel(index, self.kicker, self.ready.append, self.state.worker())
         worker, master, pump = connectedServerAndClient(lambda: channel, amp.AMP)
         return worker, master, pump
 
@@ -70,6 +74,13 @@ class MasterWorkerTests(SynchronousTestCase):
         w1.transport.loseConnection()
         p1.flush()
         self.assertEqual((self.limiters["smtp"].total, dict(self.limiters["smtp"].per_ip)), (1, {"192.0.2.2": 1}))
+
+    def test_slotGrantedAfterTheWorkerLeftGoesBack(self) -> None:
+        """A slot granted to a worker whose connection is already gone is given back at once."""
+        held = self.state.worker()
+        held.lost()
+        self.assertEqual(held.acquire_slot("smtp", "192.0.2.1"), {"over": ""})
+        self.assertEqual(self.limiters["smtp"].total, 0)
 
     def test_releaseOfASlotNotHeldIsIgnored(self) -> None:
         """A release the worker does not hold cannot push the master's counts below the truth."""
