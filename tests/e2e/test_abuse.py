@@ -14,6 +14,7 @@ import poplib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -60,6 +61,16 @@ def read_line(c: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+def on_each_at_once(clients: list[RawSMTP], action: Callable[[RawSMTP], None]) -> None:
+    """Run ``action(client)`` for every client in a thread of its own, wait, close them all."""
+    threads = [threading.Thread(target=action, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    close_all([c.sock for c in clients])
 
 
 def close_all(socks: list[socket.socket]) -> None:
@@ -237,12 +248,7 @@ def test_simultaneousAuthAttemptsReserved(server) -> None:
         barrier.wait()
         replies.append(_auth(c, "dave@localhost", "wrong")[0])
 
-    threads = [threading.Thread(target=attempt, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    close_all([c.sock for c in clients])
+    on_each_at_once(clients, attempt)
     assert len(replies) == 30, replies
     checked = [r for r in replies if r.startswith(b"535 5.7.8")]
     refused = [r for r in replies if r.startswith(b"454 4.7.0")]
@@ -529,12 +535,7 @@ def test_hourlyLimitHoldsUnderConcurrency(tmp_path) -> None:
                 reply = c.cmd(b"Subject: burst\r\n\r\nhello\r\n.")
             outcomes.append(reply)
 
-        threads = [threading.Thread(target=send, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        close_all([c.sock for c in clients])
+        on_each_at_once(clients, send)
         assert len(outcomes) == 8, outcomes
         sent = [r for r in outcomes if r.startswith(b"250")]
         refused = [r for r in outcomes if r.startswith(b"451 4.7.1") and b"Hourly" in r]
