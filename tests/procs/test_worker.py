@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from unittest.mock import patch
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.protocols import amp
@@ -33,9 +35,20 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual(args.listeners[0]["kind"], "smtp")
 
     def test_orphanExitsAtOnce(self) -> None:
-        """A worker whose master is already gone (another parent) exits before starting anything."""
-        self.assertRaises(SystemExit, worker.die_with_parent, os.getpid())  # our parent is not ourselves
-        worker.die_with_parent(os.getppid())  # the right parent: returns
+        """The worker asks the kernel for SIGTERM when its parent dies; one whose master is
+        already gone (another parent) exits before starting anything."""
+        calls: list[tuple[int, int]] = []
+
+        class LibC:
+            def prctl(self, option: int, value: int) -> int:
+                calls.append((option, value))
+                return 0
+
+        # A stand-in C library, so the test runner itself is not given a death signal.
+        with patch("mailstack.procs.worker.ctypes.CDLL", return_value=LibC()):
+            self.assertRaises(SystemExit, worker.die_with_parent, os.getpid())  # our parent is not ourselves
+            worker.die_with_parent(os.getppid())  # the right parent: returns
+        self.assertEqual(calls, [(1, signal.SIGTERM)] * 2)  # PR_SET_PDEATHSIG
 
     def test_metricsAnswered(self) -> None:
         """The master's Exposition is answered with the worker's metrics."""
