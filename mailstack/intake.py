@@ -74,7 +74,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -91,6 +91,7 @@ from mailstack.queue.store import QueueStore
 from mailstack.smtp.replies import DISK_FULL, HEADER_TOO_BIG
 from mailstack.smtp.replies import LOCAL_ERROR as COMMIT_FAILED
 from mailstack.storage import fsutil
+from mailstack.threadpool import INLINE_BYTES
 
 # Bytes of a message held in memory before it is streamed to queue/tmp/<id>:
 # the write buffer such a file would have anyway, so memory per session is bounded.
@@ -592,6 +593,8 @@ class ReceivedMessage:
         self._run_blocking = run_blocking
 
     def run_blocking(self, reader: Callable[[IO[bytes]], Any]) -> Deferred:
+        if isinstance(self._source, bytes) and len(self._source) - self._offset <= INLINE_BYTES:
+            return maybeDeferred(_read, self._source, self._offset, reader)  # nothing to block on
         return self._run_blocking(_read, self._source, self._offset, reader)
 
 

@@ -76,9 +76,12 @@ class IMessage(Interface):
     size = Attribute("int: octets of the message as the client sent it (dot-unstuffed)")
 
     def run_blocking(reader: Callable[[IO[bytes]], Any]) -> Deferred[Any]:
-        """Deferred firing with ``reader(f)`` run in the thread pool, ``f`` a binary
-        file at the start of the client's message (header section as received), for
-        checks that need the whole message without holding it in memory."""
+        """Deferred firing with ``reader(f)``, ``f`` a binary file at the start of
+        the client's message (header section as received), for checks that need
+        the whole message without holding it in memory.  ``reader`` runs in the
+        thread pool, or at once on the reactor thread when the message is held
+        in memory and is at most ``threadpool.INLINE_BYTES`` long (reading it
+        blocks nothing, and a pool call would cost more than the work)."""
 
 
 class IIncoming(Interface):

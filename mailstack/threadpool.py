@@ -20,6 +20,12 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+# In-memory work on at most this many bytes (hashing, parsing, a signature
+# over a small message) is done on the reactor thread: a pool call waits
+# behind the queue's fsyncs and costs two thread wake-ups, more than the
+# work itself (a few tenths of a millisecond at this size).
+INLINE_BYTES = 32 * 1024
+
 
 class ThreadPool:
     """``size`` threads from ``start()`` to ``stop()``; ``run(f, *a, **kw) -> Deferred``.

@@ -22,6 +22,7 @@ from mailstack.interfaces import IIncoming, IIntake, IMessage
 from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
+from mailstack.threadpool import INLINE_BYTES
 from tests.storage.faults import Faults, scratch_path
 
 NOW = 1764341555.0  # Fri, 28 Nov 2025 14:52:35 +0000
@@ -838,6 +839,22 @@ class HeaderChangeTests(IntakeTestMixin, SynchronousTestCase):
             self.assertEqual(self.successResultOf(message.run_blocking(lambda f: f.read())), EDITED_HEADER + body)
             incoming.abort()
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+
+    def test_smallMessageReadInline(self) -> None:
+        """A message held in memory and at most INLINE_BYTES long is read at once,
+        without a thread call; a bigger one (in memory or spilled) goes to the pool."""
+        threads = ManualThreads()
+        self.intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        small = b"\r\n" + b"s" * (INLINE_BYTES - len(EDITED_HEADER) - 2)
+        for body, inline in ((small, True), (small + b"s", False), (b"\r\n" + b"y" * (SPILL_AT * 2), False)):
+            incoming = self.intake.begin(envelope())
+            incoming.write(EDITED_HEADER + body)
+            d = incoming.message().run_blocking(lambda f: f.read())
+            self.assertEqual(threads.names(), [] if inline else ["_read"])
+            threads.run_all()
+            self.assertEqual(self.successResultOf(d), EDITED_HEADER + body)
+            incoming.abort()
+            threads.run_all()
 
     def test_headerSectionTooBig(self) -> None:
         """A header section beyond HEADER_LIMIT is refused 552 5.3.4 and nothing is kept."""

@@ -47,10 +47,11 @@ from mailstack.dkim.signer import IDKIMSigner
 from mailstack.headers import Field, HeaderReader, field_name
 from mailstack.interfaces import IMessage, IMessageObserver
 from mailstack.pipeline import Check, CheckFactory, Connection, Transaction, Verdict
+from mailstack.threadpool import INLINE_BYTES
 
 BATCH = 256 * 1024  # bytes per thread call
 BACKLOG = 4 * 1024 * 1024  # bytes waiting for the pool before the stored copy is hashed instead
-INLINE = 32 * 1024  # a body up to this size is hashed on the reactor thread
+INLINE = INLINE_BYTES  # a body up to this size is hashed on the reactor thread
 _READ = 1 << 20
 
 

@@ -3,8 +3,9 @@
 
 Every DKIM-Signature of the message is verified (RFC 6376 section 6,
 ``inbound.dkimverify.DKIMVerifier``); the message is read through
-``IMessage.run_blocking``, in the thread pool, from the spool file (or the
-buffer of a small message), never on the reactor.  The results go to
+``IMessage.run_blocking``: in the thread pool from the spool file, or at once
+from the buffer of a small message (a pool call there would cost more than
+the verification, about 0.25 ms with RSA-2048).  The results go to
 ``txn.notes["dkim"]`` for DMARC and Authentication-Results; a failing
 signature alone refuses nothing (RFC 6376 section 6.3: it is as if unsigned).
 A message whose parsed header section has no DKIM-Signature field at all is
