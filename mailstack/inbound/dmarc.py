@@ -135,6 +135,7 @@ def strictest(results: Sequence[DMARCResult]) -> DMARCResult:
 # --- Records (section 6.3, 6.4) ---------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # mail repeats a few senders' records; Policy is immutable
 def parse_record(text: str) -> Policy | None:
     """The policy of a record; None when it has no valid ``p=`` (nor ``rua=``
     that would make it p=none, section 6.6.3).  Unknown tags are ignored,
@@ -184,11 +185,15 @@ class DMARCEvaluator:
         self.resolver = resolver
         self.rng = rng
         self.psl = psl if psl is not None else bundled_psl()
+        # Alignment asks for the same few domains' org domains on every message.
+        self._organizational = functools.lru_cache(maxsize=4096)(self._organizational_uncached)
         self.timeout = timeout
 
     def organizational_domain(self, domain: str) -> str:
         """Section 3.2: the public suffix plus one label (the domain itself if shorter)."""
-        domain = domain.lower().rstrip(".")
+        return self._organizational(domain.lower().rstrip("."))
+
+    def _organizational_uncached(self, domain: str) -> str:
         return self.psl.privatesuffix(domain) or domain
 
     def aligned(self, authenticated: str, author: str, mode: str) -> bool:

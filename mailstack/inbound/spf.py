@@ -17,6 +17,7 @@ permerror (section 4.6).  Macros are section 7.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -142,7 +143,7 @@ class _Term:
     qualifier: str  # result when a mechanism matches
     name: str  # mechanism name, lower case
     domain: str | None  # domain-spec, None: the current domain
-    value: str = ""  # ip4/ip6 network text
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None  # of ip4/ip6
     cidr4: int = 32
     cidr6: int = 128
 
@@ -213,10 +214,11 @@ def _parse_term(text: str) -> _Term | tuple[str, str]:
         length = int(cidr) if cidr else addr.max_prefixlen
         if length > addr.max_prefixlen:
             raise _perm(f"bad {name} cidr")
-        return _Term(qualifier, name, None, value=net, cidr4=length, cidr6=length)
+        return _Term(qualifier, name, None, network=ipaddress.ip_network(f"{addr}/{length}", strict=False))
     raise _perm(f"unknown mechanism {name!r}")
 
 
+@functools.lru_cache(maxsize=1024)  # mail repeats a few senders' records; _Record is immutable
 def parse_record(text: str) -> _Record:
     """Parse an SPF record (``v=spf1 ...``); raise permerror on any syntax error."""
     if re.search(r"[^\x20-\x7e]", text):
@@ -342,8 +344,8 @@ class _Evaluation:
         if name == "all":
             return True
         if name == "ip4" or name == "ip6":
-            net = ipaddress.ip_network(f"{term.value}/{term.cidr4}", strict=False)
-            return self.ip.version == net.version and self.ip in net
+            net = term.network
+            return net is not None and self.ip.version == net.version and self.ip in net
         self._count()
         target = await self._expand(term.domain, domain) if term.domain is not None else domain
         if name == "a":
