@@ -1,9 +1,13 @@
 """Tests for mailstack.tls: loading, generating and reloading the certificate."""
 
+import datetime
 import os
 import stat
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.ssl import CertificateOptions
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,6 +33,8 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(tls.key_path).st_mode), 0o600)
         with open(tls.cert_path, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())
+        self.assertIsInstance(cert.public_key(), ec.EllipticCurvePublicKey)  # cheap handshakes
+        self.assertEqual(cert.public_key().curve.name, "secp256r1")
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertEqual(san.get_values_for_type(x509.DNSName), ["mx.example.org"])
         self.assertIsInstance(tls.context_factory(), CertificateOptions)
@@ -71,16 +77,41 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION), "TLSv1.2")
         self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_1_VERSION)
 
+    def rsa_config(self):
+        """A [tls] config naming an RSA-2048 certificate (users bring those too)."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.org")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
+        )
+        with open(os.path.join(self.dir, "rsa.pem"), "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return self.cfg(certificate="rsa.pem")
+
     def test_tls12OnlyForwardSecretAEAD(self):
         """TLS 1.2 with static-RSA key exchange or CBC with SHA-1 is refused; ECDHE with
-        AES-GCM or ChaCha20-Poly1305 gets through; TLS 1.3 is unaffected."""
-        tls = TLSConfig.from_config(self.cfg())
-        for weak in (b"AES128-SHA", b"AES256-GCM-SHA384", b"ECDHE-RSA-AES128-SHA", b"ECDHE-RSA-AES256-SHA384"):
-            self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_2_VERSION, weak + b":@SECLEVEL=0")
-        for good in (b"ECDHE-RSA-AES128-GCM-SHA256", b"ECDHE-RSA-CHACHA20-POLY1305"):
-            self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION, good), "TLSv1.2")
-            self.assertEqual(self.last_cipher, good.decode())
-        self.assertEqual(self.handshake(tls, SSL.TLS1_3_VERSION, b"AES128-SHA"), "TLSv1.3")
+        AES-GCM or ChaCha20-Poly1305 gets through, for an RSA certificate and for the
+        generated ECDSA one; TLS 1.3 is unaffected."""
+        cases = {
+            "RSA": (self.rsa_config(), b"RSA"),
+            "ECDSA": (self.cfg(), b"ECDSA"),
+        }
+        for label, (cfg, auth) in cases.items():
+            tls = TLSConfig.from_config(cfg)
+            weak = [b"ECDHE-%s-AES128-SHA" % auth, b"ECDHE-%s-AES256-SHA384" % auth]
+            if auth == b"RSA":
+                weak += [b"AES128-SHA", b"AES256-GCM-SHA384"]  # static-RSA key exchange
+            for suite in weak:
+                self.assertRaises(SSL.Error, self.handshake, tls, SSL.TLS1_2_VERSION, suite + b":@SECLEVEL=0")
+            for good in (b"ECDHE-%s-AES128-GCM-SHA256" % auth, b"ECDHE-%s-CHACHA20-POLY1305" % auth):
+                self.assertEqual(self.handshake(tls, SSL.TLS1_2_VERSION, good), "TLSv1.2", label)
+                self.assertEqual(self.last_cipher, good.decode())
+            self.assertEqual(self.handshake(tls, SSL.TLS1_3_VERSION, b"AES128-SHA"), "TLSv1.3")
 
     def test_configuredChainInOneFile(self):
         """[tls] certificate may hold cert, chain and key in one file."""
