@@ -4,65 +4,89 @@
 ``[dns] nameservers`` names the servers to ask; when it is empty,
 ``relay.nameservers``, else the system's ``/etc/resolv.conf``, after
 ``/etc/hosts`` as the system resolver does (a smarthost named ``localhost``
-or a LAN name from the hosts file must keep working).  Answers are
-kept for their TTL in twisted.names' ``CacheResolver``: a chain of resolvers
-never fills its cache by itself (only ``twisted.names.server`` does), so
-``CachingResolver`` asks the upstream on a miss and fills the cache with the
-answer.  NXDOMAIN is kept too (RFC 2308 section 5), for the SOA's negative
-TTL when the answer carries one and ``NEGATIVE_TTL`` otherwise, at most
-``MAX_NEGATIVE_TTL``: an unlisted client of a block list is the common case
-and must not cost a round trip per connection.  Other failures (SERVFAIL,
-timeouts) are not kept, so a server that recovers is used at once.
-Everything stays on the reactor: the lookups are twisted.names Deferreds.
+or a LAN name from the hosts file must keep working).
+
+Answers are kept for the least TTL of their records (``CachingResolver``):
+a chain of twisted.names resolvers never fills a cache by itself (only
+``twisted.names.server`` does).  A hit is answered at once with the stored
+answer, the same few names (a sender's SPF, DMARC and DKIM key records) being
+asked for every message: three asks per message made twisted.names'
+``CacheResolver`` (which copies every record to lower its TTL on each hit)
+a fifth of the inbound checks' cost.  NXDOMAIN is kept too (RFC 2308
+section 5), for the SOA's negative TTL when the answer carries one and
+``NEGATIVE_TTL`` otherwise, at most ``MAX_NEGATIVE_TTL``: an unlisted client
+of a block list is the common case and must not cost a round trip per
+connection.  An answer without records is not kept (no TTL to keep it for),
+nor are other failures (SERVFAIL, timeouts), so a server that recovers is
+used at once.  At most ``MAX_ENTRIES`` names are kept (the oldest dropped
+first).  Everything stays on the reactor: the lookups are twisted.names
+Deferreds.
 """
 
 from __future__ import annotations
 
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.names import client, dns, hosts, resolve
-from twisted.names.cache import CacheResolver
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 NEGATIVE_TTL = 60.0
 MAX_NEGATIVE_TTL = 900.0
+MAX_ENTRIES = 10_000
+
+Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
 
 @implementer(IResolver)
 class CachingResolver(ResolverBase):
     """``upstream`` behind a TTL cache on ``clock``."""
 
-    def __init__(self, upstream: IResolver, clock: IReactorTime) -> None:
+    def __init__(self, upstream: IResolver, clock: IReactorTime, max_entries: int = MAX_ENTRIES) -> None:
         super().__init__()
         self.upstream = upstream
         self.clock = clock
-        self.cache = CacheResolver(reactor=clock)
-        self.negative: dict[tuple[bytes, int, int], DNSNameError] = {}
+        self.max_entries = max_entries
+        # (name, type, class) -> (expiry time, answer or the NXDOMAIN error)
+        self.entries: dict[tuple[bytes, int, int], tuple[float, Answer | DNSNameError]] = {}
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
-        query = dns.Query(name, type, cls)
-        return Deferred.fromCoroutine(self._ask(query, timeout))
+        key = (name.lower(), type, cls)
+        found = self.entries.get(key)
+        if found is not None:
+            expires, kept = found
+            if self.clock.seconds() < expires:
+                if isinstance(kept, DNSNameError):
+                    return fail(Failure(kept))
+                return succeed((list(kept[0]), list(kept[1]), list(kept[2])))  # the caller's own lists
+            del self.entries[key]
+        d = cast(Deferred, self.upstream.query(dns.Query(name, type, cls), timeout))
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        return d
 
-    async def _ask(self, query: dns.Query, timeout: Any) -> Any:
-        key = (query.name.name.lower(), query.type, query.cls)
-        if key in self.negative:
-            raise self.negative[key]
-        try:
-            return await self.cache.query(query)
-        except dns.DomainError:
-            pass  # not cached
-        try:
-            result = await self.upstream.query(query, timeout)
-        except DNSNameError as e:
-            self.negative[key] = e
-            self.clock.callLater(negative_ttl(e), self.negative.pop, key, None)
-            raise
-        self.cache.cacheResult(query, result)
-        return result
+    def _answered(self, answer: Answer, key: tuple[bytes, int, int]) -> Answer:
+        records = [*answer[0], *answer[1], *answer[2]]
+        if records:
+            self._keep(key, min(rr.ttl for rr in records), answer)
+        return answer
+
+    def _failed(self, failure: Failure, key: tuple[bytes, int, int]) -> Failure:
+        error = failure.value
+        if isinstance(error, DNSNameError):
+            self._keep(key, negative_ttl(error), error)
+        return failure
+
+    def _keep(self, key: tuple[bytes, int, int], ttl: float, kept: Answer | DNSNameError) -> None:
+        if ttl <= 0:
+            return
+        self.entries.pop(key, None)
+        while len(self.entries) >= self.max_entries:
+            del self.entries[next(iter(self.entries))]  # the oldest
+        self.entries[key] = (self.clock.seconds() + ttl, kept)
 
 
 def negative_ttl(error: DNSNameError) -> float:

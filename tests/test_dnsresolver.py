@@ -1,10 +1,13 @@
-"""Tests for mailstack.dnsresolver.build: which servers the shared resolver asks."""
+"""Tests for mailstack.dnsresolver: which servers the shared resolver asks, and its cache."""
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolver
 from twisted.internet.task import Clock
-from twisted.names import hosts, resolve
+from twisted.names import dns, hosts, resolve
+from twisted.names.common import ResolverBase
+from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -33,3 +36,98 @@ class BuildTests(SynchronousTestCase):
         first, second = resolver.resolvers
         self.assertIsInstance(first, hosts.Resolver)
         self.assertIsInstance(second, dnsresolver.CachingResolver)
+
+
+class _Upstream(ResolverBase):
+    """An IResolver whose answers the test gives, one Deferred per question."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[bytes, int]] = []
+        self.pending: list[Deferred] = []
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: object) -> Deferred:
+        self.asked.append((name, type))
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def _txt(name: bytes, ttl: int, text: bytes = b"v=spf1 -all") -> dns.RRHeader:
+    return dns.RRHeader(name, dns.TXT, dns.IN, ttl, dns.Record_TXT(text))
+
+
+def _soa(minimum: int, ttl: int) -> dns.RRHeader:
+    soa = dns.Record_SOA(mname=b"ns.example.org", rname=b"h.example.org", minimum=minimum)
+    return dns.RRHeader(b"example.org", dns.SOA, dns.IN, ttl, soa)
+
+
+class CachingResolverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.upstream = _Upstream()
+        self.resolver = dnsresolver.CachingResolver(self.upstream, self.clock, max_entries=3)
+
+    def ask(self, name: bytes = b"example.org") -> Deferred:
+        return self.resolver.lookupText(name)
+
+    def test_isAResolver(self) -> None:
+        """The cache stands for an IResolver wherever the server asks the DNS."""
+        verifyObject(IResolver, self.resolver)
+        verifyObject(IResolver, self.upstream)
+
+    def test_answerKeptForItsLeastTTL(self) -> None:
+        """An answer is given again without asking upstream until its least TTL
+        has passed (names compared case-insensitively); then upstream is asked again."""
+        d = self.ask()
+        self.upstream.pending.pop().callback(([_txt(b"example.org", 300)], [], [_txt(b"example.org", 60)]))
+        self.assertEqual(self.successResultOf(d)[0][0].payload.data, [b"v=spf1 -all"])
+        self.clock.advance(59)
+        again = self.successResultOf(self.ask(b"EXAMPLE.org"))
+        self.assertEqual(again[0][0].payload.data, [b"v=spf1 -all"])
+        self.assertEqual(len(self.upstream.asked), 1)
+        self.clock.advance(1)
+        self.assertNoResult(self.ask())
+        self.assertEqual(len(self.upstream.asked), 2)
+
+    def test_hitGivesTheCallersOwnLists(self) -> None:
+        """A caller that changes the lists of its answer does not change the next one's."""
+        self.ask()
+        self.upstream.pending.pop().callback(([_txt(b"example.org", 300)], [], []))
+        self.successResultOf(self.ask())[0].clear()
+        self.assertEqual(len(self.successResultOf(self.ask())[0]), 1)
+
+    def test_nxdomainKeptForTheNegativeTTL(self) -> None:
+        """NXDOMAIN is given again for min(SOA TTL, SOA minimum) (RFC 2308 section 5)."""
+        d = self.ask()
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(minimum=30, ttl=600)]
+        self.upstream.pending.pop().errback(DNSNameError(message))
+        self.failureResultOf(d, DNSNameError)
+        self.clock.advance(29)
+        self.failureResultOf(self.ask(), DNSNameError)
+        self.assertEqual(len(self.upstream.asked), 1)
+        self.clock.advance(1)
+        self.assertNoResult(self.ask())
+        self.assertEqual(len(self.upstream.asked), 2)
+
+    def test_failuresAndEmptyAnswersNotKept(self) -> None:
+        """SERVFAIL/timeouts and answers without any record are asked again next time."""
+        d = self.ask()
+        self.upstream.pending.pop().errback(DNSServerError("SERVFAIL"))
+        self.failureResultOf(d, DNSServerError)
+        d = self.ask()
+        self.upstream.pending.pop().callback(([], [], []))
+        self.assertEqual(self.successResultOf(d), ([], [], []))
+        self.assertNoResult(self.ask())
+        self.assertEqual(len(self.upstream.asked), 3)
+
+    def test_boundedOldestDropped(self) -> None:
+        """At most max_entries names are kept; a new one drops the oldest."""
+        for name in (b"a.example", b"b.example", b"c.example", b"d.example"):
+            self.ask(name)
+            self.upstream.pending.pop().callback(([_txt(name, 300)], [], []))
+        self.assertEqual(len(self.resolver.entries), 3)
+        self.successResultOf(self.ask(b"d.example"))
+        self.assertNoResult(self.ask(b"a.example"))
+        self.assertEqual(self.upstream.asked[-1], (b"a.example", dns.TXT))
