@@ -344,11 +344,10 @@ def build_runtime(
         rate, greylist = shared.rate, shared.greylist
     checks = inbound.build(runtime, resolver, rate=rate, greylist=greylist)
     try:
-        runtime.pipeline = pipeline.build(runtime, checks.checks)
+        runtime.pipeline = pipeline.build(runtime, checks)
     except pipeline.PipelineError as e:
         raise StartupError(f"{config.source or '<defaults>'}: {e}") from None
     after_sessions: list[IService] = [manager] if manager is not None else []
-    after_sessions += checks.services
     if table is not None:
         after_sessions.append(table)
     if send_limits is not None:

@@ -104,7 +104,7 @@ class FakesTests(SynchronousTestCase):
         verifyObject(IGreylist, FakeGreylist(True))
         verifyObject(ISPFVerifier, FakeSPF(Deferred()))
         verifyObject(IRspamdClient, FakeRspamd({}))
-        for check in inbound.build(fake_runtime(configmod.from_mapping({})), ZoneResolver({})).checks:
+        for check in inbound.build(fake_runtime(configmod.from_mapping({})), ZoneResolver({}), None, None):
             verifyObject(IMessageCheck, check)
 
 
@@ -301,46 +301,42 @@ class RspamdCheckTests(SynchronousTestCase):
 
 
 class BuildTests(SynchronousTestCase):
-    def build(self, **keys: Any) -> inbound.InboundChecks:
+    def build(self, **keys: Any) -> list:
+        """The checks of ``[inbound]`` ``keys``, given counts and a table as the state gives them."""
         cfg = configmod.from_mapping({"inbound": keys, "data_dir": self.mktemp()})
-        return inbound.build(fake_runtime(cfg), ZoneResolver({}))
+        self.counts, self.table = clientrate.limiter(Clock(), 1), FakeGreylist(True)
+        return inbound.build(fake_runtime(cfg), ZoneResolver({}), self.counts, self.table)
 
     def test_defaults(self):
-        """By default SPF, DKIM, DMARC and Authentication-Results run; no service is needed."""
-        built = self.build()
-        self.assertEqual([c.name for c in built.checks], ["spf", "dkim", "dmarc", "authresults"])
-        self.assertEqual(built.services, [])
+        """By default SPF, DKIM, DMARC and Authentication-Results run."""
+        self.assertEqual([c.name for c in self.build()], ["spf", "dkim", "dmarc", "authresults"])
 
     def test_everything(self):
-        """Every key on: the checks in stage order and the greylist table as a service."""
+        """Every key on: the checks in stage order, asking the shared counts and greylist table."""
         built = self.build(
             dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60
         )
         self.assertEqual(
-            [c.name for c in built.checks],
+            [c.name for c in built],
             ["dnsbl", "rate", "spf", "greylist", "dkim", "dmarc", "authresults", "rspamd"],
         )
-        self.assertEqual(len(built.services), 1)
+        by_name = {c.name: c for c in built}
+        self.assertEqual((by_name["rate"].counts, by_name["rate"].limit), (self.counts, 60))
+        self.assertIs(by_name["greylist"].greylist, self.table)
 
-    def test_sharedCountsAndTable(self):
-        """Given the client counts and the greylist kept elsewhere (a worker's proxies),
-        the checks ask those and there is no table service to run."""
-        counts, table = clientrate.limiter(Clock(), 1), FakeGreylist(True)
-        cfg = configmod.from_mapping(
-            {"inbound": {"greylist": "5m", "max_messages_per_minute": 60}, "data_dir": self.mktemp()}
-        )
-        built = inbound.build(fake_runtime(cfg), ZoneResolver({}), rate=counts, greylist=table)
-        by_name = {c.name: c for c in built.checks}
-        self.assertEqual((by_name["rate"].counts, by_name["rate"].limit), (counts, 60))
-        self.assertIs(by_name["greylist"].greylist, table)
-        self.assertEqual(built.services, [])
+    def test_sharedStateRequired(self):
+        """A rate limit or greylisting without the shared counts or table is a
+        programming error, not a check keeping counts of its own."""
+        for keys in ({"max_messages_per_minute": 60}, {"greylist": "5m"}):
+            cfg = configmod.from_mapping({"inbound": keys, "data_dir": self.mktemp()})
+            self.assertRaises(ValueError, inbound.build, fake_runtime(cfg), ZoneResolver({}), None, None)
 
     def test_authenticatedSessionsExempt(self):
         """No inbound check runs at any stage of an authenticated session."""
         built = self.build(
             dnsbl=["bl.test"], greylist="5m", rspamd="http://127.0.0.1:11333", max_messages_per_minute=60
         )
-        pipeline = Pipeline(built.checks, Clock())
+        pipeline = Pipeline(built, Clock())
         authed = Connection(peer="192.0.2.7", listener="smtp", hostname="mx.test", user="alice@localhost")
         for stage in ("connect", "mail", "rcpt", "data"):
             self.assertEqual(pipeline.stages(authed, stage), ())

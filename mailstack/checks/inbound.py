@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.application.service import IService
 from twisted.internet.interfaces import IResolver
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mailstack.checks import clientrate
 from mailstack.checks.authresults import AuthResultsCheck
 from mailstack.checks.clientrate import ClientRateCheck
 from mailstack.checks.dkimverify import DKIMCheck
@@ -53,14 +50,6 @@ from mailstack.inbound.spf import SPFVerifier
 from mailstack.interfaces import IMessageCheck, IRateLimit
 
 
-@dataclass
-class InboundChecks:
-    """The checks, and the services (the greylist table) the server must start and stop."""
-
-    checks: list[IMessageCheck] = field(default_factory=list)
-    services: list[IService] = field(default_factory=list)
-
-
 def greylist_table(runtime: Any) -> Greylist:
     """The greylisting table of ``inbound.greylist``, kept in ``<data_dir>/greylist.json``;
     a service to start (it loads the file) and stop (it writes it)."""
@@ -70,38 +59,37 @@ def greylist_table(runtime: Any) -> Greylist:
 
 
 def build(
-    runtime: Any, resolver: IResolver, rate: IRateLimit | None = None, greylist: IGreylist | None = None
-) -> InboundChecks:
+    runtime: Any, resolver: IResolver, rate: IRateLimit | None, greylist: IGreylist | None
+) -> list[IMessageCheck]:
     """The checks of ``runtime.config.inbound``, asking the DNS through ``resolver``.
 
-    ``rate`` and ``greylist`` are the counts and the table kept elsewhere (a
-    worker process asks the master's, ``procs.stateclient``); without them
-    the checks keep their own, and the greylist table is among the services.
+    ``rate`` and ``greylist`` are the per-client counts and the greylist table
+    that every session shares (``procs.stateserver.build``: the master's own,
+    or a worker's proxies of them); None when ``[inbound]`` does not ask for them.
     """
     config = runtime.config
     cfg = config.inbound
     reactor = runtime.reactor
-    out = InboundChecks()
+    checks: list[IMessageCheck] = []
     if cfg.dnsbl:
-        out.checks.append(DNSBLCheck(DNSBLChecker(resolver, cfg.dnsbl)))
+        checks.append(DNSBLCheck(DNSBLChecker(resolver, cfg.dnsbl)))
     if cfg.max_messages_per_minute:
-        limit = cfg.max_messages_per_minute
-        out.checks.append(ClientRateCheck(rate or clientrate.limiter(reactor, limit), limit))
+        if rate is None:
+            raise ValueError("inbound.max_messages_per_minute is set but no client counts were given")
+        checks.append(ClientRateCheck(rate, cfg.max_messages_per_minute))
     if cfg.spf:
-        out.checks.append(SPFCheck(SPFVerifier(resolver, config.hostname, reactor.seconds), reactor))
+        checks.append(SPFCheck(SPFVerifier(resolver, config.hostname, reactor.seconds), reactor))
     if cfg.greylist is not None:
         if greylist is None:
-            table = greylist_table(runtime)
-            out.services.append(table)
-            greylist = table
-        out.checks.append(GreylistCheck(greylist))
+            raise ValueError("inbound.greylist is set but no greylist table was given")
+        checks.append(GreylistCheck(greylist))
     if cfg.dkim:
-        out.checks.append(DKIMCheck(DKIMVerifier(resolver, runtime.run_blocking)))
+        checks.append(DKIMCheck(DKIMVerifier(resolver, runtime.run_blocking)))
     if cfg.dmarc:
-        out.checks.append(DMARCCheck(DMARCEvaluator(resolver, random.SystemRandom())))
-    out.checks.append(AuthResultsCheck(config.hostname, cfg.spf, cfg.dkim, cfg.dmarc))
+        checks.append(DMARCCheck(DMARCEvaluator(resolver, random.SystemRandom())))
+    checks.append(AuthResultsCheck(config.hostname, cfg.spf, cfg.dkim, cfg.dmarc))
     if cfg.rspamd:
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         client = RspamdClient(cfg.rspamd, agent, reactor, runtime.run_blocking)
-        out.checks.append(RspamdCheck(client, tempfail_when_down=cfg.rspamd_failure == "tempfail"))
-    return out
+        checks.append(RspamdCheck(client, tempfail_when_down=cfg.rspamd_failure == "tempfail"))
+    return checks
