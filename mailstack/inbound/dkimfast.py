@@ -100,7 +100,13 @@ def passes(block: bytes, f: IO[bytes], records: dict[str, bytes], count: int, no
     the start of the body (read to its end in ``CHUNK`` pieces, so memory does
     not grow with the message); ``records`` maps ``<s>._domainkey.<d>.``
     (lowercase) to key records dkimpy can parse."""
-    fields = plain_fields(block)
+    return passes_fields(plain_fields(block), f, records, count, now)
+
+
+def passes_fields(
+    fields: list[HeaderField] | None, f: IO[bytes], records: dict[str, bytes], count: int, now: float
+) -> list[bool]:
+    """``passes`` for the header already parsed: ``plain_fields(block)``."""
     if fields is None:
         return [False] * count
     raws = [raw for name, raw in fields if name.lower() == "dkim-signature"][:count]

@@ -39,7 +39,8 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
-from mailstack.inbound.dkimfast import CACHED_RECORD, passes, plain_fields
+from mailstack.dkim.canon import HeaderField
+from mailstack.inbound.dkimfast import CACHED_RECORD, passes_fields, plain_fields
 from mailstack.inbound.dnsutil import DNS_TIMEOUT, lookup, txt_strings, valid_name
 from mailstack.inbound.interfaces import IDKIMVerifier
 
@@ -72,7 +73,16 @@ class _Signature:
     error: str  # non-empty: the signature could not be parsed
 
 
-def read_signatures(f: IO[bytes]) -> list[_Signature]:
+@dataclass(frozen=True)
+class _Scan:
+    """The header section as ``read_signatures`` found it, kept for ``verify_file``."""
+
+    signatures: list[_Signature]
+    block: bytes  # the header section up to and including the empty line
+    fields: list[HeaderField] | None  # plain_fields(block)
+
+
+def read_signatures(f: IO[bytes]) -> _Scan:
     """Blocking: the DKIM-Signature fields of the message read from ``f``, in order."""
     block = _header_block(f)
     fields = plain_fields(block)
@@ -97,7 +107,7 @@ def read_signatures(f: IO[bytes]) -> list[_Signature]:
             out.append(_Signature(d, s, b, "missing or invalid d= or s="))
         else:
             out.append(_Signature(d, s, b, ""))
-    return out
+    return _Scan(out, block, fields)
 
 
 def _header_block(f: IO[bytes]) -> bytes:
@@ -112,10 +122,14 @@ def _header_block(f: IO[bytes]) -> bytes:
     return b"".join(chunks)
 
 
-def verify_file(f: IO[bytes], keys: dict[str, bytes | None], count: int) -> list[tuple[str, str]]:
+def verify_file(
+    f: IO[bytes], keys: dict[str, bytes | None], count: int, scan: _Scan | None = None
+) -> list[tuple[str, str]]:
     """Blocking: (result, reason) for the first ``count`` signatures of the
     message read from ``f``; ``keys`` maps ``<s>._domainkey.<d>.`` to the key
     record (None: no record).  Names missing from ``keys`` are temperror.
+    ``scan``: ``read_signatures`` of the same message, whose header section
+    is then not read and parsed again.
 
     The fast check streams the message; only when a signature does not pass
     there is the message read into memory for dkimpy (which verifies a
@@ -123,7 +137,12 @@ def verify_file(f: IO[bytes], keys: dict[str, bytes | None], count: int) -> list
     dropped when it returns."""
     start = f.tell()
     records = {name: r for name, r in keys.items() if r is not None and _usable(name, r)}
-    passed = passes(_header_block(f), f, records, count, time.time())
+    if scan is None:
+        fields = plain_fields(_header_block(f))
+    else:
+        f.seek(start + len(scan.block))
+        fields = scan.fields
+    passed = passes_fields(fields, f, records, count, time.time())
     if all(passed):
         return [(PASS, "")] * count
     f.seek(start)
@@ -230,7 +249,8 @@ class DKIMVerifier:
         return Deferred.fromCoroutine(self._verify(read))
 
     async def _verify(self, read: Callable[[Callable[[IO[bytes]], Any]], Deferred]) -> list[DKIMResult]:
-        signatures: list[_Signature] = await read(read_signatures)
+        scan: _Scan = await read(read_signatures)
+        signatures = scan.signatures
         if not signatures:
             return []
         checked = signatures[:MAX_SIGNATURES]
@@ -241,7 +261,7 @@ class DKIMVerifier:
             if ok:  # a failed (temporary) lookup stays out of ``keys``
                 keys[name + "."] = value
         count = len(checked)
-        outcomes: list[tuple[str, str]] = await read(lambda f: verify_file(f, keys, count))
+        outcomes: list[tuple[str, str]] = await read(lambda f: verify_file(f, keys, count, scan))
         out: list[DKIMResult] = []
         for sig, (result, reason) in zip(checked, outcomes, strict=False):
             if sig.error:
