@@ -26,6 +26,7 @@ whose ``extra_toml`` does not (CI runs the end-to-end tests with the default,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +81,18 @@ def children(pid: int) -> list[int]:
         if name.isdigit() and (info := _state_and_parent(int(name))) and info[1] == pid and info[0] != "Z":
             found.append(int(name))
     return sorted(found)
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def twistd_command() -> list[str]:
@@ -278,6 +291,12 @@ class Server:
                 return f.read()
         except FileNotFoundError:
             return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """The log once the regular expression ``pattern`` matches in it: a line
+        can land after the reply that follows it (a session worker's lines reach
+        the log through the master, and every log is written once per reactor turn)."""
+        return wait_until(lambda: self.log() if re.search(pattern, self.log()) else "", timeout, repr(pattern))
 
     def __enter__(self) -> Server:
         return self

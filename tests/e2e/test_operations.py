@@ -9,28 +9,16 @@ import shutil
 import smtplib
 import socket
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import Server, free_ports
+from tests.e2e.harness import Server, free_ports, wait_until
 
 PASSWORD = "operator-pw"
 
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``predicate`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

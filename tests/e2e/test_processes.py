@@ -6,17 +6,8 @@ import os
 import signal
 import smtplib
 import socket
-import time
 
-from tests.e2e.harness import Server, alive
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+from tests.e2e.harness import Server, alive, wait_until
 
 
 def send(server: Server, subject: str) -> int:
