@@ -49,6 +49,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
+from mailstack import lognoise
 from mailstack.logbatch import BatchedObserver, classic_text
 
 # Keys a legacy ``twisted.python.log`` event carries besides its ``log_*`` twins.
@@ -179,4 +180,4 @@ def for_twistd(service: IService, server_options: object, log_format: str = "jso
     lines = classic_text() if log_format == "text" else (lambda event: event_as_json(event) + "\n")
     observer = BatchedObserver(out, lines, reactor)
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
-    return LogApplication(service, observer)
+    return LogApplication(service, lognoise.quiet(observer))

@@ -28,6 +28,7 @@ from twisted.logger import Logger, eventAsJSON, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from mailstack import lognoise
 from mailstack.interfaces import IMetrics
 from mailstack.logbatch import BatchedObserver
 from mailstack.metrics import NoMetrics
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
     logs = BatchedObserver(sys.stdout, lambda event: eventAsJSON(event) + "\n", reactor)
-    globalLogBeginner.beginLoggingTo([logs], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([lognoise.quiet(logs)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("after", "shutdown", logs.flush)
     return_big_frees_to_the_os()
     account = tuple(int(x) for x in args.account.split(":")) if args.account else None
