@@ -64,7 +64,7 @@ from mailstack.metrics import Metrics, MetricsSite, make_metrics
 from mailstack.pop3 import factory as pop3_factory
 from mailstack.procs import stateclient, stateserver
 from mailstack.procs.master import WorkerPool, worker_count
-from mailstack.procs.slots import RemoteKicker, RemoteSlots
+from mailstack.procs.slots import RemoteKicker
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.store import QueueStore
 from mailstack.routing import Router
@@ -279,7 +279,7 @@ def build_runtime(
 
     Returns the runtime, the services to stop after the sessions, in order, and
     the state the master shares with its workers (None in a worker).
-    A worker (``channel``: its ``amp.AMP`` connection to the master) has no
+    A worker (``channel``: its ``procs.worker.WorkerChannel`` to the master) has no
     queue manager (its intake kicks the master's) and asks the master for the
     connection slots and the shared limits.  StartupError if the message checks
     of ``[pipeline]`` cannot be built.
@@ -336,9 +336,9 @@ def build_runtime(
         state, table = stateserver.build(runtime)
         rate, greylist = state.rate, state.greylist
     else:
-        runtime.smtp_connections = RemoteSlots(channel, "smtp")
-        runtime.submission_connections = RemoteSlots(channel, "submission")
-        runtime.pop3_connections = RemoteSlots(channel, "pop3")
+        runtime.smtp_connections = channel.leases.slots("smtp")
+        runtime.submission_connections = channel.leases.slots("submission")
+        runtime.pop3_connections = channel.leases.slots("pop3")
         shared = stateclient.remote_state(channel)
         runtime.throttle, runtime.send_limits = shared.throttle, shared.send_limits
         rate, greylist = shared.rate, shared.greylist

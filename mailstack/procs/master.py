@@ -73,6 +73,7 @@ class MasterChannel(amp.AMP):
         self.kicker = kicker
         self._ready = ready
         self._state = state
+        state.channel = self  # the master asks the worker back for its spare slots
 
     def locateResponder(self, name: bytes) -> Any:
         """Our commands, then those of the shared state (``procs.stateserver``)."""

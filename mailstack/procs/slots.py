@@ -1,45 +1,121 @@
 # -*- test-case-name: tests.procs.test_slots -*-
-"""Connection caps across session processes, kept by the master and asked over AMP;
-and the worker's queue kicks.
+"""Connection caps across session processes, kept by the master and lent to the
+workers in small batches; and the worker's queue kicks.
 
 Each kind of listener has one ``connlimit.ConnectionLimiter`` in the master
 (smtp; submission and submissions; pop3 and pop3s), so ``smtp.max_connections``
-and the per-address caps hold over all workers together.  The master keeps
-which slots each worker holds with its other holds (``stateserver.WorkerState``):
-a worker that dies gives all of them back.
+and the per-address caps hold over all workers together.  Asking the master
+for each connection cost two AMP messages per session, most of the master's
+CPU under load; so the master lends slots (``stateserver.WorkerState``).
+
+* When a worker asks for a slot for an address, the master takes it and, while
+  the address and the kind are below half their caps, up to ``LEASE`` more
+  (``spares``) for the same address, counted against the caps like used ones.
+* The worker (``LeasedSlots``) hands its spares of that address to the next
+  sessions without asking, and keeps at most ``LEASE`` of them once a session
+  ends; when its last session from the address ends it gives all of them back
+  (``ReleaseSlot``), so idle addresses hold nothing.
+* When a cap refuses a connection while some worker may hold spares that
+  count against it, the master first asks those workers to give them back
+  (``ReturnSpares``) and tries again: a client is refused only when the slots
+  are in use.  The caps stay exact; only the refusals cost a round trip.
+
+The master keeps which slots each worker holds, used or spare, with its other
+holds: a worker that dies gives all of them back.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.protocols import amp
 from zope.interface import implementer
 
 from mailstack.interfaces import IConnectionSlots, IQueueKicker
-from mailstack.procs.commands import AcquireSlot, Kick, ReleaseSlot
+from mailstack.procs.commands import AcquireSlot, Kick, ReleaseSlot, ReturnSpares
+
+#: The most spare slots of one address a worker is lent at once, or keeps.
+LEASE = 8
 
 
 @implementer(IConnectionSlots)
-class RemoteSlots:
-    """A worker's slots of one kind, asked from the master over ``channel`` (an ``amp.AMP``)."""
+class LeasedSlots:
+    """A worker's slots of one kind: its spares first, else asked from the master over ``channel``."""
 
     log = Logger()
 
-    def __init__(self, channel: Any, kind: str) -> None:
+    def __init__(self, channel: amp.AMP, kind: str) -> None:
         self.channel = channel
         self.kind = kind
+        self.in_use: Counter[str] = Counter()
+        self.spares: Counter[str] = Counter()
 
     def acquire(self, host: str) -> Deferred[str | None]:
-        d = self.channel.callRemote(AcquireSlot, kind=self.kind, host=host)
-        return d.addCallback(lambda answer: answer["over"] or None)
+        if self.spares[host] > 0:
+            self._move(self.spares, self.in_use, host, 1)
+            return succeed(None)
+
+        def granted(answer: dict[str, Any]) -> str | None:
+            if answer["over"]:
+                return str(answer["over"])
+            self.in_use[host] += 1
+            self.spares[host] += answer["spares"]
+            return None
+
+        d: Deferred[dict[str, Any]] = self.channel.callRemote(AcquireSlot, kind=self.kind, host=host)
+        return d.addCallback(granted)
 
     def release(self, host: str) -> None:
-        try:
-            self.channel.callRemote(ReleaseSlot, kind=self.kind, host=host)
-        except Exception:  # the master is gone; its successor starts with no slots taken
-            self.log.failure("cannot give back a {kind} slot", kind=self.kind)
+        if self.in_use[host] <= 0:
+            return
+        self._move(self.in_use, self.spares, host, 1)
+        keep = LEASE if self.in_use[host] else 0
+        surplus = self.spares[host] - keep
+        if surplus > 0:
+            self._move(self.spares, None, host, surplus)
+            try:
+                self.channel.callRemote(ReleaseSlot, kind=self.kind, host=host, count=surplus)
+            except Exception:  # the master is gone; its successor starts with no slots taken
+                self.log.failure("cannot give back {kind} slots", kind=self.kind)
+
+    def give_back(self, host: str) -> list[dict[str, Any]]:
+        """Drop the spares of ``host`` ("": of every host): the answer to ``ReturnSpares``."""
+        hosts = [host] if host else list(self.spares)
+        returned = [{"host": h, "count": self.spares[h]} for h in hosts if self.spares[h] > 0]
+        for entry in returned:
+            del self.spares[entry["host"]]
+        return returned
+
+    @staticmethod
+    def _move(source: Counter[str], target: Counter[str] | None, host: str, n: int) -> None:
+        source[host] -= n
+        if source[host] <= 0:
+            del source[host]
+        if target is not None:
+            target[host] += n
+
+
+class SlotLeases(amp.CommandLocator):
+    """A worker's ``LeasedSlots`` of every kind, and its answer to the master's ``ReturnSpares``."""
+
+    def __init__(self, channel: amp.AMP) -> None:
+        super().__init__()
+        self.channel = channel
+        self.kinds: dict[str, LeasedSlots] = {}
+
+    def slots(self, kind: str) -> LeasedSlots:
+        """The ``IConnectionSlots`` of ``kind`` (one per kind)."""
+        if kind not in self.kinds:
+            self.kinds[kind] = LeasedSlots(self.channel, kind)
+        return self.kinds[kind]
+
+    @ReturnSpares.responder
+    def return_spares(self, kind: str, host: str) -> dict[str, Any]:
+        slots = self.kinds.get(kind)
+        return {"returned": slots.give_back(host) if slots is not None else []}
 
 
 @implementer(IQueueKicker)

@@ -33,6 +33,7 @@ from mailstack.logbatch import BatchedObserver
 from mailstack.metrics import NoMetrics
 from mailstack.procs.commands import Exposition
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
+from mailstack.procs.slots import SlotLeases
 
 log = Logger()
 
@@ -57,6 +58,11 @@ class WorkerChannel(amp.AMP):
         super().__init__()
         self.reactor = reactor
         self.metrics: IMetrics = NoMetrics()  # the runtime's, once built
+        self.leases = SlotLeases(self)  # the connection slots the master lends us
+
+    def locateResponder(self, name: bytes) -> Any:
+        """Our commands, then the master's ``ReturnSpares``."""
+        return super().locateResponder(name) or self.leases.locateResponder(name)
 
     @Exposition.responder
     def exposition(self) -> dict[str, bytes]:
