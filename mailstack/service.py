@@ -196,6 +196,7 @@ class MailService(MultiService):
         self.described: list[tuple[str, str]] = []  # (kind, listener string), logged at start
         self.helpers: list[IService] = []  # stopped in this order once the sessions are drained
         self.ready: Deferred[None] | None = None  # the master: fires when its workers listen
+        self.workers: WorkerPool | None = None  # the master's session workers
         pool.setServiceParent(self)
 
     def add_helper(self, service: IService) -> None:
@@ -373,7 +374,8 @@ def make_service(
     workers = config.server.processes != 1
     if workers:
         assert state is not None  # build_runtime without a channel always builds it
-        service.add_helper(master_pool(service, runtime, account, state))
+        service.workers = master_pool(service, runtime, account, state)
+        service.add_helper(service.workers)
     for helper in after_sessions:
         service.add_helper(helper)
     startup.KeysService(pool.run_blocking, runtime.signer.keys, config.domains.local).setServiceParent(service)
