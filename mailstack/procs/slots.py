@@ -13,12 +13,13 @@ CPU under load; so the master lends slots (``stateserver.WorkerState``).
   (``spares``) for the same address, counted against the caps like used ones.
 * The worker (``LeasedSlots``) hands its spares of that address to the next
   sessions without asking, and keeps at most ``LEASE`` of them once a session
-  ends; when its last session from the address ends it gives all of them back
+  ends (only while the lease lasts: else each slot goes straight back); when
+  its last session from the address ends it gives all of them back
   (``ReleaseSlot``), so idle addresses hold nothing.
 * When a cap refuses a connection while some worker may hold spares that
   count against it, the master first asks those workers to give them back
-  (``ReturnSpares``) and tries again: a client is refused only when the slots
-  are in use.  The caps stay exact; only the refusals cost a round trip.
+  (``ReturnSpares``, which also ends their leases) and tries again: a client
+  is refused only when the slots are in use.  The caps stay exact; only the refusals cost a round trip.
 
 The master keeps which slots each worker holds, used or spare, with its other
 holds: a worker that dies gives all of them back.
@@ -52,6 +53,10 @@ class LeasedSlots:
         self.kind = kind
         self.in_use: Counter[str] = Counter()
         self.spares: Counter[str] = Counter()
+        # Addresses the master lent spares for since it last asked them back: only for
+        # these does an ended session's slot stay here as a spare (the master then
+        # knows to ask us before a cap refuses anyone).
+        self.leased: set[str] = set()
 
     def acquire(self, host: str) -> Deferred[str | None]:
         if self.spares[host] > 0:
@@ -62,7 +67,9 @@ class LeasedSlots:
             if answer["over"]:
                 return str(answer["over"])
             self.in_use[host] += 1
-            self.spares[host] += answer["spares"]
+            if answer["spares"]:
+                self.spares[host] += answer["spares"]
+                self.leased.add(host)
             return None
 
         d: Deferred[dict[str, Any]] = self.channel.callRemote(AcquireSlot, kind=self.kind, host=host)
@@ -72,7 +79,9 @@ class LeasedSlots:
         if self.in_use[host] <= 0:
             return
         self._move(self.in_use, self.spares, host, 1)
-        keep = LEASE if self.in_use[host] else 0
+        if not self.in_use[host]:
+            self.leased.discard(host)
+        keep = LEASE if host in self.leased else 0
         surplus = self.spares[host] - keep
         if surplus > 0:
             self._move(self.spares, None, host, surplus)
@@ -84,6 +93,7 @@ class LeasedSlots:
     def give_back(self, host: str) -> list[dict[str, Any]]:
         """Drop the spares of ``host`` ("": of every host): the answer to ``ReturnSpares``."""
         hosts = [host] if host else list(self.spares)
+        self.leased.difference_update([host] if host else list(self.leased))
         returned = [{"host": h, "count": self.spares[h]} for h in hosts if self.spares[h] > 0]
         for entry in returned:
             del self.spares[entry["host"]]

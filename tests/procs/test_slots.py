@@ -178,6 +178,39 @@ class MasterWorkerTests(SynchronousTestCase):
         self.assertEqual(dict(s1.spares), {})
         self.assertEqual(self.limiters["submission"].per_ip["192.0.2.1"], 4)
 
+    def test_withoutALeaseAnEndedSessionsSlotGoesBack(self) -> None:
+        """Where nothing was lent (a per-address cap of 2), an ended session's slot goes straight
+        back, so another worker's client is not refused while only one slot is in use."""
+        w1, _, p1 = self.link(0)
+        w2, _, p2 = self.link(1)
+        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))
+        self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))
+        s1.release("192.0.2.1")
+        p1.flush()
+        self.assertIsNone(self.acquire(s2, p2, "192.0.2.1"))
+        self.assertEqual(self.acquire(s2, p2, "192.0.2.1"), PER_IP)
+
+    def test_askedBackTheLeaseEnds(self) -> None:
+        """After giving its spares back, a worker keeps no slot of an ended session as a spare."""
+        self.limiters["submission"] = ConnectionLimiter(100, 4)
+        w1, _, p1 = self.link(0)
+        w2, _, p2 = self.link(1)
+        s1, s2 = w1.leases.slots("submission"), w2.leases.slots("submission")
+        self.acquire(s1, p1, "192.0.2.1")  # and one spare
+        self.acquire(s1, p1, "192.0.2.1")  # the spare
+        self.acquire(s2, p2, "192.0.2.1")
+        self.acquire(s2, p2, "192.0.2.1")
+        d = s2.acquire("192.0.2.1")  # refused: the other worker is asked first, and has none
+        for _ in range(3):
+            p2.flush()
+            p1.flush()
+        self.assertEqual(self.successResultOf(d), PER_IP)
+        s1.release("192.0.2.1")
+        p1.flush()
+        self.assertEqual(dict(s1.spares), {})
+        self.assertIsNone(self.acquire(s2, p2, "192.0.2.1"))
+
     def test_theTotalCapTakesBackSparesOfEveryAddress(self) -> None:
         """The total cap asks back the spares of every address before refusing."""
         self.limiters["submission"] = ConnectionLimiter(4, 0)
