@@ -303,7 +303,7 @@ def build_runtime(
         manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
         kicker: Any = manager
     else:
-        kicker = RemoteKicker(channel)
+        kicker = RemoteKicker(channel, reactor)
     intake = Intake(config, store, kicker, run_blocking, reactor, local=local, metrics=metrics)
     if manager is not None:
         manager.intake = intake

@@ -43,9 +43,10 @@ class ReturnSpares(amp.Command):
 
 
 class Kick(amp.Command):
-    """A queue entry was committed: the master's queue manager looks at it now."""
+    """Queue entries were committed: the master's queue manager looks at them now (the
+    worker sends those of one reactor turn together: ``slots.RemoteKicker``)."""
 
-    arguments = [(b"queue_id", amp.Unicode())]
+    arguments = [(b"queue_ids", amp.ListOf(amp.Unicode()))]
     requiresAnswer = False
 
 

@@ -83,8 +83,9 @@ class MasterChannel(amp.AMP):
         return super().locateResponder(name) or self._state.locateResponder(name)
 
     @Kick.responder
-    def kick(self, queue_id: str) -> dict[str, str]:
-        self.kicker.kick(queue_id)
+    def kick(self, queue_ids: list[str]) -> dict[str, str]:
+        for queue_id in queue_ids:
+            self.kicker.kick(queue_id)
         return {}
 
     @Ready.responder

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.procs.test_slots -*-
 """Connection caps across session processes, kept by the master and lent to the
-workers in small batches; and the worker's queue kicks.
+workers in small batches; and the worker's queue kicks, sent once per turn.
 
 Each kind of listener has one ``connlimit.ConnectionLimiter`` in the master
 (smtp; submission and submissions; pop3 and pop3s), so ``smtp.max_connections``
@@ -31,6 +31,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -40,6 +41,9 @@ from mailstack.procs.commands import AcquireSlot, Kick, ReleaseSlot, ReturnSpare
 
 #: The most spare slots of one address a worker is lent at once, or keeps.
 LEASE = 8
+
+#: Queue ids per ``Kick`` (an AMP value holds at most 64 KiB).
+KICKS_PER_MESSAGE = 500
 
 
 @implementer(IConnectionSlots)
@@ -130,10 +134,31 @@ class SlotLeases(amp.CommandLocator):
 
 @implementer(IQueueKicker)
 class RemoteKicker:
-    """A worker's ``IQueueKicker``: tells the master's queue manager (no answer awaited)."""
+    """A worker's ``IQueueKicker``: tells the master's queue manager (no answer awaited).
 
-    def __init__(self, channel: Any) -> None:
+    The kicks of one reactor turn (a committed batch: ``intake``) go in one
+    ``Kick``, at the end of the turn: one AMP message per batch instead of per
+    message.  A kick lost with a crash costs only time (the next start scans
+    the queue).
+    """
+
+    log = Logger()
+
+    def __init__(self, channel: amp.AMP, reactor: IReactorTime) -> None:
         self.channel = channel
+        self.reactor = reactor
+        self._ids: list[str] = []
 
     def kick(self, queue_id: str) -> None:
-        self.channel.callRemote(Kick, queue_id=queue_id)
+        self._ids.append(queue_id)
+        if len(self._ids) == 1:
+            self.reactor.callLater(0, self._send)
+
+    def _send(self) -> None:
+        ids, self._ids = self._ids, []
+        for start in range(0, len(ids), KICKS_PER_MESSAGE):
+            try:
+                self.channel.callRemote(Kick, queue_ids=ids[start : start + KICKS_PER_MESSAGE])
+            except Exception:  # the master is gone; its successor scans the queue
+                self.log.failure("cannot kick the queue manager")
+                return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,7 +16,7 @@ from mailstack.connlimit import PER_IP, TOTAL, ConnectionLimiter
 from mailstack.interfaces import IConnectionSlots, IQueueKicker
 from mailstack.procs.commands import Ready, ReleaseSlot
 from mailstack.procs.master import MasterChannel
-from mailstack.procs.slots import LEASE, LeasedSlots, RemoteKicker
+from mailstack.procs.slots import KICKS_PER_MESSAGE, LEASE, LeasedSlots, RemoteKicker
 from mailstack.procs.stateserver import StateServer
 from mailstack.procs.worker import WorkerChannel
 from tests.support.fakes import FakeThrottle
@@ -96,13 +97,45 @@ class MasterWorkerTests(SynchronousTestCase):
         self.assertEqual(self.limiters["smtp"].total, 1)
 
     def test_kickReachesTheQueueManager(self) -> None:
-        """A worker's kick is the master's queue manager's kick."""
+        """A worker's kicks are the master's queue manager's kicks, those of one reactor turn
+        sent together at its end, in order."""
         worker, _, pump = self.link()
-        kicker = RemoteKicker(worker)
+        clock = Clock()
+        kicker = RemoteKicker(worker, clock)
         verifyObject(IQueueKicker, kicker)
+        sent: list[Any] = []
+        real = worker.callRemote
+        worker.callRemote = lambda command, **kw: sent.append(kw) or real(command, **kw)  # type: ignore[method-assign]
         kicker.kick("q1")
+        kicker.kick("q2")
         pump.flush()
-        self.assertEqual(self.kicker.kicked, ["q1"])
+        self.assertEqual(self.kicker.kicked, [])
+        clock.advance(0)
+        pump.flush()
+        self.assertEqual((self.kicker.kicked, len(sent)), (["q1", "q2"], 1))
+
+    def test_manyKicksSplitOverMessages(self) -> None:
+        """A turn's kicks beyond what one AMP message holds go in several, all delivered."""
+        worker, _, pump = self.link()
+        clock = Clock()
+        kicker = RemoteKicker(worker, clock)
+        ids = [f"{i:024x}" for i in range(2 * KICKS_PER_MESSAGE + 1)]
+        for queue_id in ids:
+            kicker.kick(queue_id)
+        clock.advance(0)
+        pump.flush()
+        self.assertEqual(self.kicker.kicked, ids)
+
+    def test_kickWithTheMasterGoneIsLogged(self) -> None:
+        """A kick when the master is gone does not raise into the intake."""
+        worker, _, pump = self.link()
+        clock = Clock()
+        kicker = RemoteKicker(worker, clock)
+        worker.transport.loseConnection()
+        pump.flush()
+        kicker.kick("q1")
+        clock.advance(0)  # must not raise
+        self.flushLoggedErrors()
 
     def test_readyNamesTheWorker(self) -> None:
         """Ready tells the pool which worker listens."""
