@@ -16,10 +16,13 @@ CPU under load; so the master lends slots (``stateserver.WorkerState``).
   ends (only while the lease lasts: else each slot goes straight back); when
   its last session from the address ends it gives all of them back
   (``ReleaseSlot``), so idle addresses hold nothing.
-* When a cap refuses a connection while some worker may hold spares that
-  count against it, the master first asks those workers to give them back
-  (``ReturnSpares``, which also ends their leases) and tries again: a client
-  is refused only when the slots are in use.  The caps stay exact; only the refusals cost a round trip.
+* When a cap would refuse a connection, the master first asks the workers
+  that hold slots counting against it to give their spares back
+  (``ReturnSpares``, which also ends their leases; answered at the end of the
+  worker's turn, after the sessions it saw closed gave theirs back) and tries
+  again: a client is refused only when the slots are in use.  The caps stay
+  exact; only the refusals cost round trips (one question per worker and cap
+  at a time, shared by the refusals waiting on it).
 
 The master keeps which slots each worker holds, used or spare, with its other
 holds: a worker that dies gives all of them back.
@@ -32,6 +35,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -115,9 +119,10 @@ class LeasedSlots:
 class SlotLeases(amp.CommandLocator):
     """A worker's ``LeasedSlots`` of every kind, and its answer to the master's ``ReturnSpares``."""
 
-    def __init__(self, channel: amp.AMP) -> None:
+    def __init__(self, channel: amp.AMP, reactor: IReactorTime) -> None:
         super().__init__()
         self.channel = channel
+        self.reactor = reactor
         self.kinds: dict[str, LeasedSlots] = {}
 
     def slots(self, kind: str) -> LeasedSlots:
@@ -127,9 +132,16 @@ class SlotLeases(amp.CommandLocator):
         return self.kinds[kind]
 
     @ReturnSpares.responder
-    def return_spares(self, kind: str, host: str) -> dict[str, Any]:
-        slots = self.kinds.get(kind)
-        return {"returned": slots.give_back(host) if slots is not None else []}
+    def return_spares(self, kind: str, host: str) -> Deferred[dict[str, Any]]:
+        """Answered at the end of this reactor turn: the sessions whose clients hung up
+        before the master asked (seen closed in this turn) give their slots back first,
+        and those messages reach the master before the answer."""
+
+        def answer() -> dict[str, Any]:
+            slots = self.kinds.get(kind)
+            return {"returned": slots.give_back(host) if slots is not None else []}
+
+        return deferLater(self.reactor, 0, answer)
 
 
 @implementer(IQueueKicker)

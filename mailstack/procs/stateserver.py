@@ -70,9 +70,9 @@ class StateServer:
         self.workers.add(state)
         return state
 
-    def lenders(self, kind: str, host: str) -> list[WorkerState]:
-        """The workers that may hold spare slots of ``kind`` for ``host`` ("": any host)."""
-        return [w for w in self.workers if any(k == kind and (not host or h == host) for k, h in w.lent)]
+    def holders(self, kind: str, host: str) -> list[WorkerState]:
+        """The workers that hold slots of ``kind`` for ``host`` ("": any host)."""
+        return [w for w in self.workers if any(k == kind and (not host or h == host) for k, h in w.slots)]
 
 
 def build(runtime: Any) -> tuple[StateServer, Greylist | None]:
@@ -106,7 +106,7 @@ class WorkerState(amp.CommandLocator):
         self.tickets: dict[int, ILoginTicket] = {}
         self.reservations: dict[int, IReservation] = {}
         self.slots: Counter[tuple[str, str]] = Counter()  # (kind, host) -> connection slots held
-        self.lent: set[tuple[str, str]] = set()  # (kind, host) with spares lent since the last recall
+        self._recalls: dict[tuple[str, str], Deferred[None]] = {}  # ReturnSpares on its way, by (kind, host)
         self.channel: amp.AMP | None = None  # the master's end of the worker's connection, for recalls
         self.gone = False
 
@@ -119,8 +119,8 @@ class WorkerState(amp.CommandLocator):
         if over is None:
             return succeed(self._grant(kind, host))
         scope = host if over == PER_IP else ""
-        for lender in self.server.lenders(kind, scope):
-            lender.recall(kind, scope)
+        for holder in self.server.holders(kind, scope):
+            holder.recall(kind, scope)
         # Wait for every answer on its way, ours and those asked for another refusal.
         asked = list(self.server.recalling)
 
@@ -142,8 +142,6 @@ class WorkerState(amp.CommandLocator):
             limiter.release(host)
             return {"over": "", "spares": 0}
         self.slots[kind, host] += 1 + spares
-        if spares:
-            self.lent.add((kind, host))
         return {"over": "", "spares": spares}
 
     @ReleaseSlot.responder
@@ -159,26 +157,31 @@ class WorkerState(amp.CommandLocator):
         self.slots[kind, host] -= count
         if self.slots[kind, host] <= 0:
             del self.slots[kind, host]
-            self.lent.discard((kind, host))
 
     def recall(self, kind: str, host: str) -> Deferred[None]:
-        """Ask the worker for its spares of ``kind`` for ``host`` ("": every host) and release them."""
-        for key in [k for k in self.lent if k[0] == kind and (not host or k[1] == host)]:
-            self.lent.discard(key)
+        """Ask the worker for its spares of ``kind`` for ``host`` ("": every host) and release
+        them; one question at a time per (kind, host), shared by the refusals waiting on it.
+
+        The worker answers at the end of its reactor turn, after the sessions that the
+        same turn saw closed have given their slots back (``slots.SlotLeases``); so a
+        client is not refused for slots whose clients are already gone either.
+        """
+        key = (kind, host)
+        if key in self._recalls or self.channel is None:
+            return self._recalls.get(key) or succeed(None)
 
         def returned(answer: dict[str, Any]) -> None:
             for entry in answer["returned"]:
                 self._give_back(kind, entry["host"], entry["count"])
 
-        if self.channel is None:
-            return succeed(None)
-        d: Deferred[Any] = self.channel.callRemote(ReturnSpares, kind=kind, host=host)
-        d.addCallbacks(returned, lambda failure: None)  # gone: lost() releases everything
-        self.server.recalling.append(d)
-
         def done(result: None) -> None:
+            del self._recalls[key]
             self.server.recalling.remove(d)
 
+        d: Deferred[Any] = self.channel.callRemote(ReturnSpares, kind=kind, host=host)
+        d.addCallbacks(returned, lambda failure: None)  # gone: lost() releases everything
+        self._recalls[key] = d
+        self.server.recalling.append(d)
         return d.addCallback(done)
 
     # -- login throttle -----------------------------------------------------------
@@ -281,7 +284,6 @@ class WorkerState(amp.CommandLocator):
         """The worker's connection is gone: abandon its attempts, release its holds and slots."""
         self.gone = True
         self.server.workers.discard(self)
-        self.lent.clear()
         slots, self.slots = self.slots, Counter()
         for (kind, host), n in slots.items():
             for _ in range(n):

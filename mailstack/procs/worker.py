@@ -61,7 +61,7 @@ class WorkerChannel(amp.AMP):
         super().__init__()
         self.reactor = reactor
         self.metrics: IMetrics = NoMetrics()  # the runtime's, once built
-        self.leases = SlotLeases(self)  # the connection slots the master lends us
+        self.leases = SlotLeases(self, reactor)  # the connection slots the master lends us
 
     def locateResponder(self, name: bytes) -> Any:
         """Our commands, then the master's ``ReturnSpares``."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -38,16 +38,28 @@ class MasterWorkerTests(SynchronousTestCase):
         verifyObject(IQueueKicker, self.kicker)
         self.ready: list[int] = []
         self.state = StateServer(FakeThrottle(), None, limiters=self.limiters)  # type: ignore[arg-type]
+        self.links: list[tuple[Any, MemoryReactorClock]] = []
 
     def link(self, index: int = 0) -> tuple[WorkerChannel, MasterChannel, Any]:
         """A worker's AMP connection to its master channel, pumped in memory."""
         channel = MasterChannel(index, self.kicker, self.ready.append, self.state.worker())
-        worker, master, pump = connectedServerAndClient(lambda: channel, lambda: WorkerChannel(MemoryReactor()))
+        reactor = MemoryReactorClock()
+        worker, master, pump = connectedServerAndClient(lambda: channel, lambda: WorkerChannel(reactor))
+        self.links.append((pump, reactor))
         return worker, master, pump
 
+    def settle(self) -> None:
+        """Deliver everything on every link, ending each worker's reactor turn, until quiet."""
+        for _ in range(4):
+            for pump, reactor in self.links:
+                pump.flush()
+                reactor.advance(0)
+
     def acquire(self, slots: LeasedSlots, pump: Any, host: str) -> str | None:
+        """``slots.acquire(host)``, answered (a refusal asks the other workers first)."""
         d = slots.acquire(host)
         pump.flush()
+        self.settle()
         return self.successResultOf(d)
 
     def test_capsHoldAcrossWorkers(self) -> None:
@@ -203,9 +215,7 @@ class MasterWorkerTests(SynchronousTestCase):
         results = []
         for _ in range(4):
             d = s2.acquire("192.0.2.1")
-            for _ in range(3):  # the recall crosses the other worker's connection
-                p2.flush()
-                p1.flush()
+            self.settle()  # the recall crosses the other worker's connection
             results.append(self.successResultOf(d))
         self.assertEqual(results, [None, None, None, PER_IP])
         self.assertEqual(dict(s1.spares), {})
@@ -235,14 +245,46 @@ class MasterWorkerTests(SynchronousTestCase):
         self.acquire(s2, p2, "192.0.2.1")
         self.acquire(s2, p2, "192.0.2.1")
         d = s2.acquire("192.0.2.1")  # refused: the other worker is asked first, and has none
-        for _ in range(3):
-            p2.flush()
-            p1.flush()
+        self.settle()
         self.assertEqual(self.successResultOf(d), PER_IP)
         s1.release("192.0.2.1")
         p1.flush()
         self.assertEqual(dict(s1.spares), {})
         self.assertIsNone(self.acquire(s2, p2, "192.0.2.1"))
+
+    def test_slotsOfSessionsClosedBeforeTheQuestionCount(self) -> None:
+        """The worker answers the master's question at the end of its turn: a session whose
+        client hung up before the question gives its slot back first, so a client that
+        connects right after is not refused for it."""
+        w1, _, p1 = self.link(0)
+        w2, _, p2 = self.link(1)
+        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        reactor1 = self.links[0][1]
+        self.acquire(s1, p1, "192.0.2.1")
+        self.acquire(s1, p1, "192.0.2.1")
+        d = s2.acquire("192.0.2.1")  # over the per-address cap of 2
+        p2.flush()
+        p1.flush()  # the question reaches the first worker ...
+        s1.release("192.0.2.1")  # ... in the turn that sees a session closed
+        reactor1.advance(0)
+        self.settle()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.limiters["smtp"].per_ip["192.0.2.1"], 2)
+
+    def test_refusalsShareOneQuestionPerWorker(self) -> None:
+        """Refusals waiting at a full cap ask each worker once, not once each."""
+        w1, m1, p1 = self.link(0)
+        w2, _, p2 = self.link(1)
+        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        self.acquire(s1, p1, "192.0.2.1")
+        self.acquire(s1, p1, "192.0.2.1")
+        asked: list[Any] = []
+        real = m1.callRemote
+        m1.callRemote = lambda command, **kw: asked.append(kw) or real(command, **kw)  # type: ignore[method-assign]
+        waiting = [s2.acquire("192.0.2.1") for _ in range(3)]
+        self.settle()
+        self.assertEqual([self.successResultOf(d) for d in waiting], [PER_IP] * 3)
+        self.assertEqual(asked, [{"kind": "smtp", "host": "192.0.2.1"}])
 
     def test_theTotalCapTakesBackSparesOfEveryAddress(self) -> None:
         """The total cap asks back the spares of every address before refusing."""
@@ -254,9 +296,7 @@ class MasterWorkerTests(SynchronousTestCase):
         results = []
         for host in ("192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"):
             d = s2.acquire(host)
-            for _ in range(3):
-                p2.flush()
-                p1.flush()
+            self.settle()
             results.append(self.successResultOf(d))
         self.assertEqual(results, [None, None, None, TOTAL])
         self.assertEqual(self.limiters["submission"].total, 4)
