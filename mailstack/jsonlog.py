@@ -37,7 +37,7 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, cast
 
@@ -159,7 +159,10 @@ class LogApplication(MultiService):
         super().setServiceParent(parent)
 
 
-def for_twistd(service: IService, server_options: object, log_format: str = "json", reactor: Any = None) -> IService:
+def for_twistd(
+    service: IService, server_options: object, log_format: str = "json", reactor: Any = None,
+    lines_to: Callable[[Callable[[str], None], str], None] | None = None,
+) -> IService:
     """``service`` as twistd should get it from ``makeService``: logging JSON lines
     (``log_format`` "json") or twistd's text format ("text"), written once per
     reactor turn (``logbatch.BatchedObserver``) where twistd's observer would
@@ -169,6 +172,8 @@ def for_twistd(service: IService, server_options: object, log_format: str = "jso
     ``Options.parent``).  Unchanged when twistd logs elsewhere by the
     operator's choice (``--logger``, ``--syslog``), and under ``twist``,
     which has its own ``--log-format`` and ignores the application's observer.
+    When our observer is used, ``lines_to(write, log_format)`` is told how to
+    add lines already in this format (a master's session workers format their own).
     """
     if not isinstance(server_options, app.ServerOptions):
         return service
@@ -180,4 +185,6 @@ def for_twistd(service: IService, server_options: object, log_format: str = "jso
     lines = classic_text() if log_format == "text" else (lambda event: event_as_json(event) + "\n")
     observer = BatchedObserver(out, lines, reactor)
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+    if lines_to is not None:
+        lines_to(observer.write, log_format)
     return LogApplication(service, lognoise.quiet(observer))

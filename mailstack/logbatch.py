@@ -8,7 +8,8 @@ through a pipe, waking it for each).  ``BatchedObserver`` formats each event
 at once (so nothing it refers to can change meanwhile) and writes the lines
 of one reactor turn together when the turn ends (lines from other threads
 join the batch); those before the reactor runs or after it stopped are
-written at once.
+written at once.  ``write`` adds lines formatted elsewhere: the master
+passes its session workers' lines through without parsing them.
 A process killed with SIGKILL loses at most the lines of its last turn.
 
 ``classic_text`` is twistd's text format (``textFileLogObserver``) with the
@@ -42,10 +43,13 @@ class BatchedObserver:
 
     def __call__(self, event: LogEvent) -> None:
         line = self.format_event(event)
-        if not line:
-            return
+        if line:
+            self.write(line)
+
+    def write(self, text: str) -> None:
+        """Add ``text``, whole lines already formatted (a session worker's), to the batch."""
         with self._lock:
-            self._lines.append(line)
+            self._lines.append(text)
             if self._scheduled:
                 return
             batch = self._scheduled = bool(self.reactor.running)

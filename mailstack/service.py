@@ -64,7 +64,7 @@ from mailstack.metrics import Metrics, MetricsSite, make_metrics
 from mailstack.pop3 import factory as pop3_factory
 from mailstack.procs import stateclient, stateserver
 from mailstack.procs.master import WorkerPool, worker_count
-from mailstack.procs.slots import RemoteKicker, RemoteSlots
+from mailstack.procs.slots import RemoteKicker
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.store import QueueStore
 from mailstack.routing import Router
@@ -196,6 +196,7 @@ class MailService(MultiService):
         self.described: list[tuple[str, str]] = []  # (kind, listener string), logged at start
         self.helpers: list[IService] = []  # stopped in this order once the sessions are drained
         self.ready: Deferred[None] | None = None  # the master: fires when its workers listen
+        self.workers: WorkerPool | None = None  # the master's session workers
         pool.setServiceParent(self)
 
     def add_helper(self, service: IService) -> None:
@@ -279,7 +280,7 @@ def build_runtime(
 
     Returns the runtime, the services to stop after the sessions, in order, and
     the state the master shares with its workers (None in a worker).
-    A worker (``channel``: its ``amp.AMP`` connection to the master) has no
+    A worker (``channel``: its ``procs.worker.WorkerChannel`` to the master) has no
     queue manager (its intake kicks the master's) and asks the master for the
     connection slots and the shared limits.  StartupError if the message checks
     of ``[pipeline]`` cannot be built.
@@ -302,7 +303,7 @@ def build_runtime(
         manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
         kicker: Any = manager
     else:
-        kicker = RemoteKicker(channel)
+        kicker = RemoteKicker(channel, reactor)
     intake = Intake(config, store, kicker, run_blocking, reactor, local=local, metrics=metrics)
     if manager is not None:
         manager.intake = intake
@@ -336,9 +337,9 @@ def build_runtime(
         state, table = stateserver.build(runtime)
         rate, greylist = state.rate, state.greylist
     else:
-        runtime.smtp_connections = RemoteSlots(channel, "smtp")
-        runtime.submission_connections = RemoteSlots(channel, "submission")
-        runtime.pop3_connections = RemoteSlots(channel, "pop3")
+        runtime.smtp_connections = channel.leases.slots("smtp")
+        runtime.submission_connections = channel.leases.slots("submission")
+        runtime.pop3_connections = channel.leases.slots("pop3")
         shared = stateclient.remote_state(channel)
         runtime.throttle, runtime.send_limits = shared.throttle, shared.send_limits
         rate, greylist = shared.rate, shared.greylist
@@ -372,7 +373,8 @@ def make_service(
     workers = config.server.processes != 1
     if workers:
         assert state is not None  # build_runtime without a channel always builds it
-        service.add_helper(master_pool(service, runtime, account, state))
+        service.workers = master_pool(service, runtime, account, state)
+        service.add_helper(service.workers)
     for helper in after_sessions:
         service.add_helper(helper)
     startup.KeysService(pool.run_blocking, runtime.signer.keys, config.domains.local).setServiceParent(service)

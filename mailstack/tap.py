@@ -139,4 +139,6 @@ def makeService(options: Options) -> Any:
     except StartupError as e:
         raise SystemExit(f"mailstack: {e}") from None
     install_sigterm(reactor)
-    return jsonlog.for_twistd(service, options.server_options, options.config.log.format, reactor)
+    workers = service.workers  # a master's: its workers' lines go into our log as they are
+    lines_to = workers.write_lines_to if workers is not None else None
+    return jsonlog.for_twistd(service, options.server_options, options.config.log.format, reactor, lines_to)

@@ -143,6 +143,14 @@ class TwistdTests(SynchronousTestCase):
         verifyObject(ILogObserver, observer)
         self.assertIs(inner.parent, outer)
 
+    def test_linesToLearnsHowToAddLines(self):
+        """``lines_to`` is given the observer's way to add whole lines and the log's format."""
+        told = []
+        options = ServerOptions()
+        options["nodaemon"] = True
+        outer = jsonlog.for_twistd(Service(), options, "text", lines_to=lambda write, fmt: told.append((write, fmt)))
+        self.assertEqual(told, [(outer.observer.write, "text")])
+
     def test_notTwistd(self):
         """Under another runner (``twist``, with its own --log-format) nothing changes."""
         inner = Service()

@@ -50,6 +50,14 @@ class BatchedObserverTests(SynchronousTestCase):
         events = [eventFromJSON(line) for line in self.out.writes[0].splitlines()]
         self.assertEqual([e["n"] for e in events], [1, 2])
 
+    def test_linesFormattedElsewhereJoinTheBatch(self) -> None:
+        """``write`` adds lines formatted elsewhere (a worker's) to the turn's batch, in order."""
+        self.log.info("a {n}", n=1)
+        self.pipe.write("worker line\n")
+        self.assertEqual(self.out.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(self.out.writes[0].splitlines()[1], "worker line")
+
     def test_reactorNotRunningWritesAtOnce(self) -> None:
         """Before the reactor runs or after it stopped, a line is written at once."""
         self.reactor.running = False

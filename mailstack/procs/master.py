@@ -15,14 +15,17 @@ a kick lost with a crash costs nothing but time, since the next start scans
 the queue.
 
 Each worker talks AMP with the master over a UNIX socket pair (fd 3 in the
-worker) and writes its log events as JSON lines to its stdout, which the
-master re-emits into its own log (with ``log_system`` ``worker<N>``), so
-operators read one log.  A worker that exits unexpectedly is started again
-after ``RESTART_DELAY`` seconds; its connection slots are given back.  On
-SIGTERM the master stops listening, sends SIGTERM to every worker (each
-drains its sessions as a single process does, bounded by
-``smtp.shutdown_grace``), waits for them, and only then stops the queue
-manager.  Workers ask the kernel for SIGTERM when the master dies
+worker) and writes its log to its stdout, so operators read one log: when
+the master writes its own log (``jsonlog.for_twistd``), the worker formats
+each line as the master would (``[log] format``, system ``worker<N>``) and
+the master adds whole lines to its log as they come, without parsing them;
+otherwise (``--logger``, ``--syslog``) the worker writes its events as JSON
+and the master re-emits them into its log with ``log_system`` ``worker<N>``.
+A worker that exits unexpectedly is started again after ``RESTART_DELAY``
+seconds; its connection slots are given back.  On SIGTERM the master stops
+listening, sends SIGTERM to every worker (each drains its sessions as a
+single process does, bounded by ``smtp.shutdown_grace``), waits for them,
+and only then stops the queue manager.  Workers ask the kernel for SIGTERM when the master dies
 (``PR_SET_PDEATHSIG``), so a master killed with SIGKILL leaves no worker
 accepting mail for long.
 """
@@ -73,14 +76,16 @@ class MasterChannel(amp.AMP):
         self.kicker = kicker
         self._ready = ready
         self._state = state
+        state.channel = self  # the master asks the worker back for its spare slots
 
     def locateResponder(self, name: bytes) -> Any:
         """Our commands, then those of the shared state (``procs.stateserver``)."""
         return super().locateResponder(name) or self._state.locateResponder(name)
 
     @Kick.responder
-    def kick(self, queue_id: str) -> dict[str, str]:
-        self.kicker.kick(queue_id)
+    def kick(self, queue_ids: list[str]) -> dict[str, str]:
+        for queue_id in queue_ids:
+            self.kicker.kick(queue_id)
         return {}
 
     @Ready.responder
@@ -106,16 +111,25 @@ class OneProtocol(Factory):
 
 
 class WorkerProcess(ProcessProtocol):
-    """One worker's process: its log lines re-emitted, its exit reported."""
+    """One worker's process: its log lines passed on (or its events re-emitted), its exit reported."""
 
     log = Logger()
 
-    def __init__(self, pool: WorkerPool, index: int) -> None:
+    def __init__(self, pool: WorkerPool, index: int, write_lines: Callable[[str], None] | None = None) -> None:
         self.pool = pool
         self.index = index
+        self.write_lines = write_lines  # the master's log, when the worker formats its lines
         self._partial = {1: b"", 2: b""}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1 and self.write_lines is not None:
+            # Whole lines only, so that no other process's line lands inside one.
+            data = self._partial[1] + data
+            end = data.rfind(b"\n") + 1
+            self._partial[1] = data[end:]
+            if end:
+                self.write_lines(data[:end].decode("utf-8", "replace"))
+            return
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
         self._partial[childFD] = lines.pop()
         for line in lines:
@@ -135,6 +149,9 @@ class WorkerProcess(ProcessProtocol):
         self.log.error("worker {index}: {line}", index=self.index, line=escape(line.decode("utf-8", "replace")))
 
     def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():  # a last line without its newline (a killed worker)
+            if rest:
+                self.childDataReceived(fd, b"\n")
         self.pool.ended(self.index, reason)
 
 
@@ -191,6 +208,13 @@ class WorkerPool(Service):
         self._waiting_ready: set[int] = set()
         self._stopping = False
         self._exits: dict[int, Deferred[None]] = {}
+        self._write_lines: Callable[[str], None] | None = None
+        self._log_format = ""
+
+    def write_lines_to(self, write: Callable[[str], None], log_format: str) -> None:
+        """Workers started from now on format their log lines in ``log_format`` ("text",
+        "json"), and ``write`` adds them to the master's log as they are."""
+        self._write_lines, self._log_format = write, log_format
 
     def add_listener(self, kind: str, description: str, endpoint_string: str, tls: bool) -> None:
         """Bind ``endpoint_string`` at the privileged start, for the workers to accept on."""
@@ -215,6 +239,8 @@ class WorkerPool(Service):
                 "--config", self.config_path, "--listeners", json.dumps(listeners)]
         if self.account is not None and os.getuid() == 0:
             argv += ["--account", f"{self.account[0]}:{self.account[1]}"]
+        if self._write_lines is not None:
+            argv += ["--log-lines", self._log_format]
         return argv
 
     @staticmethod
@@ -229,7 +255,7 @@ class WorkerPool(Service):
             child_fds: dict[int, Any] = {1: "r", 2: "r", CHANNEL_FD: theirs.fileno()}
             for i, listener in enumerate(self.listeners):
                 child_fds[FIRST_LISTENER_FD + i] = listener.fileno()
-            protocol = WorkerProcess(self, index)
+            protocol = WorkerProcess(self, index, self._write_lines)
             self.processes[index] = self.reactor.spawnProcess(
                 protocol, sys.executable, self._argv(index), env=self._env(), childFDs=child_fds
             )

@@ -23,19 +23,20 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack.checks import clientrate, inbound
-from mailstack.connlimit import ConnectionLimiter, connection_limiters
+from mailstack.connlimit import PER_IP, ConnectionLimiter, connection_limiters
 from mailstack.errors import Reply
 from mailstack.inbound.greylist import Greylist
 from mailstack.inbound.interfaces import IGreylist
 from mailstack.interfaces import ILoginThrottle, ILoginTicket, IRateLimit, IReservation, ISendLimits
 from mailstack.procs import statecmds as C
-from mailstack.procs.commands import AcquireSlot, ReleaseSlot
+from mailstack.procs.commands import AcquireSlot, ReleaseSlot, ReturnSpares
+from mailstack.procs.slots import LEASE
 
 T = TypeVar("T")
 
@@ -57,13 +58,21 @@ class StateServer:
         self.greylist = greylist
         self.limiters = limiters or {}  # listener kind -> the connection caps of all workers
         self._ids = itertools.count(C.REFUSED + 1)
+        self.workers: set[WorkerState] = set()
+        self.recalling: list[Deferred[None]] = []  # ReturnSpares asked and not answered yet
 
     def new_id(self) -> int:
         return next(self._ids)
 
     def worker(self) -> WorkerState:
         """The responders for one more worker connection."""
-        return WorkerState(self)
+        state = WorkerState(self)
+        self.workers.add(state)
+        return state
+
+    def holders(self, kind: str, host: str) -> list[WorkerState]:
+        """The workers that hold slots of ``kind`` for ``host`` ("": any host)."""
+        return [w for w in self.workers if any(k == kind and (not host or h == host) for k, h in w.slots)]
 
 
 def build(runtime: Any) -> tuple[StateServer, Greylist | None]:
@@ -78,6 +87,14 @@ def build(runtime: Any) -> tuple[StateServer, Greylist | None]:
     return StateServer(runtime.throttle, runtime.send_limits, rate, table, limiters), table
 
 
+def lendable(limiter: ConnectionLimiter, host: str) -> bool:
+    """Whether one more spare slot of ``host`` keeps ``limiter`` below half of each cap:
+    near a cap the master lends nothing, so that its slots go where clients are."""
+    return (not limiter.max_total or 2 * (limiter.total + 1) <= limiter.max_total) and (
+        not limiter.max_per_ip or 2 * (limiter.per_ip[host] + 1) <= limiter.max_per_ip
+    )
+
+
 class WorkerState(amp.CommandLocator):
     """Answers one worker's state commands and keeps its attempts and holds by id."""
 
@@ -89,28 +106,83 @@ class WorkerState(amp.CommandLocator):
         self.tickets: dict[int, ILoginTicket] = {}
         self.reservations: dict[int, IReservation] = {}
         self.slots: Counter[tuple[str, str]] = Counter()  # (kind, host) -> connection slots held
+        self._recalls: dict[tuple[str, str], Deferred[None]] = {}  # ReturnSpares on its way, by (kind, host)
+        self.channel: amp.AMP | None = None  # the master's end of the worker's connection, for recalls
         self.gone = False
 
-    # -- connection slots -----------------------------------------------------------
+    # -- connection slots (lent in batches: procs.slots) --------------------------
 
     @AcquireSlot.responder
-    def acquire_slot(self, kind: str, host: str) -> dict[str, str]:
-        over = self.server.limiters[kind].take(host)
+    def acquire_slot(self, kind: str, host: str) -> Deferred[dict[str, Any]]:
+        limiter = self.server.limiters[kind]
+        over = limiter.take(host)
         if over is None:
-            if self.gone:  # granted after the worker left: give it back at once
-                self.server.limiters[kind].release(host)
-            else:
-                self.slots[kind, host] += 1
-        return {"over": over or ""}
+            return succeed(self._grant(kind, host))
+        scope = host if over == PER_IP else ""
+        for holder in self.server.holders(kind, scope):
+            holder.recall(kind, scope)
+        # Wait for every answer on its way, ours and those asked for another refusal.
+        asked = list(self.server.recalling)
+
+        def again(_: object) -> dict[str, Any]:
+            over = limiter.take(host)
+            return self._grant(kind, host) if over is None else {"over": over, "spares": 0}
+
+        return DeferredList(asked).addCallback(again)
+
+    def _grant(self, kind: str, host: str) -> dict[str, Any]:
+        """One slot of ``host`` taken: add the spares lent with it; give all back if we are gone."""
+        limiter = self.server.limiters[kind]
+        spares = 0
+        while spares < LEASE and not self.gone and lendable(limiter, host):
+            if limiter.take(host) is not None:
+                break
+            spares += 1
+        if self.gone:
+            limiter.release(host)
+            return {"over": "", "spares": 0}
+        self.slots[kind, host] += 1 + spares
+        return {"over": "", "spares": spares}
 
     @ReleaseSlot.responder
-    def release_slot(self, kind: str, host: str) -> dict[str, str]:
-        if self.slots[kind, host] > 0:  # not ours (a confused worker): keep the counts right
-            self.slots[kind, host] -= 1
-            self.server.limiters[kind].release(host)
-        if not self.slots[kind, host]:
-            del self.slots[kind, host]
+    def release_slot(self, kind: str, host: str, count: int) -> dict[str, str]:
+        self._give_back(kind, host, count)
         return {}
+
+    def _give_back(self, kind: str, host: str, count: int) -> None:
+        """Release up to ``count`` slots of ``host`` this worker holds (never another's)."""
+        count = min(count, self.slots[kind, host])
+        for _ in range(count):
+            self.server.limiters[kind].release(host)
+        self.slots[kind, host] -= count
+        if self.slots[kind, host] <= 0:
+            del self.slots[kind, host]
+
+    def recall(self, kind: str, host: str) -> Deferred[None]:
+        """Ask the worker for its spares of ``kind`` for ``host`` ("": every host) and release
+        them; one question at a time per (kind, host), shared by the refusals waiting on it.
+
+        The worker answers at the end of its reactor turn, after the sessions that the
+        same turn saw closed have given their slots back (``slots.SlotLeases``); so a
+        client is not refused for slots whose clients are already gone either.
+        """
+        key = (kind, host)
+        if key in self._recalls or self.channel is None:
+            return self._recalls.get(key) or succeed(None)
+
+        def returned(answer: dict[str, Any]) -> None:
+            for entry in answer["returned"]:
+                self._give_back(kind, entry["host"], entry["count"])
+
+        def done(result: None) -> None:
+            del self._recalls[key]
+            self.server.recalling.remove(d)
+
+        d: Deferred[Any] = self.channel.callRemote(ReturnSpares, kind=kind, host=host)
+        d.addCallbacks(returned, lambda failure: None)  # gone: lost() releases everything
+        self._recalls[key] = d
+        self.server.recalling.append(d)
+        return d.addCallback(done)
 
     # -- login throttle -----------------------------------------------------------
 
@@ -211,6 +283,7 @@ class WorkerState(amp.CommandLocator):
     def lost(self) -> None:
         """The worker's connection is gone: abandon its attempts, release its holds and slots."""
         self.gone = True
+        self.server.workers.discard(self)
         slots, self.slots = self.slots, Counter()
         for (kind, host), n in slots.items():
             for _ in range(n):

@@ -4,8 +4,9 @@
 It runs the SMTP and POP3 sessions and the intake on the listening sockets it
 inherited (fds from ``master.FIRST_LISTENER_FD``), asks the master over AMP
 (fd ``master.CHANNEL_FD``) for connection slots and the shared limits, kicks
-its queue manager, and writes its log events as JSON lines to stdout
-(``logbatch``: one write per reactor turn).  SIGTERM (from the master, or
+its queue manager, and writes its log to stdout (``logbatch``: one write per
+reactor turn): lines in the master's format with ``--log-lines``, which the
+master adds to its log as they are, else events as JSON that it re-emits.  SIGTERM (from the master, or
 from the kernel when the master dies) is the graceful stop of a single
 process: stop listening, drain, finish the commits, exit 0.
 """
@@ -20,20 +21,23 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger, eventAsJSON, globalLogBeginner
+from twisted.logger import LogEvent, Logger, eventAsJSON, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack import lognoise
 from mailstack.interfaces import IMetrics
-from mailstack.logbatch import BatchedObserver
+from mailstack.jsonlog import event_as_json
+from mailstack.logbatch import BatchedObserver, classic_text
 from mailstack.metrics import NoMetrics
 from mailstack.procs.commands import Exposition
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
+from mailstack.procs.slots import SlotLeases
 
 log = Logger()
 
@@ -58,6 +62,11 @@ class WorkerChannel(amp.AMP):
         super().__init__()
         self.reactor = reactor
         self.metrics: IMetrics = NoMetrics()  # the runtime's, once built
+        self.leases = SlotLeases(self, reactor)  # the connection slots the master lends us
+
+    def locateResponder(self, name: bytes) -> Any:
+        """Our commands, then the master's ``ReturnSpares``."""
+        return super().locateResponder(name) or self.leases.locateResponder(name)
 
     @Exposition.responder
     def exposition(self) -> dict[str, bytes]:
@@ -72,6 +81,20 @@ class WorkerChannel(amp.AMP):
             pass
 
 
+def log_lines(log_format: str | None, index: int) -> Callable[[LogEvent], str | None]:
+    """How the worker writes an event: the master's line in ``log_format`` ("text",
+    "json") with the system ``worker<index>``, or (None) the event as JSON."""
+    if log_format is None:
+        return lambda event: eventAsJSON(event) + "\n"
+    system = f"worker{index}"
+    line = classic_text() if log_format == "text" else lambda event: event_as_json(event) + "\n"
+
+    def tagged(event: LogEvent) -> str | None:
+        return line({**event, "log_system": system})
+
+    return tagged
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mailstack-worker")
     parser.add_argument("--index", type=int, required=True)
@@ -79,6 +102,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", default="")
     parser.add_argument("--listeners", type=json.loads, required=True)
     parser.add_argument("--account", default="", help="uid:gid to switch to once set up (twistd --uid)")
+    parser.add_argument("--log-lines", choices=["text", "json"], default=None,
+                        help="write log lines in this [log] format (else events as JSON for the master)")
     return parser.parse_args(argv)
 
 
@@ -96,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     from mailstack.tap import install_sigterm, return_big_frees_to_the_os
 
     reactor: Any = _reactor
-    logs = BatchedObserver(sys.stdout, lambda event: eventAsJSON(event) + "\n", reactor)
+    logs = BatchedObserver(sys.stdout, log_lines(args.log_lines, args.index), reactor)
     globalLogBeginner.beginLoggingTo([lognoise.quiet(logs)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("after", "shutdown", logs.flush)
     return_big_frees_to_the_os()

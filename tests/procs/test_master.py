@@ -64,6 +64,19 @@ class PoolTests(SynchronousTestCase):
         self.assertNotIn("NOTIFY_SOCKET", env)
         self.assertEqual(len(self.reactor.adopted), 2)
 
+    def test_workersFormatTheirLinesForOurLog(self) -> None:
+        """Once the master's log takes whole lines, workers started after are told its format
+        and their output goes to it as it is."""
+        written: list[str] = []
+        self.pool.write_lines_to(written.append, "text")
+        self.reactor.spawned[0][0].processEnded(Failure(ProcessDone(0)))
+        self.reactor.advance(master.RESTART_DELAY)
+        protocol, args, _, _ = self.reactor.spawned[-1]
+        self.assertEqual(args[args.index("--log-lines") + 1], "text")
+        protocol.childDataReceived(1, b"a line\n")
+        self.assertEqual(written, ["a line\n"])
+        self.flushLoggedErrors()
+
     def test_readyOnceAllListen(self) -> None:
         """``ready`` fires when every worker has said Ready."""
         self.pool.channels[0].worker_ready()
@@ -124,5 +137,48 @@ class LogRelayTests(SynchronousTestCase):
         """Anything else (stderr, a traceback) is logged as an error, control characters escaped."""
         self.protocol.childDataReceived(2, b"Traceback \x1b[31m\n")
         errors = [e for e in self.events if e.get("log_level") is not None and e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertNotIn("\x1b", errors[0]["line"])
+
+
+class EndedPool:
+    """The one pool call a WorkerProcess makes: which workers ended."""
+
+    def __init__(self) -> None:
+        self.indexes: list[int] = []
+
+    def ended(self, index: int, reason: Failure) -> None:
+        self.indexes.append(index)
+
+
+class LinePassingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.written: list[str] = []
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.pool = EndedPool()
+        self.protocol = master.WorkerProcess(self.pool, 2, self.written.append)  # type: ignore[arg-type]
+
+    def test_wholeLinesPassedAsTheyAre(self) -> None:
+        """A worker's formatted lines reach the master's log unparsed, a batch at a time, and a
+        line split over reads only once it is whole (no other process's line lands inside it)."""
+        self.protocol.childDataReceived(1, b"2026 [worker2] one\n2026 [worker2] tw")
+        self.assertEqual(self.written, ["2026 [worker2] one\n"])
+        self.protocol.childDataReceived(1, b"o \xc3\xa9\n")
+        self.assertEqual(self.written, ["2026 [worker2] one\n", "2026 [worker2] two \u00e9\n"])
+        self.assertEqual([e for e in self.events if e.get("log_system") == "worker2"], [])
+
+    def test_lastLineKeptWhenTheWorkerEnds(self) -> None:
+        """A last line without its newline (the worker was killed mid-write) is kept at exit."""
+        self.protocol.childDataReceived(1, b"cut sho")
+        self.protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual((self.written, self.pool.indexes), (["cut sho\n"], [2]))
+
+    def test_stderrStillAnError(self) -> None:
+        """What a worker prints on stderr is still logged as an escaped error, not passed."""
+        self.protocol.childDataReceived(2, b"Traceback \x1b[31m\n")
+        self.assertEqual(self.written, [])
+        errors = [e for e in self.events if e.get("line") is not None]
         self.assertEqual(len(errors), 1)
         self.assertNotIn("\x1b", errors[0]["line"])

@@ -7,10 +7,12 @@ import signal
 from unittest.mock import patch
 
 from twisted.internet.error import ReactorNotRunning
+from twisted.logger import LogLevel, eventFromJSON, formatEventAsClassicLogText, formatTime
 from twisted.protocols import amp
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack.jsonlog import event_as_json
 from mailstack.metrics import Metrics
 from mailstack.procs import worker
 from mailstack.procs.commands import Exposition
@@ -33,6 +35,19 @@ class WorkerTests(SynchronousTestCase):
                              "--listeners", '[{"kind": "smtp", "fd": 4, "family": 2, "tls": false}]'])
         self.assertEqual((args.index, args.parent, args.config, args.account), (1, 7, "/m.toml", ""))
         self.assertEqual(args.listeners[0]["kind"], "smtp")
+
+    def test_logLinesInTheMastersFormat(self) -> None:
+        """With --log-lines the worker writes the master's final line, tagged with its system;
+        without, the event as JSON for the master to re-emit."""
+        args = worker.parse(["--index", "3", "--parent", "7", "--listeners", "[]", "--log-lines", "text"])
+        event = {"log_format": "accepted {queue_id}", "queue_id": "q1", "log_time": 0.0,
+                 "log_level": LogLevel.info, "log_namespace": "mailstack.intake"}
+        self.assertEqual(worker.log_lines(args.log_lines, args.index)(event),
+                         formatEventAsClassicLogText({**event, "log_system": "worker3"}, formatTime=formatTime))
+        self.assertIn("[worker3] accepted q1\n", worker.log_lines("text", 3)(event) or "")
+        self.assertEqual(worker.log_lines("json", 3)(event), event_as_json(event) + "\n")
+        self.assertEqual(eventFromJSON(worker.log_lines(None, 3)(event) or "")["queue_id"], "q1")
+        self.assertNotIn("log_system", event)
 
     def test_orphanExitsAtOnce(self) -> None:
         """The worker asks the kernel for SIGTERM when its parent dies; one whose master is
