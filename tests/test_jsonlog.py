@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import jsonlog
+from mailstack.logbatch import BatchedObserver
 from tests.e2e.harness import twistd_command
 
 
@@ -149,7 +150,10 @@ class TwistdTests(SynchronousTestCase):
         options = ServerOptions()
         options["nodaemon"] = True
         outer = jsonlog.for_twistd(Service(), options, "text", lines_to=lambda write, fmt: told.append((write, fmt)))
-        self.assertEqual(told, [(outer.observer.write, "text")])
+        [(write, fmt)] = told
+        self.assertEqual(fmt, "text")
+        self.assertIsInstance(write.__self__, BatchedObserver)  # the log's own batched writer
+        verifyObject(ILogObserver, outer.observer)
 
     def test_notTwistd(self):
         """Under another runner (``twist``, with its own --log-format) nothing changes."""
