@@ -4,7 +4,7 @@
 Works beside a running server: it reads the envelopes the server writes
 (``queue/store.py``), ``flush`` creates the trigger file the manager polls
 about once a second, and ``delete`` removes an entry under its entry lock (a
-``flock`` on the message file, ``store.entry_lock``), the lock the manager
+``flock`` on the message file, ``queue.locks.entry_lock``), the lock the manager
 holds while saving, so a deleted entry is never written back.  ``hold`` and
 ``release`` (``queue/hold.py``) change the envelope under the same lock.
 
@@ -24,7 +24,8 @@ from mailstack.interfaces import IQueueStore
 from mailstack.logsafe import escape
 from mailstack.queue import hold
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
-from mailstack.queue.store import MESSAGE_KEY, NoSuchEntry, QueueStore, remove_entry
+from mailstack.queue.locks import remove_entry
+from mailstack.queue.store import MESSAGE_KEY, NoSuchEntry, QueueStore
 
 FINAL = (DELIVERED, FAILED)
 

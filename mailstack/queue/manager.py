@@ -38,7 +38,7 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
 * An entry leaves the queue only when ``entry.done``.
 * The ``queue/flush`` trigger file (``mailstack queue flush``) is polled about
   once a second; when present every entry is retried now.
-* Saves take a lock on the entry (``store.entry_lock``), as does ``mailstack
+* Saves take a lock on the entry (``queue.locks.entry_lock``), as does ``mailstack
   queue delete``, so a deletion beside the running server is never undone by a
   save.
 * Stopping waits up to ``stop_timeout`` for the rounds in progress, then
@@ -70,9 +70,10 @@ from mailstack.metrics import NoMetrics, QueueStats
 from mailstack.queue import outcome, schedule
 from mailstack.queue.bounce import Bouncer
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
+from mailstack.queue.locks import save_unless_deleted
 from mailstack.queue.scan import scan_schedule
 from mailstack.queue.slots import Slots
-from mailstack.queue.store import id_time, save_unless_deleted
+from mailstack.queue.store import id_time
 from mailstack.storage import fsutil
 
 SCAN_BATCH = 5000  # envelopes read per thread call at start-up

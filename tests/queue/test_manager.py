@@ -17,9 +17,10 @@ from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
 from mailstack.queue.bounce import DSN_HEADER_LIMIT
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from mailstack.queue.locks import remove_entry
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.schedule import entry_due
-from mailstack.queue.store import NoSuchEntry, remove_entry
+from mailstack.queue.store import NoSuchEntry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,

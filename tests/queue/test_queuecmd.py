@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin import cli
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
-from mailstack.queue.store import QueueStore, save_unless_deleted
+from mailstack.queue.locks import save_unless_deleted
+from mailstack.queue.store import QueueStore
 
 
 class QueueCommandTests(SynchronousTestCase):

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.queue import store as store_module
+from mailstack.queue import locks as locks_module
 from mailstack.queue.entry import DELIVERED, QueueEntry, RecipientState
-from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery, entry_lock
+from mailstack.queue.locks import entry_lock
+from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
 from mailstack.storage import fsutil
 from tests.storage.faults import Faults, count_steps, scratch_path
 
@@ -666,7 +667,7 @@ class EntryLockTests(StoreTestMixin, SynchronousTestCase):
         entry = make_entry(self.store.new_id())
         self.store.commit(entry, BODY)
         locked: list[int] = []
-        real = store_module.fcntl.flock
+        real = locks_module.fcntl.flock
 
         def flock(fd: int, op: int) -> None:
             if not locked:
@@ -674,7 +675,7 @@ class EntryLockTests(StoreTestMixin, SynchronousTestCase):
             locked.append(os.fstat(fd).st_ino)
             real(fd, op)
 
-        self.patch(store_module.fcntl, "flock", flock)
+        self.patch(locks_module.fcntl, "flock", flock)
         with entry_lock(self.store, entry.id) as present:
             self.assertTrue(present)
         self.assertEqual(len(locked), 2)
@@ -684,12 +685,12 @@ class EntryLockTests(StoreTestMixin, SynchronousTestCase):
         """An envelope removed between the open and the lock: not present."""
         entry = make_entry(self.store.new_id())
         self.store.commit(entry, BODY)
-        real = store_module.fcntl.flock
+        real = locks_module.fcntl.flock
 
         def flock(fd: int, op: int) -> None:
             self.store.remove(entry.id)
             real(fd, op)
 
-        self.patch(store_module.fcntl, "flock", flock)
+        self.patch(locks_module.fcntl, "flock", flock)
         with entry_lock(self.store, entry.id) as present:
             self.assertFalse(present)
