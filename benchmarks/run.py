@@ -275,10 +275,17 @@ def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = 
     return out
 
 
-def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str) -> dict:
+def relay_workload(t: Target, n: int, sessions: int, sink_port: int, work: str, profile_svg: str | None = None,
+                   pid: int | None = None) -> dict:
     """n messages to aliases that forward to remote.test; rate until the sink has them."""
     aliases = list(ALIASES)
-    return sink_workload(t, n, sessions, sink_port, work, lambda i: aliases[i % N_RELAY], transform=t.mx_transform)
+    prof = start_profile(profile_svg, pid, subprocesses=True) if profile_svg and pid else None
+    try:
+        return sink_workload(t, n, sessions, sink_port, work, lambda i: aliases[i % N_RELAY],
+                             transform=t.mx_transform)
+    finally:
+        if prof:
+            stop_profile(prof)
 
 
 def submit_workload(t: Target, n: int, sessions: int, sink_port: int, work: str, starttls: bool = True) -> dict:
@@ -461,17 +468,19 @@ def fsync_ceiling(work: str, threads: int, seconds: float) -> dict:
 # -- profiling ----------------------------------------------------------------------
 
 
-def start_profile(svg: str, pid: int):
+def start_profile(svg: str, pid: int, subprocesses: bool = False):
+    """py-spy on ``pid`` (and, with ``subprocesses``, its session workers)."""
     exe = shutil.which("py-spy")
     if not exe:
         log("py-spy not installed; no profile (pip install py-spy)")
         return None
     raw = os.path.splitext(svg)[0] + ".txt"
+    sub = ["--subprocesses"] if subprocesses else []
     procs = [
-        subprocess.Popen([exe, "record", "--pid", str(pid), "-o", svg, "--rate", "200", "--nonblocking"],
+        subprocess.Popen([exe, "record", "--pid", str(pid), "-o", svg, "--rate", "200", "--nonblocking", *sub],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([exe, "record", "--pid", str(pid), "-o", raw, "--format", "raw", "--rate", "200",
-                          "--nonblocking", "--threads"],
+                          "--nonblocking", "--threads", *sub],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     time.sleep(1.0)  # attach
@@ -773,7 +782,14 @@ class Run:
             for row, field in (("mem50", "pss_process_mb"), ("mem50_total", "pss_mb")):
                 side.res[row] = {"value": a50[field], "unit": "MB"} if field in a50 else na("no 50-session run")
         for side in sides:
-            self.guarded(side.res, "relay10", relay_workload, side.t, self.n, 10, self.sink_port, self.work)
+            svg = None
+            if side.ms is not None and self.a.profile:
+                os.makedirs(self.a.profile, exist_ok=True)
+                svg = os.path.join(os.path.abspath(self.a.profile), "mailstack-relay10.svg")
+            self.guarded(side.res, "relay10", relay_workload, side.t, self.n, 10, self.sink_port, self.work, svg,
+                         side.ms.pid if side.ms else None)
+            if svg and os.path.exists(os.path.splitext(svg)[0] + ".txt"):
+                self.record_profile("relay10", svg, side.res.get("relay10", {}).get("seconds"))
         for side in sides:
             self.guarded(side.res, "submit1", submit_workload, side.t, self.n_submit, 10, self.sink_port, self.work)
         if self.a.features:
@@ -1084,7 +1100,7 @@ def main(argv=None) -> int:
     p.add_argument("--processes", default="",
                    help='mailstack [server] processes: "auto" or a number (default: the config default)')
     p.add_argument("--profile", metavar="DIR",
-                   help="py-spy profiles of mailstack: during the 50-session run, and an extra POP3 download")
+                   help="py-spy profiles of mailstack: 50-session and relay runs, and an extra POP3 download")
     p.add_argument("--workdir", default=None, help="parent of the temp folder (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, configs)")
     p.add_argument("--skip-reference", action="store_true")

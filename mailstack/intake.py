@@ -31,13 +31,14 @@ duplicate when the client sends again, never a loss.
 
 The queue (any remote recipient, or the fallback)
 -------------------------------------------------
-``QueueStore.prepare`` (one thread call: the message written to
-``queue/tmp/<id>`` from memory, or the streamed file fsynced, plus the
-envelope written and fsynced) is followed by ``publish_messages`` (renames
-into ``msg/``, one fsync of ``msg/``) and ``publish_envelopes`` (renames into
-``env/``, one fsync of ``env/``).  Each of the two goes through a
-``GroupCommit``: one batch is in flight per stage, every message that arrives
-meanwhile joins the next batch, and the two stages pipeline.  With no load a
+``QueueStore.prepare`` (one thread call: a message held in memory written
+inside its envelope, which is fsynced -- one file per message; or the
+streamed file fsynced, plus the envelope written and fsynced) is followed,
+for a streamed message only, by ``publish_messages`` (renames into ``msg/``,
+one fsync of ``msg/``), then by ``publish_envelopes`` (renames into ``env/``,
+one fsync of ``env/``).  Each of the two goes through a ``GroupCommit``: one
+batch is in flight per stage, every message that arrives meanwhile joins the
+next batch, and the two stages pipeline.  With no load a
 batch is a single message and nothing waits for a timer.  A failure of one
 message's own step fails that message only; a failed directory fsync fails
 the whole batch (each is answered 451/452, and nothing of it is left behind).
@@ -340,8 +341,13 @@ class Intake:
     # -- the queue: prepare (one thread call per message), publish (per batch) ----
 
     def _queue(self, entry: QueueEntry, data: bytes | None) -> Deferred:
+        """Commit to the queue; a message held in memory goes inside its
+        envelope, so it skips the ``msg/`` stage (no file of its own)."""
         d = self._run_blocking(self._store.prepare, entry, data)
-        d.addCallback(lambda _: self._committer.submit(entry))
+        if data is None:
+            d.addCallback(lambda _: self._committer.submit(entry))
+        else:
+            d.addCallback(lambda _: entry)
         d.addCallback(self._envelopes.submit)
         d.addCallback(self._queued)
         return d

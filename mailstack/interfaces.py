@@ -227,7 +227,8 @@ class IQueueStore(Interface):
     """
 
     def message_path(queue_id: str) -> str:
-        """The file holding the message bytes (NoSuchEntry for a malformed id)."""
+        """The file holding the message bytes when they are not inside the
+        envelope (NoSuchEntry for a malformed id)."""
 
     def envelope_path(queue_id: str) -> str:
         """The file holding the envelope, the entry's commit record."""
@@ -240,6 +241,16 @@ class IQueueStore(Interface):
 
     def load(queue_id: str) -> QueueEntry:
         """The entry; NoSuchEntry, or CorruptEntry after moving it aside."""
+
+    def load_message(queue_id: str) -> tuple:
+        """``(entry, message)`` from one read: the message bytes when they are
+        inside the envelope, else None (they are in ``message_path``).  As ``load``."""
+
+    def read_message(queue_id: str) -> bytes:
+        """The whole message, wherever it is stored."""
+
+    def message_headers(queue_id: str, limit: int) -> bytes:
+        """The message's header section, up to ``limit`` bytes; b"" if unreadable."""
 
     def scan() -> Iterator[QueueEntry]:
         """Every readable committed entry, oldest first."""
@@ -255,9 +266,10 @@ class IQueueStore(Interface):
     def attempt_mark(queue_id: str) -> float:
         """The time ``mark_attempt`` set, or 0.0."""
 
-    def remove(queue_id: str, sync: bool = True) -> bool:
+    def remove(queue_id: str, sync: bool = True, message_file: bool = True) -> bool:
         """Drop the entry, envelope first; False if there was no envelope.
-        ``sync`` makes the envelope removal durable."""
+        ``sync`` makes the envelope removal durable; ``message_file=False``:
+        the message was inside the envelope (no file to unlink)."""
 
     def recover(read_envelopes: bool = True) -> Recovery:
         """At start, before any commit: clean up what a crash left (``Recovery``)."""
@@ -278,8 +290,9 @@ class IQueueStore(Interface):
 class IQueueCommit(Interface):
     """The intake's side of the queue store: new messages, committed in batches.
 
-    ``prepare`` per message (fsynced, not yet visible), then
-    ``publish_messages`` and ``publish_envelopes`` per batch (one directory
+    ``prepare`` per message (fsynced, not yet visible; a message given as
+    bytes goes inside its envelope), then ``publish_messages`` (for messages
+    in their own file) and ``publish_envelopes`` per batch (one directory
     fsync each); the protocol is in ``queue/store.py``.  Every method blocks.
     """
 
@@ -293,7 +306,8 @@ class IQueueCommit(Interface):
         """Create ``tmp_path(queue_id)`` exclusively, open for buffered writes."""
 
     def prepare(entry: QueueEntry, data: bytes | None = None) -> None:
-        """Message and envelope bytes on disk and fsynced, not yet visible."""
+        """Message and envelope bytes on disk and fsynced, not yet visible;
+        ``data`` (the message in memory) is written inside the envelope."""
 
     def publish_messages(entries: list[QueueEntry]) -> list[BaseException | None]:
         """Rename a batch's messages into place; per entry None or its error."""

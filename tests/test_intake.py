@@ -23,7 +23,7 @@ from mailstack.queue.entry import QueueEntry, RecipientState
 from mailstack.queue.store import QueueStore
 from mailstack.storage.maildir import MaildirStore
 from mailstack.threadpool import INLINE_BYTES
-from tests.storage.faults import Faults, scratch_path
+from tests.storage.faults import Faults, count_steps, scratch_path
 
 NOW = 1764341555.0  # Fri, 28 Nov 2025 14:52:35 +0000
 QID = "0661576198ba5cabcdef0123"
@@ -172,6 +172,10 @@ class IntakeTestMixin:
     def queue_files(self) -> dict[str, list[str]]:
         return {d: sorted(os.listdir(os.path.join(self.store.root, d))) for d in ("tmp", "msg", "env")}
 
+    def queued(self, queue_id: str) -> bytes:
+        """The queued message's bytes, inside its envelope or in msg/."""
+        return self.store.read_message(queue_id)
+
 
 class IntakeTests(IntakeTestMixin, SynchronousTestCase):
     def test_interfaces(self) -> None:
@@ -184,11 +188,20 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         incoming, d = self.send(envelope(), MESSAGE[:5], MESSAGE[5:])
         queue_id = self.successResultOf(d)
         self.assertEqual(queue_id, incoming.queue_id)
-        with open(self.store.message_path(queue_id), "rb") as f:
-            data = f.read()
         header = received_header(envelope(), "mx.example.org", queue_id, NOW)
-        self.assertEqual(data, header + MESSAGE)
+        self.assertEqual(self.queued(queue_id), header + MESSAGE)
         self.assertEqual(self.queue_files()["tmp"], [])
+
+    def test_smallMessageInsideItsEnvelope(self) -> None:
+        """A message held in memory is queued as one file: inside its envelope, no msg/<id>;
+        every byte value survives the round trip."""
+        body = MESSAGE + bytes(range(256)) + b"\r\n"
+        _, d = self.send(envelope(remote(CAROL)), body)
+        queue_id = self.successResultOf(d)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": [queue_id + ".json"]})
+        entry, message = self.store.load_message(queue_id)
+        self.assertEqual(message, received_header(envelope(remote(CAROL)), "mx.example.org", queue_id, NOW) + body)
+        self.assertEqual(entry.size, len(message))
 
     def test_envelopeRecord(self) -> None:
         """The entry records sender, arrival, size, user, peer and one state per recipient."""
@@ -206,7 +219,7 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
                     RecipientState(address="bob@example.org", original="Bob@example.org", local=True),
                     RecipientState(address="Carol@remote.example", original="Carol@remote.example", local=False),
                 ],
-                size=os.path.getsize(self.store.message_path(queue_id)),
+                size=len(self.queued(queue_id)),
                 user="alice@example.net",
                 peer="192.0.2.1",
             ),
@@ -248,8 +261,8 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_commitRunsInThread(self) -> None:
-        """The commit goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged before all
-        fire."""
+        """The commit goes through run_blocking (prepare, envelopes: a message held in memory has no msg/ stage);
+        nothing is acknowledged before both fire."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
@@ -257,6 +270,24 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         d = incoming.finish()
         self.assertNoResult(d)
         self.assertEqual(threads.names(), ["prepare"])  # one thread hand-off per message
+        threads.run_prepare()
+        self.assertNoResult(d)
+        self.assertEqual(threads.names(), ["_publish_envelopes"])
+        self.assertEqual(list(self.store.scan()), [])
+        threads.run_one()
+        self.assertEqual(self.successResultOf(d), incoming.queue_id)
+        self.assertEqual(self.kicker.kicked, [incoming.queue_id])
+
+    def test_spilledCommitRunsInThread(self) -> None:
+        """A streamed message goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged
+        before all fire."""
+        threads = ManualThreads()
+        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
+        incoming = intake.begin(envelope())
+        incoming.write(BIG)
+        d = incoming.finish()
+        self.assertNoResult(d)
+        self.assertEqual(threads.names(), ["prepare"])
         threads.run_prepare()
         self.assertNoResult(d)
         self.assertEqual(threads.names(), ["_publish_messages"])
@@ -292,7 +323,7 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(event["user"], "alice@example.net")
         self.assertEqual(event["sender"], "alice@example.net")
         self.assertEqual(event["recipients"], ["bob@example.org"])
-        self.assertEqual(event["size"], os.path.getsize(self.store.message_path(queue_id)))
+        self.assertEqual(event["size"], len(self.queued(queue_id)))
 
     def test_smallMessageStaysInMemory(self) -> None:
         """Until it is committed, a small message touches no file (the commit writes it in a thread)."""
@@ -310,8 +341,7 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(self.queue_files()["tmp"], [incoming.queue_id])
         self.assertLess(sum(map(len, incoming._held)), SPILL_AT)
         queue_id = self.successResultOf(incoming.finish())
-        with open(self.store.message_path(queue_id), "rb") as f:
-            self.assertEqual(f.read(), received_header(envelope(), "mx.example.org", queue_id, NOW) + BIG)
+        self.assertEqual(self.queued(queue_id), received_header(envelope(), "mx.example.org", queue_id, NOW) + BIG)
 
     def test_abortRemovesTmp(self) -> None:
         """abort() discards what was written; nothing is queued or kicked."""
@@ -340,19 +370,28 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(self.kicker.kicked, [])
 
     def test_commitFailureAtEveryStep(self) -> None:
-        """I/O errors at any commit step give 451 4.3.0, ENOSPC 452 4.3.1; nothing half-written remains."""
-        for error, code, enhanced in (
-            (errno.EIO, 451, "4.3.0"),
-            (errno.ENOSPC, 452, "4.3.1"),
-            (errno.EDQUOT, 452, "4.3.1"),
-        ):
-            for k in range(1, 12):
-                incoming = self.intake.begin(envelope())
-                incoming.write(MESSAGE)
-                faults = Faults(self, fail_at=k, error=error)
-                d = incoming.finish()
-                faults.restore()
-                self.assertRefused(d, code, enhanced)
+        """I/O errors at any commit step, of a message held in memory or streamed to tmp/, give 451 4.3.0,
+        ENOSPC 452 4.3.1; nothing half-written remains."""
+        for body in (MESSAGE, BIG):
+            probe = self.intake.begin(envelope())
+            probe.write(body)
+            steps = count_steps(self, lambda probe=probe: self.successResultOf(probe.finish()))
+            self.store.remove(probe.queue_id)
+            self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
+            self.assertEqual(len(steps), 6 if body is MESSAGE else 11)  # open, write, fsync, rename, open, fsync
+            self.kicker.kicked.clear()
+            for error, code, enhanced in (
+                (errno.EIO, 451, "4.3.0"),
+                (errno.ENOSPC, 452, "4.3.1"),
+                (errno.EDQUOT, 452, "4.3.1"),
+            ):
+                for k in range(1, len(steps) + 1):
+                    incoming = self.intake.begin(envelope())
+                    incoming.write(body)
+                    faults = Faults(self, fail_at=k, error=error)
+                    d = incoming.finish()
+                    faults.restore()
+                    self.assertRefused(d, code, enhanced)
 
     def test_writeFailure(self) -> None:
         """A full disk while streaming is reported at finish() as 452 4.3.1, tmp removed."""
@@ -420,10 +459,11 @@ class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
         self.intake = Intake(self.config, self.store, self.kicker, self.threads, self.clock)
 
     def start(self, n: int) -> list:
+        """``n`` messages streamed to tmp/ (their own file, so both publish stages)."""
         out = []
         for i in range(n):
             incoming = self.intake.begin(envelope())
-            incoming.write(MESSAGE + bytes([i]))
+            incoming.write(BIG + bytes([i]))
             out.append((incoming, incoming.finish()))
         return out
 
@@ -671,7 +711,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
     def test_refusedWhenTheQueueFailsToo(self) -> None:
         """A full disk for the Maildir and for the queue: 452 4.3.1, no copy and no queue file anywhere."""
         self.patch(self.maildirs, "prepare", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-        self.patch(self.store, "prepare_envelope", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+        self.patch(self.store, "prepare", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
         _, d = self.send(envelope(), MESSAGE)
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced), (452, "4.3.1"))
@@ -764,8 +804,7 @@ class HeaderChangeTests(IntakeTestMixin, SynchronousTestCase):
         return received_header(envelope(), "mx.example.org", queue_id, NOW)
 
     def stored(self, queue_id: str) -> bytes:
-        with open(self.store.message_path(queue_id), "rb") as f:
-            return f.read()
+        return self.queued(queue_id)
 
     def deliver(self, body: bytes, changes: HeaderChanges | None = CHANGES, chunk: int = 1000):
         incoming = self.intake.begin(envelope())

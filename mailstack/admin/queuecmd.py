@@ -4,7 +4,7 @@
 Works beside a running server: it reads the envelopes the server writes
 (``queue/store.py``), ``flush`` creates the trigger file the manager polls
 about once a second, and ``delete`` removes an entry under its entry lock (a
-``flock`` on the message file, ``store.entry_lock``), the lock the manager
+``flock`` on the message file, ``queue.locks.entry_lock``), the lock the manager
 holds while saving, so a deleted entry is never written back.  ``hold`` and
 ``release`` (``queue/hold.py``) change the envelope under the same lock.
 
@@ -24,7 +24,8 @@ from mailstack.interfaces import IQueueStore
 from mailstack.logsafe import escape
 from mailstack.queue import hold
 from mailstack.queue.entry import DELIVERED, FAILED, QueueEntry, well_formed
-from mailstack.queue.store import NoSuchEntry, QueueStore, read_headers, remove_entry
+from mailstack.queue.locks import remove_entry
+from mailstack.queue.store import MESSAGE_KEY, NoSuchEntry, QueueStore
 
 FINAL = (DELIVERED, FAILED)
 
@@ -116,6 +117,7 @@ def _envelopes(store: IQueueStore) -> list[dict[str, Any]]:
             raw = b""
         try:
             data = loads(raw.decode("utf-8"))
+            data.pop(MESSAGE_KEY, None)  # a message stored inside its envelope is not listed
             ok = well_formed(data, queue_id)
         except Exception:
             ok = False
@@ -186,7 +188,7 @@ def queue_show(config: Any, args: Any) -> int:
     row = summary(entry, time.time())
     if getattr(args, "json", False):
         data = entry.to_json()
-        data["headers"] = read_headers(store.message_path(entry.id)).decode("utf-8", "replace")
+        data["headers"] = store.message_headers(entry.id).decode("utf-8", "replace")
         print(json.dumps(data, indent=2), file=out)
         return 0
     print(f"id:        {entry.id}", file=out)
@@ -215,7 +217,7 @@ def queue_show(config: Any, args: Any) -> int:
         for h in r.history:
             print(f"    {_iso(h.get('time', 0))}  {escape(h.get('host', ''))}  {escape(h.get('reply', ''))}", file=out)
     print("headers:", file=out)
-    headers = read_headers(store.message_path(entry.id)).decode("utf-8", "replace")
+    headers = store.message_headers(entry.id).decode("utf-8", "replace")
     for line in headers.rstrip("\r\n").split("\n"):  # only LF ends a line; a stray CR is shown
         print(f"    {escape(line.removesuffix(chr(13)))}", file=out)
     return 0

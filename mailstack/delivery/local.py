@@ -53,7 +53,8 @@ class LocalAgent:
 
     log = Logger()
 
-    # Each copy is written in a thread straight from the queue file.
+    # Each copy is written in a thread straight from the queue file; the
+    # manager hands over the bytes only when they are inside the envelope.
     takes_message = False
 
     def __init__(self, maildirs: IMaildirStore, store: IQueueStore, run_blocking: Callable[..., Deferred]) -> None:
@@ -65,13 +66,15 @@ class LocalAgent:
         """Deferred of ``{recipient.address: Reply}``; never errbacks.
 
         ``recipients`` are local ones of ``entry``; the manager records the
-        replies.  ``message`` is never given (``takes_message`` is False).
+        replies.  ``message``: the bytes, when they are stored inside the
+        envelope (there is no message file then); else the copies are
+        written from ``message_path``.
         """
-        source = self._store.message_path(entry.id)
+        source: bytes | str = message if message is not None else self._store.message_path(entry.id)
         pending = [self._deliver_one(entry, rcpt, source) for rcpt in recipients]
         return gatherResults(pending).addCallback(dict)
 
-    def _deliver_one(self, entry: QueueEntry, rcpt: RecipientState, source: str) -> Deferred:
+    def _deliver_one(self, entry: QueueEntry, rcpt: RecipientState, source: bytes | str) -> Deferred:
         prefix = delivery_prefix(entry.sender, rcpt.address)
         d = self._run_blocking(self._maildirs.deliver, rcpt.address, source, prefix)
         d.addCallbacks(lambda name: OR.DELIVERED, self._classify, errbackArgs=(entry, rcpt))

@@ -47,7 +47,6 @@ from mailstack.errors import MailError
 from mailstack.interfaces import IIntake, IQueueStore, IRouter
 from mailstack.queue import dsn, schedule
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
-from mailstack.queue.store import read_headers
 
 DSN_HEADER_LIMIT = 16 * 1024  # bytes of original headers returned in a DSN
 FULL_MAX = 1024 * 1024  # RET=FULL returns the whole message up to this size, else its headers
@@ -152,12 +151,11 @@ class Bouncer:
                 self.log.warn("{queue_id}: sender <{sender}> cannot get a DSN", queue_id=entry.id, sender=entry.sender)
                 return True  # nobody to tell; do not retry forever
         try:
-            path = self.store.message_path(entry.id)
-            headers = await self.run_blocking(read_headers, path, DSN_HEADER_LIMIT)
+            headers = await self.run_blocking(self.store.message_headers, entry.id, DSN_HEADER_LIMIT)
             full = None
             # RFC 3461 4.3 RET=FULL; only for authenticated senders (backscatter bound, see above).
             if entry.ret == "FULL" and entry.user and entry.size <= FULL_MAX:
-                full = await self.run_blocking(_read_all, path)
+                full = await self.run_blocking(self.store.read_message, entry.id)
             message = dsn.build(
                 to=str(to),
                 original_message=full,
@@ -206,9 +204,3 @@ class Bouncer:
             except MailError:
                 return ()
         return (Destination(address=sender, original=sender, local=local),)
-
-
-def _read_all(path: str) -> bytes:
-    """The whole stored message (blocking; at most ``FULL_MAX`` octets by the caller's check)."""
-    with open(path, "rb") as f:
-        return f.read(FULL_MAX + 64 * 1024)

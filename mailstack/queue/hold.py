@@ -19,7 +19,8 @@ Blocking (file I/O and locks): the admin command calls these directly.
 from __future__ import annotations
 
 from mailstack.interfaces import IQueueStore
-from mailstack.queue.store import NoSuchEntry, entry_lock
+from mailstack.queue.locks import entry_lock
+from mailstack.queue.store import NoSuchEntry
 
 
 def hold(store: IQueueStore, queue_id: str, now: float) -> bool:

@@ -38,7 +38,7 @@ Time plus concurrency over the files of ``queue/store.py`` (Postfix's qmgr):
 * An entry leaves the queue only when ``entry.done``.
 * The ``queue/flush`` trigger file (``mailstack queue flush``) is polled about
   once a second; when present every entry is retried now.
-* Saves take a lock on the entry (``store.entry_lock``), as does ``mailstack
+* Saves take a lock on the entry (``queue.locks.entry_lock``), as does ``mailstack
   queue delete``, so a deletion beside the running server is never undone by a
   save.
 * Stopping waits up to ``stop_timeout`` for the rounds in progress, then
@@ -70,9 +70,10 @@ from mailstack.metrics import NoMetrics, QueueStats
 from mailstack.queue import outcome, schedule
 from mailstack.queue.bounce import Bouncer
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
+from mailstack.queue.locks import save_unless_deleted
 from mailstack.queue.scan import scan_schedule
 from mailstack.queue.slots import Slots
-from mailstack.queue.store import id_time, save_unless_deleted
+from mailstack.queue.store import id_time
 from mailstack.storage import fsutil
 
 SCAN_BATCH = 5000  # envelopes read per thread call at start-up
@@ -395,13 +396,13 @@ class QueueManager(Service):
             return None
         if begun is None:
             return None
-        entry, due, message = begun
+        entry, due, message, inline = begun
         local = [r for r in due if r.local]
         remote = [r for r in due if not r.local]
 
         work = []
         if local:
-            work.append(self._deliver(entry, self.local, local, None, now))
+            work.append(self._deliver(entry, self.local, local, None, now, message if inline else None))
         by_domain: dict[str, list[RecipientState]] = {}
         for r in remote:
             by_domain.setdefault(r.domain, []).append(r)
@@ -420,7 +421,7 @@ class QueueManager(Service):
             try:
                 # Without a DSN involved, the removal need not be durable: a
                 # crash that undoes it only means a second delivery, never none.
-                await self._files.submit((self._remove, entry.id, bounced))
+                await self._files.submit((self._remove, entry.id, bounced, not inline))
             except Exception:
                 self.log.failure("cannot remove queue entry {queue_id}", queue_id=qid)
                 return now + schedule.interval_for(1, relay.retry_intervals)
@@ -442,22 +443,23 @@ class QueueManager(Service):
 
     def _begin(
         self, qid: str, now: float, forced: bool
-    ) -> tuple[QueueEntry, list[RecipientState], bytes | None] | None:
+    ) -> tuple[QueueEntry, list[RecipientState], bytes | None, bool] | None:
         """Blocking (in ``_file_batch``): load the entry and, if remote recipients
         are due, record the attempt before connecting out (see the module docstring).
 
         The record is the attempt mark (no fsync; the module docstring says
         why that is enough); ``attempts`` and ``next_attempt`` are updated in
-        memory and saved durably with the results.  A small message is read
-        here too when the remote agent takes bytes (``takes_message``), so
-        that the reactor thread opens no file.  Returns None if the entry is
-        gone; raises ``_SaveFailed`` if the mark cannot be set, anything
-        else if the entry cannot be read.
+        memory and saved durably with the results.  The message comes with
+        the entry when it is inside the envelope (``inline``; then it is the
+        only copy and goes to both agents); else a small one is read here
+        when the remote agent takes bytes (``takes_message``), so that the
+        reactor thread opens no file.  Returns None if the entry is gone;
+        raises ``_SaveFailed`` if the mark cannot be set, anything else if
+        the entry cannot be read.
         """
         relay = self.config.relay
-        entry = self.store.load(qid)
-        if entry is None:
-            return None
+        entry, message = self.store.load_message(qid)
+        inline = message is not None
         if entry.held:
             raise _Held()
         due = [r for r in entry.recipients if not r.final and (forced or r.next_attempt <= now)]
@@ -471,18 +473,19 @@ class QueueManager(Service):
                 self.store.mark_attempt(qid, min(r.next_attempt for r in remote))
             except Exception as e:
                 raise _SaveFailed() from e
-            if 0 < entry.size <= PRELOAD_MAX and self.remote.takes_message:
+            if not inline and 0 < entry.size <= PRELOAD_MAX and self.remote.takes_message:
                 try:
-                    return entry, due, fsutil.read_small(self.store.message_path(qid))
+                    message = fsutil.read_small(self.store.message_path(qid))
                 except OSError:
                     pass  # the agent opens it itself and reports the error
-        return entry, due, None
+        return entry, due, message, inline
 
     def _file_batch(self, items: list[tuple]) -> list[Any]:
         """Blocking: the queue file work that piled up while the last batch ran,
         in one thread call (a hand-off costs the reactor thread more than one
         message's file work): ``(self._begin, id, now, forced)`` for entries
-        that became due, ``(self._remove, id, durable)`` for finished ones."""
+        that became due, ``(self._remove, id, durable, message_file)`` for
+        finished ones."""
         results: list[Any] = []
         for f, *args in items:
             try:
@@ -491,13 +494,13 @@ class QueueManager(Service):
                 results.append(e)
         return results
 
-    def _remove(self, qid: str, durable: bool) -> Any:
+    def _remove(self, qid: str, durable: bool, message_file: bool) -> Any:
         """Blocking (in ``_file_batch``): remove a finished entry.
 
         Durable removals (a DSN was sent for the entry, so a resurrected entry
         would send another) fsync ``env/``; the others do not.
         """
-        return self.store.remove(qid, sync=durable)
+        return self.store.remove(qid, sync=durable, message_file=message_file)
 
     async def _save(self, entry: QueueEntry) -> bool:
         """Save durably (a new envelope: any attempt mark goes with the old one)."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from mailstack.interfaces import IQueueStore
 from mailstack.queue import schedule
 from mailstack.queue.entry import DELIVERED, FAILED, FORMAT_VERSION, PENDING
-from mailstack.queue.store import NoSuchEntry
+from mailstack.queue.store import MESSAGE_KEY, NoSuchEntry
 
 
 def due_from_json(data: Any, queue_id: str, now: float, warning_after: float | None) -> float | None:
@@ -79,18 +80,23 @@ def scan_schedule(
     ``due`` is ``math.inf`` for a held entry.
 
     Reads each envelope once and takes only what the schedule needs; an entry
-    removed meanwhile is skipped, an unusual one goes through ``store.load``.
+    removed meanwhile is skipped, an unusual one (or one whose message is
+    neither inside the envelope nor in ``msg/``) goes through ``store.load``.
     An entry tried when the last process stopped is not due before its
     attempt mark.
     """
     out: list[tuple[float, str]] = []
     loads = json.loads
+    exists = os.path.exists
     for qid in ids:
         due = None
         mark = 0.0
         try:
             data, mark = store.read_envelope(qid)
-            due = due_from_json(loads(data.decode("utf-8")), qid, now, warning_after)
+            parsed = loads(data.decode("utf-8"))
+            # No message inside and none in msg/: store.load moves the envelope aside.
+            if MESSAGE_KEY in parsed or exists(store.message_path(qid)):
+                due = due_from_json(parsed, qid, now, warning_after)
         except NoSuchEntry:
             continue  # delivered or deleted since the listing
         except Exception:  # unreadable: store.load below decides (and moves it aside)

@@ -3,8 +3,8 @@
 
 Blocking and free of Twisted imports, so that the admin command can use it on
 the same directory while the server runs; the server calls it in threads.
-The per-entry lock (``entry_lock``) keeps the two apart: the manager saves
-with ``save_unless_deleted`` and ``queue delete`` removes with
+The per-entry lock (``queue/locks.py``) keeps the two apart: the manager
+saves with ``save_unless_deleted`` and ``queue delete`` removes with
 ``remove_entry``, so a deleted entry is never written back.
 
 Layout under ``root`` (``data_dir/queue``)
@@ -12,15 +12,22 @@ Layout under ``root`` (``data_dir/queue``)
 ``tmp/<id>``
     A message being received.  Not committed; emptied by ``recover()``.
 ``msg/<id>``
-    The message bytes (Received: header first), immutable once committed.
+    The message bytes (Received: header first), immutable once committed:
+    only for a message that was streamed to ``tmp/<id>`` (bigger than the
+    intake holds in memory), or queued by an older version.
 ``env/<id>.json``
     The envelope: UTF-8 JSON of ``QueueEntry.to_json()`` (``version``, ``id``,
     ``sender``, ``arrival``, ``size``, ``user``, ``peer``, ``delay_warned`` and per
     recipient ``address``, ``original``, ``local``, ``status``, ``attempts``,
     ``next_attempt``, ``last_reply``, ``last_host``, ``notified``, ``history``).
-    Always replaced whole with ``fsutil.write_atomic`` (temporary names start
-    with ``.tmp.`` and are ignored by ``scan()``).  **The envelope file is the
-    commit record**, like Postfix's END record: a message exists for the queue
+    A message the intake held in memory is inside its envelope, under the key
+    ``message`` (the bytes as a Latin-1 string, so every byte maps to one
+    character): one file per message, like Postfix's queue file, instead of
+    two to create, fsync, rename, read and delete.  Such an entry has no
+    ``msg/<id>``.  Always replaced whole with ``fsutil.write_atomic``
+    (temporary names start with ``.tmp.`` and are ignored by ``scan()``), a
+    ``save`` carrying the ``message`` over.  **The envelope file is the commit
+    record**, like Postfix's END record: a message exists for the queue
     exactly when its envelope does.  Its mtime, when set ahead of its change
     time by ``mark_attempt``, is the attempt mark: no retry before then.
 ``corrupt/``
@@ -39,14 +46,17 @@ sort by arrival and are unique across processes without coordination.
 
 Commit protocol (``commit`` = ``prepare`` + ``publish``)
 -------------------------------------------------------
-``prepare(entry)``, per message, many in parallel from a thread pool:
+``prepare(entry, data)``, per message, many in parallel from a thread pool:
 
-1. fsync ``tmp/<id>`` (the bytes are on disk);
+1. fsync ``tmp/<id>`` (the bytes are on disk) -- or, with ``data`` (the
+   message held in memory), nothing: the message goes into the envelope;
 2. write the envelope to ``env/.tmp.<id>.json`` and fsync it.
 
 ``publish(entries)``, one call for a whole batch (group commit):
 
-3. rename every ``tmp/<id>`` to ``msg/<id>``, then fsync ``msg/`` once;
+3. rename every ``tmp/<id>`` to ``msg/<id>``, then fsync ``msg/`` once
+   (skipped for the entries whose message is in the envelope:
+   ``publish_messages`` passes them through);
 4. rename every ``env/.tmp.<id>.json`` to ``env/<id>.json``, then fsync
    ``env/`` once.
 
@@ -67,7 +77,11 @@ entry only; an error in a shared directory fsync fails every entry still in
 the batch at that point.  Every failed entry is removed again (envelope first),
 so a failure never leaves anything half-written.
 
-``remove`` deletes the envelope first and then the message.  With
+An envelope that holds no message while ``msg/<id>`` is missing cannot
+come from this protocol (damage from outside): ``load`` moves it to
+``corrupt/`` when it meets it, as the start-up scan does.
+
+``remove`` deletes the envelope first and then the message (if any).  With
 ``sync=True`` (the default, used by ``queue delete``) the envelope removal is
 fsynced; after a final delivery the caller may pass ``sync=False``: if a crash
 undoes the removal, the entry is simply delivered again (at-least-once), and
@@ -80,14 +94,13 @@ that ``recover()`` deletes.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import io
 import json
 import os
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -111,6 +124,7 @@ FLUSH = "flush"
 KICK = "kick"
 CHUNK = 64 * 1024  # write buffer of a message being received
 HEADER_LIMIT = 65536  # bytes of original headers read for a DSN or ``queue show``
+MESSAGE_KEY = "message"  # the envelope's key for a message stored inside it
 
 _ID = re.compile(r"[0-9a-f]{24}\Z")
 _ENV_SUFFIX = ".json"
@@ -142,6 +156,9 @@ class QueueStore:
         self._dirs = {name: os.path.join(self.root, name) for name in (TMP, MSG, ENV, CORRUPT)}
         self._ready = False  # msg/ and env/ are known to exist (they are never removed)
         self._tmp_ready = False
+        # Prepared but not yet published entries whose message is in the
+        # envelope: step 3 has nothing to rename for them.
+        self._inline: set[str] = set()
 
     # -- names --------------------------------------------------------------
 
@@ -179,14 +196,15 @@ class QueueStore:
         """Where ``prepare`` writes the envelope before ``publish`` renames it."""
         return os.path.join(self._dirs[ENV], ".tmp." + _checked(queue_id) + _ENV_SUFFIX)
 
-    def commit(self, entry: QueueEntry) -> None:
-        """Make ``tmp/<entry.id>`` a queued message (protocol in the module doc).
+    def commit(self, entry: QueueEntry, data: bytes | None = None) -> None:
+        """Make ``tmp/<entry.id>`` (or ``data``, inside the envelope) a queued
+        message (protocol in the module doc).
 
         ``prepare`` then ``publish`` of a batch of one.  On any failure
         everything of this id is removed again and the error is raised: the
         message was not accepted and nothing half-written remains.
         """
-        self.prepare(entry)
+        self.prepare(entry, data)
         error = self.publish([entry])[0]
         if error is not None:
             raise error
@@ -194,13 +212,23 @@ class QueueStore:
     def prepare(self, entry: QueueEntry, data: bytes | None = None) -> None:
         """Steps 1-2 of the commit for one entry: message and envelope bytes fsynced.
 
-        Nothing is visible to ``scan()`` yet.  On failure the entry's files
-        are removed and the error raised.  ``prepare_message`` then
-        ``prepare_envelope``, in one call: the intake runs it in one thread
-        hand-off per message.
+        ``data``: the whole message, held in memory by the caller, written
+        inside the envelope (one file); without it the caller streamed the
+        message to ``tmp/<id>`` with ``open_tmp``.  Nothing is visible to
+        ``scan()`` yet.  On failure the entry's files are removed and the
+        error raised.  The intake runs it in one thread hand-off per message.
         """
-        self.prepare_message(entry, data)
-        self.prepare_envelope(entry)
+        if data is None:
+            self.prepare_message(entry)
+            self.prepare_envelope(entry)
+            return
+        try:
+            self._ensure_ready()
+            self._inline.add(entry.id)
+            fsutil.write_new(self.env_tmp_path(entry.id), _encode(entry, data))
+        except BaseException:
+            self.discard(entry.id)
+            raise
 
     def prepare_message(self, entry: QueueEntry, data: bytes | None = None) -> None:
         """Step 1: ``tmp/<id>`` on disk and fsynced.
@@ -252,13 +280,23 @@ class QueueStore:
 
         Nothing is visible to ``scan()`` yet.  Per entry None or its error (a
         failed entry's files are removed).  Lets a caller pipeline batches:
-        step 3 of one batch while step 4 of the previous one runs.
+        step 3 of one batch while step 4 of the previous one runs.  Entries
+        whose message is in the envelope pass through (None); a batch of only
+        those costs nothing.
         """
-        return self._step(entries, lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), MSG)
+        inline = self._inline
+        files = [e for e in entries if e.id not in inline]
+        if not files:
+            return [None] * len(entries)
+        errors = iter(self._step(files, lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), MSG))
+        return [None if e.id in inline else next(errors) for e in entries]
 
     def publish_envelopes(self, entries: list[QueueEntry]) -> list[BaseException | None]:
         """Step 4 for a batch whose step 3 succeeded: rename each envelope into place, fsync ``env/`` once."""
-        return self._step(entries, lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), ENV)
+        errors = self._step(entries, lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), ENV)
+        for entry in entries:
+            self._inline.discard(entry.id)
+        return errors
 
     def _step(
         self, entries: list[QueueEntry], action: Callable[[str], object], folder: str
@@ -285,6 +323,7 @@ class QueueStore:
 
         Best effort and without fsyncs: ``recover()`` removes whatever a crash keeps.
         """
+        self._inline.discard(queue_id)
         paths = (
             self.envelope_path(queue_id),
             self.env_tmp_path(queue_id),
@@ -298,8 +337,20 @@ class QueueStore:
                 pass
 
     def save(self, entry: QueueEntry) -> None:
-        """Replace the envelope of a committed entry (new attempt state)."""
-        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry))
+        """Replace the envelope of a committed entry (new attempt state).
+
+        A message inside the envelope is carried over: it is read from the
+        envelope being replaced, and an error reading it is raised rather
+        than writing an envelope without it.
+        """
+        message = None
+        try:
+            data = fsutil.read_small(self.envelope_path(entry.id))
+        except FileNotFoundError:
+            pass
+        else:
+            message = _decode(entry.id, data)[1]
+        fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry, message))
 
     def mark_attempt(self, queue_id: str, not_before: float) -> None:
         """Record that the entry is being tried: no retry before ``not_before``.
@@ -329,22 +380,34 @@ class QueueStore:
         except (FileNotFoundError, NoSuchEntry):
             return 0.0
 
-    def remove(self, queue_id: str, sync: bool = True) -> bool:
+    def remove(self, queue_id: str, sync: bool = True, message_file: bool = True) -> bool:
         """Drop an entry: envelope first, then the message.
 
         False if there was no envelope.  ``sync`` fsyncs ``env/`` after the
         envelope unlink; without it a crash may bring the entry back, which
         only means a second delivery (see the module doc).  The message unlink
         is never fsynced: if a crash undoes it, ``recover()`` deletes the orphan.
+        ``message_file=False``: the caller knows the message was inside the
+        envelope, so there is no ``msg/<id>`` to unlink.
         """
         gone = fsutil.unlink_durable(self.envelope_path(queue_id), sync_dir=sync)
-        fsutil.unlink_durable(self.message_path(queue_id), sync_dir=False)
+        if message_file:
+            fsutil.unlink_durable(self.message_path(queue_id), sync_dir=False)
         return gone
 
     # -- reading ------------------------------------------------------------
 
     def load(self, queue_id: str) -> QueueEntry:
         """The entry ``queue_id``; NoSuchEntry, or CorruptEntry after moving it aside."""
+        return self.load_message(queue_id)[0]
+
+    def load_message(self, queue_id: str) -> tuple[QueueEntry, bytes | None]:
+        """The entry and its message when that is inside the envelope (else None:
+        it is in ``message_path``), from one read.
+
+        NoSuchEntry, or CorruptEntry after moving aside an envelope that is
+        unreadable or has no message anywhere.
+        """
         if not _ID.match(queue_id):
             raise NoSuchEntry(queue_id)
         try:
@@ -352,10 +415,35 @@ class QueueStore:
         except FileNotFoundError:
             raise NoSuchEntry(queue_id) from None
         try:
-            return _decode(queue_id, data)
+            entry, message = _decode(queue_id, data)
         except ValueError:
             self._move_to_corrupt(queue_id)
             raise CorruptEntry(queue_id) from None
+        if message is None and not os.path.exists(self.message_path(queue_id)):
+            if not os.path.exists(self.envelope_path(queue_id)):
+                raise NoSuchEntry(queue_id)  # removed (envelope, then message) while we read
+            self._move_to_corrupt(queue_id)
+            raise CorruptEntry(queue_id)
+        return entry, message
+
+    def read_message(self, queue_id: str) -> bytes:
+        """The whole message, from the envelope or ``msg/<id>`` (a DSN with RET=FULL)."""
+        message = self.load_message(queue_id)[1]
+        if message is not None:
+            return message
+        with open(self.message_path(queue_id), "rb") as f:
+            return f.read()
+
+    def message_headers(self, queue_id: str, limit: int = HEADER_LIMIT) -> bytes:
+        """The message's header section, up to ``limit`` bytes (``read_headers``);
+        b"" if it cannot be read."""
+        try:
+            message = self.load_message(queue_id)[1]
+        except KeyError:
+            return b""
+        if message is None:
+            return read_headers(self.message_path(queue_id), limit)
+        return _header_section(io.BytesIO(message), limit)
 
     def read_envelope(self, queue_id: str) -> tuple[bytes, float]:
         """The envelope's raw bytes and its attempt mark, from one open (the start-up scan).
@@ -400,9 +488,9 @@ class QueueStore:
         envelopes without a message, or unreadable ones, to ``corrupt/``.
 
         ``read_envelopes=False`` only lists the directories (fast with a large
-        queue): envelopes without a message are found by comparing the listings,
-        and unreadable envelopes are left for ``scan()``/``load()``, which move
-        them aside when they meet them.
+        queue): unreadable envelopes, and envelopes with no message in them or
+        in ``msg/``, are left for ``scan()``/``load()``, which move them aside
+        when they meet them.
         """
         for path in self._dirs.values():
             fsutil.ensure_dir(path)
@@ -428,15 +516,8 @@ class QueueStore:
                     self.load(queue_id)
                 except CorruptEntry:
                     corrupt.append(queue_id)
-                    continue
-                if not os.path.exists(self.message_path(queue_id)):
-                    self._move_to_corrupt(queue_id)
-                    corrupt.append(queue_id)
-        else:
-            messages = set(os.listdir(self._dirs[MSG]))
-            for queue_id in sorted(envelopes - messages):
-                self._move_to_corrupt(queue_id)
-                corrupt.append(queue_id)
+        # Without reading, an envelope without msg/<id> may hold its message:
+        # ``load`` and the start-up scan move it aside if it does not.
         for name in (TMP, MSG, ENV):
             fsutil.fsync_dir(self._dirs[name])
         return Recovery(tmp_removed, orphans_removed, tuple(corrupt))
@@ -500,70 +581,23 @@ class QueueStore:
         return True
 
 
-# -- entry locks: saves of the running manager against ``queue delete`` ------
-
-
-@contextmanager
-def entry_lock(store: IQueueStore, queue_id: str) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on the entry's message file (blocking).
-
-    Yields whether the entry still exists.  ``remove`` unlinks the envelope
-    and then the message; done under this lock (``remove_entry``), "message
-    file present" inside the lock means "not deleted".  A lock per entry, so
-    saves of different entries never wait for each other.
-    """
-    path = store.message_path(queue_id)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield os.path.exists(path)
-    finally:
-        os.close(fd)
-
-
-def save_unless_deleted(store: IQueueStore, entry: QueueEntry) -> bool:
-    """Save ``entry`` unless ``queue delete`` removed it meanwhile (blocking).
-
-    The hold is the admin command's: the one on disk is kept, so a ``queue
-    hold`` during a delivery attempt is not undone by the attempt's save.
-    """
-    with entry_lock(store, entry.id) as present:
-        if not present:
-            return False
-        try:
-            current = store.load(entry.id)
-            entry.held_since, entry.held_time = current.held_since, current.held_time
-        except KeyError:
-            pass  # unreadable (moved aside): our state replaces it
-        store.save(entry)
-        return True
-
-
-def remove_entry(store: IQueueStore, queue_id: str) -> bool:
-    """Remove an entry under its lock (blocking; ``queue delete``).
-
-    False if there was no envelope."""
-    with entry_lock(store, queue_id):
-        return store.remove(queue_id)
-
-
 def read_headers(path: str, limit: int = HEADER_LIMIT) -> bytes:
     """The header section of a stored message, up to ``limit`` bytes (blocking)."""
-    out = bytearray()
     try:
         with open(path, "rb") as f:
-            for line in f:
-                if line in (b"\r\n", b"\n"):
-                    break
-                if len(out) + len(line) > limit:
-                    break
-                out += line
+            return _header_section(f, limit)
     except OSError:
-        pass
+        return b""
+
+
+def _header_section(f: IO[bytes], limit: int) -> bytes:
+    out = bytearray()
+    for line in f:
+        if line in (b"\r\n", b"\n"):
+            break
+        if len(out) + len(line) > limit:
+            break
+        out += line
     return bytes(out)
 
 
@@ -609,8 +643,9 @@ def _fields(obj: object, names: tuple[str, ...], optional: dict[str, Any]) -> di
     return data
 
 
-def _encode(entry: QueueEntry) -> bytes:
-    """The envelope file's bytes: ``entry.to_json()`` as compact UTF-8 JSON.
+def _encode(entry: QueueEntry, message: bytes | None = None) -> bytes:
+    """The envelope file's bytes: ``entry.to_json()`` as compact UTF-8 JSON, plus
+    ``message`` (the message inside the envelope) as a Latin-1 string.
 
     Built without ``dataclasses.asdict`` (a deep copy) and without ``indent``
     (which forces the pure-Python encoder): this runs once per accepted message
@@ -621,15 +656,23 @@ def _encode(entry: QueueEntry) -> bytes:
         _fields(r, _RCPT_FIELDS, RECIPIENT_OPTIONAL) | {"history": [dict(h) for h in r.history]}
         for r in entry.recipients
     ]
+    if message is not None:
+        data[MESSAGE_KEY] = message.decode("latin-1")
     return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _decode(queue_id: str, data: bytes) -> QueueEntry:
-    """Parse an envelope; ValueError for anything that is not a valid entry."""
+def _decode(queue_id: str, data: bytes) -> tuple[QueueEntry, bytes | None]:
+    """Parse an envelope into the entry and the message inside it (or None);
+    ValueError for anything that is not a valid entry."""
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable envelope {queue_id}") from e
-    if not well_formed(parsed, queue_id):
+    message = parsed.pop(MESSAGE_KEY, None) if type(parsed) is dict else None
+    if not well_formed(parsed, queue_id) or not (message is None or type(message) is str):
         raise ValueError(f"envelope {queue_id} is not a valid entry")
-    return QueueEntry.from_json(parsed)
+    try:
+        body = None if message is None else message.encode("latin-1")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"envelope {queue_id} holds no valid message") from e
+    return QueueEntry.from_json(parsed), body

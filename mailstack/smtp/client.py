@@ -97,6 +97,36 @@ class _Turn:
             self._give()
 
 
+class _Group:
+    """The replies to a pipelined group of commands, one Deferred for all of them.
+
+    Stands in the reply queue once per command (``callback``/``errback`` as a
+    Deferred would) and fires ``done`` with ``(replies, lost)`` once every
+    command has its answer: per command the Reply, or None from the point the
+    connection was lost (``lost`` then says why).  One wake-up of the waiting
+    transaction per group instead of one per command.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.done: Deferred = Deferred()
+        self._count = count
+        self._replies: list[Reply | None] = []
+        self._lost: _Lost | None = None
+
+    def callback(self, reply: Reply) -> None:
+        self._add(reply)
+
+    def errback(self, failure: Failure) -> None:
+        if self._lost is None:
+            self._lost = failure.value if isinstance(failure.value, _Lost) else _Lost(OR.CONNECTION_LOST)
+        self._add(None)
+
+    def _add(self, reply: Reply | None) -> None:
+        self._replies.append(reply)
+        if len(self._replies) == self._count:
+            self.done.callback((self._replies, self._lost))
+
+
 class SMTPClientProtocol(Protocol):
     """One outbound SMTP connection (see the module docstring)."""
 
@@ -133,7 +163,7 @@ class SMTPClientProtocol(Protocol):
         self.greeting: Reply | None = None
         self._buffer = b""
         self._lines: list[str] = []
-        self._waiting: deque[tuple[Deferred, float]] = deque()
+        self._waiting: deque[tuple[Deferred | _Group, float]] = deque()
         self._timer: Any = None
         self._lost: _Lost | None = None
 
@@ -243,6 +273,23 @@ class SMTPClientProtocol(Protocol):
 
     def _send_line(self, line: str) -> None:
         self.transport.write(line.encode("utf-8") + b"\r\n")
+
+    def _pipeline(self, lines: list[str]) -> Deferred:
+        """Send a group of commands in one write (RFC 2920 3.1); Deferred firing
+        once with ``(replies, lost)`` (see ``_Group``)."""
+        group = _Group(len(lines))
+        if self._lost is not None:
+            failure = Failure(self._lost)
+            for _ in lines:
+                group.errback(failure)
+            return group.done
+        timeout = self.timeout
+        first = not self._waiting
+        self._waiting.extend((group, timeout) for _ in lines)
+        if first:
+            self._rearm()
+        self.transport.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+        return group.done
 
     def command(self, line: str, timeout: float | None = None) -> Deferred:
         """Send one command line; Deferred firing with its Reply."""
@@ -426,16 +473,8 @@ class SMTPClientProtocol(Protocol):
         rcpts = [f"RCPT TO:<{r}>{request.rcpt_params(r, self.extensions)}" for r in recipients]
         results: dict[str, Reply] = {}
         if "PIPELINING" in self.extensions:
-            # RFC 2920 3.1: MAIL, RCPTs and DATA in one group; replies in order.
-            waits = [self.command(mail)] + [self.command(c) for c in rcpts] + [self.command("DATA")]
-            replies: list[Reply | None] = []
-            lost: _Lost | None = None
-            for d in waits:
-                try:
-                    replies.append(await d)
-                except _Lost as e:
-                    replies.append(None)
-                    lost = lost or e
+            # RFC 2920 3.1: MAIL, RCPTs and DATA in one group (one write); replies in order.
+            replies, lost = await self._pipeline([mail, *rcpts, "DATA"])
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
             if mail_reply is None:
                 raise HostFailure("mail", lost.reply if lost else OR.CONNECTION_LOST)

@@ -125,6 +125,12 @@ def dump_toml(doc: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_from(path: str, offset: int) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
 def _clean_env(python_path: tuple[str, ...] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MAILSTACK_CONFIG", None)
@@ -238,10 +244,12 @@ class Server:
             time.sleep(0.05)
 
     def _log_since(self, offset: int) -> str:
+        """The log written since ``offset``, across one rotation by twistd (at 1 MB
+        the file becomes ``<log>.1`` and a new one starts)."""
         try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                f.seek(offset)
-                return f.read()
+            if os.path.getsize(self.log_path) >= offset:
+                return _read_from(self.log_path, offset)
+            return _read_from(self.log_path + ".1", offset) + _read_from(self.log_path, 0)
         except FileNotFoundError:
             return ""
 

@@ -15,7 +15,7 @@ from mailstack import config as configmod
 from mailstack.errors import Reply, TemporaryFailure
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueStore
 from mailstack.queue.entry import QueueEntry, RecipientState
-from mailstack.queue.store import NoSuchEntry, Recovery
+from mailstack.queue.store import HEADER_LIMIT, NoSuchEntry, Recovery, read_headers
 from tests.support.fakes import FakeTLS, run_blocking  # noqa: F401 (the outbound tests import them from here)
 
 
@@ -75,10 +75,20 @@ class FakeStore:
     def load(self, queue_id: str) -> QueueEntry:
         return QueueEntry.from_json(json.loads(self.read_envelope(queue_id)[0]))
 
+    def load_message(self, queue_id: str) -> tuple[QueueEntry, bytes | None]:
+        return self.load(queue_id), None  # the message is always a file here
+
+    def read_message(self, queue_id: str) -> bytes:
+        with open(self.message_path(queue_id), "rb") as f:
+            return f.read()
+
+    def message_headers(self, queue_id: str, limit: int = HEADER_LIMIT) -> bytes:
+        return read_headers(self.message_path(queue_id), limit)
+
     def ids(self) -> list[str]:
         return sorted(self.envelopes)
 
-    def remove(self, queue_id: str, sync: bool = True) -> bool:
+    def remove(self, queue_id: str, sync: bool = True, message_file: bool = True) -> bool:
         self.removals.append((queue_id, sync))
         gone = self.envelopes.pop(queue_id, None) is not None
         self.marks.pop(queue_id, None)
@@ -140,6 +150,7 @@ class FakeAgent:
     def __init__(self, script: Callable[[Any, list], Any] | None = None) -> None:
         self.script = script or (lambda e, rs: {r.address: Reply(250, "2.0.0", "ok") for r in rs})
         self.calls: list[tuple[str, list[str], list[dict]]] = []
+        self.messages: list[bytes | None] = []  # the message argument of each call
         self.store: FakeStore | None = None
         self.closed = 0  # close_idle calls
         self.aborted = 0  # abort_all calls
@@ -149,6 +160,7 @@ class FakeAgent:
         if self.store is not None and entry.id in self.store.envelopes:
             snapshot = [dict(r) for r in self.store.envelopes[entry.id]["recipients"]]
         self.calls.append((entry.id, [r.address for r in recipients], snapshot))
+        self.messages.append(message)
         result = self.script(entry, recipients)
         if isinstance(result, Deferred):
             return result

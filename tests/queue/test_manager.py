@@ -17,9 +17,10 @@ from mailstack.errors import Reply
 from mailstack.interfaces import IDeliveryAgent, IIncoming, IIntake, IQueueCommit, IQueueKicker, IQueueStore
 from mailstack.queue.bounce import DSN_HEADER_LIMIT
 from mailstack.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from mailstack.queue.locks import remove_entry
 from mailstack.queue.manager import QueueManager
 from mailstack.queue.schedule import entry_due
-from mailstack.queue.store import NoSuchEntry, remove_entry
+from mailstack.queue.store import NoSuchEntry
 from tests.queue.outbound_fakes import (
     FakeAgent,
     FakeIntake,
@@ -34,6 +35,7 @@ OK = Reply(250, "2.0.0", "ok")
 TEMP = Reply(451, "4.7.1", "greylisted")
 PERM = Reply(550, "5.1.1", "no such user")
 START = 1_000_000.0
+BODY = b"Subject: x\r\n\r\nbody \xe9\r\n"
 
 
 class ManagerTests(SynchronousTestCase):
@@ -493,6 +495,56 @@ class RealStoreMixin:
 
 class RealStoreTests(RealStoreMixin, SynchronousTestCase):
     """The manager over the real QueueStore (files, locks, scan)."""
+
+    def commit_inline(self, rcpt: str = "r@remote.test", local: bool = False) -> str:
+        """An entry whose message is inside its envelope, as the intake queues a small message."""
+        qid = self.store.new_id()
+        rs = RecipientState(address=rcpt, original=rcpt, local=local)
+        self.store.commit(QueueEntry(id=qid, sender="s@here.test", arrival=START, recipients=[rs]), BODY)
+        return qid
+
+    def test_inlineMessageRelayedFromTheEnvelope(self) -> None:
+        """The remote agent gets the bytes stored inside the envelope (one read for both); once delivered the
+        entry's one file is gone."""
+        self.remote.script = reply_all(OK)
+        qid = self.commit_inline()
+        m = self.manager()
+        m.kick(qid)
+        self.assertEqual(self.remote.messages, [BODY])
+        self.assertEqual(list(self.store.scan()), [])
+        self.assertEqual(os.listdir(os.path.join(self.store.root, "env")), [])
+
+    def test_inlineMessageToTheLocalAgent(self) -> None:
+        """A local recipient of an inline entry: the local agent gets the bytes (there is no message file)."""
+        local = FakeAgent()
+        qid = self.commit_inline("u@here.test", local=True)
+        m = QueueManager(self.store, local, self.remote, self.clock, make_config(), run_blocking, self.intake)
+        m.startService()
+        self.addCleanup(m.stopService)
+        m.kick(qid)
+        self.assertEqual(local.messages, [BODY])
+        self.assertEqual(list(self.store.scan()), [])
+
+    def test_retryKeepsInlineMessage(self) -> None:
+        """After a temporary failure the saved envelope still holds the message; the retry relays it."""
+        qid = self.commit_inline()
+        m = self.manager()
+        m.kick(qid)
+        entry, message = self.store.load_message(qid)
+        self.assertEqual((entry.recipients[0].attempts, message), (1, BODY))
+        self.remote.script = reply_all(OK)
+        self.clock.advance(entry.recipients[0].next_attempt - self.clock.seconds())
+        self.assertEqual(self.remote.messages, [BODY, BODY])
+        self.assertEqual(list(self.store.scan()), [])
+
+    def test_scanMovesAsideEnvelopeWithoutMessage(self) -> None:
+        """At start-up an envelope with no message inside and no msg/<id> goes to corrupt/, unscheduled."""
+        qid = self.commit()
+        os.unlink(self.store.message_path(qid))
+        m = self.manager()
+        self.assertEqual(m.scheduled(), {})
+        self.assertEqual(self.store.ids(), [])
+        self.assertIn(qid + ".json", os.listdir(os.path.join(self.store.root, "corrupt")))
 
     def test_restartKeepsSchedule(self) -> None:
         """Attempt state is in env/<id>.json; a new manager schedules from it."""

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.admin import cli
 from mailstack.queue.entry import FAILED, QueueEntry, RecipientState
-from mailstack.queue.store import QueueStore, save_unless_deleted
+from mailstack.queue.locks import save_unless_deleted
+from mailstack.queue.store import QueueStore
 
 
 class QueueCommandTests(SynchronousTestCase):
@@ -75,6 +76,25 @@ class QueueCommandTests(SynchronousTestCase):
         self.assertIn("<a@remote.test>", out)
         data = json.loads(self.run_cli("show", e.id, "--json")[1])
         self.assertEqual(data["id"], e.id)
+
+    def test_messageInsideItsEnvelope(self) -> None:
+        """An entry whose message is inside its envelope: list shows no message field, show prints its headers,
+        hold and release keep the message, delete removes the one file."""
+        qid = self.store.new_id()
+        body = b"Received: by mx.test\r\nSubject: inline\r\n\r\nbody\r\n"
+        e = QueueEntry(id=qid, sender="s@here.test", arrival=1_700_000_000.0, size=len(body),
+                       recipients=[RecipientState(address="a@remote.test", original="a@remote.test", local=False)])
+        self.store.commit(e, body)
+        (row,) = json.loads(self.run_cli("list", "--json")[1])
+        self.assertEqual((row["id"], "message" in row), (qid, False))
+        self.assertIn("Subject: inline", self.run_cli("show", qid)[1])
+        self.assertIn("Subject: inline", json.loads(self.run_cli("show", qid, "--json")[1])["headers"])
+        self.assertEqual(self.run_cli("hold", qid)[0], 0)
+        self.assertTrue(self.store.load(qid).held)
+        self.assertEqual(self.run_cli("release", qid)[0], 0)
+        self.assertEqual(self.store.load_message(qid)[1], body)
+        self.assertEqual(self.run_cli("delete", qid)[0], 0)
+        self.assertEqual(os.listdir(os.path.join(self.store.root, "env")), [])
 
     def test_showDsnRequests(self) -> None:
         """show prints the DSN requests (RET, ENVID; NOTIFY, ORCPT per recipient) and SMTPUTF8, escaped."""

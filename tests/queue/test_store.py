@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack.queue import locks as locks_module
 from mailstack.queue.entry import DELIVERED, QueueEntry, RecipientState
+from mailstack.queue.locks import entry_lock
 from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
 from mailstack.storage import fsutil
 from tests.storage.faults import Faults, count_steps, scratch_path
@@ -503,8 +505,9 @@ class ListingOnlyRecoverTests(StoreTestMixin, SynchronousTestCase):
         return [p for p in opened if p.endswith(".json")], found
 
     def test_listingOnlyRecoverReadsNoEnvelope(self) -> None:
-        """recover(read_envelopes=False) opens no envelope, yet cleans tmp/,
-        orphans and envelopes without a message like the full recover."""
+        """recover(read_envelopes=False) opens no envelope, yet cleans tmp/ and
+        orphans like the full recover; an envelope with no message (in it or in
+        msg/) and an unreadable one are moved aside when first read."""
         kept = self.stage()
         self.store.commit(kept)
         lonely = self.stage()
@@ -521,11 +524,13 @@ class ListingOnlyRecoverTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(opened, [])
         self.assertEqual(found.tmp_removed, 1)
         self.assertEqual(found.orphans_removed, 1)
-        self.assertEqual(found.corrupt, (lonely.id,))
-        self.assertEqual(self.store.ids(), sorted([kept.id, bad.id]))
-        # The unreadable envelope is moved aside when it is first read.
+        self.assertEqual(found.corrupt, ())
+        self.assertEqual(self.store.ids(), sorted([kept.id, lonely.id, bad.id]))
         self.assertRaises(CorruptEntry, self.store.load, bad.id)
+        self.assertRaises(CorruptEntry, self.store.load, lonely.id)
         self.assertEqual(self.store.ids(), [kept.id])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.store.root, "corrupt"))),
+                         sorted([bad.id, bad.id + ".json", lonely.id + ".json"]))
         self.assertEqual(self.store.load(kept.id).id, kept.id)
 
     def test_fullRecoverReadsEnvelopes(self) -> None:
@@ -548,3 +553,144 @@ class ReadEnvelopeTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.store.read_envelope(entry.id)[1], later)
         self.store.remove(entry.id)
         self.assertRaises(NoSuchEntry, self.store.read_envelope, entry.id)
+
+
+class InlineMessageTests(StoreTestMixin, SynchronousTestCase):
+    """A message given as bytes is stored inside its envelope: one file per entry."""
+
+    def commit_inline(self, body: bytes = BODY) -> QueueEntry:
+        entry = make_entry(self.store.new_id())
+        self.store.commit(entry, body)
+        return entry
+
+    def test_oneFileAndRoundTrip(self) -> None:
+        """The commit writes only env/<id>.json; load_message gives the entry and every byte back."""
+        body = BODY + bytes(range(256))
+        entry = self.commit_inline(body)
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [entry.id + ".json"], "corrupt": []})
+        self.assertEqual(self.store.load_message(entry.id), (entry, body))
+        self.assertEqual(self.store.load(entry.id), entry)
+        self.assertEqual(self.store.read_message(entry.id), body)
+        self.assertEqual(self.store.message_headers(entry.id), b"Received: by x; date\r\nSubject: hi\r\n")
+
+    def test_fewerSteps(self) -> None:
+        """One file created, fsynced and renamed, one directory fsync; no msg/ step."""
+        entry = make_entry(self.store.new_id())
+        steps = count_steps(self, lambda: self.store.commit(entry, BODY))
+        self.assertEqual(steps, ["_open", "_write", "_fsync", "_rename", "_open", "_fsync"])
+
+    def test_fileEntryHasNoInlineMessage(self) -> None:
+        """A message streamed to tmp/ keeps its own file; load_message says so with None."""
+        entry = self.stage()
+        self.store.commit(entry)
+        self.assertEqual(self.store.load_message(entry.id), (entry, None))
+        self.assertEqual(self.store.read_message(entry.id), BODY)
+
+    def test_saveCarriesTheMessageOver(self) -> None:
+        """A new attempt state keeps the message inside the envelope."""
+        entry = self.commit_inline()
+        entry.recipients[1].attempts = 3
+        self.store.save(entry)
+        self.assertEqual(self.store.load_message(entry.id), (entry, BODY))
+
+    def test_saveRefusesToDropAnUnreadableMessage(self) -> None:
+        """If the envelope being replaced cannot be parsed, save raises instead of writing one without the
+        message."""
+        entry = self.commit_inline()
+        with open(self.store.envelope_path(entry.id), "wb") as f:
+            f.write(b"{damaged")
+        self.assertRaises(ValueError, self.store.save, entry)
+        with open(self.store.envelope_path(entry.id), "rb") as f:
+            self.assertEqual(f.read(), b"{damaged")
+
+    def test_removeWithoutMessageFile(self) -> None:
+        """remove(message_file=False) unlinks the envelope only."""
+        entry = self.commit_inline()
+        steps = count_steps(self, lambda: self.assertTrue(self.store.remove(entry.id, sync=False, message_file=False)))
+        self.assertEqual(steps, ["_unlink"])
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+
+    def test_recoverKeepsInlineEntries(self) -> None:
+        """Both recovers keep an envelope that holds its message (it has no msg/<id>)."""
+        entry = self.commit_inline()
+        for read in (False, True):
+            self.assertEqual(self.store.recover(read_envelopes=read).corrupt, ())
+            self.assertEqual(self.store.load_message(entry.id)[1], BODY)
+
+    def test_damagedMessageIsCorrupt(self) -> None:
+        """A message value that is not a Latin-1 string makes the envelope unreadable (moved aside)."""
+        entry = self.commit_inline()
+        with open(self.store.envelope_path(entry.id), "rb") as f:
+            data = json.loads(f.read())
+        data["message"] = "\u20ac"
+        with open(self.store.envelope_path(entry.id), "w") as f:
+            json.dump(data, f)
+        self.assertRaises(CorruptEntry, self.store.load_message, entry.id)
+        self.assertEqual(self.dirs()["corrupt"], [entry.id + ".json"])
+
+    def test_failedPrepareLeavesNothing(self) -> None:
+        """A write error while preparing an inline entry removes its envelope temporary; the next publish does
+        not expect a message file for it."""
+        entry = make_entry(self.store.new_id())
+        Faults(self, fail_at=2)
+        self.assertRaises(OSError, self.store.prepare, entry, BODY)
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+        self.assertEqual(self.store._inline, set())
+
+    def test_mixedBatch(self) -> None:
+        """A batch of inline and streamed entries publishes both; msg/ holds only the streamed one."""
+        inline = make_entry(self.store.new_id())
+        self.store.prepare(inline, BODY)
+        streamed = self.stage()
+        self.store.prepare(streamed)
+        self.assertEqual(self.store.publish([inline, streamed]), [None, None])
+        self.assertEqual(self.dirs()["msg"], [streamed.id])
+        self.assertEqual(self.store.load_message(inline.id)[1], BODY)
+        self.assertEqual(self.store.load_message(streamed.id)[1], None)
+
+
+class EntryLockTests(StoreTestMixin, SynchronousTestCase):
+    """entry_lock on an entry whose message is inside its envelope locks the envelope."""
+
+    def test_presentAndGone(self) -> None:
+        """The lock says present for a committed inline entry and absent once it is removed."""
+        entry = make_entry(self.store.new_id())
+        self.store.commit(entry, BODY)
+        with entry_lock(self.store, entry.id) as present:
+            self.assertTrue(present)
+        self.store.remove(entry.id)
+        with entry_lock(self.store, entry.id) as present:
+            self.assertFalse(present)
+
+    def test_envelopeReplacedWhileLocking(self) -> None:
+        """An envelope replaced between the open and the lock is locked again, on the new file."""
+        entry = make_entry(self.store.new_id())
+        self.store.commit(entry, BODY)
+        locked: list[int] = []
+        real = locks_module.fcntl.flock
+
+        def flock(fd: int, op: int) -> None:
+            if not locked:
+                self.store.save(entry)  # another process saves first
+            locked.append(os.fstat(fd).st_ino)
+            real(fd, op)
+
+        self.patch(locks_module.fcntl, "flock", flock)
+        with entry_lock(self.store, entry.id) as present:
+            self.assertTrue(present)
+        self.assertEqual(len(locked), 2)
+        self.assertEqual(locked[1], os.stat(self.store.envelope_path(entry.id)).st_ino)
+
+    def test_removedWhileLocking(self) -> None:
+        """An envelope removed between the open and the lock: not present."""
+        entry = make_entry(self.store.new_id())
+        self.store.commit(entry, BODY)
+        real = locks_module.fcntl.flock
+
+        def flock(fd: int, op: int) -> None:
+            self.store.remove(entry.id)
+            real(fd, op)
+
+        self.patch(locks_module.fcntl, "flock", flock)
+        with entry_lock(self.store, entry.id) as present:
+            self.assertFalse(present)

@@ -302,6 +302,23 @@ class OverlapTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second)["b@r.test"].text, "second queued")
         self.assertEqual((c.pending, c.transactions), (0, 2))
 
+    def test_pipelinedGroupIsOneWrite(self) -> None:
+        """MAIL, every RCPT and DATA leave in one transport write; a connection lost
+        in the middle of their replies fails the transaction at the first unanswered one."""
+        c, t = self.client(b"250-PIPELINING\r\n")
+        writes: list[bytes] = []
+        real = t.write
+        t.write = lambda data: (writes.append(data), real(data))[1]  # type: ignore[method-assign]
+        d = c.send("s@here.test", ["a@r.test", "b@r.test"], MemorySource(b"x\r\n"), 3)
+        self.assertEqual(
+            writes, [b"MAIL FROM:<s@here.test> BODY=8BITMIME\r\nRCPT TO:<a@r.test>\r\nRCPT TO:<b@r.test>\r\nDATA\r\n"]
+        )
+        c.dataReceived(b"250 ok\r\n250 ok\r\n")
+        self.assertNoResult(d)
+        c.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(d, HostFailure)
+        self.assertEqual(failure.value.stage, "rcpt")
+
     def test_withoutPipeliningWaits(self) -> None:
         """Without PIPELINING the second transaction starts after the first has finished."""
         c, t = self.client(b"")
