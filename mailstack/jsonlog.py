@@ -44,7 +44,7 @@ from typing import IO, Any, cast
 from twisted.application import app
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorThreads
-from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEvent
+from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -109,9 +109,12 @@ def event_as_json(event: LogEvent) -> str:
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
 
-def json_observer(out: IO[str]) -> FileLogObserver:
-    """An observer writing ``event_as_json`` lines to ``out``."""
-    return FileLogObserver(out, lambda event: event_as_json(event) + "\n")
+def line_format(log_format: str) -> Callable[[LogEvent], str | None]:
+    """How an event becomes a log line (with its newline) in ``[log] format``:
+    twistd's text line ("text") or ``event_as_json`` ("json")."""
+    if log_format == "text":
+        return classic_text()
+    return lambda event: event_as_json(event) + "\n"
 
 
 def twistd_output(server_options: Mapping[str, Any]) -> IO[str] | None:
@@ -182,8 +185,7 @@ def for_twistd(
         return service
     if reactor is None:
         from twisted.internet import reactor
-    lines = classic_text() if log_format == "text" else (lambda event: event_as_json(event) + "\n")
-    observer = BatchedObserver(out, lines, reactor)
+    observer = BatchedObserver(out, line_format(log_format), reactor)
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     if lines_to is not None:
         lines_to(observer.write, log_format)

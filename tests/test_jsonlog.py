@@ -3,12 +3,14 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 from twisted.application.service import Application, IService, Service
 from twisted.logger import (
+    FileLogObserver,
     ILogObserver,
     Logger,
     LogLevel,
@@ -23,14 +25,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import jsonlog
-from mailstack.logbatch import BatchedObserver
 from tests.e2e.harness import twistd_command
 
 
 def lines_of(emit):
     """Run ``emit(logger)`` into a JSON observer; the written lines, parsed."""
     out = io.StringIO()
-    publisher = LogPublisher(jsonlog.json_observer(out))
+    publisher = LogPublisher(FileLogObserver(out, jsonlog.line_format("json")))
     emit(Logger(namespace="mailstack.test", observer=publisher))
     text = out.getvalue()
     assert text.endswith("\n") and "\x1e" not in text, repr(text)
@@ -52,7 +53,7 @@ class FormatTests(SynchronousTestCase):
         """Peer text with newlines and escapes stays on one line and reads back intact."""
         nasty = "evil\r\nlevel: critical\x1b[31m\x00\u2028"
         out = io.StringIO()
-        jsonlog.json_observer(out)(
+        FileLogObserver(out, jsonlog.line_format("json"))(
             {"log_format": "HELO {helo}", "helo": nasty, "log_level": LogLevel.warn, "log_time": 0.0}
         )
         text = out.getvalue()
@@ -105,7 +106,7 @@ class FormatTests(SynchronousTestCase):
     def test_legacyEventsWithoutDuplicates(self):
         """twisted.python.log events (twistd's own lines) lose their legacy twins."""
         out = io.StringIO()
-        observer = jsonlog.json_observer(out)
+        observer = FileLogObserver(out, jsonlog.line_format("json"))
         globalLogPublisher.addObserver(observer)
         try:
             legacylog.msg("set uid/gid 1/1")
@@ -145,15 +146,26 @@ class TwistdTests(SynchronousTestCase):
         self.assertIs(inner.parent, outer)
 
     def test_linesToLearnsHowToAddLines(self):
-        """``lines_to`` is given the observer's way to add whole lines and the log's format."""
+        """``lines_to`` is given the log's format and the way to add whole lines to the
+        very log the application's observer writes (a worker's lines and the master's
+        own events end up in one file, the lines as they came)."""
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        path = os.path.abspath(self.mktemp())
         told = []
         options = ServerOptions()
-        options["nodaemon"] = True
+        options.update(nodaemon=True, logfile=path)
         outer = jsonlog.for_twistd(Service(), options, "text", lines_to=lambda write, fmt: told.append((write, fmt)))
         [(write, fmt)] = told
         self.assertEqual(fmt, "text")
-        self.assertIsInstance(write.__self__, BatchedObserver)  # the log's own batched writer
         verifyObject(ILogObserver, outer.observer)
+        write("2026-12-04T00:00:00+0000 [worker0] added whole\n")
+        outer.observer({"log_format": "own event", "log_level": LogLevel.info, "log_time": 0.0,
+                        "log_namespace": "test", "log_system": "master"})
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertEqual(lines[0], "2026-12-04T00:00:00+0000 [worker0] added whole")
+        self.assertTrue(lines[1].endswith("[master] own event"), lines[1])
 
     def test_notTwistd(self):
         """Under another runner (``twist``, with its own --log-format) nothing changes."""

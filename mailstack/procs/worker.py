@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 
 from mailstack import lognoise
 from mailstack.interfaces import IMetrics
-from mailstack.jsonlog import event_as_json
-from mailstack.logbatch import BatchedObserver, classic_text
+from mailstack.jsonlog import line_format
+from mailstack.logbatch import BatchedObserver
 from mailstack.metrics import NoMetrics
 from mailstack.procs.commands import Exposition
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
@@ -87,7 +87,7 @@ def log_lines(log_format: str | None, index: int) -> Callable[[LogEvent], str | 
     if log_format is None:
         return lambda event: eventAsJSON(event) + "\n"
     system = f"worker{index}"
-    line = classic_text() if log_format == "text" else lambda event: event_as_json(event) + "\n"
+    line = line_format(log_format)
 
     def tagged(event: LogEvent) -> str | None:
         return line({**event, "log_system": system})
