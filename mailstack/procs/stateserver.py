@@ -133,14 +133,12 @@ class WorkerState(amp.CommandLocator):
     def _grant(self, kind: str, host: str) -> dict[str, Any]:
         """One slot of ``host`` taken: add the spares lent with it; give all back if we are gone."""
         limiter = self.server.limiters[kind]
-        spares = 0
-        while spares < LEASE and not self.gone and lendable(limiter, host):
-            if limiter.take(host) is not None:
-                break
-            spares += 1
-        if self.gone:
+        if self.gone:  # lost while the answer waited for a recall
             limiter.release(host)
             return {"over": "", "spares": 0}
+        spares = 0
+        while spares < LEASE and lendable(limiter, host) and limiter.take(host) is None:
+            spares += 1
         self.slots[kind, host] += 1 + spares
         return {"over": "", "spares": spares}
 
@@ -284,10 +282,8 @@ class WorkerState(amp.CommandLocator):
         """The worker's connection is gone: abandon its attempts, release its holds and slots."""
         self.gone = True
         self.server.workers.discard(self)
-        slots, self.slots = self.slots, Counter()
-        for (kind, host), n in slots.items():
-            for _ in range(n):
-                self.server.limiters[kind].release(host)
+        for (kind, host), n in list(self.slots.items()):
+            self._give_back(kind, host, n)
         tickets, self.tickets = self.tickets, {}
         reservations, self.reservations = self.reservations, {}
         for ticket in tickets.values():
