@@ -236,13 +236,21 @@ class SMTPClientProtocol(Protocol):
 
     def _expect(self, timeout: float | None = None) -> Deferred:
         d: Deferred = Deferred()
-        if self._lost is not None:
-            d.errback(Failure(self._lost))
-            return d
-        self._waiting.append((d, timeout if timeout is not None else self.timeout))
-        if len(self._waiting) == 1:
-            self._rearm()
+        self._wait_for(d, 1, timeout)
         return d
+
+    def _wait_for(self, waiter: Deferred | _Group, count: int, timeout: float | None = None) -> None:
+        """Queue ``waiter`` for the next ``count`` replies (errbacks at once if the
+        connection is lost); the timer starts when it is the oldest outstanding."""
+        if self._lost is not None:
+            failure = Failure(self._lost)
+            for _ in range(count):
+                waiter.errback(failure)
+            return
+        first = not self._waiting
+        self._waiting.extend([(waiter, timeout if timeout is not None else self.timeout)] * count)
+        if first:
+            self._rearm()
 
     def _rearm(self) -> None:
         """One timer for the oldest outstanding reply (RFC 5321 4.5.3.2).
@@ -278,17 +286,9 @@ class SMTPClientProtocol(Protocol):
         """Send a group of commands in one write (RFC 2920 3.1); Deferred firing
         once with ``(replies, lost)`` (see ``_Group``)."""
         group = _Group(len(lines))
-        if self._lost is not None:
-            failure = Failure(self._lost)
-            for _ in lines:
-                group.errback(failure)
-            return group.done
-        timeout = self.timeout
-        first = not self._waiting
-        self._waiting.extend((group, timeout) for _ in lines)
-        if first:
-            self._rearm()
-        self.transport.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+        self._wait_for(group, len(lines))
+        if self._lost is None:
+            self.transport.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
         return group.done
 
     def command(self, line: str, timeout: float | None = None) -> Deferred:
