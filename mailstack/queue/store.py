@@ -230,20 +230,12 @@ class QueueStore:
             self.discard(entry.id)
             raise
 
-    def prepare_message(self, entry: QueueEntry, data: bytes | None = None) -> None:
-        """Step 1: ``tmp/<id>`` on disk and fsynced.
-
-        ``data``: the whole message, held in memory by the caller, written to
-        ``tmp/<id>`` here; without it the caller streamed it there with
-        ``open_tmp``.  On failure everything of the entry is removed.
-        """
+    def prepare_message(self, entry: QueueEntry) -> None:
+        """Step 1 for a message streamed to ``tmp/<id>`` (``open_tmp``): fsync it.
+        On failure everything of the entry is removed."""
         try:
             self._ensure_ready()
-            if data is None:
-                _fsync_file(self.tmp_path(entry.id))
-            else:
-                self._ensure_tmp()
-                fsutil.write_new(self.tmp_path(entry.id), data)
+            _fsync_file(self.tmp_path(entry.id))
         except BaseException:
             self.discard(entry.id)
             raise
