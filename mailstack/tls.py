@@ -32,7 +32,12 @@ import re
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.backends.openssl import backend as _openssl  # noqa: F401  (see below)
+
+# Imported now, with the start's own rights: cryptography imports it lazily on
+# the first ECDSA signature, and the self-signed certificate is made with the
+# ``--uid`` account's effective ids (``privileges.as_account``), which need not
+# be able to read the interpreter's packages.
+from cryptography.hazmat.backends.openssl import backend as _openssl  # noqa: F401
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -101,12 +106,6 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )
-
-
-# cryptography imports its OpenSSL backend module on the first ECDSA signature;
-# start-up makes the certificate with the ``--uid`` account's effective ids
-# (``privileges.as_account``), which need not be able to read the interpreter's
-# packages, so the module is imported above, with the start's own rights.
 
 
 def generate_self_signed(hostname: str, cert_path: str, key_path: str, now: datetime.datetime | None = None) -> None:
