@@ -304,7 +304,12 @@ class Server:
         """The log once the regular expression ``pattern`` matches in it: a line
         can land after the reply that follows it (a session worker's lines reach
         the log through the master, and every log is written once per reactor turn)."""
-        return wait_until(lambda: self.log() if re.search(pattern, self.log()) else "", timeout, repr(pattern))
+
+        def matched() -> str:
+            log = self.log()
+            return log if re.search(pattern, log) else ""
+
+        return wait_until(matched, timeout, repr(pattern))
 
     def __enter__(self) -> Server:
         return self
