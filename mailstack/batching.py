@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_batching -*-
 """Group commit: blocking work done for batches of items, one batch at a time.
 
-The intake commits messages and publishes Maildir copies this way, and the
-queue manager batches its removals: many sessions' fsyncs then share one
-directory fsync, and the batch size follows the load with no timer.
+The queue manager batches its loads and removals this way: many entries'
+removals then share one directory fsync, and the batch size follows the load
+with no timer.  (The intake's commits share their directory fsyncs among
+pool threads instead: ``storage.dirsync``.)
 """
 
 from __future__ import annotations
@@ -24,21 +25,13 @@ class GroupCommit:
     ``publish`` raises, every item of its batch fails with that error.
     While a batch is in flight new items wait, and all of them form the next
     batch: the batch size adapts to the load, with no timer.
-
-    ``then``: the next stage of a pipeline.  While this stage fires a batch's
-    callbacks (which submit the items to ``then``), ``then`` holds back, so
-    the whole batch moves on as one batch rather than one item first.
     """
 
-    def __init__(
-        self, run_blocking: Callable[..., Deferred], publish: Callable[..., list], then: GroupCommit | None = None
-    ) -> None:
+    def __init__(self, run_blocking: Callable[..., Deferred], publish: Callable[..., list]) -> None:
         self._run_blocking = run_blocking
         self._publish = publish
-        self._then = then
         self._waiting: list[tuple[Any, Deferred]] = []
         self._busy = False
-        self._held = 0
         self.batches = 0  # for tests and diagnostics
 
     @property
@@ -53,7 +46,7 @@ class GroupCommit:
         return d
 
     def _next(self) -> None:
-        if self._busy or self._held or not self._waiting:
+        if self._busy or not self._waiting:
             return
         batch, self._waiting = self._waiting, []
         self._busy = True
@@ -67,20 +60,12 @@ class GroupCommit:
     def _done(self, results: Any, batch: list[tuple[Any, Deferred]]) -> None:
         self._busy = False
         self._next()  # start the next batch before running this one's callbacks
-        then = self._then
-        if then is not None:
-            then._held += 1
-        try:
-            if isinstance(results, Failure):
-                for _, d in batch:
-                    d.errback(results)
-                return
-            for (_, d), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    d.errback(Failure(result))
-                else:
-                    d.callback(result)
-        finally:
-            if then is not None:
-                then._held -= 1
-                then._next()
+        if isinstance(results, Failure):
+            for _, d in batch:
+                d.errback(results)
+            return
+        for (_, d), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)

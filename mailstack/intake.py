@@ -11,12 +11,12 @@ Maildirs or in the queue (docs/commit-protocol.rst).
 
 Direct delivery (recipients all local)
 --------------------------------------
-The common case on an MX.  One thread call (``LocalAgent.prepare_direct``)
-writes and fsyncs each recipient's copy into its Maildir ``tmp/``; then each
-copy joins the ``GroupCommit`` of its ``new/`` folder, which moves a batch of
-copies into that folder with one fsync of it (folders of different mailboxes
-are published side by side).  Only then does ``finish()`` fire.  Per message
-that is one file created, one fsync, one rename, and no queue files at all:
+The common case on an MX.  One thread call (``LocalAgent.deliver_direct``)
+writes and fsyncs each recipient's copy into its Maildir ``tmp/``, renames it
+into ``new/`` and fsyncs that folder; threads publishing into one folder at
+the same time share its fsync (``storage.dirsync``).  Only then does
+``finish()`` fire.  Per message that is one thread hand-off, one file
+created, one fsync, one rename, and no queue files at all:
 on the benchmark machine creating and deleting files was the largest single
 cost of the old path (queue message, envelope and Maildir
 copy for every local message).  Like mox, and unlike Postfix, nothing is
@@ -31,18 +31,15 @@ duplicate when the client sends again, never a loss.
 
 The queue (any remote recipient, or the fallback)
 -------------------------------------------------
-``QueueStore.prepare`` (one thread call: a message held in memory written
-inside its envelope, which is fsynced -- one file per message; or the
-streamed file fsynced, plus the envelope written and fsynced) is followed,
-for a streamed message only, by ``publish_messages`` (renames into ``msg/``,
-one fsync of ``msg/``), then by ``publish_envelopes`` (renames into ``env/``,
-one fsync of ``env/``).  Each of the two goes through a ``GroupCommit``: one
-batch is in flight per stage, every message that arrives meanwhile joins the
-next batch, and the two stages pipeline.  With no load a
-batch is a single message and nothing waits for a timer.  A failure of one
-message's own step fails that message only; a failed directory fsync fails
-the whole batch (each is answered 451/452, and nothing of it is left behind).
-Once committed, the queue manager is kicked.
+``QueueStore.commit``, one thread call per message: a message held in memory
+is written inside its envelope, which is fsynced and renamed into ``env/``
+(one file per message); a streamed one is fsynced and renamed into ``msg/``
+first.  The directory fsyncs are shared by the threads committing at the
+same time (group commit among the threads: the batch size follows the load,
+and with no load nothing waits for anyone).  A failure of one message's own
+step fails that message only; a failed directory fsync fails every message
+that waited for it (each is answered 451/452, and nothing of it is left
+behind).  Once committed, the queue manager is kicked.
 
 Header changes
 --------------
@@ -75,14 +72,13 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack import headers
 from mailstack.address import AddressError
-from mailstack.batching import GroupCommit
 from mailstack.envelope import Envelope, HeaderChanges
 from mailstack.errors import PermanentFailure, Reply, TemporaryFailure
 from mailstack.interfaces import IDirectDelivery, IIncoming, IIntake, IMessage, IMetrics
@@ -170,11 +166,6 @@ def _fold(clauses: list[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def _entries_or_errors(entries: list[QueueEntry], errors: list[BaseException | None]) -> list[Any]:
-    """A GroupCommit result: per entry the entry itself, or the error that failed it."""
-    return [entry if error is None else error for entry, error in zip(entries, errors, strict=False)]
-
-
 @implementer(IIntake)
 class Intake:
     """Accepts messages into Maildirs or a QueueStore, and kicks the queue manager.
@@ -202,16 +193,6 @@ class Intake:
         self._run_blocking = run_blocking
         self._clock = clock
         self._local = local
-        # Two pipelined stages: messages into msg/ (fsync msg/), then envelopes
-        # into env/ (fsync env/); a batch in the second stage does not hold up
-        # the next batch's first stage.
-        self._envelopes = GroupCommit(run_blocking, self._publish_envelopes)
-        self._committer = GroupCommit(run_blocking, self._publish_messages, then=self._envelopes)
-        # One group commit per Maildir new/ folder: each batch is the renames
-        # into that folder and one fsync of it, and different mailboxes'
-        # batches run side by side instead of one thread fsyncing every
-        # folder of a batch in turn.
-        self._folders: dict[str, GroupCommit] = {}
         self._in_flight = 0  # commits between finish() and their outcome
         self._idle_waiters: list[Deferred] = []
 
@@ -252,9 +233,8 @@ class Intake:
         """Into the recipients' Maildirs directly if possible, else into the queue."""
         if self._local is not None and self._local.direct_ok(entry):
             d = self._run_blocking(
-                self._local.prepare_direct, entry, data if data is not None else self._store.tmp_path(entry.id)
+                self._local.deliver_direct, entry, data if data is not None else self._store.tmp_path(entry.id)
             )
-            d.addCallback(self._publish_copies)
             d.addCallbacks(self._published, self._not_delivered, callbackArgs=(entry, data), errbackArgs=(entry, data))
         else:
             d = self._queue(entry, data)
@@ -269,28 +249,6 @@ class Intake:
         return result
 
     # -- direct delivery ---------------------------------------------------------
-
-    def _publish_copies(self, pending: list[Any]) -> Deferred:
-        """Fires with one entry per copy: None (in ``new/``, durable) or the error (taken back)."""
-        local = self._local
-        assert local is not None  # copies are only prepared when there is a local agent
-        ds = []
-        for p in pending:
-            group = self._folders.get(p.new_dir)
-            if group is None:
-                group = self._folders[p.new_dir] = GroupCommit(self._run_blocking, local.publish_direct)
-            ds.append(group.submit(p))
-            ds[-1].addBoth(self._forget_idle, p.new_dir)
-        return DeferredList(ds, consumeErrors=True).addCallback(
-            lambda results: [None if ok else f.value for ok, f in results]
-        )
-
-    def _forget_idle(self, result: Any, folder: str) -> Any:
-        """Keep group commits only for folders with deliveries in progress."""
-        group = self._folders.get(folder)
-        if group is not None and group.idle:
-            del self._folders[folder]
-        return result
 
     def _published(self, errors: list[BaseException | None], entry: QueueEntry, data: bytes | None) -> Any:
         if not any(errors):
@@ -338,27 +296,14 @@ class Intake:
             status="deferred",
         )
 
-    # -- the queue: prepare (one thread call per message), publish (per batch) ----
+    # -- the queue ------------------------------------------------------------------
 
     def _queue(self, entry: QueueEntry, data: bytes | None) -> Deferred:
-        """Commit to the queue; a message held in memory goes inside its
-        envelope, so it skips the ``msg/`` stage (no file of its own)."""
-        d = self._run_blocking(self._store.prepare, entry, data)
-        if data is None:
-            d.addCallback(lambda _: self._committer.submit(entry))
-        else:
-            d.addCallback(lambda _: entry)
-        d.addCallback(self._envelopes.submit)
-        d.addCallback(self._queued)
+        """Commit to the queue (one thread call); a message held in memory goes
+        inside its envelope, so it has no file of its own."""
+        d = self._run_blocking(self._store.commit, entry, data)
+        d.addCallback(lambda _: self._queued(entry))
         return d
-
-    def _publish_messages(self, entries: list[QueueEntry]) -> list[Any]:
-        """Blocking: commit step 3 for a batch; per entry the entry itself, or its error."""
-        return _entries_or_errors(entries, self._store.publish_messages(entries))
-
-    def _publish_envelopes(self, entries: list[QueueEntry]) -> list[Any]:
-        """Blocking: commit step 4 (the commit record) for a batch."""
-        return _entries_or_errors(entries, self._store.publish_envelopes(entries))
 
     def _queued(self, entry: QueueEntry) -> str:
         self._log_accepted(entry, "queued")

@@ -147,21 +147,18 @@ class IDeliveryAgent(Interface):
 class IDirectDelivery(Interface):
     """Delivery into local Maildirs straight from the intake, before the 250.
 
-    ``prepare_direct`` and ``publish_direct`` block and run in the thread
-    pool; the intake queues whatever they could not deliver.
+    ``deliver_direct`` blocks and runs in the thread pool; the intake queues
+    whatever it could not deliver.
     """
 
     def direct_ok(entry: QueueEntry) -> bool:
         """Whether ``QueueEntry`` ``entry`` may take the direct path (every recipient local)."""
 
-    def prepare_direct(entry: QueueEntry, source: bytes | str) -> list[Any]:
-        """Write and fsync every recipient's copy into its Maildir ``tmp/``;
-        ``source`` is the message bytes or the path of its file.  Returns the
-        prepared copies (``storage.maildir.Pending``); on error none is left."""
-
-    def publish_direct(pending: list[Any]) -> list[BaseException | None]:
-        """Rename prepared copies into ``new/``, one fsync per folder.  Per copy
-        None (delivered) or the error (that copy is taken back)."""
+    def deliver_direct(entry: QueueEntry, source: bytes | str) -> list[BaseException | None]:
+        """Write, fsync and move into ``new/`` every recipient's copy (each
+        folder fsynced); ``source`` is the message bytes or the path of its
+        file.  Raises if a copy cannot be written (then none is left); else per
+        recipient None (delivered) or the error (that copy is taken back)."""
 
 
 class IMaildirStore(Interface):
@@ -169,7 +166,7 @@ class IMaildirStore(Interface):
 
     All methods block.  Delivery is ``prepare`` (the copy written and
     fsynced in ``tmp/``) then ``publish`` (renamed into ``new/``, one fsync
-    per folder), so many copies share a directory fsync.
+    per folder, shared with the threads publishing there at the same time).
     """
 
     def path_for(address: Address | str) -> str:
@@ -288,12 +285,11 @@ class IQueueStore(Interface):
 
 
 class IQueueCommit(Interface):
-    """The intake's side of the queue store: new messages, committed in batches.
+    """The intake's side of the queue store: new messages, committed one call each.
 
-    ``prepare`` per message (fsynced, not yet visible; a message given as
-    bytes goes inside its envelope), then ``publish_messages`` (for messages
-    in their own file) and ``publish_envelopes`` per batch (one directory
-    fsync each); the protocol is in ``queue/store.py``.  Every method blocks.
+    ``commit`` makes a message durable and visible (a message given as bytes
+    goes inside its envelope); concurrent commits share their directory
+    fsyncs.  The protocol is in ``queue/store.py``.  Every method blocks.
     """
 
     def new_id() -> str:
@@ -305,15 +301,10 @@ class IQueueCommit(Interface):
     def open_tmp(queue_id: str) -> IO[bytes]:
         """Create ``tmp_path(queue_id)`` exclusively, open for buffered writes."""
 
-    def prepare(entry: QueueEntry, data: bytes | None = None) -> None:
-        """Message and envelope bytes on disk and fsynced, not yet visible;
-        ``data`` (the message in memory) is written inside the envelope."""
-
-    def publish_messages(entries: list[QueueEntry]) -> list[BaseException | None]:
-        """Rename a batch's messages into place; per entry None or its error."""
-
-    def publish_envelopes(entries: list[QueueEntry]) -> list[BaseException | None]:
-        """Rename a batch's envelopes into place (the commit); per entry None or its error."""
+    def commit(entry: QueueEntry, data: bytes | None = None) -> None:
+        """Make the message (``data``, or the file at ``tmp_path(entry.id)``) a
+        queued entry, fsynced and visible; on error nothing of it is left and
+        the error is raised."""
 
     def discard(queue_id: str) -> None:
         """Remove every file of an entry that was not accepted (best effort)."""

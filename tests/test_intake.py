@@ -67,10 +67,6 @@ class ManualThreads:
         while self.calls:
             self.run_one()
 
-    def run_prepare(self) -> None:
-        """Run the oldest message's queue prepare (message and envelope written and fsynced)."""
-        self.run_one(self.names().index("prepare"))
-
 
 class Kicker:
     def __init__(self) -> None:
@@ -261,43 +257,38 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_commitRunsInThread(self) -> None:
-        """The commit goes through run_blocking (prepare, envelopes: a message held in memory has no msg/ stage);
-        nothing is acknowledged before both fire."""
+        """The commit is one run_blocking call per message (held in memory: inside its envelope); nothing is
+        acknowledged or kicked before it returns."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["prepare"])  # one thread hand-off per message
-        threads.run_prepare()
-        self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_publish_envelopes"])
-        self.assertEqual(list(self.store.scan()), [])
+        self.assertEqual(threads.names(), ["commit"])  # one thread hand-off per message
+        self.assertEqual((list(self.store.scan()), self.kicker.kicked), ([], []))
         threads.run_one()
+        self.assertEqual(threads.names(), [])
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.kicker.kicked, [incoming.queue_id])
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": [incoming.queue_id + ".json"]})
 
     def test_spilledCommitRunsInThread(self) -> None:
-        """A streamed message goes through run_blocking (prepare, messages, envelopes); nothing is acknowledged
-        before all fire."""
+        """A streamed message is committed by one run_blocking call too, into msg/ and env/."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
         incoming.write(BIG)
         d = incoming.finish()
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["prepare"])
-        threads.run_prepare()
-        self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_publish_messages"])
-        threads.run_one()
-        self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["_publish_envelopes"])
+        self.assertEqual(threads.names(), ["commit"])
         self.assertEqual(list(self.store.scan()), [])
         threads.run_one()
+        self.assertEqual(threads.names(), [])
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.kicker.kicked, [incoming.queue_id])
+        queue_id = incoming.queue_id
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [queue_id], "env": [queue_id + ".json"]})
 
     def test_abortAfterFinishIsIgnored(self) -> None:
         """A client that disconnects while the commit runs does not undo the commit."""
@@ -439,136 +430,14 @@ class IntakeErrorTests(IntakeTestMixin, SynchronousTestCase):
     def test_unexpectedErrorIsTemporary(self) -> None:
         """A bug in the commit is logged and answered 451 4.3.0, never a 5xx or a traceback."""
 
-        def broken(entry):
+        def broken(entry, data=None):
             raise RuntimeError("bug")
 
-        self.patch(self.store, "publish_envelopes", broken)
+        self.patch(self.store, "commit", broken)
         incoming, d = self.send(envelope(), MESSAGE)
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual(failure.value.reply.code, 451)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
-
-
-class GroupCommitTests(IntakeTestMixin, SynchronousTestCase):
-    """Commits that arrive while a publish is in flight share the next one."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.threads = ManualThreads()
-        self.intake = Intake(self.config, self.store, self.kicker, self.threads, self.clock)
-
-    def start(self, n: int) -> list:
-        """``n`` messages streamed to tmp/ (their own file, so both publish stages)."""
-        out = []
-        for i in range(n):
-            incoming = self.intake.begin(envelope())
-            incoming.write(BIG + bytes([i]))
-            out.append((incoming, incoming.finish()))
-        return out
-
-    def step(self, name: str) -> None:
-        self.threads.run_one(self.threads.names().index(name))
-
-    def test_batchesShareDirectoryFsyncs(self) -> None:
-        """One message publishes alone; the four prepared meanwhile share one fsync of msg/ and one of env/."""
-        sent = self.start(5)
-        self.assertEqual(self.threads.names(), ["prepare"] * 5)
-        self.threads.run_prepare()  # first prepare: its first stage starts at once
-        self.assertEqual(self.threads.names(), ["prepare"] * 4 + ["_publish_messages"])
-        for _ in range(4):
-            self.threads.run_prepare()  # the others are prepared while the first batch is in flight
-        self.step("_publish_messages")  # message 0 moves on to the second stage, the four start the first
-        self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
-        self.step("_publish_envelopes")
-        self.assertEqual(self.successResultOf(sent[0][1]), sent[0][0].queue_id)
-        self.assertNoResult(sent[1][1])
-        faults = Faults(self)
-        self.step("_publish_messages")
-        self.step("_publish_envelopes")
-        faults.restore()
-        self.assertEqual(faults.calls, ["_rename"] * 4 + ["_open", "_fsync"] + ["_rename"] * 4 + ["_open", "_fsync"])
-        self.assertEqual([self.successResultOf(d) for _, d in sent[1:]], [i.queue_id for i, _ in sent[1:]])
-        self.assertEqual((self.intake._committer.batches, self.intake._envelopes.batches), (2, 2))
-        self.assertEqual(len(list(self.store.scan())), 5)
-
-    def test_stagesPipeline(self) -> None:
-        """While one batch's envelopes are fsynced, the next batch's messages already move into msg/."""
-        sent = self.start(2)
-        self.threads.run_prepare()
-        self.step("_publish_messages")
-        self.threads.run_prepare()
-        self.assertEqual(sorted(self.threads.names()), ["_publish_envelopes", "_publish_messages"])
-        self.step("_publish_messages")  # batch 2, stage 1, while batch 1 is still in stage 2
-        self.assertNoResult(sent[0][1])
-        self.threads.run_all()
-        self.assertEqual([self.successResultOf(d) for _, d in sent], [i.queue_id for i, _ in sent])
-
-    def test_nothingAcknowledgedBeforeItsBatchIsDurable(self) -> None:
-        """A prepared message is not acknowledged, nor visible to scan(), until its envelope is published."""
-        sent = self.start(2)
-        self.threads.run_prepare()
-        self.threads.run_prepare()
-        self.step("_publish_messages")
-        for _, d in sent:
-            self.assertNoResult(d)
-        self.assertEqual(list(self.store.scan()), [])
-        self.threads.run_all()
-        self.assertEqual(len([self.successResultOf(d) for _, d in sent]), 2)
-
-    def test_directoryFsyncFailureFailsOnlyThatBatch(self) -> None:
-        """A failed fsync of env/ fails every message of that batch with 451 (nothing left); the next batch commits."""
-        sent = self.start(3)
-        self.threads.run_prepare()
-        self.threads.run_prepare()
-        self.threads.run_prepare()
-        self.step("_publish_messages")  # message 0 alone
-        self.step("_publish_envelopes")
-        self.step("_publish_messages")  # messages 1 and 2
-        self.assertEqual(self.threads.names(), ["_publish_envelopes"])
-        faults = Faults(self, fail_at=4)  # 2 renames, open env/, fsync env/
-        self.step("_publish_envelopes")
-        self.assertEqual(faults.calls[3], "_fsync")
-        faults.restore()
-        self.threads.run_all()
-        self.successResultOf(sent[0][1])
-        for _, d in sent[1:]:
-            self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
-        self.assertEqual([e.id for e in self.store.scan()], [sent[0][0].queue_id])
-        self.assertEqual(self.queue_files()["msg"], [sent[0][0].queue_id])
-        self.assertEqual(self.queue_files()["tmp"], [])
-        after = self.start(1)
-        self.threads.run_all()
-        self.successResultOf(after[0][1])
-
-    def test_oneMessageFailureFailsOnlyThatMessage(self) -> None:
-        """A rename failure of one message in a batch refuses that message only."""
-        sent = self.start(3)
-        self.threads.run_prepare()
-        self.threads.run_prepare()
-        self.threads.run_prepare()
-        self.step("_publish_messages")  # message 0 alone
-        faults = Faults(self, fail_at=1)  # first rename of the second batch
-        self.step("_publish_messages")
-        faults.restore()
-        self.threads.run_all()
-        self.successResultOf(sent[0][1])
-        self.failureResultOf(sent[1][1], TemporaryFailure)
-        self.successResultOf(sent[2][1])
-        self.assertEqual(sorted(e.id for e in self.store.scan()), sorted([sent[0][0].queue_id, sent[2][0].queue_id]))
-
-    def test_publishBugFailsTheBatch(self) -> None:
-        """An unexpected exception in a publish stage refuses every message of the batch with 451, logged."""
-
-        def broken(entries):
-            raise RuntimeError("bug")
-
-        self.patch(self.store, "publish_messages", broken)
-        sent = self.start(2)
-        self.threads.run_all()
-        for _, d in sent:
-            self.assertEqual(self.failureResultOf(d, TemporaryFailure).value.reply.code, 451)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
 
 
@@ -612,48 +481,20 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
 
     def test_acknowledgedOnlyOnceInNew(self) -> None:
-        """One thread call writes the copy into tmp/; the reply waits until it is in new/, fsynced."""
+        """One thread call writes the copy and moves it into new/; the reply waits for that call."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
         incoming = intake.begin(envelope())
         incoming.write(MESSAGE)
         d = incoming.finish()
-        self.assertEqual(threads.names(), ["prepare_direct"])
-        threads.run_one()
-        self.assertEqual((len(self.mailbox(BOB, "tmp")), self.mailbox(BOB)), (1, []))
+        self.assertEqual(threads.names(), ["deliver_direct"])
         self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["publish_direct"])
+        self.assertEqual((self.mailbox(BOB, "tmp"), self.mailbox(BOB)), ([], []))
         threads.run_one()
+        self.assertEqual(threads.names(), [])
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual((self.mailbox(BOB, "tmp"), len(self.mailbox(BOB))), ([], 1))
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": []})
-        self.assertEqual(intake._folders, {})  # nothing kept for an idle mailbox
-
-    def test_oneFsyncPerMaildirBatchFoldersSideBySide(self) -> None:
-        """Copies for one Maildir prepared while its batch is in flight share the next fsync; mailboxes do not wait
-        for each other."""
-        threads = ManualThreads()
-        intake = Intake(self.config, self.store, self.kicker, threads, self.clock, local=self.local)
-        sent = []
-        for i in range(6):
-            incoming = intake.begin(envelope(local(BOB if i % 2 else self.dave)))
-            incoming.write(MESSAGE)
-            sent.append(incoming.finish())
-        for _ in range(6):
-            threads.run_one(threads.names().index("prepare_direct"))
-        # dave's first copy and bob's first copy are each being published; the others wait.
-        self.assertEqual(threads.names(), ["publish_direct", "publish_direct"])
-        threads.run_one(1)  # bob's first batch ends before dave's
-        self.assertEqual(len(self.successResultOf(sent[1])), 24)
-        self.assertNoResult(sent[0])
-        self.assertEqual(threads.names(), ["publish_direct", "publish_direct"])  # dave's first, bob's next batch
-        faults = Faults(self)
-        threads.run_one(1)
-        faults.restore()
-        self.assertEqual(faults.calls, ["_rename", "_rename", "_open", "_fsync"])  # bob's two copies, one fsync
-        threads.run_all()
-        self.assertEqual((len(self.mailbox(BOB)), len(self.mailbox(self.dave))), (3, 3))
-        self.assertEqual([len(self.successResultOf(d)) for d in sent[:1] + sent[2:]], [24] * 5)
 
     def test_mixedMessageGoesToTheManager(self) -> None:
         """A message with a remote recipient is queued whole and kicked, not delivered directly."""
@@ -711,7 +552,7 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
     def test_refusedWhenTheQueueFailsToo(self) -> None:
         """A full disk for the Maildir and for the queue: 452 4.3.1, no copy and no queue file anywhere."""
         self.patch(self.maildirs, "prepare", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-        self.patch(self.store, "prepare", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+        self.patch(self.store, "commit", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
         _, d = self.send(envelope(), MESSAGE)
         failure = self.failureResultOf(d, TemporaryFailure)
         self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced), (452, "4.3.1"))
@@ -781,9 +622,8 @@ class DirectDeliveryTests(IntakeTestMixin, SynchronousTestCase):
         d = incoming.finish()
         incoming.abort()  # the client left: the commit goes on
         idle = intake.wait_idle()
-        threads.run_one()
         self.assertNoResult(idle)
-        threads.run_all()
+        threads.run_one()
         self.successResultOf(idle)
         self.successResultOf(d)
         self.assertEqual(len(self.mailbox(BOB)), 1)

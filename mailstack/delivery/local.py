@@ -17,11 +17,12 @@ second copy, which beats losing one.
 Direct delivery (the fast path of the intake)
 ---------------------------------------------
 For a new message whose recipients are all local, the intake does not queue
-it at all: ``prepare_direct`` (blocking, one thread call per message) writes
-and fsyncs each recipient's copy into its Maildir's ``tmp/``, and
-``publish_direct`` (blocking, one call per batch of copies bound for one
-Maildir) renames them into ``new/`` with one fsync of that folder.  The intake sends
-the 250 after that, and queues whatever could not be delivered this way.
+it at all: ``deliver_direct`` (blocking, one thread call per message) writes
+and fsyncs each recipient's copy into its Maildir's ``tmp/``, then renames
+the copies into ``new/`` and fsyncs each folder, an fsync shared with the
+other threads publishing into that folder at the same time
+(``storage.dirsync``).  The intake sends the 250 after that, and queues
+whatever could not be delivered this way.
 """
 
 from __future__ import annotations
@@ -123,12 +124,14 @@ class LocalAgent:
         asking for a success DSN (RFC 3461 NOTIFY=SUCCESS; the queue's bouncer sends those)."""
         return bool(entry.recipients) and all(r.local and "SUCCESS" not in r.notify for r in entry.recipients)
 
-    def prepare_direct(self, entry: QueueEntry, source: bytes | str) -> list[Pending]:
-        """Write every recipient's copy into its Maildir ``tmp/``, fsynced; blocking.
+    def deliver_direct(self, entry: QueueEntry, source: bytes | str) -> list[BaseException | None]:
+        """Every recipient's copy written, fsynced and moved into ``new/`` (its folder fsynced); blocking.
 
         ``source``: the message bytes, or the path of the file holding them.
-        If any copy fails, those written are dropped again and the error is
-        raised: the caller then queues the message whole.
+        If any copy cannot be written, those written are dropped again and the
+        error is raised: nothing was delivered and the caller queues the
+        message whole.  Otherwise per recipient None (delivered) or the error
+        that failed moving its copy into place (that copy is taken back).
         """
         pending: list[Pending] = []
         try:
@@ -138,11 +141,4 @@ class LocalAgent:
             for p in pending:
                 self._maildirs.discard(p)
             raise
-        return pending
-
-    def publish_direct(self, pending: list[Pending]) -> list[BaseException | None]:
-        """Move prepared copies into their ``new/`` folders, one fsync per folder; blocking.
-
-        Per copy None (delivered) or the error (that copy is taken back).
-        """
         return self._maildirs.publish(pending)

@@ -44,38 +44,34 @@ Layout under ``root`` (``data_dir/queue``)
 IDs are ``<14 hex digits of Unix microseconds><10 random hex digits>``: they
 sort by arrival and are unique across processes without coordination.
 
-Commit protocol (``commit`` = ``prepare`` + ``publish``)
--------------------------------------------------------
-``prepare(entry, data)``, per message, many in parallel from a thread pool:
+Commit protocol (``commit``)
+----------------------------
+``commit(entry, data)``, one call per message in a pool thread, many in
+parallel:
 
 1. fsync ``tmp/<id>`` (the bytes are on disk) -- or, with ``data`` (the
    message held in memory), nothing: the message goes into the envelope;
-2. write the envelope to ``env/.tmp.<id>.json`` and fsync it.
+2. write the envelope to ``env/.tmp.<id>.json`` and fsync it;
+3. (a message in its own file only) rename ``tmp/<id>`` to ``msg/<id>``,
+   then fsync ``msg/``;
+4. rename ``env/.tmp.<id>.json`` to ``env/<id>.json``, then fsync ``env/``.
 
-``publish(entries)``, one call for a whole batch (group commit):
+The ``msg/`` fsync comes before the envelope is renamed into place so that a
+crash can never leave a durable envelope whose message rename was lost,
+whatever the file system (this matters: ext4 without a journal, as on the
+benchmark machine, orders nothing).  Only after step 4 is the message
+acknowledged.  A crash before step 4 completes leaves a message without an
+envelope (and maybe an envelope temporary): it was never acknowledged, and
+``recover()`` deletes both.  The file fsyncs run in parallel (the file system
+folds concurrent fsyncs into shared commits); a directory fsync is shared by
+every thread that renamed into that directory while the previous fsync of it
+ran (``storage.dirsync``), which is what makes the commit cheap under load:
+group commit, with one thread hand-off per message.
 
-3. rename every ``tmp/<id>`` to ``msg/<id>``, then fsync ``msg/`` once
-   (skipped for the entries whose message is in the envelope:
-   ``publish_messages`` passes them through);
-4. rename every ``env/.tmp.<id>.json`` to ``env/<id>.json``, then fsync
-   ``env/`` once.
-
-The ``msg/`` fsync comes before any envelope of the batch is renamed into
-place so that a crash can never leave a durable envelope whose message rename
-was lost, whatever the file system (this matters: ext4 without a journal, as
-on the benchmark machine, orders nothing).  Only after step 4 is anything of
-the batch acknowledged.  A crash before step 4 completes leaves a message
-without an envelope (and maybe an envelope temporary): it was never
-acknowledged, and ``recover()`` deletes both.  The file fsyncs of ``prepare``
-are per message and run in parallel (the file system folds concurrent fsyncs
-into shared commits); the two directory fsyncs are paid once per batch,
-however many messages it holds, which is what makes the intake's group
-commit cheap.
-
-Failures in a batch: an error in one entry's own step (its rename) fails that
-entry only; an error in a shared directory fsync fails every entry still in
-the batch at that point.  Every failed entry is removed again (envelope first),
-so a failure never leaves anything half-written.
+Failures: an error in an entry's own step fails that entry only; a failed
+directory fsync fails every entry that was waiting for it.  Every failed
+entry is removed again (envelope first), so a failure never leaves anything
+half-written.
 
 An envelope that holds no message while ``msg/<id>`` is missing cannot
 come from this protocol (damage from outside): ``load`` moves it to
@@ -100,7 +96,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -115,6 +111,7 @@ from mailstack.queue.entry import (
     well_formed,
 )
 from mailstack.storage import fsutil
+from mailstack.storage.dirsync import DirSyncs
 
 TMP = "tmp"
 MSG = "msg"
@@ -156,9 +153,8 @@ class QueueStore:
         self._dirs = {name: os.path.join(self.root, name) for name in (TMP, MSG, ENV, CORRUPT)}
         self._ready = False  # msg/ and env/ are known to exist (they are never removed)
         self._tmp_ready = False
-        # Prepared but not yet published entries whose message is in the
-        # envelope: step 3 has nothing to rename for them.
-        self._inline: set[str] = set()
+        # Threads committing at the same time share the fsyncs of msg/ and env/.
+        self._syncs = DirSyncs()
 
     # -- names --------------------------------------------------------------
 
@@ -193,60 +189,36 @@ class QueueStore:
             self._tmp_ready = True  # tmp/ is never removed while we run
 
     def env_tmp_path(self, queue_id: str) -> str:
-        """Where ``prepare`` writes the envelope before ``publish`` renames it."""
+        """Where ``commit`` writes the envelope before renaming it into place."""
         return os.path.join(self._dirs[ENV], ".tmp." + _checked(queue_id) + _ENV_SUFFIX)
 
     def commit(self, entry: QueueEntry, data: bytes | None = None) -> None:
         """Make ``tmp/<entry.id>`` (or ``data``, inside the envelope) a queued
-        message (protocol in the module doc).
-
-        ``prepare`` then ``publish`` of a batch of one.  On any failure
-        everything of this id is removed again and the error is raised: the
-        message was not accepted and nothing half-written remains.
-        """
-        self.prepare(entry, data)
-        error = self.publish([entry])[0]
-        if error is not None:
-            raise error
-
-    def prepare(self, entry: QueueEntry, data: bytes | None = None) -> None:
-        """Steps 1-2 of the commit for one entry: message and envelope bytes fsynced.
+        message: steps 1-4 of the protocol in the module doc, in the calling
+        (pool) thread; the directory fsyncs are shared with the threads
+        committing at the same time.
 
         ``data``: the whole message, held in memory by the caller, written
         inside the envelope (one file); without it the caller streamed the
-        message to ``tmp/<id>`` with ``open_tmp``.  Nothing is visible to
-        ``scan()`` yet.  On failure the entry's files are removed and the
-        error raised.  The intake runs it in one thread hand-off per message.
+        message to ``tmp/<id>`` with ``open_tmp``.  On any failure everything
+        of this id is removed again and the error is raised: the message was
+        not accepted and nothing half-written remains.
         """
-        if data is None:
-            self.prepare_message(entry)
-            self.prepare_envelope(entry)
-            return
+        queue_id = entry.id
         try:
             self._ensure_ready()
-            self._inline.add(entry.id)
-            fsutil.write_new(self.env_tmp_path(entry.id), _encode(entry, data))
+            if data is None:
+                _fsync_file(self.tmp_path(queue_id))
+                fsutil.write_new(self.env_tmp_path(queue_id), _encode(entry))
+                fsutil._rename(self.tmp_path(queue_id), self.message_path(queue_id))
+                # Before any envelope names it: see "Commit protocol".
+                self._syncs.sync(self._dirs[MSG])
+            else:
+                fsutil.write_new(self.env_tmp_path(queue_id), _encode(entry, data))
+            fsutil._rename(self.env_tmp_path(queue_id), self.envelope_path(queue_id))
+            self._syncs.sync(self._dirs[ENV])
         except BaseException:
-            self.discard(entry.id)
-            raise
-
-    def prepare_message(self, entry: QueueEntry) -> None:
-        """Step 1 for a message streamed to ``tmp/<id>`` (``open_tmp``): fsync it.
-        On failure everything of the entry is removed."""
-        try:
-            self._ensure_ready()
-            _fsync_file(self.tmp_path(entry.id))
-        except BaseException:
-            self.discard(entry.id)
-            raise
-
-    def prepare_envelope(self, entry: QueueEntry) -> None:
-        """Step 2: write ``env/.tmp.<id>.json`` and fsync it.  On failure everything of the entry is removed."""
-        try:
-            self._ensure_ready()
-            fsutil.write_new(self.env_tmp_path(entry.id), _encode(entry))
-        except BaseException:
-            self.discard(entry.id)
+            self.discard(queue_id)
             raise
 
     def _ensure_ready(self) -> None:
@@ -255,67 +227,11 @@ class QueueStore:
             fsutil.ensure_dir(self._dirs[ENV])
             self._ready = True
 
-    def publish(self, entries: list[QueueEntry]) -> list[BaseException | None]:
-        """Steps 3-4 for a batch of prepared entries: one fsync per directory.
-
-        Returns, per entry, None (committed: durable and visible) or the error
-        that failed it (its files are gone again).  See "Failures in a batch".
-        ``publish_messages`` then ``publish_envelopes`` on the survivors.
-        """
-        errors = self.publish_messages(entries)
-        live = [e for e, error in zip(entries, errors, strict=False) if error is None]
-        later = iter(self.publish_envelopes(live))
-        return [error if error is not None else next(later) for error in errors]
-
-    def publish_messages(self, entries: list[QueueEntry]) -> list[BaseException | None]:
-        """Step 3 for a batch: rename each message into ``msg/``, fsync ``msg/`` once.
-
-        Nothing is visible to ``scan()`` yet.  Per entry None or its error (a
-        failed entry's files are removed).  Lets a caller pipeline batches:
-        step 3 of one batch while step 4 of the previous one runs.  Entries
-        whose message is in the envelope pass through (None); a batch of only
-        those costs nothing.
-        """
-        inline = self._inline
-        files = [e for e in entries if e.id not in inline]
-        if not files:
-            return [None] * len(entries)
-        errors = iter(self._step(files, lambda qid: fsutil._rename(self.tmp_path(qid), self.message_path(qid)), MSG))
-        return [None if e.id in inline else next(errors) for e in entries]
-
-    def publish_envelopes(self, entries: list[QueueEntry]) -> list[BaseException | None]:
-        """Step 4 for a batch whose step 3 succeeded: rename each envelope into place, fsync ``env/`` once."""
-        errors = self._step(entries, lambda qid: fsutil._rename(self.env_tmp_path(qid), self.envelope_path(qid)), ENV)
-        for entry in entries:
-            self._inline.discard(entry.id)
-        return errors
-
-    def _step(
-        self, entries: list[QueueEntry], action: Callable[[str], object], folder: str
-    ) -> list[BaseException | None]:
-        """``action(id)`` for each entry, then one fsync of ``folder``; failed entries are discarded."""
-        errors: list[BaseException | None] = [None] * len(entries)
-        for i, entry in enumerate(entries):
-            try:
-                action(entry.id)
-            except Exception as e:
-                errors[i] = e
-        if any(e is None for e in errors):
-            try:
-                fsutil.fsync_dir(self._dirs[folder])
-            except Exception as e:
-                errors = [error if error is not None else e for error in errors]
-        for entry, error in zip(entries, errors, strict=False):
-            if error is not None:
-                self.discard(entry.id)
-        return errors
-
     def discard(self, queue_id: str) -> None:
         """Remove every file of an entry that is not (or no longer) accepted, envelope first.
 
         Best effort and without fsyncs: ``recover()`` removes whatever a crash keeps.
         """
-        self._inline.discard(queue_id)
         paths = (
             self.envelope_path(queue_id),
             self.env_tmp_path(queue_id),

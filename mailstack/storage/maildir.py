@@ -41,6 +41,7 @@ from zope.interface import implementer
 from mailstack.address import Address, mailbox_components, parse_address
 from mailstack.interfaces import IMaildirStore
 from mailstack.storage import fsutil
+from mailstack.storage.dirsync import DirSyncs
 
 CHUNK = 64 * 1024
 
@@ -132,6 +133,8 @@ class MaildirStore:
         # mail/.deleted/): ``prepare`` then creates it again.  set.add is
         # atomic under the GIL.
         self._known: set[str] = set()
+        # Threads publishing into one new/ at once share its fsync.
+        self._syncs = DirSyncs()
 
     def path_for(self, address: Address | str) -> str:
         """The Maildir of ``address``: ``root/<domain>/<localpart>``.
@@ -200,7 +203,8 @@ class MaildirStore:
         self._known.add(maildir)
 
     def publish(self, pending: list[Pending]) -> list[BaseException | None]:
-        """Steps 3-4 for a batch: rename each into ``new/``, one fsync per ``new/``.
+        """Steps 3-4 for a batch: rename each into ``new/``, one fsync per ``new/``
+        (shared with the other threads publishing there at the same time).
 
         Returns per message None (delivered: durable and visible) or the error
         that failed it; a failed message is taken back (no file left), so the
@@ -220,7 +224,7 @@ class MaildirStore:
             folders.setdefault(p.new_dir, []).append(i)
         for folder, members in folders.items():
             try:
-                fsutil.fsync_dir(folder)
+                self._syncs.sync(folder)
             except Exception as e:
                 # The renames may or may not survive a crash; we report failure, so
                 # take the messages back rather than risk a duplicate on the retry.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from mailstack.queue.locks import entry_lock
 from mailstack.queue.store import CorruptEntry, NoSuchEntry, QueueStore, Recovery
 from mailstack.storage import fsutil
 from tests.storage.faults import Faults, count_steps, scratch_path
+from tests.storage.test_dirsync import WAIT, HeldFsyncs, Threads, instrumented
 
 BODY = b"Received: by x; date\r\nSubject: hi\r\n\r\nbody\r\n" * 50
 
@@ -155,102 +157,42 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
             outcomes.add(len(entries))
         self.assertEqual(outcomes, {0, 1})
 
-    def test_batchSharesOneFsyncPerDirectory(self) -> None:
-        """publish() of many prepared entries costs one fsync of msg/ and one of env/ in all."""
-        entries = [self.stage(body=BODY + bytes([i])) for i in range(5)]
-        for entry in entries:
-            self.store.prepare(entry)
-        self.assertEqual(list(self.store.scan()), [])  # prepared is not committed
-        calls = count_steps(self, lambda: self.assertEqual(self.store.publish(entries), [None] * 5))
-        self.assertEqual(calls, ["_rename"] * 5 + ["_open", "_fsync"] + ["_rename"] * 5 + ["_open", "_fsync"])
-        self.assertEqual(list(self.store.scan()), sorted(entries, key=lambda e: e.id))
-        self.assertEqual(self.dirs()["tmp"], [])
-        self.assertEqual(sorted(self.dirs()["env"]), sorted(e.id + ".json" for e in entries))
+    def test_commitsAtOnceShareDirectoryFsyncs(self) -> None:
+        """Commits that renamed while an fsync of env/ ran share the next one: three commits, two fsyncs."""
+        fsync = HeldFsyncs(hold=(os.path.join(self.store.root, "env"),))
+        self.store._syncs, condition = instrumented(fsync)
+        entries = [make_entry(self.store.new_id()) for _ in range(3)]
+        threads = Threads()
+        threads.start("first", lambda: self.store.commit(entries[0], BODY))
+        self.assertTrue(fsync.started.wait(WAIT))
+        threads.start("second", lambda: self.store.commit(entries[1], BODY))
+        threads.start("third", lambda: self.store.commit(entries[2], BODY))
+        condition.until_waiting(2)
+        self.assertEqual(threads.errors, {})  # no commit returns before an fsync that began after its rename
+        fsync.release()
+        threads.join()
+        self.assertEqual(threads.errors, {"first": None, "second": None, "third": None})
+        self.assertEqual(fsync.calls, [os.path.join(self.store.root, "env")] * 2)
+        self.assertEqual(list(self.store.scan()), entries)
 
-    def test_batchRenameFailureFailsThatEntryOnly(self) -> None:
-        """A failed rename of one entry fails that entry (its files removed); the others commit."""
-        entries = [self.stage(body=BODY + bytes([i])) for i in range(3)]
-        for entry in entries:
-            self.store.prepare(entry)
-        Faults(self, fail_at=2)  # the second message rename
-        errors = self.store.publish(entries)
-        self.assertIsNone(errors[0])
-        self.assertIsInstance(errors[1], OSError)
-        self.assertIsNone(errors[2])
-        self.assertEqual([e.id for e in self.store.scan()], [entries[0].id, entries[2].id])
-        dirs = self.dirs()
-        self.assertEqual(dirs["tmp"], [])
-        self.assertNotIn(entries[1].id, dirs["msg"])
-        self.assertEqual(len(dirs["env"]), 2)
-
-    def test_batchDirectoryFsyncFailureFailsWholeBatch(self) -> None:
-        """A failed fsync of msg/ or env/ fails every entry of the batch and leaves nothing."""
-        for fail_at in (5, 10):  # the _fsync of msg/, then of env/ (3 entries: 3 renames, open, fsync, 3 renames, ...)
-            store = QueueStore(scratch_path(self))
-            store.recover()
-            entries = [self.stage(body=BODY + bytes([i]), store=store) for i in range(3)]
-            for entry in entries:
-                store.prepare(entry)
-            faults = Faults(self, fail_at=fail_at)
-            errors = store.publish(entries)
-            self.assertEqual(faults.calls[fail_at - 1], "_fsync")
-            faults.restore()
-            self.assertTrue(all(isinstance(e, OSError) for e in errors), errors)
-            self.assertEqual(list(store.scan()), [])
-            self.assertEqual(self.dirs(store), {"tmp": [], "msg": [], "env": [], "corrupt": []})
-
-    def test_crashDuringBatchPublishIsConsistentAfterRecover(self) -> None:
-        """A crash at any step of a batch publish: after recover() each entry is absent or whole."""
-
-        def prepared(store: QueueStore) -> list[QueueEntry]:
-            entries = [self.stage(body=BODY + bytes([i]), store=store) for i in range(3)]
-            for entry in entries:
-                store.prepare(entry)
-            return entries
-
-        probe = QueueStore(scratch_path(self))
-        probe.recover()
-        batch = prepared(probe)
-        steps = len(count_steps(self, lambda: probe.publish(batch)))
-        for k in range(1, steps + 1):
-            store = QueueStore(scratch_path(self))
-            store.recover()
-            entries = prepared(store)
-            faults = Faults(self, fail_at=k, crash=True)
-            store.publish(entries)
-            faults.restore()
-            restarted = QueueStore(store.root)
-            self.assertEqual(restarted.recover().corrupt, (), f"step {k}")
-            found = {e.id: e for e in restarted.scan()}
-            dirs = self.dirs(restarted)
-            self.assertEqual(dirs["tmp"], [], f"step {k}")
-            self.assertEqual(sorted(dirs["msg"]), sorted(found), f"step {k}")
-            for entry in entries:
-                if entry.id in found:
-                    self.assertEqual(found[entry.id], entry)
-
-    def test_prepareHalvesInEitherOrder(self) -> None:
-        """prepare_envelope and prepare_message may run in any order (side by side); a failure in one removes the
-        entry's files."""
-        entry = self.stage()
-        self.store.prepare_envelope(entry)
-        self.store.prepare_message(entry)
-        self.assertEqual(self.store.publish([entry]), [None])
-        self.assertEqual(list(self.store.scan()), [entry])
-        other = self.stage()
-        self.store.prepare_message(other)
-        faults = Faults(self, fail_at=3)  # the envelope temporary's fsync
-        self.assertRaises(OSError, self.store.prepare_envelope, other)
-        faults.restore()
-        self.assertEqual(self.dirs()["tmp"], [])
-        self.assertEqual(self.dirs()["env"], [entry.id + ".json"])
-
-    def test_preparedButNotPublishedIsRemovedByRecover(self) -> None:
-        """A crash between prepare and publish leaves nothing queued after recover()."""
-        entry = self.stage()
-        self.store.prepare(entry)
-        self.assertEqual(QueueStore(self.store.root).recover(), Recovery(tmp_removed=1))
-        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
+    def test_failedSharedFsyncFailsEveryCommitWaitingForIt(self) -> None:
+        """A failed fsync of env/ fails each commit that waited for it and leaves nothing of them."""
+        fsync = HeldFsyncs(hold=(os.path.join(self.store.root, "env"),), fail={2: OSError(errno.EIO, "I/O error")})
+        self.store._syncs, condition = instrumented(fsync)
+        entries = [make_entry(self.store.new_id()) for _ in range(3)]
+        threads = Threads()
+        threads.start("first", lambda: self.store.commit(entries[0], BODY))
+        self.assertTrue(fsync.started.wait(WAIT))
+        threads.start("second", lambda: self.store.commit(entries[1], BODY))
+        threads.start("third", lambda: self.store.commit(entries[2], BODY))
+        condition.until_waiting(2)
+        fsync.release()
+        threads.join()
+        self.assertIsNone(threads.errors["first"])
+        self.assertIsInstance(threads.errors["second"], OSError)
+        self.assertIsInstance(threads.errors["third"], OSError)
+        self.assertEqual(list(self.store.scan()), [entries[0]])
+        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [entries[0].id + ".json"], "corrupt": []})
 
     def test_removeWithoutSyncSkipsTheDirectoryFsync(self) -> None:
         """remove(sync=False) unlinks envelope then message and fsyncs nothing."""
@@ -628,25 +570,16 @@ class InlineMessageTests(StoreTestMixin, SynchronousTestCase):
         self.assertRaises(CorruptEntry, self.store.load_message, entry.id)
         self.assertEqual(self.dirs()["corrupt"], [entry.id + ".json"])
 
-    def test_failedPrepareLeavesNothing(self) -> None:
-        """A write error while preparing an inline entry removes its envelope temporary; the next publish does
-        not expect a message file for it."""
-        entry = make_entry(self.store.new_id())
-        Faults(self, fail_at=2)
-        self.assertRaises(OSError, self.store.prepare, entry, BODY)
-        self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [], "corrupt": []})
-        self.assertEqual(self.store._inline, set())
-
-    def test_mixedBatch(self) -> None:
-        """A batch of inline and streamed entries publishes both; msg/ holds only the streamed one."""
-        inline = make_entry(self.store.new_id())
-        self.store.prepare(inline, BODY)
-        streamed = self.stage()
-        self.store.prepare(streamed)
-        self.assertEqual(self.store.publish([inline, streamed]), [None, None])
-        self.assertEqual(self.dirs()["msg"], [streamed.id])
-        self.assertEqual(self.store.load_message(inline.id)[1], BODY)
-        self.assertEqual(self.store.load_message(streamed.id)[1], None)
+    def test_failureAtEveryStepLeavesNothing(self) -> None:
+        """An error at any step of an inline commit raises and leaves no file of it."""
+        steps = len(count_steps(self, lambda: self.store.commit(make_entry(self.store.new_id()), BODY)))
+        for k in range(1, steps + 1):
+            store = QueueStore(scratch_path(self))
+            store.recover()
+            faults = Faults(self, fail_at=k)
+            self.assertRaises(OSError, store.commit, make_entry(store.new_id()), BODY)
+            faults.restore()
+            self.assertEqual(self.dirs(store), {"tmp": [], "msg": [], "env": [], "corrupt": []}, f"step {k}")
 
 
 class EntryLockTests(StoreTestMixin, SynchronousTestCase):

@@ -14,6 +14,7 @@ from mailstack.address import Address, AddressError, parse_address
 from mailstack.storage import maildir as maildir_module
 from mailstack.storage.maildir import CHUNK, MaildirStore, escape_host, wire_size_of
 from tests.storage.faults import Faults, count_steps, scratch_path
+from tests.storage.test_dirsync import WAIT, HeldFsyncs, Threads, instrumented
 
 BOB = parse_address("Bob@example.org")
 MESSAGE = b"Subject: hello\r\n\r\nline one\r\n.dot line\r\n\xe9 8-bit\r\n"
@@ -242,6 +243,24 @@ class BatchTests(SynchronousTestCase):
         self.assertIsNone(errors[1])
         self.assertEqual(self.new(BOB), [])
         self.assertEqual(self.new(self.carol), [pending[1].name])
+
+    def test_publishersAtOnceShareTheFolderFsync(self) -> None:
+        """Threads that publish into one new/ while its fsync runs share the next one: three copies, two fsyncs."""
+        new_dir = os.path.join(self.store.path_for(BOB), "new")
+        pending = [self.store.prepare(BOB, [MESSAGE]) for _ in range(3)]
+        fsync = HeldFsyncs(hold=(new_dir,))
+        self.store._syncs, condition = instrumented(fsync)
+        threads = Threads()
+        threads.start("first", lambda: self.assertEqual(self.store.publish(pending[:1]), [None]))
+        self.assertTrue(fsync.started.wait(WAIT))
+        threads.start("second", lambda: self.assertEqual(self.store.publish(pending[1:2]), [None]))
+        threads.start("third", lambda: self.assertEqual(self.store.publish(pending[2:]), [None]))
+        condition.until_waiting(2)
+        fsync.release()
+        threads.join()
+        self.assertEqual(threads.errors, {"first": None, "second": None, "third": None})
+        self.assertEqual(fsync.calls, [new_dir, new_dir])
+        self.assertEqual(self.new(BOB), sorted(p.name for p in pending))
 
     def test_discardRemovesPrepared(self) -> None:
         """discard() drops a prepared message without a trace."""
