@@ -254,6 +254,45 @@ class TimerTests(Base):
         self.assertEqual(proto.timeouts, 1)
         self.assertTrue(proto.transport.disconnecting)
 
+    def test_inputOnlyNotesTheTime(self) -> None:
+        """Input does not touch the pending DelayedCall; when it comes due early
+        the timer waits out the rest, so the timeout still falls exactly
+        ``idle_timeout()`` after the last input."""
+        proto = self.connect()
+        [call] = self.clock.getDelayedCalls()
+        due = call.getTime()
+        for _ in range(3):
+            self.clock.advance(7)
+            self.feed(proto, b"ECHO a\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [call])
+        self.assertEqual(call.getTime(), due)
+        self.clock.advance(30 - 21 + 20)  # the first due time passed; 1 s of the period left
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(1)
+        self.assertEqual(proto.timeouts, 1)
+
+    def test_shorterTimeoutMovesTheTimer(self) -> None:
+        """A read after which the idle timeout is shorter (SMTP leaving DATA)
+        brings the pending timer forward."""
+        proto = self.connect()
+        proto.idle_timeout = lambda: 5.0  # type: ignore[method-assign]
+        self.clock.advance(1)
+        self.feed(proto, b"ECHO a\r\n")
+        self.clock.advance(4.5)
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(0.5)
+        self.assertEqual(proto.timeouts, 1)
+
+    def test_timerWhileBlockedWaitsForTheCommand(self) -> None:
+        """The idle period restarts when a blocked command finishes, not at the input before it."""
+        proto = self.connect()
+        self.feed(proto, b"SLOW\r\n")
+        self.clock.advance(5)  # SLOW DONE: idle from here
+        self.clock.advance(29)
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(1)
+        self.assertEqual(proto.timeouts, 1)
+
     def test_closeAbortsAfterGrace(self) -> None:
         """A closed connection that does not go away is aborted after CLOSE_GRACE; connectionLost leaves no timer."""
         proto = self.connect()
