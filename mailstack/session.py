@@ -473,8 +473,7 @@ class CommandSession(Protocol):
             self._handshaking = False
             self._tls_established()
         self._buf += data
-        self._process()
-        self._update_reading()
+        self._process()  # which ends with _update_reading
         self._flush()
         self._arm_timer()
         self.after_flush()
@@ -518,6 +517,8 @@ class CommandSession(Protocol):
                 return
             if self._write_full and not self.stop_reading_when_write_full:
                 return  # resumeProducing carries on
+            if self._pos >= len(self._buf):
+                return  # all input taken (the usual end: one command per read)
             line = self._next_line()
             if line is None:
                 return
