@@ -574,6 +574,27 @@ class POP3Server(CommandSession):
     def _send_message(self, i: int, header: bytes, body_lines: int | None) -> defer.Deferred[None] | None:
         drop = self.maildrop
         assert drop is not None
+        ahead, self._ahead = self._ahead, None
+        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
+        if not isinstance(first, defer.Deferred):
+            fileobj, data = first
+            if fileobj is None:
+                # The common case, a message under CHUNK: the whole reply is
+                # queued now, no Deferred and no callbacks.
+                if body_lines is None and plain_message(data):
+                    self._send(b"".join((header, data, R.TERMINATOR)))
+                    self._prefetch = i + 1
+                else:
+                    self._send(header + encode_message(data, body_lines))
+                return None
+            first = defer.succeed(first)
+        return self._send_read(first, i, header, body_lines)
+
+    def _send_read(
+        self, first: defer.Deferred[tuple[Any, bytes]], i: int, header: bytes, body_lines: int | None
+    ) -> defer.Deferred[None]:
+        """The reply once ``first`` (``read_first``'s answer) fires: whole, or
+        its first chunk and then a MessageSender for the rest."""
 
         def started(result: tuple[Any, bytes]) -> Any:
             fileobj, data = result
@@ -606,21 +627,7 @@ class POP3Server(CommandSession):
                 )
                 self._send(R.READ_FAILED)
 
-        ahead, self._ahead = self._ahead, None
-        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
-        if isinstance(first, defer.Deferred):
-            return first.addCallbacks(started, failed)
-        fileobj, data = first
-        if fileobj is not None:
-            return defer.succeed(first).addCallbacks(started, failed)
-        # The common case, a message under CHUNK: the whole reply is queued
-        # now, no Deferred and no callbacks.
-        if body_lines is None and plain_message(data):
-            self._send(b"".join((header, data, R.TERMINATOR)))
-            self._prefetch = i + 1
-        else:
-            self._send(header + encode_message(data, body_lines))
-        return None
+        return first.addCallbacks(started, failed)
 
     def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):
