@@ -85,6 +85,9 @@ class POP3Server(CommandSession):
     # Reading goes on while the client leaves replies unread (only command
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
+    # Clients download one message at a time, each command sent once the last
+    # reply is read: take the next one without a reactor turn when it is there.
+    inline_reads = 16
     quiet_after_close = (Exception,)  # every command handles its own failures
     limit_replies: ClassVar[dict[str, bytes]] = {
         connlimit.TOTAL: R.TOO_MANY_CONNECTIONS,
