@@ -75,6 +75,11 @@ MAX_ERRORS = 20
 PAUSE_INPUT_AT = 64 * 1024  # unprocessed pipelined input before we stop reading
 
 
+def plain_reply(header: bytes, data: bytes) -> bytes | None:
+    """The RETR reply to a message read whole, if it is its own wire form (``plain_message``)."""
+    return b"".join((header, data, R.TERMINATOR)) if plain_message(data) else None
+
+
 class POP3Server(CommandSession):
     """One POP3 session.  Built by ``pop3.factory.POP3Factory``; see the module docstring."""
 
@@ -116,7 +121,8 @@ class POP3Server(CommandSession):
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
         self._prefetch: int | None = None  # message to read ahead after this command (_read_ahead)
-        self._ahead: tuple[int, bytes] | None = None  # (index, whole content) read ahead
+        # Read ahead: (index, whole content, its RETR reply if the content is its own wire form).
+        self._ahead: tuple[int, bytes, bytes | None] | None = None
 
     # -- connection ------------------------------------------------------
 
@@ -212,14 +218,15 @@ class POP3Server(CommandSession):
 
     def _read_ahead(self) -> None:
         """After RETR n went out, read message n+1 while the client reads n
-        (clients download in order); one message per session is kept."""
+        (clients download in order), and make its RETR reply, so that the next
+        RETR only sends it; one message per session is kept."""
         i, self._prefetch = self._prefetch, None
         drop = self.maildrop
         if i is None or drop is None or self._closed:
             return
         data = read_ahead(drop, i)
         if data is not None:
-            self._ahead = (i, data)
+            self._ahead = (i, data, plain_reply(R.retr_header(drop.sizes[i]), data))
 
     def max_line_length(self) -> int:
         return MAX_AUTH_LINE
@@ -560,6 +567,12 @@ class POP3Server(CommandSession):
         i = self._message(arg)
         if i is None:
             return None
+        ahead = self._ahead
+        if ahead is not None and ahead[0] == i and ahead[2] is not None:
+            self._ahead = None
+            self._send(ahead[2])
+            self._prefetch = i + 1
+            return None
         assert self.maildrop is not None
         return self._send_message(i, R.retr_header(self.maildrop.sizes[i]), None)
 
@@ -584,8 +597,9 @@ class POP3Server(CommandSession):
             if fileobj is None:
                 # The common case, a message under CHUNK: the whole reply is
                 # queued now, no Deferred and no callbacks.
-                if body_lines is None and plain_message(data):
-                    self._send(b"".join((header, data, R.TERMINATOR)))
+                reply = plain_reply(header, data) if body_lines is None else None
+                if reply is not None:
+                    self._send(reply)
                     self._prefetch = i + 1
                 else:
                     self._send(header + encode_message(data, body_lines))
