@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.smtp.test_smtp_directsend -*-
-"""Replies straight to the socket when nothing is queued ahead of them.
+"""Replies straight to the socket when nothing is queued ahead of them, and
+the next command read from it before the reactor looks (``receive``).
 
 Why: ``FileDescriptor.write`` only buffers.  The bytes leave on the next
 reactor turn, after one ``epoll_ctl`` to watch for writability and another to
@@ -12,6 +13,16 @@ kernel does not take, and every case this module does not know (TLS, test
 transports, a connection being closed), goes through ``transport.write``,
 so Twisted's buffering, back-pressure (a streaming producer is paused by it
 as usual) and error reporting stay as they are.
+
+``receive`` serves a client that waits for each reply (POP3 without
+pipelining): by the time a reply is written and the work after it done, the
+next command is usually there, and taking it at once saves the reactor turn
+(``epoll_wait`` and Twisted's dispatch) that would deliver it.  It reads only
+from a plain ``tcp.Server`` with no unsent output, as ``send`` writes, and
+gives up on anything but bytes: "nothing yet" (EAGAIN), end of input and
+errors are left to the transport's own read, which meets them next (the end
+of input stays readable; an error read here leaves the end of input behind,
+so the session ends as on a close).
 
 The test of "nothing pending" reads private attributes of ``tcp.Server``; it
 is all in ``_idle_socket``, which answers "not idle" (so: ``transport.write``)
@@ -41,6 +52,18 @@ def send(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def receive(transport: Any, size: int) -> bytes:
+    """Up to ``size`` bytes waiting on the socket now; b"" if none, or if the
+    transport is not one this module reads (see the module docstring)."""
+    sock = _idle_socket(transport)
+    if sock is None:
+        return b""
+    try:
+        return sock.recv(size)
+    except OSError:  # EAGAIN: nothing yet; anything else: the transport's read reports it
+        return b""
 
 
 def _idle_socket(transport: Any) -> socket.socket | None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 from typing import ClassVar
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailstack.connlimit import TOTAL, ConnectionLimiter
 from mailstack.interfaces import IConnectionSlots
-from mailstack.session import CLOSE_GRACE, CommandSession, SessionGroup
+from mailstack.session import CLOSE_GRACE, INLINE_BACKOFF, CommandSession, SessionGroup
 from tests.support.transports import TLSStringTransport
 
 
@@ -97,6 +100,23 @@ class PushOnly(Echo):
 
     stop_reading_when_write_full = False
     pause_input_at = 100
+
+
+@implementer(IConnectionSlots)
+class Answering(Echo):
+    """A client that waits for each reply: ``script`` lines reach the socket as each command is answered."""
+
+    inline_reads = 3
+
+    def __init__(self, clock: Clock, group: SessionGroup, limiter: ConnectionLimiter) -> None:
+        super().__init__(clock, group, limiter)
+        self.script: list[bytes] = []
+        self.client: socket.socket | None = None
+
+    def line_received(self, line: bytes) -> None:
+        super().line_received(line)
+        if self.script and self.client is not None:
+            self.client.send(self.script.pop(0))
 
 
 @implementer(IConnectionSlots)
@@ -254,6 +274,45 @@ class TimerTests(Base):
         self.assertEqual(proto.timeouts, 1)
         self.assertTrue(proto.transport.disconnecting)
 
+    def test_inputOnlyNotesTheTime(self) -> None:
+        """Input does not touch the pending DelayedCall; when it comes due early
+        the timer waits out the rest, so the timeout still falls exactly
+        ``idle_timeout()`` after the last input."""
+        proto = self.connect()
+        [call] = self.clock.getDelayedCalls()
+        due = call.getTime()
+        for _ in range(3):
+            self.clock.advance(7)
+            self.feed(proto, b"ECHO a\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [call])
+        self.assertEqual(call.getTime(), due)
+        self.clock.advance(30 - 21 + 20)  # the first due time passed; 1 s of the period left
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(1)
+        self.assertEqual(proto.timeouts, 1)
+
+    def test_shorterTimeoutMovesTheTimer(self) -> None:
+        """A read after which the idle timeout is shorter (SMTP leaving DATA)
+        brings the pending timer forward."""
+        proto = self.connect()
+        proto.idle_timeout = lambda: 5.0  # type: ignore[method-assign]
+        self.clock.advance(1)
+        self.feed(proto, b"ECHO a\r\n")
+        self.clock.advance(4.5)
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(0.5)
+        self.assertEqual(proto.timeouts, 1)
+
+    def test_timerWhileBlockedWaitsForTheCommand(self) -> None:
+        """The idle period restarts when a blocked command finishes, not at the input before it."""
+        proto = self.connect()
+        self.feed(proto, b"SLOW\r\n")
+        self.clock.advance(5)  # SLOW DONE: idle from here
+        self.clock.advance(29)
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(1)
+        self.assertEqual(proto.timeouts, 1)
+
     def test_closeAbortsAfterGrace(self) -> None:
         """A closed connection that does not go away is aborted after CLOSE_GRACE; connectionLost leaves no timer."""
         proto = self.connect()
@@ -368,3 +427,69 @@ class LaterAdmissionTests(Base):
         self.assertTrue(proto.transport.disconnecting)
         self.assertEqual(proto.transport.value(), b"")
         self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+
+
+class InlineReadTests(Base):
+    """Commands already on the socket are taken without a reactor turn, within bounds."""
+
+    kind = Answering
+
+    def connect(self, host: str = "192.0.2.7") -> Echo:
+        # A loopback TCP pair: the session sets TCP_NODELAY, which a socketpair refuses.
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        for sock in (ours, client):
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
+        proto = self.kind(self.clock, self.group, self.limiter)
+        proto.client = client  # type: ignore[attr-defined]
+        proto.makeConnection(tcp.Server(ours, proto, (host, 1025), None, 0, MemoryReactor()))
+        self.assertEqual(client.recv(100), b"HELLO\r\n")
+        self.ours, self.client = ours, client
+        return proto
+
+    def unread(self) -> bytes:
+        """What the client sent that the session has not read."""
+        try:
+            return self.ours.recv(1000)
+        except BlockingIOError:
+            return b""
+
+    def test_waitingCommandsTaken(self) -> None:
+        """After a read's reply, commands the client sent meanwhile are read and
+        answered at once, in order, up to ``inline_reads`` of them per reactor read."""
+        proto = self.connect()
+        assert isinstance(proto, Answering)
+        proto.script = [b"ECHO %d\r\n" % n for n in range(2, 7)]
+        proto.dataReceived(b"ECHO 1\r\n")
+        self.assertEqual(self.client.recv(100), b"1\r\n2\r\n3\r\n4\r\n")
+        self.assertEqual(self.unread(), b"ECHO 5\r\n")  # left for the reactor
+
+    def test_nothingWaitingBacksOff(self) -> None:
+        """A read that finds nothing stops inline reads for the next INLINE_BACKOFF reactor reads."""
+        proto = self.connect()
+        proto.dataReceived(b"ECHO a\r\n")  # finds nothing after it
+        self.client.send(b"ECHO b\r\n")
+        for _ in range(INLINE_BACKOFF):
+            proto.dataReceived(b"ECHO c\r\n")
+        self.assertEqual(self.unread(), b"ECHO b\r\n")
+        self.client.send(b"ECHO d\r\n")
+        proto.dataReceived(b"ECHO e\r\n")
+        self.assertEqual(self.unread(), b"")
+        self.assertTrue(self.client.recv(1000).endswith(b"e\r\nd\r\n"))
+
+    def test_notWhileBlocked(self) -> None:
+        """Nothing is read behind a command that waits: one command at a time."""
+        proto = self.connect()
+        self.client.send(b"ECHO b\r\n")
+        proto.dataReceived(b"WAIT\r\n")
+        self.assertEqual(self.unread(), b"ECHO b\r\n")
+
+    def test_offByDefault(self) -> None:
+        """A session class that does not ask for inline reads (SMTP) only reads through the reactor."""
+        self.kind = Echo
+        proto = self.connect()
+        self.client.send(b"ECHO b\r\n")
+        proto.dataReceived(b"ECHO a\r\n")
+        self.assertEqual(self.unread(), b"ECHO b\r\n")

@@ -75,6 +75,11 @@ MAX_ERRORS = 20
 PAUSE_INPUT_AT = 64 * 1024  # unprocessed pipelined input before we stop reading
 
 
+def plain_reply(header: bytes, data: bytes) -> bytes | None:
+    """The RETR reply to a message read whole, if it is its own wire form (``plain_message``)."""
+    return b"".join((header, data, R.TERMINATOR)) if plain_message(data) else None
+
+
 class POP3Server(CommandSession):
     """One POP3 session.  Built by ``pop3.factory.POP3Factory``; see the module docstring."""
 
@@ -85,6 +90,9 @@ class POP3Server(CommandSession):
     # Reading goes on while the client leaves replies unread (only command
     # processing stops), so a TLS handshake gets the reads it needs.
     stop_reading_when_write_full = False
+    # Clients download one message at a time, each command sent once the last
+    # reply is read: take the next one without a reactor turn when it is there.
+    inline_reads = 16
     quiet_after_close = (Exception,)  # every command handles its own failures
     limit_replies: ClassVar[dict[str, bytes]] = {
         connlimit.TOTAL: R.TOO_MANY_CONNECTIONS,
@@ -113,7 +121,8 @@ class POP3Server(CommandSession):
         self._count = 0  # undeleted messages
         self._octets = 0  # and their size
         self._prefetch: int | None = None  # message to read ahead after this command (_read_ahead)
-        self._ahead: tuple[int, bytes] | None = None  # (index, whole content) read ahead
+        # Read ahead: (index, whole content, its RETR reply if the content is its own wire form).
+        self._ahead: tuple[int, bytes, bytes | None] | None = None
 
     # -- connection ------------------------------------------------------
 
@@ -209,14 +218,15 @@ class POP3Server(CommandSession):
 
     def _read_ahead(self) -> None:
         """After RETR n went out, read message n+1 while the client reads n
-        (clients download in order); one message per session is kept."""
+        (clients download in order), and make its RETR reply, so that the next
+        RETR only sends it; one message per session is kept."""
         i, self._prefetch = self._prefetch, None
         drop = self.maildrop
         if i is None or drop is None or self._closed:
             return
         data = read_ahead(drop, i)
         if data is not None:
-            self._ahead = (i, data)
+            self._ahead = (i, data, plain_reply(R.retr_header(drop.sizes[i]), data))
 
     def max_line_length(self) -> int:
         return MAX_AUTH_LINE
@@ -557,6 +567,12 @@ class POP3Server(CommandSession):
         i = self._message(arg)
         if i is None:
             return None
+        ahead = self._ahead
+        if ahead is not None and ahead[0] == i and ahead[2] is not None:
+            self._ahead = None
+            self._send(ahead[2])
+            self._prefetch = i + 1
+            return None
         assert self.maildrop is not None
         return self._send_message(i, R.retr_header(self.maildrop.sizes[i]), None)
 
@@ -574,6 +590,28 @@ class POP3Server(CommandSession):
     def _send_message(self, i: int, header: bytes, body_lines: int | None) -> defer.Deferred[None] | None:
         drop = self.maildrop
         assert drop is not None
+        ahead, self._ahead = self._ahead, None
+        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
+        if not isinstance(first, defer.Deferred):
+            fileobj, data = first
+            if fileobj is None:
+                # The common case, a message under CHUNK: the whole reply is
+                # queued now, no Deferred and no callbacks.
+                reply = plain_reply(header, data) if body_lines is None else None
+                if reply is not None:
+                    self._send(reply)
+                    self._prefetch = i + 1
+                else:
+                    self._send(header + encode_message(data, body_lines))
+                return None
+            first = defer.succeed(first)
+        return self._send_read(first, i, header, body_lines)
+
+    def _send_read(
+        self, first: defer.Deferred[tuple[Any, bytes]], i: int, header: bytes, body_lines: int | None
+    ) -> defer.Deferred[None]:
+        """The reply once ``first`` (``read_first``'s answer) fires: whole, or
+        its first chunk and then a MessageSender for the rest."""
 
         def started(result: tuple[Any, bytes]) -> Any:
             fileobj, data = result
@@ -606,21 +644,7 @@ class POP3Server(CommandSession):
                 )
                 self._send(R.READ_FAILED)
 
-        ahead, self._ahead = self._ahead, None
-        first = (None, ahead[1]) if ahead is not None and ahead[0] == i else read_first(drop, i, self.run_blocking)
-        if isinstance(first, defer.Deferred):
-            return first.addCallbacks(started, failed)
-        fileobj, data = first
-        if fileobj is not None:
-            return defer.succeed(first).addCallbacks(started, failed)
-        # The common case, a message under CHUNK: the whole reply is queued
-        # now, no Deferred and no callbacks.
-        if body_lines is None and plain_message(data):
-            self._send(b"".join((header, data, R.TERMINATOR)))
-            self._prefetch = i + 1
-        else:
-            self._send(header + encode_message(data, body_lines))
-        return None
+        return first.addCallbacks(started, failed)
 
     def _stream_failed(self, f: Failure, number: int) -> None:
         if self._closed or f.check(ConnectionDone):

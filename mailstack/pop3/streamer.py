@@ -4,9 +4,9 @@
 Fast path, on the reactor thread (``read_first``, ``read_ahead``): the first
 ``CHUNK`` of a message is read directly, because one open() and one read()
 from the page cache cost less than a thread hop and most messages are that
-small; after a RETR the next message is read ahead between commands, so the
-next RETR needs no file access.  Listing ``cur/`` to find a renamed file goes
-to the thread pool.
+small; after a RETR the next message is read ahead between commands (and
+``pop3.server`` makes its RETR reply then), so the next RETR only sends it.
+Listing ``cur/`` to find a renamed file goes to the thread pool.
 
 The rest of a larger message goes through ``MessageSender``, a push producer
 that reads ``CHUNK`` bytes at a time through ``run_blocking`` while the

@@ -88,6 +88,13 @@ class WireTests(SynchronousTestCase):
             self.assertEqual(data + b".\r\n", encode_message(data))
             self.assertEqual(wire_size_of([data]), len(data))
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(min_size=1, max_size=60).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02", b"\r\n."))))
+    def test_plainMessageExact(self, data: bytes) -> None:
+        """plain_message misses no message that is its own wire form: for any
+        non-empty bytes it is true exactly when encoding would change nothing."""
+        self.assertEqual(plain_message(data), encode_message(data) == data + b".\r\n")
+
     def test_plainMessageCases(self) -> None:
         self.assertTrue(plain_message(b"Subject: x\r\n\r\nbody\r\n"))
         self.assertTrue(plain_message(b"a\rb\r\n"))  # a bare CR is passed as is

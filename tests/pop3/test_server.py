@@ -532,6 +532,22 @@ class TransactionTests(Base):
         )
         self.assertEqual(self.talk(proto, b"RETR 1"), R.ALREADY_DELETED)
 
+    def test_retrReadAheadReplyReady(self) -> None:
+        """A message read ahead in wire form has its RETR reply made between
+        commands: the next RETR sends exactly those bytes without touching the
+        file, and reads ahead again; TOP of it is still answered from its content."""
+        body = b"Subject: five\r\n\r\nbody\r\n"
+        for i, data in enumerate((b"Subject: four\r\n\r\n", body, b"Subject: six\r\n\r\nx\r\n")):
+            write_message(self.maildir, data, when=1800000000 + i)
+        proto = self.session()
+        self.talk(proto, b"RETR 4")
+        expected = R.retr_header(len(body)) + body + b".\r\n"
+        self.assertEqual(proto._ahead, (4, body, expected))
+        self.patch(server, "read_first", lambda *a: self.fail("the file was read again"))
+        self.assertEqual(self.talk(proto, b"RETR 5"), expected)
+        self.assertEqual(proto._ahead[0], 5)
+        self.assertEqual(self.talk(proto, b"TOP 6 0"), R.TOP_HEADER + b"Subject: six\r\n\r\n.\r\n")
+
     def test_retrReadAheadSkipsDeleted(self) -> None:
         """Nothing is read ahead for a message marked deleted or past the end."""
         proto = self.session()

@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.directsend import send
+from mailstack.directsend import receive, send
 
 
 class _Producer:
@@ -31,7 +31,9 @@ class _Producer:
         pass
 
 
-class DirectSendTests(SynchronousTestCase):
+class SocketPairBase(SynchronousTestCase):
+    """A ``tcp.Server`` over one end of a socketpair; the test plays the client on the other."""
+
     def setUp(self) -> None:
         self.ours, self.peer = socket.socketpair()
         self.ours.setblocking(False)
@@ -60,6 +62,8 @@ class DirectSendTests(SynchronousTestCase):
             except BlockingIOError:
                 return
 
+
+class DirectSendTests(SocketPairBase):
     def test_idleSendsAtOnce(self) -> None:
         """Nothing buffered: the bytes are on the socket now, and the transport does not start watching for
         writability."""
@@ -129,3 +133,40 @@ class DirectSendTests(SynchronousTestCase):
         t = StringTransport()
         send(t, b"220 hi\r\n")
         self.assertEqual(t.value(), b"220 hi\r\n")
+
+
+class ReceiveTests(SocketPairBase):
+    """``receive``: input waiting on a plain ``tcp.Server``, or b"" and the transport's own read meets the rest."""
+
+    def test_waitingBytes(self) -> None:
+        """Bytes the peer sent come back, up to the size asked for."""
+        self.peer.send(b"RETR 1\r\nDELE 1\r\n")
+        self.assertEqual(receive(self.transport, 8), b"RETR 1\r\n")
+        self.assertEqual(receive(self.transport, 100), b"DELE 1\r\n")
+
+    def test_nothingYet(self) -> None:
+        """Nothing waiting (EAGAIN): b"", nothing raised."""
+        self.assertEqual(receive(self.transport, 100), b"")
+
+    def test_endOfInputLeftToTransport(self) -> None:
+        """At the end of input: b"", and the end is still there for the transport's read."""
+        self.peer.shutdown(socket.SHUT_WR)
+        self.assertEqual(receive(self.transport, 100), b"")
+        self.assertEqual(self.ours.recv(100), b"")
+
+    def test_notWithOutputPending(self) -> None:
+        """While unsent output waits in the transport (the client is not reading), nothing is read."""
+        self.peer.send(b"NOOP\r\n")
+        self.transport.write(b"+OK\r\n")
+        self.assertEqual(receive(self.transport, 100), b"")
+        self.assertEqual(self.ours.recv(100), b"NOOP\r\n")
+
+    def test_notUnderTLS(self) -> None:
+        """After startTLS the bytes on the socket are TLS records for the TLS layer: none are read."""
+        self.peer.send(b"\x17\x03\x03")
+        self.transport.TLS = True
+        self.assertEqual(receive(self.transport, 100), b"")
+
+    def test_otherTransports(self) -> None:
+        """Any other transport: b"" (its data comes through the reactor)."""
+        self.assertEqual(receive(StringTransport(), 100), b"")
