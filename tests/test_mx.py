@@ -227,6 +227,55 @@ class CacheTests(SynchronousTestCase):
         self.successResultOf(r.hosts_for("d.test"))
         self.assertEqual(len(fake.queries), 10)
 
+    def test_cachedAnswerAtOnce(self) -> None:
+        """With every answer cached, hosts_for has fired when it returns, arms no
+        deadline timer, and gives what the lookups gave."""
+        clock = Clock()
+        fake = FakeResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test"), mx(20, "[192.0.2.9]")],
+                ("a.d.test", dns.A): [dns.Record_A("192.0.2.1"), dns.Record_A("192.0.2.1")],
+                ("a.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
+            }
+        )
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        first = self.successResultOf(r.hosts_for("d.test"))
+        asked = len(fake.queries)
+        armed: list[float] = []
+        call_later = clock.callLater
+        clock.callLater = lambda delay, *a, **kw: armed.append(delay) or call_later(delay, *a, **kw)  # type: ignore
+        self.assertEqual(self.successResultOf(r.hosts_for("d.test")), first)
+        expected = [Host("a.d.test", ("192.0.2.1", "2001:db8::1"), 10), Host("[192.0.2.9]", ("192.0.2.9",), 20)]
+        self.assertEqual(first, expected)
+        self.assertEqual((len(fake.queries), armed), (asked, []))
+
+    def test_cachedMXAddressesExpired(self) -> None:
+        """An MX answer still cached whose hosts' addresses have expired: only the
+        addresses are asked again."""
+        clock = Clock()
+        fake = TTLResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test")],
+                ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+            },
+            {"d.test": 600},
+        )
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        self.successResultOf(r.hosts_for("d.test"))
+        clock.advance(61)
+        del fake.queries[:]
+        self.assertEqual(self.successResultOf(r.hosts_for("d.test")), [Host("a.d.test", ("192.0.2.1",), 10)])
+        self.assertEqual(sorted(fake.queries), [("a.d.test", dns.A), ("a.d.test", dns.AAAA)])
+
+    def test_cachedNullMX(self) -> None:
+        """A cached null MX fails at once, as permanently as the first time."""
+        fake = FakeResolver({("d.test", dns.MX): [mx(0, "")]})
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):
+            f = self.failureResultOf(r.hosts_for("d.test"), PermanentFailure)
+            self.assertEqual(f.value.reply.enhanced, "5.1.10")
+        self.assertEqual(fake.queries, [("d.test", dns.MX)])
+
     def test_failuresNotCached(self) -> None:
         """A SERVFAIL is asked again next time."""
         fake = FakeResolver({("d.test", dns.MX): DNSServerError})
@@ -234,6 +283,22 @@ class CacheTests(SynchronousTestCase):
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.assertEqual(len(fake.queries), 2)
+
+
+class TTLResolver(FakeResolver):
+    """FakeResolver whose records of the names in ``ttls`` have that TTL (else 60 s)."""
+
+    def __init__(self, records, ttls):
+        FakeResolver.__init__(self, records)
+        self.ttls = ttls
+
+    def _lookup(self, name, cls, qtype, timeout):
+        d = FakeResolver._lookup(self, name, cls, qtype, timeout)
+        text = name.decode() if isinstance(name, bytes) else name
+        if text in self.ttls:
+            ttl = self.ttls[text]
+            d.addCallback(lambda r: ([dns.RRHeader(text, rr.type, cls, ttl, rr.payload) for rr in r[0]], [], []))
+        return d
 
 
 class SilentResolver(FakeResolver):
