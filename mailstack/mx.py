@@ -180,7 +180,10 @@ class Resolver:
         they are not there.  The CacheResolver answers at once (a fired
         Deferred); were it ever to answer later, this says "not cached"."""
         got: list[Any] = []
-        self._cache.query(dns.Query(name, qtype)).addBoth(got.append)
+        try:
+            self._cache.query(dns.Query(name, qtype)).addBoth(got.append)
+        except Exception:  # a name the DNS cannot take: the lookup path reports it
+            return None
         if not got or isinstance(got[0], Failure):
             return None  # not cached (the DomainError is consumed here)
         return list(cast(list[dns.RRHeader], got[0][0]))

@@ -276,6 +276,14 @@ class CacheTests(SynchronousTestCase):
             self.assertEqual(f.value.reply.enhanced, "5.1.10")
         self.assertEqual(fake.queries, [("d.test", dns.MX)])
 
+    def test_unencodableNameTemporary(self) -> None:
+        """A domain the DNS cannot take (a label over 63 octets) is a temporary DNS
+        failure, as before the cache is asked, not an error of the caller's."""
+        fake = FakeResolver({})
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        f = self.failureResultOf(r.hosts_for("x" * 64 + ".test"), TemporaryFailure)
+        self.assertEqual(f.value.reply.enhanced, "4.4.3")
+
     def test_failuresNotCached(self) -> None:
         """A SERVFAIL is asked again next time."""
         fake = FakeResolver({("d.test", dns.MX): DNSServerError})

@@ -530,6 +530,7 @@ class SMTPClientProtocol(Protocol):
         reply = self._expect(self.timeout * 2)  # RFC 5321 4.5.3.2.6: 10 minutes
         whole = source.whole
         if whole is not None:
+            self._touch()
             encoder = DataEncoder()
             self.transport.write(encoder.feed(whole) + encoder.end())
             if self.pipelining:
