@@ -46,6 +46,9 @@ from mailstack.metrics import NoMetrics
 DNS_TIMEOUT = (2, 5, 10)
 # All MX host address lookups of one domain together (they run in parallel).
 ADDRESS_DEADLINE = 20.0
+# Cached answers kept as records (``Resolver._cached``): expired ones are
+# dropped when there are this many, all of them if none has expired.
+MEMO_MAX = 10_000
 
 
 def _cancel_all(lookups: list[Deferred]) -> None:
@@ -174,11 +177,22 @@ class Resolver:
         # data" answer is kept for the TTL of the SOA that comes with it
         # (RFC 2308 section 5); failures are not kept.
         self._cache = CacheResolver(reactor=clock)
+        # What the cache answered, as records, until its entry expires (the
+        # smallest TTL of the answer): asking the CacheResolver builds a query
+        # and copies of every record each time, most of a cached lookup's cost.
+        self._memo: dict[tuple[str, int], tuple[float, tuple[dns.RRHeader, ...]]] = {}
 
     def _cached(self, name: str, qtype: int) -> list[dns.RRHeader] | None:
         """The answer records for ``name``/``qtype`` from the cache, or None if
         they are not there.  The CacheResolver answers at once (a fired
         Deferred); were it ever to answer later, this says "not cached"."""
+        key = (name, qtype)
+        now = self.clock.seconds()
+        memo = self._memo.get(key)
+        if memo is not None:
+            if now < memo[0]:
+                return list(memo[1])
+            del self._memo[key]
         got: list[Any] = []
         try:
             self._cache.query(dns.Query(name, qtype)).addBoth(got.append)
@@ -186,7 +200,16 @@ class Resolver:
             return None
         if not got or isinstance(got[0], Failure):
             return None  # not cached (the DomainError is consumed here)
-        return list(cast(list[dns.RRHeader], got[0][0]))
+        answer, authority, additional = cast(tuple[list[dns.RRHeader], ...], got[0])
+        # The CacheResolver drops the entry after the smallest TTL of all its records.
+        ttl = min((rr.ttl for rr in (*answer, *authority, *additional)), default=0)
+        if ttl > 0:
+            if len(self._memo) >= MEMO_MAX:
+                self._memo = {k: v for k, v in self._memo.items() if now < v[0]}
+                if len(self._memo) >= MEMO_MAX:
+                    self._memo.clear()
+            self._memo[key] = (now + ttl, tuple(answer))
+        return list(answer)
 
     async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
         """The answer records for ``name``/``qtype``, from the cache or the DNS."""

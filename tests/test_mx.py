@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import config as configmod
+from mailstack import mx as mxmod
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
 from mailstack.mx import (
@@ -257,15 +258,36 @@ class CacheTests(SynchronousTestCase):
             {
                 ("d.test", dns.MX): [mx(10, "a.d.test")],
                 ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+                ("a.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
             },
             {"d.test": 600},
         )
         r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
         self.successResultOf(r.hosts_for("d.test"))
-        clock.advance(61)
         del fake.queries[:]
-        self.assertEqual(self.successResultOf(r.hosts_for("d.test")), [Host("a.d.test", ("192.0.2.1",), 10)])
+        clock.advance(59)
+        self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(fake.queries, [])
+        clock.advance(2)
+        hosts = self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(hosts, [Host("a.d.test", ("192.0.2.1", "2001:db8::1"), 10)])
         self.assertEqual(sorted(fake.queries), [("a.d.test", dns.A), ("a.d.test", dns.AAAA)])
+
+    def test_memoBounded(self) -> None:
+        """The records kept from cached answers stay under mx.MEMO_MAX entries; lookups
+        beyond it are still answered, from the cache or the DNS."""
+        self.patch(mxmod, "MEMO_MAX", 3)
+        records = {}
+        for i in range(6):
+            records[(f"d{i}.test", dns.MX)] = [mx(10, f"m{i}.test")]
+            records[(f"m{i}.test", dns.A)] = [dns.Record_A(f"192.0.2.{i}")]
+        fake = FakeResolver(records)
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):
+            for i in range(6):
+                hosts = self.successResultOf(r.hosts_for(f"d{i}.test"))
+                self.assertEqual(hosts, [Host(f"m{i}.test", (f"192.0.2.{i}",), 10)])
+                self.assertLessEqual(len(r._memo), 3)
 
     def test_cachedNullMX(self) -> None:
         """A cached null MX fails at once, as permanently as the first time."""
