@@ -330,6 +330,8 @@ def _address_itself(name: str) -> list[str] | None:
     literal = literal_address(name)
     if literal is not None:
         return [literal]
+    if ":" not in name and not name[:1].isdigit():
+        return None  # not an IPv6 (has ":") or IPv4 (starts with a digit) address
     try:
         ipaddress.ip_address(name)
     except ValueError:

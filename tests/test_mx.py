@@ -273,6 +273,22 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(hosts, [Host("a.d.test", ("192.0.2.1", "2001:db8::1"), 10)])
         self.assertEqual(sorted(fake.queries), [("a.d.test", dns.A), ("a.d.test", dns.AAAA)])
 
+    def test_hostGivenAsAddress(self) -> None:
+        """An MX host that is an IP address (v4 or v6) is its own address; a name that
+        starts with a digit is looked up."""
+        fake = FakeResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "192.0.2.5"), mx(20, "2001:db8::5"), mx(30, "1and1.test")],
+                ("1and1.test", dns.A): [dns.Record_A("192.0.2.6")],
+            }
+        )
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):  # from the DNS, then from the cache
+            hosts = self.successResultOf(r.hosts_for("d.test"))
+            expected = [("192.0.2.5", "192.0.2.5"), ("2001:db8::5", "2001:db8::5"), ("1and1.test", "192.0.2.6")]
+            self.assertEqual([(h.name, *(h.addresses or ())) for h in hosts], expected)
+        self.assertEqual(sorted(n for n, t in fake.queries if t != dns.MX), ["1and1.test", "1and1.test"])
+
     def test_memoBounded(self) -> None:
         """The records kept from cached answers stay under mx.MEMO_MAX entries; lookups
         beyond it are still answered, from the cache or the DNS."""
