@@ -206,6 +206,11 @@ class IMXResolver(Interface):
 class IMessageSource(Interface):
     """The bytes of a message being relayed, read chunk by chunk."""
 
+    whole = Attribute(
+        "The whole message when it is held in memory (bytes): then it is sent in one"
+        " write, without reads; None for a file, which is read chunk by chunk."
+    )
+
     def read(size: int) -> Deferred[bytes]:
         """Deferred firing with up to ``size`` bytes, ``b""`` at the end.  A file
         is read in the thread pool, so the reactor never waits for the disk."""

@@ -51,5 +51,8 @@ def escape(text: str | bytes, limit: int = LIMIT) -> str:
     extra = len(text) - limit
     if extra > 0:
         text = text[:limit]
-    out = "".join(c if _shown(c) else _escape_char(c) for c in text)
+    if text.isascii() and text.isprintable():
+        out = text  # nearly every line: ASCII " " to "~", nothing to escape
+    else:
+        out = "".join(c if _shown(c) else _escape_char(c) for c in text)
     return out + f"...({extra} more)" if extra > 0 else out

@@ -10,6 +10,9 @@
   (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  The A and
   AAAA records of the first ``relay.max_mx_hosts`` hosts are looked up in
   parallel within ``ADDRESS_DEADLINE``, so the caller can try each address.
+  Answers are cached for their TTL; when all that a domain needs is cached
+  (mail streaming to one domain), ``hosts_for`` answers at once, without a
+  Deferred per lookup or a deadline timer.
 
 The smarthost (``relay.smarthost``) bypasses MX lookups: ``delivery/remote.py``
 connects to it directly, asking ``Resolver.addresses`` for its A/AAAA records
@@ -24,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
@@ -35,7 +38,7 @@ from zope.interface import implementer
 
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
-from mailstack.errors import PermanentFailure, TemporaryFailure
+from mailstack.errors import MailError, PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMetrics, IMXResolver
 from mailstack.metrics import NoMetrics
 
@@ -43,6 +46,9 @@ from mailstack.metrics import NoMetrics
 DNS_TIMEOUT = (2, 5, 10)
 # All MX host address lookups of one domain together (they run in parallel).
 ADDRESS_DEADLINE = 20.0
+# Cached answers kept as records (``Resolver._cached``): expired ones are
+# dropped when there are this many, all of them if none has expired.
+MEMO_MAX = 10_000
 
 
 def _cancel_all(lookups: list[Deferred]) -> None:
@@ -171,15 +177,46 @@ class Resolver:
         # data" answer is kept for the TTL of the SOA that comes with it
         # (RFC 2308 section 5); failures are not kept.
         self._cache = CacheResolver(reactor=clock)
+        # What the cache answered, as records, until its entry expires (the
+        # smallest TTL of the answer): asking the CacheResolver builds a query
+        # and copies of every record each time, most of a cached lookup's cost.
+        self._memo: dict[tuple[str, int], tuple[float, tuple[dns.RRHeader, ...]]] = {}
+
+    def _cached(self, name: str, qtype: int) -> list[dns.RRHeader] | None:
+        """The answer records for ``name``/``qtype`` from the cache, or None if
+        they are not there.  The CacheResolver answers at once (a fired
+        Deferred); were it ever to answer later, this says "not cached"."""
+        key = (name, qtype)
+        now = self.clock.seconds()
+        memo = self._memo.get(key)
+        if memo is not None:
+            if now < memo[0]:
+                return list(memo[1])
+            del self._memo[key]
+        got: list[Any] = []
+        try:
+            self._cache.query(dns.Query(name, qtype)).addBoth(got.append)
+        except Exception:  # a name the DNS cannot take: the lookup path reports it
+            return None
+        if not got or isinstance(got[0], Failure):
+            return None  # not cached (the DomainError is consumed here)
+        answer, authority, additional = cast(tuple[list[dns.RRHeader], ...], got[0])
+        # The CacheResolver drops the entry after the smallest TTL of all its records.
+        ttl = min((rr.ttl for rr in (*answer, *authority, *additional)), default=0)
+        if ttl > 0:
+            if len(self._memo) >= MEMO_MAX:
+                self._memo = {k: v for k, v in self._memo.items() if now < v[0]}
+                if len(self._memo) >= MEMO_MAX:
+                    self._memo.clear()
+            self._memo[key] = (now + ttl, tuple(answer))
+        return list(answer)
 
     async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
         """The answer records for ``name``/``qtype``, from the cache or the DNS."""
+        cached = self._cached(name, qtype)
+        if cached is not None:
+            return cached
         query = dns.Query(name, qtype)
-        try:
-            cached = await self._cache.query(query)
-            return list(cast(list[dns.RRHeader], cached[0]))
-        except dns.DomainError:
-            pass  # not cached
         started = self.clock.seconds()
         try:
             result = await self.resolver.query(query, DNS_TIMEOUT)
@@ -189,13 +226,27 @@ class Resolver:
         return list(cast(list[dns.RRHeader], result[0]))
 
     def hosts_for(self, domain: str) -> Deferred:
-        """Deferred firing with the ordered ``Host`` list; addresses filled in."""
-        return Deferred.fromCoroutine(self._hosts_for(domain))
+        """Deferred firing with the ordered ``Host`` list; addresses filled in.
 
-    async def _hosts_for(self, domain: str) -> list[Host]:
+        When every answer needed is in the cache (a stream of mail to one
+        domain), the list is made at once: no Deferred per lookup, no
+        deadline timer.  Otherwise the lookups run (``_hosts_for``)."""
         literal = literal_address(domain)
         if literal is not None:
-            return [Host(domain, (literal,), 0)]
+            return succeed([Host(domain, (literal,), 0)])
+        answers = self._cached(domain, dns.MX)
+        if answers is None:
+            return Deferred.fromCoroutine(self._hosts_for(domain))
+        try:
+            hosts, implicit = self._mx_hosts(domain, answers)
+            found = [self._cached_addresses(h.name) for h in hosts]
+            if any(f is None for f in found):
+                return Deferred.fromCoroutine(self._resolve(hosts, implicit))
+            return succeed(_resolved(hosts, [(cast(list[str], f), False) for f in found], implicit))
+        except MailError:
+            return fail()
+
+    async def _hosts_for(self, domain: str) -> list[Host]:
         try:
             answers = await self._query(domain, dns.MX)
         except DNSNameError:
@@ -203,17 +254,23 @@ class Resolver:
         except Exception as e:
             self.log.info("MX lookup for {domain} failed: {error}", domain=domain, error=repr(e))
             raise TemporaryFailure(OR.DNS_TEMPORARY) from None
+        return await self._resolve(*self._mx_hosts(domain, answers))
+
+    def _mx_hosts(self, domain: str, answers: list[dns.RRHeader]) -> tuple[list[Host], bool]:
+        """The hosts to try, in order, from the MX answer; and whether the MX is
+        implicit (no MX records).  PermanentFailure for a null MX."""
         records = [
             (payload.preference, _norm(payload.name.name))
             for payload in (cast(dns.Record_MX, rr.payload) for rr in answers if rr.type == dns.MX)
         ]
-        implicit = not records
         hosts = order_hosts(domain, records, self.rng, (self.config.hostname,))
-        # Only the first relay.max_mx_hosts are tried (Postfix smtp_mx_session_limit),
-        # and their addresses are looked up at once, all within ADDRESS_DEADLINE:
-        # twenty MX hosts whose name servers never answer cost one deadline while
-        # the caller holds an outbound slot, not twenty lookup timeouts in a row.
-        hosts = hosts[: max(1, self.config.relay.max_mx_hosts)]
+        # Only the first relay.max_mx_hosts are tried (Postfix smtp_mx_session_limit).
+        return hosts[: max(1, self.config.relay.max_mx_hosts)], not records
+
+    async def _resolve(self, hosts: list[Host], implicit: bool) -> list[Host]:
+        """The hosts' addresses, looked up at once, all within ADDRESS_DEADLINE:
+        twenty MX hosts whose name servers never answer cost one deadline while
+        the caller holds an outbound slot, not twenty lookup timeouts in a row."""
         lookups = [Deferred.fromCoroutine(self._addresses(h.name)) for h in hosts]
         deadline = self.clock.callLater(ADDRESS_DEADLINE, _cancel_all, lookups)
         try:
@@ -221,18 +278,7 @@ class Resolver:
         finally:
             if deadline.active():
                 deadline.cancel()
-        resolved: list[Host] = []
-        temporary = False
-        for host, (ok, value) in zip(hosts, results, strict=False):
-            addresses, temp = value if ok else ([], True)
-            temporary |= temp
-            resolved.append(Host(host.name, tuple(addresses), host.preference))
-        if not any(h.addresses for h in resolved):
-            if implicit and not temporary:
-                # RFC 5321 5.1: the domain exists but has neither MX nor address.
-                raise PermanentFailure(OR.NO_MAIL_HOST)
-            raise TemporaryFailure(OR.NO_ADDRESS if not temporary else OR.DNS_TEMPORARY)
-        return resolved
+        return _resolved(hosts, [value if ok else ([], True) for ok, value in results], implicit)
 
     def addresses(self, name: str) -> Deferred:
         """Deferred firing with the A then AAAA addresses of ``name`` (the smarthost).
@@ -249,29 +295,69 @@ class Resolver:
 
         return Deferred.fromCoroutine(lookup())
 
+    def _cached_addresses(self, name: str) -> list[str] | None:
+        """The A then AAAA addresses of ``name`` from the cache alone, or None
+        if one of the two answers is not there."""
+        itself = _address_itself(name)
+        if itself is not None:
+            return itself
+        a, aaaa = self._cached(name, dns.A), self._cached(name, dns.AAAA)
+        if a is None or aaaa is None:
+            return None
+        return _address_list(a + aaaa)
+
     async def _addresses(self, name: str) -> tuple[list[str], bool]:
         """A then AAAA addresses of ``name``; also whether a lookup failed temporarily."""
-        literal = literal_address(name)
-        if literal is not None:
-            return [literal], False
-        try:
-            ipaddress.ip_address(name)
-            return [name], False
-        except ValueError:
-            pass
+        itself = _address_itself(name)
+        if itself is not None:
+            return itself, False
         results = await DeferredList(
             [Deferred.fromCoroutine(self._query(name, dns.A)), Deferred.fromCoroutine(self._query(name, dns.AAAA))],
             consumeErrors=True,
         )
-        out: list[str] = []
+        records: list[dns.RRHeader] = []
         temporary = False
         for ok, value in results:
             if not ok:
                 temporary |= _is_temporary(cast(Failure, value))
                 continue
-            for rr in value:
-                if rr.type == dns.A:
-                    out.append(cast(dns.Record_A, rr.payload).dottedQuad())
-                elif rr.type == dns.AAAA:
-                    out.append(ipaddress.ip_address(cast(dns.Record_AAAA, rr.payload).address).compressed)
-        return list(dict.fromkeys(out)), temporary
+            records += value
+        return _address_list(records), temporary
+
+
+def _address_itself(name: str) -> list[str] | None:
+    """A host name that is an address literal or an IP address: itself, else None."""
+    literal = literal_address(name)
+    if literal is not None:
+        return [literal]
+    if ":" not in name and not name[:1].isdigit():
+        return None  # not an IPv6 (has ":") or IPv4 (starts with a digit) address
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    return [name]
+
+
+def _address_list(records: list[dns.RRHeader]) -> list[str]:
+    """The addresses of A and AAAA records, in order, without repeats."""
+    out: list[str] = []
+    for rr in records:
+        if rr.type == dns.A:
+            out.append(cast(dns.Record_A, rr.payload).dottedQuad())
+        elif rr.type == dns.AAAA:
+            out.append(ipaddress.ip_address(cast(dns.Record_AAAA, rr.payload).address).compressed)
+    return list(dict.fromkeys(out))
+
+
+def _resolved(hosts: list[Host], found: list[tuple[list[str], bool]], implicit: bool) -> list[Host]:
+    """The hosts with their addresses; ``found``: per host its addresses and whether
+    a lookup failed temporarily.  Raises when no host has an address."""
+    resolved = [Host(h.name, tuple(addresses), h.preference) for h, (addresses, _) in zip(hosts, found, strict=True)]
+    if not any(h.addresses for h in resolved):
+        temporary = any(temp for _, temp in found)
+        if implicit and not temporary:
+            # RFC 5321 5.1: the domain exists but has neither MX nor address.
+            raise PermanentFailure(OR.NO_MAIL_HOST)
+        raise TemporaryFailure(OR.NO_ADDRESS if not temporary else OR.DNS_TEMPORARY)
+    return resolved

@@ -33,6 +33,15 @@ class EscapeTests(SynchronousTestCase):
         text = "250 2.0.0 Ok: queued as 4F \\ <a@b>"
         self.assertEqual(escape(text), text)
 
+    def test_everyAsciiCharacter(self) -> None:
+        """Each ASCII character inside otherwise plain text: " " to "~" kept, every other
+        one escaped (plain ASCII lines take a shortcut that must agree)."""
+        named = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+        for code in range(128):
+            c = chr(code)
+            shown = c if " " <= c <= "~" else named.get(c, f"\\x{code:02x}")
+            self.assertEqual(escape(f"250 ok{c}x"), f"250 ok{shown}x", code)
+
     def test_bounded(self) -> None:
         """Input beyond the limit is cut and the cut is marked with how much was left out."""
         self.assertEqual(escape("a" * 10 + "\n" * 5, limit=12), "a" * 10 + "\\n\\n...(3 more)")

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import config as configmod
+from mailstack import mx as mxmod
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
 from mailstack.mx import (
@@ -227,6 +228,100 @@ class CacheTests(SynchronousTestCase):
         self.successResultOf(r.hosts_for("d.test"))
         self.assertEqual(len(fake.queries), 10)
 
+    def test_cachedAnswerAtOnce(self) -> None:
+        """With every answer cached, hosts_for has fired when it returns, arms no
+        deadline timer, and gives what the lookups gave."""
+        clock = Clock()
+        fake = FakeResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test"), mx(20, "[192.0.2.9]")],
+                ("a.d.test", dns.A): [dns.Record_A("192.0.2.1"), dns.Record_A("192.0.2.1")],
+                ("a.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
+            }
+        )
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        first = self.successResultOf(r.hosts_for("d.test"))
+        asked = len(fake.queries)
+        armed: list[float] = []
+        call_later = clock.callLater
+        clock.callLater = lambda delay, *a, **kw: armed.append(delay) or call_later(delay, *a, **kw)  # type: ignore
+        self.assertEqual(self.successResultOf(r.hosts_for("d.test")), first)
+        expected = [Host("a.d.test", ("192.0.2.1", "2001:db8::1"), 10), Host("[192.0.2.9]", ("192.0.2.9",), 20)]
+        self.assertEqual(first, expected)
+        self.assertEqual((len(fake.queries), armed), (asked, []))
+
+    def test_cachedMXAddressesExpired(self) -> None:
+        """An MX answer still cached whose hosts' addresses have expired: only the
+        addresses are asked again."""
+        clock = Clock()
+        fake = TTLResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "a.d.test")],
+                ("a.d.test", dns.A): [dns.Record_A("192.0.2.1")],
+                ("a.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
+            },
+            {"d.test": 600},
+        )
+        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        self.successResultOf(r.hosts_for("d.test"))
+        del fake.queries[:]
+        clock.advance(59)
+        self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(fake.queries, [])
+        clock.advance(2)
+        hosts = self.successResultOf(r.hosts_for("d.test"))
+        self.assertEqual(hosts, [Host("a.d.test", ("192.0.2.1", "2001:db8::1"), 10)])
+        self.assertEqual(sorted(fake.queries), [("a.d.test", dns.A), ("a.d.test", dns.AAAA)])
+
+    def test_hostGivenAsAddress(self) -> None:
+        """An MX host that is an IP address (v4 or v6) is its own address; a name that
+        starts with a digit is looked up."""
+        fake = FakeResolver(
+            {
+                ("d.test", dns.MX): [mx(10, "192.0.2.5"), mx(20, "2001:db8::5"), mx(30, "1and1.test")],
+                ("1and1.test", dns.A): [dns.Record_A("192.0.2.6")],
+            }
+        )
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):  # from the DNS, then from the cache
+            hosts = self.successResultOf(r.hosts_for("d.test"))
+            expected = [("192.0.2.5", "192.0.2.5"), ("2001:db8::5", "2001:db8::5"), ("1and1.test", "192.0.2.6")]
+            self.assertEqual([(h.name, *(h.addresses or ())) for h in hosts], expected)
+        self.assertEqual(sorted(n for n, t in fake.queries if t != dns.MX), ["1and1.test", "1and1.test"])
+
+    def test_memoBounded(self) -> None:
+        """The records kept from cached answers stay under mx.MEMO_MAX entries; lookups
+        beyond it are still answered, from the cache or the DNS."""
+        self.patch(mxmod, "MEMO_MAX", 3)
+        records = {}
+        for i in range(6):
+            records[(f"d{i}.test", dns.MX)] = [mx(10, f"m{i}.test")]
+            records[(f"m{i}.test", dns.A)] = [dns.Record_A(f"192.0.2.{i}")]
+        fake = FakeResolver(records)
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):
+            for i in range(6):
+                hosts = self.successResultOf(r.hosts_for(f"d{i}.test"))
+                self.assertEqual(hosts, [Host(f"m{i}.test", (f"192.0.2.{i}",), 10)])
+                self.assertLessEqual(len(r._memo), 3)
+
+    def test_cachedNullMX(self) -> None:
+        """A cached null MX fails at once, as permanently as the first time."""
+        fake = FakeResolver({("d.test", dns.MX): [mx(0, "")]})
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        for _ in range(2):
+            f = self.failureResultOf(r.hosts_for("d.test"), PermanentFailure)
+            self.assertEqual(f.value.reply.enhanced, "5.1.10")
+        self.assertEqual(fake.queries, [("d.test", dns.MX)])
+
+    def test_unencodableNameTemporary(self) -> None:
+        """A domain the DNS cannot take (a label over 63 octets) is a temporary DNS
+        failure, as before the cache is asked, not an error of the caller's."""
+        fake = FakeResolver({})
+        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        f = self.failureResultOf(r.hosts_for("x" * 64 + ".test"), TemporaryFailure)
+        self.assertEqual(f.value.reply.enhanced, "4.4.3")
+
     def test_failuresNotCached(self) -> None:
         """A SERVFAIL is asked again next time."""
         fake = FakeResolver({("d.test", dns.MX): DNSServerError})
@@ -234,6 +329,22 @@ class CacheTests(SynchronousTestCase):
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.assertEqual(len(fake.queries), 2)
+
+
+class TTLResolver(FakeResolver):
+    """FakeResolver whose records of the names in ``ttls`` have that TTL (else 60 s)."""
+
+    def __init__(self, records, ttls):
+        FakeResolver.__init__(self, records)
+        self.ttls = ttls
+
+    def _lookup(self, name, cls, qtype, timeout):
+        d = FakeResolver._lookup(self, name, cls, qtype, timeout)
+        text = name.decode() if isinstance(name, bytes) else name
+        if text in self.ttls:
+            ttl = self.ttls[text]
+            d.addCallback(lambda r: ([dns.RRHeader(text, rr.type, cls, ttl, rr.payload) for rr in r[0]], [], []))
+        return d
 
 
 class SilentResolver(FakeResolver):

@@ -37,6 +37,7 @@ memory only: a restart forgives everyone, which is acceptable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections import OrderedDict
@@ -63,8 +64,12 @@ IPV6_PREFIX = 64
 K = TypeVar("K", bound=Hashable)
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_key(peer: str) -> str:
-    """The throttle's key for a client address: the IPv4 address or the IPv6 /64."""
+    """The throttle's key for a client address: the IPv4 address or the IPv6 /64.
+
+    Cached: every login asks for it several times (begin, then the verdict),
+    and parsing the address is most of the throttle's work."""
     try:
         ip = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:

@@ -47,11 +47,11 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack.interfaces import IQueueKicker
 from mailstack.logsafe import escape
+from mailstack.procs.channel import Channel
 from mailstack.procs.commands import Exposition, Kick, Ready
 from mailstack.procs.stateserver import StateServer, WorkerState
 
@@ -67,7 +67,7 @@ def worker_count(processes: int) -> int:
     return processes or max(1, len(os.sched_getaffinity(0)))
 
 
-class MasterChannel(amp.AMP):
+class MasterChannel(Channel):
     """The master's end of one worker's AMP connection."""
 
     def __init__(self, index: int, kicker: IQueueKicker, ready: Callable[[int], None], state: WorkerState) -> None:

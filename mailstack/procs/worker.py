@@ -27,7 +27,6 @@ from typing import Any
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
 from twisted.logger import LogEvent, Logger, eventAsJSON, globalLogBeginner
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailstack import lognoise
@@ -35,6 +34,7 @@ from mailstack.interfaces import IMetrics
 from mailstack.jsonlog import line_format
 from mailstack.logbatch import BatchedObserver
 from mailstack.metrics import NoMetrics
+from mailstack.procs.channel import Channel
 from mailstack.procs.commands import Exposition
 from mailstack.procs.master import CHANNEL_FD, OneProtocol
 from mailstack.procs.slots import SlotLeases
@@ -55,7 +55,7 @@ def die_with_parent(parent: int) -> None:
         raise SystemExit(0)
 
 
-class WorkerChannel(amp.AMP):
+class WorkerChannel(Channel):
     """The worker's end of the AMP connection; losing it (the master died) stops the worker."""
 
     def __init__(self, reactor: Any) -> None:

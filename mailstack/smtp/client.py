@@ -49,7 +49,7 @@ from mailstack import logsafe
 from mailstack.delivery import replies as OR
 from mailstack.errors import Reply
 from mailstack.interfaces import IMessageSource
-from mailstack.smtp.data import BodyProducer, BodyStopped
+from mailstack.smtp.data import BodyProducer, BodyStopped, DataEncoder
 from mailstack.smtp.extensions import Request
 from mailstack.smtp.wire import make_reply, one_line_reply
 
@@ -524,8 +524,18 @@ class SMTPClientProtocol(Protocol):
         """Stream the body; Deferred firing with the reply to the final ".".
 
         Once the "." is written the next transaction may write, if the server
-        pipelines (``send``)."""
+        pipelines (``send``).  A message held in memory (nearly all: the queue
+        manager preloads those up to 64 KiB) goes out in one write, without the
+        producer's reads and registration."""
         reply = self._expect(self.timeout * 2)  # RFC 5321 4.5.3.2.6: 10 minutes
+        whole = source.whole
+        if whole is not None:
+            self._touch()
+            encoder = DataEncoder()
+            self.transport.write(encoder.feed(whole) + encoder.end())
+            if self.pipelining:
+                turn.release()
+            return reply
 
         def written(result: Any) -> Any:
             if self.pipelining:

@@ -173,22 +173,25 @@ class MemorySource:
     """A message held in memory (a small one the queue manager preloaded)."""
 
     def __init__(self, data: bytes) -> None:
-        self._data = data
+        self.whole: bytes | None = data
         self._offset = 0
 
     def read(self, size: int) -> Deferred[bytes]:
-        chunk = self._data[self._offset : self._offset + size]
+        data = self.whole or b""
+        chunk = data[self._offset : self._offset + size]
         self._offset += len(chunk)
         return succeed(chunk)
 
     def close(self) -> None:
-        self._data = b""
+        self.whole = None
 
 
 @implementer(IMessageSource)
 class FileSource:
     """An open message file, read in the thread pool (the page cache may not
     hold a message retried hours later, and a disk read must not stall the reactor)."""
+
+    whole = None  # read chunk by chunk
 
     def __init__(self, file: IO[bytes], run_blocking: Callable[..., Deferred]) -> None:
         self._file = file

@@ -208,6 +208,14 @@ class PeerLockoutTests(SynchronousTestCase):
         self.assertIsNotNone(begin(t, "2001:db8:1:3::1", "c@localhost"))
         self.assertEqual(peer_key("::ffff:192.0.2.1"), "192.0.2.1")
 
+    def test_peerKeyParsedOnce(self):
+        """A peer's key is worked out once and then remembered, in a bounded cache."""
+        peer_key.cache_clear()
+        self.assertEqual([peer_key("2001:db8:1:2::1") for _ in range(3)], ["2001:db8:1:2::/64"] * 3)
+        info = peer_key.cache_info()
+        self.assertEqual((info.misses, info.hits), (1, 2))
+        self.assertIsNotNone(info.maxsize)
+
 
 class DelayTests(SynchronousTestCase):
     def test_replyDelayDoublesToCeiling(self):

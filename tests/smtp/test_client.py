@@ -64,6 +64,18 @@ class ReplyTests(SynchronousTestCase):
         self.assertEqual(make_reply(250, ["ok"]), Reply(250, "", "ok"))
 
 
+class WriteLog(StringTransport):
+    """A StringTransport that also keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
 class ClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -373,6 +385,28 @@ class OverlapTests(SynchronousTestCase):
         self.assertTrue(c.alive)
         self.assertFalse(t.disconnecting)
 
+    def test_messageInMemoryInOneWrite(self) -> None:
+        """A message held in memory goes out, dot-stuffed and terminated, in one write
+        after the 354, the same bytes as a file source streams chunk by chunk."""
+        body = b"a" * (CHUNK + 10) + b"\r\n.dot\r\nend"
+        wire = []
+        for source in (MemorySource(body), FileSource(io.BytesIO(body), lambda f, *a: succeed(f(*a)))):
+            c = SMTPClientProtocol("me.test", Clock(), 30.0)
+            t = WriteLog()
+            c.makeConnection(t)
+            c.handshake()
+            c.dataReceived(b"220 sink.test\r\n250-sink.test\r\n250 PIPELINING\r\n")
+            d = c.send("s@here.test", ["a@r.test"], source, len(body))
+            c.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            wire.append(t.writes[2:])  # after EHLO and the MAIL/RCPT/DATA group
+            c.dataReceived(b"250 queued\r\n")
+            self.assertEqual(self.successResultOf(d)["a@r.test"].code, 250)
+        memory, chunked = wire
+        self.assertEqual(len(memory), 1)
+        self.assertGreater(len(chunked), 1)
+        self.assertEqual(memory[0], b"".join(chunked))
+        self.assertTrue(memory[0].endswith(b"\r\n..dot\r\nend\r\n.\r\n"))
+
     def test_repeatedRepliesParsedOnce(self) -> None:
         """A one-line reply the server repeats is parsed once and shared (Reply is
         immutable); its enhanced code and text are as make_reply gives them."""
@@ -391,6 +425,14 @@ class SourceTests(SynchronousTestCase):
         """MemorySource and FileSource provide IMessageSource."""
         verifyObject(IMessageSource, MemorySource(b"x"))
         verifyObject(IMessageSource, FileSource(io.BytesIO(b"x"), lambda f, *a: succeed(f(*a))))
+
+    def test_whole(self) -> None:
+        """A MemorySource offers its bytes whole until closed; a FileSource never does."""
+        source = MemorySource(b"x")
+        self.assertEqual(source.whole, b"x")
+        source.close()
+        self.assertIsNone(source.whole)
+        self.assertIsNone(FileSource(io.BytesIO(b"x"), lambda f, *a: succeed(f(*a))).whole)
 
     def test_producerWaitsForThreadReads(self) -> None:
         """The body producer writes nothing until a read in the thread pool has
