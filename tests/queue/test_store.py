@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -157,9 +158,12 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
             outcomes.add(len(entries))
         self.assertEqual(outcomes, {0, 1})
 
-    def test_commitsAtOnceShareDirectoryFsyncs(self) -> None:
-        """Commits that renamed while an fsync of env/ ran share the next one: three commits, two fsyncs."""
-        fsync = HeldFsyncs(hold=(os.path.join(self.store.root, "env"),))
+    def three_commits(
+        self, fsync: HeldFsyncs, while_held: Callable[[Threads], None]
+    ) -> tuple[list[QueueEntry], dict[str, BaseException | None]]:
+        """Commit one message while ``fsync`` holds the first fsync of env/, two more
+        meanwhile; ``while_held`` runs once both wait, then everything finishes.
+        The entries, and what each commit raised (None: committed)."""
         self.store._syncs, condition = instrumented(fsync)
         entries = [make_entry(self.store.new_id()) for _ in range(3)]
         threads = Threads()
@@ -168,29 +172,27 @@ class CommitTests(StoreTestMixin, SynchronousTestCase):
         threads.start("second", lambda: self.store.commit(entries[1], BODY))
         threads.start("third", lambda: self.store.commit(entries[2], BODY))
         condition.until_waiting(2)
-        self.assertEqual(threads.errors, {})  # no commit returns before an fsync that began after its rename
+        while_held(threads)
         fsync.release()
         threads.join()
-        self.assertEqual(threads.errors, {"first": None, "second": None, "third": None})
+        return entries, threads.errors
+
+    def test_commitsAtOnceShareDirectoryFsyncs(self) -> None:
+        """Commits that renamed while an fsync of env/ ran share the next one: three commits, two fsyncs."""
+        fsync = HeldFsyncs(hold=(os.path.join(self.store.root, "env"),))
+        # No commit returns before an fsync that began after its rename.
+        entries, errors = self.three_commits(fsync, lambda threads: self.assertEqual(threads.errors, {}))
+        self.assertEqual(errors, {"first": None, "second": None, "third": None})
         self.assertEqual(fsync.calls, [os.path.join(self.store.root, "env")] * 2)
         self.assertEqual(list(self.store.scan()), entries)
 
     def test_failedSharedFsyncFailsEveryCommitWaitingForIt(self) -> None:
         """A failed fsync of env/ fails each commit that waited for it and leaves nothing of them."""
         fsync = HeldFsyncs(hold=(os.path.join(self.store.root, "env"),), fail={2: OSError(errno.EIO, "I/O error")})
-        self.store._syncs, condition = instrumented(fsync)
-        entries = [make_entry(self.store.new_id()) for _ in range(3)]
-        threads = Threads()
-        threads.start("first", lambda: self.store.commit(entries[0], BODY))
-        self.assertTrue(fsync.started.wait(WAIT))
-        threads.start("second", lambda: self.store.commit(entries[1], BODY))
-        threads.start("third", lambda: self.store.commit(entries[2], BODY))
-        condition.until_waiting(2)
-        fsync.release()
-        threads.join()
-        self.assertIsNone(threads.errors["first"])
-        self.assertIsInstance(threads.errors["second"], OSError)
-        self.assertIsInstance(threads.errors["third"], OSError)
+        entries, errors = self.three_commits(fsync, lambda threads: None)
+        self.assertIsNone(errors["first"])
+        self.assertIsInstance(errors["second"], OSError)
+        self.assertIsInstance(errors["third"], OSError)
         self.assertEqual(list(self.store.scan()), [entries[0]])
         self.assertEqual(self.dirs(), {"tmp": [], "msg": [], "env": [entries[0].id + ".json"], "corrupt": []})
 
