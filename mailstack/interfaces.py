@@ -257,8 +257,9 @@ class IQueueStore(Interface):
     def scan() -> Iterator[QueueEntry]:
         """Every readable committed entry, oldest first."""
 
-    def save(entry: QueueEntry) -> None:
-        """Replace the envelope durably (new attempt state); drops the attempt mark."""
+    def save(entry: QueueEntry, keep_hold: bool = False) -> None:
+        """Replace the envelope durably (new attempt state); drops the attempt mark.
+        ``keep_hold``: the hold of the envelope on disk is kept (it is the admin command's)."""
 
     def mark_attempt(queue_id: str, not_before: float) -> None:
         """Record an attempt in progress: no retry before ``not_before``, even

@@ -77,12 +77,7 @@ def save_unless_deleted(store: IQueueStore, entry: QueueEntry) -> bool:
     with entry_lock(store, entry.id) as present:
         if not present:
             return False
-        try:
-            current = store.load(entry.id)
-            entry.held_since, entry.held_time = current.held_since, current.held_time
-        except KeyError:
-            pass  # unreadable (moved aside): our state replaces it
-        store.save(entry)
+        store.save(entry, keep_hold=True)  # one read of the envelope it replaces
         return True
 
 

@@ -244,12 +244,15 @@ class QueueStore:
             except OSError:
                 pass
 
-    def save(self, entry: QueueEntry) -> None:
+    def save(self, entry: QueueEntry, keep_hold: bool = False) -> None:
         """Replace the envelope of a committed entry (new attempt state).
 
         A message inside the envelope is carried over: it is read from the
         envelope being replaced, and an error reading it is raised rather
-        than writing an envelope without it.
+        than writing an envelope without it.  ``keep_hold``: the hold of the
+        envelope being replaced is kept (the admin command's ``queue hold``,
+        during a delivery attempt), taken from the same read; an unreadable
+        envelope is then moved to ``corrupt/`` and ``entry`` replaces it.
         """
         message = None
         try:
@@ -257,7 +260,15 @@ class QueueStore:
         except FileNotFoundError:
             pass
         else:
-            message = _decode(entry.id, data)[1]
+            try:
+                current, message = _decode(entry.id, data)
+            except ValueError:
+                if not keep_hold:
+                    raise
+                self._move_to_corrupt(entry.id)
+            else:
+                if keep_hold:
+                    entry.held_since, entry.held_time = current.held_since, current.held_time
         fsutil.write_atomic(self.envelope_path(entry.id), _encode(entry, message))
 
     def mark_attempt(self, queue_id: str, not_before: float) -> None:

@@ -59,7 +59,10 @@ class FakeStore:
         self.envelopes[entry.id] = json.loads(json.dumps(entry.to_json()))
         return entry
 
-    def save(self, entry: QueueEntry) -> None:
+    def save(self, entry: QueueEntry, keep_hold: bool = False) -> None:
+        current = self.envelopes.get(entry.id)
+        if keep_hold and current is not None:
+            entry.held_since, entry.held_time = current.get("held_since", 0.0), current.get("held_time", 0.0)
         data = json.loads(json.dumps(entry.to_json()))
         self.envelopes[entry.id] = data
         self.marks.pop(entry.id, None)  # a new envelope

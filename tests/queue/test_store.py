@@ -234,6 +234,36 @@ class SaveLoadRemoveTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.store.load(entry.id), entry)
         self.assertEqual(self.dirs()["env"], [entry.id + ".json"])
 
+    def test_saveKeepingTheHoldOnDisk(self) -> None:
+        """save(keep_hold=True) keeps the hold of the envelope it replaces (set by the
+        admin command meanwhile) and reads that envelope once."""
+        entry = self.commit_inline_entry()
+        held = QueueEntry.from_json(entry.to_json())
+        held.held_since, held.held_time = 1_000_100.0, 3600.0
+        self.store.save(held)
+        entry.recipients[1].attempts = 2
+        plain = count_steps(self, lambda: self.store.save(QueueEntry.from_json(held.to_json())))
+        # The same steps as a plain save: one read of the envelope, the new one written and fsynced.
+        self.assertEqual(count_steps(self, lambda: self.store.save(entry, keep_hold=True)), plain)
+        loaded, message = self.store.load_message(entry.id)
+        self.assertEqual((loaded.held_since, loaded.held_time, loaded.recipients[1].attempts), (1_000_100.0, 3600.0, 2))
+        self.assertEqual(message, BODY)
+
+    def test_saveKeepingTheHoldReplacesAnUnreadableEnvelope(self) -> None:
+        """With keep_hold, an unreadable envelope is moved to corrupt/ and the entry's state replaces it."""
+        entry = self.commit_inline_entry()
+        with open(self.store.envelope_path(entry.id), "wb") as f:
+            f.write(b"{damaged")
+        self.store.save(entry, keep_hold=True)
+        self.assertEqual(self.dirs()["corrupt"], [entry.id + ".json"])
+        self.assertEqual(self.store.read_envelope(entry.id)[0][:1], b"{")
+        self.assertEqual(json.loads(self.store.read_envelope(entry.id)[0])["id"], entry.id)
+
+    def commit_inline_entry(self) -> QueueEntry:
+        entry = make_entry(self.store.new_id())
+        self.store.commit(entry, BODY)
+        return entry
+
     def test_saveFailureKeepsOldEnvelope(self) -> None:
         """A save that fails before its rename leaves the previous envelope intact."""
         entry = self.stage()
