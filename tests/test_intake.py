@@ -256,13 +256,13 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-    def test_commitRunsInThread(self) -> None:
-        """The commit is one run_blocking call per message (held in memory: inside its envelope); nothing is
-        acknowledged or kicked before it returns."""
+    def commit_in_one_call(self, message: bytes) -> str:
+        """Send ``message``; check that its commit is one run_blocking call and
+        that nothing is acknowledged, visible or kicked before that call ran."""
         threads = ManualThreads()
         intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
         incoming = intake.begin(envelope())
-        incoming.write(MESSAGE)
+        incoming.write(message)
         d = incoming.finish()
         self.assertNoResult(d)
         self.assertEqual(threads.names(), ["commit"])  # one thread hand-off per message
@@ -271,23 +271,17 @@ class IntakeTests(IntakeTestMixin, SynchronousTestCase):
         self.assertEqual(threads.names(), [])
         self.assertEqual(self.successResultOf(d), incoming.queue_id)
         self.assertEqual(self.kicker.kicked, [incoming.queue_id])
-        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": [incoming.queue_id + ".json"]})
+        return incoming.queue_id
+
+    def test_commitRunsInThread(self) -> None:
+        """The commit is one run_blocking call per message (held in memory: inside its envelope); nothing is
+        acknowledged or kicked before it returns."""
+        queue_id = self.commit_in_one_call(MESSAGE)
+        self.assertEqual(self.queue_files(), {"tmp": [], "msg": [], "env": [queue_id + ".json"]})
 
     def test_spilledCommitRunsInThread(self) -> None:
         """A streamed message is committed by one run_blocking call too, into msg/ and env/."""
-        threads = ManualThreads()
-        intake = Intake(self.config, self.store, self.kicker, threads, self.clock)
-        incoming = intake.begin(envelope())
-        incoming.write(BIG)
-        d = incoming.finish()
-        self.assertNoResult(d)
-        self.assertEqual(threads.names(), ["commit"])
-        self.assertEqual(list(self.store.scan()), [])
-        threads.run_one()
-        self.assertEqual(threads.names(), [])
-        self.assertEqual(self.successResultOf(d), incoming.queue_id)
-        self.assertEqual(self.kicker.kicked, [incoming.queue_id])
-        queue_id = incoming.queue_id
+        queue_id = self.commit_in_one_call(BIG)
         self.assertEqual(self.queue_files(), {"tmp": [], "msg": [queue_id], "env": [queue_id + ".json"]})
 
     def test_abortAfterFinishIsIgnored(self) -> None:

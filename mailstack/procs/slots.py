@@ -148,9 +148,9 @@ class SlotLeases(amp.CommandLocator):
 class RemoteKicker:
     """A worker's ``IQueueKicker``: tells the master's queue manager (no answer awaited).
 
-    The kicks of one reactor turn (a committed batch: ``intake``) go in one
-    ``Kick``, at the end of the turn: one AMP message per batch instead of per
-    message.  A kick lost with a crash costs only time (the next start scans
+    The kicks of one reactor turn (the commits whose thread calls ended in
+    it) go in one ``Kick``, at the end of the turn: one AMP message per turn
+    instead of per message.  A kick lost with a crash costs only time (the next start scans
     the queue).
     """
 

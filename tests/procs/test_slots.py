@@ -48,6 +48,12 @@ class MasterWorkerTests(SynchronousTestCase):
         self.links.append((pump, reactor))
         return worker, master, pump
 
+    def two_workers(self, kind: str) -> tuple[LeasedSlots, Any, LeasedSlots, Any]:
+        """Two workers' slots of ``kind``, each with the pump of its link to the master."""
+        w1, _, p1 = self.link(0)
+        w2, _, p2 = self.link(1)
+        return w1.leases.slots(kind), p1, w2.leases.slots(kind), p2
+
     def settle(self) -> None:
         """Deliver everything on every link, ending each worker's reactor turn, until quiet."""
         for _ in range(4):
@@ -64,9 +70,7 @@ class MasterWorkerTests(SynchronousTestCase):
 
     def test_capsHoldAcrossWorkers(self) -> None:
         """Slots taken through two workers count against one cap; a released one is free again."""
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        s1, p1, s2, p2 = self.two_workers("smtp")
         verifyObject(IConnectionSlots, s1)
         self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))
         self.assertIsNone(self.acquire(s2, p2, "192.0.2.1"))
@@ -208,9 +212,7 @@ class MasterWorkerTests(SynchronousTestCase):
         """A per-address cap refuses only when its slots are in use: the spares another worker
         holds for the address are asked back first, and the cap holds exactly."""
         self.limiters["submission"] = ConnectionLimiter(100, 4)
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("submission"), w2.leases.slots("submission")
+        s1, p1, s2, p2 = self.two_workers("submission")
         self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))  # and one spare
         results = []
         for _ in range(4):
@@ -224,9 +226,7 @@ class MasterWorkerTests(SynchronousTestCase):
     def test_withoutALeaseAnEndedSessionsSlotGoesBack(self) -> None:
         """Where nothing was lent (a per-address cap of 2), an ended session's slot goes straight
         back, so another worker's client is not refused while only one slot is in use."""
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        s1, p1, s2, p2 = self.two_workers("smtp")
         self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))
         self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))
         s1.release("192.0.2.1")
@@ -237,9 +237,7 @@ class MasterWorkerTests(SynchronousTestCase):
     def test_askedBackTheLeaseEnds(self) -> None:
         """After giving its spares back, a worker keeps no slot of an ended session as a spare."""
         self.limiters["submission"] = ConnectionLimiter(100, 4)
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("submission"), w2.leases.slots("submission")
+        s1, p1, s2, p2 = self.two_workers("submission")
         self.acquire(s1, p1, "192.0.2.1")  # and one spare
         self.acquire(s1, p1, "192.0.2.1")  # the spare
         self.acquire(s2, p2, "192.0.2.1")
@@ -256,9 +254,7 @@ class MasterWorkerTests(SynchronousTestCase):
         """The worker answers the master's question at the end of its turn: a session whose
         client hung up before the question gives its slot back first, so a client that
         connects right after is not refused for it."""
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("smtp"), w2.leases.slots("smtp")
+        s1, p1, s2, p2 = self.two_workers("smtp")
         reactor1 = self.links[0][1]
         self.acquire(s1, p1, "192.0.2.1")
         self.acquire(s1, p1, "192.0.2.1")
@@ -289,9 +285,7 @@ class MasterWorkerTests(SynchronousTestCase):
     def test_theTotalCapTakesBackSparesOfEveryAddress(self) -> None:
         """The total cap asks back the spares of every address before refusing."""
         self.limiters["submission"] = ConnectionLimiter(4, 0)
-        w1, _, p1 = self.link(0)
-        w2, _, p2 = self.link(1)
-        s1, s2 = w1.leases.slots("submission"), w2.leases.slots("submission")
+        s1, p1, s2, p2 = self.two_workers("submission")
         self.assertIsNone(self.acquire(s1, p1, "192.0.2.1"))  # and one spare
         results = []
         for host in ("192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"):
