@@ -54,16 +54,28 @@ class CachingResolver(ResolverBase):
         # (name, type, class) -> (expiry time, answer or the NXDOMAIN error)
         self.entries: dict[tuple[bytes, int, int], tuple[float, Answer | DNSNameError]] = {}
 
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
+    def cached(self, name: bytes, type: int, cls: int = dns.IN) -> Answer | DNSNameError | None:
+        """What a lookup would answer from the cache now (the caller's own lists, or
+        the NXDOMAIN error), or None if it would ask ``upstream``; asks nothing."""
         key = (name.lower(), type, cls)
         found = self.entries.get(key)
-        if found is not None:
-            expires, kept = found
-            if self.clock.seconds() < expires:
-                if isinstance(kept, DNSNameError):
-                    return fail(Failure(kept))
-                return succeed((list(kept[0]), list(kept[1]), list(kept[2])))  # the caller's own lists
+        if found is None:
+            return None
+        expires, kept = found
+        if self.clock.seconds() >= expires:
             del self.entries[key]
+            return None
+        if isinstance(kept, DNSNameError):
+            return kept
+        return (list(kept[0]), list(kept[1]), list(kept[2]))
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
+        kept = self.cached(name, type, cls)
+        if isinstance(kept, DNSNameError):
+            return fail(Failure(kept))
+        if kept is not None:
+            return succeed(kept)
+        key = (name.lower(), type, cls)
         d = cast(Deferred, self.upstream.query(dns.Query(name, type, cls), timeout))
         d.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return d

@@ -31,13 +31,13 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
-from twisted.names.cache import CacheResolver
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
+from mailstack.dnsresolver import CachingResolver
 from mailstack.errors import MailError, PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMetrics, IMXResolver
 from mailstack.metrics import NoMetrics
@@ -46,9 +46,6 @@ from mailstack.metrics import NoMetrics
 DNS_TIMEOUT = (2, 5, 10)
 # All MX host address lookups of one domain together (they run in parallel).
 ADDRESS_DEADLINE = 20.0
-# Cached answers kept as records (``Resolver._cached``): expired ones are
-# dropped when there are this many, all of them if none has expired.
-MEMO_MAX = 10_000
 
 
 def _cancel_all(lookups: list[Deferred]) -> None:
@@ -170,59 +167,32 @@ class Resolver:
                 resolver = client.createResolver()
         self.resolver: IResolver = resolver  # also MTA-STS's (``delivery.remote.build``)
         self.rng = rng if rng is not None else random.Random()
-        # Answers are kept for their TTL in twisted.names' own CacheResolver
-        # (on our clock), so a burst of mail to one domain costs one set of
-        # lookups.  A resolver chain never fills its CacheResolver (only
-        # twisted.names.server does), so this one is filled here.  A "no
-        # data" answer is kept for the TTL of the SOA that comes with it
-        # (RFC 2308 section 5); failures are not kept.
-        self._cache = CacheResolver(reactor=clock)
-        # What the cache answered, as records, until its entry expires (the
-        # smallest TTL of the answer): asking the CacheResolver builds a query
-        # and copies of every record each time, most of a cached lookup's cost.
-        self._memo: dict[tuple[str, int], tuple[float, tuple[dns.RRHeader, ...]]] = {}
+        # Answers are kept for their TTL (``dnsresolver.CachingResolver``: the
+        # least TTL of their records, NXDOMAIN for its negative TTL, failures
+        # not at all), so a burst of mail to one domain costs one set of
+        # lookups, and a fully cached domain is answered at once (``hosts_for``).
+        self._cache = CachingResolver(resolver, clock)
 
     def _cached(self, name: str, qtype: int) -> list[dns.RRHeader] | None:
-        """The answer records for ``name``/``qtype`` from the cache, or None if
-        they are not there.  The CacheResolver answers at once (a fired
-        Deferred); were it ever to answer later, this says "not cached"."""
-        key = (name, qtype)
-        now = self.clock.seconds()
-        memo = self._memo.get(key)
-        if memo is not None:
-            if now < memo[0]:
-                return list(memo[1])
-            del self._memo[key]
-        got: list[Any] = []
+        """The answer records for ``name``/``qtype`` if the cache has them now, else
+        None (also for a cached NXDOMAIN, and a name the DNS cannot take: the
+        lookup path reports those)."""
         try:
-            self._cache.query(dns.Query(name, qtype)).addBoth(got.append)
-        except Exception:  # a name the DNS cannot take: the lookup path reports it
+            kept = self._cache.cached(dns.Name(name).name, qtype)
+        except Exception:
             return None
-        if not got or isinstance(got[0], Failure):
-            return None  # not cached (the DomainError is consumed here)
-        answer, authority, additional = cast(tuple[list[dns.RRHeader], ...], got[0])
-        # The CacheResolver drops the entry after the smallest TTL of all its records.
-        ttl = min((rr.ttl for rr in (*answer, *authority, *additional)), default=0)
-        if ttl > 0:
-            if len(self._memo) >= MEMO_MAX:
-                self._memo = {k: v for k, v in self._memo.items() if now < v[0]}
-                if len(self._memo) >= MEMO_MAX:
-                    self._memo.clear()
-            self._memo[key] = (now + ttl, tuple(answer))
-        return list(answer)
+        return None if kept is None or isinstance(kept, DNSNameError) else kept[0]
 
     async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
         """The answer records for ``name``/``qtype``, from the cache or the DNS."""
         cached = self._cached(name, qtype)
         if cached is not None:
             return cached
-        query = dns.Query(name, qtype)
         started = self.clock.seconds()
         try:
-            result = await self.resolver.query(query, DNS_TIMEOUT)
+            result = await self._cache.query(dns.Query(name, qtype), DNS_TIMEOUT)
         finally:
             self.metrics.dns_lookup(self.clock.seconds() - started)
-        self._cache.cacheResult(query, result)
         return list(cast(list[dns.RRHeader], result[0]))
 
     def hosts_for(self, domain: str) -> Deferred:

@@ -97,6 +97,28 @@ class CachingResolverTests(SynchronousTestCase):
         self.successResultOf(self.ask())[0].clear()
         self.assertEqual(len(self.successResultOf(self.ask())[0]), 1)
 
+    def test_cachedAsksNothing(self) -> None:
+        """``cached`` tells what a lookup would answer from the cache now (the
+        answer in the caller's own lists, or the NXDOMAIN error), and None when a
+        lookup would ask upstream, without ever asking upstream itself."""
+        self.assertIsNone(self.resolver.cached(b"example.org", dns.TXT))
+        self.ask()
+        self.upstream.pending.pop().callback(([_txt(b"example.org", 60)], [], []))
+        kept = self.resolver.cached(b"Example.ORG", dns.TXT)
+        assert kept is not None and not isinstance(kept, DNSNameError)
+        self.assertEqual(kept[0][0].payload.data, [b"v=spf1 -all"])
+        kept[0].clear()
+        self.assertEqual(len(self.successResultOf(self.ask())[0]), 1)
+        gone = self.resolver.lookupText(b"gone.example")
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(minimum=30, ttl=600)]
+        self.upstream.pending.pop().errback(DNSNameError(message))
+        self.failureResultOf(gone, DNSNameError)
+        self.assertIsInstance(self.resolver.cached(b"gone.example", dns.TXT), DNSNameError)
+        self.clock.advance(60)
+        self.assertIsNone(self.resolver.cached(b"example.org", dns.TXT))
+        self.assertEqual(len(self.upstream.asked), 2)
+
     def test_nxdomainKeptForTheNegativeTTL(self) -> None:
         """NXDOMAIN is given again for min(SOA TTL, SOA minimum) (RFC 2308 section 5)."""
         d = self.ask()
