@@ -4,6 +4,12 @@ so every test session runs from a fresh temporary folder, never the source tree.
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests check behaviour, not speed: no per-example deadline, which a
+# loaded CI machine can overrun (hypothesis reports that as a failure).
+settings.register_profile("mailstack", deadline=None)
+settings.load_profile("mailstack")
 
 
 @pytest.fixture(autouse=True, scope="session")
