@@ -34,11 +34,6 @@ class GroupCommit:
         self._busy = False
         self.batches = 0  # for tests and diagnostics
 
-    @property
-    def idle(self) -> bool:
-        """Nothing in flight and nothing waiting."""
-        return not self._busy and not self._waiting
-
     def submit(self, item: Any) -> Deferred:
         d: Deferred = Deferred()
         self._waiting.append((item, d))

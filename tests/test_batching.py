@@ -28,24 +28,3 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(a[0], [1, 2, 3])
         d.callback(f(*a))
         self.assertEqual(results, [0, 2, 4, 6])
-
-    def test_idleOnlyWithNothingInFlightOrWaiting(self) -> None:
-        """``idle`` is false from the first submit until the last batch has been published."""
-        calls: list = []
-
-        def run(f, *a, **kw):
-            d = Deferred()
-            calls.append((f, a, d))
-            return d
-
-        b = GroupCommit(run, lambda items: items)
-        self.assertTrue(b.idle)
-        b.submit(1)
-        b.submit(2)
-        self.assertFalse(b.idle)
-        f, a, d = calls.pop(0)
-        d.callback(f(*a))
-        self.assertFalse(b.idle)  # item 2's batch is in flight
-        f, a, d = calls.pop(0)
-        d.callback(f(*a))
-        self.assertTrue(b.idle)
