@@ -102,7 +102,6 @@ class PushOnly(Echo):
     pause_input_at = 100
 
 
-@implementer(IConnectionSlots)
 class Answering(Echo):
     """A client that waits for each reply: ``script`` lines reach the socket as each command is answered."""
 
@@ -263,15 +262,19 @@ class PushOnlyBackPressureTests(Base):
 
 
 class TimerTests(Base):
+    def assertTimesOutAfter(self, proto: Echo, seconds: float, last: float) -> None:
+        """No timeout up to ``last`` seconds before ``seconds`` from now; one at exactly ``seconds``."""
+        self.clock.advance(seconds - last)
+        self.assertEqual(proto.timeouts, 0)
+        self.clock.advance(last)
+        self.assertEqual(proto.timeouts, 1)
+
     def test_idleTimeout(self) -> None:
         """The idle timer runs on the injected clock and is reset by input."""
         proto = self.connect()
         self.clock.advance(20)
         self.feed(proto, b"ECHO a\r\n")
-        self.clock.advance(20)
-        self.assertEqual(proto.timeouts, 0)
-        self.clock.advance(10)
-        self.assertEqual(proto.timeouts, 1)
+        self.assertTimesOutAfter(proto, 30, last=10)
         self.assertTrue(proto.transport.disconnecting)
 
     def test_inputOnlyNotesTheTime(self) -> None:
@@ -286,10 +289,8 @@ class TimerTests(Base):
             self.feed(proto, b"ECHO a\r\n")
         self.assertEqual(self.clock.getDelayedCalls(), [call])
         self.assertEqual(call.getTime(), due)
-        self.clock.advance(30 - 21 + 20)  # the first due time passed; 1 s of the period left
-        self.assertEqual(proto.timeouts, 0)
-        self.clock.advance(1)
-        self.assertEqual(proto.timeouts, 1)
+        # 30 s after the last input, at t=51: well after the first due time (t=30).
+        self.assertTimesOutAfter(proto, 30, last=1)
 
     def test_shorterTimeoutMovesTheTimer(self) -> None:
         """A read after which the idle timeout is shorter (SMTP leaving DATA)
@@ -298,20 +299,14 @@ class TimerTests(Base):
         proto.idle_timeout = lambda: 5.0  # type: ignore[method-assign]
         self.clock.advance(1)
         self.feed(proto, b"ECHO a\r\n")
-        self.clock.advance(4.5)
-        self.assertEqual(proto.timeouts, 0)
-        self.clock.advance(0.5)
-        self.assertEqual(proto.timeouts, 1)
+        self.assertTimesOutAfter(proto, 5, last=0.5)
 
     def test_timerWhileBlockedWaitsForTheCommand(self) -> None:
         """The idle period restarts when a blocked command finishes, not at the input before it."""
         proto = self.connect()
         self.feed(proto, b"SLOW\r\n")
         self.clock.advance(5)  # SLOW DONE: idle from here
-        self.clock.advance(29)
-        self.assertEqual(proto.timeouts, 0)
-        self.clock.advance(1)
-        self.assertEqual(proto.timeouts, 1)
+        self.assertTimesOutAfter(proto, 30, last=1)
 
     def test_closeAbortsAfterGrace(self) -> None:
         """A closed connection that does not go away is aborted after CLOSE_GRACE; connectionLost leaves no timer."""
