@@ -7,13 +7,14 @@ import: ``pop3/server.py`` calls it through ``run_blocking``, except
 (``read_start(..., relocate=False)``: one open and one read).
 
 Snapshot (RFC 1939 section 3, AUTHORIZATION -> TRANSACTION)
-    ``Maildrop.open(path)`` takes the session lock, moves ``new/X`` to
-    ``cur/X:2,`` as every Maildir reader does (``os.rename`` relative to the two
-    folders, not fsynced: a lost rename only leaves the message in ``new/``,
-    and the journal commit of QUIT's fsync of ``cur/`` carries the renames
-    before the removals), and lists ``cur/``.  The list is
-    fixed for the session: message numbers never change, messages arriving later
-    are seen by the next session.
+    ``Maildrop.open(path)`` takes the session lock, lists ``new/``, then takes
+    ``cur/`` from the index or a listing.  Messages in ``new/`` are numbered
+    after those in ``cur/`` and read from where they are; they move to
+    ``cur/X:2,`` at QUIT if not deleted.  So a download-and-delete session
+    (most POP3 use) renames nothing: at login a rename per message cost about
+    as much as the rest of the login.  The list is fixed for the session:
+    message numbers never change, messages arriving later are seen by the next
+    session.
 
 UIDL (RFC 1939 section 7)
     The UIDL of a message is its Maildir *unique name*: the file name up to the
@@ -67,9 +68,11 @@ Lock (``<maildir>/mailstack-pop3.lock``)
     ``MailboxInUse`` (``-ERR [IN-USE]``).  flock dies with the process.
 
 Deletion (RFC 1939 section 6)
-    DELE only marks, in memory.  ``Maildrop.expunge`` runs in the UPDATE state
-    (QUIT): it unlinks the marked files and fsyncs ``cur/`` once.  A session that
-    ends any other way deletes nothing.
+    DELE only marks, in memory.  ``Maildrop.update`` runs in the UPDATE state
+    (QUIT): it unlinks the marked files, fsyncs once each folder that lost one,
+    and moves the other messages of ``new/`` to ``cur/`` (``os.rename``
+    relative to the two folders, not fsynced: a lost rename only leaves the
+    message in ``new/``).  A session that ends any other way changes nothing.
 """
 
 from __future__ import annotations
@@ -345,12 +348,14 @@ class Maildrop:
     def __init__(self, path: str, lock: AbstractContextManager) -> None:
         self.path = path
         self._cur_prefix = os.path.join(path, "cur", "")
+        self._new_prefix = os.path.join(path, "new", "")
         self._lock: AbstractContextManager | None = lock
         self.uniques: list[str] = []
         self.sizes: list[int] = []
         self.uidls: list[str] = []
         self.deleted = bytearray()
         self.infos: dict[int, str] = {}  # i -> info part of the file name, where not ":2,"
+        self.arrived: dict[int, str] = {}  # i -> file name in new/, for messages still there
         self.new_sizes = 0  # messages whose size had to be computed at open
 
     def __len__(self) -> int:
@@ -380,39 +385,60 @@ class Maildrop:
         return drop
 
     def _snapshot(self) -> None:
+        # new/ is listed before cur/: a message another reader moves to cur/
+        # meanwhile is then in cur/'s listing too (and counted once), or is
+        # followed there by _relocate; it is never missed.
         new_dir = os.path.join(self.path, "new")
-        cur_dir = os.path.join(self.path, "cur")
-        moved = False
-        arrived = [n for n in _listdir(new_dir) if n[:1] != "."]
-        if arrived:
-            # Renames relative to the two folders: no path joins, no path walks.
-            new_fd = os.open(new_dir, os.O_RDONLY | _O_DIRECTORY)
-            try:
-                cur_fd = os.open(cur_dir, os.O_RDONLY | _O_DIRECTORY)
-                try:
-                    for name in arrived:
-                        try:
-                            _rename(
-                                name, name if ":" in name else name + DEFAULT_INFO, src_dir_fd=new_fd, dst_dir_fd=cur_fd
-                            )
-                            moved = True
-                        except FileNotFoundError:  # another reader moved it first
-                            continue
-                finally:
-                    os.close(cur_fd)
-            finally:
-                os.close(new_fd)
-        # The renames are not fsynced here (Dovecot does not either): a rename
-        # lost in a crash only leaves the message in new/, to be moved again;
-        # QUIT's fsync of cur/ makes them durable along with the removals.
+        names = [n for n in _listdir(new_dir) if n[:1] != "." and "\n" not in n]
+        uniques, sizes, infos, uidls = self._snapshot_cur()
+        if names:
+            # A deliverer was here: also the time to look for what a crashed
+            # one left in tmp/.
+            _clean_tmp(os.path.join(self.path, "tmp"), time.time())
+            self._add_arrived(names, uniques, sizes, infos, uidls)
+        else:
+            self._set(uniques, sizes, infos, uidls)
 
+    def _add_arrived(
+        self, names: list[str], uniques: list[str], sizes: list[int], infos: dict[int, str], uidls: list[str]
+    ) -> None:
+        """Number the messages in new/ after those in cur/, by delivery time.
+
+        They stay in new/ until QUIT (``update``): a download-and-delete
+        session never renames them, and one that ends without QUIT changes
+        nothing, like its deletions."""
+        in_cur = set(uniques)
+        arrived = sorted(
+            ((u, n) for u, n in zip(_uniques_of(names), names, strict=True) if u not in in_cur),
+            key=lambda un: _age_key(un[0]),
+        )
+        added: list[str] = []
+        added_sizes: list[int] = []
+        files: dict[int, str] = {}
+        for unique, name in arrived:
+            size = named_wire_size(unique)
+            if size is None:
+                try:
+                    size = wire_size(self._new_prefix + name)
+                except FileNotFoundError:
+                    continue  # moved or deleted by another reader; the next session sees it
+                self.new_sizes += 1
+            files[len(uniques) + len(added)] = name
+            added.append(unique)
+            added_sizes.append(size)
+        self._set(uniques + added, sizes + added_sizes, infos, uidls + uidls_for(added))
+        self.arrived = files
+
+    def _snapshot_cur(self) -> tuple[list[str], list[int], dict[int, str], list[str]]:
+        """(unique names, sizes, infos, UIDLs) of the messages in cur/, from
+        the index where it is current, and the index brought up to date."""
+        cur_dir = os.path.join(self.path, "cur")
         uniques, sizes, infos, plain, index_mtime = self._load_index()
         cur_mtime = os.stat(cur_dir).st_mtime_ns
-        if not moved and index_mtime is not None and index_mtime == cur_mtime:
+        if index_mtime is not None and index_mtime == cur_mtime:
             # Like Dovecot: cur/ has not changed since the index was written
             # (and that mtime was not "racy"), so the index's file list is it.
-            self._set(uniques, sizes, infos, uniques if plain else uidls_for(uniques))
-            return
+            return uniques, sizes, infos, uniques if plain else uidls_for(uniques)
 
         # Only on this slower path (the mailbox changed): leftovers in tmp/.
         _clean_tmp(os.path.join(self.path, "tmp"), time.time())
@@ -446,9 +472,9 @@ class Maildrop:
         if new_infos != infos:
             changed = True
         uidls = uidls_for(uniques)
-        self._set(uniques, sizes, new_infos, uidls)
         if changed:
             self._save_index(uniques, sizes, new_infos, uidls is uniques, _trusted_mtime(cur_mtime))
+        return uniques, sizes, new_infos, uidls
 
     def _set(self, uniques: list[str], sizes: list[int], infos: dict[int, str], uidls: list[str]) -> None:
         self.uniques = uniques
@@ -514,14 +540,22 @@ class Maildrop:
     # -- session ---------------------------------------------------------
 
     def _file(self, i: int) -> str:
-        return self._cur_prefix + self.uniques[i] + self.infos.get(i, DEFAULT_INFO)
+        name = self.arrived.get(i)
+        if name is not None:
+            return self._new_prefix + name
+        return self._cur_prefix + self._cur_name(i)
+
+    def _cur_name(self, i: int) -> str:
+        return self.uniques[i] + self.infos.get(i, DEFAULT_INFO)
 
     def _relocate(self, i: int) -> bool:
-        """Find message ``i`` again after another reader renamed it (flags)."""
+        """Find message ``i`` in cur/ again after another reader renamed it
+        (flags changed, or moved from new/)."""
         unique = self.uniques[i]
         for name in _listdir(os.path.join(self.path, "cur")):
             if name.partition(":")[0] == unique:
                 self.infos[i] = name[len(unique) :]
+                self.arrived.pop(i, None)
                 return True
         return False
 
@@ -565,41 +599,98 @@ class Maildrop:
             os.close(fd)
             raise
 
-    def expunge(self) -> int:
-        """UPDATE state: unlink the messages marked deleted, fsync ``cur/``.
+    @property
+    def changed(self) -> bool:
+        """Whether QUIT has anything to do: messages marked deleted, or
+        messages to move from new/ to cur/."""
+        return bool(self.arrived) or any(self.deleted)
+
+    def update(self) -> int:
+        """The UPDATE state (RFC 1939 section 6, QUIT): unlink the messages
+        marked deleted, move the others still in new/ to ``cur/X:2,`` (the
+        client has seen them), and fsync once each folder that lost a message.
 
         Returns how many marked messages could not be removed.
         """
         failed = 0
-        removed = 0
-        cur_fd = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | _O_DIRECTORY)
+        changed: set[int] = set()  # the folders (fds) that lost a message
+        new_fd = os.open(os.path.join(self.path, "new"), os.O_RDONLY | _O_DIRECTORY)
         try:
-            uniques, infos, unlink = self.uniques, self.infos, _unlink
-            for i, flag in enumerate(self.deleted):
-                if not flag:
-                    continue
-                try:
+            cur_fd = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | _O_DIRECTORY)
+            try:
+                for i, flag in enumerate(self.deleted):
+                    if flag:
+                        try:
+                            folder = self._remove(i, new_fd, cur_fd)
+                        except OSError:
+                            failed += 1
+                            continue
+                        if folder is not None:
+                            changed.add(folder)
+                moved: set[int] = set()
+                for i, name in self.arrived.items():
+                    if self.deleted[i]:
+                        continue
+                    # Not fsynced (Dovecot does not either): a rename lost in
+                    # a crash only leaves the message in new/, to be moved again.
                     try:
-                        # Relative to cur/: no path joins, no path walks.
-                        unlink(uniques[i] + infos.get(i, DEFAULT_INFO), dir_fd=cur_fd)
-                        removed += 1
-                    except FileNotFoundError:
-                        if self._relocate(i):
-                            unlink(uniques[i] + infos.get(i, DEFAULT_INFO), dir_fd=cur_fd)
-                            removed += 1
-                        # else: already gone, which is what was asked
-                except FileNotFoundError:
-                    pass  # gone between the listing and the unlink: also what was asked
-                except OSError:
-                    failed += 1
-            if removed:
-                os.fsync(cur_fd)  # one directory fsync for all the removals
+                        _rename(
+                            name, name if ":" in name else name + DEFAULT_INFO, src_dir_fd=new_fd, dst_dir_fd=cur_fd
+                        )
+                    except OSError:
+                        continue  # moved or removed by another reader, or left in new/ for the next session
+                    moved.add(i)
+                for folder in sorted(changed):
+                    os.fsync(folder)
+            finally:
+                os.close(cur_fd)
         finally:
-            os.close(cur_fd)
+            os.close(new_fd)
+        if moved:
+            self._index_kept(moved)
         return failed
 
+    def _index_kept(self, moved: set[int]) -> None:
+        """Write the index of what cur/ holds after ``update`` moved ``moved``
+        there, so that the next login reads none of their sizes again.  Its
+        mtime is left unknown: the next login lists cur/ and checks."""
+        uniques: list[str] = []
+        sizes: list[int] = []
+        infos: dict[int, str] = {}
+        for i, unique in enumerate(self.uniques):
+            if self.deleted[i]:
+                continue
+            name = self.arrived.get(i)
+            if name is None:
+                info = self.infos.get(i, DEFAULT_INFO)
+            elif i in moved:
+                info = name[len(unique) :] or DEFAULT_INFO
+            else:
+                continue
+            if info != DEFAULT_INFO:
+                infos[len(uniques)] = info
+            uniques.append(unique)
+            sizes.append(self.sizes[i])
+        self._save_index(uniques, sizes, infos, uidls_for(uniques) is uniques, None)
+
+    def _remove(self, i: int, new_fd: int, cur_fd: int) -> int | None:
+        """Unlink message ``i`` (relative to its folder: no path joins, no path
+        walks), following it once if another reader renamed it.  Returns the
+        folder it was removed from, or None if it was already gone, which is
+        also what was asked."""
+        for attempt in (1, 2):
+            name = self.arrived.get(i)
+            folder = cur_fd if name is None else new_fd
+            try:
+                _unlink(self._cur_name(i) if name is None else name, dir_fd=folder)
+                return folder
+            except FileNotFoundError:
+                if attempt == 2 or not self._relocate(i):
+                    return None
+        return None
+
     def close(self) -> None:
-        """Release the lock.  Deletes nothing.  Idempotent."""
+        """Release the lock.  Deletes and moves nothing.  Idempotent."""
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.__exit__(None, None, None)

@@ -337,10 +337,10 @@ class POP3Server(CommandSession):
             self._send(R.NOT_REMOVED)
             self._close()
 
-        if not any(drop.deleted):
+        if not drop.changed:
             updated(0)
             return None
-        return self.run_blocking(drop.expunge).addCallbacks(updated, trouble)
+        return self.run_blocking(drop.update).addCallbacks(updated, trouble)
 
     def do_NOOP(self, arg: bytes) -> None:
         self._send(R.NOOP)

@@ -35,6 +35,20 @@ def write_message(maildir: str, data: bytes, sub: str = "new", when: int = 17000
     return name
 
 
+def message_files(maildir: str) -> list[str]:
+    """The message file names in new/ and cur/, sorted."""
+    return sorted(n for sub in ("new", "cur") for n in os.listdir(os.path.join(maildir, sub)))
+
+
+def message_path(maildir: str, unique: str) -> str:
+    """The file of the message with this unique name, in new/ or cur/."""
+    for sub in ("new", "cur"):
+        for name in os.listdir(os.path.join(maildir, sub)):
+            if name.partition(":")[0] == unique:
+                return os.path.join(maildir, sub, name)
+    raise FileNotFoundError(unique)
+
+
 def temp_dir(case: Any) -> str:
     """A fresh directory outside the working tree, removed after the test."""
     return scratch_dir(case, "mailstack-pop3-")

@@ -1,4 +1,4 @@
-"""pop3.mailbox: snapshot, index, UIDL, sizes, wire encoding, lock, expunge."""
+"""pop3.mailbox: snapshot, index, UIDL, sizes, wire encoding, lock, update (QUIT)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from mailstack.pop3.mailbox import (
     wire_size_of,
 )
 
-from .support import temp_dir, write_message
+from .support import message_files, message_path, temp_dir, write_message
 
 
 def unstuff(reply_body: bytes) -> bytes:
@@ -189,6 +189,12 @@ class MaildropTests(SynchronousTestCase):
         self.addCleanup(drop.close)
         return drop
 
+    def quit(self) -> None:
+        """One session that ends with QUIT: the messages in new/ move to cur/."""
+        drop = Maildrop.open(self.path)
+        drop.update()
+        drop.close()
+
     def test_createsMissingMaildir(self) -> None:
         """A user who never got mail has an empty, freshly created Maildir."""
         drop = self.open()
@@ -196,13 +202,47 @@ class MaildropTests(SynchronousTestCase):
         for sub in ("tmp", "new", "cur"):
             self.assertTrue(os.path.isdir(os.path.join(self.path, sub)))
 
-    def test_movesNewToCur(self) -> None:
-        """Messages in new/ move to cur/ with ':2,' as Maildir readers do."""
+    def test_newReadInPlaceMovedAtQuit(self) -> None:
+        """Messages in new/ are read where they are, and move to cur/ with ':2,'
+        (as Maildir readers do) only when the session ends with QUIT."""
         name = write_message(self.path, b"hello\n")
         drop = self.open()
+        self.assertEqual((drop.uniques, drop.sizes, drop.uidls), ([name], [7], [name]))
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [name])
+        self.assertEqual(drop.read_start(0, 100), (None, b"hello\n"))
+        self.assertEqual(drop.update(), 0)
+        drop.close()
         self.assertEqual(os.listdir(os.path.join(self.path, "new")), [])
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [name + ":2,"])
-        self.assertEqual((drop.uniques, drop.sizes, drop.uidls), ([name], [7], [name]))
+        drop = self.open()
+        self.assertEqual((drop.uniques, drop.sizes, drop.new_sizes), ([name], [7], 0))
+
+    def test_noQuitMovesNothing(self) -> None:
+        """A session closed without update() leaves new/ as it was."""
+        name = write_message(self.path, b"hello\n")
+        self.open().close()
+        self.assertEqual(os.listdir(os.path.join(self.path, "new")), [name])
+        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
+
+    def test_newAfterCur(self) -> None:
+        """Messages still in new/ are numbered after those in cur/, even older ones."""
+        seen = write_message(self.path, b"a", when=1700000005)
+        self.quit()
+        late = write_message(self.path, b"b", when=1700000009)
+        early = write_message(self.path, b"c", when=1700000001)
+        drop = self.open()
+        self.assertEqual(drop.uniques, [seen, early, late])
+        self.assertEqual(drop._file(0), os.path.join(self.path, "cur", seen + ":2,"))
+        self.assertEqual(drop._file(2), os.path.join(self.path, "new", late))
+
+    def test_movedByOtherReaderCountedOnce(self) -> None:
+        """A message in both new/ and cur/ (another reader moving it between the
+        two listings) is one message, read from cur/."""
+        name = write_message(self.path, b"a")
+        os.link(os.path.join(self.path, "new", name), os.path.join(self.path, "cur", name + ":2,S"))
+        drop = self.open()
+        self.assertEqual(drop.uniques, [name])
+        self.assertEqual(drop._file(0), os.path.join(self.path, "cur", name + ":2,S"))
 
     def test_orderByDeliveryTime(self) -> None:
         """New messages are numbered by delivery time, after those already indexed."""
@@ -210,6 +250,7 @@ class MaildropTests(SynchronousTestCase):
         a = write_message(self.path, b"a", when=1700000001)
         drop = self.open()
         self.assertEqual(drop.uniques, [a, b])
+        drop.update()
         drop.close()
         c = write_message(self.path, b"c", when=1600000000)
         drop = self.open()
@@ -230,6 +271,7 @@ class MaildropTests(SynchronousTestCase):
         drop = self.open()
         self.assertEqual(drop.new_sizes, 5)
         sizes = list(drop.sizes)
+        drop.update()  # moves them to cur/ and indexes them there
         drop.close()
         opened: list[str] = []
         real_open, real_os_open = mailbox._open, mailbox._os_open
@@ -288,8 +330,7 @@ class MaildropTests(SynchronousTestCase):
         holds every message; renames new/ -> cur/ keep the info part."""
         write_message(self.path, b"a\r\n")
         write_message(self.path, b"b\r\n", info=":2,S")
-        drop = self.open()
-        drop.close()
+        self.quit()
         self.assertEqual(sorted(n for n in os.listdir(self.path) if n.startswith(".")), [])
         with open(os.path.join(self.path, INDEX_NAME), "rb") as f:
             doc = json.loads(f.read())
@@ -299,11 +340,10 @@ class MaildropTests(SynchronousTestCase):
 
     def test_unchangedFolderNotListed(self) -> None:
         """With cur/ unchanged since the index (mtime old enough), cur/ is not even listed."""
-        for i in range(3):
-            write_message(self.path, b"m%d\n" % i)
-        drop = self.open()
-        os.rename(drop._file(2), drop._file(2) + "FS")  # flags set by another reader
-        drop.close()
+        names = [write_message(self.path, b"m%d\n" % i) for i in range(3)]
+        self.quit()
+        path = message_path(self.path, names[2])
+        os.rename(path, path + "FS")  # flags set by another reader
         self.patch(mailbox, "_now_ns", lambda: 10**20)  # every mtime is old now
         first = self.open()
         expected = (list(first.uniques), list(first.sizes), [first._file(i) for i in range(3)])
@@ -326,7 +366,7 @@ class MaildropTests(SynchronousTestCase):
     def test_changedFolderListed(self) -> None:
         """A flag rename changes cur/'s mtime: the folder is listed again, UIDLs unchanged."""
         write_message(self.path, b"a\n")
-        self.open().close()
+        self.quit()
         self.patch(mailbox, "_now_ns", lambda: 10**20)
         drop = self.open()
         before = list(drop.uidls)
@@ -342,18 +382,17 @@ class MaildropTests(SynchronousTestCase):
     def test_recentMtimeNotTrusted(self) -> None:
         """An mtime younger than RACY_NS is stored as null, so the next open lists cur/."""
         write_message(self.path, b"a\n")
+        self.quit()
         self.open().close()
         with open(os.path.join(self.path, INDEX_NAME)) as f:
             self.assertIsNone(json.load(f)["cur_mtime_ns"])
 
     def test_indexDropsGoneMessages(self) -> None:
         """A message deleted by another reader leaves the index on the next open."""
-        write_message(self.path, b"a")
+        a = write_message(self.path, b"a")
         b = write_message(self.path, b"b")
-        drop = self.open()
-        victim = drop._file(0)
-        drop.close()
-        os.unlink(victim)
+        self.quit()
+        os.unlink(message_path(self.path, a))
         drop = self.open()
         self.assertEqual(drop.uniques, [b])
         with open(os.path.join(self.path, INDEX_NAME)) as f:
@@ -362,7 +401,7 @@ class MaildropTests(SynchronousTestCase):
     def test_corruptIndexRebuilt(self) -> None:
         """An unreadable index is rebuilt from the files."""
         write_message(self.path, b"abc\n")
-        self.open().close()
+        self.quit()
         with open(os.path.join(self.path, INDEX_NAME), "wb") as f:
             f.write(b"{not json")
         drop = self.open()
@@ -370,12 +409,12 @@ class MaildropTests(SynchronousTestCase):
 
     def test_uidlSurvivesFlagRename(self) -> None:
         """Renaming cur/X:2, to cur/X:2,S (another reader) keeps UIDL and size."""
-        write_message(self.path, b"abc\n")
+        name = write_message(self.path, b"abc\n")
         drop = self.open()
         before = (list(drop.uidls), list(drop.sizes))
-        name = os.path.basename(drop._file(0))
+        drop.update()
         drop.close()
-        os.rename(os.path.join(self.path, "cur", name), os.path.join(self.path, "cur", name + "S"))
+        os.rename(os.path.join(self.path, "cur", name + ":2,"), os.path.join(self.path, "cur", name + ":2,S"))
         drop = self.open()
         self.assertEqual((drop.uidls, drop.sizes), before)
 
@@ -411,35 +450,38 @@ class MaildropTests(SynchronousTestCase):
         self.assertEqual(f.read(), b"x" * 90)
         f.close()
 
-    def test_expungeRemovesMarkedOnly(self) -> None:
-        """expunge unlinks the marked messages and nothing else."""
+    def test_updateRemovesMarkedOnly(self) -> None:
+        """update unlinks the marked messages, in cur/ and in new/, and nothing else."""
         write_message(self.path, b"a")
-        keep = write_message(self.path, b"b")
+        kept = write_message(self.path, b"b")
+        self.quit()
+        write_message(self.path, b"c")
+        keep = write_message(self.path, b"d")
         drop = self.open()
-        drop.deleted[0] = 1
-        self.assertEqual(drop.expunge(), 0)
-        self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [keep + ":2,"])
+        drop.deleted[:] = b"\x01\x00\x01\x00"
+        self.assertEqual(drop.update(), 0)
+        self.assertEqual(message_files(self.path), sorted([kept + ":2,", keep + ":2,"]))
 
-    def test_expungeAlreadyGone(self) -> None:
+    def test_updateAlreadyGone(self) -> None:
         """A marked message someone else removed is not a failure."""
         write_message(self.path, b"a")
         drop = self.open()
         os.unlink(drop._file(0))
         drop.deleted[0] = 1
-        self.assertEqual(drop.expunge(), 0)
+        self.assertEqual(drop.update(), 0)
 
-    def test_expungeFollowsRename(self) -> None:
+    def test_updateFollowsRename(self) -> None:
         """A marked message renamed by another reader is still removed."""
         write_message(self.path, b"a")
         drop = self.open()
         os.rename(drop._file(0), os.path.join(self.path, "cur", drop.uniques[0] + ":2,S"))
         drop.deleted[0] = 1
-        self.assertEqual(drop.expunge(), 0)
+        self.assertEqual(drop.update(), 0)
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
 
-    def test_expungeCountsFailures(self) -> None:
+    def test_updateCountsFailures(self) -> None:
         """An unlink that fails (other than "already gone") is counted, the other
-        marked messages are still removed, and cur/ is fsynced once."""
+        marked messages are still removed, and their folder is fsynced once."""
         for body in (b"a", b"b", b"c"):
             write_message(self.path, body)
         drop = self.open()
@@ -460,8 +502,8 @@ class MaildropTests(SynchronousTestCase):
 
         self.patch(mailbox, "_unlink", unlink)
         self.patch(mailbox.os, "fsync", fsync)
-        self.assertEqual(drop.expunge(), 1)
-        self.assertEqual([n.partition(":")[0] for n in os.listdir(os.path.join(self.path, "cur"))], [bad])
+        self.assertEqual(drop.update(), 1)
+        self.assertEqual(message_files(self.path), [bad])
         self.assertEqual(len(syncs), 1)
 
     def test_oddFileNames(self) -> None:

@@ -20,7 +20,7 @@ from mailstack.pop3.factory import make_factory
 from mailstack.pop3.server import AUTHORIZATION, TRANSACTION
 from tests.support.transports import ImplicitTLSTransport, TLSStringTransport
 
-from .support import make_runtime, temp_dir, write_message
+from .support import make_runtime, message_files, message_path, temp_dir, write_message
 
 
 def plain(authz: bytes, user: bytes, pw: bytes) -> bytes:
@@ -491,9 +491,9 @@ class TransactionTests(Base):
         first = self.talk(proto, b"UIDL 2")
         self.talk(proto, b"DELE 1", b"QUIT")
         write_message(self.maildir, b"new\n", when=1800000000)
-        cur = os.path.join(self.maildir, "cur")
-        name = [n for n in os.listdir(cur) if n.startswith(self.names[1])][0]
-        os.rename(os.path.join(cur, name), os.path.join(cur, name + "S"))
+        name = message_path(self.maildir, self.names[1])
+        self.assertTrue(name.endswith(":2,"))  # QUIT moved it to cur/
+        os.rename(name, name + "S")
         proto = self.session()
         out = self.talk(proto, b"UIDL").split(b"\r\n")
         self.assertIn(first.split(b" ", 2)[2].rstrip(b"\r\n"), [line.split(b" ")[-1] for line in out])
@@ -600,14 +600,12 @@ class TransactionTests(Base):
         producer = t.producer
         producer.stopProducing()
         proto.connectionLost()
-        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 4)
+        self.assertEqual(len(message_files(self.maildir)), 4)
 
     def test_retrRenamedByOtherReader(self) -> None:
-        """A message renamed (flags) after login is still retrieved."""
+        """A message moved to cur/ with flags by another reader after login is still retrieved."""
         proto = self.session()
-        cur = os.path.join(self.maildir, "cur")
-        name = [n for n in os.listdir(cur) if n.startswith(self.names[0])][0]
-        os.rename(os.path.join(cur, name), os.path.join(cur, self.names[0] + ":2,S"))
+        os.rename(message_path(self.maildir, self.names[0]), os.path.join(self.maildir, "cur", self.names[0] + ":2,S"))
         self.assertEqual(
             self.talk(proto, b"RETR 1"), R.retr_header(self.sizes[0]) + mailbox.encode_message(self.bodies[0])
         )
@@ -615,8 +613,7 @@ class TransactionTests(Base):
     def test_retrGone(self) -> None:
         """A message deleted by someone else after login gives -ERR."""
         proto = self.session()
-        cur = os.path.join(self.maildir, "cur")
-        os.unlink(os.path.join(cur, [n for n in os.listdir(cur) if n.startswith(self.names[0])][0]))
+        os.unlink(message_path(self.maildir, self.names[0]))
         self.assertEqual(self.talk(proto, b"RETR 1"), R.MESSAGE_GONE)
 
     def test_top(self) -> None:
@@ -659,15 +656,25 @@ class TransactionTests(Base):
         out = self.talk(proto, b"DELE 1", b"DELE 3", b"QUIT")
         self.assertEqual(out, R.deleted(1) + R.deleted(3) + R.signing_off(1))
         self.assertTrue(proto.transport.disconnecting)
-        cur = os.listdir(os.path.join(self.maildir, "cur"))
-        self.assertEqual([n.split(":")[0] for n in cur], [self.names[1]])
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "new")), [])
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), [self.names[1] + ":2,"])
+
+    def test_quitMovesSeenToCur(self) -> None:
+        """QUIT with nothing deleted still moves the messages from new/ to cur/."""
+        proto = self.session()
+        self.assertEqual(
+            self.talk(proto, b"RETR 1"), R.retr_header(self.sizes[0]) + mailbox.encode_message(self.bodies[0])
+        )
+        self.assertEqual(self.talk(proto, b"QUIT"), R.signing_off(3))
+        self.assertEqual(os.listdir(os.path.join(self.maildir, "new")), [])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.maildir, "cur"))), sorted(n + ":2," for n in self.names))
 
     def test_dropKeeps(self) -> None:
         """A dropped connection deletes nothing (RFC 1939 section 6)."""
         proto = self.session()
         self.talk(proto, b"DELE 1", b"DELE 2")
         proto.connectionLost()
-        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 3)
+        self.assertEqual(message_files(self.maildir), sorted(self.names))
 
     def test_listAfterDele(self) -> None:
         """LIST and UIDL skip deleted messages but keep the numbers of the others."""
@@ -686,7 +693,7 @@ class TransactionTests(Base):
     def test_quitPartialFailure(self) -> None:
         """If some marked messages cannot be removed, QUIT says -ERR [SYS/TEMP]."""
         proto = self.session()
-        self.patch(mailbox.Maildrop, "expunge", lambda self: 1)
+        self.patch(mailbox.Maildrop, "update", lambda self: 1)
         self.assertEqual(self.talk(proto, b"DELE 1", b"QUIT"), R.deleted(1) + R.NOT_REMOVED)
         self.assertTrue(proto.transport.disconnecting)
 
@@ -846,7 +853,7 @@ class IdleTests(Base):
         self.clock.advance(600)
         self.assertTrue(proto.transport.disconnecting)
         proto.connectionLost()
-        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
+        self.assertEqual(len(message_files(self.maildir)), 1)
         self.assertIn(b"+OK Logged in, 1 messages", self.login(self.connect()))
 
     def test_autologoutReleasesLockAtOnce(self) -> None:
@@ -966,7 +973,7 @@ class DrainTests(Base):
         proto.connectionLost()
         self.clock.advance(0.05)
         self.successResultOf(d)
-        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
+        self.assertEqual(len(message_files(self.maildir)), 1)
 
     def test_busySessionFinishesFirst(self) -> None:
         """A session slowed by a failed login ends after its reply; drain waits for it."""
@@ -1044,11 +1051,11 @@ class AsyncBlockingTests(Base):
         self.run_all()
         out = self.talk(proto, b"DELE 1", b"QUIT")
         self.assertEqual(out, R.deleted(1))
-        self.assertEqual(len(os.listdir(os.path.join(self.maildir, "cur"))), 1)
+        self.assertEqual(len(message_files(self.maildir)), 1)
         proto.transport.clear()
         self.run_all()
         self.assertEqual(proto.transport.value(), R.signing_off(0))
-        self.assertEqual(os.listdir(os.path.join(self.maildir, "cur")), [])
+        self.assertEqual(message_files(self.maildir), [])
 
     def test_dropWhileLocking(self) -> None:
         """A client gone before the maildrop is opened leaves no lock behind."""
