@@ -13,7 +13,7 @@ import json
 import statistics
 import sys
 
-KEYS = ("accept10", "accept50", "relay10", "submit1", "pop3_download", "pop3_uidl", "mem50", "mem50_total")
+KEYS = ("accept10", "accept50", "accept10c", "relay10", "submit1", "pop3_download", "pop3_uidl", "mem50", "mem50_total")
 EXTRA = ("p99_ms", "cpu_ms_per_msg")
 
 

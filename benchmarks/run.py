@@ -17,6 +17,8 @@ Workloads, ~4 KB messages, one per connection:
   first connection until the last acknowledged message is in its Maildir,
   DATA-to-250 p50/p99, the largest PSS of the server's processes during the run;
   every acknowledged Message-ID is checked in the Maildirs;
+* the same at 10 sessions with Postfix's ``smtp-source`` as the client
+  (``accept10c``): a C client leaves the servers more of the two cores;
 * relay: 10 sessions inject mail for an alias that forwards to a remote address;
   msg/s until the sink has received the last one (Message-IDs checked there);
 * submit1: 10 sessions on the submission port, one message per connection, each
@@ -90,10 +92,11 @@ ALIASES = {f"relay{k}@{DOMAIN}": f"dest{k}@remote.test" for k in range(N_RELAY)}
 ROWS = [
     ("accept10", "accept+Maildir, 10 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
     ("accept50", "accept+Maildir, 50 sessions", "rate", ">= 2.0x Postfix, p99 <= Postfix"),
+    ("accept10c", "accept+Maildir, 10 sessions, smtp-source", "rate", ">= 2.0x Postfix"),
     ("relay10", "relay to sink, 10 sessions", "rate", ">= 2.0x Postfix"),
     ("submit1", "submit+relay, 1 msg/conn, STARTTLS+AUTH*", "rate", ">= 300 msg/s"),
-    ("pop3_download", "POP3 RETR+DELE all", "time", "<= 1.0x Dovecot"),
-    ("pop3_uidl", "POP3 login+STAT+UIDL 50k warm", "time", "<= 1.5x Dovecot"),
+    ("pop3_download", "POP3 RETR+DELE all", "time", "<= 0.8x Dovecot"),
+    ("pop3_uidl", "POP3 login+STAT+UIDL 50k warm", "time", "<= 0.8x Dovecot"),
     ("mem50", "PSS at 50 sessions, largest process (MB)", "mem", "<= 60 MB"),
     ("mem50_total", "PSS at 50 sessions, all processes (MB)", "mem", "-"),
     ("big30", "30 MB message RSS growth (MB)", "mem", "< 50 MB"),
@@ -272,6 +275,41 @@ def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = 
     missing = set(res.acked_ids) - maildir_ids(dirs)
     if missing:
         out["lost"] = len(missing)
+    return out
+
+
+def source_accept_workload(t: Target, n: int, sessions: int) -> dict:
+    """accept10 with Postfix's ``smtp-source`` (C) as the client instead of the
+    Python ``loadclient``: n messages of 4,000 bytes to one user, one per
+    connection, rate until all are in the Maildir.  On two cores the Python
+    client's CPU (about 0.6 ms per message, three times smtp-source's) is taken
+    from the server under test; this row shows what is left without most of
+    it.  smtp-source reports no latencies and no Message-IDs: delivered counts
+    are checked instead."""
+    exe = shutil.which("smtp-source")
+    if not exe:
+        return na("smtp-source not installed (postfix package)")
+    d = t.maildir(USERS[0])
+    base = msggen.count_maildir(d)
+    cpu0 = procmem.tree_cpu(t.smtp_roots())
+    start = time.time()
+    proc = subprocess.run([exe, "-s", str(sessions), "-m", str(n), "-l", "4000", "-f", "loadclient@client.test",
+                           "-t", USERS[0], "-M", "client.test", f"127.0.0.1:{t.smtp_port}"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return na(f"smtp-source failed: {(proc.stderr or proc.stdout).strip()[:200]}")
+    stall = Stall(STALL_SECONDS)
+    while True:
+        got = msggen.count_maildir(d) - base
+        if got >= n or stall.stalled(got):
+            break
+        time.sleep(0.02)
+    done = time.time()
+    cpu = procmem.tree_cpu(t.smtp_roots()) - cpu0
+    out = {"value": round(n / (done - start), 1), "unit": "msg/s", "delivered": got,
+           "seconds": round(done - start, 3), "cpu_ms_per_msg": round(1000 * cpu / n, 3)}
+    if got < n:
+        out["lost"] = n - got
     return out
 
 
@@ -554,14 +592,12 @@ def ratio_and_met(key: str, kind: str, ref: dict | None, ms: dict | None) -> tup
         p99_ok = ms.get("p99_ms") is not None and ref.get("p99_ms") is not None and ms["p99_ms"] <= ref["p99_ms"]
         ok = r >= 2.0 and p99_ok and not ms.get("lost")
         return r, "met" if ok else "NOT met"
-    if key == "relay10":
+    if key in ("relay10", "accept10c"):
         return r, "n/a" if r is None else ("met" if r >= 2.0 and not ms.get("lost") else "NOT met")
     if key == "submit1":
         return r, "met" if v >= 300 else "NOT met"
-    if key == "pop3_download":
-        return r, "n/a" if r is None else ("met" if r <= 1.0 else "NOT met")
-    if key == "pop3_uidl":
-        return r, "n/a" if r is None else ("met" if r <= 1.5 else "NOT met")
+    if key in ("pop3_download", "pop3_uidl"):
+        return r, "n/a" if r is None else ("met" if r <= 0.8 else "NOT met")
     limits = {"mem50": (60, True), "big30": (50, False), "queue_start": (5, False), "queue_rss": (300, False)}
     if key in limits:
         lim, inclusive = limits[key]
@@ -769,6 +805,8 @@ class Run:
         the load of this shared machine drifts as little as possible within a pair."""
         for side in sides:
             self.guarded(side.res, "accept10", accept_workload, side.t, self.n, 10)
+        for side in sides:
+            self.guarded(side.res, "accept10c", source_accept_workload, side.t, self.n, 10)
         for side in sides:
             svg = None
             if side.ms is not None and self.a.profile:
@@ -1089,8 +1127,8 @@ def main(argv=None) -> int:
     p.add_argument("--pop-messages", type=int, default=0, help="messages for the POP3 download (default 5000)")
     p.add_argument("--queue-messages", type=int, default=100000, help="deferred messages for the queue workload")
     p.add_argument("--big-mailbox", type=int, default=50000, help="messages in the POP3 STAT/UIDL mailbox")
-    p.add_argument("--workloads", help="comma-separated subset: accept10,accept50,relay10,submit1,pop3,pop3_download,"
-                   "pop3_uidl,big30,queue,fsync1,fsync16 (default: all)")
+    p.add_argument("--workloads", help="comma-separated subset: accept10,accept10c,accept50,relay10,submit1,pop3,"
+                   "pop3_download,pop3_uidl,big30,queue,fsync1,fsync16 (default: all)")
     p.add_argument("--queue-tmpfs", action="store_true",
                    help="put the 100k-message queue on /dev/shm (bounded set-up time on a busy disk)")
     p.add_argument("--quick", action="store_true", help="tens of messages; skip 50k/100k/30 MB workloads")
