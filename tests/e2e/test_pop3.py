@@ -219,13 +219,15 @@ def test_uidlStable(popserver):
 
 
 def test_deleAndDropKeeps(popserver):
-    """DELE followed by a dropped connection (no QUIT) deletes nothing."""
+    """DELE followed by a dropped connection (no QUIT) deletes nothing and moves nothing."""
     deliver(popserver, MESSAGES[0], MESSAGES[1])
     pop = stls_session(popserver)
     pop.dele(1)
     pop.dele(2)
     pop.sock.shutdown(socket.SHUT_RDWR)  # drop the connection without QUIT
     pop.sock.close()
+    files = message_files(popserver.maildir(USER)).values()
+    assert sorted(os.path.basename(os.path.dirname(f)) for f in files) == ["new", "new"]
     pop = login_retrying(popserver)
     assert pop.stat()[0] == 2
     pop.quit()
@@ -239,7 +241,10 @@ def test_deleAndQuitRemoves(popserver):
     keep = uidls(pop)[2]
     pop.dele(1)
     assert pop.quit().startswith(b"+OK")
-    assert list(message_files(popserver.maildir(USER))) == [keep.decode()]
+    files = message_files(popserver.maildir(USER))
+    assert list(files) == [keep.decode()]
+    # The message kept moved from new/ to cur/ at QUIT, as a Maildir reader does.
+    assert files[keep.decode()] == os.path.join(popserver.maildir(USER), "cur", keep.decode() + ":2,")
     pop = stls_session(popserver)
     assert list(uidls(pop).values()) == [keep]
     pop.quit()
