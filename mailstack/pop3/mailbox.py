@@ -102,7 +102,6 @@ _os_open = os.open
 
 _READ_SIZE = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 TMP_MAX_AGE = 36 * 3600  # the Maildir spec's limit for files left in tmp/
 
@@ -388,13 +387,21 @@ class Maildrop:
         # new/ is listed before cur/: a message another reader moves to cur/
         # meanwhile is then in cur/'s listing too (and counted once), or is
         # followed there by _relocate; it is never missed.
-        new_dir = os.path.join(self.path, "new")
-        names = [n for n in _listdir(new_dir) if n[:1] != "." and "\n" not in n]
-        uniques, sizes, infos, uidls = self._snapshot_cur()
-        if names:
-            # A deliverer was here: also the time to look for what a crashed
-            # one left in tmp/.
+        names = [n for n in _listdir(os.path.join(self.path, "new")) if n[:1] != "." and "\n" not in n]
+        uniques, sizes, infos, plain, index_mtime = self._load_index()
+        cur_mtime = os.stat(os.path.join(self.path, "cur")).st_mtime_ns
+        # Like Dovecot: when cur/ has not changed since the index was written
+        # (and that mtime was not "racy"), the index's file list is cur/.
+        current = index_mtime is not None and index_mtime == cur_mtime
+        if names or not current:
+            # The mailbox changed: also the time to look for what a crashed
+            # deliverer left in tmp/.
             _clean_tmp(os.path.join(self.path, "tmp"), time.time())
+        if current:
+            uidls = uniques if plain else uidls_for(uniques)
+        else:
+            uniques, sizes, infos, uidls = self._list_cur(uniques, sizes, infos, index_mtime, cur_mtime)
+        if names:
             self._add_arrived(names, uniques, sizes, infos, uidls)
         else:
             self._set(uniques, sizes, infos, uidls)
@@ -429,19 +436,13 @@ class Maildrop:
         self._set(uniques + added, sizes + added_sizes, infos, uidls + uidls_for(added))
         self.arrived = files
 
-    def _snapshot_cur(self) -> tuple[list[str], list[int], dict[int, str], list[str]]:
-        """(unique names, sizes, infos, UIDLs) of the messages in cur/, from
-        the index where it is current, and the index brought up to date."""
+    def _list_cur(
+        self, uniques: list[str], sizes: list[int], infos: dict[int, str], index_mtime: int | None, cur_mtime: int
+    ) -> tuple[list[str], list[int], dict[int, str], list[str]]:
+        """(unique names, sizes, infos, UIDLs) of the messages in cur/, listed,
+        with the index's (``uniques``, ``sizes``, ``infos``) sizes reused and
+        the index brought up to date."""
         cur_dir = os.path.join(self.path, "cur")
-        uniques, sizes, infos, plain, index_mtime = self._load_index()
-        cur_mtime = os.stat(cur_dir).st_mtime_ns
-        if index_mtime is not None and index_mtime == cur_mtime:
-            # Like Dovecot: cur/ has not changed since the index was written
-            # (and that mtime was not "racy"), so the index's file list is it.
-            return uniques, sizes, infos, uniques if plain else uidls_for(uniques)
-
-        # Only on this slower path (the mailbox changed): leftovers in tmp/.
-        _clean_tmp(os.path.join(self.path, "tmp"), time.time())
         listed = [n for n in _listdir(cur_dir) if n[:1] != "." and "\n" not in n]
         on_disk = dict(zip(_uniques_of(listed), listed, strict=False))
         changed = index_mtime != _trusted_mtime(cur_mtime)
@@ -463,7 +464,7 @@ class Maildrop:
             uniques.append(unique)
             sizes.append(size)
             changed = True
-        self.new_sizes = read
+        self.new_sizes += read
         new_infos = {}
         for i, u in enumerate(uniques):
             name = on_disk[u]
@@ -613,81 +614,75 @@ class Maildrop:
         Returns how many marked messages could not be removed.
         """
         failed = 0
-        changed: set[int] = set()  # the folders (fds) that lost a message
-        new_fd = os.open(os.path.join(self.path, "new"), os.O_RDONLY | _O_DIRECTORY)
-        try:
-            cur_fd = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | _O_DIRECTORY)
-            try:
-                for i, flag in enumerate(self.deleted):
-                    if flag:
-                        try:
-                            folder = self._remove(i, new_fd, cur_fd)
-                        except OSError:
-                            failed += 1
-                            continue
-                        if folder is not None:
-                            changed.add(folder)
-                moved: set[int] = set()
-                for i, name in self.arrived.items():
-                    if self.deleted[i]:
-                        continue
-                    # Not fsynced (Dovecot does not either): a rename lost in
-                    # a crash only leaves the message in new/, to be moved again.
-                    try:
-                        _rename(
-                            name, name if ":" in name else name + DEFAULT_INFO, src_dir_fd=new_fd, dst_dir_fd=cur_fd
-                        )
-                    except OSError:
-                        continue  # moved or removed by another reader, or left in new/ for the next session
-                    moved.add(i)
-                for folder in sorted(changed):
-                    os.fsync(folder)
-            finally:
-                os.close(cur_fd)
-        finally:
-            os.close(new_fd)
+        emptied: set[int] = set()  # the folders (fds) that lost a message
+        with (
+            fsutil.opened_dir(os.path.join(self.path, "new")) as new_fd,
+            fsutil.opened_dir(os.path.join(self.path, "cur")) as cur_fd,
+        ):
+            for i in [i for i, flag in enumerate(self.deleted) if flag]:
+                try:
+                    folder = self._remove(i, new_fd, cur_fd)
+                except OSError:
+                    failed += 1
+                    continue
+                if folder is not None:
+                    emptied.add(folder)
+            moved = self._move_seen(new_fd, cur_fd)
+            for folder in sorted(emptied):
+                os.fsync(folder)
         if moved:
-            self._index_kept(moved)
+            self._index_cur()
         return failed
-
-    def _index_kept(self, moved: set[int]) -> None:
-        """Write the index of what cur/ holds after ``update`` moved ``moved``
-        there, so that the next login reads none of their sizes again.  Its
-        mtime is left unknown: the next login lists cur/ and checks."""
-        uniques: list[str] = []
-        sizes: list[int] = []
-        infos: dict[int, str] = {}
-        for i, unique in enumerate(self.uniques):
-            if self.deleted[i]:
-                continue
-            name = self.arrived.get(i)
-            if name is None:
-                info = self.infos.get(i, DEFAULT_INFO)
-            elif i in moved:
-                info = name[len(unique) :] or DEFAULT_INFO
-            else:
-                continue
-            if info != DEFAULT_INFO:
-                infos[len(uniques)] = info
-            uniques.append(unique)
-            sizes.append(self.sizes[i])
-        self._save_index(uniques, sizes, infos, uidls_for(uniques) is uniques, None)
 
     def _remove(self, i: int, new_fd: int, cur_fd: int) -> int | None:
         """Unlink message ``i`` (relative to its folder: no path joins, no path
         walks), following it once if another reader renamed it.  Returns the
         folder it was removed from, or None if it was already gone, which is
         also what was asked."""
-        for attempt in (1, 2):
-            name = self.arrived.get(i)
-            folder = cur_fd if name is None else new_fd
+        name = self.arrived.get(i)
+        folder = cur_fd if name is None else new_fd
+        try:
+            _unlink(self._cur_name(i) if name is None else name, dir_fd=folder)
+            return folder
+        except FileNotFoundError:
+            if not self._relocate(i):  # found in cur/ if anywhere
+                return None
+        try:
+            _unlink(self._cur_name(i), dir_fd=cur_fd)
+        except FileNotFoundError:
+            return None
+        return cur_fd
+
+    def _move_seen(self, new_fd: int, cur_fd: int) -> bool:
+        """Move the undeleted messages still in new/ to cur/ (``X`` becomes
+        ``X:2,``; a name with an info part keeps it), and record where they
+        are now.  Not fsynced (Dovecot does not either): a rename lost in a
+        crash only leaves the message in new/, to be moved again.  Returns
+        whether any moved."""
+        moved = False
+        for i, name in list(self.arrived.items()):
+            if self.deleted[i]:
+                continue
+            target = name if ":" in name else name + DEFAULT_INFO
             try:
-                _unlink(self._cur_name(i) if name is None else name, dir_fd=folder)
-                return folder
-            except FileNotFoundError:
-                if attempt == 2 or not self._relocate(i):
-                    return None
-        return None
+                _rename(name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+            except OSError:
+                continue  # moved or removed by another reader, or left in new/ for the next session
+            del self.arrived[i]
+            info = target[len(self.uniques[i]) :]
+            if info != DEFAULT_INFO:
+                self.infos[i] = info
+            moved = True
+        return moved
+
+    def _index_cur(self) -> None:
+        """Write the index of the snapshot's messages now in cur/, so that the
+        next login reads none of the sizes again.  Its mtime is left unknown:
+        the next login lists cur/ and checks."""
+        keep = [i for i in range(len(self.uniques)) if not self.deleted[i] and i not in self.arrived]
+        uniques = [self.uniques[i] for i in keep]
+        infos = {k: self.infos[i] for k, i in enumerate(keep) if i in self.infos}
+        self._save_index(uniques, [self.sizes[i] for i in keep], infos, uidls_for(uniques) is uniques, None)
 
     def close(self) -> None:
         """Release the lock.  Deletes and moves nothing.  Idempotent."""

@@ -25,13 +25,21 @@ _rename = os.rename
 _unlink = os.unlink
 
 
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (creations, renames, unlinks) durable."""
+@contextmanager
+def opened_dir(path: str) -> Iterator[int]:
+    """A descriptor of the directory ``path``, for calls relative to it
+    (``dir_fd=``) and its fsync; closed after the block."""
     fd = _open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _fsync(fd)
+        yield fd
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (creations, renames, unlinks) durable."""
+    with opened_dir(path) as fd:
+        _fsync(fd)
 
 
 def ensure_dir(path: str, mode: int = 0o700) -> None:
