@@ -206,6 +206,17 @@ class Stall:
         return now - self.since > self.seconds
 
 
+def wait_for_count(count, target: int, interval: float = 0.02) -> int:
+    """Poll ``count()`` until it reaches ``target`` or has not moved for
+    STALL_SECONDS; returns its last value."""
+    stall = Stall(STALL_SECONDS)
+    while True:
+        got = count()
+        if got >= target or stall.stalled(got):
+            return got
+        time.sleep(interval)
+
+
 def maildir_ids(paths: list[str]) -> set[str]:
     ids = set()
     for p in paths:
@@ -250,12 +261,7 @@ def accept_workload(t: Target, n: int, sessions: int, profile_svg: str | None = 
     cpu0 = procmem.tree_cpu(t.smtp_roots())
     with procmem.Sampler(t.smtp_roots, 0.25) as mem:
         res = _load(t, n, sessions, lambda i: USERS[i % N_USERS], transform=t.mx_transform)
-        stall = Stall(STALL_SECONDS)
-        while True:
-            got = sum(msggen.count_maildir(d) for d in dirs) - base
-            if got >= res.sent or stall.stalled(got):
-                break
-            time.sleep(0.02)
+        got = wait_for_count(lambda: sum(msggen.count_maildir(d) for d in dirs) - base, res.sent)
         done = time.time()
         cpu = procmem.tree_cpu(t.smtp_roots()) - cpu0
     if prof:
@@ -298,12 +304,7 @@ def source_accept_workload(t: Target, n: int, sessions: int) -> dict:
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         return na(f"smtp-source failed: {(proc.stderr or proc.stdout).strip()[:200]}")
-    stall = Stall(STALL_SECONDS)
-    while True:
-        got = msggen.count_maildir(d) - base
-        if got >= n or stall.stalled(got):
-            break
-        time.sleep(0.02)
+    got = wait_for_count(lambda: msggen.count_maildir(d) - base, n)
     done = time.time()
     cpu = procmem.tree_cpu(t.smtp_roots()) - cpu0
     out = {"value": round(n / (done - start), 1), "unit": "msg/s", "delivered": got,
