@@ -6,8 +6,10 @@
 ``/etc/hosts`` as the system resolver does (a smarthost named ``localhost``
 or a LAN name from the hosts file must keep working).
 
-Answers are kept for the least TTL of their records (``CachingResolver``):
-a chain of twisted.names resolvers never fills a cache by itself (only
+Answers are kept for the least TTL of their records (``CachingResolver``,
+the outermost layer, so every user of the resolver shares one cache; the MX
+resolver asks it what it holds without asking the DNS): a chain of
+twisted.names resolvers never fills a cache by itself (only
 ``twisted.names.server`` does).  A hit is answered at once with the stored
 answer, the same few names (a sender's SPF, DMARC and DKIM key records) being
 asked for every message: three asks per message made twisted.names'
@@ -35,6 +37,9 @@ from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack.interfaces import IMetrics
+from mailstack.metrics import NoMetrics
+
 NEGATIVE_TTL = 60.0
 MAX_NEGATIVE_TTL = 900.0
 MAX_ENTRIES = 10_000
@@ -46,11 +51,18 @@ Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 class CachingResolver(ResolverBase):
     """``upstream`` behind a TTL cache on ``clock``."""
 
-    def __init__(self, upstream: IResolver, clock: IReactorTime, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self,
+        upstream: IResolver,
+        clock: IReactorTime,
+        max_entries: int = MAX_ENTRIES,
+        metrics: IMetrics | None = None,
+    ) -> None:
         super().__init__()
         self.upstream = upstream
         self.clock = clock
         self.max_entries = max_entries
+        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
         # (name, type, class) -> (expiry time, answer or the NXDOMAIN error)
         self.entries: dict[tuple[bytes, int, int], tuple[float, Answer | DNSNameError]] = {}
 
@@ -76,9 +88,16 @@ class CachingResolver(ResolverBase):
         if kept is not None:
             return succeed(kept)
         key = (name.lower(), type, cls)
+        started = self.clock.seconds()
         d = cast(Deferred, self.upstream.query(dns.Query(name, type, cls), timeout))
+        d.addBoth(self._timed, started)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return d
+
+    def _timed(self, result: Any, started: float) -> Any:
+        """``dns_lookup_seconds``: the lookups that went to the DNS (a hit is not one)."""
+        self.metrics.dns_lookup(self.clock.seconds() - started)
+        return result
 
     def _answered(self, answer: Answer, key: tuple[bytes, int, int]) -> Answer:
         records = [*answer[0], *answer[1], *answer[2]]
@@ -117,12 +136,19 @@ def nameservers(config: Any) -> list[tuple[str, int]]:
     return list(config.dns.nameservers or config.relay.nameservers)
 
 
-def build(config: Any, reactor: Any) -> IResolver:
-    """The server's resolver for ``config``."""
+def build(
+    config: Any, reactor: Any, metrics: IMetrics | None = None, hosts_file: bytes = b"/etc/hosts"
+) -> CachingResolver:
+    """The server's resolver for ``config``: one cache in front of all it asks.
+
+    The hosts file's answers carry a TTL of 0, so they are never kept: an edit
+    of ``hosts_file`` counts at the next lookup, as with the system resolver.
+    """
     servers = nameservers(config)
+    upstream: IResolver
     if servers:
         upstream = client.Resolver(servers=servers, reactor=reactor)
-        return cast(IResolver, CachingResolver(upstream, reactor))
-    upstream = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    chain = [hosts.Resolver(file=b"/etc/hosts"), CachingResolver(upstream, reactor)]
-    return cast(IResolver, resolve.ResolverChain(chain))
+    else:
+        dns_servers = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        upstream = resolve.ResolverChain([hosts.Resolver(file=hosts_file, ttl=0), dns_servers])
+    return CachingResolver(upstream, reactor, metrics=metrics)

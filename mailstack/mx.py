@@ -5,8 +5,8 @@
   preference, equal preferences shuffled (RFC 5321 section 5.1); a null MX
   (RFC 7505: a single ``0 .``) is a permanent failure 556 5.1.10; no MX
   records means the domain itself is the host (implicit MX, RFC 5321 5.1).
-* ``Resolver`` provides ``IMXResolver`` over ``twisted.names``: the servers
-  of ``relay.nameservers`` or the system resolver.  NXDOMAIN is permanent
+* ``Resolver`` provides ``IMXResolver`` over the server's twisted.names
+  resolver (``dnsresolver.build``).  NXDOMAIN is permanent
   (550 5.1.2), SERVFAIL and timeouts are temporary (451 4.4.3).  The A and
   AAAA records of the first ``relay.max_mx_hosts`` hosts are looked up in
   parallel within ``ADDRESS_DEADLINE``, so the caller can try each address.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
@@ -39,8 +39,7 @@ from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.dnsresolver import CachingResolver
 from mailstack.errors import MailError, PermanentFailure, TemporaryFailure
-from mailstack.interfaces import IMetrics, IMXResolver
-from mailstack.metrics import NoMetrics
+from mailstack.interfaces import IMXResolver
 
 # Per query: retry after 2 s, 5 s, then give up after 10 s more (twisted.names).
 DNS_TIMEOUT = (2, 5, 10)
@@ -142,7 +141,7 @@ def _is_temporary(failure: Failure) -> bool:
 
 @implementer(IMXResolver)
 class Resolver:
-    """IMXResolver over a twisted.names resolver (``IResolver``)."""
+    """IMXResolver over the server's caching twisted.names resolver."""
 
     log = Logger()
 
@@ -150,35 +149,25 @@ class Resolver:
         self,
         config: Config,
         clock: IReactorTime,
-        resolver: IResolver | None = None,
+        resolver: CachingResolver,
         rng: random.Random | None = None,
-        metrics: IMetrics | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.metrics: IMetrics = metrics if metrics is not None else NoMetrics()
-        if resolver is None:
-            from twisted.names import client
-
-            servers = list(config.relay.nameservers)
-            if servers:
-                resolver = client.Resolver(servers=servers, reactor=clock)
-            else:
-                resolver = client.createResolver()
-        self.resolver: IResolver = resolver  # also MTA-STS's (``delivery.remote.build``)
+        # The server's resolver (``dnsresolver.build``), also MTA-STS's
+        # (``delivery.remote.build``).  Its answers are kept for their TTL (the
+        # least TTL of their records, NXDOMAIN for its negative TTL, failures not
+        # at all), so a burst of mail to one domain costs one set of lookups, and
+        # a fully cached domain is answered at once (``hosts_for``).
+        self.resolver = resolver
         self.rng = rng if rng is not None else random.Random()
-        # Answers are kept for their TTL (``dnsresolver.CachingResolver``: the
-        # least TTL of their records, NXDOMAIN for its negative TTL, failures
-        # not at all), so a burst of mail to one domain costs one set of
-        # lookups, and a fully cached domain is answered at once (``hosts_for``).
-        self._cache = CachingResolver(resolver, clock)
 
     def _cached(self, name: str, qtype: int) -> list[dns.RRHeader] | None:
         """The answer records for ``name``/``qtype`` if the cache has them now, else
         None (also for a cached NXDOMAIN, and a name the DNS cannot take: the
         lookup path reports those)."""
         try:
-            kept = self._cache.cached(dns.Name(name).name, qtype)
+            kept = self.resolver.cached(dns.Name(name).name, qtype)
         except Exception:
             return None
         return None if kept is None or isinstance(kept, DNSNameError) else kept[0]
@@ -188,11 +177,7 @@ class Resolver:
         cached = self._cached(name, qtype)
         if cached is not None:
             return cached
-        started = self.clock.seconds()
-        try:
-            result = await self._cache.query(dns.Query(name, qtype), DNS_TIMEOUT)
-        finally:
-            self.metrics.dns_lookup(self.clock.seconds() - started)
+        result = await self.resolver.query(dns.Query(name, qtype), DNS_TIMEOUT)
         return list(cast(list[dns.RRHeader], result[0]))
 
     def hosts_for(self, domain: str) -> Deferred:

@@ -295,11 +295,11 @@ def build_runtime(
     maildirs = MaildirStore(os.path.join(config.data_dir, "mail"))
     router = Router(config, users, aliases)
     local = LocalAgent(maildirs, store, run_blocking)
-    resolver = dnsresolver.build(config, reactor)  # every DNS lookup: [dns] nameservers
+    resolver = dnsresolver.build(config, reactor, metrics)  # every DNS lookup: [dns] nameservers
     signer = startup.signer(config)
     manager: QueueManager | None = None
     if channel is None:
-        relay = remote.build(config, reactor, store, run_blocking, resolver, metrics)
+        relay = remote.build(config, reactor, store, run_blocking, resolver)
         manager = QueueManager(store, local, relay, reactor, config, run_blocking, router=router, metrics=metrics)
         kicker: Any = manager
     else:

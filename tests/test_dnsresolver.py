@@ -5,14 +5,16 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolver
 from twisted.internet.task import Clock
-from twisted.names import dns, hosts, resolve
+from twisted.names import client, dns, hosts, resolve
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSServerError
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import config as configmod
 from mailstack import dnsresolver
+from mailstack.metrics import Metrics
 
 
 class BuildTests(SynchronousTestCase):
@@ -29,13 +31,22 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(dnsresolver.nameservers(cfg), [("127.0.0.1", 5353)])
 
     def test_systemResolverReadsHostsFirst(self) -> None:
-        """Without configured servers, /etc/hosts answers before resolv.conf's servers,
-        as the system resolver does: a smarthost named ``localhost`` keeps working."""
-        resolver = dnsresolver.build(configmod.from_mapping({}), Clock())
-        self.assertIsInstance(resolver, resolve.ResolverChain)
-        first, second = resolver.resolvers
-        self.assertIsInstance(first, hosts.Resolver)
-        self.assertIsInstance(second, dnsresolver.CachingResolver)
+        """Without configured servers, the hosts file answers before resolv.conf's servers,
+        as the system resolver does (a smarthost named ``localhost`` keeps working),
+        through the one cache, which never keeps its answers: an edit counts at once."""
+        path = FilePath(self.mktemp())
+        path.setContent(b"192.0.2.1 smarthost.lan\n")
+        resolver = dnsresolver.build(configmod.from_mapping({}), Clock(), hosts_file=path.path.encode())
+        self.assertIsInstance(resolver, dnsresolver.CachingResolver)
+        chain = resolver.upstream
+        assert isinstance(chain, resolve.ResolverChain)
+        self.assertEqual([type(r) for r in chain.resolvers], [hosts.Resolver, client.Resolver])
+        answer = self.successResultOf(resolver.lookupAddress(b"smarthost.lan"))
+        self.assertEqual(answer[0][0].payload.dottedQuad(), "192.0.2.1")
+        path.setContent(b"192.0.2.2 smarthost.lan\n")
+        answer = self.successResultOf(resolver.lookupAddress(b"smarthost.lan"))
+        self.assertEqual(answer[0][0].payload.dottedQuad(), "192.0.2.2")
+        self.assertEqual(resolver.entries, {})
 
 
 class _Upstream(ResolverBase):
@@ -153,3 +164,21 @@ class CachingResolverTests(SynchronousTestCase):
         self.successResultOf(self.ask(b"d.example"))
         self.assertNoResult(self.ask(b"a.example"))
         self.assertEqual(self.upstream.asked[-1], (b"a.example", dns.TXT))
+
+    def test_lookupsTimedHitsNot(self) -> None:
+        """``dns_lookup_seconds`` observes every question that went upstream (for the
+        time its answer or failure took), and none that the cache answered."""
+        metrics = Metrics()
+        self.resolver.metrics = metrics
+        d = self.ask()
+        self.clock.advance(0.003)
+        self.upstream.pending.pop().callback(([_txt(b"example.org", 300)], [], []))
+        self.successResultOf(d)
+        self.successResultOf(self.ask())
+        d = self.resolver.lookupText(b"broken.example")
+        self.clock.advance(2)
+        self.upstream.pending.pop().errback(DNSServerError("SERVFAIL"))
+        self.failureResultOf(d, DNSServerError)
+        text = metrics.exposition().decode()
+        self.assertIn("mailstack_dns_lookup_seconds_count 2.0", text)
+        self.assertIn('mailstack_dns_lookup_seconds_bucket{le="0.005"} 1.0', text)

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailstack import config as configmod
+from mailstack.dnsresolver import CachingResolver
 from mailstack.errors import PermanentFailure, TemporaryFailure
 from mailstack.interfaces import IMXResolver
 from mailstack.mx import (
@@ -115,11 +116,16 @@ class OrderHostsTests(SynchronousTestCase):
         self.assertEqual(split_hostport("smtp.test", 25), ("smtp.test", 25))
 
 
+def mx_resolver(config: configmod.Config, clock: Clock, upstream: ResolverBase) -> Resolver:
+    """The MX resolver over ``upstream`` behind the server's cache, as ``dnsresolver.build`` makes it."""
+    return Resolver(config, clock, CachingResolver(upstream, clock), rng=random.Random(0))
+
+
 class ResolverTests(SynchronousTestCase):
     def resolver(self, records) -> Resolver:
         config = configmod.from_mapping({"hostname": "me.test"})
         self.fake = FakeResolver(records)
-        return Resolver(config, Clock(), resolver=self.fake, rng=random.Random(0))
+        return mx_resolver(config, Clock(), self.fake)
 
     def test_interface(self) -> None:
         """Resolver provides IMXResolver."""
@@ -218,7 +224,7 @@ class CacheTests(SynchronousTestCase):
                 ("b.d.test", dns.A): [dns.Record_A("192.0.2.2")],
             }
         )
-        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), clock, fake)
         orders = set()
         for _ in range(10):
             hosts = self.successResultOf(r.hosts_for("d.test"))
@@ -240,7 +246,7 @@ class CacheTests(SynchronousTestCase):
                 ("a.d.test", dns.AAAA): [dns.Record_AAAA("2001:db8::1")],
             }
         )
-        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), clock, fake)
         first = self.successResultOf(r.hosts_for("d.test"))
         asked = len(fake.queries)
         armed: list[float] = []
@@ -263,7 +269,7 @@ class CacheTests(SynchronousTestCase):
             },
             {"d.test": 600},
         )
-        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), clock, fake)
         self.successResultOf(r.hosts_for("d.test"))
         del fake.queries[:]
         clock.advance(59)
@@ -283,7 +289,7 @@ class CacheTests(SynchronousTestCase):
                 ("1and1.test", dns.A): [dns.Record_A("192.0.2.6")],
             }
         )
-        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), Clock(), fake)
         for _ in range(2):  # from the DNS, then from the cache
             hosts = self.successResultOf(r.hosts_for("d.test"))
             expected = [("192.0.2.5", "192.0.2.5"), ("2001:db8::5", "2001:db8::5"), ("1and1.test", "192.0.2.6")]
@@ -293,7 +299,7 @@ class CacheTests(SynchronousTestCase):
     def test_cachedNullMX(self) -> None:
         """A cached null MX fails at once, as permanently as the first time."""
         fake = FakeResolver({("d.test", dns.MX): [mx(0, "")]})
-        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), Clock(), fake)
         for _ in range(2):
             f = self.failureResultOf(r.hosts_for("d.test"), PermanentFailure)
             self.assertEqual(f.value.reply.enhanced, "5.1.10")
@@ -303,14 +309,14 @@ class CacheTests(SynchronousTestCase):
         """A domain the DNS cannot take (a label over 63 octets) is a temporary DNS
         failure, as before the cache is asked, not an error of the caller's."""
         fake = FakeResolver({})
-        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), Clock(), fake)
         f = self.failureResultOf(r.hosts_for("x" * 64 + ".test"), TemporaryFailure)
         self.assertEqual(f.value.reply.enhanced, "4.4.3")
 
     def test_failuresNotCached(self) -> None:
         """A SERVFAIL is asked again next time."""
         fake = FakeResolver({("d.test", dns.MX): DNSServerError})
-        r = Resolver(configmod.from_mapping({}), Clock(), resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), Clock(), fake)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.failureResultOf(r.hosts_for("d.test"), TemporaryFailure)
         self.assertEqual(len(fake.queries), 2)
@@ -359,7 +365,7 @@ class DeadlineTests(SynchronousTestCase):
         names = [f"m{i:02}.d.test" for i in range(20)]
         fake = SilentResolver({("d.test", dns.MX): [mx(10 + i, n) for i, n in enumerate(names)]}, names)
         verifyObject(IResolver, fake)
-        r = Resolver(configmod.from_mapping({}), clock, resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({}), clock, fake)
         d = r.hosts_for("d.test")
         self.assertNoResult(d)
         asked = sorted({n for n, t in fake.queries if t in (dns.A, dns.AAAA)})
@@ -380,7 +386,7 @@ class DeadlineTests(SynchronousTestCase):
             },
             ["slow.d.test"],
         )
-        r = Resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 2}}), clock, resolver=fake, rng=random.Random(0))
+        r = mx_resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 2}}), clock, fake)
         d = r.hosts_for("d.test")
         self.assertNoResult(d)
         clock.advance(ADDRESS_DEADLINE)
@@ -392,9 +398,7 @@ class DeadlineTests(SynchronousTestCase):
         for i in range(1, 9):
             records[(f"h{i}.d.test", dns.A)] = [dns.Record_A(f"192.0.2.{i}")]
         fake = FakeResolver(records)
-        r = Resolver(
-            configmod.from_mapping({"relay": {"max_mx_hosts": 3}}), Clock(), resolver=fake, rng=random.Random(0)
-        )
+        r = mx_resolver(configmod.from_mapping({"relay": {"max_mx_hosts": 3}}), Clock(), fake)
         hosts = self.successResultOf(r.hosts_for("d.test"))
         self.assertEqual([h.name for h in hosts], ["h1.d.test", "h2.d.test", "h3.d.test"])
         self.assertEqual(sorted({n for n, t in fake.queries if t == dns.A}), ["h1.d.test", "h2.d.test", "h3.d.test"])

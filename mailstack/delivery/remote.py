@@ -57,7 +57,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
-    IResolver,
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
@@ -67,8 +66,9 @@ from mailstack import logsafe
 from mailstack.config import Config
 from mailstack.delivery import replies as OR
 from mailstack.delivery.replies import RemoteReply, at_host
+from mailstack.dnsresolver import CachingResolver
 from mailstack.errors import MailError, Reply
-from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMetrics, IMXResolver, IQueueStore
+from mailstack.interfaces import IDeliveryAgent, IMessageSource, IMXResolver, IQueueStore
 from mailstack.mtasts import IMTASTS, Policy, mx_allowed
 from mailstack.mx import Host, literal_address, split_hostport
 from mailstack.netpolicy import is_own_address
@@ -529,8 +529,7 @@ def build(
     reactor: Any,
     store: IQueueStore,
     run_blocking: Callable[..., Deferred],
-    resolver: IResolver | None = None,
-    metrics: IMetrics | None = None,
+    resolver: CachingResolver,
 ) -> RemoteAgent:
     """The production agent (called by ``service.py``), on the server's shared ``resolver``."""
     from mailstack import mtasts
