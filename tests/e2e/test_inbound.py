@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.e2e import rspamd as rspamd_proc
 from tests.e2e.harness import Server, free_ports
+from tests.e2e.test_operations import scrape
 from tests.e2e.test_smtp import messages, wait_for
 from tests.support.dnsserver import DNSServer
 
@@ -83,8 +84,12 @@ def start(root, dns: DNSServer, inbound: str = "", extra: str = "") -> Server:
 
 @pytest.fixture(scope="module")
 def mx(tmp_path_factory, dns):
-    """A server with the default [inbound] keys (SPF, DKIM, DMARC on)."""
-    server = start(tmp_path_factory.mktemp("mx"), dns)
+    """A server with the default [inbound] keys (SPF, DKIM, DMARC on), and metrics."""
+    (metrics_port,) = free_ports(1)
+    server = start(
+        tmp_path_factory.mktemp("mx"), dns, extra=f'[listen]\nmetrics = ["tcp:{metrics_port}:interface=127.0.0.1"]\n'
+    )
+    server.metrics_port = metrics_port
     yield server
     try:
         server.stop()
@@ -142,6 +147,16 @@ def test_spfResultInAuthenticationResults(mx, domain, expected):
     assert fields[0].startswith("Authentication-Results: localhost;"), fields
     assert expected in fields[0], fields
     assert "dkim=none" in fields[0] and f"header.from={domain}" in fields[0], fields
+
+
+def test_dnsQuestionsTimedInMetrics(mx):
+    """The checks' questions to the DNS server are counted in dns_lookup_seconds
+    (a name asked for the first time cannot come from the cache)."""
+    count = ("mailstack_dns_lookup_seconds_count", ())
+    before = scrape(mx.metrics_port).get(count, 0.0)
+    send(mx, "bob@metrics.none.test", message("bob@metrics.none.test", "dns-metrics"))
+    delivered(mx, "dns-metrics")
+    assert scrape(mx.metrics_port)[count] > before
 
 
 def test_dmarcRejectRefusesAndStoresNothing(mx):
