@@ -423,13 +423,9 @@ class Maildrop:
         added_sizes: list[int] = []
         files: dict[int, str] = {}
         for unique, name in arrived:
-            size = named_wire_size(unique)
+            size = self._size(unique, self._new_prefix + name)
             if size is None:
-                try:
-                    size = wire_size(self._new_prefix + name)
-                except FileNotFoundError:
-                    continue  # moved or deleted by another reader; the next session sees it
-                self.new_sizes += 1
+                continue
             files[len(uniques) + len(added)] = name
             added.append(unique)
             added_sizes.append(size)
@@ -452,19 +448,13 @@ class Maildrop:
             sizes = [sizes[i] for i in keep]
             changed = True
         fresh = sorted(on_disk.keys() - set(uniques), key=_age_key) if len(on_disk) != len(uniques) else []
-        read = 0
         for unique in fresh:
-            size = named_wire_size(unique)
+            size = self._size(unique, os.path.join(cur_dir, on_disk[unique]))
             if size is None:
-                try:
-                    size = wire_size(os.path.join(cur_dir, on_disk[unique]))
-                except FileNotFoundError:
-                    continue  # deleted or renamed under us; the next session sees it
-                read += 1
+                continue
             uniques.append(unique)
             sizes.append(size)
             changed = True
-        self.new_sizes += read
         new_infos = {}
         for i, u in enumerate(uniques):
             name = on_disk[u]
@@ -476,6 +466,19 @@ class Maildrop:
         if changed:
             self._save_index(uniques, sizes, new_infos, uidls is uniques, _trusted_mtime(cur_mtime))
         return uniques, sizes, new_infos, uidls
+
+    def _size(self, unique: str, path: str) -> int | None:
+        """The wire size of a message not in the index: from its name (``,W=``),
+        else read from ``path`` (counted in ``new_sizes``); None if it is gone
+        (moved or deleted by another reader: the next session sees it)."""
+        size = named_wire_size(unique)
+        if size is None:
+            try:
+                size = wire_size(path)
+            except FileNotFoundError:
+                return None
+            self.new_sizes += 1
+        return size
 
     def _set(self, uniques: list[str], sizes: list[int], infos: dict[int, str], uidls: list[str]) -> None:
         self.uniques = uniques
