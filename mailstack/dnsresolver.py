@@ -69,7 +69,10 @@ class CachingResolver(ResolverBase):
     def cached(self, name: bytes, type: int, cls: int = dns.IN) -> Answer | DNSNameError | None:
         """What a lookup would answer from the cache now (the caller's own lists, or
         the NXDOMAIN error), or None if it would ask ``upstream``; asks nothing."""
-        key = (name.lower(), type, cls)
+        return self._kept((name.lower(), type, cls))
+
+    def _kept(self, key: tuple[bytes, int, int]) -> Answer | DNSNameError | None:
+        """``cached`` for a key already made (lower-cased name, type, class)."""
         found = self.entries.get(key)
         if found is None:
             return None
@@ -82,12 +85,12 @@ class CachingResolver(ResolverBase):
         return (list(kept[0]), list(kept[1]), list(kept[2]))
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
-        kept = self.cached(name, type, cls)
+        key = (name.lower(), type, cls)
+        kept = self._kept(key)
         if isinstance(kept, DNSNameError):
             return fail(Failure(kept))
         if kept is not None:
             return succeed(kept)
-        key = (name.lower(), type, cls)
         started = self.clock.seconds()
         d = cast(Deferred, self.upstream.query(dns.Query(name, type, cls), timeout))
         d.addBoth(self._timed, started)
