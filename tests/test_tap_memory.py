@@ -1,12 +1,14 @@
-"""The server process returns the memory of password checks to the OS."""
+"""The server process returns the memory of password checks to the OS, and
+keeps what start-up made out of the cyclic collector's scans."""
 
+import gc
 import subprocess
 import sys
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailstack.tap import return_big_frees_to_the_os
+from mailstack.tap import freeze_startup_heap, return_big_frees_to_the_os
 
 PROBE = textwrap.dedent(
     """
@@ -43,3 +45,19 @@ class MemoryTests(SynchronousTestCase):
         threshold kept hundreds of MB in per-thread arenas; how much depends on the
         core count and ``MALLOC_ARENA_MAX``, so that side is not asserted.)"""
         self.assertLess(growth(), 40)
+
+
+class StartupHeapTests(SynchronousTestCase):
+    def test_startupObjectsLeftOutOfCollections(self):
+        """An object made before ``freeze_startup_heap`` (a cycle, so only the
+        cyclic collector could ever free it) is no longer among the objects a
+        collection walks; one made afterwards is."""
+        before: dict = {}
+        before["self"] = before
+        self.addCleanup(gc.unfreeze)
+        freeze_startup_heap()
+        after: dict = {}
+        after["self"] = after
+        walked = gc.get_objects()
+        self.assertFalse(any(o is before for o in walked))
+        self.assertTrue(any(o is after for o in walked))

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from mailstack import privileges
     from mailstack.procs.commands import Ready
     from mailstack.service import StartupError, load_parts, make_worker_service
-    from mailstack.tap import install_sigterm, return_big_frees_to_the_os
+    from mailstack.tap import freeze_startup_heap, install_sigterm, return_big_frees_to_the_os
 
     reactor: Any = _reactor
     logs = BatchedObserver(sys.stdout, log_lines(args.log_lines, args.index), reactor)
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def start() -> None:
         service.startService()
+        freeze_startup_heap()
         channel.callRemote(Ready).addErrback(lambda f: None)  # a master gone stops us anyway
 
     reactor.callWhenRunning(start)
