@@ -173,10 +173,8 @@ class Resolver:
         return None if kept is None or isinstance(kept, DNSNameError) else kept[0]
 
     async def _query(self, name: str, qtype: int) -> list[dns.RRHeader]:
-        """The answer records for ``name``/``qtype``, from the cache or the DNS."""
-        cached = self._cached(name, qtype)
-        if cached is not None:
-            return cached
+        """The answer records for ``name``/``qtype``: the resolver answers from its
+        cache when it can (a hit fires at once), else asks the DNS."""
         result = await self.resolver.query(dns.Query(name, qtype), DNS_TIMEOUT)
         return list(cast(list[dns.RRHeader], result[0]))
 

@@ -132,7 +132,7 @@ def freeze_startup_heap() -> None:
     Call once the server has started.  What start-up made (the imported
     modules of Twisted, cryptography, dkimpy and ours, the config, the
     listeners) lives as long as the process, yet each full collection walked
-    all of it: 20-35 ms with every session of the process stalled, measured in
+    all of it: 24-32 ms with every session of the process stalled, measured in
     a worker under load.  Frozen (``gc.freeze``), a full collection walks only
     what came later: under 1 ms.  Objects still die when their last reference
     goes; only a cycle made at start-up and dropped later is never reclaimed.
